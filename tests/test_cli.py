@@ -1,0 +1,173 @@
+"""The command line, run as a user runs it (subprocesses): the demo end to end, segment's
+outputs, and every bad input -> one line naming the file, exit 2, nothing written, inputs
+untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.volume import save_nifti
+
+OUTPUTS = ["prob.nii.gz", "contour_10.nii.gz", "contour_50.nii.gz", "contour_90.nii.gz",
+           "summary.json", "overview.png"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vbseg.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    phantom = make_phantom(PhantomSpec(), seed=1)
+    phantom.save(folder)
+    pet = phantom.pet
+    save_nifti(folder / "roi.nii.gz", np.pad(np.ones((10, 10, 10), np.uint8), 7), pet.affine)
+    save_nifti(folder / "empty_roi.nii.gz", np.zeros(pet.shape, np.uint8), pet.affine)
+    save_nifti(folder / "roi_ct_grid.nii.gz", np.ones(phantom.ct.shape, np.uint8), phantom.ct.affine)
+    nan = pet.data.copy()
+    nan[3, 4, 5] = np.nan
+    save_nifti(folder / "nan.nii.gz", nan, pet.affine)
+    save_nifti(folder / "flat.nii.gz", pet.data[:, :, 0], pet.affine)
+    save_nifti(folder / "constant.nii.gz", np.full(pet.shape, 2.0, np.float32), pet.affine)
+    save_nifti(folder / "complex.nii.gz", pet.data.astype(np.complex64), pet.affine)
+    far = phantom.ct.affine.copy()
+    far[:3, 3] += 2000.0
+    save_nifti(folder / "far_ct.nii.gz", phantom.ct.data, far)
+    (folder / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file")
+    return folder
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", out)
+    assert result.returncode == 0, result.stderr
+    for key in ("true volume", "posterior mean volume", "95% credible interval",
+                "Dice of 50% contour", "compile time", "run time"):
+        assert key in result.stdout
+    assert sorted(OUTPUTS) == sorted(p.name for p in out.iterdir() if p.is_file())
+    dice_line = next(line for line in result.stdout.splitlines() if line.startswith("Dice"))
+    assert float(dice_line.split()[-1]) >= 0.85
+    # a second demo into a folder the user named needs --overwrite
+    again = run_cli("demo", "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_segment_pet_ct_writes_the_documented_outputs(inputs, tmp_path):
+    out = tmp_path / "seg"
+    before = digest(inputs)
+    result = run_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
+                     "--box", "4:20,4:20,4:20", "--out", out, "--seed", 3)
+    assert result.returncode == 0, result.stderr
+    assert digest(inputs) == before
+    pet = nib.load(inputs / "pet.nii.gz")
+    prob_image = nib.load(out / "prob.nii.gz")
+    prob = np.asarray(prob_image.dataobj)
+    assert prob.dtype == np.float32 and prob.shape == pet.shape
+    np.testing.assert_allclose(prob_image.affine, pet.affine, atol=1e-5)
+    outside = np.ones(pet.shape, bool)
+    outside[4:20, 4:20, 4:20] = False
+    assert np.all(prob[outside] == 0)
+    masks = [np.asarray(nib.load(out / f"contour_{lv}.nii.gz").dataobj) for lv in (10, 50, 90)]
+    assert all(m.dtype == np.uint8 for m in masks)
+    assert np.all(masks[0] >= masks[1]) and np.all(masks[1] >= masks[2]) and masks[2].sum() > 0
+    np.testing.assert_array_equal(masks[1], (prob >= 0.5).astype(np.uint8))
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("volume_ml", "mtv_ml", "tlg", "model", "parameters", "modality", "resampled",
+                "elbo", "diagnostics", "timings_s", "seed", "versions", "inputs"):
+        assert key in summary, key
+    volume = summary["volume_ml"]
+    assert volume["level"] == 0.95 and volume["interval"] == "equal-tailed" and volume["method"]
+    assert volume["lower"] <= volume["mean"] <= volume["upper"]
+    assert [r["resampled"] for r in summary["resampled"]] == [False, True]
+    assert summary["modality"] == ["pet", "ct"] and summary["seed"] == 3
+    assert set(summary["timings_s"]) == {"compile", "run"}
+    assert summary["inputs"][0]["sha256"] == hashlib.sha256(
+        (inputs / "pet.nii.gz").read_bytes()).hexdigest()
+
+
+def _bad_cases(i: Path, out: Path):
+    pet = i / "pet.nii.gz"
+    return [
+        ("missing file", ["segment", i / "nope.nii.gz", "--out", out], "nope.nii.gz", "not found"),
+        ("unreadable", ["segment", i / "garbage.nii.gz", "--out", out], "garbage.nii.gz", "cannot be read"),
+        ("not 3D", ["segment", i / "flat.nii.gz", "--out", out], "flat.nii.gz", "3D"),
+        ("NaN voxels", ["segment", i / "nan.nii.gz", "--out", out], "nan.nii.gz", "NaN"),
+        ("complex dtype", ["segment", i / "complex.nii.gz", "--out", out], "complex.nii.gz", "voxel type"),
+        ("constant", ["segment", i / "constant.nii.gz", "--out", out], "constant.nii.gz", "constant"),
+        ("no overlap", ["segment", pet, i / "far_ct.nii.gz", "--modality", "pet,ct", "--out", out],
+         "far_ct.nii.gz", "does not overlap"),
+        ("ROI on another grid", ["segment", pet, "--roi", i / "roi_ct_grid.nii.gz", "--out", out],
+         "roi_ct_grid.nii.gz", "grid"),
+        ("empty ROI", ["segment", pet, "--roi", i / "empty_roi.nii.gz", "--out", out],
+         "empty_roi.nii.gz", "empty"),
+        ("roi and box", ["segment", pet, "--roi", i / "roi.nii.gz", "--box", "0:2,0:2,0:2",
+                         "--out", out], "--roi", "not allowed"),
+        ("box outside", ["segment", pet, "--box", "0:99,0:4,0:4", "--out", out], "--box", "outside"),
+        ("bad levels", ["segment", pet, "--levels", "10,150", "--out", out], "--levels", "between"),
+        ("bad classes", ["segment", pet, "--classes", "1", "--out", out], "--classes", "2 to 8"),
+        ("bad beta", ["segment", pet, "--beta", "-1", "--out", out], "--beta", ">= 0"),
+        ("modality count", ["segment", pet, "--modality", "pet,ct", "--out", out], "--modality",
+         "2 modalities"),
+        ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--out", out],
+         "--tumour-class", "required"),
+        ("output is an input", ["segment", pet, "--out", i], "pet.nii.gz", None),
+    ]
+
+
+def test_every_bad_input_is_one_line_and_exit_2(inputs, tmp_path):
+    before = digest(inputs)
+    failures = []
+    for name, args, subject, problem in _bad_cases(inputs, tmp_path / "out"):
+        if name == "output is an input":
+            # an input named like an output, in the output folder
+            (tmp_path / "clash").mkdir()
+            clash = tmp_path / "clash" / "prob.nii.gz"
+            clash.write_bytes((inputs / "pet.nii.gz").read_bytes())
+            args = ["segment", clash, "--out", tmp_path / "clash", "--overwrite"]
+            subject, problem = "prob.nii.gz", "is one of the inputs"
+        result = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        ok = (result.returncode == 2 and len(lines) == 1 and lines[0].startswith("vbseg: error: ")
+              and subject in lines[0] and (problem is None or problem in lines[0])
+              and "Traceback" not in result.stderr)
+        if not ok:
+            failures.append((name, result.returncode, result.stderr[-400:]))
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), name
+    assert not failures, failures
+    assert digest(inputs) == before
+    assert (tmp_path / "clash" / "prob.nii.gz").read_bytes() == (inputs / "pet.nii.gz").read_bytes()
+
+
+def test_existing_outputs_need_overwrite(inputs, tmp_path):
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    result = run_cli("segment", inputs / "pet.nii.gz", "--out", out)
+    assert result.returncode == 2 and "summary.json: already exists" in result.stderr
+    assert (out / "summary.json").read_text() == "{}"
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+
+
+def test_phantom_command(tmp_path):
+    result = run_cli("phantom", "--out", tmp_path / "ph", "--kind", "heterogeneous", "--seed", 2)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "ph").iterdir())
+    assert names == ["ct.nii.gz", "pet.nii.gz", "truth.nii.gz", "truth_fraction.nii.gz"]
+    again = run_cli("phantom", "--out", tmp_path / "ph")
+    assert again.returncode == 2 and "already exists" in again.stderr

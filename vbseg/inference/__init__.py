@@ -1,0 +1,1 @@
+"""How models are fitted: variational Bayes, samplers, exact enumeration for tests."""

@@ -1,0 +1,321 @@
+"""Mean-field variational Bayes for the hidden Potts model (coordinate ascent, analytic ELBO).
+
+The variational family factorises over voxels and over the class parameters,
+
+    q(z, mu, tau, pi) = prod_v q_v(z_v) * prod_m NormalGamma(mu_.m, tau_.m) * Dirichlet(pi | alpha),
+
+and every update is the closed-form optimum of one factor given the others (CAVI; the
+mean-field approximation of the Potts prior as in Zhang 1992 and Woolrich & Behrens, IEEE
+TMI 2006). For labels,
+
+    q_v(k)  ∝  exp( E_q[log p(y_v | mu_k, tau_k)] + E_q[log pi_k] + beta * sum_w w_vw q_w(k) ),
+
+where the neighbour sum is one 6-point stencil over the grid. Updating all voxels at once
+can oscillate between two checkerboard patterns when beta is large, so the two colours of
+the (bipartite) 6-neighbourhood are updated in turn: each half-sweep is an exact coordinate
+step and the ELBO never decreases. For the class parameters the update is the conjugate
+Normal-Gamma posterior with voxel weights q_v(k), for the proportions Dirichlet(alpha0 + sum_v q_v).
+
+ELBO (nats) = sum_v sum_k q_v(k) (E[log p(y_v | k)] + E[log pi_k]) + beta E_q[S(z)] + H[q(z)]
+              - KL(q(mu, tau) || p(mu, tau)) - KL(q(pi) || p(pi)),
+a lower bound on log p(y) + log Z(beta); Z(beta) is constant while beta is fixed, so the
+trace is comparable across iterations of one fit, not across values of beta.
+
+The whole fit (k-means initialisation, sweeps, parameter updates, ELBO, convergence test)
+runs inside one ``jax.jit`` with ``lax.while_loop``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma, gammaln, xlogy
+
+from vbseg.models.potts import (
+    DEFAULT_CONCENTRATION,
+    NormalGammaPrior,
+    neighbour_sum,
+    potts_statistic,
+)
+
+
+class MeanFieldResult(NamedTuple):
+    """Output of :func:`fit_hidden_potts_vb`.
+
+    marginals: (X, Y, Z, K) q_v(k), zero outside the ROI.
+    emission: Normal-Gamma posterior of the class parameters, each field (K, M).
+    proportions: (K,) Dirichlet posterior concentration of the class proportions.
+    elbo_trace: (max_iter,) ELBO after each iteration, NaN after the last one run.
+    num_iterations: iterations run.
+    converged: whether the ELBO change fell below the tolerance before max_iter.
+    restart_elbos: (R,) final ELBO of every restart; the result is the restart with the
+        largest (all restarts share beta, so their ELBOs are comparable).
+    best_restart: index of the chosen restart.
+    """
+
+    marginals: jax.Array
+    emission: NormalGammaPrior
+    proportions: jax.Array
+    elbo_trace: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+    restart_elbos: jax.Array
+    best_restart: jax.Array
+
+
+def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPrior,
+                        tied: bool = True) -> NormalGammaPrior:
+    """Conjugate Normal-Gamma posterior per (class, modality) with soft counts q_v(k).
+
+    With r_v = q_v(k) [v observed in m]: n = sum_v r_v, ybar = sum r y / n,
+    s = sum r (y - ybar)^2, and
+
+        kappa' = kappa0 + n,   m' = (kappa0 m0 + n ybar) / kappa',
+        per class (tied=False):  a' = a0 + n / 2,  b' = b0 + s / 2 + kappa0 n (ybar - m0)^2 / (2 kappa');
+        tied (one precision per modality shared by the K classes, mu_k | tau ~ N(m0, 1/(kappa0 tau))):
+                 a' = a0 + sum_k n_k / 2,  b' = b0 + sum_k [s_k + kappa0 n_k (ybar_k - m0)^2 / kappa'_k] / 2,
+    the tied values repeated on every class row. All fields are (K, M).
+    """
+    weight = marginals[..., :, None] * observed[..., None, :]  # (X, Y, Z, K, M)
+    y = observations[..., None, :]
+    axes = (0, 1, 2)
+    count = jnp.sum(weight, axis=axes)
+    ybar = jnp.sum(weight * y, axis=axes) / jnp.maximum(count, 1e-12)
+    scatter = jnp.sum(weight * (y - ybar) ** 2, axis=axes)
+    kappa = prior.kappa + count
+    mean = (prior.kappa * prior.mean + count * ybar) / kappa
+    rate_terms = 0.5 * scatter + 0.5 * prior.kappa * count * (ybar - prior.mean) ** 2 / kappa
+    if tied:
+        shape = prior.shape[:1] + 0.5 * jnp.sum(count, axis=0, keepdims=True)
+        rate = prior.rate[:1] + jnp.sum(rate_terms, axis=0, keepdims=True)
+        shape, rate = jnp.broadcast_to(shape, count.shape), jnp.broadcast_to(rate, count.shape)
+    else:
+        shape = prior.shape + 0.5 * count
+        rate = prior.rate + rate_terms
+    return NormalGammaPrior(mean, kappa, shape, rate)
+
+
+def expected_log_likelihood(observations, observed, post: NormalGammaPrior) -> jax.Array:
+    """E_q[log N(y_vm | mu_km, 1/tau_km)] summed over observed modalities: (X, Y, Z, K).
+
+    Uses E[log tau] = digamma(a) - log b, E[tau] = a / b, E[tau (y - mu)^2] =
+    (a / b)(y - m)^2 + 1 / kappa.
+    """
+    y = observations[..., None, :]
+    e_log_tau = digamma(post.shape) - jnp.log(post.rate)
+    e_tau = post.shape / post.rate
+    per = 0.5 * (e_log_tau - jnp.log(2 * jnp.pi)) - 0.5 * (e_tau * (y - post.mean) ** 2 + 1.0 / post.kappa)
+    return jnp.sum(jnp.where(observed[..., None, :], per, 0.0), axis=-1)
+
+
+def kl_normal_gamma(post: NormalGammaPrior, prior: NormalGammaPrior, tied: bool = True) -> jax.Array:
+    """KL(q(mu, tau) || p(mu, tau)) summed over classes and modalities, closed form.
+
+    KL = KL(Gamma(a, b) || Gamma(a0, b0)) for each precision (once per modality when tied)
+       + sum_k E_tau[KL(N(m_k, 1/(kappa_k tau)) || N(m0, 1/(kappa0 tau)))],
+    the latter = (kappa0/kappa - 1 - log(kappa0/kappa) + kappa0 (a/b) (m - m0)^2) / 2.
+    """
+    a, b, a0, b0 = post.shape, post.rate, prior.shape, prior.rate
+    kl_gamma = (
+        (a - a0) * digamma(a) - gammaln(a) + gammaln(a0) + a0 * (jnp.log(b) - jnp.log(b0))
+        + a * (b0 - b) / b
+    )
+    if tied:
+        kl_gamma = kl_gamma[:1]
+    ratio = prior.kappa / post.kappa
+    kl_mean = 0.5 * (ratio - 1.0 - jnp.log(ratio) + prior.kappa * (a / b) * (post.mean - prior.mean) ** 2)
+    return jnp.sum(kl_gamma) + jnp.sum(kl_mean)
+
+
+def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
+    """sum q * unary + beta E_q[S] + H[q]: the label part of the ELBO."""
+    energy = jnp.sum(marginals * unary) + beta * potts_statistic(marginals, weights)
+    entropy = -jnp.sum(xlogy(marginals, marginals))
+    return energy + entropy
+
+
+def dirichlet_update(marginals, concentration) -> jax.Array:
+    """q(pi) = Dirichlet(alpha0 + sum_v q_v(k)): (K,)."""
+    return concentration + jnp.sum(marginals, axis=(0, 1, 2))
+
+
+def expected_log_proportions(alpha) -> jax.Array:
+    """E[log pi_k] = digamma(alpha_k) - digamma(sum alpha) under Dirichlet(alpha)."""
+    return digamma(alpha) - digamma(jnp.sum(alpha))
+
+
+def kl_dirichlet(alpha, alpha0) -> jax.Array:
+    """KL(Dirichlet(alpha) || Dirichlet(alpha0)), closed form."""
+    return (
+        gammaln(jnp.sum(alpha)) - jnp.sum(gammaln(alpha)) - gammaln(jnp.sum(alpha0))
+        + jnp.sum(gammaln(alpha0))
+        + jnp.sum((alpha - alpha0) * (digamma(alpha) - digamma(jnp.sum(alpha))))
+    )
+
+
+def _colour_masks(shape) -> tuple[jax.Array, jax.Array]:
+    i, j, k = jnp.meshgrid(*[jnp.arange(n) for n in shape], indexing="ij")
+    even = (i + j + k) % 2 == 0
+    return even, ~even
+
+
+def checkerboard_sweep(marginals, unary, beta, weights, roi) -> jax.Array:
+    """One coordinate-ascent sweep over q(z): even voxels, then odd voxels."""
+    for colour in _colour_masks(roi.shape):
+        logits = unary + beta * neighbour_sum(marginals, weights)
+        update = jax.nn.softmax(logits, axis=-1)
+        marginals = jnp.where((colour & roi)[..., None], update, marginals)
+    return marginals
+
+
+@partial(jax.jit, static_argnames=("num_sweeps",))
+def meanfield_label_marginals(unary, beta, weights, roi, *, num_sweeps: int = 200) -> jax.Array:
+    """Mean-field marginals of p(z) ∝ exp(sum_v unary_v(z_v) + beta S(z)) with a fixed unary.
+
+    Args:
+        unary: (X, Y, Z, K) log-potentials (e.g. log-likelihoods under fixed parameters).
+    Returns:
+        (X, Y, Z, K) marginals after ``num_sweeps`` checkerboard sweeps from softmax(unary).
+    """
+    start = jax.nn.softmax(unary, axis=-1) * roi[..., None]
+    return jax.lax.fori_loop(
+        0, num_sweeps, lambda _, q: checkerboard_sweep(q, unary, beta, weights, roi), start
+    )
+
+
+def restart_levels(num_classes: int) -> jax.Array:
+    """Quantile levels at which k-means centres start, one row per restart: (R, K).
+
+    Evenly spaced levels (k + 0.5) / K suit classes of similar size; a small hot lesion in a
+    large background (the usual PET crop, well under 1 % of voxels) is found from the
+    upper-tail row (0.5 up to 0.999, geometric in the tail probability), a cold one from its
+    mirror image. The fit keeps the restart with the highest ELBO.
+    """
+    even = (jnp.arange(num_classes) + 0.5) / num_classes
+    tail = 0.5 * (0.002 ** (jnp.arange(num_classes) / (num_classes - 1)))
+    upper = 1.0 - tail
+    lower = jnp.sort(tail)
+    return jnp.stack([even, upper, lower])
+
+
+def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30):
+    """Deterministic k-means (Lloyd) over ROI voxels, distances over observed modalities.
+
+    Centres start at the quantiles ``levels`` (K,) of each modality and classes are
+    returned in increasing order of the first modality's centre. Returns (X, Y, Z) int labels.
+    """
+    num_classes = levels.shape[0]
+    valid = observed & roi[..., None]
+    masked = jnp.where(valid, observations, jnp.nan)
+    centres = jnp.nanquantile(masked.reshape(-1, masked.shape[-1]), levels, axis=0)  # (K, M)
+
+    def assign(centres):
+        dist2 = jnp.sum(
+            jnp.where(valid[..., None, :], (observations[..., None, :] - centres) ** 2, 0.0), -1
+        )
+        return jnp.argmin(dist2, axis=-1)
+
+    def step(_, centres):
+        onehot = jax.nn.one_hot(assign(centres), num_classes) * roi[..., None]
+        weight = onehot[..., :, None] * valid[..., None, :]
+        count = jnp.sum(weight, axis=(0, 1, 2))
+        total = jnp.sum(weight * observations[..., None, :], axis=(0, 1, 2))
+        return jnp.where(count > 0, total / jnp.maximum(count, 1e-12), centres)
+
+    centres = jax.lax.fori_loop(0, num_iterations, step, centres)
+    order = jnp.argsort(centres[:, 0])
+    rank = jnp.argsort(order)
+    return rank[assign(centres)]
+
+
+def _fit_one_start(observations, observed, roi, beta, weights, prior, concentration, levels, *,
+                   num_classes, max_iter, tol, min_iter, tied):
+    alpha0 = jnp.broadcast_to(jnp.asarray(concentration, observations.dtype), (num_classes,))
+
+    def parameter_step(q):
+        post = normal_gamma_update(q, observations, observed, prior, tied)
+        alpha = dirichlet_update(q, alpha0)
+        unary = expected_log_likelihood(observations, observed, post) + expected_log_proportions(alpha)
+        return post, alpha, unary
+
+    labels0 = kmeans_labels(observations, observed, roi, levels)
+    q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
+    post0, alpha0_post, unary0 = parameter_step(q0)
+    num_voxels = jnp.maximum(jnp.sum(roi), 1)
+    trace0 = jnp.full((max_iter,), jnp.nan, observations.dtype)
+
+    def cond(carry):
+        *_, it, delta = carry
+        return (it < max_iter) & ((it < min_iter) | (delta >= tol))
+
+    def body(carry):
+        q, post, alpha, unary, trace, it, _ = carry
+        q = checkerboard_sweep(q, unary, beta, weights, roi)
+        post, alpha, unary = parameter_step(q)
+        value = (
+            label_elbo_terms(q, unary, beta, weights)
+            - kl_normal_gamma(post, prior, tied)
+            - kl_dirichlet(alpha, alpha0)
+        )
+        previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
+        delta = jnp.abs(value - previous) / num_voxels
+        return q, post, alpha, unary, trace.at[it].set(value), it + 1, delta
+
+    init = (q0, post0, alpha0_post, unary0, trace0, jnp.int32(0),
+            jnp.asarray(jnp.inf, observations.dtype))
+    q, post, alpha, _, trace, it, delta = jax.lax.while_loop(cond, body, init)
+    return q, post, alpha, trace, it, delta < tol
+
+
+@partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied"))
+def fit_hidden_potts_vb(
+    observations: jax.Array,
+    observed: jax.Array,
+    roi: jax.Array,
+    beta: jax.Array,
+    weights: jax.Array,
+    prior: NormalGammaPrior,
+    concentration: float = DEFAULT_CONCENTRATION,
+    *,
+    num_classes: int,
+    tied: bool = True,
+    max_iter: int = 300,
+    tol: float = 1e-5,
+    min_iter: int = 5,
+) -> MeanFieldResult:
+    """Fit the hidden Potts model with fixed beta by mean-field VB.
+
+    Args:
+        observations: (X, Y, Z, M) standardised images (any finite values outside ``observed``).
+        observed: (X, Y, Z, M) bool, where each modality is observed.
+        roi: (X, Y, Z) bool, the voxels that carry labels.
+        beta: Potts coupling; weights: (3,) per-axis neighbour weights.
+        prior: Normal-Gamma hyperparameters, broadcastable to (K, M).
+        concentration: Dirichlet concentration alpha0 of the class proportions.
+        num_classes: K (static); max_iter: iteration cap (static).
+        tied: one noise precision per modality shared by all classes (static). The default:
+            at lesion edges the partial-volume and PSF-blurred voxels otherwise widen the
+            tumour class and push its boundary outwards (on a 22 mm sphere, 4:1, 6 mm PSF the
+            per-class fit overestimates the volume by ~80 %, the tied one by < 10 %).
+        tol: convergence when |ELBO change| per ROI voxel < tol (nats), after min_iter.
+    """
+    observed = observed & roi[..., None]
+    shape = (num_classes, observations.shape[-1])
+    prior = NormalGammaPrior(
+        *(jnp.broadcast_to(jnp.asarray(p, observations.dtype), shape) for p in prior)
+    )
+    fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
+                  min_iter=min_iter, tied=tied)
+    q, post, alpha, trace, it, converged = jax.vmap(
+        fit, in_axes=(None, None, None, None, None, None, None, 0)
+    )(observations, observed, roi, beta, weights, prior, concentration, restart_levels(num_classes))
+    finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
+    best = jnp.argmax(finals)
+    pick = lambda x: x[best]  # noqa: E731
+    return MeanFieldResult(
+        pick(q), jax.tree_util.tree_map(pick, post), pick(alpha), pick(trace), pick(it),
+        pick(converged), finals, best,
+    )

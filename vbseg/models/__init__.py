@@ -1,0 +1,1 @@
+"""NumPyro programs, one model family per module. Models say *what*; `vbseg.inference` says *how*."""

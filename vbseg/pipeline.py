@@ -1,0 +1,336 @@
+"""``vbseg.segment``: from image files to a saved :class:`~vbseg.posterior.Posterior`.
+
+The steps, each at the edge where it belongs: validate options and planned outputs (before
+any work), load and validate the images, resample the others onto the first image's grid
+through world coordinates, restrict to the volume of interest (``roi`` mask or ``box``),
+standardise each modality, fit the model under ``jax.jit`` (compile time measured apart
+from run time), order the classes, pick the tumour class, draw volumes, and save.
+
+Which class is tumour: classes are numbered 0..K-1 in increasing order of their fitted mean in
+the first image. With a PET image in the stack, tumour is the class with the highest mean PET
+uptake (FDG-avid lesions are the hottest structure in a lesion-centred VOI). CT and MR have no
+such safe rule (a lesion may be darker or brighter than its surroundings), so without PET
+``tumour_class`` must name the class index.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vbseg.errors import InputError, OutputError
+from vbseg.inference.meanfield import fit_hidden_potts_vb
+from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
+from vbseg.posterior import (
+    INDEPENDENT_DRAWS_METHOD,
+    Posterior,
+    independent_label_draws,
+    output_names,
+)
+from vbseg.volume import (
+    MODALITIES,
+    load_mask,
+    load_volume,
+    parse_box,
+    resample_onto,
+    sha256_file,
+)
+
+DEFAULT_BETA = 0.5
+DEFAULT_LEVELS = (10, 50, 90)
+DEFAULT_VOLUME_DRAWS = 2000
+MODELS = ("potts",)
+# Crops are padded up to a multiple of this many voxels per axis (padding is outside the
+# VOI), so nearby crop sizes share one compiled program.
+SHAPE_BUCKET = 8
+PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
+                  tumour_class, volume_draws):
+    """Validate options that need no file; InputError names the option."""
+    if model not in MODELS:
+        raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
+        raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
+    if not np.isfinite(beta) or beta < 0:
+        raise InputError("--beta", f"must be a finite number >= 0, got {beta!r}")
+    if not levels_percent:
+        raise InputError("--levels", "needs at least one level")
+    for level in levels_percent:
+        if not 0 < level < 100:
+            raise InputError("--levels", f"each level must be strictly between 0 and 100, got {level:g}")
+    if len(set(levels_percent)) != len(levels_percent):
+        raise InputError("--levels", "levels must be distinct")
+    if len(modalities) != num_images:
+        raise InputError(
+            "--modality", f"names {len(modalities)} modalities for {num_images} images (one each)"
+        )
+    for name in modalities:
+        if name not in MODALITIES:
+            raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
+    if "pet" not in modalities and tumour_class is None:
+        raise InputError(
+            "--tumour-class",
+            "required without a PET image: classes are numbered 0..K-1 by increasing mean in the "
+            f"first image; say which is tumour (e.g. --tumour-class {num_classes - 1} for the brightest)",
+        )
+    if tumour_class is not None and not 0 <= tumour_class < num_classes:
+        raise InputError("--tumour-class", f"must be in 0..{num_classes - 1}, got {tumour_class}")
+    if not isinstance(volume_draws, int) or volume_draws < 100:
+        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
+
+
+def check_outputs(out_dir, levels_percent, input_paths, overwrite: bool) -> None:
+    """Refuse an output that is an input, or that exists without ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a directory")
+    inputs = {os.path.realpath(p) for p in input_paths}
+    for name in output_names(levels_percent):
+        target = out / name
+        if os.path.realpath(target) in inputs:
+            raise OutputError(target, "is one of the inputs; choose another --out")
+        if target.exists() and not overwrite:
+            raise OutputError(target, "already exists (use --overwrite to replace it)")
+
+
+def _voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
+    index = np.nonzero(voi)
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
+
+
+def _pad_to_bucket(array: np.ndarray, fill) -> np.ndarray:
+    pad = [(0, (-n) % SHAPE_BUCKET) for n in array.shape[:3]] + [(0, 0)] * (array.ndim - 3)
+    return np.pad(array, pad, constant_values=fill)
+
+
+def load_inputs(images, modalities, roi=None, box=None):
+    """Load the images, put them on the first image's grid, and build the VOI.
+
+    Returns (volumes, voi (bool, first grid), channels [(I, J, K) float32 per image],
+    coverage [bool per image: inside that image's field of view], resampled [bool per image]).
+    """
+    volumes = [load_volume(path, modality) for path, modality in zip(images, modalities)]
+    reference = volumes[0]
+    if roi is not None:
+        voi = load_mask(roi, reference)
+    elif box is not None:
+        voi = np.zeros(reference.shape, bool)
+        voi[parse_box(box, reference.shape)] = True
+    else:
+        voi = np.ones(reference.shape, bool)
+    full = np.ones(reference.shape, bool)
+    channels, coverage, resampled = [reference.data], [full], [False]
+    for volume in volumes[1:]:
+        if volume.same_grid(reference):
+            channels.append(volume.data)
+            coverage.append(full)
+            resampled.append(False)
+            continue
+        on_grid, covered = resample_onto(volume, reference)
+        if not (covered & voi).any():
+            raise InputError(volume.name, "does not overlap the volume of interest in world space")
+        channels.append(on_grid.data)
+        coverage.append(covered)
+        resampled.append(True)
+    return volumes, voi, channels, coverage, resampled
+
+
+def standardise(stack, observed, volumes):
+    """Per-modality (y - median) / sd over observed VOI voxels; zeros where unobserved.
+
+    Returns (features, centres (M,), scales (M,)); InputError for a constant modality.
+    """
+    centres, scales = [], []
+    for m, volume in enumerate(volumes):
+        values = stack[..., m][observed[..., m]]
+        scale = float(values.std()) if values.size else 0.0
+        if scale == 0.0:
+            raise InputError(volume.name, "is constant inside the volume of interest")
+        centres.append(float(np.median(values)))
+        scales.append(scale)
+    centres, scales = np.asarray(centres, np.float32), np.asarray(scales, np.float32)
+    features = np.where(observed, (stack - centres) / scales, 0.0).astype(np.float32)
+    return features, centres, scales
+
+
+def fit_potts(features, observed, voi, spacing, *, num_classes, beta):
+    """Compile and run the mean-field fit on a bucket-padded crop; returns (result, timings)."""
+    args = (
+        jnp.asarray(_pad_to_bucket(features, 0.0)),
+        jnp.asarray(_pad_to_bucket(observed, False)),
+        jnp.asarray(_pad_to_bucket(voi, False)),
+        jnp.float32(beta),
+        jnp.asarray(neighbour_weights(spacing)),
+        NormalGammaPrior(),
+        jnp.float32(DEFAULT_CONCENTRATION),
+    )
+    start = time.perf_counter()
+    compiled = fit_hidden_potts_vb.lower(*args, num_classes=num_classes).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = jax.block_until_ready(compiled(*args))
+    run_s = time.perf_counter() - start
+    return result, {"compile": compile_s, "run": run_s}
+
+
+def segment(
+    images,
+    out=None,
+    *,
+    modalities=None,
+    roi=None,
+    box=None,
+    model: str = "potts",
+    num_classes: int = 2,
+    beta: float = DEFAULT_BETA,
+    levels_percent=DEFAULT_LEVELS,
+    tumour_class: int | None = None,
+    seed: int = 0,
+    volume_draws: int = DEFAULT_VOLUME_DRAWS,
+    overwrite: bool = False,
+    title: str = "",
+) -> Posterior:
+    """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
+
+    Args:
+        images: paths; the first defines the output grid, others are resampled onto it.
+        out: output directory (None: nothing is written).
+        modalities: one of pet/ct/mr/other per image; default pet for the first, other after.
+        roi: path of a mask on the first image's grid; box: "i0:i1,j0:j1,k0:k1" (half-open).
+        model, num_classes, beta: the model (hidden Potts, K classes, Potts coupling).
+        levels_percent: contour levels in percent.
+        tumour_class: class index that is tumour (required without PET; see module doc).
+        seed: seeds the volume draws (the fit itself is deterministic).
+        volume_draws: number of posterior volume draws.
+    Raises:
+        InputError naming the file or option for every problem with the input.
+    """
+    images = [os.fspath(p) for p in images]
+    if not images:
+        raise InputError("segment", "needs at least one image")
+    modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
+    levels_percent = tuple(float(level) for level in levels_percent)
+    check_options(model=model, num_classes=num_classes, beta=beta, levels_percent=levels_percent,
+                  num_images=len(images), modalities=modalities, tumour_class=tumour_class,
+                  volume_draws=volume_draws)
+    if roi is not None and box is not None:
+        raise InputError("--roi", "give either --roi or --box, not both")
+    roi = os.fspath(roi) if roi is not None else None
+    if out is not None:
+        check_outputs(out, levels_percent, images + ([roi] if roi else []), overwrite)
+
+    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box)
+    reference = volumes[0]
+    bounds = _voi_bounds(voi)
+    crop_voi = voi[bounds]
+    stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
+    observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
+    features, centres, scales = standardise(stack, observed, volumes)
+    result, timings = fit_potts(features, observed, crop_voi, reference.spacing,
+                                num_classes=num_classes, beta=beta)
+
+    shape = crop_voi.shape
+    marginals = np.asarray(result.marginals)[: shape[0], : shape[1], : shape[2]]
+    means = np.asarray(result.emission.mean) * scales + centres  # (K, M) in image units
+    sds = np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)) * scales
+    order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
+    means, sds, marginals = means[order], sds[order], marginals[..., order]
+    alpha = np.asarray(result.proportions)[order]
+    if "pet" in modalities:
+        pet_index = modalities.index("pet")
+        chosen = int(np.argmax(means[:, pet_index]))
+        tumour_rule = f"class with the highest mean uptake in image {pet_index + 1} (PET)"
+    else:
+        chosen = int(tumour_class)
+        tumour_rule = "given by --tumour-class (classes ordered by mean in the first image)"
+    probability = np.zeros(reference.shape, np.float32)
+    probability[bounds] = np.where(crop_voi, marginals[..., chosen], 0.0)
+
+    candidates = probability > 0
+    voxel_ml = reference.voxel_volume_ml
+    weights = [np.full(int(candidates.sum()), voxel_ml)]
+    pet_first = modalities[0] == "pet"
+    if pet_first:
+        weights.append(reference.data[candidates] * voxel_ml)
+    draws = independent_label_draws(
+        probability[candidates], np.stack(weights, axis=1), seed=seed, num_draws=volume_draws
+    )
+
+    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m}
+              for p, m in zip(images, modalities)]
+    if roi is not None:
+        inputs.append({"path": os.path.abspath(roi), "sha256": sha256_file(roi), "role": "roi"})
+    summary = {
+        "model": model,
+        "options": {
+            "classes": num_classes,
+            "beta": float(beta),
+            "neighbourhood": 6,
+            "emission": "gaussian, independent across modalities, one precision per modality "
+                        "shared by the classes",
+            "prior": dict(NormalGammaPrior()._asdict(),
+                          proportions_concentration=DEFAULT_CONCENTRATION,
+                          units="standardised features: (y - median) / sd over the VOI"),
+            "inference": "mean-field VB (CAVI with checkerboard label sweeps), beta fixed",
+            "tumour_rule": tumour_rule,
+            "volume_draws": volume_draws,
+            "voi": "roi" if roi is not None else (f"box {box}" if box is not None else "whole image"),
+        },
+        "parameters": {
+            "class_means": means.tolist(),
+            "class_sds": sds.tolist(),
+            "class_proportions": (alpha / alpha.sum()).tolist(),
+            "tumour_class": chosen,
+            "beta": float(beta),
+            "neighbour_weights": neighbour_weights(reference.spacing).tolist(),
+            "class_order": "increasing mean in the first image; columns follow the inputs",
+        },
+        "modality": modalities,
+        "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
+        "elbo": np.asarray(result.elbo_trace)[: int(result.num_iterations)].tolist(),
+        "diagnostics": {
+            "converged": bool(result.converged),
+            "iterations": int(result.num_iterations),
+            "restart_elbos": np.asarray(result.restart_elbos).tolist(),
+            "best_restart": int(result.best_restart),
+            "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
+            "fit_grid_shape": [int(n) for n in features.shape[:3]],
+            "voi_voxels": int(voi.sum()),
+            "voi_bounds": [[s.start, s.stop] for s in bounds],
+        },
+        "timings_s": timings,
+        "seed": seed,
+        "versions": _versions(),
+        "inputs": inputs,
+    }
+    posterior = Posterior(
+        probability=probability,
+        reference=reference,
+        voi=voi,
+        volume_draws_ml=draws[:, 0],
+        volume_method=INDEPENDENT_DRAWS_METHOD,
+        tlg_draws=draws[:, 1] if pet_first else None,
+        summary=summary,
+    )
+    if out is not None:
+        posterior.save(out, levels_percent, title=title)
+    return posterior
