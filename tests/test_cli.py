@@ -126,6 +126,10 @@ def _bad_cases(i: Path, out: Path):
          "2 modalities"),
         ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--out", out],
          "--tumour-class", "required"),
+        ("same-name levels", ["segment", pet, "--levels", "10,10.0000001", "--out", out],
+         "--levels", "same file name"),
+        ("output under a file", ["segment", pet, "--out", i / "roi.nii.gz" / "sub"], "roi.nii.gz",
+         "not a directory"),
         ("output is an input", ["segment", pet, "--out", i], "pet.nii.gz", None),
     ]
 
@@ -162,6 +166,25 @@ def test_existing_outputs_need_overwrite(inputs, tmp_path):
     assert result.returncode == 2 and "summary.json: already exists" in result.stderr
     assert (out / "summary.json").read_text() == "{}"
     assert [p.name for p in out.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize("args,subject", [
+    (["--noise", "poisson", "--cv", "0"], "phantom"),
+    (["--contrast", "nan"], "phantom"),
+    (["--diameters", "22,x"], "--diameters"),
+])
+def test_bad_phantom_options(tmp_path, args, subject):
+    result = run_cli("phantom", "--out", tmp_path / "ph", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"vbseg: error: {subject}")
+    assert not (tmp_path / "ph").exists()
+
+
+def test_demo_into_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("demo", "--out", tmp_path / "afile")
+    assert result.returncode == 2 and "not a directory" in result.stderr
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_phantom_command(tmp_path):

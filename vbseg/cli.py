@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from vbseg.errors import InputError, OutputError, VbsegError
+from vbseg.errors import InputError, VbsegError
 
 DEMO_DIR = "demo_out"
 
@@ -149,9 +149,9 @@ PHANTOM_FILES = ("pet.nii.gz", "ct.nii.gz", "truth.nii.gz", "truth_fraction.nii.
 
 
 def _check_free(folder: Path, names, overwrite: bool) -> None:
-    for name in names:
-        if (folder / name).exists() and not overwrite:
-            raise OutputError(folder / name, "already exists (use --overwrite to replace it)")
+    from vbseg.pipeline import check_outputs
+
+    check_outputs(folder, list(names), [], overwrite)
 
 
 def _run_phantom(args) -> None:
@@ -169,9 +169,9 @@ def _run_phantom(args) -> None:
 def _run_demo(args) -> None:
     from vbseg.metrics import dice, expected_calibration_error
     from vbseg.phantoms import PhantomSpec, make_phantom
-    from vbseg.pipeline import segment
+    from vbseg.pipeline import check_output_folder, segment
 
-    out = Path(args.out or DEMO_DIR)
+    out = check_output_folder(args.out or DEMO_DIR)
     overwrite = args.overwrite or args.out is None  # the demo may replace its own default folder
     _check_free(out / "inputs", PHANTOM_FILES, overwrite)
     spec = PhantomSpec()

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 LEVEL_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd", "#8c564b")
 
@@ -27,10 +28,14 @@ def draw_overview(posterior, levels_percent, *, title: str = ""):
     image, orientation = _to_ras(posterior.reference.data, posterior.reference.affine)
     prob, _ = _to_ras(posterior.probability, posterior.reference.affine)
     voi, _ = _to_ras(posterior.voi.astype(np.uint8), posterior.reference.affine)
-    spacing = posterior.reference.spacing[orientation[:, 0].astype(int)]
-    if prob.max() > 0:
-        weights = prob / prob.sum()
-        centre = [int(round(float(np.sum(weights * g)))) for g in np.indices(prob.shape)]
+    # io_orientation maps input axis i to RAS axis o[i, 0]; RAS axis j came from argsort(o)[j]
+    spacing = posterior.reference.spacing[np.argsort(orientation[:, 0])]
+    components, count = ndimage.label(prob >= min(levels_percent) / 100.0)
+    if count:
+        # centre on the largest region (a centroid of several lesions may fall between them)
+        sizes = ndimage.sum_labels(np.ones(prob.shape), components, index=np.arange(1, count + 1))
+        largest = components == 1 + int(np.argmax(sizes))
+        centre = [int(round(c)) for c in ndimage.center_of_mass(largest)]
     else:
         centre = [n // 2 for n in prob.shape]
     inside = image[voi > 0] if voi.any() else image

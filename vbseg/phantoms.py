@@ -90,8 +90,16 @@ class PhantomSpec:
             raise ValueError(f"noise must be 'gaussian' or 'poisson', got {self.noise!r}")
         if not self.diameters_mm or min(self.diameters_mm) <= 0:
             raise ValueError("diameters_mm must be positive")
-        if self.contrast <= 0 or self.cv < 0 or self.psf_fwhm_mm < 0:
-            raise ValueError("contrast must be > 0, cv and psf_fwhm_mm >= 0")
+        numbers = (self.contrast, self.background_suv, self.cv, self.psf_fwhm_mm, self.noise_fwhm_mm,
+                   *self.diameters_mm, *self.spacing_mm)
+        if not all(math.isfinite(x) for x in numbers):
+            raise ValueError("phantom settings must be finite numbers")
+        if self.contrast <= 0 or self.cv < 0 or self.psf_fwhm_mm < 0 or self.background_suv <= 0:
+            raise ValueError("contrast and background must be > 0, cv and psf_fwhm_mm >= 0")
+        if self.noise == "poisson" and self.cv <= 0:
+            raise ValueError("poisson noise needs cv > 0")
+        if max(self.diameters_mm) > 200:
+            raise ValueError("lesion diameters above 200 mm are not supported")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -265,8 +273,6 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> Phantom
         eps = _correlated_normal(rng, shape, spec.noise_fwhm_mm, spec.spacing_mm)
         pet = mean * (1.0 + spec.cv * eps)
     else:
-        if spec.cv <= 0:
-            raise ValueError("poisson noise needs cv > 0")
         counts_per_suv = 1.0 / (spec.cv**2 * spec.background_suv)
         pet = rng.poisson(mean * counts_per_suv) / counts_per_suv
 

@@ -98,16 +98,31 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
         raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
 
 
-def check_outputs(out_dir, levels_percent, input_paths, overwrite: bool) -> None:
-    """Refuse an output that is an input, or that exists without ``overwrite``."""
+def check_output_folder(out_dir) -> Path:
+    """Refuse an output folder that is a file, or lies under one; returns it as a Path."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(out, "exists and is not a directory")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(existing, "exists and is not a directory; choose another output folder")
+    if existing.exists() and not os.access(existing, os.W_OK):
+        raise OutputError(existing, "is not writable")
+    return out
+
+
+def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
+    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
+    out = check_output_folder(out_dir)
+    if len(set(names)) != len(names):
+        raise InputError("--levels", "two levels give the same file name; use distinct levels")
     inputs = {os.path.realpath(p) for p in input_paths}
-    for name in output_names(levels_percent):
+    for name in names:
         target = out / name
         if os.path.realpath(target) in inputs:
             raise OutputError(target, "is one of the inputs; choose another --out")
+        if target.exists() and not target.is_file():
+            raise OutputError(target, "exists and is not a regular file")
         if target.exists() and not overwrite:
             raise OutputError(target, "already exists (use --overwrite to replace it)")
 
@@ -236,7 +251,7 @@ def segment(
         raise InputError("--roi", "give either --roi or --box, not both")
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
-        check_outputs(out, levels_percent, images + ([roi] if roi else []), overwrite)
+        check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
 
     volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box)
     reference = volumes[0]

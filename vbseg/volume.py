@@ -96,7 +96,8 @@ def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as exc:
-        raise InputError(path, f"voxel data cannot be read ({exc})") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"voxel data cannot be read ({first_line})") from None
     # Trailing singleton axes (e.g. a 4D file with one time point) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
