@@ -30,5 +30,6 @@ def _seed_everything():
 def shared_data() -> Path:
     """../shared/data when present; skips (with the reason) when absent."""
     if not (SHARED_DATA / "cases.json").exists():
-        pytest.skip(f"real scans not found at {SHARED_DATA} (the shared data folder beside the checkout; see README, Tests)")
+        pytest.skip(f"real scans not found at {SHARED_DATA} "
+                    "(the shared data folder beside the checkout; see README, Tests)")
     return SHARED_DATA

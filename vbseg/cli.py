@@ -169,9 +169,9 @@ def _run_phantom(args) -> None:
 def _run_demo(args) -> None:
     from vbseg.metrics import dice, expected_calibration_error
     from vbseg.phantoms import PhantomSpec, make_phantom
-    from vbseg.pipeline import check_output_folder, segment
+    from vbseg.pipeline import segment
 
-    out = check_output_folder(args.out or DEMO_DIR)
+    out = Path(args.out or DEMO_DIR)
     overwrite = args.overwrite or args.out is None  # the demo may replace its own default folder
     _check_free(out / "inputs", PHANTOM_FILES, overwrite)
     spec = PhantomSpec()

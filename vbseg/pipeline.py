@@ -77,8 +77,9 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     for level in levels_percent:
         if not 0 < level < 100:
             raise InputError("--levels", f"each level must be strictly between 0 and 100, got {level:g}")
-    if len(set(levels_percent)) != len(levels_percent):
-        raise InputError("--levels", "levels must be distinct")
+    names = output_names(levels_percent)
+    if len(set(levels_percent)) != len(levels_percent) or len(set(names)) != len(names):
+        raise InputError("--levels", "levels must be distinct (two levels give the same file name)")
     if len(modalities) != num_images:
         raise InputError(
             "--modality", f"names {len(modalities)} modalities for {num_images} images (one each)"
@@ -114,8 +115,6 @@ def check_output_folder(out_dir) -> Path:
 def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
     """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
     out = check_output_folder(out_dir)
-    if len(set(names)) != len(names):
-        raise InputError("--levels", "two levels give the same file name; use distinct levels")
     inputs = {os.path.realpath(p) for p in input_paths}
     for name in names:
         target = out / name
