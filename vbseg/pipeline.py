@@ -20,13 +20,16 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from vbseg.errors import InputError, OutputError
 from vbseg.inference.meanfield import fit_hidden_potts_vb
+from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
@@ -43,10 +46,17 @@ from vbseg.volume import (
     sha256_file,
 )
 
+# Potts coupling when none is given (until beta is learned). The PSF model needs a stronger
+# spatial prior: deconvolution is ill-posed, and on the NEMA phantom scan (background COV 0.35)
+# beta = 0.5 let the tumour class explain background noise bumps (volumes +20 to +75 % at
+# beta = 1.0), while beta = 1.5 gave Dice 0.91-0.95 and volume within 5 % for spheres >= 13 mm;
+# the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
 DEFAULT_BETA = 0.5
+DEFAULT_BETA_PSF = 1.5
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts",)
+PET_NOISE_MODELS = ("poisson", "constant")
 # Crops are padded up to a multiple of this many voxels per axis (padding is outside the
 # VOI), so nearby crop sizes share one compiled program.
 SHAPE_BUCKET = 8
@@ -186,24 +196,88 @@ def standardise(stack, observed, volumes):
     return features, centres, scales
 
 
-def fit_potts(features, observed, voi, spacing, *, num_classes, beta):
-    """Compile and run the mean-field fit on a bucket-padded crop; returns (result, timings)."""
-    args = (
-        jnp.asarray(_pad_to_bucket(features, 0.0)),
-        jnp.asarray(_pad_to_bucket(observed, False)),
-        jnp.asarray(_pad_to_bucket(voi, False)),
-        jnp.float32(beta),
-        jnp.asarray(neighbour_weights(spacing)),
-        NormalGammaPrior(),
-        jnp.float32(DEFAULT_CONCENTRATION),
-    )
+class FitOutcome(NamedTuple):
+    """What the pipeline keeps of a fit, in standardised units on the padded crop."""
+
+    marginals: np.ndarray  # (X, Y, Z, K)
+    means: np.ndarray  # (K, M)
+    sds: np.ndarray  # (K, M) noise sd (at relative precision 1 for the PSF fit)
+    proportions: np.ndarray  # (K,) E[pi] (uniform when not learned)
+    elbo: np.ndarray  # trace of the last stage
+    diagnostics: dict
+    timings: dict
+
+
+def _compile_and_run(function, args, **static):
     start = time.perf_counter()
-    compiled = fit_hidden_potts_vb.lower(*args, num_classes=num_classes).compile()
+    compiled = function.lower(*args, **static).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     result = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    return result, {"compile": compile_s, "run": run_s}
+    return result, compile_s, time.perf_counter() - start
+
+
+def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
+    """lambda_v for PET noise whose variance grows in proportion to the local mean uptake
+    (Poisson-like): lambda_v = median / local mean, the local mean a Gaussian smoothing of the
+    image (sigma 1 voxel), floored at 10 % of the VOI median to keep cold voxels finite."""
+    median = float(np.median(image[voi]))
+    local = ndimage.gaussian_filter(image.astype(np.float64), 1.0, mode="nearest")
+    floor = 0.1 * abs(median) if median != 0 else 1e-3
+    return (abs(median) / np.maximum(local, floor)).astype(np.float32)
+
+
+def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
+              relative_precision=None) -> FitOutcome:
+    """Mean-field fit on a bucket-padded crop (compile timed apart from run).
+
+    Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
+    (a tuple, one FWHM per modality, 0 = no blur) the PSF-free fit is the starting point of
+    the PSF fit (:mod:`vbseg.inference.meanfield_psf`), whose result is returned.
+    """
+    padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
+              jnp.asarray(_pad_to_bucket(observed, False)),
+              jnp.asarray(_pad_to_bucket(voi, False)))
+    common = (jnp.float32(beta), jnp.asarray(neighbour_weights(spacing)), NormalGammaPrior(),
+              jnp.float32(DEFAULT_CONCENTRATION))
+    result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb, padded + common,
+                                                num_classes=num_classes)
+    diagnostics = {
+        "converged": bool(result.converged),
+        "iterations": int(result.num_iterations),
+        "restart_elbos": np.asarray(result.restart_elbos).tolist(),
+        "best_restart": int(result.best_restart),
+    }
+    if psf_fwhm_mm is None:
+        alpha = np.asarray(result.proportions)
+        return FitOutcome(
+            np.asarray(result.marginals), np.asarray(result.emission.mean),
+            np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)),
+            alpha / alpha.sum(), np.asarray(result.elbo_trace)[: int(result.num_iterations)],
+            diagnostics, {"compile": compile_s, "run": run_s},
+        )
+    if relative_precision is None:
+        relative_precision = np.ones(features.shape, np.float32)
+    psf_args = padded + common + (result.marginals,
+                                  jnp.asarray(_pad_to_bucket(relative_precision, 1.0)))
+    psf_result, psf_compile, psf_run = _compile_and_run(
+        fit_hidden_potts_vb_psf, psf_args, psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
+        spacing_mm=tuple(float(s) for s in spacing),
+    )
+    emission = psf_result.emission
+    sds = np.sqrt(np.asarray(emission.rate) / np.asarray(emission.shape))  # (M,)
+    diagnostics = {
+        "initial_fit": diagnostics,
+        "converged": bool(psf_result.converged),
+        "iterations": int(psf_result.num_iterations),
+    }
+    return FitOutcome(
+        np.asarray(psf_result.marginals), np.asarray(emission.mean).T,
+        np.broadcast_to(sds, (num_classes, sds.size)).copy(),
+        np.full(num_classes, 1.0 / num_classes),
+        np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
+        diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run},
+    )
 
 
 def segment(
@@ -215,11 +289,13 @@ def segment(
     box=None,
     model: str = "potts",
     num_classes: int = 2,
-    beta: float = DEFAULT_BETA,
+    beta: float | None = None,
     levels_percent=DEFAULT_LEVELS,
     tumour_class: int | None = None,
     seed: int = 0,
     volume_draws: int = DEFAULT_VOLUME_DRAWS,
+    psf_fwhm_mm: float | None = None,
+    pet_noise: str = "poisson",
     overwrite: bool = False,
     title: str = "",
 ) -> Posterior:
@@ -230,11 +306,16 @@ def segment(
         out: output directory (None: nothing is written).
         modalities: one of pet/ct/mr/other per image; default pet for the first, other after.
         roi: path of a mask on the first image's grid; box: "i0:i1,j0:j1,k0:k1" (half-open).
-        model, num_classes, beta: the model (hidden Potts, K classes, Potts coupling).
+        model, num_classes: the model (hidden Potts) and its number of classes K.
+        beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``.
         levels_percent: contour levels in percent.
         tumour_class: class index that is tumour (required without PET; see module doc).
         seed: seeds the volume draws (the fit itself is deterministic).
         volume_draws: number of posterior volume draws.
+        psf_fwhm_mm: the PET scanner's PSF FWHM in mm. Given, PET images get the PSF-blurred
+            likelihood (:mod:`vbseg.inference.meanfield_psf`; other modalities are not blurred)
+            and ``pet_noise`` says how PET noise varies: "poisson" (variance proportional to
+            the local mean uptake) or "constant".
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -243,11 +324,20 @@ def segment(
         raise InputError("segment", "needs at least one image")
     modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
     levels_percent = tuple(float(level) for level in levels_percent)
+    if beta is None:
+        beta = DEFAULT_BETA if psf_fwhm_mm is None else DEFAULT_BETA_PSF
     check_options(model=model, num_classes=num_classes, beta=beta, levels_percent=levels_percent,
                   num_images=len(images), modalities=modalities, tumour_class=tumour_class,
                   volume_draws=volume_draws)
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
+    if psf_fwhm_mm is not None:
+        if not np.isfinite(psf_fwhm_mm) or psf_fwhm_mm < 0:
+            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {psf_fwhm_mm!r}")
+        if "pet" not in modalities:
+            raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
+    if pet_noise not in PET_NOISE_MODELS:
+        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
         check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
@@ -259,16 +349,24 @@ def segment(
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
     features, centres, scales = standardise(stack, observed, volumes)
-    result, timings = fit_potts(features, observed, crop_voi, reference.spacing,
-                                num_classes=num_classes, beta=beta)
+    psf, precision = None, None
+    if psf_fwhm_mm is not None:
+        psf = tuple(psf_fwhm_mm if m == "pet" else 0.0 for m in modalities)
+        precision = np.ones(stack.shape, np.float32)
+        if pet_noise == "poisson":
+            for m, modality in enumerate(modalities):
+                if modality == "pet":
+                    precision[..., m] = pet_relative_precision(stack[..., m], crop_voi)
+    fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
+                    beta=beta, psf_fwhm_mm=psf, relative_precision=precision)
 
     shape = crop_voi.shape
-    marginals = np.asarray(result.marginals)[: shape[0], : shape[1], : shape[2]]
-    means = np.asarray(result.emission.mean) * scales + centres  # (K, M) in image units
-    sds = np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)) * scales
+    marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
+    means = fit.means * scales + centres  # (K, M) in image units
+    sds = fit.sds * scales
     order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
     means, sds, marginals = means[order], sds[order], marginals[..., order]
-    alpha = np.asarray(result.proportions)[order]
+    proportions = fit.proportions[order]
     if "pet" in modalities:
         pet_index = modalities.index("pet")
         chosen = int(np.argmax(means[:, pet_index]))
@@ -289,6 +387,12 @@ def segment(
         probability[candidates], np.stack(weights, axis=1), seed=seed, num_draws=volume_draws
     )
 
+    emission_text = ("gaussian, independent across modalities, one precision per modality shared "
+                     "by the classes")
+    if psf_fwhm_mm is not None:
+        variance = "proportional to the local mean" if pet_noise == "poisson" else "constant"
+        emission_text += (f"; PET mean blurred by a Gaussian PSF of FWHM {psf_fwhm_mm:g} mm, PET "
+                          f"noise variance {variance}, class proportions uniform")
     inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m}
               for p, m in zip(images, modalities)]
     if roi is not None:
@@ -299,12 +403,15 @@ def segment(
             "classes": num_classes,
             "beta": float(beta),
             "neighbourhood": 6,
-            "emission": "gaussian, independent across modalities, one precision per modality "
-                        "shared by the classes",
+            "emission": emission_text,
+            "psf_fwhm_mm": psf_fwhm_mm,
+            "pet_noise": pet_noise if psf_fwhm_mm is not None else None,
             "prior": dict(NormalGammaPrior()._asdict(),
                           proportions_concentration=DEFAULT_CONCENTRATION,
                           units="standardised features: (y - median) / sd over the VOI"),
-            "inference": "mean-field VB (CAVI with checkerboard label sweeps), beta fixed",
+            "inference": "mean-field VB (CAVI with checkerboard label sweeps), beta fixed"
+                         + ("; then the PSF model by mean-field VB from that solution (damped "
+                            "checkerboard sweeps)" if psf_fwhm_mm is not None else ""),
             "tumour_rule": tumour_rule,
             "volume_draws": volume_draws,
             "voi": "roi" if roi is not None else (f"box {box}" if box is not None else "whole image"),
@@ -312,7 +419,7 @@ def segment(
         "parameters": {
             "class_means": means.tolist(),
             "class_sds": sds.tolist(),
-            "class_proportions": (alpha / alpha.sum()).tolist(),
+            "class_proportions": proportions.tolist(),
             "tumour_class": chosen,
             "beta": float(beta),
             "neighbour_weights": neighbour_weights(reference.spacing).tolist(),
@@ -320,18 +427,15 @@ def segment(
         },
         "modality": modalities,
         "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
-        "elbo": np.asarray(result.elbo_trace)[: int(result.num_iterations)].tolist(),
+        "elbo": fit.elbo.tolist(),
         "diagnostics": {
-            "converged": bool(result.converged),
-            "iterations": int(result.num_iterations),
-            "restart_elbos": np.asarray(result.restart_elbos).tolist(),
-            "best_restart": int(result.best_restart),
+            **fit.diagnostics,
             "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
             "fit_grid_shape": [int(n) for n in features.shape[:3]],
             "voi_voxels": int(voi.sum()),
             "voi_bounds": [[s.start, s.stop] for s in bounds],
         },
-        "timings_s": timings,
+        "timings_s": fit.timings,
         "seed": seed,
         "versions": _versions(),
         "inputs": inputs,

@@ -40,6 +40,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from vbseg.models.psf import blur_operator
+
 
 class NormalGammaPrior(NamedTuple):
     """Normal-Gamma hyperparameters (each a scalar or a (K, M) array)."""
@@ -123,6 +125,10 @@ def hidden_potts_model(
     prior: NormalGammaPrior = DEFAULT_PRIOR,
     concentration: float = DEFAULT_CONCENTRATION,
     tied: bool = True,
+    psf_fwhm_mm=None,
+    spacing_mm=None,
+    relative_precision=None,
+    learn_proportions: bool = True,
 ) -> None:
     """Hidden Potts model as a NumPyro program.
 
@@ -140,6 +146,13 @@ def hidden_potts_model(
         prior: Normal-Gamma hyperparameters of the class parameters (scalars).
         concentration: Dirichlet concentration alpha0 of pi.
         tied: one precision per modality shared by the classes.
+        psf_fwhm_mm: optional per-modality PSF FWHM (mm; 0 = none) with ``spacing_mm``: the
+            mean of modality m is then the blurred class-mean image H'_m mu_{z, m} (see
+            :mod:`vbseg.models.psf`), i.e. the labels describe the activity before the
+            scanner blurred it. Needs ``tied=True`` (one noise level per image).
+        relative_precision: optional (X, Y, Z, M) known lambda_vm > 0: the noise precision of
+            voxel v in modality m is tau_m * lambda_vm (e.g. PET variance growing with uptake).
+        learn_proportions: sample pi ~ Dirichlet, or fix it uniform (no ``pi`` site).
     """
     num_modalities = observations.shape[-1]
     grid = observations.shape[:3]
@@ -153,16 +166,28 @@ def hidden_potts_model(
     mu = numpyro.sample(
         "mu", dist.Normal(jnp.full(shape, prior.mean), 1.0 / jnp.sqrt(prior.kappa * tau)).to_event(2)
     )
-    pi = numpyro.sample("pi", dist.Dirichlet(jnp.full(num_classes, concentration)))
+    if learn_proportions:
+        pi = numpyro.sample("pi", dist.Dirichlet(jnp.full(num_classes, concentration)))
+    else:
+        pi = jnp.full(num_classes, 1.0 / num_classes)
     z = numpyro.sample(
         "z", dist.Categorical(probs=pi).expand(grid).mask(roi).to_event(3)
     )
     onehot = jax.nn.one_hot(z, num_classes) * roi[..., None]
     numpyro.factor("potts", beta * potts_statistic(onehot, weights))
     safe_z = jnp.where(roi, z, 0)
+    mean, scale = mu[safe_z], 1.0 / jnp.sqrt(tau[safe_z])  # (X, Y, Z, M)
+    if relative_precision is not None:
+        scale = scale / jnp.sqrt(relative_precision)
+    if psf_fwhm_mm is not None:
+        if not tied:
+            raise ValueError("the PSF likelihood needs tied precisions")
+        # the blurred image of the label field's class means, restricted to the ROI
+        mean = jnp.stack(
+            [blur_operator(f, spacing_mm, roi).apply(mean[..., m])
+             for m, f in enumerate(psf_fwhm_mm)], axis=-1)
     numpyro.sample(
         "y",
-        dist.Normal(mu[safe_z], 1.0 / jnp.sqrt(tau[safe_z])).mask(observed & roi[..., None])
-        .to_event(4),
+        dist.Normal(mean, scale).mask(observed & roi[..., None]).to_event(4),
         obs=observations,
     )

@@ -1,0 +1,156 @@
+"""The PSF-blurred likelihood: the blur operator and its adjoints against dense matrices;
+the mean-field formulas against the PSF-free ones (no blur), against exact coordinate
+differences, and against a Monte Carlo average of the NumPyro model's own log likelihood."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro import handlers
+
+from vbseg.inference import meanfield as mf
+from vbseg.inference import meanfield_psf as mp
+from vbseg.models.potts import NormalGammaPrior, hidden_potts_model, neighbour_weights
+from vbseg.models.psf import blur_operator
+
+SHAPE, SPACING = (5, 4, 3), (4.0, 4.0, 3.0)
+
+
+def _dense(function, shape):
+    """The matrix of a linear map on arrays of ``shape``, column j = function(unit vector j)."""
+    n = int(np.prod(shape))
+    columns = [np.asarray(function(jnp.asarray(np.eye(n)[j].reshape(shape)))).ravel()
+               for j in range(n)]
+    return np.stack(columns, axis=1)
+
+
+def test_blur_operator_adjoints_match_the_dense_matrix():
+    rng = np.random.default_rng(0)
+    support = rng.uniform(size=SHAPE) > 0.2
+    with jax.enable_x64(True):
+        op = blur_operator(6.0, SPACING, support)
+        forward = _dense(op.apply, SHAPE)
+        np.testing.assert_allclose(_dense(op.adjoint, SHAPE), forward.T, atol=1e-12)
+        np.testing.assert_allclose(_dense(op.adjoint_squared, SHAPE), (forward**2).T, atol=1e-12)
+    # rows inside the support's reach sum to one (renormalised blur); unsupported columns are 0
+    reach = forward.sum(axis=1) > 0
+    np.testing.assert_allclose(forward.sum(axis=1)[reach], 1.0, atol=1e-12)
+    assert np.all(forward[:, ~support.ravel()] == 0)
+
+
+def _problem(seed, num_classes=3, num_modalities=2):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=SHAPE + (num_modalities,))
+    observed = rng.uniform(size=y.shape) > 0.15
+    roi = rng.uniform(size=SHAPE) > 0.1
+    q = rng.dirichlet(np.ones(num_classes), size=SHAPE) * roi[..., None]
+    precision = rng.uniform(0.5, 2.0, size=y.shape)
+    return y, observed, roi, q, precision
+
+
+def test_without_blur_the_psf_formulas_reduce_to_the_psf_free_ones():
+    y, observed, roi, q, _ = _problem(1, num_modalities=1)
+    prior = NormalGammaPrior(0.1, 0.5, 2.0, 0.3)
+    with jax.enable_x64(True):
+        o = jnp.asarray(observed[..., 0] & roi, jnp.float64)
+        op = blur_operator(0.0, SPACING, roi)
+        qj, yj = jnp.asarray(q), jnp.asarray(y[..., 0])
+        mean, precision, shape, rate, gram = mp.regression_update(qj, yj, o, o, op, prior)
+        full = NormalGammaPrior(*(jnp.full((3, 1), p, jnp.float64) for p in prior))
+        ng = mf.normal_gamma_update(qj, jnp.asarray(y), jnp.asarray(observed & roi[..., None]), full, True)
+        np.testing.assert_allclose(mean, ng.mean[:, 0], rtol=1e-10)
+        np.testing.assert_allclose(precision, np.diag(ng.kappa[:, 0]), atol=1e-10)
+        assert float(shape) == pytest.approx(float(ng.shape[0, 0]), rel=1e-12)
+        assert float(rate) == pytest.approx(float(ng.rate[0, 0]), rel=1e-10)
+        total, potentials = mp.expected_log_likelihood_psf(qj, yj, o, o, op, mean, precision, shape,
+                                                           rate, gram)
+        mask = jnp.asarray(observed & roi[..., None])
+        ell = np.asarray(mf.expected_log_likelihood(jnp.asarray(y), mask, ng))
+        assert float(total) == pytest.approx(float(np.sum(q * ell)), rel=1e-10)
+        # potentials equal the per-voxel expected log-likelihoods up to a per-voxel constant
+        difference = (np.asarray(potentials) - ell)[roi]
+        np.testing.assert_allclose(difference - difference[:, :1], 0.0, atol=1e-10)
+        kl = mp.kl_regression(mean, precision, shape, rate, prior)
+        ng_kl = mf.kl_normal_gamma(ng, full, True)
+        assert float(kl) == pytest.approx(float(ng_kl), rel=1e-10)
+
+
+def test_label_potentials_are_exact_coordinate_differences():
+    """E_q[log p(y|z)] is linear in each q_w; f_wk - f_w0 must equal the change of the total
+    when q_w is set to class k instead of class 0 (blurred, weighted, two modalities)."""
+    y, observed, roi, q, lam = _problem(2)
+    prior = NormalGammaPrior(0.0, 0.3, 1.5, 0.4)
+    with jax.enable_x64(True):
+        ops = [blur_operator(f, SPACING, roi) for f in (6.0, 0.0)]
+        qj = jnp.asarray(q)
+        parts = []
+        for m, op in enumerate(ops):
+            o = jnp.asarray(observed[..., m] & roi, jnp.float64)
+            w = o * jnp.asarray(lam[..., m])
+            post = mp.regression_update(qj, jnp.asarray(y[..., m]), o, w, op, prior)
+            parts.append((jnp.asarray(y[..., m]), o, w, op, post[:4]))
+
+        def total(qx):
+            value = 0.0
+            for ym, o, w, op, (mean, prec, a, b) in parts:
+                _, _, _, _, gram = mp.regression_update(qx, ym, o, w, op, prior)
+                value += mp.expected_log_likelihood_psf(qx, ym, o, w, op, mean, prec, a, b, gram)[0]
+            return float(value)
+
+        potentials = sum(np.asarray(mp.expected_log_likelihood_psf(
+            qj, ym, o, w, op, mean, prec, a, b,
+            mp.regression_update(qj, ym, o, w, op, prior)[4])[1])
+            for ym, o, w, op, (mean, prec, a, b) in parts)
+        for voxel in [(2, 1, 1), (0, 0, 0), (4, 3, 2)]:
+            if not roi[voxel]:
+                continue
+            values = []
+            for k in range(3):
+                qk = np.array(q)
+                qk[voxel] = np.eye(3)[k]
+                values.append(total(jnp.asarray(qk)))
+            np.testing.assert_allclose(np.array(values) - values[0],
+                                       potentials[voxel] - potentials[voxel][0], atol=1e-8)
+
+
+def test_expected_log_likelihood_matches_the_numpyro_model_by_monte_carlo():
+    y, observed, roi, q, lam = _problem(3)
+    prior = NormalGammaPrior(0.0, 0.3, 1.5, 0.4)
+    fwhm = (6.0, 0.0)
+    rng = np.random.default_rng(4)
+    draws = 4000
+    with jax.enable_x64(True):
+        analytic, posts = 0.0, []
+        for m, f in enumerate(fwhm):
+            op = blur_operator(f, SPACING, roi)
+            o = jnp.asarray(observed[..., m] & roi, jnp.float64)
+            w = o * jnp.asarray(lam[..., m])
+            post = mp.regression_update(jnp.asarray(q), jnp.asarray(y[..., m]), o, w, op, prior)
+            analytic += float(mp.expected_log_likelihood_psf(jnp.asarray(q), jnp.asarray(y[..., m]),
+                                                             o, w, op, *post)[0])
+            posts.append([np.asarray(p) for p in post[:4]])
+        kwargs = dict(num_classes=3, beta=0.0, weights=neighbour_weights(SPACING), tied=True,
+                      psf_fwhm_mm=fwhm, spacing_mm=SPACING, relative_precision=jnp.asarray(lam),
+                      learn_proportions=False)
+        args = (jnp.asarray(y), jnp.asarray(observed), jnp.asarray(roi))
+
+        def log_likelihood(z, mu, tau):
+            data = {"z": z, "mu": mu, "tau": tau}
+            trace = handlers.trace(handlers.substitute(hidden_potts_model, data)).get_trace(*args, **kwargs)
+            site = trace["y"]
+            return site["fn"].log_prob(site["value"]).sum()
+
+        samples = []
+        for _ in range(draws):
+            z = np.array([[[rng.choice(3, p=q[i, j, k] / q[i, j, k].sum()) if roi[i, j, k] else 0
+                            for k in range(SHAPE[2])] for j in range(SHAPE[1])] for i in range(SHAPE[0])])
+            tau = np.array([[rng.gamma(p[2], 1 / p[3]) for p in posts]])
+            mu = np.stack([rng.multivariate_normal(p[0], np.linalg.inv(p[1]) / tau[0, m])
+                           for m, p in enumerate(posts)], axis=1)
+            samples.append((z, mu, tau))
+        batched = [jnp.asarray(np.stack(x)) for x in zip(*samples)]
+        values = np.asarray(jax.vmap(log_likelihood)(*batched))
+    estimate, stderr = values.mean(), values.std() / np.sqrt(draws)
+    assert abs(estimate - analytic) <= 4 * stderr, (estimate, analytic, stderr)

@@ -1,0 +1,235 @@
+"""Mean-field VB for the hidden Potts model with a PSF-blurred Gaussian likelihood.
+
+Model (``hidden_potts_model`` with ``psf_fwhm_mm``): for each modality m,
+
+    y_m = H'_m mu_{z, m} + noise,   noise ~ N(0, 1 / tau_m) per observed voxel,
+
+where mu_{z, m} is the image of class means (mu_{z_w, m} at voxel w) and H'_m the scanner blur
+(:mod:`vbseg.models.psf`). The labels then describe the activity *before* blurring, so a small
+lesion's spill-out into its surroundings and its lowered peak are explained by the blur rather
+than by a wider tumour class: the partial-volume bias of a plain mixture on PET (Hatt et al.,
+IEEE TMI 2009, discuss it for FLAB) is modelled, not calibrated away.
+
+Variational family as in :mod:`vbseg.inference.meanfield`, except that q(mu_.m, tau_m) is the
+Normal-Gamma of a Bayesian linear regression: given q(z), E_q[log p(y_m | z, mu, tau)] is
+quadratic in the K class means with the expected Gram matrix
+
+    G_kl = sum_v o_v E[(H' z_k)_v (H' z_l)_v]
+         = sum_v o_v (H' q_k)_v (H' q_l)_v + sum_w c_w (delta_kl q_wk - q_wk q_wl),
+    c_w = sum_v o_v h'_vw^2,
+
+so the update is exact and conjugate: Lambda = kappa0 I + G, m = Lambda^{-1}(kappa0 m0 1 + b),
+b_k = sum_v o_v y_v (H' q_k)_v, a = a0 + n / 2, rate = b0 + (sum o y^2 + kappa0 K m0^2 -
+m' Lambda m) / 2, and mu | tau ~ N(m, (tau Lambda)^{-1}).
+
+For the labels, E_{-w}[log p(y | z_w = k)] is, up to terms free of k (P = Lambda^{-1},
+r = y - H' mbar, mbar_w = sum_k q_wk m_k):
+
+    f_wk = E[tau] m_k (A_w + mbar_w c_w) - sum_l P_kl (C_wl - q_wl c_w)
+           - c_w (E[tau] m_k^2 + P_kk) / 2,
+    A = H'^T (o r),  C_l = H'^T (o H' q_l),
+
+each a convolution (with known per-voxel relative precisions lambda_v, every o_v in the
+quadratic terms becomes o_v lambda_v). Class proportions are uniform by default (see
+``learn_proportions``). The blur couples voxels a few apart, so voxels of one checkerboard
+colour are no longer conditionally independent: their simultaneous update is damped
+(q <- (1 - eta) q + eta q_new, eta = 1/2), a standard safeguard for parallel mean-field updates
+in coupled models; the ELBO is monitored and recorded but, unlike the PSF-free fit, not
+guaranteed to rise at every step. With no blur (FWHM 0) every formula reduces to the PSF-free
+one (tested).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma, gammaln
+
+from vbseg.inference.meanfield import (
+    _colour_masks,
+    dirichlet_update,
+    expected_log_proportions,
+    kl_dirichlet,
+    label_elbo_terms,
+)
+from vbseg.models.potts import NormalGammaPrior, neighbour_sum
+from vbseg.models.psf import blur_operator
+
+DAMPING = 0.5
+
+
+class RegressionPosterior(NamedTuple):
+    """q(mu_.m, tau_m) per modality: mean (M, K), precision Lambda (M, K, K), shape, rate (M,)."""
+
+    mean: jax.Array
+    precision: jax.Array
+    shape: jax.Array
+    rate: jax.Array
+
+
+class PsfFitResult(NamedTuple):
+    marginals: jax.Array
+    emission: RegressionPosterior
+    proportions: jax.Array
+    elbo_trace: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+
+
+def _blurred(q, o, operator):
+    """(H'q (X, Y, Z, K), c = H'^2^T o (X, Y, Z))."""
+    return operator.apply(q), operator.adjoint_squared(o)
+
+
+def regression_update(q, y, o, w, operator, prior: NormalGammaPrior) -> tuple:
+    """Conjugate q(mu, tau) for one modality given q(z); returns (mean, Lambda, a, rate, G).
+
+    ``o`` is the 0/1 observation mask, ``w`` the observation weights o_v * lambda_v (lambda_v
+    the known relative precision of voxel v).
+    """
+    num_classes = q.shape[-1]
+    blurred, c = _blurred(q, w, operator)
+    weighted = w[..., None] * blurred
+    gram = jnp.einsum("xyzk,xyzl->kl", weighted, blurred)
+    gram = gram + jnp.diag(jnp.einsum("xyz,xyzk->k", c, q)) - jnp.einsum("xyz,xyzk,xyzl->kl", c, q, q)
+    moment = jnp.einsum("xyz,xyzk->k", w * y, blurred)
+    precision = prior.kappa * jnp.eye(num_classes) + gram
+    mean = jnp.linalg.solve(precision, prior.kappa * prior.mean + moment)
+    shape = prior.shape + 0.5 * jnp.sum(o)
+    rate = prior.rate + 0.5 * (
+        jnp.sum(w * y * y) + prior.kappa * num_classes * prior.mean**2 - mean @ precision @ mean
+    )
+    return mean, precision, shape, rate, gram
+
+
+def expected_log_likelihood_psf(q, y, o, w, operator, mean, precision, shape, rate, gram):
+    """(E_q[log p(y_m | z, mu, tau)] in nats, label potentials f (X, Y, Z, K)) for one modality.
+
+    ``o`` observation mask, ``w`` = o * lambda observation weights (see regression_update).
+    """
+    e_tau = shape / rate
+    e_log_tau = digamma(shape) - jnp.log(rate)
+    cov = jnp.linalg.inv(precision)
+    blurred, c = _blurred(q, w, operator)
+    mbar = q @ mean
+    residual = y - operator.apply(mbar)
+    spread = q @ (mean**2) - mbar**2  # per-voxel variance of the class mean under q
+    total = (
+        0.5 * jnp.sum(o * (e_log_tau + jnp.log(jnp.where(o > 0, w, 1.0)) - jnp.log(2 * jnp.pi)))
+        - 0.5 * e_tau * (jnp.sum(w * residual**2) + jnp.sum(c * spread))
+        - 0.5 * jnp.trace(cov @ gram)
+    )
+    a_term = operator.adjoint(w * residual)
+    c_term = operator.adjoint(w[..., None] * blurred)
+    potentials = (
+        e_tau * mean * (a_term + mbar * c)[..., None]
+        - (c_term - q * c[..., None]) @ cov
+        - 0.5 * c[..., None] * (e_tau * mean**2 + jnp.diag(cov))
+    )
+    return total, potentials
+
+
+def kl_regression(mean, precision, shape, rate, prior: NormalGammaPrior):
+    """KL(q(mu, tau) || p(mu, tau)) for one modality (Normal-Gamma regression form)."""
+    num_classes = mean.shape[0]
+    a0, b0 = prior.shape, prior.rate
+    kl_gamma = ((shape - a0) * digamma(shape) - gammaln(shape) + gammaln(a0)
+                + a0 * (jnp.log(rate) - jnp.log(b0)) + shape * (b0 - rate) / rate)
+    cov = jnp.linalg.inv(precision)
+    _, logdet_precision = jnp.linalg.slogdet(precision)
+    kl_mean = 0.5 * (prior.kappa * jnp.trace(cov) - num_classes
+                     - num_classes * jnp.log(prior.kappa) + logdet_precision
+                     + prior.kappa * (shape / rate) * jnp.sum((mean - prior.mean) ** 2))
+    return kl_gamma + kl_mean
+
+
+@partial(jax.jit, static_argnames=("psf_fwhm_mm", "spacing_mm", "max_iter", "learn_proportions"))
+def fit_hidden_potts_vb_psf(
+    observations, observed, roi, beta, weights, prior: NormalGammaPrior, concentration,
+    initial_marginals, relative_precision, *, psf_fwhm_mm: tuple, spacing_mm: tuple,
+    learn_proportions: bool = False, max_iter: int = 300, tol: float = 1e-5, min_iter: int = 5,
+) -> PsfFitResult:
+    """Fit the PSF model by mean-field VB from ``initial_marginals`` (e.g. the PSF-free fit).
+
+    Args:
+        observations, observed: (X, Y, Z, M) standardised images and where they are observed.
+        roi: (X, Y, Z) bool; beta, weights: Potts coupling and (3,) neighbour weights.
+        prior: scalar Normal-Gamma hyperparameters; concentration: Dirichlet alpha0.
+        initial_marginals: (X, Y, Z, K) starting q(z).
+        relative_precision: (X, Y, Z, M) known positive lambda_v: voxel v of modality m has
+            noise precision tau_m * lambda_vm (ones: homoscedastic noise).
+        psf_fwhm_mm: per-modality FWHM (mm, 0 = no blur); spacing_mm: voxel size (static).
+        learn_proportions: learn Dirichlet class proportions (as the PSF-free fit does), or
+            keep them uniform (default). Deconvolution is ill-posed along the direction
+            "fewer tumour voxels, higher uptake" (the blurred excess activity is nearly the
+            same), and a learned small tumour proportion then costs every tumour voxel
+            ~log(1/pi_t) nats and shrinks the lesion: on the 22 mm phantom (5-6 mm PSF) the
+            volume ratio fell to 0.5-0.8 with learned proportions, 0.94-1.06 with uniform.
+    """
+    dtype = observations.dtype
+    num_classes = initial_marginals.shape[-1]
+    num_modalities = observations.shape[-1]
+    observed = (observed & roi[..., None]).astype(dtype)
+    operators = [blur_operator(f, spacing_mm, roi) for f in psf_fwhm_mm]
+    alpha0 = jnp.full((num_classes,), concentration, dtype)
+    roi_f = roi[..., None].astype(dtype)
+    num_voxels = jnp.maximum(jnp.sum(roi), 1)
+
+    obs_weights = observed * relative_precision.astype(dtype)
+
+    def channels(m):
+        return observations[..., m], observed[..., m], obs_weights[..., m], operators[m]
+
+    def parameter_step(q):
+        fits = [regression_update(q, *channels(m), prior) for m in range(num_modalities)]
+        return tuple(jnp.stack([f[i] for f in fits]) for i in range(5)), dirichlet_update(q, alpha0)
+
+    def log_proportions(alpha):
+        if learn_proportions:
+            return expected_log_proportions(alpha)
+        return jnp.full((num_classes,), -jnp.log(num_classes), dtype)
+
+    def likelihood(q, post):
+        results = [expected_log_likelihood_psf(q, *channels(m), *(p[m] for p in post))
+                   for m in range(num_modalities)]
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    def elbo(q, post, alpha):
+        total, _ = likelihood(q, post)
+        log_pi = log_proportions(alpha) * roi_f
+        kl = sum(kl_regression(*(p[m] for p in post[:4]), prior) for m in range(num_modalities))
+        if learn_proportions:
+            kl = kl + kl_dirichlet(alpha, alpha0)
+        return total + label_elbo_terms(q, log_pi, beta, weights) - kl
+
+    def sweep(q, post, alpha):
+        log_pi = log_proportions(alpha)
+        for colour in _colour_masks(roi.shape):
+            _, potentials = likelihood(q, post)
+            update = jax.nn.softmax(potentials + log_pi + beta * neighbour_sum(q, weights), axis=-1)
+            damped = (1.0 - DAMPING) * q + DAMPING * update
+            q = jnp.where((colour & roi)[..., None], damped, q)
+        return q
+
+    q0 = initial_marginals.astype(dtype) * roi_f
+    post0, alpha_0 = parameter_step(q0)
+    trace0 = jnp.full((max_iter,), jnp.nan, dtype)
+
+    def cond(carry):
+        *_, it, delta = carry
+        return (it < max_iter) & ((it < min_iter) | (delta >= tol))
+
+    def body(carry):
+        q, post, alpha, trace, it, _ = carry
+        q = sweep(q, post, alpha)
+        post, alpha = parameter_step(q)
+        value = elbo(q, post, alpha)
+        previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
+        return q, post, alpha, trace.at[it].set(value), it + 1, jnp.abs(value - previous) / num_voxels
+
+    init = (q0, post0, alpha_0, trace0, jnp.int32(0), jnp.asarray(jnp.inf, dtype))
+    q, post, alpha, trace, it, delta = jax.lax.while_loop(cond, body, init)
+    return PsfFitResult(q, RegressionPosterior(*post[:4]), alpha, trace, it, delta < tol)
