@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from vbseg.errors import InputError, OutputError
-from vbseg.inference.meanfield import fit_hidden_potts_vb
-from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
+from vbseg.fitting import fit_potts, pet_relative_precision
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
@@ -57,9 +51,6 @@ DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts",)
 PET_NOISE_MODELS = ("poisson", "constant")
-# Crops are padded up to a multiple of this many voxels per axis (padding is outside the
-# VOI), so nearby crop sizes share one compiled program.
-SHAPE_BUCKET = 8
 PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
 
 
@@ -141,11 +132,6 @@ def _voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
 
 
-def _pad_to_bucket(array: np.ndarray, fill) -> np.ndarray:
-    pad = [(0, (-n) % SHAPE_BUCKET) for n in array.shape[:3]] + [(0, 0)] * (array.ndim - 3)
-    return np.pad(array, pad, constant_values=fill)
-
-
 def load_inputs(images, modalities, roi=None, box=None):
     """Load the images, put them on the first image's grid, and build the VOI.
 
@@ -194,90 +180,6 @@ def standardise(stack, observed, volumes):
     centres, scales = np.asarray(centres, np.float32), np.asarray(scales, np.float32)
     features = np.where(observed, (stack - centres) / scales, 0.0).astype(np.float32)
     return features, centres, scales
-
-
-class FitOutcome(NamedTuple):
-    """What the pipeline keeps of a fit, in standardised units on the padded crop."""
-
-    marginals: np.ndarray  # (X, Y, Z, K)
-    means: np.ndarray  # (K, M)
-    sds: np.ndarray  # (K, M) noise sd (at relative precision 1 for the PSF fit)
-    proportions: np.ndarray  # (K,) E[pi] (uniform when not learned)
-    elbo: np.ndarray  # trace of the last stage
-    diagnostics: dict
-    timings: dict
-
-
-def _compile_and_run(function, args, **static):
-    start = time.perf_counter()
-    compiled = function.lower(*args, **static).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = jax.block_until_ready(compiled(*args))
-    return result, compile_s, time.perf_counter() - start
-
-
-def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
-    """lambda_v for PET noise whose variance grows in proportion to the local mean uptake
-    (Poisson-like): lambda_v = median / local mean, the local mean a Gaussian smoothing of the
-    image (sigma 1 voxel), floored at 10 % of the VOI median to keep cold voxels finite."""
-    median = float(np.median(image[voi]))
-    local = ndimage.gaussian_filter(image.astype(np.float64), 1.0, mode="nearest")
-    floor = 0.1 * abs(median) if median != 0 else 1e-3
-    return (abs(median) / np.maximum(local, floor)).astype(np.float32)
-
-
-def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
-              relative_precision=None) -> FitOutcome:
-    """Mean-field fit on a bucket-padded crop (compile timed apart from run).
-
-    Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
-    (a tuple, one FWHM per modality, 0 = no blur) the PSF-free fit is the starting point of
-    the PSF fit (:mod:`vbseg.inference.meanfield_psf`), whose result is returned.
-    """
-    padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
-              jnp.asarray(_pad_to_bucket(observed, False)),
-              jnp.asarray(_pad_to_bucket(voi, False)))
-    common = (jnp.float32(beta), jnp.asarray(neighbour_weights(spacing)), NormalGammaPrior(),
-              jnp.float32(DEFAULT_CONCENTRATION))
-    result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb, padded + common,
-                                                num_classes=num_classes)
-    diagnostics = {
-        "converged": bool(result.converged),
-        "iterations": int(result.num_iterations),
-        "restart_elbos": np.asarray(result.restart_elbos).tolist(),
-        "best_restart": int(result.best_restart),
-    }
-    if psf_fwhm_mm is None:
-        alpha = np.asarray(result.proportions)
-        return FitOutcome(
-            np.asarray(result.marginals), np.asarray(result.emission.mean),
-            np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)),
-            alpha / alpha.sum(), np.asarray(result.elbo_trace)[: int(result.num_iterations)],
-            diagnostics, {"compile": compile_s, "run": run_s},
-        )
-    if relative_precision is None:
-        relative_precision = np.ones(features.shape, np.float32)
-    psf_args = padded + common + (result.marginals,
-                                  jnp.asarray(_pad_to_bucket(relative_precision, 1.0)))
-    psf_result, psf_compile, psf_run = _compile_and_run(
-        fit_hidden_potts_vb_psf, psf_args, psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
-        spacing_mm=tuple(float(s) for s in spacing),
-    )
-    emission = psf_result.emission
-    sds = np.sqrt(np.asarray(emission.rate) / np.asarray(emission.shape))  # (M,)
-    diagnostics = {
-        "initial_fit": diagnostics,
-        "converged": bool(psf_result.converged),
-        "iterations": int(psf_result.num_iterations),
-    }
-    return FitOutcome(
-        np.asarray(psf_result.marginals), np.asarray(emission.mean).T,
-        np.broadcast_to(sds, (num_classes, sds.size)).copy(),
-        np.full(num_classes, 1.0 / num_classes),
-        np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
-        diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run},
-    )
 
 
 def segment(
