@@ -71,6 +71,9 @@ def _add_segment(sub):
     p.add_argument("--pet-noise", default="poisson",
                    help="with --psf-fwhm: PET noise variance 'poisson' (grows with uptake, "
                         "default) or 'constant'")
+    p.add_argument("--sampler", default="vb",
+                   help="vb (mean-field; volume interval from independent voxels, too narrow) or "
+                        "gibbs (posterior draws of the label field from the VB start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -123,6 +126,7 @@ def _segment_kwargs(args) -> dict:
         volume_draws=DEFAULT_VOLUME_DRAWS if args.volume_draws is None else args.volume_draws,
         psf_fwhm_mm=args.psf_fwhm,
         pet_noise=args.pet_noise,
+        sampler=args.sampler,
         overwrite=args.overwrite,
     )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.errors import InputError, OutputError
-from vbseg.fitting import fit_potts, pet_relative_precision
+from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
@@ -45,12 +45,18 @@ from vbseg.volume import (
 # beta = 0.5 let the tumour class explain background noise bumps (volumes +20 to +75 % at
 # beta = 1.0), while beta = 1.5 gave Dice 0.91-0.95 and volume within 5 % for spheres >= 13 mm;
 # the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
+GIBBS_DRAWS_METHOD = (
+    f"posterior draws of the whole label field: checkerboard Gibbs (labels, class means and "
+    f"precisions, proportions), {GIBBS_CHAINS} chains started at the VB solution, "
+    f"{GIBBS_BURN_IN} burn-in sweeps, one draw per kept sweep; R-hat and ESS in diagnostics"
+)
 DEFAULT_BETA = 0.5
 DEFAULT_BETA_PSF = 1.5
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts",)
 PET_NOISE_MODELS = ("poisson", "constant")
+SAMPLERS = ("vb", "gibbs")
 PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
 
 
@@ -198,6 +204,7 @@ def segment(
     volume_draws: int = DEFAULT_VOLUME_DRAWS,
     psf_fwhm_mm: float | None = None,
     pet_noise: str = "poisson",
+    sampler: str = "vb",
     overwrite: bool = False,
     title: str = "",
 ) -> Posterior:
@@ -218,6 +225,9 @@ def segment(
             likelihood (:mod:`vbseg.inference.meanfield_psf`; other modalities are not blurred)
             and ``pet_noise`` says how PET noise varies: "poisson" (variance proportional to
             the local mean uptake) or "constant".
+        sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
+            (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
+            draws of the whole label field; PSF-free model only).
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -238,6 +248,11 @@ def segment(
             raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {psf_fwhm_mm!r}")
         if "pet" not in modalities:
             raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
+    if sampler not in SAMPLERS:
+        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "gibbs" and psf_fwhm_mm is not None:
+        raise InputError("--sampler", "gibbs samples the PSF-free model; it cannot be combined "
+                                      "with --psf-fwhm yet")
     if pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     roi = os.fspath(roi) if roi is not None else None
@@ -261,6 +276,11 @@ def segment(
                     precision[..., m] = pet_relative_precision(stack[..., m], crop_voi)
     fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
                     beta=beta, psf_fwhm_mm=psf, relative_precision=precision)
+    pet_first = modalities[0] == "pet"
+    if sampler == "gibbs":
+        count_weights = stack[..., 0] if pet_first else np.ones(crop_voi.shape, np.float32)
+        fit = sample_potts(fit, features, observed, crop_voi, reference.spacing, count_weights,
+                           num_classes=num_classes, beta=beta, seed=seed, num_draws=volume_draws)
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
@@ -279,15 +299,21 @@ def segment(
     probability = np.zeros(reference.shape, np.float32)
     probability[bounds] = np.where(crop_voi, marginals[..., chosen], 0.0)
 
-    candidates = probability > 0
     voxel_ml = reference.voxel_volume_ml
-    weights = [np.full(int(candidates.sum()), voxel_ml)]
-    pet_first = modalities[0] == "pet"
-    if pet_first:
-        weights.append(reference.data[candidates] * voxel_ml)
-    draws = independent_label_draws(
-        probability[candidates], np.stack(weights, axis=1), seed=seed, num_draws=volume_draws
-    )
+    if fit.class_counts is not None:
+        volume_draws_ml = fit.class_counts[..., order][..., chosen].ravel() * voxel_ml
+        tlg_draws = fit.class_weighted[..., order][..., chosen].ravel() * voxel_ml
+        volume_method = GIBBS_DRAWS_METHOD
+    else:
+        candidates = probability > 0
+        weights = [np.full(int(candidates.sum()), voxel_ml)]
+        if pet_first:
+            weights.append(reference.data[candidates] * voxel_ml)
+        draws = independent_label_draws(
+            probability[candidates], np.stack(weights, axis=1), seed=seed, num_draws=volume_draws
+        )
+        volume_draws_ml, tlg_draws = draws[:, 0], draws[:, -1]
+        volume_method = INDEPENDENT_DRAWS_METHOD
 
     emission_text = ("gaussian, independent across modalities, one precision per modality shared "
                      "by the classes")
@@ -313,7 +339,10 @@ def segment(
                           units="standardised features: (y - median) / sd over the VOI"),
             "inference": "mean-field VB (CAVI with checkerboard label sweeps), beta fixed"
                          + ("; then the PSF model by mean-field VB from that solution (damped "
-                            "checkerboard sweeps)" if psf_fwhm_mm is not None else ""),
+                            "checkerboard sweeps)" if psf_fwhm_mm is not None else "")
+                         + ("; then checkerboard Gibbs from that solution (probabilities and "
+                            "volumes from its draws)" if sampler == "gibbs" else ""),
+            "sampler": sampler,
             "tumour_rule": tumour_rule,
             "volume_draws": volume_draws,
             "voi": "roi" if roi is not None else (f"box {box}" if box is not None else "whole image"),
@@ -329,7 +358,7 @@ def segment(
         },
         "modality": modalities,
         "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
-        "elbo": fit.elbo.tolist(),
+        "elbo": fit.elbo.tolist() if fit.elbo is not None else None,
         "diagnostics": {
             **fit.diagnostics,
             "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
@@ -346,9 +375,9 @@ def segment(
         probability=probability,
         reference=reference,
         voi=voi,
-        volume_draws_ml=draws[:, 0],
-        volume_method=INDEPENDENT_DRAWS_METHOD,
-        tlg_draws=draws[:, 1] if pet_first else None,
+        volume_draws_ml=volume_draws_ml,
+        volume_method=volume_method,
+        tlg_draws=tlg_draws if pet_first else None,
         summary=summary,
     )
     if out is not None:

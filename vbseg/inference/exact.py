@@ -69,3 +69,58 @@ def exact_potts_marginals(unary, edges, edge_weights, beta) -> tuple[np.ndarray,
     for k in range(num_classes):
         marginals[:, k] = probs @ (labelings == k)
     return marginals, log_norm
+
+
+def _log_normal_gamma_evidence(values, m0, kappa0):
+    """Per-class pieces of the Normal-Gamma marginal likelihood: (n, kappa', b-increment, const)."""
+    n = values.size
+    kappa = kappa0 + n
+    if n == 0:
+        return n, kappa, 0.0
+    mean = values.mean()
+    rate_increment = 0.5 * np.sum((values - mean) ** 2) + 0.5 * kappa0 * n * (mean - m0) ** 2 / kappa
+    return n, kappa, rate_increment
+
+
+def exact_collapsed_marginals(y, observed, edges, edge_weights, beta, prior_mean, prior_kappa,
+                              prior_shape, prior_rate, concentration, num_classes, tied=True):
+    """Exact p(z_v = k | y) of the hidden Potts model with (mu, tau, pi) integrated out.
+
+    p(z | y) ∝ exp(beta S(z)) DirMult(counts(z) | alpha0) prod_m p(y_m | z), where p(y_m | z) is
+    the Normal-Gamma evidence (Murphy 2007, "Conjugate Bayesian analysis of the Gaussian
+    distribution"), with one precision per modality shared by the classes (``tied``) or one per
+    class. ``y`` and ``observed`` are (n, M); ``prior_mean`` and ``prior_kappa`` are (K, M)
+    (class-specific prior means break the label symmetry); shape/rate scalars.
+    """
+    from scipy.special import gammaln
+
+    y = np.asarray(y, np.float64)
+    num_sites, num_modalities = y.shape
+    labelings = enumerate_labelings(num_sites, num_classes)
+    agree = labelings[:, edges[:, 0]] == labelings[:, edges[:, 1]]
+    log_post = beta * (agree * np.asarray(edge_weights)[None, :]).sum(axis=1)
+    alpha0 = np.full(num_classes, concentration, np.float64)
+    for row, z in enumerate(labelings):
+        counts = np.bincount(z, minlength=num_classes)
+        value = (gammaln(alpha0.sum()) - gammaln(alpha0.sum() + num_sites)
+                 + np.sum(gammaln(alpha0 + counts) - gammaln(alpha0)))
+        for m in range(num_modalities):
+            pieces = [_log_normal_gamma_evidence(y[(z == k) & observed[:, m], m],
+                                                 prior_mean[k, m], prior_kappa[k, m])
+                      for k in range(num_classes)]
+            if tied:
+                n_total = sum(p[0] for p in pieces)
+                shape = prior_shape + 0.5 * n_total
+                rate = prior_rate + sum(p[2] for p in pieces)
+                value += (sum(0.5 * np.log(prior_kappa[k, m] / p[1]) for k, p in enumerate(pieces))
+                          + gammaln(shape) - gammaln(prior_shape) + prior_shape * np.log(prior_rate)
+                          - shape * np.log(rate) - 0.5 * n_total * np.log(2 * np.pi))
+            else:
+                for k, (n, kappa, increment) in enumerate(pieces):
+                    shape = prior_shape + 0.5 * n
+                    value += (0.5 * np.log(prior_kappa[k, m] / kappa) + gammaln(shape)
+                              - gammaln(prior_shape) + prior_shape * np.log(prior_rate)
+                              - shape * np.log(prior_rate + increment) - 0.5 * n * np.log(2 * np.pi))
+        log_post[row] += value
+    probs = np.exp(log_post - logsumexp(log_post))
+    return np.stack([probs @ (labelings == k) for k in range(num_classes)], axis=1)
