@@ -1,0 +1,1 @@
+"""Benchmarks: one script per question; results in benchmarks/results/ (JSON + markdown)."""
