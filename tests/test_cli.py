@@ -122,6 +122,9 @@ def _bad_cases(i: Path, out: Path):
         ("bad levels", ["segment", pet, "--levels", "10,150", "--out", out], "--levels", "between"),
         ("bad classes", ["segment", pet, "--classes", "1", "--out", out], "--classes", "2 to 8"),
         ("bad beta", ["segment", pet, "--beta", "-1", "--out", out], "--beta", ">= 0"),
+        ("beta word", ["segment", pet, "--beta", "learn", "--out", out], "--beta", "'auto'"),
+        ("bad neighbourhood", ["segment", pet, "--neighbourhood", "18", "--out", out],
+         "--neighbourhood", "6 or 26"),
         ("modality count", ["segment", pet, "--modality", "pet,ct", "--out", out], "--modality",
          "2 modalities"),
         ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--out", out],
@@ -164,6 +167,22 @@ def test_every_bad_input_is_one_line_and_exit_2(inputs, tmp_path):
     assert not failures, failures
     assert digest(inputs) == before
     assert (tmp_path / "clash" / "prob.nii.gz").read_bytes() == (inputs / "pet.nii.gz").read_bytes()
+
+
+def test_learned_beta_on_the_26_neighbourhood(inputs, tmp_path):
+    """--beta auto --neighbourhood 26: summary.json records the learned beta (inside the
+    prior's range, not at its bound), its trace, and the neighbourhood's 13 weights."""
+    out = tmp_path / "auto"
+    result = run_cli("segment", inputs / "pet.nii.gz", "--box", "4:20,4:20,4:20", "--beta", "auto",
+                     "--neighbourhood", "26", "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["beta"] == "auto" and summary["options"]["neighbourhood"] == 26
+    assert "beta learned" in summary["options"]["inference"]
+    beta = summary["parameters"]["beta"]
+    assert 0.0 < beta < 3.0 and not summary["diagnostics"]["beta_at_prior_bound"]
+    assert summary["diagnostics"]["beta_trace"][-1] == pytest.approx(beta, rel=1e-6)
+    assert len(summary["parameters"]["neighbour_weights"]) == 13
 
 
 def test_existing_outputs_need_overwrite(inputs, tmp_path):

@@ -1,9 +1,11 @@
 """The reference sampler against exact enumeration, and as the pipeline's volume sampler.
 
-* label-only Gibbs (fixed unary) vs exact marginals on 3x3x1 and 2x2x2 grids;
+* label-only Gibbs (fixed unary) vs exact marginals on 3x3x1 and 2x2x2 grids, two colours
+  for the 6-neighbourhood and eight for the 26-neighbourhood;
 * full conjugate Gibbs (labels, class means/precisions, proportions) vs the exact posterior
   with all parameters integrated out (Normal-Gamma evidence and Dirichlet-multinomial,
-  enumerated over every labelling), tied and per-class precision.
+  enumerated over every labelling), tied and per-class precision, and with an external field
+  on the 26-neighbourhood.
 Tolerances: 0.015 (label-only, 4 x 10^4 sweeps) and 0.02 (full, 4 x 10^4 sweeps), several
 Monte Carlo standard errors of the worst voxel (observed errors when written: <= 0.007).
 """
@@ -18,27 +20,35 @@ import pytest
 import vbseg
 from vbseg.inference.exact import exact_collapsed_marginals, exact_potts_marginals, grid_edges
 from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts, gibbs_label_marginals
-from vbseg.models.potts import NormalGammaPrior
+from vbseg.models.potts import NormalGammaPrior, neighbour_weights
 from vbseg.volume import save_nifti
 
 WEIGHTS = np.array([1.0, 1.0, 0.75])
+WEIGHTS_26 = neighbour_weights((1.0, 1.0, 4.0 / 3.0), 26)
 
 
-@pytest.mark.parametrize("shape,num_classes", [((3, 3, 1), 3), ((2, 2, 2), 2)])
+@pytest.mark.parametrize("shape,num_classes,weights", [
+    ((3, 3, 1), 3, WEIGHTS), ((2, 2, 2), 2, WEIGHTS), ((3, 3, 1), 2, WEIGHTS_26),
+    ((2, 2, 3), 2, WEIGHTS_26)])
 @pytest.mark.parametrize("beta", [0.5, 1.0])
-def test_label_gibbs_matches_enumeration(shape, num_classes, beta):
+def test_label_gibbs_matches_enumeration(shape, num_classes, weights, beta):
+    # same total coupling per voxel for both neighbourhoods (beta x sum of a voxel's weights):
+    # at beta = 1 a 26-neighbourhood voxel on 12 sites is pinned to a bimodal all-0 / all-1
+    # posterior that single-site Gibbs does not cross in 10^4 sweeps
+    beta = beta * np.sum(WEIGHTS) / np.sum(weights)
     unary = np.random.default_rng(5).normal(size=shape + (num_classes,))
-    edges, edge_weights = grid_edges(shape, WEIGHTS)
+    edges, edge_weights = grid_edges(shape, weights)
     exact, _ = exact_potts_marginals(unary.reshape(-1, num_classes), edges, edge_weights, beta)
     run = jax.vmap(lambda key: gibbs_label_marginals(
-        key, jnp.asarray(unary, jnp.float32), beta, jnp.asarray(WEIGHTS, jnp.float32),
+        key, jnp.asarray(unary, jnp.float32), beta, jnp.asarray(weights, jnp.float32),
         jnp.ones(shape, bool), jnp.zeros(shape, jnp.int32), num_sweeps=10_000, burn_in=200))
     estimate = np.asarray(run(jax.random.split(jax.random.PRNGKey(0), 4))).mean(0)
     assert np.abs(estimate.reshape(-1, num_classes) - exact).max() <= 0.015
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_full_gibbs_matches_the_collapsed_exact_posterior(tied):
+@pytest.mark.parametrize("tied,weights,with_field", [
+    (True, WEIGHTS, False), (False, WEIGHTS, False), (True, WEIGHTS_26, True)])
+def test_full_gibbs_matches_the_collapsed_exact_posterior(tied, weights, with_field):
     rng = np.random.default_rng(1)
     shape, num_classes = (2, 2, 2), 2
     y = (np.where(rng.uniform(size=shape) > 0.5, 1.0, -1.0) + 0.8 * rng.normal(size=shape))[..., None]
@@ -47,16 +57,19 @@ def test_full_gibbs_matches_the_collapsed_exact_posterior(tied):
     prior_mean = np.array([[-1.0], [1.0]])  # distinct prior means: no label symmetry
     prior_kappa = np.full((2, 1), 2.0)
     beta = 0.4
-    edges, edge_weights = grid_edges(shape, WEIGHTS)
-    exact = exact_collapsed_marginals(y.reshape(-1, 1), observed.reshape(-1, 1), edges,
-                                      edge_weights, beta, prior_mean, prior_kappa, 2.0, 1.0, 1.0,
-                                      num_classes, tied)
+    field = rng.normal(size=shape + (num_classes,)) if with_field else None
+    edges, edge_weights = grid_edges(shape, weights)
+    exact = exact_collapsed_marginals(
+        y.reshape(-1, 1), observed.reshape(-1, 1), edges, edge_weights, beta, prior_mean,
+        prior_kappa, 2.0, 1.0, 1.0, num_classes, tied,
+        None if field is None else field.reshape(-1, num_classes))
     prior = NormalGammaPrior(jnp.asarray(prior_mean, jnp.float32), jnp.asarray(prior_kappa, jnp.float32),
                              jnp.full((2, 1), 2.0), jnp.full((2, 1), 1.0))
     result = gibbs_hidden_potts(
         jax.random.PRNGKey(0), jnp.asarray(y, jnp.float32), jnp.asarray(observed),
-        jnp.ones(shape, bool), beta, jnp.asarray(WEIGHTS, jnp.float32), prior, 1.0,
-        jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.float32), num_chains=4,
+        jnp.ones(shape, bool), beta, jnp.asarray(weights, jnp.float32), prior, 1.0,
+        jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.float32),
+        None if field is None else jnp.asarray(field, jnp.float32), num_chains=4,
         num_sweeps=10_000, burn_in=300, tied=tied)
     estimate = np.asarray(result.marginals).reshape(-1, num_classes)
     assert np.abs(estimate - exact).max() <= 0.02

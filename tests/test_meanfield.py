@@ -81,12 +81,17 @@ def test_meanfield_is_exact_without_coupling(shape, num_classes):
 
 @pytest.mark.parametrize("shape,num_classes", GRIDS)
 @pytest.mark.parametrize("beta", [0.1, 0.25])
-def test_meanfield_close_to_exact_at_weak_coupling(shape, num_classes, beta):
+@pytest.mark.parametrize("neighbourhood", [6, 26])
+def test_meanfield_close_to_exact_at_weak_coupling(shape, num_classes, beta, neighbourhood):
     """Mean field ignores correlations, an O(beta^2) error in the marginals at weak coupling.
     Tolerance: max |q - p| <= 0.04 at beta <= 0.25 with unit-scale unaries (observed worst
-    case over these grids ~0.02); the ELBO stays below the exact log normaliser."""
+    case over these grids ~0.02); the ELBO stays below the exact log normaliser. On the
+    26-neighbourhood beta is scaled so a voxel's total coupling is the same."""
     unary = _random_problem(shape, num_classes, seed=5)
     weights = np.array([1.0, 1.0, 0.75])
+    if neighbourhood == 26:
+        scaled = neighbour_weights((1.0, 1.0, 4.0 / 3.0), 26)
+        beta, weights = beta * weights.sum() / scaled.sum(), scaled
     edges, edge_weights = grid_edges(shape, weights)
     exact, log_norm = exact_potts_marginals(unary.reshape(-1, num_classes), edges, edge_weights, beta)
     roi = jnp.ones(shape, bool)
@@ -182,18 +187,24 @@ def test_kl_normal_gamma_matches_monte_carlo(tied):
     assert abs(exact - estimate) <= 4 * stderr + 1e-4
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_elbo_never_decreases(tied):
-    """Every CAVI step is an exact coordinate ascent step: run in float64 so rounding cannot
-    hide a decrease; allowed: 1e-10 relative."""
+@pytest.mark.parametrize("tied,neighbourhood,with_field", [
+    (True, 6, False), (False, 6, False), (True, 26, True)])
+def test_elbo_never_decreases(tied, neighbourhood, with_field):
+    """Every CAVI step is an exact coordinate ascent step (also colour by colour on the
+    26-neighbourhood, and with an external field): run in float64 so rounding cannot hide a
+    decrease; allowed: 1e-10 relative."""
     phantom = make_phantom(PhantomSpec(shape=(24, 24, 24)), seed=11)
     y = phantom.pet.data.astype(np.float64)
+    field = (np.random.default_rng(3).normal(size=y.shape + (3,)) if with_field else None)
     with jax.enable_x64(True):
         features = jnp.asarray(((y - np.median(y)) / y.std())[..., None])
+        weights = neighbour_weights(phantom.pet.spacing, neighbourhood)
         result = mf.fit_hidden_potts_vb(
-            features, jnp.ones(features.shape, bool), jnp.ones(y.shape, bool), 0.5,
-            jnp.asarray(neighbour_weights(phantom.pet.spacing), jnp.float64), NormalGammaPrior(),
-            1.0, num_classes=3, tied=tied, max_iter=40, tol=0.0,
+            features, jnp.ones(features.shape, bool), jnp.ones(y.shape, bool),
+            0.5 if neighbourhood == 6 else 0.15,
+            jnp.asarray(weights, jnp.float64), NormalGammaPrior(),
+            1.0, None if field is None else jnp.asarray(field), num_classes=3, tied=tied,
+            max_iter=40, tol=0.0,
         )
         trace = np.asarray(result.elbo_trace)
     assert trace.dtype == np.float64 and trace.size == 40 and np.all(np.isfinite(trace))

@@ -47,6 +47,15 @@ def _number_list(option: str, text: str) -> list[float]:
         raise InputError(option, f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _beta(text):
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError("--beta", f"must be 'auto' or a number >= 0, got {text!r}") from None
+
+
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
     p.add_argument("images", nargs="+", help="NIfTI images; the first defines the output grid")
@@ -58,8 +67,12 @@ def _add_segment(sub):
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--model", default="potts", help="model family (default potts)")
     p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
-    p.add_argument("--beta", type=float, default=None,
-                   help="Potts coupling (default 0.5; 1.5 with --psf-fwhm)")
+    p.add_argument("--beta", default=None,
+                   help="Potts coupling: a number >= 0, or 'auto' to learn it (pseudo-likelihood "
+                        "variational EM); default 0.5, 1.5 with --psf-fwhm")
+    p.add_argument("--neighbourhood", type=int, default=6,
+                   help="Potts neighbourhood: 6 (faces) or 26 (faces, edges, corners); weights "
+                        "by inverse voxel distance (default 6)")
     p.add_argument("--levels", default="10,50,90", help="contour levels in percent (default 10,50,90)")
     p.add_argument("--tumour-class", type=int, default=None,
                    help="which class is tumour when no PET is given (classes ordered by mean "
@@ -119,7 +132,8 @@ def _segment_kwargs(args) -> dict:
         box=args.box,
         model=args.model,
         num_classes=args.classes,
-        beta=args.beta,
+        beta=_beta(args.beta),
+        neighbourhood=args.neighbourhood,
         levels_percent=_number_list("--levels", args.levels),
         tumour_class=args.tumour_class,
         seed=args.seed,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
@@ -39,6 +40,7 @@ class FitOutcome(NamedTuple):
     timings: dict
     class_counts: np.ndarray | None = None  # (C, S, K) sampler: voxels per class per draw
     class_weighted: np.ndarray | None = None  # (C, S, K) sampler: sum of count weights
+    beta: float | None = None  # the coupling used (learned when beta was estimated)
 
 
 def _compile_and_run(function, args, **static):
@@ -61,33 +63,42 @@ def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
 
 
 def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
-              relative_precision=None) -> FitOutcome:
+              relative_precision=None, neighbourhood=6, beta_estimator="fixed") -> FitOutcome:
     """Mean-field fit on a bucket-padded crop (compile timed apart from run).
 
     Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
     (a tuple, one FWHM per modality, 0 = no blur) the PSF-free fit is the starting point of
     the PSF fit (:mod:`vbseg.inference.meanfield_psf`), whose result is returned.
+    ``beta_estimator`` "pl" learns beta in the PSF-free fit from the start value ``beta``
+    (variational EM with the pseudo-likelihood step); the PSF fit then keeps it fixed.
     """
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
               jnp.asarray(_pad_to_bucket(observed, False)),
               jnp.asarray(_pad_to_bucket(voi, False)))
-    common = (jnp.float32(beta), jnp.asarray(neighbour_weights(spacing)), NormalGammaPrior(),
-              jnp.float32(DEFAULT_CONCENTRATION))
+    weights = jnp.asarray(neighbour_weights(spacing, neighbourhood))
+    common = (jnp.float32(beta), weights, NormalGammaPrior(), jnp.float32(DEFAULT_CONCENTRATION))
     result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb, padded + common,
-                                                num_classes=num_classes)
+                                                num_classes=num_classes,
+                                                beta_estimator=beta_estimator)
+    iterations = int(result.num_iterations)
     diagnostics = {
         "converged": bool(result.converged),
-        "iterations": int(result.num_iterations),
+        "iterations": iterations,
         "restart_elbos": np.asarray(result.restart_elbos).tolist(),
         "best_restart": int(result.best_restart),
     }
+    beta = float(result.beta)
+    if beta_estimator != "fixed":
+        diagnostics["beta_trace"] = np.asarray(result.beta_trace)[:iterations].tolist()
+        diagnostics["beta_at_prior_bound"] = bool(beta >= 0.999 * BETA_MAX)
+    common = (jnp.float32(beta),) + common[1:]
     if psf_fwhm_mm is None:
         alpha = np.asarray(result.proportions)
         return FitOutcome(
             np.asarray(result.marginals), np.asarray(result.emission.mean),
             np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)),
-            alpha / alpha.sum(), np.asarray(result.elbo_trace)[: int(result.num_iterations)],
-            diagnostics, {"compile": compile_s, "run": run_s},
+            alpha / alpha.sum(), np.asarray(result.elbo_trace)[:iterations],
+            diagnostics, {"compile": compile_s, "run": run_s}, beta=beta,
         )
     if relative_precision is None:
         relative_precision = np.ones(features.shape, np.float32)
@@ -109,7 +120,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         np.broadcast_to(sds, (num_classes, sds.size)).copy(),
         np.full(num_classes, 1.0 / num_classes),
         np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
-        diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run},
+        diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run}, beta=beta,
     )
 
 
@@ -118,7 +129,7 @@ GIBBS_BURN_IN = 200
 
 
 def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_weights, *,
-                 num_classes, beta, seed, num_draws) -> FitOutcome:
+                 num_classes, beta, seed, num_draws, neighbourhood=6) -> FitOutcome:
     """Checkerboard Gibbs (labels, class means/precisions, proportions) from a VB solution.
 
     GIBBS_CHAINS chains start at the VB labels (argmax of q), run GIBBS_BURN_IN sweeps of
@@ -133,7 +144,7 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
         jnp.asarray(_pad_to_bucket(observed, False)),
         jnp.asarray(_pad_to_bucket(voi, False)),
         jnp.float32(beta),
-        jnp.asarray(neighbour_weights(spacing)),
+        jnp.asarray(neighbour_weights(spacing, neighbourhood)),
         NormalGammaPrior(*(jnp.full((num_classes, features.shape[-1]), p, jnp.float32)
                            for p in NormalGammaPrior())),
         jnp.float32(DEFAULT_CONCENTRATION),
@@ -158,4 +169,4 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     timings = {"compile": initial.timings["compile"] + compile_s,
                "run": initial.timings["run"] + run_s}
     return FitOutcome(np.asarray(result.marginals), means, sds, proportions, None, diagnostics,
-                      timings, counts, np.asarray(result.weighted))
+                      timings, counts, np.asarray(result.weighted), beta=float(beta))

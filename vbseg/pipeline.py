@@ -24,6 +24,7 @@ import numpy as np
 
 from vbseg.errors import InputError, OutputError
 from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
+from vbseg.inference.beta import BETA_MAX
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
@@ -52,6 +53,16 @@ GIBBS_DRAWS_METHOD = (
 )
 DEFAULT_BETA = 0.5
 DEFAULT_BETA_PSF = 1.5
+# --beta auto: where the learned-beta fit starts. Below the critical coupling of the
+# 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
+# ordered state that the beta step would then confirm (see tests/test_beta.py).
+AUTO_BETA_START = 0.1
+NEIGHBOURHOODS = (6, 26)
+BETA_LEARNED_TEXT = (
+    f"beta learned (uniform prior on [0, {BETA_MAX:g}]; variational EM from beta = "
+    f"{AUTO_BETA_START:g}, restarts at that value, then a mean-field pseudo-likelihood step "
+    "after each parameter update, Celeux, Forbes & Peyrard 2003)"
+)
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts",)
@@ -71,14 +82,16 @@ def _versions() -> dict:
 
 
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
-                  tumour_class, volume_draws):
+                  tumour_class, volume_draws, neighbourhood=6):
     """Validate options that need no file; InputError names the option."""
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
         raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
-    if not np.isfinite(beta) or beta < 0:
-        raise InputError("--beta", f"must be a finite number >= 0, got {beta!r}")
+    if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
+        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
+    if neighbourhood not in NEIGHBOURHOODS:
+        raise InputError("--neighbourhood", f"must be 6 or 26, got {neighbourhood!r}")
     if not levels_percent:
         raise InputError("--levels", "needs at least one level")
     for level in levels_percent:
@@ -197,7 +210,8 @@ def segment(
     box=None,
     model: str = "potts",
     num_classes: int = 2,
-    beta: float | None = None,
+    beta: float | str | None = None,
+    neighbourhood: int = 6,
     levels_percent=DEFAULT_LEVELS,
     tumour_class: int | None = None,
     seed: int = 0,
@@ -216,7 +230,10 @@ def segment(
         modalities: one of pet/ct/mr/other per image; default pet for the first, other after.
         roi: path of a mask on the first image's grid; box: "i0:i1,j0:j1,k0:k1" (half-open).
         model, num_classes: the model (hidden Potts) and its number of classes K.
-        beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``.
+        beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``;
+            "auto": learned by variational EM with a pseudo-likelihood step (from
+            AUTO_BETA_START; :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler.
+        neighbourhood: 6 or 26 (the Potts neighbourhood; weights by inverse distance).
         levels_percent: contour levels in percent.
         tumour_class: class index that is tumour (required without PET; see module doc).
         seed: seeds the volume draws (the fit itself is deterministic).
@@ -240,7 +257,8 @@ def segment(
         beta = DEFAULT_BETA if psf_fwhm_mm is None else DEFAULT_BETA_PSF
     check_options(model=model, num_classes=num_classes, beta=beta, levels_percent=levels_percent,
                   num_images=len(images), modalities=modalities, tumour_class=tumour_class,
-                  volume_draws=volume_draws)
+                  volume_draws=volume_draws, neighbourhood=neighbourhood)
+    learn_beta = beta == "auto"
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
     if psf_fwhm_mm is not None:
@@ -275,12 +293,16 @@ def segment(
                 if modality == "pet":
                     precision[..., m] = pet_relative_precision(stack[..., m], crop_voi)
     fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
-                    beta=beta, psf_fwhm_mm=psf, relative_precision=precision)
+                    beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
+                    relative_precision=precision, neighbourhood=neighbourhood,
+                    beta_estimator="pl" if learn_beta else "fixed")
+    beta_used = fit.beta
     pet_first = modalities[0] == "pet"
     if sampler == "gibbs":
         count_weights = stack[..., 0] if pet_first else np.ones(crop_voi.shape, np.float32)
         fit = sample_potts(fit, features, observed, crop_voi, reference.spacing, count_weights,
-                           num_classes=num_classes, beta=beta, seed=seed, num_draws=volume_draws)
+                           num_classes=num_classes, beta=beta_used, seed=seed,
+                           num_draws=volume_draws, neighbourhood=neighbourhood)
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
@@ -329,15 +351,16 @@ def segment(
         "model": model,
         "options": {
             "classes": num_classes,
-            "beta": float(beta),
-            "neighbourhood": 6,
+            "beta": "auto" if learn_beta else float(beta),
+            "neighbourhood": neighbourhood,
             "emission": emission_text,
             "psf_fwhm_mm": psf_fwhm_mm,
             "pet_noise": pet_noise if psf_fwhm_mm is not None else None,
             "prior": dict(NormalGammaPrior()._asdict(),
                           proportions_concentration=DEFAULT_CONCENTRATION,
                           units="standardised features: (y - median) / sd over the VOI"),
-            "inference": "mean-field VB (CAVI with checkerboard label sweeps), beta fixed"
+            "inference": "mean-field VB (CAVI with colour-by-colour label sweeps), "
+                         + (BETA_LEARNED_TEXT if learn_beta else "beta fixed")
                          + ("; then the PSF model by mean-field VB from that solution (damped "
                             "checkerboard sweeps)" if psf_fwhm_mm is not None else "")
                          + ("; then checkerboard Gibbs from that solution (probabilities and "
@@ -352,8 +375,8 @@ def segment(
             "class_sds": sds.tolist(),
             "class_proportions": proportions.tolist(),
             "tumour_class": chosen,
-            "beta": float(beta),
-            "neighbour_weights": neighbour_weights(reference.spacing).tolist(),
+            "beta": beta_used,
+            "neighbour_weights": neighbour_weights(reference.spacing, neighbourhood).tolist(),
             "class_order": "increasing mean in the first image; columns follow the inputs",
         },
         "modality": modalities,

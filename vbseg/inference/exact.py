@@ -17,19 +17,23 @@ MAX_LABELINGS = 5_000_000
 
 
 def grid_edges(shape, weights) -> tuple[np.ndarray, np.ndarray]:
-    """6-neighbourhood edges of a 3D grid in C order, written pair by pair (no stencils).
+    """Neighbour pairs of a 3D grid in C order, written pair by pair (no stencils).
 
-    Returns (edges (E, 2) int of flat site indices, edge_weights (E,)).
+    ``weights`` has one entry per pair direction of
+    :func:`~vbseg.models.potts.neighbour_offsets`: 3 for the 6-neighbourhood, 13 for the
+    26-neighbourhood. Returns (edges (E, 2) int of flat site indices, edge_weights (E,)).
     """
+    from vbseg.models.potts import neighbour_offsets
+
+    offsets = neighbour_offsets(6 if len(weights) == 3 else 26)
     index = np.arange(int(np.prod(shape))).reshape(shape)
     edges, edge_weights = [], []
     for site in itertools.product(*[range(n) for n in shape]):
-        for axis in range(3):
-            other = list(site)
-            other[axis] += 1
-            if other[axis] < shape[axis]:
-                edges.append((index[site], index[tuple(other)]))
-                edge_weights.append(float(weights[axis]))
+        for offset, weight in zip(offsets, weights):
+            other = tuple(i + d for i, d in zip(site, offset))
+            if all(0 <= i < n for i, n in zip(other, shape)):
+                edges.append((index[site], index[other]))
+                edge_weights.append(float(weight))
     return np.asarray(edges, dtype=np.int64).reshape(-1, 2), np.asarray(edge_weights)
 
 
@@ -83,7 +87,8 @@ def _log_normal_gamma_evidence(values, m0, kappa0):
 
 
 def exact_collapsed_marginals(y, observed, edges, edge_weights, beta, prior_mean, prior_kappa,
-                              prior_shape, prior_rate, concentration, num_classes, tied=True):
+                              prior_shape, prior_rate, concentration, num_classes, tied=True,
+                              external_field=None):
     """Exact p(z_v = k | y) of the hidden Potts model with (mu, tau, pi) integrated out.
 
     p(z | y) ∝ exp(beta S(z)) DirMult(counts(z) | alpha0) prod_m p(y_m | z), where p(y_m | z) is
@@ -99,6 +104,9 @@ def exact_collapsed_marginals(y, observed, edges, edge_weights, beta, prior_mean
     labelings = enumerate_labelings(num_sites, num_classes)
     agree = labelings[:, edges[:, 0]] == labelings[:, edges[:, 1]]
     log_post = beta * (agree * np.asarray(edge_weights)[None, :]).sum(axis=1)
+    if external_field is not None:
+        log_post = log_post + np.asarray(external_field, np.float64)[
+            np.arange(num_sites)[None, :], labelings].sum(axis=1)
     alpha0 = np.full(num_classes, concentration, np.float64)
     for row, z in enumerate(labelings):
         counts = np.bincount(z, minlength=num_classes)

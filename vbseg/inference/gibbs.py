@@ -1,9 +1,10 @@
 """Reference sampler for the hidden Potts model: checkerboard Gibbs with conjugate updates.
 
 The 6-neighbourhood is bipartite, so the voxels of one checkerboard colour are conditionally
-independent given the other colour and the parameters, and a whole colour is drawn at once:
+independent given the other colour and the parameters, and a whole colour is drawn at once
+(the 26-neighbourhood needs eight colours, by the parities of the three indices):
 
-    z_v | rest ~ Categorical(softmax(log pi + log N(y_v | mu, tau) + beta sum_w w_vw 1[z_w = k])),
+    z_v | rest ~ Categorical(softmax(log pi + e_v + log N(y_v | mu, tau) + beta sum_w w_vw 1[z_w = k])),
 
 drawn with the Gumbel-max trick (argmax of logits + Gumbel noise). Given the labels, the class
 parameters are drawn from their conjugate full conditionals: (mu, tau) from the Normal-Gamma
@@ -14,7 +15,9 @@ Gibbs sampling of Markov random fields; the two-colour schedule is the standard 
 Chains run in parallel (``jax.vmap``), sweeps under ``lax.scan``; each sweep after burn-in
 records the class counts (volumes) and adds the one-hot labels to running marginals. Classes
 are renamed in every sweep by increasing mean in the first modality, as the VB fit orders them,
-so a label switch between sweeps does not mix classes.
+so a label switch between sweeps does not mix classes (the posterior is symmetric under a
+renaming, so this is exact); with an external field the classes are no longer exchangeable,
+the field itself pins their meaning, and no renaming is done.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
-from vbseg.inference.meanfield import _colour_masks, normal_gamma_update
-from vbseg.models.potts import NormalGammaPrior, gaussian_log_likelihood, neighbour_sum
+from vbseg.inference.meanfield import normal_gamma_update
+from vbseg.models.potts import (
+    NormalGammaPrior,
+    colour_masks,
+    gaussian_log_likelihood,
+    neighbour_sum,
+    potts_statistic,
+)
 
 
 def sample_labels(key, labels, unary, beta, weights, roi):
-    """One checkerboard sweep: each colour drawn from its full conditional. Returns (X, Y, Z)."""
+    """One sweep: each colour of :func:`~vbseg.models.potts.colour_masks` drawn from its full
+    conditional in turn. Returns (X, Y, Z)."""
     num_classes = unary.shape[-1]
-    for colour, colour_key in zip(_colour_masks(roi.shape), jax.random.split(key, 2)):
+    colours = colour_masks(roi.shape, weights)
+    for colour, colour_key in zip(colours, jax.random.split(key, len(colours))):
         onehot = jax.nn.one_hot(labels, num_classes, dtype=unary.dtype) * roi[..., None]
         logits = unary + beta * neighbour_sum(onehot, weights)
         draw = jnp.argmax(logits + jax.random.gumbel(colour_key, logits.shape, unary.dtype), axis=-1)
@@ -105,8 +116,9 @@ def _relabel(labels, parameters):
 
 @partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied"))
 def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: NormalGammaPrior,
-                       concentration, initial_labels, count_weights, *, num_chains: int,
-                       num_sweeps: int, burn_in: int, tied: bool = True) -> GibbsResult:
+                       concentration, initial_labels, count_weights, external_field=None, *,
+                       num_chains: int, num_sweeps: int, burn_in: int,
+                       tied: bool = True) -> GibbsResult:
     """Full conjugate Gibbs for the hidden Potts model with fixed beta.
 
     Args:
@@ -114,10 +126,12 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
             :func:`~vbseg.inference.meanfield.fit_hidden_potts_vb` (prior broadcast to (K, M)).
         initial_labels: (X, Y, Z) start of every chain (e.g. the VB solution's argmax).
         count_weights: (X, Y, Z) per-voxel weights summed per class each sweep (e.g. SUV).
+        external_field: optional (X, Y, Z, K) prior log-potentials added to the unary term.
         num_chains, num_sweeps (kept per chain), burn_in: static sizes.
     """
     num_classes = prior.mean.shape[0]
     observed = observed & roi[..., None]
+    field = 0.0 if external_field is None else external_field
 
     def chain(chain_key):
         def step(carry, sweep_key):
@@ -125,11 +139,13 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
             label_key, parameter_key = jax.random.split(sweep_key)
             unary = (gaussian_log_likelihood(observations, observed, parameters.mean,
                                              parameters.precision)
-                     + jnp.log(parameters.proportions))
+                     + jnp.log(parameters.proportions) + field)
             labels = sample_labels(label_key, labels, unary, beta, weights, roi)
             parameters = _draw_parameters(parameter_key, labels, observations, observed, roi,
                                           prior, concentration, tied)
-            labels, parameters = _relabel(labels, parameters)
+            if external_field is None:
+                # with a field the classes are not exchangeable and a renaming is not a valid move
+                labels, parameters = _relabel(labels, parameters)
             onehot = jax.nn.one_hot(labels, num_classes, dtype=observations.dtype) * roi[..., None]
             record = (jnp.sum(onehot, axis=(0, 1, 2)),
                       jnp.einsum("xyz,xyzk->k", count_weights, onehot), parameters.mean,
@@ -160,3 +176,30 @@ def chain_diagnostics(draws) -> dict:
         "chains": int(draws.shape[0]),
         "draws_per_chain": int(draws.shape[1]),
     }
+
+
+@partial(jax.jit, static_argnames=("num_classes", "num_fields", "num_sweeps"))
+def sample_potts_prior(key, beta, roi, weights, *, num_classes: int, num_fields: int,
+                       num_sweeps: int, prior_unary=None):
+    """Label fields from the Potts prior p(z | beta) ∝ exp(sum_v e_v(z_v) + beta S(z)).
+
+    ``num_fields`` independent chains, each from a uniform random start, run ``num_sweeps``
+    checkerboard sweeps; returns (final labels (F, X, Y, Z), S after every sweep (F, sweeps)),
+    the trace for judging burn-in (e.g. split R-hat of its second half across chains). Below
+    the critical coupling the chains mix in tens of sweeps; near it they slow down sharply.
+    """
+    unary = (jnp.zeros(roi.shape + (num_classes,), jnp.float32) if prior_unary is None
+             else prior_unary)
+
+    def chain(chain_key):
+        start_key, run_key = jax.random.split(chain_key)
+        labels = jax.random.randint(start_key, roi.shape, 0, num_classes)
+
+        def sweep(labels, sweep_key):
+            labels = sample_labels(sweep_key, labels, unary, beta, weights, roi)
+            onehot = jax.nn.one_hot(labels, num_classes, dtype=unary.dtype) * roi[..., None]
+            return labels, potts_statistic(onehot, weights)
+
+        return jax.lax.scan(sweep, labels, jax.random.split(run_key, num_sweeps))
+
+    return jax.vmap(chain)(jax.random.split(key, num_fields))

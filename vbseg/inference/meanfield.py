@@ -10,11 +10,13 @@ TMI 2006). For labels,
 
     q_v(k)  ∝  exp( E_q[log p(y_v | mu_k, tau_k)] + E_q[log pi_k] + beta * sum_w w_vw q_w(k) ),
 
-where the neighbour sum is one 6-point stencil over the grid. Updating all voxels at once
-can oscillate between two checkerboard patterns when beta is large, so the two colours of
-the (bipartite) 6-neighbourhood are updated in turn: each half-sweep is an exact coordinate
-step and the ELBO never decreases. For the class parameters the update is the conjugate
-Normal-Gamma posterior with voxel weights q_v(k), for the proportions Dirichlet(alpha0 + sum_v q_v).
+where the neighbour sum is one 6- or 26-point stencil over the grid (plus e_v(k) with an
+external field). Updating all voxels at once can oscillate between two checkerboard patterns
+when beta is large, so the colours of a proper colouring of the neighbourhood graph (two for
+the bipartite 6-neighbourhood, eight for the 26-neighbourhood) are updated in turn: each
+colour's update is an exact coordinate step and the ELBO never decreases. For the class
+parameters the update is the conjugate Normal-Gamma posterior with voxel weights q_v(k), for
+the proportions Dirichlet(alpha0 + sum_v q_v).
 
 ELBO (nats) = sum_v sum_k q_v(k) (E[log p(y_v | k)] + E[log pi_k]) + beta E_q[S(z)] + H[q(z)]
               - KL(q(mu, tau) || p(mu, tau)) - KL(q(pi) || p(pi)),
@@ -37,6 +39,7 @@ from jax.scipy.special import digamma, gammaln, xlogy
 from vbseg.models.potts import (
     DEFAULT_CONCENTRATION,
     NormalGammaPrior,
+    colour_masks,
     neighbour_sum,
     potts_statistic,
 )
@@ -54,6 +57,9 @@ class MeanFieldResult(NamedTuple):
     restart_elbos: (R,) final ELBO of every restart; the result is the restart with the
         largest (all restarts share beta, so their ELBOs are comparable).
     best_restart: index of the chosen restart.
+    beta: the coupling at the end (the given one when fixed, else the learned one).
+    beta_trace: (max_iter,) beta after each iteration of the learned-beta stage (NaN when
+        beta is fixed or after the last iteration run).
     """
 
     marginals: jax.Array
@@ -64,6 +70,8 @@ class MeanFieldResult(NamedTuple):
     converged: jax.Array
     restart_elbos: jax.Array
     best_restart: jax.Array
+    beta: jax.Array
+    beta_trace: jax.Array
 
 
 def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPrior,
@@ -156,15 +164,9 @@ def kl_dirichlet(alpha, alpha0) -> jax.Array:
     )
 
 
-def _colour_masks(shape) -> tuple[jax.Array, jax.Array]:
-    i, j, k = jnp.meshgrid(*[jnp.arange(n) for n in shape], indexing="ij")
-    even = (i + j + k) % 2 == 0
-    return even, ~even
-
-
 def checkerboard_sweep(marginals, unary, beta, weights, roi) -> jax.Array:
-    """One coordinate-ascent sweep over q(z): even voxels, then odd voxels."""
-    for colour in _colour_masks(roi.shape):
+    """One coordinate-ascent sweep over q(z), one colour of :func:`colour_masks` at a time."""
+    for colour in colour_masks(roi.shape, weights):
         logits = unary + beta * neighbour_sum(marginals, weights)
         update = jax.nn.softmax(logits, axis=-1)
         marginals = jnp.where((colour & roi)[..., None], update, marginals)
@@ -231,30 +233,36 @@ def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30)
     return rank[assign(centres)]
 
 
-def _fit_one_start(observations, observed, roi, beta, weights, prior, concentration, levels, *,
-                   num_classes, max_iter, tol, min_iter, tied):
-    alpha0 = jnp.broadcast_to(jnp.asarray(concentration, observations.dtype), (num_classes,))
+def _cavi(observations, observed, roi, beta, weights, prior, concentration, field, q0, *,
+          max_iter, tol, min_iter, tied, beta_step=None):
+    """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates, then
+    (with ``beta_step``, a function (q, prior unary, beta) -> beta) the beta update; until the
+    ELBO change per ROI voxel falls below ``tol``. Returns (q, post, alpha, trace, iterations,
+    converged, beta, beta_trace)."""
+    num_classes = q0.shape[-1]
+    dtype = observations.dtype
+    alpha0 = jnp.broadcast_to(jnp.asarray(concentration, dtype), (num_classes,))
 
     def parameter_step(q):
         post = normal_gamma_update(q, observations, observed, prior, tied)
         alpha = dirichlet_update(q, alpha0)
-        unary = expected_log_likelihood(observations, observed, post) + expected_log_proportions(alpha)
-        return post, alpha, unary
+        prior_unary = expected_log_proportions(alpha) + field
+        return post, alpha, expected_log_likelihood(observations, observed, post) + prior_unary
 
-    labels0 = kmeans_labels(observations, observed, roi, levels)
-    q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
-    post0, alpha0_post, unary0 = parameter_step(q0)
+    post0, alpha_post0, unary0 = parameter_step(q0)
     num_voxels = jnp.maximum(jnp.sum(roi), 1)
-    trace0 = jnp.full((max_iter,), jnp.nan, observations.dtype)
+    trace0 = jnp.full((max_iter,), jnp.nan, dtype)
 
     def cond(carry):
         *_, it, delta = carry
         return (it < max_iter) & ((it < min_iter) | (delta >= tol))
 
     def body(carry):
-        q, post, alpha, unary, trace, it, _ = carry
+        q, post, alpha, unary, beta, trace, beta_trace, it, _ = carry
         q = checkerboard_sweep(q, unary, beta, weights, roi)
         post, alpha, unary = parameter_step(q)
+        if beta_step is not None:
+            beta = beta_step(q, expected_log_proportions(alpha) + field, beta)
         value = (
             label_elbo_terms(q, unary, beta, weights)
             - kl_normal_gamma(post, prior, tied)
@@ -262,15 +270,51 @@ def _fit_one_start(observations, observed, roi, beta, weights, prior, concentrat
         )
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
         delta = jnp.abs(value - previous) / num_voxels
-        return q, post, alpha, unary, trace.at[it].set(value), it + 1, delta
+        return (q, post, alpha, unary, beta, trace.at[it].set(value), beta_trace.at[it].set(beta),
+                it + 1, delta)
 
-    init = (q0, post0, alpha0_post, unary0, trace0, jnp.int32(0),
-            jnp.asarray(jnp.inf, observations.dtype))
-    q, post, alpha, _, trace, it, delta = jax.lax.while_loop(cond, body, init)
-    return q, post, alpha, trace, it, delta < tol
+    beta = jnp.asarray(beta, dtype)
+    init = (q0, post0, alpha_post0, unary0, beta, trace0, trace0, jnp.int32(0),
+            jnp.asarray(jnp.inf, dtype))
+    q, post, alpha, _, beta, trace, beta_trace, it, delta = jax.lax.while_loop(cond, body, init)
+    return q, post, alpha, trace, it, delta < tol, beta, beta_trace
 
 
-@partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied"))
+def _fit_one_start(observations, observed, roi, beta, weights, prior, concentration, field, levels,
+                   *, num_classes, max_iter, tol, min_iter, tied):
+    labels0 = kmeans_labels(observations, observed, roi, levels)
+    q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
+    return _cavi(observations, observed, roi, beta, weights, prior, concentration, field, q0,
+                 max_iter=max_iter, tol=tol, min_iter=min_iter, tied=tied)[:6]
+
+
+def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
+    """The beta update of variational EM given the current marginals q.
+
+    "pl": the maximiser of the mean-field-like pseudo-likelihood (Celeux et al. 2003);
+    "ti": the beta at which the prior's E[S | beta] (a simulated path ``path`` = (betas, mean),
+    see :mod:`vbseg.inference.beta`) equals E_q[S], the exact maximiser of
+    E_q[log p(z | beta)] = beta E_q[S] - log Z(beta).
+    """
+    from vbseg.inference import beta as beta_estimation
+
+    beta_max = beta_estimation.BETA_MAX if beta_max is None else beta_max
+    if estimator == "pl":
+        def step(q, prior_unary, beta):
+            return beta_estimation.estimate_beta_pl(q, prior_unary, weights, roi, beta_start=beta,
+                                                    beta_max=beta_max, num_steps=8)
+    elif estimator == "ti":
+        betas, mean = path
+        monotone = jax.lax.cummax(mean)
+
+        def step(q, prior_unary, beta):
+            return jnp.interp(potts_statistic(q, weights), monotone, betas).astype(q.dtype)
+    else:
+        raise ValueError(f"unknown beta estimator {estimator!r}")
+    return step
+
+
+@partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied", "beta_estimator"))
 def fit_hidden_potts_vb(
     observations: jax.Array,
     observed: jax.Array,
@@ -279,43 +323,69 @@ def fit_hidden_potts_vb(
     weights: jax.Array,
     prior: NormalGammaPrior,
     concentration: float = DEFAULT_CONCENTRATION,
+    external_field: jax.Array | None = None,
+    beta_path=None,
     *,
     num_classes: int,
     tied: bool = True,
+    beta_estimator: str = "fixed",
     max_iter: int = 300,
     tol: float = 1e-5,
     min_iter: int = 5,
 ) -> MeanFieldResult:
-    """Fit the hidden Potts model with fixed beta by mean-field VB.
+    """Fit the hidden Potts model by mean-field VB, with beta fixed or learned.
+
+    The restarts (k-means starts, :func:`restart_levels`) all run at the given ``beta`` so
+    their ELBOs are comparable (the ELBO omits log Z(beta), which grows with beta, so ELBOs at
+    different betas cannot pick a restart). With ``beta_estimator`` "pl" or "ti" the best
+    restart is then continued with a beta update after every parameter step (variational EM,
+    :func:`beta_step_function`), starting from ``beta``; the result's ``beta`` is the last
+    value and ``elbo_trace``/``beta_trace`` are those of this second stage.
 
     Args:
         observations: (X, Y, Z, M) standardised images (any finite values outside ``observed``).
         observed: (X, Y, Z, M) bool, where each modality is observed.
         roi: (X, Y, Z) bool, the voxels that carry labels.
-        beta: Potts coupling; weights: (3,) per-axis neighbour weights.
+        beta: Potts coupling; weights: (3,) or (13,) neighbour weights (6- or 26-neighbourhood).
         prior: Normal-Gamma hyperparameters, broadcastable to (K, M).
         concentration: Dirichlet concentration alpha0 of the class proportions.
+        external_field: optional (X, Y, Z, K) prior log-potentials added to every voxel's
+            unary term (see :mod:`vbseg.models.potts`); the k-means start ignores it.
         num_classes: K (static); max_iter: iteration cap (static).
         tied: one noise precision per modality shared by all classes (static). The default:
             at lesion edges the partial-volume and PSF-blurred voxels otherwise widen the
             tumour class and push its boundary outwards (on a 22 mm sphere, 4:1, 6 mm PSF the
             per-class fit overestimates the volume by ~80 %, the tied one by < 10 %).
         tol: convergence when |ELBO change| per ROI voxel < tol (nats), after min_iter.
+        beta_estimator: "fixed" (static), "pl" (pseudo-likelihood) or "ti" (thermodynamic
+            integration; needs ``beta_path`` = (betas, E[S | beta]) simulated for this ROI
+            with :func:`vbseg.inference.beta.statistic_path`, proportions sampled).
     """
     observed = observed & roi[..., None]
     shape = (num_classes, observations.shape[-1])
     prior = NormalGammaPrior(
         *(jnp.broadcast_to(jnp.asarray(p, observations.dtype), shape) for p in prior)
     )
+    field = (jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
+             if external_field is None else jnp.asarray(external_field, observations.dtype))
+    field = field * roi[..., None]
     fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
                   min_iter=min_iter, tied=tied)
     q, post, alpha, trace, it, converged = jax.vmap(
-        fit, in_axes=(None, None, None, None, None, None, None, 0)
-    )(observations, observed, roi, beta, weights, prior, concentration, restart_levels(num_classes))
+        fit, in_axes=(None, None, None, None, None, None, None, None, 0)
+    )(observations, observed, roi, beta, weights, prior, concentration, field,
+      restart_levels(num_classes))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
     best = jnp.argmax(finals)
     pick = lambda x: x[best]  # noqa: E731
-    return MeanFieldResult(
+    q, post, alpha, trace, it, converged = (
         pick(q), jax.tree_util.tree_map(pick, post), pick(alpha), pick(trace), pick(it),
-        pick(converged), finals, best,
-    )
+        pick(converged))
+    beta = jnp.asarray(beta, observations.dtype)
+    beta_trace = jnp.full_like(trace, jnp.nan)
+    if beta_estimator != "fixed":
+        step = beta_step_function(beta_estimator, weights, roi, beta_path)
+        q, post, alpha, trace, it, converged, beta, beta_trace = _cavi(
+            observations, observed, roi, beta, weights, prior, concentration, field, q,
+            max_iter=max_iter, tol=tol, min_iter=min_iter, tied=tied, beta_step=step)
+    return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace)

@@ -49,13 +49,12 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vbseg.inference.meanfield import (
-    _colour_masks,
     dirichlet_update,
     expected_log_proportions,
     kl_dirichlet,
     label_elbo_terms,
 )
-from vbseg.models.potts import NormalGammaPrior, neighbour_sum
+from vbseg.models.potts import NormalGammaPrior, colour_masks, neighbour_sum
 from vbseg.models.psf import blur_operator
 
 DAMPING = 0.5
@@ -149,7 +148,8 @@ def kl_regression(mean, precision, shape, rate, prior: NormalGammaPrior):
 @partial(jax.jit, static_argnames=("psf_fwhm_mm", "spacing_mm", "max_iter", "learn_proportions"))
 def fit_hidden_potts_vb_psf(
     observations, observed, roi, beta, weights, prior: NormalGammaPrior, concentration,
-    initial_marginals, relative_precision, *, psf_fwhm_mm: tuple, spacing_mm: tuple,
+    initial_marginals, relative_precision, external_field=None, *, psf_fwhm_mm: tuple,
+    spacing_mm: tuple,
     learn_proportions: bool = False, max_iter: int = 300, tol: float = 1e-5, min_iter: int = 5,
 ) -> PsfFitResult:
     """Fit the PSF model by mean-field VB from ``initial_marginals`` (e.g. the PSF-free fit).
@@ -161,6 +161,7 @@ def fit_hidden_potts_vb_psf(
         initial_marginals: (X, Y, Z, K) starting q(z).
         relative_precision: (X, Y, Z, M) known positive lambda_v: voxel v of modality m has
             noise precision tau_m * lambda_vm (ones: homoscedastic noise).
+        external_field: optional (X, Y, Z, K) prior log-potentials added to the label prior.
         psf_fwhm_mm: per-modality FWHM (mm, 0 = no blur); spacing_mm: voxel size (static).
         learn_proportions: learn Dirichlet class proportions (as the PSF-free fit does), or
             keep them uniform (default). Deconvolution is ill-posed along the direction
@@ -187,10 +188,13 @@ def fit_hidden_potts_vb_psf(
         fits = [regression_update(q, *channels(m), prior) for m in range(num_modalities)]
         return tuple(jnp.stack([f[i] for f in fits]) for i in range(5)), dirichlet_update(q, alpha0)
 
+    field = 0.0 if external_field is None else external_field.astype(dtype)
+
     def log_proportions(alpha):
+        # the label prior's unary term: log proportions plus the external field
         if learn_proportions:
-            return expected_log_proportions(alpha)
-        return jnp.full((num_classes,), -jnp.log(num_classes), dtype)
+            return expected_log_proportions(alpha) + field
+        return jnp.full((num_classes,), -jnp.log(num_classes), dtype) + field
 
     def likelihood(q, post):
         results = [expected_log_likelihood_psf(q, *channels(m), *(p[m] for p in post))
@@ -207,7 +211,7 @@ def fit_hidden_potts_vb_psf(
 
     def sweep(q, post, alpha):
         log_pi = log_proportions(alpha)
-        for colour in _colour_masks(roi.shape):
+        for colour in colour_masks(roi.shape, weights):
             _, potentials = likelihood(q, post)
             update = jax.nn.softmax(potentials + log_pi + beta * neighbour_sum(q, weights), axis=-1)
             damped = (1.0 - DAMPING) * q + DAMPING * update

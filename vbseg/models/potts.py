@@ -6,10 +6,14 @@ proportions pi (an external field that lets a small lesion be a small class). Th
     p(pi, z | beta) = Dirichlet(pi | alpha0) prod_{v in R} pi_{z_v} exp(beta * S(z)) / Z(beta),
     S(z) = sum over neighbour pairs (v, w) in R of  w_vw * 1[z_v = z_w],
 
-(Potts 1952; as an image prior, Besag 1986), on the 6-neighbourhood of the voxel grid with
-spacing-aware weights w_vw = min(spacing) / spacing_axis (the inverse centre distance,
-normalised so the finest axis has weight 1, keeping beta's meaning independent of the voxel
-size). Given labels, each of M co-registered modalities is an independent Gaussian
+(Potts 1952; as an image prior, Besag 1986), on the 6- or 26-neighbourhood of the voxel grid
+with spacing-aware weights w_vw = min(spacing) / |v - w| (the inverse centre distance in mm,
+normalised so the nearest neighbours weigh 1, keeping beta's meaning independent of the voxel
+size). The weight vector's length (3 or 13, one per pair direction) says which neighbourhood
+a fit uses. An optional external field e_v(k) (a per-voxel prior log-odds map from an atlas or
+a network) multiplies the prior by exp(sum_v e_v(z_v)).
+
+Given labels, each of M co-registered modalities is an independent Gaussian
 
     y_vm | z_v = k  ~  Normal(mu_km, 1 / tau_km),
 
@@ -32,6 +36,7 @@ Shapes: grid (X, Y, Z); observations (X, Y, Z, M); one-hot or marginal label arr
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -57,10 +62,52 @@ DEFAULT_PRIOR = NormalGammaPrior()
 DEFAULT_CONCENTRATION = 1.0
 
 
-def neighbour_weights(spacing_mm) -> np.ndarray:
-    """6-neighbourhood edge weight per array axis: min(spacing) / spacing_axis, shape (3,)."""
+NEIGHBOURHOODS = (6, 26)
+
+
+def neighbour_offsets(neighbourhood: int = 6) -> tuple[tuple[int, int, int], ...]:
+    """One offset per neighbour pair direction (half of the neighbourhood), in a fixed order.
+
+    6: the three axis steps; 26: the 13 steps d in {-1, 0, 1}^3 whose first nonzero entry is
+    +1 (faces, edges and corners). Each unordered neighbour pair (v, v + d) is one offset.
+    """
+    if neighbourhood == 6:
+        return ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    if neighbourhood == 26:
+        steps = itertools.product((-1, 0, 1), repeat=3)
+        return tuple(d for d in steps if any(d) and d[next(i for i in range(3) if d[i])] == 1)
+    raise ValueError(f"neighbourhood must be 6 or 26, got {neighbourhood!r}")
+
+
+def _offsets_for(weights) -> tuple[tuple[int, int, int], ...]:
+    # the weight vector's (static) length says which neighbourhood it belongs to
+    return neighbour_offsets(6 if len(weights) == 3 else 26)
+
+
+def neighbour_weights(spacing_mm, neighbourhood: int = 6) -> np.ndarray:
+    """Edge weight per offset of :func:`neighbour_offsets`: the inverse centre distance
+    min(spacing) / |d * spacing|, so the nearest neighbours weigh 1 and beta keeps its meaning
+    across voxel sizes. Shape (3,) for the 6-neighbourhood, (13,) for the 26-neighbourhood."""
     spacing = np.asarray(spacing_mm, dtype=np.float64)
-    return (spacing.min() / spacing).astype(np.float32)
+    offsets = np.asarray(neighbour_offsets(neighbourhood), dtype=np.float64)
+    distance = np.sqrt(np.sum((offsets * spacing) ** 2, axis=1))
+    return (spacing.min() / distance).astype(np.float32)
+
+
+def colour_masks(shape, weights) -> tuple[jax.Array, ...]:
+    """A proper colouring of the grid graph: voxels of one colour share no neighbour pair.
+
+    6-neighbourhood: two colours by the parity of i + j + k (the grid is bipartite).
+    26-neighbourhood: eight colours by the parities of (i, j, k); two 26-neighbours differ by
+    one step along at least one axis, so that axis's parity differs. Voxels of one colour are
+    conditionally independent given the rest, so a colour is updated (or drawn) at once.
+    """
+    i, j, k = jnp.meshgrid(*[jnp.arange(n) for n in shape], indexing="ij")
+    if len(weights) == 3:
+        even = (i + j + k) % 2 == 0
+        return even, ~even
+    code = (i % 2) * 4 + (j % 2) * 2 + (k % 2)
+    return tuple(code == c for c in range(8))
 
 
 def _shift(x: jax.Array, axis: int, step: int) -> jax.Array:
@@ -75,18 +122,27 @@ def _shift(x: jax.Array, axis: int, step: int) -> jax.Array:
     return jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), zeros], axis=axis)
 
 
+def shift_by(x: jax.Array, offset) -> jax.Array:
+    """``shift_by(x, d)[v] = x[v - d]`` (zero where v - d leaves the grid), d in {-1, 0, 1}^3."""
+    for axis, step in enumerate(offset):
+        if step:
+            x = _shift(x, axis, step)
+    return x
+
+
 def neighbour_sum(labels: jax.Array, weights) -> jax.Array:
-    """sum_w w_vw * labels[w] over the 6 neighbours w of each voxel v.
+    """sum_w w_vw * labels[w] over the neighbours w of each voxel v.
 
     Args:
         labels: (X, Y, Z, K) one-hot labels or marginals, zero outside the ROI.
-        weights: (3,) per-axis edge weights.
+        weights: (3,) or (13,) per-offset edge weights from :func:`neighbour_weights`.
     Returns:
-        (X, Y, Z, K) array; a weighted 6-point stencil (one convolution), free boundary.
+        (X, Y, Z, K) array; a weighted 7- or 27-point stencil, free boundary.
     """
     total = jnp.zeros_like(labels)
-    for axis in range(3):
-        total = total + weights[axis] * (_shift(labels, axis, 1) + _shift(labels, axis, -1))
+    for weight, offset in zip(weights, _offsets_for(weights)):
+        back = tuple(-d for d in offset)
+        total = total + weight * (shift_by(labels, offset) + shift_by(labels, back))
     return total
 
 
@@ -97,11 +153,8 @@ def potts_statistic(labels: jax.Array, weights) -> jax.Array:
     E_q[S(z)] (the pairs are independent under q). Each pair is counted once.
     """
     total = jnp.zeros((), labels.dtype)
-    for axis in range(3):
-        n = labels.shape[axis]
-        lower = jax.lax.slice_in_dim(labels, 0, n - 1, axis=axis)
-        upper = jax.lax.slice_in_dim(labels, 1, n, axis=axis)
-        total = total + weights[axis] * jnp.sum(lower * upper)
+    for weight, offset in zip(weights, _offsets_for(weights)):
+        total = total + weight * jnp.sum(labels * shift_by(labels, offset))
     return total
 
 
@@ -129,12 +182,13 @@ def hidden_potts_model(
     spacing_mm=None,
     relative_precision=None,
     learn_proportions: bool = True,
+    external_field=None,
 ) -> None:
     """Hidden Potts model as a NumPyro program.
 
     Sample sites: ``tau`` (1, M) shared or (K, M) per-class precisions, ``mu`` (K, M) class
     means, ``pi`` (K,) class proportions, ``z`` (X, Y, Z) labels (masked to the ROI), factor
-    ``potts`` = beta * S(z), and observed ``y``.
+    ``potts`` = beta * S(z) (plus sum_v e_v(z_v) with an external field), and observed ``y``.
 
     Args:
         observations: (X, Y, Z, M) images on one grid (standardised per modality).
@@ -142,7 +196,8 @@ def hidden_potts_model(
         roi: (X, Y, Z) bool, the voxels that carry a label.
         num_classes: K.
         beta: Potts coupling (>= 0).
-        weights: (3,) per-axis neighbour weights, see :func:`neighbour_weights`.
+        weights: (3,) or (13,) neighbour weights (6- or 26-neighbourhood), see
+            :func:`neighbour_weights`.
         prior: Normal-Gamma hyperparameters of the class parameters (scalars).
         concentration: Dirichlet concentration alpha0 of pi.
         tied: one precision per modality shared by the classes.
@@ -153,6 +208,8 @@ def hidden_potts_model(
         relative_precision: optional (X, Y, Z, M) known lambda_vm > 0: the noise precision of
             voxel v in modality m is tau_m * lambda_vm (e.g. PET variance growing with uptake).
         learn_proportions: sample pi ~ Dirichlet, or fix it uniform (no ``pi`` site).
+        external_field: optional (X, Y, Z, K) prior log-potentials e_v(k) added to the unary
+            term of the label prior (defined up to a per-voxel constant).
     """
     num_modalities = observations.shape[-1]
     grid = observations.shape[:3]
@@ -174,7 +231,10 @@ def hidden_potts_model(
         "z", dist.Categorical(probs=pi).expand(grid).mask(roi).to_event(3)
     )
     onehot = jax.nn.one_hot(z, num_classes) * roi[..., None]
-    numpyro.factor("potts", beta * potts_statistic(onehot, weights))
+    energy = beta * potts_statistic(onehot, weights)
+    if external_field is not None:
+        energy = energy + jnp.sum(onehot * external_field)
+    numpyro.factor("potts", energy)
     safe_z = jnp.where(roi, z, 0)
     mean, scale = mu[safe_z], 1.0 / jnp.sqrt(tau[safe_z])  # (X, Y, Z, M)
     if relative_precision is not None:

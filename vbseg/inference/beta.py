@@ -1,0 +1,214 @@
+"""Estimating the Potts coupling beta: pseudo-likelihood and thermodynamic integration.
+
+beta gets a uniform prior on [0, beta_max]; both estimators below give its mode given a label
+field z (or, inside a variational fit, given the mean-field marginals q in place of z).
+
+**Pseudo-likelihood** (Besag 1975, "Statistical analysis of non-lattice data", The
+Statistician 24:179). The intractable p(z | beta) is replaced by the product of the full
+conditionals,
+
+    log PL(beta) = sum_v [ beta n_v(z_v) + e_v(z_v) - log sum_k exp(beta n_v(k) + e_v(k)) ],
+    n_v(k) = sum_w w_vw 1[z_w = k],
+
+where e_v(k) is the rest of the prior's unary term (log class proportions, external field).
+log PL is concave in beta (a linear term minus a log-sum-exp of terms linear in beta), with
+
+    d/dbeta  = sum_v [ n_v(z_v) - E_{p_v}[n_v] ],      d2/dbeta2 = - sum_v Var_{p_v}[n_v],
+
+p_v = softmax(beta n_v + e_v), so a safeguarded Newton iteration finds its maximiser. With
+marginals q in place of one-hot labels (n_v(k) = sum_w w_vw q_w(k), the first term weighted by
+q_v) this is the mean-field-like pseudo-likelihood of Celeux, Forbes & Peyrard (2003, Pattern
+Recognition 36:131), the beta step of variational EM. PL is consistent but known to be biased
+upwards at strong coupling on finite grids; the study in ``benchmarks/bench_beta.py`` measures
+by how much.
+
+**Thermodynamic integration** (Gelman & Meng 1998, Statistical Science 13:163; for Potts
+models as in Green & Richardson 2002 and Moores et al.'s bayesImageS). The log partition
+function obeys d log Z(beta) / d beta = E[S(z) | beta], so a path of E[S | beta] estimated by
+Gibbs simulation from the prior on a grid of beta values gives
+
+    log Z(beta) - log Z(0) = integral_0^beta E[S | b] db     (trapezoid rule on the grid),
+
+and with it the exact log posterior of beta given labels, beta S(z) - log Z(beta) + const.
+Its mode solves E[S | beta] = S(z) (the path increases with beta: its slope is Var[S | beta]),
+and the posterior mean and sd are computed on a fine grid. Inside a variational fit the
+labels are replaced by q and S(z) by E_q[S], the exact beta step of variational EM. The path
+depends on the region of interest (its size and shape) and on the rest of the prior, so it is
+simulated for the region at hand; its cost is what the study reports.
+
+Shapes: labels and marginals (X, Y, Z, K), zero outside the ROI; prior unary (X, Y, Z, K) or
+(K,); roi (X, Y, Z) bool.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vbseg.inference.gibbs import chain_diagnostics, sample_labels
+from vbseg.models.potts import neighbour_sum, potts_statistic
+
+# Upper end of beta's uniform prior, in units where the nearest neighbours weigh 1. Far above
+# the critical coupling of the 6-neighbourhood (about 0.44 for K = 2, 0.55 for K = 3).
+BETA_MAX = 3.0
+
+
+def pseudo_log_likelihood(beta, labels, prior_unary, weights, roi) -> jax.Array:
+    """log PL(beta) of one-hot labels, or its mean-field form for marginals (module doc)."""
+    counts = neighbour_sum(labels, weights)
+    logits = beta * counts + prior_unary
+    per_voxel = (jnp.sum(labels * logits, axis=-1)
+                 - jax.scipy.special.logsumexp(logits, axis=-1))
+    return jnp.sum(jnp.where(roi, per_voxel, 0.0))
+
+
+def _pl_derivatives(beta, labels, counts, prior_unary, roi):
+    probs = jax.nn.softmax(beta * counts + prior_unary, axis=-1)
+    expected = jnp.sum(probs * counts, axis=-1)
+    observed = jnp.sum(labels * counts, axis=-1)
+    variance = jnp.sum(probs * counts**2, axis=-1) - expected**2
+    gradient = jnp.sum(jnp.where(roi, observed - expected, 0.0))
+    curvature = -jnp.sum(jnp.where(roi, variance, 0.0))
+    return gradient, curvature
+
+
+def estimate_beta_pl(labels, prior_unary, weights, roi, *, beta_start=0.5, beta_max=BETA_MAX,
+                     num_steps: int = 25) -> jax.Array:
+    """Maximiser of log PL(beta) over [0, beta_max]: projected Newton steps.
+
+    The neighbour counts do not depend on beta, so each step costs one softmax. Concavity
+    makes the projected Newton iteration converge to the constrained maximiser; a step is
+    capped at 1 so a near-flat start (all voxels of one class) cannot overshoot far.
+    """
+    counts = neighbour_sum(labels, weights)
+
+    def step(_, beta):
+        gradient, curvature = _pl_derivatives(beta, labels, counts, prior_unary, roi)
+        move = jnp.clip(-gradient / jnp.minimum(curvature, -1e-6), -1.0, 1.0)
+        return jnp.clip(beta + move, 0.0, beta_max)
+
+    start = jnp.asarray(beta_start, labels.dtype)
+    return jax.lax.fori_loop(0, num_steps, step, start)
+
+
+class StatisticPath(NamedTuple):
+    """E[S | beta] on a grid of beta values, from Gibbs simulation of the prior.
+
+    betas (B,) increasing from 0; mean (B,) the estimate of E[S | beta]; standard_error (B,)
+    its Monte Carlo error (from the effective sample size); r_hat (B,) split R-hat of S across
+    chains; ess (B,); draws (B, C, S) the recorded statistics.
+    """
+
+    betas: np.ndarray
+    mean: np.ndarray
+    standard_error: np.ndarray
+    r_hat: np.ndarray
+    ess: np.ndarray
+    draws: np.ndarray
+
+
+def _start_labels(key, roi, num_classes, chain):
+    """Chains alternate a uniform random start and a constant start (class chain // 2 mod K),
+    so a coupling where the sampler cannot leave an ordered or a disordered state shows up
+    as a large R-hat."""
+    random = jax.random.randint(key, roi.shape, 0, num_classes)
+    constant = jnp.full(roi.shape, (chain // 2) % num_classes, random.dtype)
+    return jnp.where(chain % 2 == 0, random, constant)
+
+
+@partial(jax.jit, static_argnames=("num_classes", "num_chains", "num_sweeps", "burn_in",
+                                   "sample_proportions"))
+def _simulate_statistic(key, betas, roi, weights, prior_unary, concentration, *, num_classes,
+                        num_chains, num_sweeps, burn_in, sample_proportions):
+    dtype = prior_unary.dtype
+
+    def chain(beta, chain_key, index):
+        start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
+        labels = _start_labels(start_key, roi, num_classes, index)
+
+        def sweep(carry, sweep_key):
+            labels, log_pi = carry
+            label_key, pi_key = jax.random.split(sweep_key)
+            labels = sample_labels(label_key, labels, prior_unary + log_pi, beta, weights, roi)
+            onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
+            if sample_proportions:
+                counts = jnp.sum(onehot, axis=(0, 1, 2))
+                log_pi = jnp.log(jax.random.dirichlet(pi_key, concentration + counts))
+            return (labels, log_pi), potts_statistic(onehot, weights)
+
+        carry = (labels, jnp.full((num_classes,), -jnp.log(num_classes), dtype))
+        carry, _ = jax.lax.scan(sweep, carry, jax.random.split(burn_key, burn_in))
+        _, statistics = jax.lax.scan(sweep, carry, jax.random.split(keep_key, num_sweeps))
+        return statistics
+
+    def at_beta(beta, beta_key):
+        keys = jax.random.split(beta_key, num_chains)
+        return jax.vmap(chain, in_axes=(None, 0, 0))(beta, keys, jnp.arange(num_chains))
+
+    return jax.lax.map(lambda args: at_beta(*args),
+                       (betas, jax.random.split(key, betas.shape[0])))
+
+
+def statistic_path(key, betas, roi, weights, *, num_classes, prior_unary=None,
+                   sample_proportions=False, concentration=1.0, num_chains=4, num_sweeps=400,
+                   burn_in=200) -> StatisticPath:
+    """Simulate E[S | beta] for each beta of ``betas`` (which must start at 0).
+
+    Under the prior p(z | beta) ∝ exp(sum_v e_v(z_v) + beta S(z)) on the ROI, with e the fixed
+    ``prior_unary`` (default 0: uniform proportions); with ``sample_proportions`` the class
+    proportions pi ~ Dirichlet(concentration) are part of the prior and drawn too (the model of
+    :mod:`vbseg.models.potts` with learned proportions), so the path is d log Z(beta) / d beta
+    of that model. Checkerboard Gibbs (:func:`~vbseg.inference.gibbs.sample_labels`), chains
+    vectorised, betas in sequence.
+    """
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or betas[0] != 0.0 or np.any(np.diff(betas) <= 0):
+        raise ValueError("betas must increase strictly from 0")
+    roi = jnp.asarray(roi, bool)
+    if prior_unary is None:
+        prior_unary = jnp.zeros(roi.shape + (num_classes,), jnp.float32)
+    draws = np.asarray(_simulate_statistic(
+        key, jnp.asarray(betas, jnp.float32), roi, jnp.asarray(weights, jnp.float32),
+        jnp.asarray(prior_unary, jnp.float32), jnp.float32(concentration),
+        num_classes=num_classes, num_chains=num_chains, num_sweeps=num_sweeps, burn_in=burn_in,
+        sample_proportions=sample_proportions), np.float64)
+    diagnostics = [chain_diagnostics(d) for d in draws]
+    ess = np.array([d["ess"] for d in diagnostics])
+    standard_error = draws.reshape(len(betas), -1).std(axis=1) / np.sqrt(np.maximum(ess, 1.0))
+    return StatisticPath(betas, draws.mean(axis=(1, 2)), standard_error,
+                         np.array([d["r_hat"] for d in diagnostics]), ess, draws)
+
+
+def log_partition_ratio(betas, path_mean) -> np.ndarray:
+    """log Z(beta_i) - log Z(0) for each grid point: cumulative trapezoid of E[S | beta]."""
+    betas, path_mean = np.asarray(betas, np.float64), np.asarray(path_mean, np.float64)
+    steps = np.diff(betas) * 0.5 * (path_mean[1:] + path_mean[:-1])
+    return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+def _fine_log_partition(betas, path_mean, num_points=2001):
+    # E[S | beta] linear between grid points -> log Z piecewise quadratic: integrate exactly
+    fine = np.linspace(betas[0], betas[-1], num_points)
+    mean = np.interp(fine, betas, path_mean)
+    return fine, log_partition_ratio(fine, mean)
+
+
+def estimate_beta_ti(statistic, betas, path_mean) -> float:
+    """Mode of p(beta | z) ∝ exp(beta S(z) - log Z(beta)) on the path's range: the beta where
+    E[S | beta] = S(z) (the path made non-decreasing first; ends clip)."""
+    monotone = np.maximum.accumulate(np.asarray(path_mean, np.float64))
+    return float(np.interp(float(statistic), monotone, np.asarray(betas, np.float64)))
+
+
+def beta_posterior_ti(statistic, betas, path_mean) -> tuple[float, float]:
+    """Posterior mean and sd of beta given S(z) under the uniform prior on the path's range."""
+    fine, log_z = _fine_log_partition(np.asarray(betas, np.float64), np.asarray(path_mean))
+    log_post = fine * float(statistic) - log_z
+    weights = np.exp(log_post - log_post.max())
+    weights /= weights.sum()
+    mean = float(np.sum(weights * fine))
+    return mean, float(np.sqrt(np.sum(weights * (fine - mean) ** 2)))
