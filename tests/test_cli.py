@@ -49,6 +49,9 @@ def inputs(tmp_path_factory) -> Path:
     far = phantom.ct.affine.copy()
     far[:3, 3] += 2000.0
     save_nifti(folder / "far_ct.nii.gz", phantom.ct.data, far)
+    half = phantom.ct.affine.copy()
+    half[:3, 3] += 40.0  # overlaps the PET grid, but not all of it
+    save_nifti(folder / "half_ct.nii.gz", phantom.ct.data, half)
     (folder / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file")
     return folder
 
@@ -125,6 +128,28 @@ def _bad_cases(i: Path, out: Path):
         ("beta word", ["segment", pet, "--beta", "learn", "--out", out], "--beta", "'auto'"),
         ("bad neighbourhood", ["segment", pet, "--neighbourhood", "18", "--out", out],
          "--neighbourhood", "6 or 26"),
+        ("bad emission", ["segment", pet, "--emission", "cauchy", "--out", out], "--emission",
+         "one of"),
+        ("bad covariance", ["segment", pet, "--covariance", "sparse", "--out", out],
+         "--covariance", "one of"),
+        ("full with one image", ["segment", pet, "--covariance", "full", "--out", out],
+         "--covariance", "two or more images"),
+        ("student with full", ["segment", pet, i / "ct.nii.gz", "--modality", "pet,ct",
+                               "--emission", "student", "--covariance", "full", "--out", out],
+         "--covariance", "cannot be combined"),
+        ("lognormal without PET", ["segment", i / "ct.nii.gz", "--modality", "ct",
+                                   "--tumour-class", "1", "--emission", "lognormal", "--out", out],
+         "--emission", "no image is PET"),
+        ("bad dof", ["segment", pet, "--emission", "student", "--dof", "0", "--out", out], "--dof",
+         "> 0"),
+        ("student with PSF", ["segment", pet, "--emission", "student", "--psf-fwhm", "6",
+                              "--out", out], "--psf-fwhm", "cannot be combined"),
+        ("full with gibbs", ["segment", pet, i / "ct.nii.gz", "--modality", "pet,ct",
+                             "--covariance", "full", "--sampler", "gibbs", "--out", out],
+         "--sampler", "cannot be combined"),
+        ("full beyond the CT", ["segment", pet, i / "half_ct.nii.gz", "--modality", "pet,ct",
+                                "--covariance", "full", "--out", out], "half_ct.nii.gz",
+         "does not cover the whole volume of interest"),
         ("modality count", ["segment", pet, "--modality", "pet,ct", "--out", out], "--modality",
          "2 modalities"),
         ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--out", out],
@@ -183,6 +208,25 @@ def test_learned_beta_on_the_26_neighbourhood(inputs, tmp_path):
     assert 0.0 < beta < 3.0 and not summary["diagnostics"]["beta_at_prior_bound"]
     assert summary["diagnostics"]["beta_trace"][-1] == pytest.approx(beta, rel=1e-6)
     assert len(summary["parameters"]["neighbour_weights"]) == 13
+
+
+@pytest.mark.parametrize("options,words", [
+    (["--emission", "student", "--dof", "5"], "student-t (5 degrees of freedom"),
+    (["--emission", "lognormal", "--covariance", "full"], "full covariance"),
+])
+def test_emission_options_run_and_are_recorded(inputs, tmp_path, options, words):
+    out = tmp_path / "emission"
+    result = run_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
+                     "--box", "4:20,4:20,4:20", *options, "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert words in summary["options"]["emission"]
+    means = np.asarray(summary["parameters"]["class_means"])
+    assert means.shape == (2, 2) and means[1, 0] > means[0, 0] > 0  # PET in SUV, tumour hotter
+    if "lognormal" in options:
+        assert "log scale" in summary["options"]["emission"]
+        assert "class median" in summary["parameters"]["units"]
+        assert summary["diagnostics"]["log_floored_voxels"] == 0
 
 
 def test_existing_outputs_need_overwrite(inputs, tmp_path):

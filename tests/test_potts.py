@@ -115,3 +115,82 @@ def test_colour_masks_are_a_proper_colouring(neighbourhood, num_colours):
     colour_of = np.argmax(colours, axis=0).ravel()
     edges, _ = grid_edges(shape, weights)
     assert np.all(colour_of[edges[:, 0]] != colour_of[edges[:, 1]])
+
+
+def _direct_labels_and_prior(z, roi, pi, beta, weights, alpha0):
+    flat_roi, flat_z = roi.ravel(), z.ravel()
+    total = stats.dirichlet.logpdf(pi, np.full(pi.shape, alpha0))
+    total += np.log(pi[flat_z[flat_roi]]).sum()
+    edges, edge_weights = grid_edges(roi.shape, weights)
+    a, b = edges[:, 0], edges[:, 1]
+    return total + beta * np.sum(edge_weights * ((flat_z[a] == flat_z[b]) & flat_roi[a] & flat_roi[b]))
+
+
+def test_log_joint_student_and_lognormal():
+    """Student-t scale mixture (latent u per voxel) with the first modality log-normal: the
+    program's log density equals the formula written with SciPy (float64 reference)."""
+    rng = np.random.default_rng(3)
+    shape, num_classes = (3, 3, 2), 2
+    y = np.stack([rng.lognormal(size=shape), rng.normal(size=shape)], axis=-1)
+    observed = rng.uniform(size=y.shape) > 0.2
+    roi = rng.uniform(size=shape) > 0.2
+    z = rng.integers(0, num_classes, size=shape)
+    mu = rng.normal(size=(num_classes, 2))
+    tau = rng.gamma(2.0, 1.0, size=(1, 2))
+    u = rng.gamma(2.0, 0.5, size=shape)
+    pi = rng.dirichlet(np.ones(num_classes))
+    weights, prior, dof = neighbour_weights((2.0, 2.0, 3.0)), NormalGammaPrior(0.1, 0.5, 2.0, 0.3), 3.0
+    value, _ = log_density(
+        hidden_potts_model,
+        (jnp.asarray(y, jnp.float32), jnp.asarray(observed), jnp.asarray(roi)),
+        dict(num_classes=num_classes, beta=0.6, weights=weights, prior=prior, concentration=1.2,
+             emission="student", dof=dof, log_modalities=(True, False)),
+        {"z": jnp.asarray(z), "mu": jnp.asarray(mu, jnp.float32), "tau": jnp.asarray(tau, jnp.float32),
+         "pi": jnp.asarray(pi, jnp.float32), "u": jnp.asarray(u, jnp.float32)},
+    )
+    expected = stats.gamma.logpdf(tau, a=prior.shape, scale=1 / prior.rate).sum()
+    expected += stats.norm.logpdf(mu, prior.mean, 1 / np.sqrt(prior.kappa * tau)).sum()
+    expected += _direct_labels_and_prior(z, roi, pi, 0.6, weights, 1.2)
+    expected += stats.gamma.logpdf(u[roi], a=dof / 2, scale=2 / dof).sum()
+    for v in zip(*np.nonzero(roi)):
+        for m in range(2):
+            if observed[v + (m,)]:
+                sd = 1 / np.sqrt(tau[0, m] * u[v])
+                if m == 0:  # log-normal: the density of y itself
+                    expected += stats.lognorm.logpdf(y[v + (m,)], s=sd, scale=np.exp(mu[z[v], m]))
+                else:
+                    expected += stats.norm.logpdf(y[v + (m,)], mu[z[v], m], sd)
+    assert float(value) == pytest.approx(expected, rel=1e-5, abs=1e-3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_log_joint_full_covariance(tied):
+    rng = np.random.default_rng(4)
+    shape, num_classes = (3, 2, 2), 2
+    y = rng.normal(size=shape + (2,))
+    roi = rng.uniform(size=shape) > 0.2
+    z = rng.integers(0, num_classes, size=shape)
+    precision = stats.wishart(df=4, scale=np.eye(2)).rvs(size=1 if tied else num_classes,
+                                                          random_state=rng).reshape(-1, 2, 2)
+    mu = rng.normal(size=(num_classes, 2))
+    pi = rng.dirichlet(np.ones(num_classes))
+    weights, prior = neighbour_weights((1.0, 1.0, 1.0)), NormalGammaPrior(0.1, 0.5, 2.0, 0.3)
+    value, _ = log_density(
+        hidden_potts_model,
+        (jnp.asarray(y, jnp.float32), jnp.ones(y.shape, bool), jnp.asarray(roi)),
+        dict(num_classes=num_classes, beta=0.4, weights=weights, prior=prior, emission="full",
+             tied=tied),
+        {"z": jnp.asarray(z), "mu": jnp.asarray(mu, jnp.float32),
+         "Lambda": jnp.asarray(precision, jnp.float32), "pi": jnp.asarray(pi, jnp.float32)},
+    )
+    # Wishart(I / (2 b0), 2 a0 + D - 1) on each precision matrix; then the Normal means
+    wishart = stats.wishart(df=2 * prior.shape + 1, scale=np.eye(2) / (2 * prior.rate))
+    expected = sum(wishart.logpdf(p) for p in precision)
+    full = np.broadcast_to(precision, (num_classes, 2, 2))
+    expected += sum(stats.multivariate_normal(np.full(2, prior.mean),
+                                              np.linalg.inv(prior.kappa * full[k])).logpdf(mu[k])
+                    for k in range(num_classes))
+    expected += _direct_labels_and_prior(z, roi, pi, 0.4, weights, 1.0)
+    for v in zip(*np.nonzero(roi)):
+        expected += stats.multivariate_normal(mu[z[v]], np.linalg.inv(full[z[v]])).logpdf(y[v])
+    assert float(value) == pytest.approx(expected, rel=1e-5, abs=1e-3)

@@ -87,6 +87,14 @@ def _add_segment(sub):
     p.add_argument("--sampler", default="vb",
                    help="vb (mean-field; volume interval from independent voxels, too narrow) or "
                         "gibbs (posterior draws of the label field from the VB start)")
+    p.add_argument("--emission", default="gaussian",
+                   help="class intensity model: gaussian (default), student (Student-t, robust to "
+                        "outlier voxels) or lognormal (PET on the log scale)")
+    p.add_argument("--covariance", default="diagonal",
+                   help="diagonal (modalities independent given the class, default) or full "
+                        "(a covariance across modalities; images must cover the whole VOI)")
+    p.add_argument("--dof", type=float, default=4.0,
+                   help="Student-t degrees of freedom with --emission student (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -123,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _segment_kwargs(args) -> dict:
-    from vbseg.pipeline import DEFAULT_VOLUME_DRAWS
+    from vbseg.options import DEFAULT_VOLUME_DRAWS
 
     modalities = [m.strip().lower() for m in args.modality.split(",")] if args.modality else None
     return dict(
@@ -141,6 +149,9 @@ def _segment_kwargs(args) -> dict:
         psf_fwhm_mm=args.psf_fwhm,
         pet_noise=args.pet_noise,
         sampler=args.sampler,
+        emission=args.emission,
+        covariance=args.covariance,
+        dof=args.dof,
         overwrite=args.overwrite,
     )
 
@@ -176,7 +187,7 @@ PHANTOM_FILES = ("pet.nii.gz", "ct.nii.gz", "truth.nii.gz", "truth_fraction.nii.
 
 
 def _check_free(folder: Path, names, overwrite: bool) -> None:
-    from vbseg.pipeline import check_outputs
+    from vbseg.options import check_outputs
 
     check_outputs(folder, list(names), [], overwrite)
 

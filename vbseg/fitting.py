@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from vbseg.inference.beta import BETA_MAX
+from vbseg.inference.emissions import DEFAULT_STUDENT_DOF, NormalWishart
 from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
@@ -63,7 +64,8 @@ def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
 
 
 def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
-              relative_precision=None, neighbourhood=6, beta_estimator="fixed") -> FitOutcome:
+              relative_precision=None, neighbourhood=6, beta_estimator="fixed",
+              emission="gaussian", dof=DEFAULT_STUDENT_DOF) -> FitOutcome:
     """Mean-field fit on a bucket-padded crop (compile timed apart from run).
 
     Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
@@ -71,6 +73,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     the PSF fit (:mod:`vbseg.inference.meanfield_psf`), whose result is returned.
     ``beta_estimator`` "pl" learns beta in the PSF-free fit from the start value ``beta``
     (variational EM with the pseudo-likelihood step); the PSF fit then keeps it fixed.
+    ``emission`` and ``dof``: see :mod:`vbseg.inference.emissions` (PSF-free fit only).
     """
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
               jnp.asarray(_pad_to_bucket(observed, False)),
@@ -79,7 +82,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     common = (jnp.float32(beta), weights, NormalGammaPrior(), jnp.float32(DEFAULT_CONCENTRATION))
     result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb, padded + common,
                                                 num_classes=num_classes,
-                                                beta_estimator=beta_estimator)
+                                                beta_estimator=beta_estimator, emission=emission,
+                                                dof=float(dof))
     iterations = int(result.num_iterations)
     diagnostics = {
         "converged": bool(result.converged),
@@ -96,7 +100,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         alpha = np.asarray(result.proportions)
         return FitOutcome(
             np.asarray(result.marginals), np.asarray(result.emission.mean),
-            np.sqrt(np.asarray(result.emission.rate) / np.asarray(result.emission.shape)),
+            _class_scales(result.emission),
             alpha / alpha.sum(), np.asarray(result.elbo_trace)[:iterations],
             diagnostics, {"compile": compile_s, "run": run_s}, beta=beta,
         )
@@ -122,6 +126,15 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
         diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run}, beta=beta,
     )
+
+
+def _class_scales(post) -> np.ndarray:
+    """(K, M) noise scales: sqrt(b / a) for Normal-Gamma posteriors (the Student-t scale for
+    that emission); sqrt(diag(E[Lambda]^-1)) for Normal-Wishart ones."""
+    if isinstance(post, NormalWishart):
+        expected = np.asarray(post.dof)[:, None, None] * np.asarray(post.scale)
+        return np.sqrt(np.diagonal(np.linalg.inv(expected), axis1=1, axis2=2))
+    return np.sqrt(np.asarray(post.rate) / np.asarray(post.shape))
 
 
 GIBBS_CHAINS = 4

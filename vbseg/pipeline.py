@@ -18,14 +18,24 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
-from vbseg.errors import InputError, OutputError
+from vbseg.errors import InputError
 from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
-from vbseg.inference.beta import BETA_MAX
+from vbseg.models.emissions import describe_emission, log_transform_pet
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
+from vbseg.options import (
+    AUTO_BETA_START,
+    BETA_LEARNED_TEXT,
+    DEFAULT_BETA,
+    DEFAULT_BETA_PSF,
+    DEFAULT_LEVELS,
+    DEFAULT_STUDENT_DOF,
+    DEFAULT_VOLUME_DRAWS,
+    check_options,
+    check_outputs,
+)
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
     Posterior,
@@ -33,7 +43,6 @@ from vbseg.posterior import (
     output_names,
 )
 from vbseg.volume import (
-    MODALITIES,
     load_mask,
     load_volume,
     parse_box,
@@ -51,23 +60,6 @@ GIBBS_DRAWS_METHOD = (
     f"precisions, proportions), {GIBBS_CHAINS} chains started at the VB solution, "
     f"{GIBBS_BURN_IN} burn-in sweeps, one draw per kept sweep; R-hat and ESS in diagnostics"
 )
-DEFAULT_BETA = 0.5
-DEFAULT_BETA_PSF = 1.5
-# --beta auto: where the learned-beta fit starts. Below the critical coupling of the
-# 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
-# ordered state that the beta step would then confirm (see tests/test_beta.py).
-AUTO_BETA_START = 0.1
-NEIGHBOURHOODS = (6, 26)
-BETA_LEARNED_TEXT = (
-    f"beta learned (uniform prior on [0, {BETA_MAX:g}]; variational EM from beta = "
-    f"{AUTO_BETA_START:g}, restarts at that value, then a mean-field pseudo-likelihood step "
-    "after each parameter update, Celeux, Forbes & Peyrard 2003)"
-)
-DEFAULT_LEVELS = (10, 50, 90)
-DEFAULT_VOLUME_DRAWS = 2000
-MODELS = ("potts",)
-PET_NOISE_MODELS = ("poisson", "constant")
-SAMPLERS = ("vb", "gibbs")
 PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
 
 
@@ -79,71 +71,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
-                  tumour_class, volume_draws, neighbourhood=6):
-    """Validate options that need no file; InputError names the option."""
-    if model not in MODELS:
-        raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
-    if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
-        raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
-    if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
-        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
-    if neighbourhood not in NEIGHBOURHOODS:
-        raise InputError("--neighbourhood", f"must be 6 or 26, got {neighbourhood!r}")
-    if not levels_percent:
-        raise InputError("--levels", "needs at least one level")
-    for level in levels_percent:
-        if not 0 < level < 100:
-            raise InputError("--levels", f"each level must be strictly between 0 and 100, got {level:g}")
-    names = output_names(levels_percent)
-    if len(set(levels_percent)) != len(levels_percent) or len(set(names)) != len(names):
-        raise InputError("--levels", "levels must be distinct (two levels give the same file name)")
-    if len(modalities) != num_images:
-        raise InputError(
-            "--modality", f"names {len(modalities)} modalities for {num_images} images (one each)"
-        )
-    for name in modalities:
-        if name not in MODALITIES:
-            raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
-    if "pet" not in modalities and tumour_class is None:
-        raise InputError(
-            "--tumour-class",
-            "required without a PET image: classes are numbered 0..K-1 by increasing mean in the "
-            f"first image; say which is tumour (e.g. --tumour-class {num_classes - 1} for the brightest)",
-        )
-    if tumour_class is not None and not 0 <= tumour_class < num_classes:
-        raise InputError("--tumour-class", f"must be in 0..{num_classes - 1}, got {tumour_class}")
-    if not isinstance(volume_draws, int) or volume_draws < 100:
-        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
-
-
-def check_output_folder(out_dir) -> Path:
-    """Refuse an output folder that is a file, or lies under one; returns it as a Path."""
-    out = Path(out_dir)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise OutputError(existing, "exists and is not a directory; choose another output folder")
-    if existing.exists() and not os.access(existing, os.W_OK):
-        raise OutputError(existing, "is not writable")
-    return out
-
-
-def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
-    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
-    out = check_output_folder(out_dir)
-    inputs = {os.path.realpath(p) for p in input_paths}
-    for name in names:
-        target = out / name
-        if os.path.realpath(target) in inputs:
-            raise OutputError(target, "is one of the inputs; choose another --out")
-        if target.exists() and not target.is_file():
-            raise OutputError(target, "exists and is not a regular file")
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")
 
 
 def _voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
@@ -219,6 +146,9 @@ def segment(
     psf_fwhm_mm: float | None = None,
     pet_noise: str = "poisson",
     sampler: str = "vb",
+    emission: str = "gaussian",
+    covariance: str = "diagonal",
+    dof: float = DEFAULT_STUDENT_DOF,
     overwrite: bool = False,
     title: str = "",
 ) -> Posterior:
@@ -245,6 +175,10 @@ def segment(
         sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
             (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
             draws of the whole label field; PSF-free model only).
+        emission: "gaussian", "student" (Student-t with ``dof`` degrees of freedom: robust to
+            outlier voxels) or "lognormal" (PET images modelled on the log scale).
+        covariance: "diagonal" (modalities independent given the class) or "full" (a full
+            covariance per class across modalities; every image must cover the whole VOI).
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -257,22 +191,10 @@ def segment(
         beta = DEFAULT_BETA if psf_fwhm_mm is None else DEFAULT_BETA_PSF
     check_options(model=model, num_classes=num_classes, beta=beta, levels_percent=levels_percent,
                   num_images=len(images), modalities=modalities, tumour_class=tumour_class,
-                  volume_draws=volume_draws, neighbourhood=neighbourhood)
+                  volume_draws=volume_draws, neighbourhood=neighbourhood,
+                  psf_fwhm_mm=psf_fwhm_mm, pet_noise=pet_noise, sampler=sampler,
+                  emission=emission, covariance=covariance, dof=dof, roi=roi, box=box)
     learn_beta = beta == "auto"
-    if roi is not None and box is not None:
-        raise InputError("--roi", "give either --roi or --box, not both")
-    if psf_fwhm_mm is not None:
-        if not np.isfinite(psf_fwhm_mm) or psf_fwhm_mm < 0:
-            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {psf_fwhm_mm!r}")
-        if "pet" not in modalities:
-            raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
-    if sampler not in SAMPLERS:
-        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if sampler == "gibbs" and psf_fwhm_mm is not None:
-        raise InputError("--sampler", "gibbs samples the PSF-free model; it cannot be combined "
-                                      "with --psf-fwhm yet")
-    if pet_noise not in PET_NOISE_MODELS:
-        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
         check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
@@ -283,7 +205,14 @@ def segment(
     crop_voi = voi[bounds]
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
-    features, centres, scales = standardise(stack, observed, volumes)
+    if covariance == "full":
+        for m, volume in enumerate(volumes):
+            if not observed[..., m][crop_voi].all():
+                raise InputError(volume.name, "does not cover the whole volume of interest, which "
+                                              "--covariance full needs (crop the VOI or use diagonal)")
+    log_flags = tuple(emission == "lognormal" and m == "pet" for m in modalities)
+    model_stack, floored = log_transform_pet(stack, observed, log_flags)
+    features, centres, scales = standardise(model_stack, observed, volumes)
     psf, precision = None, None
     if psf_fwhm_mm is not None:
         psf = tuple(psf_fwhm_mm if m == "pet" else 0.0 for m in modalities)
@@ -295,7 +224,9 @@ def segment(
     fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
                     beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
                     relative_precision=precision, neighbourhood=neighbourhood,
-                    beta_estimator="pl" if learn_beta else "fixed")
+                    beta_estimator="pl" if learn_beta else "fixed",
+                    emission="full" if covariance == "full" else
+                    ("student" if emission == "student" else "gaussian"), dof=dof)
     beta_used = fit.beta
     pet_first = modalities[0] == "pet"
     if sampler == "gibbs":
@@ -306,8 +237,10 @@ def segment(
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
-    means = fit.means * scales + centres  # (K, M) in image units
+    means = fit.means * scales + centres  # (K, M) in image units (log units where log-normal)
     sds = fit.sds * scales
+    log_columns = np.flatnonzero(log_flags)
+    means[:, log_columns] = np.exp(means[:, log_columns])  # log-normal: the class median
     order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
     means, sds, marginals = means[order], sds[order], marginals[..., order]
     proportions = fit.proportions[order]
@@ -337,8 +270,7 @@ def segment(
         volume_draws_ml, tlg_draws = draws[:, 0], draws[:, -1]
         volume_method = INDEPENDENT_DRAWS_METHOD
 
-    emission_text = ("gaussian, independent across modalities, one precision per modality shared "
-                     "by the classes")
+    emission_text = describe_emission(emission, covariance, dof)
     if psf_fwhm_mm is not None:
         variance = "proportional to the local mean" if pet_noise == "poisson" else "constant"
         emission_text += (f"; PET mean blurred by a Gaussian PSF of FWHM {psf_fwhm_mm:g} mm, PET "
@@ -378,6 +310,9 @@ def segment(
             "beta": beta_used,
             "neighbour_weights": neighbour_weights(reference.spacing, neighbourhood).tolist(),
             "class_order": "increasing mean in the first image; columns follow the inputs",
+            "units": ("image units; for log-normal (PET) columns the class mean is exp(mean of "
+                      "log y), the class median, and the sd is on the log scale"
+                      if any(log_flags) else "image units"),
         },
         "modality": modalities,
         "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
@@ -387,6 +322,7 @@ def segment(
             "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
             "fit_grid_shape": [int(n) for n in features.shape[:3]],
             "voi_voxels": int(voi.sum()),
+            "log_floored_voxels": floored,
             "voi_bounds": [[s.start, s.stop] for s in bounds],
         },
         "timings_s": fit.timings,

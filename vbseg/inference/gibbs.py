@@ -8,7 +8,7 @@ independent given the other colour and the parameters, and a whole colour is dra
 
 drawn with the Gumbel-max trick (argmax of logits + Gumbel noise). Given the labels, the class
 parameters are drawn from their conjugate full conditionals: (mu, tau) from the Normal-Gamma
-posterior (tied or per-class precision, :func:`~vbseg.inference.meanfield.normal_gamma_update`
+posterior (tied or per-class precision, :func:`~vbseg.inference.emissions.normal_gamma_update`
 with one-hot labels) and pi from Dirichlet(alpha0 + class counts). Geman & Geman (1984) for
 Gibbs sampling of Markov random fields; the two-colour schedule is the standard parallel one.
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
-from vbseg.inference.meanfield import normal_gamma_update
+from vbseg.inference.emissions import normal_gamma_update
 from vbseg.models.potts import (
     NormalGammaPrior,
     colour_masks,

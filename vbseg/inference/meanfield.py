@@ -36,6 +36,13 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln, xlogy
 
+from vbseg.inference.emissions import (  # noqa: F401  (re-exported: the Gaussian pieces)
+    DEFAULT_STUDENT_DOF,
+    emission_vb,
+    expected_log_likelihood,
+    kl_normal_gamma,
+    normal_gamma_update,
+)
 from vbseg.models.potts import (
     DEFAULT_CONCENTRATION,
     NormalGammaPrior,
@@ -72,70 +79,6 @@ class MeanFieldResult(NamedTuple):
     best_restart: jax.Array
     beta: jax.Array
     beta_trace: jax.Array
-
-
-def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPrior,
-                        tied: bool = True) -> NormalGammaPrior:
-    """Conjugate Normal-Gamma posterior per (class, modality) with soft counts q_v(k).
-
-    With r_v = q_v(k) [v observed in m]: n = sum_v r_v, ybar = sum r y / n,
-    s = sum r (y - ybar)^2, and
-
-        kappa' = kappa0 + n,   m' = (kappa0 m0 + n ybar) / kappa',
-        per class (tied=False):  a' = a0 + n / 2,  b' = b0 + s / 2 + kappa0 n (ybar - m0)^2 / (2 kappa');
-        tied (one precision per modality shared by the K classes, mu_k | tau ~ N(m0, 1/(kappa0 tau))):
-                 a' = a0 + sum_k n_k / 2,  b' = b0 + sum_k [s_k + kappa0 n_k (ybar_k - m0)^2 / kappa'_k] / 2,
-    the tied values repeated on every class row. All fields are (K, M).
-    """
-    weight = marginals[..., :, None] * observed[..., None, :]  # (X, Y, Z, K, M)
-    y = observations[..., None, :]
-    axes = (0, 1, 2)
-    count = jnp.sum(weight, axis=axes)
-    ybar = jnp.sum(weight * y, axis=axes) / jnp.maximum(count, 1e-12)
-    scatter = jnp.sum(weight * (y - ybar) ** 2, axis=axes)
-    kappa = prior.kappa + count
-    mean = (prior.kappa * prior.mean + count * ybar) / kappa
-    rate_terms = 0.5 * scatter + 0.5 * prior.kappa * count * (ybar - prior.mean) ** 2 / kappa
-    if tied:
-        shape = prior.shape[:1] + 0.5 * jnp.sum(count, axis=0, keepdims=True)
-        rate = prior.rate[:1] + jnp.sum(rate_terms, axis=0, keepdims=True)
-        shape, rate = jnp.broadcast_to(shape, count.shape), jnp.broadcast_to(rate, count.shape)
-    else:
-        shape = prior.shape + 0.5 * count
-        rate = prior.rate + rate_terms
-    return NormalGammaPrior(mean, kappa, shape, rate)
-
-
-def expected_log_likelihood(observations, observed, post: NormalGammaPrior) -> jax.Array:
-    """E_q[log N(y_vm | mu_km, 1/tau_km)] summed over observed modalities: (X, Y, Z, K).
-
-    Uses E[log tau] = digamma(a) - log b, E[tau] = a / b, E[tau (y - mu)^2] =
-    (a / b)(y - m)^2 + 1 / kappa.
-    """
-    y = observations[..., None, :]
-    e_log_tau = digamma(post.shape) - jnp.log(post.rate)
-    e_tau = post.shape / post.rate
-    per = 0.5 * (e_log_tau - jnp.log(2 * jnp.pi)) - 0.5 * (e_tau * (y - post.mean) ** 2 + 1.0 / post.kappa)
-    return jnp.sum(jnp.where(observed[..., None, :], per, 0.0), axis=-1)
-
-
-def kl_normal_gamma(post: NormalGammaPrior, prior: NormalGammaPrior, tied: bool = True) -> jax.Array:
-    """KL(q(mu, tau) || p(mu, tau)) summed over classes and modalities, closed form.
-
-    KL = KL(Gamma(a, b) || Gamma(a0, b0)) for each precision (once per modality when tied)
-       + sum_k E_tau[KL(N(m_k, 1/(kappa_k tau)) || N(m0, 1/(kappa0 tau)))],
-    the latter = (kappa0/kappa - 1 - log(kappa0/kappa) + kappa0 (a/b) (m - m0)^2) / 2.
-    """
-    a, b, a0, b0 = post.shape, post.rate, prior.shape, prior.rate
-    kl_gamma = (
-        (a - a0) * digamma(a) - gammaln(a) + gammaln(a0) + a0 * (jnp.log(b) - jnp.log(b0))
-        + a * (b0 - b) / b
-    )
-    if tied:
-        kl_gamma = kl_gamma[:1]
-    ratio = prior.kappa / post.kappa
-    kl_mean = 0.5 * (ratio - 1.0 - jnp.log(ratio) + prior.kappa * (a / b) * (post.mean - prior.mean) ** 2)
-    return jnp.sum(kl_gamma) + jnp.sum(kl_mean)
 
 
 def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
@@ -233,23 +176,23 @@ def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30)
     return rank[assign(centres)]
 
 
-def _cavi(observations, observed, roi, beta, weights, prior, concentration, field, q0, *,
-          max_iter, tol, min_iter, tied, beta_step=None):
-    """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates, then
-    (with ``beta_step``, a function (q, prior unary, beta) -> beta) the beta update; until the
-    ELBO change per ROI voxel falls below ``tol``. Returns (q, post, alpha, trace, iterations,
-    converged, beta, beta_trace)."""
+def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
+          max_iter, tol, min_iter, beta_step=None):
+    """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates (the
+    emission family's, :mod:`vbseg.inference.emissions`), then (with ``beta_step``, a function
+    (q, prior unary, beta) -> beta) the beta update; until the ELBO change per ROI voxel falls
+    below ``tol``. Returns (q, post, alpha, trace, iterations, converged, beta, beta_trace)."""
     num_classes = q0.shape[-1]
     dtype = observations.dtype
     alpha0 = jnp.broadcast_to(jnp.asarray(concentration, dtype), (num_classes,))
 
-    def parameter_step(q):
-        post = normal_gamma_update(q, observations, observed, prior, tied)
+    def parameter_step(q, aux):
+        post = emission.update(q, observations, observed, aux)
         alpha = dirichlet_update(q, alpha0)
-        prior_unary = expected_log_proportions(alpha) + field
-        return post, alpha, expected_log_likelihood(observations, observed, post) + prior_unary
+        likelihood, aux = emission.unary(observations, observed, post)
+        return post, alpha, likelihood + expected_log_proportions(alpha) + field, aux
 
-    post0, alpha_post0, unary0 = parameter_step(q0)
+    post0, alpha_post0, unary0, aux0 = parameter_step(q0, emission.initial_aux(q0))
     num_voxels = jnp.maximum(jnp.sum(roi), 1)
     trace0 = jnp.full((max_iter,), jnp.nan, dtype)
 
@@ -258,34 +201,31 @@ def _cavi(observations, observed, roi, beta, weights, prior, concentration, fiel
         return (it < max_iter) & ((it < min_iter) | (delta >= tol))
 
     def body(carry):
-        q, post, alpha, unary, beta, trace, beta_trace, it, _ = carry
+        q, post, alpha, unary, aux, beta, trace, beta_trace, it, _ = carry
         q = checkerboard_sweep(q, unary, beta, weights, roi)
-        post, alpha, unary = parameter_step(q)
+        post, alpha, unary, aux = parameter_step(q, aux)
         if beta_step is not None:
             beta = beta_step(q, expected_log_proportions(alpha) + field, beta)
-        value = (
-            label_elbo_terms(q, unary, beta, weights)
-            - kl_normal_gamma(post, prior, tied)
-            - kl_dirichlet(alpha, alpha0)
-        )
+        value = (label_elbo_terms(q, unary, beta, weights) - emission.kl(post)
+                 - kl_dirichlet(alpha, alpha0))
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
         delta = jnp.abs(value - previous) / num_voxels
-        return (q, post, alpha, unary, beta, trace.at[it].set(value), beta_trace.at[it].set(beta),
-                it + 1, delta)
+        return (q, post, alpha, unary, aux, beta, trace.at[it].set(value),
+                beta_trace.at[it].set(beta), it + 1, delta)
 
     beta = jnp.asarray(beta, dtype)
-    init = (q0, post0, alpha_post0, unary0, beta, trace0, trace0, jnp.int32(0),
+    init = (q0, post0, alpha_post0, unary0, aux0, beta, trace0, trace0, jnp.int32(0),
             jnp.asarray(jnp.inf, dtype))
-    q, post, alpha, _, beta, trace, beta_trace, it, delta = jax.lax.while_loop(cond, body, init)
+    q, post, alpha, _, _, beta, trace, beta_trace, it, delta = jax.lax.while_loop(cond, body, init)
     return q, post, alpha, trace, it, delta < tol, beta, beta_trace
 
 
-def _fit_one_start(observations, observed, roi, beta, weights, prior, concentration, field, levels,
-                   *, num_classes, max_iter, tol, min_iter, tied):
+def _fit_one_start(observations, observed, roi, beta, weights, emission, concentration, field,
+                   levels, *, num_classes, max_iter, tol, min_iter):
     labels0 = kmeans_labels(observations, observed, roi, levels)
     q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
-    return _cavi(observations, observed, roi, beta, weights, prior, concentration, field, q0,
-                 max_iter=max_iter, tol=tol, min_iter=min_iter, tied=tied)[:6]
+    return _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0,
+                 max_iter=max_iter, tol=tol, min_iter=min_iter)[:6]
 
 
 def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
@@ -314,7 +254,8 @@ def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
     return step
 
 
-@partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied", "beta_estimator"))
+@partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied", "beta_estimator", "emission",
+                                   "dof"))
 def fit_hidden_potts_vb(
     observations: jax.Array,
     observed: jax.Array,
@@ -329,6 +270,8 @@ def fit_hidden_potts_vb(
     num_classes: int,
     tied: bool = True,
     beta_estimator: str = "fixed",
+    emission: str = "gaussian",
+    dof: float = DEFAULT_STUDENT_DOF,
     max_iter: int = 300,
     tol: float = 1e-5,
     min_iter: int = 5,
@@ -359,7 +302,12 @@ def fit_hidden_potts_vb(
         tol: convergence when |ELBO change| per ROI voxel < tol (nats), after min_iter.
         beta_estimator: "fixed" (static), "pl" (pseudo-likelihood) or "ti" (thermodynamic
             integration; needs ``beta_path`` = (betas, E[S | beta]) simulated for this ROI
-            with :func:`vbseg.inference.beta.statistic_path`, proportions sampled).
+            with :func:`vbseg.inference.beta.statistic_path`).
+        emission: "gaussian" (independent per modality), "student" (Student-t scale mixture,
+            ``dof`` degrees of freedom) or "full" (full covariance across modalities; every
+            modality must be observed at every ROI voxel); see
+            :mod:`vbseg.inference.emissions`. ``emission.mean`` of the result is (K, M) for
+            all three.
     """
     observed = observed & roi[..., None]
     shape = (num_classes, observations.shape[-1])
@@ -369,11 +317,13 @@ def fit_hidden_potts_vb(
     field = (jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
              if external_field is None else jnp.asarray(external_field, observations.dtype))
     field = field * roi[..., None]
+    family = emission_vb(emission, prior, num_classes=num_classes,
+                         num_modalities=observations.shape[-1], tied=tied, dof=dof)
     fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
-                  min_iter=min_iter, tied=tied)
+                  min_iter=min_iter)
     q, post, alpha, trace, it, converged = jax.vmap(
         fit, in_axes=(None, None, None, None, None, None, None, None, 0)
-    )(observations, observed, roi, beta, weights, prior, concentration, field,
+    )(observations, observed, roi, beta, weights, family, concentration, field,
       restart_levels(num_classes))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
     best = jnp.argmax(finals)
@@ -386,6 +336,6 @@ def fit_hidden_potts_vb(
     if beta_estimator != "fixed":
         step = beta_step_function(beta_estimator, weights, roi, beta_path)
         q, post, alpha, trace, it, converged, beta, beta_trace = _cavi(
-            observations, observed, roi, beta, weights, prior, concentration, field, q,
-            max_iter=max_iter, tol=tol, min_iter=min_iter, tied=tied, beta_step=step)
+            observations, observed, roi, beta, weights, family, concentration, field, q,
+            max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step)
     return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace)

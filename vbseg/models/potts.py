@@ -183,6 +183,9 @@ def hidden_potts_model(
     relative_precision=None,
     learn_proportions: bool = True,
     external_field=None,
+    emission: str = "gaussian",
+    dof: float = 4.0,
+    log_modalities=None,
 ) -> None:
     """Hidden Potts model as a NumPyro program.
 
@@ -210,7 +213,24 @@ def hidden_potts_model(
         learn_proportions: sample pi ~ Dirichlet, or fix it uniform (no ``pi`` site).
         external_field: optional (X, Y, Z, K) prior log-potentials e_v(k) added to the unary
             term of the label prior (defined up to a per-voxel constant).
+        emission: "gaussian" (above); "student": a latent scale ``u`` (X, Y, Z) ~
+            Gamma(dof/2, dof/2) per voxel divides every modality's variance (a multivariate
+            Student-t with diagonal scale); "full": class precision matrices ``Lambda`` (K, M, M)
+            (one (1, M, M) shared when ``tied``) ~ Wishart(I / (2 b0), 2 a0 + M - 1), means
+            mu_k | Lambda_k ~ N(m0, (kappa0 Lambda_k)^-1), y_v ~ N(mu_k, Lambda_k^-1) with every
+            modality observed in the ROI (see :mod:`vbseg.inference.emissions`).
+        log_modalities: optional per-modality bools: those modalities are log-normal, i.e. the
+            model above holds for log y (``observations`` must then be positive there) and
+            the density of y carries the Jacobian -log y.
     """
+    if emission == "full":
+        _full_covariance_emissions(observations, observed, roi, num_classes=num_classes,
+                                   beta=beta, weights=weights, prior=prior,
+                                   concentration=concentration, tied=tied,
+                                   learn_proportions=learn_proportions,
+                                   external_field=external_field, log_modalities=log_modalities)
+        return
+    observations = _log_transformed(observations, observed, roi, log_modalities)
     num_modalities = observations.shape[-1]
     grid = observations.shape[:3]
     shape = (num_classes, num_modalities)
@@ -223,20 +243,15 @@ def hidden_potts_model(
     mu = numpyro.sample(
         "mu", dist.Normal(jnp.full(shape, prior.mean), 1.0 / jnp.sqrt(prior.kappa * tau)).to_event(2)
     )
-    if learn_proportions:
-        pi = numpyro.sample("pi", dist.Dirichlet(jnp.full(num_classes, concentration)))
-    else:
-        pi = jnp.full(num_classes, 1.0 / num_classes)
-    z = numpyro.sample(
-        "z", dist.Categorical(probs=pi).expand(grid).mask(roi).to_event(3)
-    )
-    onehot = jax.nn.one_hot(z, num_classes) * roi[..., None]
-    energy = beta * potts_statistic(onehot, weights)
-    if external_field is not None:
-        energy = energy + jnp.sum(onehot * external_field)
-    numpyro.factor("potts", energy)
-    safe_z = jnp.where(roi, z, 0)
+    safe_z = _potts_labels(grid, roi, num_classes=num_classes, beta=beta, weights=weights,
+                           concentration=concentration, learn_proportions=learn_proportions,
+                           external_field=external_field)
     mean, scale = mu[safe_z], 1.0 / jnp.sqrt(tau[safe_z])  # (X, Y, Z, M)
+    if emission == "student":
+        u = numpyro.sample("u", dist.Gamma(0.5 * dof, 0.5 * dof).expand(grid).mask(roi).to_event(3))
+        scale = scale / jnp.sqrt(u)[..., None]
+    elif emission != "gaussian":
+        raise ValueError(f"unknown emission {emission!r}")
     if relative_precision is not None:
         scale = scale / jnp.sqrt(relative_precision)
     if psf_fwhm_mm is not None:
@@ -251,3 +266,54 @@ def hidden_potts_model(
         dist.Normal(mean, scale).mask(observed & roi[..., None]).to_event(4),
         obs=observations,
     )
+
+
+def _potts_labels(grid, roi, *, num_classes, beta, weights, concentration, learn_proportions,
+                  external_field):
+    """Sample sites ``pi`` and ``z`` and the ``potts`` factor; returns z with 0 outside the ROI."""
+    if learn_proportions:
+        pi = numpyro.sample("pi", dist.Dirichlet(jnp.full(num_classes, concentration)))
+    else:
+        pi = jnp.full(num_classes, 1.0 / num_classes)
+    z = numpyro.sample("z", dist.Categorical(probs=pi).expand(grid).mask(roi).to_event(3))
+    onehot = jax.nn.one_hot(z, num_classes) * roi[..., None]
+    energy = beta * potts_statistic(onehot, weights)
+    if external_field is not None:
+        energy = energy + jnp.sum(onehot * external_field)
+    numpyro.factor("potts", energy)
+    return jnp.where(roi, z, 0)
+
+
+def _log_transformed(observations, observed, roi, log_modalities):
+    """log y for the log-normal modalities, with the Jacobian factor -sum log y over their
+    observed ROI voxels (so the program's density is that of y itself)."""
+    if log_modalities is None or not any(log_modalities):
+        return observations
+    flags = jnp.asarray(log_modalities, bool)
+    inside = observed & roi[..., None] & flags
+    safe = jnp.where(inside, observations, 1.0)
+    numpyro.factor("log_jacobian", -jnp.sum(jnp.log(safe)))
+    return jnp.where(flags, jnp.log(jnp.where(flags, safe, 1.0)), observations)
+
+
+def _full_covariance_emissions(observations, observed, roi, *, num_classes, beta, weights, prior,
+                               concentration, tied, learn_proportions, external_field,
+                               log_modalities):
+    """The ``emission="full"`` branch of :func:`hidden_potts_model` (sites ``Lambda``, ``mu``,
+    ``pi``, ``z``, ``y``)."""
+    observations = _log_transformed(observations, observed, roi, log_modalities)
+    d = observations.shape[-1]
+    grid = observations.shape[:3]
+    rows = 1 if tied else num_classes
+    scale0 = jnp.eye(d) / (2.0 * prior.rate)
+    precision = numpyro.sample(
+        "Lambda", dist.Wishart(2.0 * prior.shape + d - 1.0, scale_matrix=scale0)
+        .expand((rows,)).to_event(1))
+    precision = jnp.broadcast_to(precision, (num_classes, d, d))
+    mu = numpyro.sample("mu", dist.MultivariateNormal(
+        jnp.full((num_classes, d), prior.mean), precision_matrix=prior.kappa * precision).to_event(1))
+    safe_z = _potts_labels(grid, roi, num_classes=num_classes, beta=beta, weights=weights,
+                           concentration=concentration, learn_proportions=learn_proportions,
+                           external_field=external_field)
+    numpyro.sample("y", dist.MultivariateNormal(mu[safe_z], precision_matrix=precision[safe_z])
+                   .mask(roi).to_event(3), obs=observations)

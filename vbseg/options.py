@@ -1,0 +1,148 @@
+"""The options of ``vbseg segment``: their defaults, and one validation of all of them (alone
+and in combination) that runs before any file is read; plus the output-folder checks. Every
+problem is an InputError/OutputError naming the option or path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vbseg.errors import InputError, OutputError
+from vbseg.inference.beta import BETA_MAX
+from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
+from vbseg.posterior import output_names
+from vbseg.volume import MODALITIES
+
+# Potts coupling when none is given (or the start of --beta auto). The PSF model needs a
+# stronger spatial prior: deconvolution is ill-posed, and on the NEMA phantom scan (background
+# COV 0.35) beta = 0.5 let the tumour class explain background noise bumps (volumes +20 to
+# +75 % at beta = 1.0), while beta = 1.5 gave Dice 0.91-0.95 and volume within 5 % for spheres
+# >= 13 mm; the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
+DEFAULT_BETA = 0.5
+DEFAULT_BETA_PSF = 1.5
+# --beta auto: where the learned-beta fit starts. Below the critical coupling of the
+# 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
+# ordered state that the beta step would then confirm (see tests/test_beta.py).
+AUTO_BETA_START = 0.1
+NEIGHBOURHOODS = (6, 26)
+EMISSION_OPTIONS = ("gaussian", "student", "lognormal")
+COVARIANCES = ("diagonal", "full")
+BETA_LEARNED_TEXT = (
+    f"beta learned (uniform prior on [0, {BETA_MAX:g}]; variational EM from beta = "
+    f"{AUTO_BETA_START:g}, restarts at that value, then a mean-field pseudo-likelihood step "
+    "after each parameter update, Celeux, Forbes & Peyrard 2003)"
+)
+DEFAULT_LEVELS = (10, 50, 90)
+DEFAULT_VOLUME_DRAWS = 2000
+MODELS = ("potts",)
+PET_NOISE_MODELS = ("poisson", "constant")
+SAMPLERS = ("vb", "gibbs")
+
+
+def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
+                  tumour_class, volume_draws, neighbourhood=6, psf_fwhm_mm=None,
+                  pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
+                  dof=DEFAULT_STUDENT_DOF, roi=None, box=None):
+    """Validate every option of ``segment`` that needs no file, alone and in combination;
+    InputError names the option."""
+    if model not in MODELS:
+        raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
+        raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
+    if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
+        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
+    if neighbourhood not in NEIGHBOURHOODS:
+        raise InputError("--neighbourhood", f"must be 6 or 26, got {neighbourhood!r}")
+    if not levels_percent:
+        raise InputError("--levels", "needs at least one level")
+    for level in levels_percent:
+        if not 0 < level < 100:
+            raise InputError("--levels", f"each level must be strictly between 0 and 100, got {level:g}")
+    names = output_names(levels_percent)
+    if len(set(levels_percent)) != len(levels_percent) or len(set(names)) != len(names):
+        raise InputError("--levels", "levels must be distinct (two levels give the same file name)")
+    if len(modalities) != num_images:
+        raise InputError(
+            "--modality", f"names {len(modalities)} modalities for {num_images} images (one each)"
+        )
+    for name in modalities:
+        if name not in MODALITIES:
+            raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
+    if "pet" not in modalities and tumour_class is None:
+        raise InputError(
+            "--tumour-class",
+            "required without a PET image: classes are numbered 0..K-1 by increasing mean in the "
+            f"first image; say which is tumour (e.g. --tumour-class {num_classes - 1} for the brightest)",
+        )
+    if tumour_class is not None and not 0 <= tumour_class < num_classes:
+        raise InputError("--tumour-class", f"must be in 0..{num_classes - 1}, got {tumour_class}")
+    if not isinstance(volume_draws, int) or volume_draws < 100:
+        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
+    if roi is not None and box is not None:
+        raise InputError("--roi", "give either --roi or --box, not both")
+    if psf_fwhm_mm is not None:
+        if not np.isfinite(psf_fwhm_mm) or psf_fwhm_mm < 0:
+            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {psf_fwhm_mm!r}")
+        if "pet" not in modalities:
+            raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
+    if sampler not in SAMPLERS:
+        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "gibbs" and psf_fwhm_mm is not None:
+        raise InputError("--sampler", "gibbs samples the PSF-free model; it cannot be combined "
+                                      "with --psf-fwhm yet")
+    if pet_noise not in PET_NOISE_MODELS:
+        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
+    _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
+
+
+def _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler):
+    if emission not in EMISSION_OPTIONS:
+        raise InputError("--emission", f"must be one of {', '.join(EMISSION_OPTIONS)}, got {emission!r}")
+    if covariance not in COVARIANCES:
+        raise InputError("--covariance", f"must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    if not np.isfinite(dof) or dof <= 0:
+        raise InputError("--dof", f"must be a finite number > 0, got {dof!r}")
+    if emission == "student" and covariance == "full":
+        raise InputError("--covariance", "full covariance is Gaussian; it cannot be combined "
+                                         "with --emission student")
+    if emission == "lognormal" and "pet" not in modalities:
+        raise InputError("--emission", "lognormal applies to PET images, and no image is PET")
+    if covariance == "full" and len(modalities) < 2:
+        raise InputError("--covariance", "full needs two or more images (it models how they covary)")
+    if emission != "gaussian" or covariance != "diagonal":
+        chosen = f"--emission {emission}" if emission != "gaussian" else "--covariance full"
+        if psf_fwhm_mm is not None:
+            raise InputError("--psf-fwhm", f"the PSF likelihood is Gaussian in linear units; it "
+                                           f"cannot be combined with {chosen} yet")
+        if sampler == "gibbs":
+            raise InputError("--sampler", f"gibbs samples the Gaussian model; it cannot be "
+                                          f"combined with {chosen} yet")
+
+
+def check_output_folder(out_dir) -> Path:
+    """Refuse an output folder that is a file, or lies under one; returns it as a Path."""
+    out = Path(out_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(existing, "exists and is not a directory; choose another output folder")
+    if existing.exists() and not os.access(existing, os.W_OK):
+        raise OutputError(existing, "is not writable")
+    return out
+
+
+def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
+    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
+    out = check_output_folder(out_dir)
+    inputs = {os.path.realpath(p) for p in input_paths}
+    for name in names:
+        target = out / name
+        if os.path.realpath(target) in inputs:
+            raise OutputError(target, "is one of the inputs; choose another --out")
+        if target.exists() and not target.is_file():
+            raise OutputError(target, "exists and is not a regular file")
+        if target.exists() and not overwrite:
+            raise OutputError(target, "already exists (use --overwrite to replace it)")
