@@ -85,6 +85,9 @@ def test_chain_diagnostics_detect_disagreeing_chains():
     assert chain_diagnostics(good)["ess"] > 1000
     bad = good + np.arange(4)[:, None] * 3.0
     assert chain_diagnostics(bad)["r_hat"] > 1.5
+    # a trace that never moves has no defined R-hat or ESS (reported as None, not as perfect)
+    flat = chain_diagnostics(np.full((4, 50), 7.0))
+    assert flat["constant"] and flat["r_hat"] is None and flat["ess"] is None
 
 
 def test_gibbs_sampler_in_the_pipeline(tmp_path):
@@ -105,3 +108,9 @@ def test_gibbs_sampler_in_the_pipeline(tmp_path):
     assert gibbs.volume_interval()["mean"] == pytest.approx(vb.volume_interval()["mean"], rel=0.03)
     pet_tlg = gibbs.pet_measures()["tlg"]
     assert pet_tlg["lower"] <= pet_tlg["mean"] <= pet_tlg["upper"]
+    # label switching is counted per chain; restarts are reported with their class sizes
+    switches = gibbs.summary["diagnostics"]["label_switches"]
+    assert len(switches) == 4 and all(0 <= n <= 100 for n in switches)
+    fit = vb.summary["diagnostics"]
+    assert len(fit["restart_class_voxels"]) == len(fit["restart_elbos"]) == 3
+    assert 1 <= fit["restarts_agreeing_with_best"] <= 3 and fit["elbo_gap_to_runner_up"] >= 0

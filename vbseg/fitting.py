@@ -90,6 +90,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         "iterations": iterations,
         "restart_elbos": np.asarray(result.restart_elbos).tolist(),
         "best_restart": int(result.best_restart),
+        **restart_agreement(np.asarray(result.restart_elbos), np.asarray(result.restart_voxels),
+                            int(result.best_restart)),
     }
     beta = float(result.beta)
     if beta_estimator != "fixed":
@@ -126,6 +128,25 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
         diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run}, beta=beta,
     )
+
+
+# Restarts whose every class size is within this fraction of the chosen restart's count as
+# having found the same solution.
+SAME_SOLUTION_TOLERANCE = 0.05
+
+
+def restart_agreement(elbos, voxels, best) -> dict:
+    """How the k-means restarts ended: class sizes (voxels, classes ordered by mean) per
+    restart, and how many found the chosen solution (every class size within 5 %). Distinct
+    solutions mean a multimodal posterior; the chosen one has the highest ELBO (restarts share
+    beta, so their ELBOs are comparable)."""
+    reference = voxels[best]
+    same = [bool(np.all(np.abs(v - reference) <= SAME_SOLUTION_TOLERANCE * np.maximum(reference, 1.0)))
+            for v in voxels]
+    return {"restart_class_voxels": np.round(voxels, 1).tolist(),
+            "restarts_agreeing_with_best": int(sum(same)),
+            "elbo_gap_to_runner_up": float(np.sort(elbos)[-1] - np.sort(elbos)[-2])
+            if len(elbos) > 1 else None}
 
 
 def _class_scales(post) -> np.ndarray:
@@ -175,6 +196,9 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
         "initial_fit": dict(initial.diagnostics, elbo=initial.elbo.tolist()),
         "sampler": "checkerboard Gibbs with conjugate parameter draws",
         "burn_in": GIBBS_BURN_IN,
+        # sweeps in which the classes' order by mean changed and were renamed back (label
+        # switching), per chain
+        "label_switches": np.asarray(result.label_switches).sum(axis=1).tolist(),
         # per class: split R-hat and ESS of its voxel count (the volume) across chains
         "volume_chains": [chain_diagnostics(counts[..., k]) for k in range(num_classes)],
     }

@@ -177,10 +177,13 @@ def statistic_path(key, betas, roi, weights, *, num_classes, prior_unary=None,
         num_classes=num_classes, num_chains=num_chains, num_sweeps=num_sweeps, burn_in=burn_in,
         sample_proportions=sample_proportions), np.float64)
     diagnostics = [chain_diagnostics(d) for d in draws]
-    ess = np.array([d["ess"] for d in diagnostics])
+    # a statistic that never moved has zero spread: its mean is exact for these draws
+    ess = np.array([d["ess"] if d["ess"] is not None else d["chains"] * d["draws_per_chain"]
+                    for d in diagnostics], np.float64)
     standard_error = draws.reshape(len(betas), -1).std(axis=1) / np.sqrt(np.maximum(ess, 1.0))
     return StatisticPath(betas, draws.mean(axis=(1, 2)), standard_error,
-                         np.array([d["r_hat"] for d in diagnostics]), ess, draws)
+                         np.array([np.nan if d["r_hat"] is None else d["r_hat"]
+                                   for d in diagnostics]), ess, draws)
 
 
 def log_partition_ratio(betas, path_mean) -> np.ndarray:

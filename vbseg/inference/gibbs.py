@@ -84,13 +84,15 @@ class GibbsParameters(NamedTuple):
 class GibbsResult(NamedTuple):
     """marginals (X, Y, Z, K) pooled over chains; counts (C, S, K) voxels per class per kept
     sweep; weighted (C, S, K) sum of ``count_weights`` over each class's voxels; means and
-    precisions (C, S, K, M) of the kept draws."""
+    precisions (C, S, K, M) of the kept draws; label_switches (C, S) whether the class order by
+    mean changed in that sweep (the classes were renamed back)."""
 
     marginals: jax.Array
     counts: jax.Array
     weighted: jax.Array
     means: jax.Array
     precisions: jax.Array
+    label_switches: jax.Array
 
 
 def _draw_parameters(key, labels, observations, observed, roi, prior, concentration, tied):
@@ -107,11 +109,13 @@ def _draw_parameters(key, labels, observations, observed, roi, prior, concentrat
 
 
 def _relabel(labels, parameters):
-    """Rename classes by increasing mean in the first modality."""
+    """Rename classes by increasing mean in the first modality; also says whether the order
+    changed (a label switch)."""
     order = jnp.argsort(parameters.mean[:, 0])
     rank = jnp.argsort(order)
+    switched = jnp.any(order != jnp.arange(order.shape[0]))
     return rank[labels], GibbsParameters(parameters.mean[order], parameters.precision[order],
-                                         parameters.proportions[order])
+                                         parameters.proportions[order]), switched
 
 
 @partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied"))
@@ -143,13 +147,14 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
             labels = sample_labels(label_key, labels, unary, beta, weights, roi)
             parameters = _draw_parameters(parameter_key, labels, observations, observed, roi,
                                           prior, concentration, tied)
+            switched = jnp.asarray(False)
             if external_field is None:
                 # with a field the classes are not exchangeable and a renaming is not a valid move
-                labels, parameters = _relabel(labels, parameters)
+                labels, parameters, switched = _relabel(labels, parameters)
             onehot = jax.nn.one_hot(labels, num_classes, dtype=observations.dtype) * roi[..., None]
             record = (jnp.sum(onehot, axis=(0, 1, 2)),
                       jnp.einsum("xyz,xyzk->k", count_weights, onehot), parameters.mean,
-                      parameters.precision)
+                      parameters.precision, switched)
             return (labels, parameters, total + onehot), record
 
         start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
@@ -168,13 +173,16 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
 
 
 def chain_diagnostics(draws) -> dict:
-    """Split R-hat and effective sample size (numpyro) of a (chains, draws) trace."""
+    """Split R-hat and effective sample size (numpyro) of a (chains, draws) trace; both None
+    for a trace that never changes (they are undefined, not perfect)."""
     draws = np.asarray(draws, np.float64)
+    constant = bool(np.ptp(draws) == 0)
     return {
-        "r_hat": float(split_gelman_rubin(draws)),
-        "ess": float(effective_sample_size(draws)),
+        "r_hat": None if constant else float(split_gelman_rubin(draws)),
+        "ess": None if constant else float(effective_sample_size(draws)),
         "chains": int(draws.shape[0]),
         "draws_per_chain": int(draws.shape[1]),
+        "constant": constant,
     }
 
 

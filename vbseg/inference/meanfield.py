@@ -67,6 +67,10 @@ class MeanFieldResult(NamedTuple):
     beta: the coupling at the end (the given one when fixed, else the learned one).
     beta_trace: (max_iter,) beta after each iteration of the learned-beta stage (NaN when
         beta is fixed or after the last iteration run).
+    restart_means: (R, K, M) class means of every restart (first modality ascending within
+        each, as k-means orders them), and restart_voxels (R, K) their expected class sizes:
+        restarts that agree found the same solution; ones that differ show where the ELBO
+        landscape has several modes.
     """
 
     marginals: jax.Array
@@ -79,6 +83,8 @@ class MeanFieldResult(NamedTuple):
     best_restart: jax.Array
     beta: jax.Array
     beta_trace: jax.Array
+    restart_means: jax.Array
+    restart_voxels: jax.Array
 
 
 def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
@@ -326,6 +332,8 @@ def fit_hidden_potts_vb(
     )(observations, observed, roi, beta, weights, family, concentration, field,
       restart_levels(num_classes))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
+    restart_means = post.mean
+    restart_voxels = jnp.sum(q, axis=(1, 2, 3))
     best = jnp.argmax(finals)
     pick = lambda x: x[best]  # noqa: E731
     q, post, alpha, trace, it, converged = (
@@ -338,4 +346,5 @@ def fit_hidden_potts_vb(
         q, post, alpha, trace, it, converged, beta, beta_trace = _cavi(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step)
-    return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace)
+    return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace,
+                           restart_means, restart_voxels)
