@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_potts
+import numpy as np
+
+from benchmarks import bench_beta, bench_calibration, bench_potts
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -16,3 +18,25 @@ def test_bench_potts_smoke(tmp_path):
     saved = json.loads((tmp_path / "bench_potts.json").read_text())
     assert saved["rows"][0]["voxels"] == 16**3
     assert "| 16^3 |" in (tmp_path / "bench_potts.md").read_text()
+
+
+def test_bench_beta_smoke(tmp_path):
+    record = bench_beta.main(["--n", "10", "--fields", "2", "--sweeps", "60", "--path-sweeps", "20",
+                              "--classes", "2", "--betas", "0.2", "--out", str(tmp_path)])
+    row = record["rows"][0]
+    assert row["classes"] == 2 and row["true_beta"] == 0.2 and row["fields"] == 2
+    for key in ("complete_pl", "complete_ti", "hidden_pl", "hidden_ti"):
+        assert np.isfinite(row[key]["bias"])
+    assert "| 2 | 0.20 |" in (tmp_path / "bench_beta.md").read_text()
+
+
+def test_bench_calibration_smoke(tmp_path):
+    record = bench_calibration.main(["--diameters", "22", "--contrasts", "4", "--cvs", "0.1",
+                                     "--seeds", "1", "--methods", "nopsf_fixed,nopsf_gibbs",
+                                     "--gibbs-every", "1", "--out", str(tmp_path)])
+    summary = record["summary"]
+    assert set(summary) == {"nopsf_fixed", "nopsf_gibbs"}
+    for row in summary.values():
+        assert row["draws"] == 1 and 0.0 <= row["coverage"] <= 1.0 and row["dice50_mean"] > 0.5
+    assert (tmp_path / "calibration_reliability.png").stat().st_size > 0
+    assert "| nopsf_gibbs |" in (tmp_path / "bench_calibration.md").read_text()

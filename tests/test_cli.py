@@ -160,8 +160,6 @@ def _bad_cases(i: Path, out: Path):
         ("bad PET noise", ["segment", pet, "--psf-fwhm", "6", "--pet-noise", "loud", "--out", out],
          "--pet-noise", "one of"),
         ("bad sampler", ["segment", pet, "--sampler", "hmc", "--out", out], "--sampler", "one of"),
-        ("gibbs with PSF", ["segment", pet, "--sampler", "gibbs", "--psf-fwhm", "6", "--out", out],
-         "--sampler", "PSF-free"),
         ("same-name levels", ["segment", pet, "--levels", "10,10.0000001", "--out", out],
          "--levels", "same file name"),
         ("output under a file", ["segment", pet, "--out", i / "roi.nii.gz" / "sub"], "roi.nii.gz",

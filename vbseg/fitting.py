@@ -15,6 +15,7 @@ from scipy import ndimage
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF, NormalWishart
 from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
+from vbseg.inference.gibbs_psf import gibbs_hidden_potts_psf
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
@@ -163,38 +164,53 @@ GIBBS_BURN_IN = 200
 
 
 def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_weights, *,
-                 num_classes, beta, seed, num_draws, neighbourhood=6) -> FitOutcome:
-    """Checkerboard Gibbs (labels, class means/precisions, proportions) from a VB solution.
+                 num_classes, beta, seed, num_draws, neighbourhood=6, psf_fwhm_mm=None,
+                 relative_precision=None) -> FitOutcome:
+    """Gibbs (labels, class means/precisions, proportions) from a VB solution.
 
     GIBBS_CHAINS chains start at the VB labels (argmax of q), run GIBBS_BURN_IN sweeps of
     burn-in, then ceil(num_draws / chains) kept sweeps each; every kept sweep is one posterior
     draw of the label field, so volumes carry the spatial correlation the mean-field marginals
-    ignore.
+    ignore. With ``psf_fwhm_mm`` the PSF model is sampled
+    (:mod:`vbseg.inference.gibbs_psf`; uniform proportions, ``relative_precision`` weights).
     """
     per_chain = -(-num_draws // GIBBS_CHAINS)
-    args = (
-        jax.random.PRNGKey(seed),
-        jnp.asarray(_pad_to_bucket(features, 0.0)),
-        jnp.asarray(_pad_to_bucket(observed, False)),
-        jnp.asarray(_pad_to_bucket(voi, False)),
-        jnp.float32(beta),
-        jnp.asarray(neighbour_weights(spacing, neighbourhood)),
-        NormalGammaPrior(*(jnp.full((num_classes, features.shape[-1]), p, jnp.float32)
-                           for p in NormalGammaPrior())),
-        jnp.float32(DEFAULT_CONCENTRATION),
-        jnp.asarray(np.argmax(initial.marginals, axis=-1).astype(np.int32)),
-        jnp.asarray(_pad_to_bucket(count_weights.astype(np.float32), 0.0)),
-    )
-    result, compile_s, run_s = _compile_and_run(
-        gibbs_hidden_potts, args, num_chains=GIBBS_CHAINS, num_sweeps=per_chain,
-        burn_in=GIBBS_BURN_IN,
-    )
+    padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
+              jnp.asarray(_pad_to_bucket(observed, False)),
+              jnp.asarray(_pad_to_bucket(voi, False)),
+              jnp.float32(beta),
+              jnp.asarray(neighbour_weights(spacing, neighbourhood)))
+    start = jnp.asarray(np.argmax(initial.marginals, axis=-1).astype(np.int32))
+    weights = jnp.asarray(_pad_to_bucket(count_weights.astype(np.float32), 0.0))
+    sizes = dict(num_chains=GIBBS_CHAINS, num_sweeps=per_chain, burn_in=GIBBS_BURN_IN)
+    if psf_fwhm_mm is None:
+        prior = NormalGammaPrior(*(jnp.full((num_classes, features.shape[-1]), p, jnp.float32)
+                                   for p in NormalGammaPrior()))
+        args = (jax.random.PRNGKey(seed),) + padded + (
+            prior, jnp.float32(DEFAULT_CONCENTRATION), start, weights)
+        result, compile_s, run_s = _compile_and_run(gibbs_hidden_potts, args, **sizes)
+        precisions = np.asarray(result.precisions)
+        sampler = "checkerboard Gibbs with conjugate parameter draws"
+    else:
+        if relative_precision is None:
+            relative_precision = np.ones(features.shape, np.float32)
+        args = (jax.random.PRNGKey(seed),) + padded + (
+            NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior())),
+            jnp.asarray(_pad_to_bucket(relative_precision, 1.0)), start, weights)
+        result, compile_s, run_s = _compile_and_run(
+            gibbs_hidden_potts_psf, args, num_classes=num_classes,
+            psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
+            spacing_mm=tuple(float(x) for x in spacing), **sizes)
+        precisions = np.broadcast_to(np.asarray(result.precisions)[:, :, None, :],
+                                     np.asarray(result.means).shape)
+        sampler = ("Gibbs for the PSF model: colour strides beyond the PSF support, conjugate "
+                   "regression draws of the class means and noise precision")
     counts = np.asarray(result.counts)
     means = np.asarray(result.means).mean(axis=(0, 1))
-    sds = np.sqrt(1.0 / np.asarray(result.precisions)).mean(axis=(0, 1))
+    sds = np.sqrt(1.0 / precisions).mean(axis=(0, 1))
     diagnostics = {
         "initial_fit": dict(initial.diagnostics, elbo=initial.elbo.tolist()),
-        "sampler": "checkerboard Gibbs with conjugate parameter draws",
+        "sampler": sampler,
         "burn_in": GIBBS_BURN_IN,
         # sweeps in which the classes' order by mean changed and were renamed back (label
         # switching), per chain
@@ -202,7 +218,8 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
         # per class: split R-hat and ESS of its voxel count (the volume) across chains
         "volume_chains": [chain_diagnostics(counts[..., k]) for k in range(num_classes)],
     }
-    proportions = counts.mean(axis=(0, 1)) / max(float(voi.sum()), 1.0)
+    proportions = (counts.mean(axis=(0, 1)) / max(float(voi.sum()), 1.0) if psf_fwhm_mm is None
+                   else initial.proportions)
     timings = {"compile": initial.timings["compile"] + compile_s,
                "run": initial.timings["run"] + run_s}
     return FitOutcome(np.asarray(result.marginals), means, sds, proportions, None, diagnostics,

@@ -89,9 +89,6 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
             raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
     if sampler not in SAMPLERS:
         raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if sampler == "gibbs" and psf_fwhm_mm is not None:
-        raise InputError("--sampler", "gibbs samples the PSF-free model; it cannot be combined "
-                                      "with --psf-fwhm yet")
     if pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)

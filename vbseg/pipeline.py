@@ -50,13 +50,8 @@ from vbseg.volume import (
     sha256_file,
 )
 
-# Potts coupling when none is given (until beta is learned). The PSF model needs a stronger
-# spatial prior: deconvolution is ill-posed, and on the NEMA phantom scan (background COV 0.35)
-# beta = 0.5 let the tumour class explain background noise bumps (volumes +20 to +75 % at
-# beta = 1.0), while beta = 1.5 gave Dice 0.91-0.95 and volume within 5 % for spheres >= 13 mm;
-# the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
 GIBBS_DRAWS_METHOD = (
-    f"posterior draws of the whole label field: checkerboard Gibbs (labels, class means and "
+    f"posterior draws of the whole label field: Gibbs (labels, class means and "
     f"precisions, proportions), {GIBBS_CHAINS} chains started at the VB solution, "
     f"{GIBBS_BURN_IN} burn-in sweeps, one draw per kept sweep; R-hat and ESS in diagnostics"
 )
@@ -233,7 +228,8 @@ def segment(
         count_weights = stack[..., 0] if pet_first else np.ones(crop_voi.shape, np.float32)
         fit = sample_potts(fit, features, observed, crop_voi, reference.spacing, count_weights,
                            num_classes=num_classes, beta=beta_used, seed=seed,
-                           num_draws=volume_draws, neighbourhood=neighbourhood)
+                           num_draws=volume_draws, neighbourhood=neighbourhood,
+                           psf_fwhm_mm=psf, relative_precision=precision)
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
@@ -295,8 +291,9 @@ def segment(
                          + (BETA_LEARNED_TEXT if learn_beta else "beta fixed")
                          + ("; then the PSF model by mean-field VB from that solution (damped "
                             "checkerboard sweeps)" if psf_fwhm_mm is not None else "")
-                         + ("; then checkerboard Gibbs from that solution (probabilities and "
-                            "volumes from its draws)" if sampler == "gibbs" else ""),
+                         + ("; then Gibbs from that solution (probabilities and volumes from "
+                            "its draws; the PSF model's own sampler with --psf-fwhm)"
+                            if sampler == "gibbs" else ""),
             "sampler": sampler,
             "tumour_rule": tumour_rule,
             "volume_draws": volume_draws,

@@ -84,8 +84,9 @@ class GibbsParameters(NamedTuple):
 class GibbsResult(NamedTuple):
     """marginals (X, Y, Z, K) pooled over chains; counts (C, S, K) voxels per class per kept
     sweep; weighted (C, S, K) sum of ``count_weights`` over each class's voxels; means and
-    precisions (C, S, K, M) of the kept draws; label_switches (C, S) whether the class order by
-    mean changed in that sweep (the classes were renamed back)."""
+    precisions (C, S, K, M) of the kept draws (precisions (C, S, M), one per modality, from the
+    PSF sampler); label_switches (C, S) whether the class order by mean changed in that sweep
+    (the classes were renamed back)."""
 
     marginals: jax.Array
     counts: jax.Array
