@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vbseg.inference.gibbs import chain_diagnostics, sample_labels
-from vbseg.models.potts import neighbour_sum, potts_statistic
+from vbseg.models.potts import class_softmax, neighbour_sum, potts_statistic
 
 # Upper end of beta's uniform prior, in units where the nearest neighbours weigh 1. Far above
 # the critical coupling of the 6-neighbourhood (about 0.44 for K = 2, 0.55 for K = 3).
@@ -67,7 +67,7 @@ def pseudo_log_likelihood(beta, labels, prior_unary, weights, roi) -> jax.Array:
 
 
 def _pl_derivatives(beta, labels, counts, prior_unary, roi):
-    probs = jax.nn.softmax(beta * counts + prior_unary, axis=-1)
+    probs = class_softmax(beta * counts + prior_unary)
     expected = jnp.sum(probs * counts, axis=-1)
     observed = jnp.sum(labels * counts, axis=-1)
     variance = jnp.sum(probs * counts**2, axis=-1) - expected**2

