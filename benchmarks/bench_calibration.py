@@ -38,7 +38,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 import vbseg
-from vbseg.metrics import brier_score, dice, expected_calibration_error, reliability
+from vbseg.metrics import brier_score, dice, expected_calibration_error, interval_score, reliability
 from vbseg.volume import save_nifti, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,12 +52,6 @@ METHODS = {
     "nopsf_fixed": dict(psf=False, beta=None, sampler="vb"),
     "nopsf_gibbs": dict(psf=False, beta=None, sampler="gibbs"),
 }
-
-
-def interval_score(lower, upper, truth, alpha=1 - LEVEL) -> float:
-    """Winkler / interval score: width + (2 / alpha) x the distance by which truth is missed."""
-    return float((upper - lower) + (2 / alpha) * max(lower - truth, 0.0)
-                 + (2 / alpha) * max(truth - upper, 0.0))
 
 
 def run_draw(config, seed, methods, folder, psf_fwhm):
@@ -82,7 +76,8 @@ def run_draw(config, seed, methods, folder, psf_fwhm):
             "upper_ml": volume["upper"],
             "covered": bool(volume["lower"] <= truth_ml <= volume["upper"]),
             "width_rel": (volume["upper"] - volume["lower"]) / truth_ml,
-            "interval_score_rel": interval_score(volume["lower"], volume["upper"], truth_ml) / truth_ml,
+            "interval_score_rel": interval_score(volume["lower"], volume["upper"], truth_ml, LEVEL)
+            / truth_ml,
             "volume_error": volume["mean"] / truth_ml - 1.0,
             "dice50": dice(p >= 0.5, phantom.truth),
             "ece": expected_calibration_error(p, phantom.truth),

@@ -33,3 +33,9 @@ def shared_data() -> Path:
         pytest.skip(f"real scans not found at {SHARED_DATA} "
                     "(the shared data folder beside the checkout; see README, Tests)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data_optional():
+    """../shared/data when present, else None (for tests that only narrow what they check)."""
+    return SHARED_DATA if (SHARED_DATA / "cases.json").exists() else None

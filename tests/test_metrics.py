@@ -34,3 +34,40 @@ def test_perfectly_calibrated_draws_have_small_ece():
     assert expected_calibration_error(p, ~t) > 0.4
     edges, predicted, observed, counts = reliability(p, t)
     assert len(edges) == 16 and counts.sum() == p.size
+
+
+def _ball(shape, centre, radius, spacing):
+    grid = np.indices(shape).T * np.asarray(spacing)
+    return (np.sqrt(np.sum((grid - np.asarray(centre)) ** 2, axis=-1)) <= radius).T
+
+
+def test_surface_metrics_on_shifted_spheres():
+    """A 10 mm sphere against itself shifted by 3 voxels (3 mm) along one axis: the surface
+    distances lie between 0 and 3 mm (the shift), the 95th percentile close to it (within one
+    voxel); surface Dice is 1 at a 3 mm tolerance and below 1 at 1 mm; identical masks give 0
+    and 1."""
+    from vbseg.metrics import surface_metrics
+
+    spacing = (1.0, 1.0, 1.0)
+    a = _ball((40, 40, 40), (20, 20, 20), 10, spacing)
+    b = _ball((40, 40, 40), (23, 20, 20), 10, spacing)
+    same = surface_metrics(a, a, spacing)
+    assert same["hd95_mm"] == 0 and same["asd_mm"] == 0 and same["sdice"] == 1
+    shifted = surface_metrics(b, a, spacing, tolerance_mm=1.0)
+    assert 2.0 <= shifted["hd95_mm"] <= 4.0
+    assert 0.5 <= shifted["asd_mm"] <= 3.0
+    assert shifted["sdice"] < 0.9
+    assert surface_metrics(b, a, spacing, tolerance_mm=3.5)["sdice"] == pytest.approx(1.0)
+    assert np.isnan(surface_metrics(np.zeros_like(a), a, spacing)["hd95_mm"])
+
+
+def test_interval_score_and_crps_closed_forms():
+    from vbseg.metrics import crps_from_draws, interval_score
+
+    assert interval_score(1.0, 3.0, 2.0) == pytest.approx(2.0)
+    assert interval_score(1.0, 3.0, 4.0) == pytest.approx(2.0 + 40.0 * 1.0)
+    # CRPS of a point mass at x is |x - y|; of N(0, 1) at y = 0 it is 2 phi(0) - 1/sqrt(pi)
+    assert crps_from_draws(np.full(10, 2.0), 5.0) == pytest.approx(3.0)
+    draws = np.random.default_rng(0).normal(size=200_000)
+    exact = 2 * (1 / np.sqrt(2 * np.pi)) - 1 / np.sqrt(np.pi)
+    assert crps_from_draws(draws, 0.0) == pytest.approx(exact, abs=0.005)

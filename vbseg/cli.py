@@ -121,12 +121,33 @@ def _add_demo(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_experiment(sub):
+    p = sub.add_parser("experiment", help="run a TOML config: model variants x cases, resumable")
+    p.add_argument("config", help="experiment config (TOML; see vbseg/experiment.py)")
+    p.add_argument("--out", default=None, help="output folder (default results/<config name>)")
+    p.add_argument("--jobs", type=int, default=1, help="cases run in parallel processes (default 1)")
+
+
+def _run_experiment(args) -> int:
+    from vbseg.experiment import default_output, load_experiment, run_experiment
+
+    if args.jobs < 1:
+        raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
+    experiment = load_experiment(args.config)
+    out = args.out or default_output(args.config)
+    summary = run_experiment(experiment, out, jobs=args.jobs)
+    print(f"{summary['runs']} runs ({summary['skipped']} already finished, {summary['failed']} "
+          f"failed); table: {summary['table']}")
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_segment(sub)
     _add_demo(sub)
     _add_phantom(sub)
+    _add_experiment(sub)
     return parser
 
 
@@ -245,11 +266,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         enable_compilation_cache()
-        {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom}[args.command](args)
+        commands = {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom,
+                    "experiment": _run_experiment}
+        status = commands[args.command](args)
     except VbsegError as error:
         print(f"vbseg: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -62,3 +62,60 @@ def expected_calibration_error(probability, truth, voi=None, num_bins: int = ECE
     _, predicted, observed, counts = reliability(probability, truth, voi, num_bins)
     filled = counts > 0
     return float(np.sum(counts[filled] * np.abs(predicted[filled] - observed[filled])) / counts.sum())
+
+
+def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
+    """Surface distances between two masks, with DeepMind's ``surface-distance`` library.
+
+    Surfaces are made of surface elements (surfels) weighted by their area; distances are from
+    each surfel of one surface to the nearest surfel of the other, in mm (Nikolov et al. 2021,
+    "Clinically applicable segmentation of head and neck anatomy for radiotherapy", JMIR 23:e26151,
+    for surface Dice). Returns:
+
+    * ``hd95_mm``: the robust Hausdorff distance, the larger of the two directed 95th
+      percentiles of the surfel-weighted distances;
+    * ``asd_mm``: the average surface distance, the mean of the two directed surfel-weighted
+      mean distances;
+    * ``sdice``: surface Dice at ``tolerance_mm``: the fraction of both surfaces' area lying
+      within the tolerance of the other surface.
+
+    Empty masks give NaN distances (and surface Dice 0 unless both are empty). The library
+    (0.1, 2024) still calls ``scipy.ndimage.filters``, deprecated in SciPy; its warning is
+    silenced here, and SciPy 2 removing that namespace would need a patch or a replacement.
+    """
+    import warnings
+
+    from surface_distance import metrics as sd
+
+    a, b = np.asarray(mask, bool), np.asarray(truth, bool)
+    if not a.any() or not b.any():
+        both = not a.any() and not b.any()
+        return {"hd95_mm": float("nan"), "asd_mm": float("nan"), "sdice": 1.0 if both else 0.0}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="surface_distance")
+        distances = sd.compute_surface_distances(b, a, tuple(float(s) for s in spacing_mm))
+    to_truth, to_mask = sd.compute_average_surface_distance(distances)
+    return {
+        "hd95_mm": float(sd.compute_robust_hausdorff(distances, 95)),
+        "asd_mm": float(0.5 * (to_truth + to_mask)),
+        "sdice": float(sd.compute_surface_dice_at_tolerance(distances, tolerance_mm)),
+    }
+
+
+def interval_score(lower: float, upper: float, truth: float, level: float = 0.95) -> float:
+    """Interval (Winkler) score of a central interval at ``level``: its width plus 2 / alpha
+    times the distance by which it misses the truth (Gneiting & Raftery 2007, JASA 102:359),
+    so a wide interval does not win by covering."""
+    alpha = 1.0 - level
+    return float((upper - lower) + (2.0 / alpha) * (max(lower - truth, 0.0) + max(truth - upper, 0.0)))
+
+
+def crps_from_draws(draws, truth: float) -> float:
+    """Continuous ranked probability score of a distribution given by draws:
+    E|X - y| - E|X - X'| / 2 (Gneiting & Raftery 2007), from the sorted draws in O(n log n)."""
+    x = np.sort(np.asarray(draws, np.float64).ravel())
+    n = x.size
+    first = np.mean(np.abs(x - truth))
+    # E|X - X'| = 2 / n^2 sum_i (2 i - n - 1) x_(i), i = 1..n
+    second = 2.0 / n**2 * np.sum((2 * np.arange(1, n + 1) - n - 1) * x)
+    return float(first - 0.5 * second)

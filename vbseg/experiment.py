@@ -1,0 +1,479 @@
+"""Experiments: a TOML config that sweeps model settings over cases, run resumably.
+
+A config names the cases and the model settings; any model setting given as a list is a sweep
+axis, and the runs are every (case, variant) pair, the variants being the product of the axes
+(``[sweep] mode = "product"``, the default) or their element-wise zip (``"zip"``)::
+
+    [experiment]
+    name = "phantom_spheres"          # optional; default: the file's stem
+    description = "..."
+
+    [phantoms]                        # synthetic cases (each list a case axis, product)
+    diameters_mm = [10, 22, 37]
+    contrast = [2.0, 4.0]
+    cv = [0.1]
+    psf_fwhm_mm = 6.0
+    seeds = 3                         # noise draws per configuration (seeds 0..n-1)
+
+    [real]                            # cases from an index such as ../shared/data/cases.json
+    index = "../../shared/data/cases.json"   # relative to the config file
+    cases = ["sts001", "sts002"]      # or "all" (every case of kind = "patient", the default)
+    modalities = ["pet", "ct"]        # images in this order; the label of the first is the truth
+                                      # (a list of such lists is a case axis: [["pet"], ["pet", "ct"]])
+
+    [model]                           # settings of vbseg.segment (see `vbseg segment --help`)
+    name = "potts"
+    beta = [0.5, 1.5, "auto"]
+    psf_fwhm_mm = [0, 6.0]            # 0: no PSF term
+
+    [sweep]
+    mode = "product"
+
+Validation happens before anything runs; a problem is one line naming the config file, the
+key and the problem. Each run gets a folder ``runs/<id>`` under the output folder, ``id`` a
+hash of (case, variant, code version), holding its outputs and ``result.json``, written
+atomically and last: a run with a ``result.json`` of status "ok" is finished and a re-run skips
+it, so an interrupted sweep resumes where it stopped. A run that fails records its error and
+the sweep goes on. ``results.csv`` and ``results.md`` (DESIGN.md's columns) are rebuilt from
+the run folders at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from vbseg.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = {"experiment", "phantoms", "real", "model", "sweep"}
+EXPERIMENT_KEYS = {"name": str, "description": str}
+PHANTOM_KEYS = {"diameters_mm": float, "contrast": float, "cv": float, "psf_fwhm_mm": float,
+                "noise": str, "seeds": int}
+REAL_KEYS = {"index": str, "cases": (str, list), "modalities": list, "kind": str}
+# model settings: the segment() keyword each maps to, and the scalar type(s) it takes
+MODEL_KEYS = {
+    "name": ("model", str), "classes": ("num_classes", int), "beta": ("beta", (float, str)),
+    "neighbourhood": ("neighbourhood", int), "psf_fwhm_mm": ("psf_fwhm_mm", float),
+    "pet_noise": ("pet_noise", str), "sampler": ("sampler", str), "emission": ("emission", str),
+    "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
+}
+SWEEP_MODES = ("product", "zip")
+COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
+           "sdice_2mm", "vol_true_ml", "vol_mean_ml", "vol_lower_ml", "vol_upper_ml", "covered",
+           "interval_score", "crps_ml", "ece", "brier", "compile_s", "run_s", "error"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (case, variant) of a sweep. ``case`` and ``variant`` are JSON-able dicts."""
+
+    case: dict
+    variant: dict
+
+    @property
+    def run_id(self) -> str:
+        from vbseg import __version__
+
+        payload = json.dumps({"case": self.case, "variant": self.variant, "version": __version__},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        return self.case["name"]
+
+    @property
+    def variant_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.variant.items())) or "default"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: Path
+    runs: tuple[Run, ...]
+
+
+def _number(value, kind):
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError
+
+
+def _check_scalar(path, key, value, kinds):
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    for kind in kinds:
+        try:
+            return _number(value, kind)
+        except TypeError:
+            continue
+    names = " or ".join(k.__name__ for k in kinds)
+    raise InputError(path, f"{key}: expected {names}, got {value!r}")
+
+
+def _axis(path, key, value, kinds) -> list:
+    """A setting as a list of validated scalars (a scalar is a one-element axis)."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise InputError(path, f"{key}: an empty list")
+    return [_check_scalar(path, key, v, kinds) for v in values]
+
+
+def _unknown(path, section, table, allowed):
+    for key in table:
+        if key not in allowed:
+            raise InputError(path, f"[{section}] {key}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _phantom_cases(path, table) -> list[dict]:
+    _unknown(path, "phantoms", table, PHANTOM_KEYS)
+    axes = {key: _axis(path, f"[phantoms] {key}", table[key], PHANTOM_KEYS[key])
+            for key in ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise") if key in table}
+    if "diameters_mm" not in axes:
+        raise InputError(path, "[phantoms] diameters_mm: required")
+    seeds = _check_scalar(path, "[phantoms] seeds", table.get("seeds", 1), int)
+    if seeds < 1:
+        raise InputError(path, f"[phantoms] seeds: must be >= 1, got {seeds}")
+    cases = []
+    names = list(axes)
+    for values in itertools.product(*axes.values()):
+        spec = dict(zip(names, values))
+        for seed in range(seeds):
+            tag = "_".join(f"{k.split('_')[0]}{v:g}" if isinstance(v, float) else f"{k}{v}"
+                           for k, v in spec.items())
+            cases.append({"kind": "phantom", "name": f"phantom_{tag}_s{seed}", "spec": spec,
+                          "seed": seed})
+    return cases
+
+
+def _real_cases(path, table) -> list[dict]:
+    _unknown(path, "real", table, REAL_KEYS)
+    if "index" not in table:
+        raise InputError(path, "[real] index: required (a cases.json)")
+    index_path = (path.parent / _check_scalar(path, "[real] index", table["index"], str)).resolve()
+    if not index_path.is_file():
+        raise InputError(path, f"[real] index: {index_path} not found")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"[real] index: {index_path} cannot be read ({error})") from None
+    by_name = {entry["case"]: entry for entry in index if "case" in entry}
+    sets = table.get("modalities", ["pet"])
+    sets = sets if sets and all(isinstance(x, list) for x in sets) else [sets]
+    cases = []
+    for modalities in sets:
+        modalities = [m.lower() for m in _axis(path, "[real] modalities", modalities, str)]
+        cases += _real_cases_for(path, table, index_path, by_name, modalities, len(sets) > 1)
+    if not cases:
+        raise InputError(path, "[real]: no case has every requested modality")
+    return cases
+
+
+def _real_cases_for(path, table, index_path, by_name, modalities, tag) -> list[dict]:
+    wanted = table.get("cases", "all")
+    kind = _check_scalar(path, "[real] kind", table.get("kind", "patient"), str)
+    names = (sorted(n for n, e in by_name.items()
+                    if e.get("kind") == kind and all(m in e.get("modalities", {}) for m in modalities))
+             if wanted == "all" else _axis(path, "[real] cases", wanted, str))
+    cases = []
+    for name in names:
+        entry = by_name.get(name)
+        if entry is None:
+            raise InputError(path, f"[real] cases: {name!r} is not in {index_path}")
+        available = entry.get("modalities", {})
+        missing = [m for m in modalities if m not in available]
+        if missing:
+            raise InputError(path, f"[real] cases: {name!r} has no {', '.join(missing)} image")
+        images = [str(index_path.parent / available[m]["image"]) for m in modalities]
+        label = str(index_path.parent / available[modalities[0]]["label"])
+        cases.append({"kind": "real", "name": f"{name}_{'+'.join(modalities)}" if tag else name,
+                      "images": images, "modalities": modalities, "label": label, "seed": 0})
+    return cases
+
+
+def _variants(path, model, mode) -> list[dict]:
+    _unknown(path, "model", model, MODEL_KEYS)
+    axes = {key: _axis(path, f"[model] {key}", value, MODEL_KEYS[key][1]) for key, value in model.items()}
+    for value in axes.get("beta", []):
+        if isinstance(value, str) and value != "auto":
+            raise InputError(path, f"[model] beta: expected a number or 'auto', got {value!r}")
+    names = list(axes)
+    if mode == "zip":
+        lengths = {len(v) for v in axes.values() if len(v) > 1}
+        if len(lengths) > 1:
+            raise InputError(path, "[sweep] mode = \"zip\": list settings have different lengths "
+                                   f"{sorted(lengths)}")
+        n = lengths.pop() if lengths else 1
+        rows = [tuple(v[i] if len(v) > 1 else v[0] for v in axes.values()) for i in range(n)]
+    else:
+        rows = list(itertools.product(*axes.values()))
+    return [dict(zip(names, row)) for row in rows]
+
+
+def load_experiment(path) -> Experiment:
+    """Parse and validate a config; returns the expanded runs. InputError names file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "not found")
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise InputError(path, f"is not valid TOML ({error})") from None
+    for section, value in config.items():
+        if section not in SECTIONS:
+            raise InputError(path, f"[{section}]: unknown section (known: {', '.join(sorted(SECTIONS))})")
+        if not isinstance(value, dict):
+            raise InputError(path, f"{section}: expected a [{section}] table")
+    meta = config.get("experiment", {})
+    _unknown(path, "experiment", meta, EXPERIMENT_KEYS)
+    name = _check_scalar(path, "[experiment] name", meta.get("name", path.stem), str)
+    sweep = config.get("sweep", {})
+    _unknown(path, "sweep", sweep, {"mode"})
+    mode = sweep.get("mode", "product")
+    if mode not in SWEEP_MODES:
+        raise InputError(path, f"[sweep] mode: must be one of {', '.join(SWEEP_MODES)}, got {mode!r}")
+    cases = []
+    if "phantoms" in config:
+        cases += _phantom_cases(path, config["phantoms"])
+    if "real" in config:
+        cases += _real_cases(path, config["real"])
+    if not cases:
+        raise InputError(path, "names no cases: add a [phantoms] or a [real] table")
+    variants = _variants(path, config.get("model", {}), mode)
+    for variant in variants:
+        _check_variant(path, variant, cases)
+    return Experiment(name, path, tuple(Run(case, variant) for case in cases for variant in variants))
+
+
+def segment_kwargs(variant: dict) -> dict:
+    """A variant's settings as ``vbseg.segment`` keywords (psf_fwhm_mm = 0 means no PSF term)."""
+    kwargs = {MODEL_KEYS[k][0]: v for k, v in variant.items()}
+    if kwargs.get("psf_fwhm_mm") == 0:
+        kwargs["psf_fwhm_mm"] = None
+    return kwargs
+
+
+def _check_variant(path, variant, cases):
+    """Option values are checked by the same validation as ``vbseg segment`` (no files read)."""
+    from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options
+
+    kwargs = segment_kwargs(variant)
+    for modalities in {tuple(case.get("modalities", ["pet"])) for case in cases}:
+        modalities = list(modalities)
+        try:
+            check_options(
+                model=kwargs.get("model", "potts"), num_classes=kwargs.get("num_classes", 2),
+                beta=kwargs.get("beta", 0.5), levels_percent=(10.0, 50.0, 90.0),
+                num_images=len(modalities), modalities=modalities, tumour_class=None,
+                volume_draws=kwargs.get("volume_draws", DEFAULT_VOLUME_DRAWS),
+                neighbourhood=kwargs.get("neighbourhood", 6), psf_fwhm_mm=kwargs.get("psf_fwhm_mm"),
+                pet_noise=kwargs.get("pet_noise", "poisson"), sampler=kwargs.get("sampler", "vb"),
+                emission=kwargs.get("emission", "gaussian"),
+                covariance=kwargs.get("covariance", "diagonal"), dof=kwargs.get("dof", 4.0))
+        except InputError as error:
+            raise InputError(path, f"[model] {error}") from None
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def _result_path(out: Path, run: Run) -> Path:
+    return out / "runs" / run.run_id / "result.json"
+
+
+def is_finished(out: Path, run: Run) -> bool:
+    path = _result_path(out, run)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def _case_inputs(run: Run, folder: Path):
+    """(image paths, modalities, truth mask, true volume mL, spacing) for a case."""
+    import nibabel as nib
+
+    from vbseg.phantoms import PhantomSpec, make_phantom
+
+    case = run.case
+    if case["kind"] == "phantom":
+        spec = dict(case["spec"])
+        phantom = make_phantom(PhantomSpec(diameters_mm=(spec.pop("diameters_mm"),), **spec),
+                               seed=case["seed"])
+        paths = phantom.save(folder / "inputs")
+        return ([paths["pet"]], ["pet"], phantom.truth, phantom.volume_ml, phantom.pet.spacing)
+    label = nib.load(case["label"])
+    truth = np.asarray(label.dataobj) > 0
+    spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
+    return (case["images"], case["modalities"], truth,
+            float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
+
+
+def execute(run: Run, out: Path) -> dict:
+    """Run one (case, variant); write its outputs and result.json (atomically, last)."""
+    from vbseg.metrics import (
+        brier_score,
+        crps_from_draws,
+        dice,
+        expected_calibration_error,
+        interval_score,
+        surface_metrics,
+    )
+    from vbseg.pipeline import segment
+    from vbseg.volume import write_text_atomic
+
+    folder = out / "runs" / run.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"run_id": run.run_id, "case": run.case["name"], "variant": run.variant_text,
+              "settings": run.variant, "case_spec": run.case, "seed": run.case["seed"]}
+    started = time.perf_counter()
+    try:
+        images, modalities, truth, true_ml, spacing = _case_inputs(run, folder)
+        kwargs = segment_kwargs(run.variant)
+        posterior = segment(images, folder / "outputs", modalities=modalities,
+                            seed=run.case["seed"], overwrite=True, title=run.case["name"], **kwargs)
+        if posterior.probability.shape != truth.shape:
+            raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
+        volume = posterior.volume_interval()
+        contour = posterior.probability >= 0.5
+        surface = surface_metrics(contour, truth, spacing, tolerance_mm=2.0)
+        timings = posterior.summary["timings_s"]
+        record.update({
+            "status": "ok", "model": posterior.summary["model"],
+            "dice50": dice(contour, truth), "hd95_mm": surface["hd95_mm"],
+            "asd_mm": surface["asd_mm"], "sdice_2mm": surface["sdice"], "vol_true_ml": true_ml,
+            "vol_mean_ml": volume["mean"], "vol_lower_ml": volume["lower"],
+            "vol_upper_ml": volume["upper"],
+            "covered": bool(volume["lower"] <= true_ml <= volume["upper"]),
+            "interval_score": interval_score(volume["lower"], volume["upper"], true_ml),
+            "crps_ml": crps_from_draws(posterior.volume_draws_ml, true_ml),
+            "ece": expected_calibration_error(posterior.probability, truth, posterior.voi),
+            "brier": brier_score(posterior.probability, truth, posterior.voi),
+            "compile_s": timings["compile"], "run_s": timings["run"],
+        })
+    except Exception as error:  # a failed run is recorded and the sweep goes on
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        record.update({"status": "failed", "error": f"{type(error).__name__}: {message}",
+                       "traceback": traceback.format_exc()})
+    record["wall_s"] = time.perf_counter() - started
+    write_text_atomic(folder / "result.json", json.dumps(record, indent=2, default=float) + "\n")
+    return record
+
+
+def _execute_in_child(args):
+    run, out = args
+    from vbseg.cli import enable_compilation_cache
+
+    enable_compilation_cache()
+    return execute(run, Path(out))
+
+
+def run_experiment(experiment: Experiment, out, *, jobs: int = 1, progress: bool = True) -> dict:
+    """Run every unfinished run of ``experiment`` into ``out``; rebuild the tables.
+
+    Returns {"runs", "skipped", "failed", "table"}. ``jobs`` > 1 runs cases in that many spawned
+    processes (JAX does not survive fork).
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [run for run in experiment.runs if not is_finished(out, run)]
+    skipped = len(experiment.runs) - len(todo)
+    bar = tqdm(total=len(experiment.runs), initial=skipped, unit="run", disable=not progress,
+               desc=experiment.name, dynamic_ncols=True)
+    failed = 0
+    try:
+        if jobs <= 1:
+            for run in todo:
+                bar.set_postfix_str(run.label)
+                failed += execute(run, out)["status"] != "ok"
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                for record in pool.map(_execute_in_child, [(run, str(out)) for run in todo]):
+                    bar.set_postfix_str(record["case"])
+                    failed += record["status"] != "ok"
+                    bar.update(1)
+    finally:
+        bar.close()
+        table = write_tables(experiment, out)
+    return {"runs": len(experiment.runs), "skipped": skipped, "failed": failed, "table": table}
+
+
+def collect(experiment: Experiment, out) -> list[dict]:
+    """One row per run of the experiment (missing runs as status "missing")."""
+    rows = []
+    for run in experiment.runs:
+        path = _result_path(Path(out), run)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {"case": run.label, "variant": run.variant_text, "seed": run.case["seed"],
+                      "status": "missing"}
+        rows.append({column: record.get(column) for column in COLUMNS})
+    return rows
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_tables(experiment: Experiment, out) -> Path:
+    """results.csv and results.md rebuilt from the run folders (atomic writes)."""
+    from vbseg.volume import write_text_atomic
+
+    out = Path(out)
+    rows = collect(experiment, out)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in COLUMNS])
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    shown = [c for c in COLUMNS if c != "error"]
+    ok = sum(r["status"] == "ok" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    lines = [f"# {experiment.name}", "",
+             f"Config: `{experiment.path}`; {len(rows)} runs, {ok} ok, {failed} failed.",
+             "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in shown) + " |")
+    failures = [r for r in rows if r["status"] == "failed"]
+    if failures:
+        lines += ["", "Failures:", ""] + [f"- {r['case']} ({r['variant']}): {r['error']}" for r in failures]
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
+    return out / "results.csv"
+
+
+def default_output(config_path) -> Path:
+    return Path("results") / Path(config_path).stem
+
+
