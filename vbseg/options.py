@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vbseg.baselines import BASELINES
 from vbseg.errors import InputError, OutputError
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
@@ -36,7 +37,7 @@ BETA_LEARNED_TEXT = (
 )
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
-MODELS = ("potts",)
+MODELS = ("potts",) + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 
@@ -49,6 +50,8 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     InputError names the option."""
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    if model in BASELINES and "pet" not in modalities:
+        raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
         raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):

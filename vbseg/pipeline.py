@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib import metadata
 
 import numpy as np
 
+from vbseg.baselines import BASELINES, baseline_map
 from vbseg.errors import InputError
 from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
 from vbseg.models.emissions import describe_emission, log_transform_pet
@@ -123,6 +125,67 @@ def standardise(stack, observed, volumes):
     return features, centres, scales
 
 
+def _voi_text(roi, box) -> str:
+    return "roi" if roi is not None else (f"box {box}" if box is not None else "whole image")
+
+
+def _provenance(images, modalities, roi, seed) -> dict:
+    """summary.json's seed, versions and inputs (paths with sha256)."""
+    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m}
+              for p, m in zip(images, modalities)]
+    if roi is not None:
+        inputs.append({"path": os.path.abspath(roi), "sha256": sha256_file(roi), "role": "roi"})
+    return {"seed": seed, "versions": _versions(), "inputs": inputs}
+
+
+def _independent_draws(probability, reference, pet_first, seed, num_draws):
+    """Volume (and TLG) draws from independent voxel labels with P(tumour) = probability."""
+    voxel_ml = reference.voxel_volume_ml
+    candidates = probability > 0
+    weights = [np.full(int(candidates.sum()), voxel_ml)]
+    if pet_first:
+        weights.append(reference.data[candidates] * voxel_ml)
+    draws = independent_label_draws(probability[candidates], np.stack(weights, axis=1), seed=seed,
+                                    num_draws=num_draws)
+    return draws[:, 0], (draws[:, -1] if pet_first else None)
+
+
+def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, reference, images,
+                        modalities, roi, box, resampled, seed, volume_draws, out, levels_percent,
+                        title) -> Posterior:
+    """A baseline's map as a Posterior: volume draws from independent voxels (a 0/1 mask gives
+    a single volume, so its "interval" has zero width)."""
+    start = time.perf_counter()
+    crop, kind, parameters = baseline_map(name, stack, observed, crop_voi, modalities)
+    run_s = time.perf_counter() - start
+    probability = np.zeros(reference.shape, np.float32)
+    probability[bounds] = np.where(crop_voi, crop, 0.0)
+    pet_first = modalities[0] == "pet"
+    volume_draws_ml, tlg_draws = _independent_draws(probability, reference, pet_first, seed,
+                                                    volume_draws)
+    summary = {
+        "model": name,
+        "options": {"baseline": name, "map": kind, "voi": _voi_text(roi, box),
+                    "volume_draws": volume_draws},
+        "parameters": parameters,
+        "modality": modalities,
+        "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
+        "elbo": None,
+        "diagnostics": {"voi_voxels": int(voi.sum()),
+                        "voi_bounds": [[s.start, s.stop] for s in bounds]},
+        "timings_s": {"compile": 0.0, "run": run_s},
+        **_provenance(images, modalities, roi, seed),
+    }
+    method = (INDEPENDENT_DRAWS_METHOD if kind == "probability"
+              else "a deterministic mask: one volume, no uncertainty")
+    posterior = Posterior(probability=probability, reference=reference, voi=voi,
+                          volume_draws_ml=volume_draws_ml, volume_method=method,
+                          tlg_draws=tlg_draws, summary=summary)
+    if out is not None:
+        posterior.save(out, levels_percent, title=title)
+    return posterior
+
+
 def segment(
     images,
     out=None,
@@ -200,6 +263,10 @@ def segment(
     crop_voi = voi[bounds]
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
+    if model in BASELINES:
+        return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, reference,
+                                   images, modalities, roi, box, resampled, seed, volume_draws,
+                                   out, levels_percent, title)
     if covariance == "full":
         for m, volume in enumerate(volumes):
             if not observed[..., m][crop_voi].all():
@@ -256,14 +323,8 @@ def segment(
         tlg_draws = fit.class_weighted[..., order][..., chosen].ravel() * voxel_ml
         volume_method = GIBBS_DRAWS_METHOD
     else:
-        candidates = probability > 0
-        weights = [np.full(int(candidates.sum()), voxel_ml)]
-        if pet_first:
-            weights.append(reference.data[candidates] * voxel_ml)
-        draws = independent_label_draws(
-            probability[candidates], np.stack(weights, axis=1), seed=seed, num_draws=volume_draws
-        )
-        volume_draws_ml, tlg_draws = draws[:, 0], draws[:, -1]
+        volume_draws_ml, tlg_draws = _independent_draws(probability, reference, pet_first, seed,
+                                                        volume_draws)
         volume_method = INDEPENDENT_DRAWS_METHOD
 
     emission_text = describe_emission(emission, covariance, dof)
@@ -271,10 +332,6 @@ def segment(
         variance = "proportional to the local mean" if pet_noise == "poisson" else "constant"
         emission_text += (f"; PET mean blurred by a Gaussian PSF of FWHM {psf_fwhm_mm:g} mm, PET "
                           f"noise variance {variance}, class proportions uniform")
-    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m}
-              for p, m in zip(images, modalities)]
-    if roi is not None:
-        inputs.append({"path": os.path.abspath(roi), "sha256": sha256_file(roi), "role": "roi"})
     summary = {
         "model": model,
         "options": {
@@ -297,7 +354,7 @@ def segment(
             "sampler": sampler,
             "tumour_rule": tumour_rule,
             "volume_draws": volume_draws,
-            "voi": "roi" if roi is not None else (f"box {box}" if box is not None else "whole image"),
+            "voi": _voi_text(roi, box),
         },
         "parameters": {
             "class_means": means.tolist(),
@@ -323,9 +380,7 @@ def segment(
             "voi_bounds": [[s.start, s.stop] for s in bounds],
         },
         "timings_s": fit.timings,
-        "seed": seed,
-        "versions": _versions(),
-        "inputs": inputs,
+        **_provenance(images, modalities, roi, seed),
     }
     posterior = Posterior(
         probability=probability,
