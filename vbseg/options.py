@@ -13,6 +13,7 @@ from vbseg.baselines import BASELINES
 from vbseg.errors import InputError, OutputError
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
+from vbseg.models.potts import NEIGHBOURHOODS
 from vbseg.posterior import output_names
 from vbseg.volume import MODALITIES
 
@@ -27,7 +28,6 @@ DEFAULT_BETA_PSF = 1.5
 # 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
 # ordered state that the beta step would then confirm (see tests/test_beta.py).
 AUTO_BETA_START = 0.1
-NEIGHBOURHOODS = (6, 26)
 EMISSION_OPTIONS = ("gaussian", "student", "lognormal")
 COVARIANCES = ("diagonal", "full")
 BETA_LEARNED_TEXT = (
