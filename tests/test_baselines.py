@@ -74,3 +74,9 @@ def test_baselines_run_in_an_experiment(tmp_path):
     assert summary["failed"] == 0
     text = (tmp_path / "out" / "results.csv").read_text()
     assert "threshold40" in text and "gmm" in text
+    # results.md summarises each variant with a bootstrap CI and the paired difference from
+    # the first variant (here one case, so the intervals collapse onto the values)
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "Dice minus first variant (paired, 95 % CI)" in report
+    gmm_row = next(line for line in report.splitlines() if line.startswith("| name=gmm,"))
+    assert gmm_row.split("|")[2].strip() == "1/1" and gmm_row.split("|")[4].strip() != "-"

@@ -71,3 +71,22 @@ def test_interval_score_and_crps_closed_forms():
     draws = np.random.default_rng(0).normal(size=200_000)
     exact = 2 * (1 / np.sqrt(2 * np.pi)) - 1 / np.sqrt(np.pi)
     assert crps_from_draws(draws, 0.0) == pytest.approx(exact, abs=0.005)
+
+
+def test_bootstrap_interval_matches_the_normal_theory_one():
+    """For 400 draws the percentile bootstrap CI of a mean is close to mean -/+ 1.96 sd/sqrt(n)
+    (each end within 15 % of the half-width); pairing removes a shared case effect."""
+    from vbseg.metrics import bootstrap_mean_ci
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(2.0, 1.0, size=400)
+    ci = bootstrap_mean_ci(values)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
+    assert ci["mean"] == pytest.approx(values.mean())
+    assert abs((ci["upper"] - ci["mean"]) - half) <= 0.15 * half
+    assert abs((ci["mean"] - ci["lower"]) - half) <= 0.15 * half
+    case = rng.normal(0, 5.0, size=400)  # a large per-case effect shared by both methods
+    a, b = case + 0.3 + rng.normal(0, 0.1, 400), case + rng.normal(0, 0.1, 400)
+    paired = bootstrap_mean_ci(a, paired_with=b)
+    assert paired["lower"] > 0.25 and paired["upper"] < 0.35  # unpaired, the case effect swamps it
+    assert bootstrap_mean_ci([np.nan, np.nan])["n"] == 0

@@ -462,8 +462,9 @@ def write_tables(experiment: Experiment, out) -> Path:
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
     lines = [f"# {experiment.name}", "",
-             f"Config: `{experiment.path}`; {len(rows)} runs, {ok} ok, {failed} failed.",
-             "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+             f"Config: `{experiment.path}`; {len(rows)} runs, {ok} ok, {failed} failed.", ""]
+    lines += variant_summary(experiment, rows)
+    lines += ["", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in shown) + " |")
     failures = [r for r in rows if r["status"] == "failed"]
@@ -471,6 +472,42 @@ def write_tables(experiment: Experiment, out) -> Path:
         lines += ["", "Failures:", ""] + [f"- {r['case']} ({r['variant']}): {r['error']}" for r in failures]
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     return out / "results.csv"
+
+
+def _value(row, column) -> float:
+    try:
+        return float(row[column]) if row["status"] == "ok" else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def variant_summary(experiment: Experiment, rows) -> list[str]:
+    """Markdown lines: per variant, mean Dice with a bootstrap 95 % CI over cases, coverage,
+    mean ECE; and each variant's paired Dice difference from the first variant (same cases)."""
+    from vbseg.metrics import bootstrap_mean_ci
+
+    variants = list(dict.fromkeys(run.variant_text for run in experiment.runs))
+    by_variant = {v: {r["case"]: r for r in rows if r["variant"] == v} for v in variants}
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    first = variants[0]
+    lines = ["| variant | runs ok | mean Dice50 (95 % bootstrap CI) | Dice minus first variant "
+             "(paired, 95 % CI) | interval covers truth | mean ECE |", "|---|---|---|---|---|---|"]
+    for variant in variants:
+        table = by_variant[variant]
+        dice = [_value(table[c], "dice50") if c in table else float("nan") for c in cases]
+        base = [_value(by_variant[first][c], "dice50") if c in by_variant[first] else float("nan")
+                for c in cases]
+        mean = bootstrap_mean_ci(dice)
+        paired = ("-" if variant == first else
+                  "{mean:+.3f} ({lower:+.3f} to {upper:+.3f})".format(
+                      **bootstrap_mean_ci(dice, paired_with=base)))
+        ok = [r for r in table.values() if r["status"] == "ok"]
+        covered = sum(str(r["covered"]) == "True" for r in ok)
+        ece = [_value(r, "ece") for r in ok]
+        lines.append(f"| {variant} | {len(ok)}/{len(table)} | {mean['mean']:.3f} ({mean['lower']:.3f}-"
+                     f"{mean['upper']:.3f}) | {paired} | {covered}/{len(ok)} | "
+                     f"{np.nanmean(ece) if ece else float('nan'):.4f} |")
+    return lines
 
 
 def default_output(config_path) -> Path:

@@ -119,3 +119,21 @@ def crps_from_draws(draws, truth: float) -> float:
     # E|X - X'| = 2 / n^2 sum_i (2 i - n - 1) x_(i), i = 1..n
     second = 2.0 / n**2 * np.sum((2 * np.arange(1, n + 1) - n - 1) * x)
     return float(first - 0.5 * second)
+
+
+def bootstrap_mean_ci(values, *, level: float = 0.95, num_resamples: int = 5000, seed: int = 0,
+                      paired_with=None) -> dict:
+    """Mean of ``values`` (or of the paired differences ``values - paired_with``, case by case)
+    with a percentile bootstrap confidence interval (Efron & Tibshirani 1993, ch. 13): cases are
+    resampled with replacement ``num_resamples`` times. NaNs (failed runs) drop out pairwise."""
+    a = np.asarray(values, np.float64)
+    if paired_with is not None:
+        a = a - np.asarray(paired_with, np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return {"mean": float("nan"), "lower": float("nan"), "upper": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, a.size, size=(num_resamples, a.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return {"mean": float(a.mean()), "lower": float(np.percentile(means, tail)),
+            "upper": float(np.percentile(means, 100 - tail)), "n": int(a.size)}
