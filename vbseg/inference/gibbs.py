@@ -109,14 +109,18 @@ def _draw_parameters(key, labels, observations, observed, roi, prior, concentrat
     return GibbsParameters(mu, tau, pi)
 
 
-def _relabel(labels, parameters):
-    """Rename classes by increasing mean in the first modality; also says whether the order
-    changed (a label switch)."""
-    order = jnp.argsort(parameters.mean[:, 0])
-    rank = jnp.argsort(order)
+def order_classes(labels, first_modality_means):
+    """Rename classes by increasing mean in the first modality. Returns (renamed labels, the
+    order (old class index of each new class), whether it changed: a label switch)."""
+    order = jnp.argsort(first_modality_means)
     switched = jnp.any(order != jnp.arange(order.shape[0]))
-    return rank[labels], GibbsParameters(parameters.mean[order], parameters.precision[order],
-                                         parameters.proportions[order]), switched
+    return jnp.argsort(order)[labels], order, switched
+
+
+def _relabel(labels, parameters):
+    labels, order, switched = order_classes(labels, parameters.mean[:, 0])
+    return labels, GibbsParameters(parameters.mean[order], parameters.precision[order],
+                                   parameters.proportions[order]), switched
 
 
 @partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied"))

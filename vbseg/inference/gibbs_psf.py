@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vbseg.inference.gibbs import GibbsResult
+from vbseg.inference.gibbs import GibbsResult, order_classes
 from vbseg.inference.meanfield_psf import regression_update
 from vbseg.models.potts import NormalGammaPrior, neighbour_sum
 from vbseg.models.psf import blur_operator
@@ -144,9 +144,8 @@ def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prio
             mean, tau = draw(parameter_key, labels)
             switched = jnp.asarray(False)
             if external_field is None:
-                order = jnp.argsort(mean[0])
-                switched = jnp.any(order != jnp.arange(num_classes))
-                labels, mean = jnp.argsort(order)[labels], mean[:, order]
+                labels, order, switched = order_classes(labels, mean[0])
+                mean = mean[:, order]
             onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
             record = (jnp.sum(onehot, axis=(0, 1, 2)),
                       jnp.einsum("xyz,xyzk->k", count_weights, onehot), mean.T, tau, switched)
