@@ -1,4 +1,4 @@
-"""Command-line front end: ``vbseg segment | demo | phantom``.
+"""Command-line front end: ``vbseg segment | demo | phantom | experiment | convert``.
 
 The only module that prints or exits. A user's mistake (a bad file, option or output path)
 is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
@@ -58,7 +58,8 @@ def _beta(text):
 
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
-    p.add_argument("images", nargs="+", help="NIfTI images; the first defines the output grid")
+    p.add_argument("images", nargs="+", help="NIfTI images or DICOM series folders (PET in SUV); "
+                                             "the first defines the output grid")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")
@@ -98,7 +99,35 @@ def _add_segment(sub):
     p.add_argument("--dof", type=float, default=4.0,
                    help="Student-t degrees of freedom with --emission student (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--series", action="append", default=None, metavar="UID",
+                   help="Series Instance UID to read from a DICOM folder holding several series "
+                        "(repeat for several folders)")
+    p.add_argument("--rtstruct", default=None, metavar="REFERENCE_DIR",
+                   help="write contours_rtstruct.dcm: one ROI per contour level, on this DICOM "
+                        "series (e.g. the input PET or the planning CT)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="write prob_seg.dcm, a FRACTIONAL/PROBABILITY DICOM SEG of P(tumour) on the "
+                        "first input's series (or on --rtstruct's when the first input is NIfTI)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="RTSTRUCT + its DICOM series -> NIfTI image and masks")
+    p.add_argument("rtstruct", help="RTSTRUCT file (.dcm)")
+    p.add_argument("series", help="folder of the image series the RTSTRUCT delineates")
+    p.add_argument("--out", required=True, help="output folder: image.nii.gz, mask_<ROI>.nii.gz")
+    p.add_argument("--roi", default=None, help="convert only this ROI (default: every ROI)")
+    p.add_argument("--series-uid", default=None, metavar="UID",
+                   help="Series Instance UID when the folder holds several series")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _run_convert(args) -> None:
+    from vbseg.dicom import convert_rtstruct
+
+    written = convert_rtstruct(args.rtstruct, args.series, args.out, roi=args.roi,
+                               series_uid=args.series_uid, overwrite=args.overwrite)
+    print(f"wrote {', '.join(p.name for p in written.values())} in {args.out}")
 
 
 def _add_phantom(sub):
@@ -150,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_phantom(sub)
     _add_experiment(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -157,6 +187,10 @@ def _segment_kwargs(args) -> dict:
     from vbseg.options import DEFAULT_VOLUME_DRAWS
 
     modalities = [m.strip().lower() for m in args.modality.split(",")] if args.modality else None
+    if modalities is None and any(os.path.isdir(p) for p in args.images):
+        from vbseg.dicom import default_modalities
+
+        modalities = default_modalities(args.images, args.series)  # from the DICOM headers
     return dict(
         modalities=modalities,
         roi=args.roi,
@@ -175,6 +209,7 @@ def _segment_kwargs(args) -> dict:
         emission=args.emission,
         covariance=args.covariance,
         dof=args.dof,
+        series_uid=args.series,
         overwrite=args.overwrite,
     )
 
@@ -182,7 +217,21 @@ def _segment_kwargs(args) -> dict:
 def _run_segment(args) -> None:
     from vbseg.pipeline import segment
 
-    posterior = segment(args.images, args.out, **_segment_kwargs(args))
+    dicom_outputs = args.rtstruct is not None or args.dicom_seg
+    if dicom_outputs or any(os.path.isdir(p) for p in args.images):
+        from vbseg.dicom import check_dicom_outputs, write_posterior_dicom
+
+        check_dicom_outputs(args.images, args.out, rtstruct_reference=args.rtstruct,
+                            dicom_seg=args.dicom_seg, series_uid=args.series,
+                            overwrite=args.overwrite)
+    kwargs = _segment_kwargs(args)
+    posterior = segment(args.images, args.out, **kwargs)
+    if dicom_outputs:
+        written = write_posterior_dicom(posterior, args.out, images=args.images,
+                                        levels_percent=kwargs["levels_percent"],
+                                        rtstruct_reference=args.rtstruct, dicom_seg=args.dicom_seg,
+                                        series_uid=args.series)
+        print(f"DICOM: {', '.join(p.name for p in written.values())}")
     volume = posterior.volume_interval()
     timings = posterior.summary["timings_s"]
     print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
@@ -269,7 +318,7 @@ def main(argv=None) -> int:
     try:
         enable_compilation_cache()
         commands = {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom,
-                    "experiment": _run_experiment}
+                    "experiment": _run_experiment, "convert": _run_convert}
         status = commands[args.command](args)
     except VbsegError as error:
         print(f"vbseg: error: {error}", file=sys.stderr)

@@ -75,13 +75,15 @@ def _voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
 
 
-def load_inputs(images, modalities, roi=None, box=None):
-    """Load the images, put them on the first image's grid, and build the VOI.
+def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
+    """Load the images (NIfTI files or DICOM series folders; ``series_uid`` picks series in
+    folders holding several), put them on the first image's grid, and build the VOI.
 
     Returns (volumes, voi (bool, first grid), channels [(I, J, K) float32 per image],
     coverage [bool per image: inside that image's field of view], resampled [bool per image]).
     """
-    volumes = [load_volume(path, modality) for path, modality in zip(images, modalities)]
+    volumes = [load_volume(path, modality, series_uid=series_uid)
+               for path, modality in zip(images, modalities)]
     reference = volumes[0]
     if roi is not None:
         voi = load_mask(roi, reference)
@@ -129,10 +131,12 @@ def _voi_text(roi, box) -> str:
     return "roi" if roi is not None else (f"box {box}" if box is not None else "whole image")
 
 
-def _provenance(images, modalities, roi, seed) -> dict:
-    """summary.json's seed, versions and inputs (paths with sha256)."""
-    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m}
-              for p, m in zip(images, modalities)]
+def _provenance(images, modalities, roi, seed, volumes) -> dict:
+    """summary.json's seed, versions and inputs (paths with sha256; for DICOM the series and
+    its SUV conversion, ``Volume.source``)."""
+    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m,
+               **({"source": v.source} if v.source else {})}
+              for p, m, v in zip(images, modalities, volumes)]
     if roi is not None:
         inputs.append({"path": os.path.abspath(roi), "sha256": sha256_file(roi), "role": "roi"})
     return {"seed": seed, "versions": _versions(), "inputs": inputs}
@@ -150,11 +154,12 @@ def _independent_draws(probability, reference, pet_first, seed, num_draws):
     return draws[:, 0], (draws[:, -1] if pet_first else None)
 
 
-def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, reference, images,
+def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, volumes, images,
                         modalities, roi, box, resampled, seed, volume_draws, out, levels_percent,
                         title) -> Posterior:
     """A baseline's map as a Posterior: volume draws from independent voxels (a 0/1 mask gives
     a single volume, so its "interval" has zero width)."""
+    reference = volumes[0]
     start = time.perf_counter()
     crop, kind, parameters = baseline_map(name, stack, observed, crop_voi, modalities)
     run_s = time.perf_counter() - start
@@ -174,7 +179,7 @@ def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, reference,
         "diagnostics": {"voi_voxels": int(voi.sum()),
                         "voi_bounds": [[s.start, s.stop] for s in bounds]},
         "timings_s": {"compile": 0.0, "run": run_s},
-        **_provenance(images, modalities, roi, seed),
+        **_provenance(images, modalities, roi, seed, volumes),
     }
     method = (INDEPENDENT_DRAWS_METHOD if kind == "probability"
               else "a deterministic mask: one volume, no uncertainty")
@@ -207,13 +212,15 @@ def segment(
     emission: str = "gaussian",
     covariance: str = "diagonal",
     dof: float = DEFAULT_STUDENT_DOF,
+    series_uid=None,
     overwrite: bool = False,
     title: str = "",
 ) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
     Args:
-        images: paths; the first defines the output grid, others are resampled onto it.
+        images: paths of NIfTI files or DICOM series folders (:mod:`vbseg.dicom`; PET in SUV);
+            the first defines the output grid, others are resampled onto it.
         out: output directory (None: nothing is written).
         modalities: one of pet/ct/mr/other per image; default pet for the first, other after.
         roi: path of a mask on the first image's grid; box: "i0:i1,j0:j1,k0:k1" (half-open).
@@ -237,6 +244,7 @@ def segment(
             outlier voxels) or "lognormal" (PET images modelled on the log scale).
         covariance: "diagonal" (modalities independent given the class) or "full" (a full
             covariance per class across modalities; every image must cover the whole VOI).
+        series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -257,14 +265,14 @@ def segment(
     if out is not None:
         check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
 
-    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box)
+    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box, series_uid)
     reference = volumes[0]
     bounds = _voi_bounds(voi)
     crop_voi = voi[bounds]
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
     if model in BASELINES:
-        return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, reference,
+        return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, volumes,
                                    images, modalities, roi, box, resampled, seed, volume_draws,
                                    out, levels_percent, title)
     if covariance == "full":
@@ -380,7 +388,7 @@ def segment(
             "voi_bounds": [[s.start, s.stop] for s in bounds],
         },
         "timings_s": fit.timings,
-        **_provenance(images, modalities, roi, seed),
+        **_provenance(images, modalities, roi, seed, volumes),
     }
     posterior = Posterior(
         probability=probability,

@@ -2,7 +2,8 @@
 
 A :class:`Volume` is a 3D array plus the 4x4 voxel-to-world affine of its grid (NIfTI RAS+
 millimetres, as nibabel reports it). Everything that reads a user's file goes through
-:func:`load_volume` / :func:`load_mask`, which check the file once at the edge and raise
+:func:`load_volume` / :func:`load_mask` (NIfTI files; :func:`load_volume` hands a folder to the
+DICOM series reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
 :class:`~vbseg.errors.InputError` naming the file and the problem; arrays inside vbseg are
 then known to be finite, 3D and numeric. Everything that writes goes through
 :func:`save_nifti` / :func:`write_text_atomic`: a temporary file in the target folder,
@@ -40,12 +41,15 @@ class Volume:
         affine: float64 (4, 4) voxel-index -> world (mm, RAS+) matrix.
         modality: one of :data:`MODALITIES`.
         path: the file it was read from, if any (used in error messages and summaries).
+        source: how the values were read, when more than "a NIfTI file" (a DICOM series: its
+            UIDs and the SUV conversion); summary.json records it.
     """
 
     data: np.ndarray
     affine: np.ndarray
     modality: str = "other"
     path: str | None = None
+    source: dict | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -111,21 +115,33 @@ def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage
     return image, data
 
 
-def load_volume(path: str | os.PathLike, modality: str = "other") -> Volume:
-    """Read and validate a 3D image.
+def check_values(path, data: np.ndarray) -> None:
+    """InputError (naming ``path``) when ``data`` holds NaN or infinite voxels, or is constant."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(path, f"{int(bad.sum())} voxels are NaN or infinite")
+    if float(data.max()) == float(data.min()):
+        raise InputError(path, f"image is constant (every voxel is {float(data.min()):g})")
+
+
+def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=None) -> Volume:
+    """Read and validate a 3D image: a NIfTI file, or a folder holding a DICOM series.
+
+    A folder goes to :func:`vbseg.dicom.load_dicom_volume` (PET in SUV, CT in HU; ``series_uid``
+    picks one of several series in it; needs the ``vbseg[dicom]`` extra).
 
     Raises InputError (naming ``path``) when the file is missing or unreadable, not 3D, of a
     non-numeric voxel type, holds NaN or infinite voxels, or is constant.
     """
     if modality not in MODALITIES:
         raise InputError(path, f"unknown modality {modality!r} (expected one of {MODALITIES})")
+    if os.path.isdir(path):
+        from vbseg.dicom import load_dicom_volume
+
+        return load_dicom_volume(path, modality, series_uid=series_uid)
     image, raw = _read_nifti(path)
     data = np.asarray(raw, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise InputError(path, f"{int(bad.sum())} voxels are NaN or infinite")
-    if float(data.max()) == float(data.min()):
-        raise InputError(path, f"image is constant (every voxel is {float(data.min()):g})")
+    check_values(path, data)
     return Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
 
 
@@ -225,10 +241,16 @@ def resample_onto(source: Volume, reference: Volume) -> tuple[Volume, np.ndarray
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file; of a folder (a DICOM series), over the names and contents of the
+    files directly in it, in sorted order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in Path(path).iterdir() if p.is_file()) if os.path.isdir(path) else [path]
+    for file in files:
+        if os.path.isdir(path):
+            digest.update(Path(file).name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
