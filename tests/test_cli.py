@@ -1,13 +1,18 @@
-"""The command line, run as a user runs it (subprocesses): the demo end to end, segment's
-outputs, and every bad input -> one line naming the file, exit 2, nothing written, inputs
-untouched."""
+"""The command line: the demo end to end as a user runs it (a subprocess: the real entry
+point, exit status and streams), then segment's outputs and every bad input -> one line naming
+the file, exit 2, nothing written, inputs untouched, through ``vbseg.cli.main`` in this process
+(the same argument parsing, error handling and streams, without a Python start-up and a cold
+JAX per case)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -22,8 +27,23 @@ OUTPUTS = ["prob.nii.gz", "contour_10.nii.gz", "contour_50.nii.gz", "contour_90.
 
 
 def run_cli(*args, cwd=None):
+    """``python -m vbseg.cli ARGS`` in a subprocess: (returncode, stdout, stderr)."""
     return subprocess.run([sys.executable, "-m", "vbseg.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def main_cli(*args):
+    """``vbseg.cli.main(ARGS)`` in this process, its streams captured, a SystemExit (argparse's
+    usage errors) turned into the exit status, as the console script does."""
+    from vbseg.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    return types.SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def digest(folder: Path) -> dict:
@@ -67,14 +87,14 @@ def test_demo_end_to_end(tmp_path):
     dice_line = next(line for line in result.stdout.splitlines() if line.startswith("Dice"))
     assert float(dice_line.split()[-1]) >= 0.85
     # a second demo into a folder the user named needs --overwrite
-    again = run_cli("demo", "--out", out)
+    again = main_cli("demo", "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_segment_pet_ct_writes_the_documented_outputs(inputs, tmp_path):
     out = tmp_path / "seg"
     before = digest(inputs)
-    result = run_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
+    result = main_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
                      "--box", "4:20,4:20,4:20", "--out", out, "--seed", 3)
     assert result.returncode == 0, result.stderr
     assert digest(inputs) == before
@@ -179,7 +199,7 @@ def test_every_bad_input_is_one_line_and_exit_2(inputs, tmp_path):
             clash.write_bytes((inputs / "pet.nii.gz").read_bytes())
             args = ["segment", clash, "--out", tmp_path / "clash", "--overwrite"]
             subject, problem = "prob.nii.gz", "is one of the inputs"
-        result = run_cli(*args)
+        result = main_cli(*args)
         lines = result.stderr.strip().splitlines()
         ok = (result.returncode == 2 and len(lines) == 1 and lines[0].startswith("vbseg: error: ")
               and subject in lines[0] and (problem is None or problem in lines[0])
@@ -196,7 +216,7 @@ def test_learned_beta_on_the_26_neighbourhood(inputs, tmp_path):
     """--beta auto --neighbourhood 26: summary.json records the learned beta (inside the
     prior's range, not at its bound), its trace, and the neighbourhood's 13 weights."""
     out = tmp_path / "auto"
-    result = run_cli("segment", inputs / "pet.nii.gz", "--box", "4:20,4:20,4:20", "--beta", "auto",
+    result = main_cli("segment", inputs / "pet.nii.gz", "--box", "4:20,4:20,4:20", "--beta", "auto",
                      "--neighbourhood", "26", "--out", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -214,7 +234,7 @@ def test_learned_beta_on_the_26_neighbourhood(inputs, tmp_path):
 ])
 def test_emission_options_run_and_are_recorded(inputs, tmp_path, options, words):
     out = tmp_path / "emission"
-    result = run_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
+    result = main_cli("segment", inputs / "pet.nii.gz", inputs / "ct.nii.gz", "--modality", "pet,ct",
                      "--box", "4:20,4:20,4:20", *options, "--out", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -231,7 +251,7 @@ def test_existing_outputs_need_overwrite(inputs, tmp_path):
     out = tmp_path / "seg"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    result = run_cli("segment", inputs / "pet.nii.gz", "--out", out)
+    result = main_cli("segment", inputs / "pet.nii.gz", "--out", out)
     assert result.returncode == 2 and "summary.json: already exists" in result.stderr
     assert (out / "summary.json").read_text() == "{}"
     assert [p.name for p in out.iterdir()] == ["summary.json"]
@@ -243,7 +263,7 @@ def test_existing_outputs_need_overwrite(inputs, tmp_path):
     (["--diameters", "22,x"], "--diameters"),
 ])
 def test_bad_phantom_options(tmp_path, args, subject):
-    result = run_cli("phantom", "--out", tmp_path / "ph", *args)
+    result = main_cli("phantom", "--out", tmp_path / "ph", *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"vbseg: error: {subject}")
     assert not (tmp_path / "ph").exists()
@@ -251,15 +271,15 @@ def test_bad_phantom_options(tmp_path, args, subject):
 
 def test_demo_into_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
-    result = run_cli("demo", "--out", tmp_path / "afile")
+    result = main_cli("demo", "--out", tmp_path / "afile")
     assert result.returncode == 2 and "not a directory" in result.stderr
     assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_phantom_command(tmp_path):
-    result = run_cli("phantom", "--out", tmp_path / "ph", "--kind", "heterogeneous", "--seed", 2)
+    result = main_cli("phantom", "--out", tmp_path / "ph", "--kind", "heterogeneous", "--seed", 2)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "ph").iterdir())
     assert names == ["ct.nii.gz", "pet.nii.gz", "truth.nii.gz", "truth_fraction.nii.gz"]
-    again = run_cli("phantom", "--out", tmp_path / "ph")
+    again = main_cli("phantom", "--out", tmp_path / "ph")
     assert again.returncode == 2 and "already exists" in again.stderr

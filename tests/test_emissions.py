@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 
 from vbseg.inference import emissions as em
 from vbseg.inference.meanfield import fit_hidden_potts_vb
@@ -198,10 +198,23 @@ def test_kl_normal_wishart_matches_monte_carlo(tied):
 
     def log_density(mu, precision, params, k):
         mean, kappa = np.asarray(params.mean[k]), float(params.kappa[k])
-        normal = np.array([stats.multivariate_normal(mean, np.linalg.inv(kappa * p)).logpdf(m)
-                           for m, p in zip(mu, precision)])
-        wishart = stats.wishart(df=float(params.dof[k]), scale=np.asarray(params.scale[k]))
-        return normal, wishart.logpdf(np.moveaxis(precision, 0, -1))
+        # log N(m | mean, (kappa P)^-1), batched over draws
+        delta = mu - mean
+        normal = (0.5 * np.linalg.slogdet(kappa * precision)[1] - 0.5 * mean.size * np.log(2 * np.pi)
+                  - 0.5 * kappa * np.einsum("ni,nij,nj->n", delta, precision, delta))
+        # log Wishart(P | nu, S), batched (scipy's logpdf factorises one matrix at a time):
+        # (nu - D - 1)/2 log|P| - tr(S^-1 P)/2 - nu D/2 log 2 - nu/2 log|S| - log Gamma_D(nu/2)
+        nu, scale, d = float(params.dof[k]), np.asarray(params.scale[k]), mean.size
+        wishart = (0.5 * (nu - d - 1) * np.linalg.slogdet(precision)[1]
+                   - 0.5 * np.einsum("ij,nji->n", np.linalg.inv(scale), precision)
+                   - 0.5 * nu * d * np.log(2) - 0.5 * nu * np.linalg.slogdet(scale)[1]
+                   - special.multigammaln(0.5 * nu, d))
+        # the batched densities agree with scipy's on the first draws
+        np.testing.assert_allclose(wishart[:3], stats.wishart(df=nu, scale=scale).logpdf(
+            np.moveaxis(precision[:3], 0, -1)), rtol=1e-10)
+        np.testing.assert_allclose(normal[:3], [stats.multivariate_normal(
+            mean, np.linalg.inv(kappa * p)).logpdf(m) for m, p in zip(mu[:3], precision[:3])], rtol=1e-10)
+        return normal, wishart
 
     draws = 20_000
     total = np.zeros(draws)

@@ -97,16 +97,18 @@ def test_psf_gibbs_matches_the_exact_collapsed_posterior():
 
 
 def test_psf_gibbs_in_the_pipeline(tmp_path):
-    """--sampler gibbs with --psf-fwhm on a 22 mm phantom sphere in a 16^3 crop, 400 draws:
-    whole-field draws of the PSF model whose pooled volume agrees with the PSF VB fit's within
-    5 %, with split R-hat and ESS of the volume reported. The chains mix slowly (the volume
-    moves a voxel at a time): R-hat was 1.4 here and 1.8 on a 24^3 crop with 30 draws per
-    chain when written, so this is a reference for long runs on small crops, and the R-hat in
-    summary.json is what says whether a run is long enough."""
+    """--sampler gibbs with --psf-fwhm through segment(): a 37 mm sphere on 8 mm voxels (a 10^3
+    crop; the coarse voxels keep the colouring at 3^3 colours, where 4 x 4 x 3 mm voxels need
+    5 x 5 x 7, so the test stays short), 400 whole-field draws whose pooled volume agrees with
+    the PSF VB fit's within 5 %, with split R-hat and ESS of the volume reported. Mixing on
+    realistic crops is slow (the volume moves a voxel at a time: R-hat 1.4 on a 22 mm sphere
+    in a 16^3 crop of 4 mm voxels with 100 draws per chain), so the R-hat in summary.json is
+    what says whether a run is long enough."""
     import vbseg
     from vbseg.volume import save_nifti
 
-    phantom = vbseg.make_phantom(vbseg.PhantomSpec(psf_fwhm_mm=6.0, shape=(16, 16, 16)), seed=2)
+    phantom = vbseg.make_phantom(vbseg.PhantomSpec(diameters_mm=(37.0,), spacing_mm=(8.0, 8.0, 8.0),
+                                                   psf_fwhm_mm=6.0, shape=(10, 10, 10)), seed=2)
     path = save_nifti(tmp_path / "pet.nii.gz", phantom.pet.data, phantom.pet.affine)
     vb = vbseg.segment([path], modalities=["pet"], psf_fwhm_mm=6.0, seed=0)
     gibbs = vbseg.segment([path], modalities=["pet"], psf_fwhm_mm=6.0, sampler="gibbs", seed=0,
@@ -114,5 +116,5 @@ def test_psf_gibbs_in_the_pipeline(tmp_path):
     assert gibbs.volume_draws_ml.size == 400 and "PSF model" in gibbs.summary["diagnostics"]["sampler"]
     tumour = gibbs.summary["parameters"]["tumour_class"]
     chains = gibbs.summary["diagnostics"]["volume_chains"][tumour]
-    assert chains["r_hat"] > 1.0 and chains["ess"] > 0 and chains["draws_per_chain"] == 100
+    assert chains["r_hat"] >= 1.0 and chains["ess"] > 0 and chains["draws_per_chain"] == 100
     assert gibbs.volume_interval()["mean"] == pytest.approx(vb.volume_interval()["mean"], rel=0.05)

@@ -53,7 +53,8 @@ def test_exact_enumeration_matches_numpyro_log_density(shape, num_classes):
         def joint(z):
             return log_density(hidden_potts_model, args, kwargs, dict(params, z=z.reshape(shape)))[0]
 
-        log_joint = np.asarray(jax.vmap(joint)(jnp.asarray(labelings)))
+        # jit: one compilation of the whole program instead of one per primitive
+        log_joint = np.asarray(jax.jit(jax.vmap(joint))(jnp.asarray(labelings)))
     probs = np.exp(log_joint - logsumexp(log_joint))
     from_model = np.stack([probs @ (labelings == k) for k in range(num_classes)], axis=1)
 

@@ -3,6 +3,7 @@ stencil neighbour sums (6- and 26-neighbourhood) equal the explicit edge list.""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +20,12 @@ from vbseg.models.potts import (
     neighbour_weights,
     potts_statistic,
 )
+
+
+def jitted_log_density(model, args, kwargs, params):
+    """(numpyro's log_density of ``model``, None), under one ``jax.jit`` (model options static):
+    the same value as calling it eagerly, without compiling every primitive on its own."""
+    return jax.jit(lambda a, p: log_density(model, a, kwargs, p)[0])(args, params), None
 
 
 def _direct_log_joint(y, observed, roi, z, mu, tau, pi, beta, weights, prior, alpha0, field):
@@ -56,7 +63,7 @@ def test_log_joint_matches_direct_energy(tied, neighbourhood):
     beta, weights = 0.7, neighbour_weights((4.0, 4.0, 3.0), neighbourhood)
     prior = NormalGammaPrior(0.1, 0.5, 2.0, 0.3)
     field = rng.normal(size=shape + (num_classes,))
-    value, _ = log_density(
+    value, _ = jitted_log_density(
         hidden_potts_model,
         (jnp.asarray(y, jnp.float32), jnp.asarray(observed), jnp.asarray(roi)),
         dict(num_classes=num_classes, beta=beta, weights=weights, prior=prior,
@@ -140,7 +147,7 @@ def test_log_joint_student_and_lognormal():
     u = rng.gamma(2.0, 0.5, size=shape)
     pi = rng.dirichlet(np.ones(num_classes))
     weights, prior, dof = neighbour_weights((2.0, 2.0, 3.0)), NormalGammaPrior(0.1, 0.5, 2.0, 0.3), 3.0
-    value, _ = log_density(
+    value, _ = jitted_log_density(
         hidden_potts_model,
         (jnp.asarray(y, jnp.float32), jnp.asarray(observed), jnp.asarray(roi)),
         dict(num_classes=num_classes, beta=0.6, weights=weights, prior=prior, concentration=1.2,
@@ -175,7 +182,7 @@ def test_log_joint_full_covariance(tied):
     mu = rng.normal(size=(num_classes, 2))
     pi = rng.dirichlet(np.ones(num_classes))
     weights, prior = neighbour_weights((1.0, 1.0, 1.0)), NormalGammaPrior(0.1, 0.5, 2.0, 0.3)
-    value, _ = log_density(
+    value, _ = jitted_log_density(
         hidden_potts_model,
         (jnp.asarray(y, jnp.float32), jnp.ones(y.shape, bool), jnp.asarray(roi)),
         dict(num_classes=num_classes, beta=0.4, weights=weights, prior=prior, emission="full",
