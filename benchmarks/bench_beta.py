@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import machine
 from vbseg.inference import beta as beta_estimation
 from vbseg.inference.gibbs import chain_diagnostics, sample_potts_prior
 from vbseg.inference.meanfield import fit_hidden_potts_vb
@@ -152,8 +151,7 @@ def main(argv=None):
     record = {
         "benchmark": "bench_beta", "rows": rows, "paths": paths,
         "total_s": time.perf_counter() - started,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": machine(),
         "command": "python -m benchmarks.bench_beta " + " ".join(argv or []),
     }
     out = Path(args.out)

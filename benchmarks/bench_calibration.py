@@ -27,17 +27,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from scipy.stats import binomtest
 
 import vbseg
+from benchmarks.common import machine
 from vbseg.metrics import brier_score, dice, expected_calibration_error, interval_score, reliability
 from vbseg.volume import save_nifti, write_text_atomic
 
@@ -236,8 +234,7 @@ def main(argv=None):
                                "fraction": [x.tolist() for x in c[1]]}
                         for name, c in pooled.items()},
         "total_s": total_s,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": machine(),
         "command": "python -m benchmarks.bench_calibration " + " ".join(argv or []),
     }
     write_text_atomic(out / "bench_calibration.json", json.dumps(record, indent=1) + "\n")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import digamma, gammaln, softmax
 
+from benchmarks.common import machine
 from vbseg.inference.gibbs import gibbs_hidden_potts
 from vbseg.inference.meanfield import fit_hidden_potts_vb, kmeans_labels, restart_levels
 from vbseg.models.potts import DEFAULT_PRIOR, NormalGammaPrior, neighbour_weights
@@ -163,8 +162,7 @@ def main(argv=None):
             for n in args.sizes.split(",")]
     record = {
         "benchmark": "bench_potts", "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": machine(),
         "command": "python -m benchmarks.bench_potts " + " ".join(argv or []),
     }
     out = Path(args.out)

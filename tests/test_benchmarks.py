@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import bench_beta, bench_calibration, bench_potts
 
@@ -40,3 +41,41 @@ def test_bench_calibration_smoke(tmp_path):
         assert row["draws"] == 1 and 0.0 <= row["coverage"] <= 1.0 and row["dice50_mean"] > 0.5
     assert (tmp_path / "calibration_reliability.png").stat().st_size > 0
     assert "| nopsf_gibbs |" in (tmp_path / "bench_calibration.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """`python -m benchmarks.run --quick` once for the report and figure smoke tests."""
+    from benchmarks import run
+
+    out = tmp_path_factory.mktemp("report")
+    run.main(["--quick", "--jobs", "1", "--out", str(out)])
+    return out
+
+
+def test_benchmark_report_quick(quick_report, shared_data_optional):
+    report = (quick_report / "report.md").read_text()
+    assert "| potts | 1 |" in report and "| otsu | 1 |" in report  # the phantom methods table
+    assert "pooled ECE (fraction)" in report and "## Speed" in report
+    records = json.loads((quick_report / "experiments" / "quick_phantoms" / "records.json").read_text())
+    assert {r["model"] for r in records} == {"potts", "otsu"}
+    for record in records:
+        sums = record["reliability_fraction"]
+        assert sum(sums["counts"]) == record["fit_voxels"] and "traceback" not in record
+    if shared_data_optional is None:
+        assert "skipped quick_real" in report
+    else:
+        assert "### quick_real" in report and "| threshold40 | 1 |" in report
+
+
+def test_paper_figures_quick(quick_report, tmp_path, shared_data_optional):
+    from paper_figures import make_all
+
+    status = make_all.main(["--quick", "--results", str(quick_report), "--out", str(tmp_path)])
+    names = ["reliability", "volume_intervals", "dice_vs_size", "time_vs_voxels"]
+    if shared_data_optional is not None:
+        names.append("contours_real")
+    assert status == (0 if shared_data_optional is not None else 1)
+    for name in names:
+        for suffix in ("png", "pdf"):
+            assert (tmp_path / f"{name}.{suffix}").stat().st_size > 1000

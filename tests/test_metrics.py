@@ -90,3 +90,27 @@ def test_bootstrap_interval_matches_the_normal_theory_one():
     paired = bootstrap_mean_ci(a, paired_with=b)
     assert paired["lower"] > 0.25 and paired["upper"] < 0.35  # unpaired, the case effect swamps it
     assert bootstrap_mean_ci([np.nan, np.nan])["n"] == 0
+
+
+def test_pooled_reliability_equals_reliability_of_the_union():
+    """Bin sums added over runs give exactly the reliability curve (and ECE) of all voxels."""
+    from vbseg.metrics import (
+        calibration_error_of_bins,
+        expected_calibration_error,
+        pooled_reliability,
+        reliability,
+        reliability_sums,
+    )
+
+    rng = np.random.default_rng(3)
+    p = [rng.uniform(size=(6, 7, 5)), rng.beta(0.3, 0.3, size=(4, 5, 6))]
+    t = [rng.uniform(size=a.shape) < a for a in p]
+    predicted, observed, counts = pooled_reliability([reliability_sums(a, b) for a, b in zip(p, t)])
+    flat_p = np.concatenate([a.ravel() for a in p])
+    flat_t = np.concatenate([b.ravel() for b in t])
+    _, want_predicted, want_observed, want_counts = reliability(flat_p, flat_t)
+    np.testing.assert_array_equal(counts, want_counts)
+    np.testing.assert_allclose(predicted, want_predicted, rtol=1e-12)
+    np.testing.assert_allclose(observed, want_observed, rtol=1e-12)
+    assert calibration_error_of_bins(predicted, observed, counts) == pytest.approx(
+        expected_calibration_error(flat_p, flat_t), rel=1e-12)

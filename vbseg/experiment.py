@@ -40,12 +40,9 @@ the run folders at the end.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
-import math
 import sys
 import time
 import traceback
@@ -298,12 +295,12 @@ def _check_variant(path, variant, cases):
 
 # --- running ---------------------------------------------------------------------------------
 
-def _result_path(out: Path, run: Run) -> Path:
+def result_path(out: Path, run: Run) -> Path:
     return out / "runs" / run.run_id / "result.json"
 
 
 def is_finished(out: Path, run: Run) -> bool:
-    path = _result_path(out, run)
+    path = result_path(out, run)
     if not path.is_file():
         return False
     try:
@@ -313,7 +310,11 @@ def is_finished(out: Path, run: Run) -> bool:
 
 
 def _case_inputs(run: Run, folder: Path):
-    """(image paths, modalities, truth mask, true volume mL, spacing) for a case."""
+    """(image paths, modalities, truth mask, truth fraction or None, true volume mL, spacing).
+
+    Phantoms also give the exact partial-volume fraction of each voxel inside a lesion, against
+    which their calibration is measured; real cases have only the manual mask.
+    """
     import nibabel as nib
 
     from vbseg.phantoms import PhantomSpec, make_phantom
@@ -324,11 +325,12 @@ def _case_inputs(run: Run, folder: Path):
         phantom = make_phantom(PhantomSpec(diameters_mm=(spec.pop("diameters_mm"),), **spec),
                                seed=case["seed"])
         paths = phantom.save(folder / "inputs")
-        return ([paths["pet"]], ["pet"], phantom.truth, phantom.volume_ml, phantom.pet.spacing)
+        return ([paths["pet"]], ["pet"], phantom.truth, phantom.truth_fraction, phantom.volume_ml,
+                phantom.pet.spacing)
     label = nib.load(case["label"])
     truth = np.asarray(label.dataobj) > 0
     spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
-    return (case["images"], case["modalities"], truth,
+    return (case["images"], case["modalities"], truth, None,
             float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
 
 
@@ -340,6 +342,7 @@ def execute(run: Run, out: Path) -> dict:
         dice,
         expected_calibration_error,
         interval_score,
+        reliability_sums,
         surface_metrics,
     )
     from vbseg.pipeline import segment
@@ -351,7 +354,7 @@ def execute(run: Run, out: Path) -> dict:
               "settings": run.variant, "case_spec": run.case, "seed": run.case["seed"]}
     started = time.perf_counter()
     try:
-        images, modalities, truth, true_ml, spacing = _case_inputs(run, folder)
+        images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
         kwargs = segment_kwargs(run.variant)
         posterior = segment(images, folder / "outputs", modalities=modalities,
                             seed=run.case["seed"], overwrite=True, title=run.case["name"], **kwargs)
@@ -373,7 +376,13 @@ def execute(run: Run, out: Path) -> dict:
             "ece": expected_calibration_error(posterior.probability, truth, posterior.voi),
             "brier": brier_score(posterior.probability, truth, posterior.voi),
             "compile_s": timings["compile"], "run_s": timings["run"],
+            "fit_voxels": int(np.prod(posterior.probability.shape) if posterior.voi is None
+                              else np.count_nonzero(posterior.voi)),
+            "reliability": reliability_sums(posterior.probability, truth, posterior.voi),
         })
+        if fraction is not None:
+            record["reliability_fraction"] = reliability_sums(posterior.probability, fraction,
+                                                              posterior.voi)
     except Exception as error:  # a failed run is recorded and the sweep goes on
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         record.update({"status": "failed", "error": f"{type(error).__name__}: {message}",
@@ -420,94 +429,10 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, progress: bool
                     bar.update(1)
     finally:
         bar.close()
+        from vbseg.results import write_tables
+
         table = write_tables(experiment, out)
     return {"runs": len(experiment.runs), "skipped": skipped, "failed": failed, "table": table}
-
-
-def collect(experiment: Experiment, out) -> list[dict]:
-    """One row per run of the experiment (missing runs as status "missing")."""
-    rows = []
-    for run in experiment.runs:
-        path = _result_path(Path(out), run)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = {"case": run.label, "variant": run.variant_text, "seed": run.case["seed"],
-                      "status": "missing"}
-        rows.append({column: record.get(column) for column in COLUMNS})
-    return rows
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def write_tables(experiment: Experiment, out) -> Path:
-    """results.csv and results.md rebuilt from the run folders (atomic writes)."""
-    from vbseg.volume import write_text_atomic
-
-    out = Path(out)
-    rows = collect(experiment, out)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row[c]) for c in COLUMNS])
-    write_text_atomic(out / "results.csv", buffer.getvalue())
-    shown = [c for c in COLUMNS if c != "error"]
-    ok = sum(r["status"] == "ok" for r in rows)
-    failed = sum(r["status"] == "failed" for r in rows)
-    lines = [f"# {experiment.name}", "",
-             f"Config: `{experiment.path}`; {len(rows)} runs, {ok} ok, {failed} failed.", ""]
-    lines += variant_summary(experiment, rows)
-    lines += ["", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in shown) + " |")
-    failures = [r for r in rows if r["status"] == "failed"]
-    if failures:
-        lines += ["", "Failures:", ""] + [f"- {r['case']} ({r['variant']}): {r['error']}" for r in failures]
-    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
-    return out / "results.csv"
-
-
-def _value(row, column) -> float:
-    try:
-        return float(row[column]) if row["status"] == "ok" else float("nan")
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def variant_summary(experiment: Experiment, rows) -> list[str]:
-    """Markdown lines: per variant, mean Dice with a bootstrap 95 % CI over cases, coverage,
-    mean ECE; and each variant's paired Dice difference from the first variant (same cases)."""
-    from vbseg.metrics import bootstrap_mean_ci
-
-    variants = list(dict.fromkeys(run.variant_text for run in experiment.runs))
-    by_variant = {v: {r["case"]: r for r in rows if r["variant"] == v} for v in variants}
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    first = variants[0]
-    lines = ["| variant | runs ok | mean Dice50 (95 % bootstrap CI) | Dice minus first variant "
-             "(paired, 95 % CI) | interval covers truth | mean ECE |", "|---|---|---|---|---|---|"]
-    for variant in variants:
-        table = by_variant[variant]
-        dice = [_value(table[c], "dice50") if c in table else float("nan") for c in cases]
-        base = [_value(by_variant[first][c], "dice50") if c in by_variant[first] else float("nan")
-                for c in cases]
-        mean = bootstrap_mean_ci(dice)
-        paired = ("-" if variant == first else
-                  "{mean:+.3f} ({lower:+.3f} to {upper:+.3f})".format(
-                      **bootstrap_mean_ci(dice, paired_with=base)))
-        ok = [r for r in table.values() if r["status"] == "ok"]
-        covered = sum(str(r["covered"]) == "True" for r in ok)
-        ece = [_value(r, "ece") for r in ok]
-        lines.append(f"| {variant} | {len(ok)}/{len(table)} | {mean['mean']:.3f} ({mean['lower']:.3f}-"
-                     f"{mean['upper']:.3f}) | {paired} | {covered}/{len(ok)} | "
-                     f"{np.nanmean(ece) if ece else float('nan'):.4f} |")
-    return lines
 
 
 def default_output(config_path) -> Path:

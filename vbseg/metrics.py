@@ -54,14 +54,43 @@ def reliability(probability, truth, voi=None, num_bins: int = ECE_BINS):
     return edges, predicted, observed, counts
 
 
+def reliability_sums(probability, truth, voi=None, num_bins: int = ECE_BINS) -> dict:
+    """Per-bin sums behind a reliability diagram, poolable across runs by adding them.
+
+    Returns {"counts", "predicted_sum", "observed_sum"} (lists of length ``num_bins``, equal-width
+    bins of predicted probability as in :func:`reliability`); pooled mean predicted and observed
+    frequency are the summed sums over the summed counts.
+    """
+    _, predicted, observed, counts = reliability(probability, truth, voi, num_bins)
+    return {"counts": counts.astype(int).tolist(),
+            "predicted_sum": np.nan_to_num(predicted * counts).tolist(),
+            "observed_sum": np.nan_to_num(observed * counts).tolist()}
+
+
+def pooled_reliability(sums: list[dict]):
+    """(mean predicted (B,), observed frequency (B,), counts (B,)) of several runs' sums pooled."""
+    counts = np.sum([s["counts"] for s in sums], axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        predicted = np.sum([s["predicted_sum"] for s in sums], axis=0) / counts
+        observed = np.sum([s["observed_sum"] for s in sums], axis=0) / counts
+    return predicted, observed, counts
+
+
 def expected_calibration_error(probability, truth, voi=None, num_bins: int = ECE_BINS) -> float:
     """ECE = sum_b (n_b / n) |mean predicted_b - observed frequency_b| over 15 equal-width bins.
 
     Bins are [0, 1/15), ..., [14/15, 1] (p = 1 falls in the last bin).
     """
     _, predicted, observed, counts = reliability(probability, truth, voi, num_bins)
+    return calibration_error_of_bins(predicted, observed, counts)
+
+
+def calibration_error_of_bins(predicted, observed, counts) -> float:
+    """ECE of a (possibly pooled) reliability curve: count-weighted mean |predicted - observed|."""
+    counts = np.asarray(counts, np.float64)
     filled = counts > 0
-    return float(np.sum(counts[filled] * np.abs(predicted[filled] - observed[filled])) / counts.sum())
+    return float(np.sum(counts[filled] * np.abs(np.asarray(predicted)[filled]
+                                                 - np.asarray(observed)[filled])) / counts.sum())
 
 
 def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
