@@ -25,7 +25,10 @@ def sphere(tmp_path_factory):
     return phantom, phantom.save(folder)
 
 
-@pytest.mark.parametrize("name", BASELINES)
+# KsPC's contours are highest-density regions of the activity, not a tumour probability: its
+# 50 % contour holds half the smoothed activity, so it is tested for what it claims in
+# tests/test_kspc.py instead of by Dice here.
+@pytest.mark.parametrize("name", [b for b in BASELINES if b != "kspc"])
 def test_baseline_finds_the_sphere(sphere, name, tmp_path):
     phantom, paths = sphere
     posterior = vbseg.segment([paths["pet"], paths["ct"]], tmp_path / "out", modalities=["pet", "ct"],

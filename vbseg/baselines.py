@@ -18,6 +18,9 @@ structure); thresholds are taken over the VOI.
 * ``random_walker``: scikit-image's random walker (Grady 2006, IEEE TPAMI 28:1768) on the PET
   image with ``return_full_prob``: seeds are PET >= 70 % SUVmax (tumour) and PET <= B
   (background); the map is the tumour label's probability.
+* ``kspc``: kernel-smoothing probability contours (Zhang & Ray 2023): the map is 1 - the mass
+  of the highest-density region of the smoothed, background-subtracted PET whose boundary
+  passes through the voxel (:mod:`vbseg.models.kspc`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 BASELINES = ("threshold40", "threshold50", "suv2.5", "adaptive50", "otsu", "kmeans", "gmm",
-             "random_walker")
+             "random_walker", "kspc")
 GMM_ITERATIONS = 200
 
 
@@ -78,8 +81,11 @@ def _gmm(features, observed, voi, hot_channel, num_iterations=GMM_ITERATIONS):
                          "proportions": pi.tolist(), "hot_component": hot}
 
 
-def baseline_map(name, stack, observed, voi, modalities) -> tuple[np.ndarray, str, dict]:
-    """(tumour map (X, Y, Z) in [0, 1], "probability" or "mask", parameters) for baseline ``name``."""
+def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1.0)
+                 ) -> tuple[np.ndarray, str, dict]:
+    """(tumour map (X, Y, Z) in [0, 1], "probability", "mask" or "hdr" (KsPC: 1 - HDR mass),
+    parameters) for baseline ``name``
+    (``spacing_mm``: the voxel size, which KsPC's bandwidth is in)."""
     pet, inside = _pet(stack, observed, voi, modalities)
     values = pet[inside]
     suv_max = float(values.max())
@@ -98,6 +104,11 @@ def baseline_map(name, stack, observed, voi, modalities) -> tuple[np.ndarray, st
         result = mask(background + 0.5 * (suv_max - background))
         result[2]["background"] = background
         return result
+    if name == "kspc":
+        from vbseg.models.kspc import kspc_map
+
+        probability, parameters = kspc_map(pet, inside, spacing_mm)
+        return probability, "hdr", parameters
     if name == "otsu":
         from skimage.filters import threshold_otsu
 

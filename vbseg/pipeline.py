@@ -161,7 +161,8 @@ def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, volumes, i
     a single volume, so its "interval" has zero width)."""
     reference = volumes[0]
     start = time.perf_counter()
-    crop, kind, parameters = baseline_map(name, stack, observed, crop_voi, modalities)
+    crop, kind, parameters = baseline_map(name, stack, observed, crop_voi, modalities,
+                                          reference.spacing)
     run_s = time.perf_counter() - start
     probability = np.zeros(reference.shape, np.float32)
     probability[bounds] = np.where(crop_voi, crop, 0.0)
@@ -181,8 +182,10 @@ def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, volumes, i
         "timings_s": {"compile": 0.0, "run": run_s},
         **_provenance(images, modalities, roi, seed, volumes),
     }
-    method = (INDEPENDENT_DRAWS_METHOD if kind == "probability"
-              else "a deterministic mask: one volume, no uncertainty")
+    method = {"probability": INDEPENDENT_DRAWS_METHOD,
+              "hdr": "the KsPC map ranks voxels by smoothed uptake and is not a tumour probability; "
+                     "its volume draws treat it as one (independent voxels), for comparison only",
+              }.get(kind, "a deterministic mask: one volume, no uncertainty")
     posterior = Posterior(probability=probability, reference=reference, voi=voi,
                           volume_draws_ml=volume_draws_ml, volume_method=method,
                           tlg_draws=tlg_draws, summary=summary)
