@@ -165,7 +165,7 @@ GIBBS_BURN_IN = 200
 
 def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_weights, *,
                  num_classes, beta, seed, num_draws, neighbourhood=6, psf_fwhm_mm=None,
-                 relative_precision=None) -> FitOutcome:
+                 relative_precision=None, emission="gaussian", dof=DEFAULT_STUDENT_DOF) -> FitOutcome:
     """Gibbs (labels, class means/precisions, proportions) from a VB solution.
 
     GIBBS_CHAINS chains start at the VB labels (argmax of q), run GIBBS_BURN_IN sweeps of
@@ -173,6 +173,7 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     draw of the label field, so volumes carry the spatial correlation the mean-field marginals
     ignore. With ``psf_fwhm_mm`` the PSF model is sampled
     (:mod:`vbseg.inference.gibbs_psf`; uniform proportions, ``relative_precision`` weights).
+    ``emission`` "student" samples the Student-t model through its scale mixture (PSF-free).
     """
     per_chain = -(-num_draws // GIBBS_CHAINS)
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
@@ -188,9 +189,12 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
                                    for p in NormalGammaPrior()))
         args = (jax.random.PRNGKey(seed),) + padded + (
             prior, jnp.float32(DEFAULT_CONCENTRATION), start, weights)
-        result, compile_s, run_s = _compile_and_run(gibbs_hidden_potts, args, **sizes)
+        result, compile_s, run_s = _compile_and_run(gibbs_hidden_potts, args, emission=emission,
+                                                    dof=float(dof), **sizes)
         precisions = np.asarray(result.precisions)
-        sampler = "checkerboard Gibbs with conjugate parameter draws"
+        sampler = "checkerboard Gibbs with conjugate parameter draws" + (
+            f"; Student-t ({dof:g} degrees of freedom) through its Gamma scale mixture"
+            if emission == "student" else "")
     else:
         if relative_precision is None:
             relative_precision = np.ones(features.shape, np.float32)

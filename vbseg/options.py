@@ -116,9 +116,10 @@ def _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
         if psf_fwhm_mm is not None:
             raise InputError("--psf-fwhm", f"the PSF likelihood is Gaussian in linear units; it "
                                            f"cannot be combined with {chosen} yet")
-        if sampler == "gibbs":
-            raise InputError("--sampler", f"gibbs samples the Gaussian model; it cannot be "
-                                          f"combined with {chosen} yet")
+        # log-normal PET is the Gaussian model on log PET, which the Gaussian sampler draws
+        if sampler == "gibbs" and covariance == "full":
+            raise InputError("--sampler", "gibbs samples diagonal-covariance models; it cannot be "
+                                          "combined with --covariance full yet")
 
 
 def check_output_folder(out_dir) -> Path:

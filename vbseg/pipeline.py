@@ -307,7 +307,8 @@ def segment(
         fit = sample_potts(fit, features, observed, crop_voi, reference.spacing, count_weights,
                            num_classes=num_classes, beta=beta_used, seed=seed,
                            num_draws=volume_draws, neighbourhood=neighbourhood,
-                           psf_fwhm_mm=psf, relative_precision=precision)
+                           psf_fwhm_mm=psf, relative_precision=precision,
+                           emission="student" if emission == "student" else "gaussian", dof=dof)
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]

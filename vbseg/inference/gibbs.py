@@ -12,6 +12,16 @@ posterior (tied or per-class precision, :func:`~vbseg.inference.emissions.normal
 with one-hot labels) and pi from Dirichlet(alpha0 + class counts). Geman & Geman (1984) for
 Gibbs sampling of Markov random fields; the two-colour schedule is the standard parallel one.
 
+Student-t emissions (``emission="student"``) are sampled through their scale mixture (the
+model of :mod:`vbseg.models.potts`): y_v | z_v = k, u_v ~ N(mu_k, 1 / (u_v tau_k)) per observed
+modality with u_v ~ Gamma(nu/2, nu/2), so a sweep also draws
+
+    u_v | z, mu, tau ~ Gamma((nu + D_v) / 2, (nu + sum_m tau_{z_v m} (y_vm - mu_{z_v m})^2) / 2)
+
+(D_v the number of observed modalities), labels given u use the u-scaled Gaussian, and the
+Normal-Gamma draw weights each voxel's precision by its u (Geweke 1993, J Appl Econometrics
+8:S19, for the Student-t as a Gibbs scale mixture).
+
 Chains run in parallel (``jax.vmap``), sweeps under ``lax.scan``; each sweep after burn-in
 records the class counts (volumes) and adds the one-hot labels to running marginals. Classes
 are renamed in every sweep by increasing mean in the first modality, as the VB fit orders them,
@@ -96,10 +106,12 @@ class GibbsResult(NamedTuple):
     label_switches: jax.Array
 
 
-def _draw_parameters(key, labels, observations, observed, roi, prior, concentration, tied):
+def _draw_parameters(key, labels, observations, observed, roi, prior, concentration, tied,
+                     scales=None):
     num_classes = prior.mean.shape[0]
     onehot = jax.nn.one_hot(labels, num_classes, dtype=observations.dtype) * roi[..., None]
-    post = normal_gamma_update(onehot, observations, observed, prior, tied)
+    weights = None if scales is None else jnp.broadcast_to(scales[..., None], onehot.shape)
+    post = normal_gamma_update(onehot, observations, observed, prior, tied, precision_weights=weights)
     tau_key, mu_key, pi_key = jax.random.split(key, 3)
     tau = jax.random.gamma(tau_key, post.shape) / post.rate
     if tied:
@@ -107,6 +119,45 @@ def _draw_parameters(key, labels, observations, observed, roi, prior, concentrat
     mu = post.mean + jax.random.normal(mu_key, post.mean.shape) / jnp.sqrt(post.kappa * tau)
     pi = jax.random.dirichlet(pi_key, concentration + jnp.sum(onehot, axis=(0, 1, 2)))
     return GibbsParameters(mu, tau, pi)
+
+
+def scaled_log_likelihood(observations, observed, mean, precision, scales) -> jax.Array:
+    """log N(y_vm | mean_km, 1 / (u_v precision_km)) over observed modalities: (X, Y, Z, K)."""
+    return gaussian_log_likelihood(observations, observed, mean[None, None, None],
+                                   precision[None, None, None] * scales[..., None, None])
+
+
+def draw_scales(key, labels, observations, observed, mean, precision, dof) -> jax.Array:
+    """u_v | z, mu, tau of the Student-t scale mixture (module docstring): (X, Y, Z)."""
+    residual = observations - mean[labels]
+    quadratic = jnp.sum(jnp.where(observed, precision[labels] * residual**2, 0.0), axis=-1)
+    shape = 0.5 * (dof + jnp.sum(observed, axis=-1, dtype=observations.dtype))
+    return jax.random.gamma(key, shape) / (0.5 * (dof + quadratic))
+
+
+@partial(jax.jit, static_argnames=("num_sweeps", "burn_in"))
+def gibbs_student_label_marginals(key, observations, observed, roi, beta, weights, mean, precision,
+                                  log_prior, dof, initial_labels, *, num_sweeps: int, burn_in: int):
+    """Gibbs over (z, u) with fixed class parameters and Student-t emissions (one chain): the
+    marginals (X, Y, Z, K) of p(z | y) ∝ exp(sum_v log_prior_v(z_v) + beta S(z)) prod_v t(y_v | z_v),
+    u summed out by sampling it. ``log_prior``: (X, Y, Z, K) (log proportions plus any field)."""
+    num_classes = mean.shape[0]
+    observed = observed & roi[..., None]
+
+    def step(carry, sweep_key):
+        labels, scales, total = carry
+        label_key, scale_key = jax.random.split(sweep_key)
+        unary = scaled_log_likelihood(observations, observed, mean, precision, scales) + log_prior
+        labels = sample_labels(label_key, labels, unary, beta, weights, roi)
+        scales = draw_scales(scale_key, labels, observations, observed, mean, precision, dof)
+        return (labels, scales, total + jax.nn.one_hot(labels, num_classes, dtype=mean.dtype)), None
+
+    keys = jax.random.split(key, burn_in + num_sweeps)
+    zero = jnp.zeros(roi.shape + (num_classes,), mean.dtype)
+    start = (initial_labels, jnp.ones(roi.shape, mean.dtype), zero)
+    (labels, scales, _), _ = jax.lax.scan(step, start, keys[:burn_in])
+    (_, _, total), _ = jax.lax.scan(step, (labels, scales, zero), keys[burn_in:])
+    return total / num_sweeps
 
 
 def order_classes(labels, first_modality_means):
@@ -123,11 +174,11 @@ def _relabel(labels, parameters):
                                    parameters.proportions[order]), switched
 
 
-@partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied"))
+@partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied", "emission", "dof"))
 def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: NormalGammaPrior,
                        concentration, initial_labels, count_weights, external_field=None, *,
                        num_chains: int, num_sweeps: int, burn_in: int,
-                       tied: bool = True) -> GibbsResult:
+                       tied: bool = True, emission: str = "gaussian", dof: float = 4.0) -> GibbsResult:
     """Full conjugate Gibbs for the hidden Potts model with fixed beta.
 
     Args:
@@ -137,21 +188,26 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
         count_weights: (X, Y, Z) per-voxel weights summed per class each sweep (e.g. SUV).
         external_field: optional (X, Y, Z, K) prior log-potentials added to the unary term.
         num_chains, num_sweeps (kept per chain), burn_in: static sizes.
+        emission: "gaussian" or "student" (scale mixture with ``dof`` degrees of freedom).
     """
     num_classes = prior.mean.shape[0]
     observed = observed & roi[..., None]
     field = 0.0 if external_field is None else external_field
+    student = emission == "student"
 
     def chain(chain_key):
         def step(carry, sweep_key):
-            labels, parameters, total = carry
-            label_key, parameter_key = jax.random.split(sweep_key)
-            unary = (gaussian_log_likelihood(observations, observed, parameters.mean,
-                                             parameters.precision)
+            labels, scales, parameters, total = carry
+            label_key, scale_key, parameter_key = jax.random.split(sweep_key, 3)
+            unary = (scaled_log_likelihood(observations, observed, parameters.mean,
+                                           parameters.precision, scales)
                      + jnp.log(parameters.proportions) + field)
             labels = sample_labels(label_key, labels, unary, beta, weights, roi)
+            if student:
+                scales = draw_scales(scale_key, labels, observations, observed, parameters.mean,
+                                     parameters.precision, dof)
             parameters = _draw_parameters(parameter_key, labels, observations, observed, roi,
-                                          prior, concentration, tied)
+                                          prior, concentration, tied, scales if student else None)
             switched = jnp.asarray(False)
             if external_field is None:
                 # with a field the classes are not exchangeable and a renaming is not a valid move
@@ -160,16 +216,17 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
             record = (jnp.sum(onehot, axis=(0, 1, 2)),
                       jnp.einsum("xyz,xyzk->k", count_weights, onehot), parameters.mean,
                       parameters.precision, switched)
-            return (labels, parameters, total + onehot), record
+            return (labels, scales, parameters, total + onehot), record
 
         start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
         parameters = _draw_parameters(start_key, initial_labels, observations, observed, roi,
                                       prior, concentration, tied)
         zero = jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
-        carry, _ = jax.lax.scan(step, (initial_labels, parameters, zero),
+        scales = jnp.ones(observations.shape[:3], observations.dtype)  # u = 1: the Gaussian start
+        carry, _ = jax.lax.scan(step, (initial_labels, scales, parameters, zero),
                                 jax.random.split(burn_key, burn_in))
-        (_, _, total), records = jax.lax.scan(step, (carry[0], carry[1], zero),
-                                              jax.random.split(keep_key, num_sweeps))
+        (_, _, _, total), records = jax.lax.scan(step, carry[:3] + (zero,),
+                                                 jax.random.split(keep_key, num_sweeps))
         return total, records
 
     totals, records = jax.vmap(chain)(jax.random.split(key, num_chains))
