@@ -64,6 +64,7 @@ BAD = [
     ("bad beta word", P + "[model]\nbeta = \"learn\"", "[model] beta: expected a number or 'auto'"),
     ("bad option value", P + "[model]\nneighbourhood = 18", "--neighbourhood: must be 6 or 26"),
     ("bad combination", P + "[model]\ncovariance = \"full\"", "full needs two or more images"),
+    ("tumour class out of range", P + "[model]\ntumour_class = 2", "--tumour-class: must be in 0..1"),
     ("zip lengths", P + "[model]\nbeta = [1, 2]\nclasses = [2, 3, 4]\n[sweep]\nmode = \"zip\"",
      "different lengths"),
     ("bad mode", P + "[sweep]\nmode = \"grid\"", "[sweep] mode: must be one of"),

@@ -25,6 +25,7 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     name = "potts"
     beta = [0.5, 1.5, "auto"]
     psf_fwhm_mm = [0, 6.0]            # 0: no PSF term
+    tumour_class = 1                  # cases without PET: which class (by mean in image 1) is tumour
 
     [sweep]
     mode = "product"
@@ -71,6 +72,7 @@ MODEL_KEYS = {
     "neighbourhood": ("neighbourhood", int), "psf_fwhm_mm": ("psf_fwhm_mm", float),
     "pet_noise": ("pet_noise", str), "sampler": ("sampler", str), "emission": ("emission", str),
     "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
+    "tumour_class": ("tumour_class", int),
 }
 SWEEP_MODES = ("product", "zip")
 COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
@@ -283,7 +285,8 @@ def _check_variant(path, variant, cases):
             check_options(
                 model=kwargs.get("model", "potts"), num_classes=kwargs.get("num_classes", 2),
                 beta=kwargs.get("beta", 0.5), levels_percent=(10.0, 50.0, 90.0),
-                num_images=len(modalities), modalities=modalities, tumour_class=None,
+                num_images=len(modalities), modalities=modalities,
+                tumour_class=kwargs.get("tumour_class"),
                 volume_draws=kwargs.get("volume_draws", DEFAULT_VOLUME_DRAWS),
                 neighbourhood=kwargs.get("neighbourhood", 6), psf_fwhm_mm=kwargs.get("psf_fwhm_mm"),
                 pet_noise=kwargs.get("pet_noise", "poisson"), sampler=kwargs.get("sampler", "vb"),
