@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import bench_beta, bench_calibration, bench_potts
+from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_potts
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -41,6 +41,18 @@ def test_bench_calibration_smoke(tmp_path):
         assert row["draws"] == 1 and 0.0 <= row["coverage"] <= 1.0 and row["dice50_mean"] > 0.5
     assert (tmp_path / "calibration_reliability.png").stat().st_size > 0
     assert "| nopsf_gibbs |" in (tmp_path / "bench_calibration.md").read_text()
+
+
+def test_bench_cohort_smoke(tmp_path):
+    from vbseg.phantoms import make_cohort
+
+    index = make_cohort(tmp_path / "cohort", 3, seed=0, shape=(16, 16, 10))
+    record = bench_cohort.main(["--index", str(index), "--cases", "syn00,syn01,syn02", "--quick",
+                                "--baselines", "suv2.5", "--out", str(tmp_path)])
+    assert [r["case"] for r in record["records"]] == ["syn00", "syn01"]
+    summary = record["summary"]["prior pet+ct+mr"]
+    assert summary["dice50"]["mean"] > 0.9 and "dice50_minus_reference" in summary
+    assert "| prior pet+ct+mr |" in (tmp_path / "bench_cohort.md").read_text()
 
 
 @pytest.fixture(scope="module")

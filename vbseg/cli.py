@@ -108,7 +108,40 @@ def _add_segment(sub):
     p.add_argument("--dicom-seg", action="store_true",
                    help="write prob_seg.dcm, a FRACTIONAL/PROBABILITY DICOM SEG of P(tumour) on the "
                         "first input's series (or on --rtstruct's when the first input is NIfTI)")
+    p.add_argument("--prior", default=None,
+                   help="population prior learned from delineated cases (a JSON from vbseg fit-prior, "
+                        "or 'sarcoma' for the packaged PET+CT+MR soft-tissue sarcoma prior)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_fit_prior(sub):
+    p = sub.add_parser("fit-prior", help="learn a population prior from delineated cases")
+    p.add_argument("cases", help="CASES.json index (entries with 'modalities', or "
+                                 "'modality'/'image'/'label')")
+    p.add_argument("--modalities", required=True, help="comma-separated, e.g. pet,ct,mr (the first "
+                                                       "modality's label is the reference)")
+    p.add_argument("--out", required=True, help="prior JSON to write")
+    p.add_argument("--cases", dest="names", default=None,
+                   help="comma-separated case names (default: every patient case with these modalities)")
+    p.add_argument("--tumour-classes", type=int, default=2, help="tumour classes (default 2)")
+    p.add_argument("--background-classes", type=int, default=4, help="background classes (default 4)")
+    p.add_argument("--attribution", default="", help="credit line stored in the prior (default: the cases' "
+                                                    "'licence' entries in CASES.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _run_fit_prior(args) -> None:
+    from vbseg.population import fit_prior
+
+    names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
+    modalities = [m.strip().lower() for m in args.modalities.split(",") if m.strip()]
+    prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
+                      num_background=args.background_classes, overwrite=args.overwrite,
+                      attribution=args.attribution, progress=print)
+    calibration = prior.volume_calibration
+    print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); beta {prior.beta:.2f}; "
+          + (f"volume log-ratio {calibration['log_ratio_mean']:+.2f} +- {calibration['log_ratio_sd']:.2f}"
+             if calibration else "no volume calibration (< 3 cases)") + f"; written to {args.out}")
 
 
 def _add_convert(sub):
@@ -180,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_phantom(sub)
     _add_experiment(sub)
     _add_convert(sub)
+    _add_fit_prior(sub)
     return parser
 
 
@@ -211,6 +245,7 @@ def _segment_kwargs(args) -> dict:
         dof=args.dof,
         series_uid=args.series,
         overwrite=args.overwrite,
+        prior=args.prior,
     )
 
 
@@ -318,7 +353,8 @@ def main(argv=None) -> int:
     try:
         enable_compilation_cache()
         commands = {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom,
-                    "experiment": _run_experiment, "convert": _run_convert}
+                    "experiment": _run_experiment, "convert": _run_convert,
+                    "fit-prior": _run_fit_prior}
         status = commands[args.command](args)
     except VbsegError as error:
         print(f"vbseg: error: {error}", file=sys.stderr)

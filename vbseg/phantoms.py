@@ -296,3 +296,55 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> Phantom
         spec=spec,
         seed=seed,
     )
+
+
+# A known population for cohort tests (vbseg.models.cohort): four classes (tumour rim,
+# tumour core, fat, muscle) x (PET, CT, MR), in the cohort feature space (log SUV, HU / 100,
+# MR / 100). Each synthetic patient draws its class means around these with sd COHORT_SPREAD_SD.
+COHORT_MEANS = np.array([[1.8, 0.4, 3.0],     # tumour rim: SUV ~6, 40 HU, MR 300
+                         [0.7, 0.2, 4.0],     # tumour core: SUV ~2, 20 HU, MR 400
+                         [-0.9, -1.0, 9.0],   # fat: SUV ~0.4, -100 HU, MR 900
+                         [0.0, 0.5, 3.5]])    # muscle: SUV ~1, 50 HU, MR 350
+COHORT_SPREAD_SD = 0.2
+COHORT_NOISE_SD = 0.15
+
+
+def make_cohort(folder, num_cases: int, *, seed: int = 0, shape=(20, 20, 12), spacing_mm=4.0) -> Path:
+    """Write ``num_cases`` synthetic delineated PET/CT/MR cases and their CASES.json.
+
+    Each case: a sphere (radius 4-6 voxels) whose outer shell is the rim class and inner half
+    radius the core; background split by a plane into fat and muscle. Class means are drawn
+    per case as COHORT_MEANS + Normal(0, COHORT_SPREAD_SD^2) in feature space, voxels as
+    class mean + Normal(0, COHORT_NOISE_SD^2), then mapped back to SUV / HU / MR units.
+    Returns the path of cases.json (entries in the ``modalities`` shape).
+    """
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"), -1)
+    radius = np.linalg.norm(grid, axis=-1)
+    entries = []
+    for case in range(num_cases):
+        size = rng.uniform(4.0, 6.0)
+        labels = np.where(grid[..., 0] < rng.uniform(-3, 3), 2, 3)
+        labels = np.where(radius <= size, 0, labels)
+        labels = np.where(radius <= 0.5 * size, 1, labels)
+        means = COHORT_MEANS + rng.normal(0.0, COHORT_SPREAD_SD, COHORT_MEANS.shape)
+        features = means[labels] + rng.normal(0.0, COHORT_NOISE_SD, shape + (3,))
+        images = {"pet": np.exp(features[..., 0]), "ct": 100.0 * features[..., 1],
+                  "mr": 100.0 * features[..., 2]}
+        name = f"syn{case:02d}"
+        table = {}
+        for modality, data in images.items():
+            save_nifti(folder / f"{name}_{modality}.nii.gz", data.astype(np.float32), affine)
+            save_nifti(folder / f"{name}_{modality}_label.nii.gz", (labels <= 1).astype(np.uint8), affine)
+            table[modality] = {"image": f"{name}_{modality}.nii.gz",
+                               "label": f"{name}_{modality}_label.nii.gz"}
+        entries.append({"case": name, "kind": "patient", "modalities": table,
+                        "class_means_features": means.tolist()})
+    index = folder / "cases.json"
+    index.write_text(json.dumps(entries, indent=1))
+    return index

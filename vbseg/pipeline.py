@@ -127,6 +127,20 @@ def standardise(stack, observed, volumes):
     return features, centres, scales
 
 
+def load_crop(images, modalities, roi=None, box=None, series_uid=None):
+    """:func:`load_inputs`, then the VOI's bounding box cut out of every image.
+
+    Returns (volumes, voi (first grid), bounds (slices), crop_voi, stack (x, y, z, M) float32,
+    observed (x, y, z, M) bool: inside that image's field of view and the VOI, resampled).
+    """
+    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box, series_uid)
+    bounds = _voi_bounds(voi)
+    crop_voi = voi[bounds]
+    stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
+    observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
+    return volumes, voi, bounds, crop_voi, stack, observed, resampled
+
+
 def _voi_text(roi, box) -> str:
     return "roi" if roi is not None else (f"box {box}" if box is not None else "whole image")
 
@@ -218,6 +232,7 @@ def segment(
     series_uid=None,
     overwrite: bool = False,
     title: str = "",
+    prior=None,
 ) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
@@ -248,12 +263,23 @@ def segment(
         covariance: "diagonal" (modalities independent given the class) or "full" (a full
             covariance per class across modalities; every image must cover the whole VOI).
         series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
+        prior: a population prior (JSON path, "sarcoma" for the packaged one, or a
+            :class:`~vbseg.models.cohort.PopulationPrior`): the hidden Potts model with the
+            prior's classes, class priors and beta (:mod:`vbseg.population`); the inputs must be
+            the prior's modalities; num_classes, beta, emission and the PSF options are not used.
     Raises:
         InputError naming the file or option for every problem with the input.
     """
     images = [os.fspath(p) for p in images]
     if not images:
         raise InputError("segment", "needs at least one image")
+    if prior is not None:
+        from vbseg.population import segment_with_prior
+
+        return segment_with_prior(images, out, prior=prior, modalities=modalities, roi=roi, box=box,
+                                  model=model, levels_percent=tuple(float(x) for x in levels_percent),
+                                  seed=seed, volume_draws=volume_draws, series_uid=series_uid,
+                                  overwrite=overwrite, title=title)
     modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
     levels_percent = tuple(float(level) for level in levels_percent)
     if beta is None:
@@ -268,12 +294,9 @@ def segment(
     if out is not None:
         check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
 
-    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box, series_uid)
+    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
+                                                                           series_uid)
     reference = volumes[0]
-    bounds = _voi_bounds(voi)
-    crop_voi = voi[bounds]
-    stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
-    observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
     if model in BASELINES:
         return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, volumes,
                                    images, modalities, roi, box, resampled, seed, volume_draws,

@@ -1,0 +1,387 @@
+"""Population priors end to end: learn one from delineated cases (``vbseg fit-prior``) and
+contour a new patient with it (``vbseg.segment(..., prior=...)`` / ``vbseg segment --prior``).
+
+The model and its feature space are in :mod:`vbseg.models.cohort`, the empirical-Bayes fit
+and the per-scan VB in :mod:`vbseg.inference.empirical_bayes`; this module reads cases, runs
+those fits and turns the result into a :class:`~vbseg.posterior.Posterior`.
+
+**Volume interval.** The mean-field marginals give volume draws from independent voxels,
+whose spread (a few mL) ignores what dominates the error on real scans: the systematic
+difference between the model's tumour and the expert's (the GTV follows the anatomical mass,
+not uptake). The prior therefore also carries, learned at fit time by leave-one-out over its
+training cases (case j contoured with the prior pooled from the others), the residuals
+r_j = log(V_manual,j / V_model,j). With n residuals of mean rbar and sd s, the predictive
+for a new patient under a normal model with the Jeffreys prior is
+log V = log V_model + rbar + s sqrt(1 + 1/n) t_{n-1}, so each independent-voxel draw is
+multiplied by exp(rbar + s sqrt(1 + 1/n) t), t a Student-t draw (TLG draws by the same
+factor). Priors learned from fewer than three cases carry no calibration and keep the
+independent-voxel draws. The probability map (and so every contour) is not changed by it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import metadata, resources
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+
+from vbseg.cases import DelineatedCase, read_cases
+from vbseg.errors import InputError
+from vbseg.fitting import SHAPE_BUCKET, _compile_and_run
+from vbseg.inference.empirical_bayes import (
+    FORBIDDEN,
+    SPREAD_FLOOR_SD,
+    WEAK_SPREAD_SD,
+    fit_case_classes,
+    fit_with_population_prior,
+    pool_population,
+)
+from vbseg.models.cohort import (
+    NOISE_PSEUDO_COUNT,
+    PopulationPrior,
+    load_prior,
+    to_features,
+)
+from vbseg.models.potts import neighbour_weights
+
+DEFAULT_TUMOUR_CLASSES = 2
+DEFAULT_BACKGROUND_CLASSES = 4
+MIN_CALIBRATION_CASES = 3
+PACKAGED_PRIORS = {"sarcoma": "sarcoma_prior_pet_ct_mr.json"}
+FIT_METHOD = (
+    "empirical Bayes (vbseg.inference.empirical_bayes): per training case a hidden Potts fit "
+    "(mean-field VB, per-class precisions, beta by pseudo-likelihood variational EM) with the "
+    "manual mask constraining tumour voxels to the tumour classes and the rest to background "
+    "classes; classes ordered (tumour by decreasing PET, background by increasing CT); pooled "
+    "by moments: population mean = mean of case means, spread = between-case variance minus "
+    f"sampling variance, floored at {SPREAD_FLOOR_SD}^2 and times (1 + 1/n) ({WEAK_SPREAD_SD}^2 "
+    "with < 2 cases), noise = count-weighted within-case variance, beta = median; volume "
+    "calibration from leave-one-out log volume ratios over the training cases")
+
+
+class TrainingCase(NamedTuple):
+    """A delineated case in feature space on its first modality's grid."""
+
+    name: str
+    features: np.ndarray  # (X, Y, Z, M)
+    observed: np.ndarray  # (X, Y, Z, M) bool
+    roi: np.ndarray  # (X, Y, Z) bool
+    tumour: np.ndarray  # (X, Y, Z) bool
+    spacing: tuple
+    voxel_ml: float
+
+    @property
+    def true_ml(self) -> float:
+        return float(self.tumour.sum()) * self.voxel_ml
+
+
+def resolve_prior(prior) -> PopulationPrior:
+    """A PopulationPrior from itself, a JSON path, or a packaged prior's name ("sarcoma")."""
+    if isinstance(prior, PopulationPrior):
+        return prior
+    text = os.fspath(prior)
+    if text in PACKAGED_PRIORS:
+        resource = resources.files("vbseg") / "data" / PACKAGED_PRIORS[text]
+        with resources.as_file(resource) as path:
+            return load_prior(path)
+    return load_prior(text)
+
+
+def load_training_case(case: DelineatedCase) -> TrainingCase:
+    """Images on the first modality's grid (others resampled), in feature space, and its label."""
+    from vbseg.pipeline import load_inputs
+
+    volumes, voi, channels, coverage, _ = load_inputs(list(case.images), list(case.modalities))
+    stack = np.stack(channels, axis=-1)
+    observed = np.stack(coverage, axis=-1)
+    features = np.where(observed, to_features(stack, case.modalities), 0.0).astype(np.float32)
+    tumour = np.asarray(nib.load(case.label).dataobj) > 0
+    if not tumour.any():
+        raise InputError(case.label, f"case {case.name}: label is empty")
+    reference = volumes[0]
+    return TrainingCase(case.name, features, observed, voi, tumour,
+                        tuple(float(s) for s in reference.spacing), reference.voxel_volume_ml)
+
+
+# Bulk fits (training, calibration, benchmarks) pad crops to multiples of this many voxels,
+# coarser than the pipeline's bucket, so a cohort compiles a handful of programs.
+BULK_BUCKET = 16
+
+
+def _bucket(shape, size=SHAPE_BUCKET) -> tuple:
+    return tuple(int(-(-n // size) * size) for n in shape)
+
+
+def _pad(array, shape, fill):
+    pad = [(0, t - n) for t, n in zip(shape, array.shape[:3])] + [(0, 0)] * (array.ndim - 3)
+    return np.pad(array, pad, constant_values=fill)
+
+
+def _tumour_and_background_keys(modalities) -> tuple[int, int]:
+    tumour_key = modalities.index("pet") if "pet" in modalities else 0
+    background_key = modalities.index("ct") if "ct" in modalities else 0
+    return tumour_key, background_key
+
+
+def case_statistics(training: list[TrainingCase], modalities, *, num_tumour, num_background,
+                    neighbourhood=6):
+    """The constrained per-case fits; returns (stats, padded shape per case)."""
+    shapes = [_bucket(t.roi.shape, BULK_BUCKET) for t in training]
+    tumour_key, background_key = _tumour_and_background_keys(list(modalities))
+    stats = []
+    for case, shape in zip(training, shapes):
+        stats.append(fit_case_classes(
+            _pad(case.features, shape, 0.0), _pad(case.observed, shape, False),
+            _pad(case.roi, shape, False), _pad(case.tumour, shape, False),
+            neighbour_weights(case.spacing, neighbourhood), num_tumour=num_tumour,
+            num_background=num_background, tumour_key=tumour_key, background_key=background_key))
+    return stats, shapes
+
+
+def _class_names(num_tumour, num_background, modalities) -> list[str]:
+    tumour_key, background_key = _tumour_and_background_keys(list(modalities))
+    return ([f"tumour {k} (by decreasing {modalities[tumour_key]})" for k in range(num_tumour)]
+            + [f"background {k} (by increasing {modalities[background_key]})"
+               for k in range(num_background)])
+
+
+def _vbseg_version() -> str:
+    try:
+        return metadata.version("vbseg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def prior_from_statistics(stats, names, modalities, *, num_tumour, neighbourhood=6,
+                          case_index=None, calibration=None) -> PopulationPrior:
+    """Pool per-case statistics (:func:`~vbseg.inference.empirical_bayes.pool_population`)."""
+    pooled = pool_population(stats)
+    num_classes = pooled["mean"].shape[0]
+    return PopulationPrior(
+        modalities=list(modalities), num_tumour=num_tumour,
+        class_names=_class_names(num_tumour, num_classes - num_tumour, modalities),
+        mean=pooled["mean"], spread_var=pooled["spread_var"], noise_var=pooled["noise_var"],
+        proportions=pooled["proportions"], concentration=float(num_classes), beta=pooled["beta"],
+        neighbourhood=neighbourhood, volume_calibration=calibration, cases=list(names),
+        case_index=case_index,
+        per_case=[{"case": n, "means": s.means.tolist(), "variances": s.variances.tolist(),
+                   "proportions": s.proportions.tolist(), "beta": s.beta}
+                  for n, s in zip(names, stats)],
+        fit_method=FIT_METHOD, vbseg_version=_vbseg_version())
+
+
+def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing, pad_shape=None):
+    """P(tumour) (X, Y, Z) of one scan under ``prior`` and the fit record (means in feature
+    units, proportions, ELBO trace, iterations, converged, timings)."""
+    shape = tuple(pad_shape) if pad_shape is not None else _bucket(roi.shape)
+    prior_ng = prior.normal_gamma_prior()
+    args = (jnp.asarray(_pad(features, shape, 0.0)), jnp.asarray(_pad(observed, shape, False)),
+            jnp.asarray(_pad(roi, shape, False)), jnp.float32(prior.beta),
+            jnp.asarray(neighbour_weights(spacing, prior.neighbourhood)),
+            type(prior_ng)(*(jnp.asarray(p) for p in prior_ng)),
+            jnp.asarray(prior.dirichlet_concentration()),
+            # a flat class prior (fewer than two training cases) starts from its plug-in means
+            jnp.asarray(np.where(prior.spread_var >= WEAK_SPREAD_SD**2, 1e12, prior_ng.kappa),
+                        jnp.float32))
+    if pad_shape is None:
+        result, compile_s, run_s = _compile_and_run(fit_with_population_prior, args)
+    else:  # bulk fits on one shape: the jit cache compiles once
+        start = time.perf_counter()
+        result = jax.block_until_ready(fit_with_population_prior(*args))
+        compile_s, run_s = 0.0, time.perf_counter() - start
+    x, y, z = roi.shape
+    marginals = np.asarray(result.marginals)[:x, :y, :z]
+    probability = np.where(roi, marginals[..., : prior.num_tumour].sum(axis=-1), 0.0)
+    iterations = int(result.num_iterations)
+    alpha = np.asarray(result.proportions)
+    record = {"class_means_features": np.asarray(result.emission.mean).tolist(),
+              "class_sds_features": np.sqrt(np.asarray(result.emission.rate)
+                                            / np.asarray(result.emission.shape)).tolist(),
+              "class_proportions": (alpha / alpha.sum()).tolist(),
+              "elbo": np.asarray(result.elbo_trace)[:iterations].tolist(),
+              "iterations": iterations, "converged": bool(result.converged),
+              "timings": {"compile": compile_s, "run": run_s}}
+    return probability.astype(np.float32), record
+
+
+def calibration_from_residuals(residuals, names) -> dict | None:
+    residuals = np.asarray(residuals, np.float64)
+    if residuals.size < MIN_CALIBRATION_CASES:
+        return None
+    return {"log_ratio_mean": float(residuals.mean()), "log_ratio_sd": float(residuals.std(ddof=1)),
+            "n": int(residuals.size), "residuals": residuals.tolist(), "cases": list(names),
+            "definition": "r = log(V_manual / V_model), V_model = sum of P(tumour) x voxel volume, "
+                          "case contoured with the prior pooled from the other training cases"}
+
+
+def fit_population_prior(training: list[TrainingCase], modalities, *,
+                         num_tumour=DEFAULT_TUMOUR_CLASSES,
+                         num_background=DEFAULT_BACKGROUND_CLASSES, neighbourhood=6,
+                         calibrate=True, case_index=None, progress=None,
+                         statistics=None) -> PopulationPrior:
+    """Learn a PopulationPrior from delineated cases (module doc; empirical Bayes).
+
+    ``statistics``: the (stats, shapes) of :func:`case_statistics` for ``training`` when
+    already computed (a case's constrained fit uses only that case, so leave-one-out studies
+    compute them once).
+    """
+    stats, shapes = statistics if statistics is not None else case_statistics(
+        training, modalities, num_tumour=num_tumour, num_background=num_background,
+        neighbourhood=neighbourhood)
+    names = [t.name for t in training]
+    calibration = None
+    if calibrate and len(training) >= MIN_CALIBRATION_CASES:
+        residuals = []
+        for j, case in enumerate(training):
+            others = [s for i, s in enumerate(stats) if i != j]
+            held_out = prior_from_statistics(others, names[:j] + names[j + 1:], modalities,
+                                             num_tumour=num_tumour, neighbourhood=neighbourhood)
+            probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
+                                                case.spacing, pad_shape=shapes[j])
+            estimate = max(float(probability.sum()) * case.voxel_ml, 1e-3)
+            residuals.append(np.log(case.true_ml / estimate))
+            if progress:
+                progress(f"calibration {case.name}: manual {case.true_ml:.1f} mL, model {estimate:.1f} mL")
+        calibration = calibration_from_residuals(residuals, names)
+    return prior_from_statistics(stats, names, modalities, num_tumour=num_tumour,
+                                 neighbourhood=neighbourhood, case_index=case_index,
+                                 calibration=calibration)
+
+
+def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUMOUR_CLASSES,
+              num_background=DEFAULT_BACKGROUND_CLASSES, overwrite=False, calibrate=True,
+              attribution="", progress=None) -> PopulationPrior:
+    """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically)."""
+    from vbseg.errors import OutputError
+
+    if out is not None and os.path.exists(out) and not overwrite:
+        raise OutputError(out, "already exists (use --overwrite to replace it)")
+    if not (isinstance(num_tumour, int) and num_tumour >= 1 and isinstance(num_background, int)
+            and num_background >= 1 and num_tumour + num_background <= 8):
+        raise InputError("--classes", "needs >= 1 tumour and >= 1 background class, at most 8 in all")
+    cases = read_cases(index, modalities, names)
+    to_features(np.zeros((1, len(modalities)), np.float32), [m.lower() for m in modalities])
+    training = [load_training_case(case) for case in cases]
+    prior = fit_population_prior(training, [m.lower() for m in modalities], num_tumour=num_tumour,
+                                 num_background=num_background, calibrate=calibrate,
+                                 case_index=os.path.basename(os.fspath(index)), progress=progress)
+    prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
+    if out is not None:
+        prior.save(out)
+    return prior
+
+
+def calibrated_draws(volume_draws, tlg_draws, calibration, seed):
+    """Multiply draws by exp(rbar + s sqrt(1 + 1/n) t_{n-1}) (module doc)."""
+    if calibration is None:
+        return volume_draws, tlg_draws
+    rng = np.random.default_rng(seed + 7919)
+    n = calibration["n"]
+    t = rng.standard_t(n - 1, size=np.shape(volume_draws))
+    factor = np.exp(calibration["log_ratio_mean"] + calibration["log_ratio_sd"] * np.sqrt(1 + 1 / n) * t)
+    return volume_draws * factor, (None if tlg_draws is None else tlg_draws * factor)
+
+
+CALIBRATED_METHOD = (
+    "independent voxel draws from the mean-field marginals, each multiplied by the prior's "
+    "between-patient volume error exp(rbar + s sqrt(1 + 1/n) t_(n-1)) learned by leave-one-out "
+    "over its training cases (vbseg.population)")
+
+
+def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, box=None,
+                       model="potts", levels_percent, seed=0, volume_draws, series_uid=None,
+                       overwrite=False, title=""):
+    """``vbseg.segment(..., prior=...)``: the hidden Potts model with the population prior.
+
+    The prior fixes the classes (its K, the first ``num_tumour`` tumour), beta and the
+    neighbourhood; P(tumour) is the sum of the tumour classes' marginals. InputError when the
+    inputs' modalities differ from the prior's.
+    """
+    from vbseg.options import check_outputs
+    from vbseg.pipeline import _independent_draws, _provenance, _voi_text, load_crop
+    from vbseg.posterior import INDEPENDENT_DRAWS_METHOD, Posterior, output_names
+
+    source = "in memory" if isinstance(prior, PopulationPrior) else os.fspath(prior)
+    subject = "--prior" if isinstance(prior, PopulationPrior) else source
+    prior = resolve_prior(prior)
+    if model != "potts":
+        raise InputError("--prior", f"applies to the potts model, not {model!r}")
+    if modalities is None:
+        if len(images) != len(prior.modalities):
+            raise InputError(subject, f"this prior was learned on "
+                                                 f"{'+'.join(prior.modalities)} ({len(prior.modalities)} "
+                                                 f"images) but {len(images)} image(s) were given")
+        modalities = list(prior.modalities)
+    prior.check_modalities(modalities, subject)
+    if roi is not None and box is not None:
+        raise InputError("--roi", "give either --roi or --box, not both")
+    if not levels_percent or not all(0 < level < 100 for level in levels_percent):
+        raise InputError("--levels", "each level must be strictly between 0 and 100")
+    if not isinstance(volume_draws, int) or volume_draws < 100:
+        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
+    roi = os.fspath(roi) if roi is not None else None
+    if out is not None:
+        check_outputs(out, output_names(levels_percent), list(images) + ([roi] if roi else []), overwrite)
+    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
+                                                                           series_uid)
+    reference = volumes[0]
+    features = np.where(observed, to_features(stack, modalities), 0.0).astype(np.float32)
+    crop_probability, record = tumour_probability(prior, features, observed, crop_voi, reference.spacing)
+    probability = np.zeros(reference.shape, np.float32)
+    probability[bounds] = crop_probability
+    pet_first = modalities[0] == "pet"
+    raw_volumes, raw_tlg = _independent_draws(probability, reference, pet_first, seed, volume_draws)
+    volume_draws_ml, tlg_draws = calibrated_draws(raw_volumes, raw_tlg, prior.volume_calibration, seed)
+    method = CALIBRATED_METHOD if prior.volume_calibration else INDEPENDENT_DRAWS_METHOD
+    summary = {
+        "model": "potts+population_prior",
+        "options": {
+            "classes": prior.num_classes, "tumour_classes": prior.num_tumour,
+            "class_names": prior.class_names, "beta": prior.beta,
+            "neighbourhood": prior.neighbourhood,
+            "emission": "Gaussian per class and modality (per-class precisions) in the fixed "
+                        "feature space of vbseg.models.cohort",
+            "feature_transforms": prior.transforms,
+            "prior": {"source": source, "cases": prior.cases, "spread_scale": prior.spread_scale,
+                      "noise_pseudo_count": NOISE_PSEUDO_COUNT, "vbseg_version": prior.vbseg_version},
+            "inference": "mean-field VB (CAVI, colour-by-colour label sweeps) from the prior "
+                         "predictive assignment; beta fixed at the population value",
+            "tumour_rule": f"P(tumour) = sum of the marginals of the first {prior.num_tumour} classes",
+            "volume_draws": volume_draws, "voi": _voi_text(roi, box),
+        },
+        "parameters": {
+            "class_means_features": record["class_means_features"],
+            "class_sds_features": record["class_sds_features"],
+            "class_proportions": record["class_proportions"],
+            "beta": prior.beta,
+            "volume_calibration": ({k: v for k, v in prior.volume_calibration.items() if k != "residuals"}
+                                   if prior.volume_calibration else None),
+            "units": "feature space (see options.feature_transforms)",
+        },
+        "modality": list(modalities),
+        "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
+        "elbo": record["elbo"],
+        "diagnostics": {"converged": record["converged"], "iterations": record["iterations"],
+                        "voi_voxels": int(voi.sum()),
+                        "voi_bounds": [[s.start, s.stop] for s in bounds],
+                        "uncalibrated_volume_ml": {"mean": float(np.mean(raw_volumes)),
+                                                   "lower": float(np.quantile(raw_volumes, 0.025)),
+                                                   "upper": float(np.quantile(raw_volumes, 0.975))}},
+        "timings_s": record["timings"],
+        **_provenance(images, modalities, roi, seed, volumes),
+    }
+    posterior = Posterior(probability=probability, reference=reference, voi=voi,
+                          volume_draws_ml=volume_draws_ml, volume_method=method,
+                          tlg_draws=tlg_draws if pet_first else None, summary=summary)
+    if out is not None:
+        posterior.save(out, levels_percent, title=title)
+    return posterior
+
+
+__all__ = ["FORBIDDEN", "PopulationPrior", "TrainingCase", "calibrated_draws", "fit_population_prior",
+           "fit_prior", "load_training_case", "resolve_prior", "segment_with_prior", "tumour_probability"]
