@@ -4,7 +4,6 @@ noise weights. Returns plain NumPy in standardised units for ``vbseg.pipeline`` 
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import jax
@@ -18,6 +17,7 @@ from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
 from vbseg.inference.gibbs_psf import gibbs_hidden_potts_psf
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
+from vbseg.inference.svi import compile_and_run as _compile_and_run
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 
 # Crops are padded up to a multiple of this many voxels per axis (padding is outside the
@@ -43,15 +43,6 @@ class FitOutcome(NamedTuple):
     class_counts: np.ndarray | None = None  # (C, S, K) sampler: voxels per class per draw
     class_weighted: np.ndarray | None = None  # (C, S, K) sampler: sum of count weights
     beta: float | None = None  # the coupling used (learned when beta was estimated)
-
-
-def _compile_and_run(function, args, **static):
-    start = time.perf_counter()
-    compiled = function.lower(*args, **static).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = jax.block_until_ready(compiled(*args))
-    return result, compile_s, time.perf_counter() - start
 
 
 def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
