@@ -18,6 +18,8 @@ Regenerate (about 25 minutes on 2 cores):
     python -m benchmarks.run
 Smoke version (tiny configs, one small grid; about a minute):
     python -m benchmarks.run --quick --out /tmp/report
+Rebuild the report from what has finished, running nothing:
+    python -m benchmarks.run --report-only
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -114,19 +117,26 @@ def phantom_tables(records: list[dict]) -> list[str]:
     return lines
 
 
-def run_config(config: Path, out_root: Path, jobs: int) -> tuple:
-    """Run one experiment config (resumably) and export its records; (experiment, records)."""
+def run_config(config: Path, out_root: Path, jobs: int, run: bool = True) -> tuple:
+    """Run one experiment config (resumably; ``run`` False: only collect the finished runs)
+    and export its records; (experiment, records, output folder)."""
     experiment = load_experiment(config)
     out = out_root / "experiments" / experiment.name
     started = time.perf_counter()
-    summary = run_experiment(experiment, out, jobs=jobs)
+    if run:
+        summary = run_experiment(experiment, out, jobs=jobs)
+    else:
+        from vbseg.results import write_tables
+
+        write_tables(experiment, out)
+        summary = {"runs": len(experiment.runs), "skipped": len(experiment.runs), "failed": 0}
     records = load_records(experiment, out)
     exported = [{k: v for k, v in r.items() if k not in DROPPED_KEYS} for r in records]
     # one record per line: diffs between report runs stay readable
     write_text_atomic(out / "records.json",
                       "[\n" + ",\n".join(json.dumps(r, default=float) for r in exported) + "\n]\n")
-    print(f"{experiment.name}: {summary['runs']} runs ({summary['skipped']} already done, "
-          f"{summary['failed']} failed) in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"{experiment.name}: {len(records)} of {summary['runs']} runs finished "
+          f"({summary['failed']} failed now) in {time.perf_counter() - started:.0f} s", flush=True)
     return experiment, records, out
 
 
@@ -141,6 +151,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke test")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the report from the runs already finished and bench_speed.json, "
+                             "running nothing (runs not yet done are left out and counted)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out_root = Path(args.out)
@@ -156,9 +169,10 @@ def main(argv=None):
             print(message)
             real_lines += [message, ""]
             continue
-        experiment, records, out = run_config(config, out_root, args.jobs)
+        experiment, records, out = run_config(config, out_root, args.jobs, not args.report_only)
         real_lines += [f"### {experiment.name} (`{config.relative_to(ROOT)}`)", "",
-                       "Means with 95 % percentile-bootstrap CIs over cases.", ""]
+                       f"{len(records)} of {len(experiment.runs)} runs finished. Means with 95 % "
+                       "percentile-bootstrap CIs over cases.", ""]
         real_lines += method_table(records) + [""]
         if len({run.variant_text for run in experiment.runs}) > 1:  # else nothing to pair
             real_lines += ["Paired comparison with the first variant:", ""]
@@ -167,12 +181,16 @@ def main(argv=None):
 
     phantom_lines = ["## Phantoms: spheres with exact truth", ""]
     for config in PHANTOM_CONFIGS[mode]:
-        experiment, records, out = run_config(config, out_root, args.jobs)
-        phantom_lines += [f"### {experiment.name} (`{config.relative_to(ROOT)}`)", ""]
+        experiment, records, out = run_config(config, out_root, args.jobs, not args.report_only)
+        phantom_lines += [f"### {experiment.name} (`{config.relative_to(ROOT)}`)", "",
+                          f"{len(records)} of {len(experiment.runs)} runs finished.", ""]
         phantom_lines += method_table(records) + [""] + phantom_tables(records) + [""]
     sections.append(phantom_lines)
 
-    speed = bench_speed.main(SPEED_ARGS[mode] + ["--out", str(out_root)])
+    if args.report_only:
+        speed = json.loads((out_root / "bench_speed.json").read_text())
+    else:
+        speed = bench_speed.main(SPEED_ARGS[mode] + ["--out", str(out_root)])
     sizes = sorted({r["n"] for r in speed["rows"]})
     methods = list(dict.fromkeys(r["method"] for r in speed["rows"]))
     sections.append(["## Speed", "", f"From `{speed['command'].strip()}` in the same run.", "",
@@ -185,10 +203,10 @@ def main(argv=None):
                      "- [bench_potts.md](bench_potts.md): VB and Gibbs per-iteration cost up to 144^3",
                      ""])
     total_s = time.perf_counter() - started
-    command = "python -m benchmarks.run " + " ".join(argv or [])
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     header = ["# vbseg benchmark report", "",
               f"Generated {datetime.date.today().isoformat()} by `{command.strip()}` "
-              f"in {total_s / 60:.1f} min; "
+              f"in {total_s / 60:.1f} min{' (rebuilt from finished runs)' if args.report_only else ''}; "
               f"machine: {machine()}.", "",
               "Dice50, HD95 and surface Dice are of the 50 % contour; the volume interval is the 95 % "
               "interval of the posterior volume draws (summary.json says how each method draws); ECE "

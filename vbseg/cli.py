@@ -67,8 +67,9 @@ def _add_segment(sub):
     voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--model", default="potts",
-                   help="potts (default), or a baseline: threshold40, threshold50, suv2.5, "
-                        "adaptive50, otsu, kmeans, gmm, random_walker (see vbseg/baselines.py)")
+                   help="potts (default), gp (GP logit field, PET first), or a baseline: "
+                        "threshold40, threshold50, suv2.5, adaptive50, otsu, kmeans, gmm, "
+                        "random_walker, kspc (see vbseg/baselines.py)")
     p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
     p.add_argument("--beta", default=None,
                    help="Potts coupling: a number >= 0, or 'auto' to learn it (pseudo-likelihood "

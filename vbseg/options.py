@@ -37,7 +37,7 @@ BETA_LEARNED_TEXT = (
 )
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
-MODELS = ("potts",) + BASELINES
+MODELS = ("potts", "gp") + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 
@@ -52,6 +52,8 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
     if model in BASELINES and "pet" not in modalities:
         raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
+    if model == "gp":
+        _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance)
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
         raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
@@ -95,6 +97,19 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     if pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
+
+
+def _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance):
+    """The GP logit field is a two-class model whose tumour class is the hotter one in image 1."""
+    if not modalities or modalities[0] != "pet":
+        raise InputError("--model", "gp needs PET as the first image (its tumour class is the hotter one)")
+    if num_classes != 2:
+        raise InputError("--classes", f"gp is a two-class model (tumour / background), got {num_classes}")
+    for flag, given in (("--psf-fwhm", psf_fwhm_mm is not None), ("--sampler", sampler != "vb"),
+                        ("--emission", emission != "gaussian"), ("--covariance", covariance != "diagonal")):
+        if given:
+            raise InputError(flag, "applies to --model potts; gp has Gaussian diagonal emissions, "
+                                   "no PSF term and its own variational fit")
 
 
 def _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler):

@@ -297,6 +297,13 @@ def segment(
     volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
                                                                            series_uid)
     reference = volumes[0]
+    if model == "gp":
+        from vbseg import gp_segment
+
+        return gp_segment.build(stack, observed, crop_voi, voi, bounds, volumes, images, modalities,
+                                roi, box, resampled, seed, volume_draws, out, levels_percent, title,
+                                _provenance(images, modalities, roi, seed, volumes),
+                                _voi_text(roi, box))
     if model in BASELINES:
         return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, volumes,
                                    images, modalities, roi, box, resampled, seed, volume_draws,
