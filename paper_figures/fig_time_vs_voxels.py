@@ -18,7 +18,7 @@ LABELS = {"potts_psf": "potts + PSF 6 mm"}
 
 def draw(speed: dict):
     rows = speed["rows"]
-    figure, ax = plt.subplots(figsize=(6.5, 4.8))
+    figure, ax = plt.subplots(figsize=(8.0, 4.8))
     for method in dict.fromkeys(r["method"] for r in rows):
         label = LABELS.get(method, method)
         colour, marker = style(label)
@@ -36,7 +36,7 @@ def draw(speed: dict):
     ax.set_title(f"Fit time vs grid size ({speed['machine']['cpus']} CPU cores, "
                  f"{speed['machine']['backend']})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no line hidden
     figure.tight_layout()
     return figure
 
