@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vbseg.posterior import Posterior
+from vbseg.posterior import Posterior, saved_posterior
 
 
 def gp_posterior(stack, observed, crop_voi, voi, bounds, volumes, modalities, seed, volume_draws):
@@ -59,9 +59,6 @@ def build(stack, observed, crop_voi, voi, bounds, volumes, images, modalities, r
         **provenance,
     }
     method = parts["method"].get("volume", "field draws from q, then labels")
-    posterior = Posterior(probability=probability, reference=reference, voi=voi,
-                          volume_draws_ml=volume_draws_ml, volume_method=method,
-                          tlg_draws=tlg_draws, summary=summary)
-    if out is not None:
-        posterior.save(out, levels_percent, title=title)
-    return posterior
+    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
+                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,
+                           tlg_draws=tlg_draws, summary=summary)

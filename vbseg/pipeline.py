@@ -43,6 +43,7 @@ from vbseg.posterior import (
     Posterior,
     independent_label_draws,
     output_names,
+    saved_posterior,
 )
 from vbseg.volume import (
     load_mask,
@@ -200,12 +201,9 @@ def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, volumes, i
               "hdr": "the KsPC map ranks voxels by smoothed uptake and is not a tumour probability; "
                      "its volume draws treat it as one (independent voxels), for comparison only",
               }.get(kind, "a deterministic mask: one volume, no uncertainty")
-    posterior = Posterior(probability=probability, reference=reference, voi=voi,
-                          volume_draws_ml=volume_draws_ml, volume_method=method,
-                          tlg_draws=tlg_draws, summary=summary)
-    if out is not None:
-        posterior.save(out, levels_percent, title=title)
-    return posterior
+    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
+                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,
+                           tlg_draws=tlg_draws, summary=summary)
 
 
 def segment(
@@ -424,15 +422,6 @@ def segment(
         "timings_s": fit.timings,
         **_provenance(images, modalities, roi, seed, volumes),
     }
-    posterior = Posterior(
-        probability=probability,
-        reference=reference,
-        voi=voi,
-        volume_draws_ml=volume_draws_ml,
-        volume_method=volume_method,
-        tlg_draws=tlg_draws if pet_first else None,
-        summary=summary,
-    )
-    if out is not None:
-        posterior.save(out, levels_percent, title=title)
-    return posterior
+    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
+                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=volume_method,
+                           tlg_draws=tlg_draws if pet_first else None, summary=summary)

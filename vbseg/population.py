@@ -304,7 +304,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
     """
     from vbseg.options import check_outputs
     from vbseg.pipeline import _independent_draws, _provenance, _voi_text, load_crop
-    from vbseg.posterior import INDEPENDENT_DRAWS_METHOD, Posterior, output_names
+    from vbseg.posterior import INDEPENDENT_DRAWS_METHOD, output_names, saved_posterior
 
     source = "in memory" if isinstance(prior, PopulationPrior) else os.fspath(prior)
     subject = "--prior" if isinstance(prior, PopulationPrior) else source
@@ -375,12 +375,9 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
         "timings_s": record["timings"],
         **_provenance(images, modalities, roi, seed, volumes),
     }
-    posterior = Posterior(probability=probability, reference=reference, voi=voi,
-                          volume_draws_ml=volume_draws_ml, volume_method=method,
-                          tlg_draws=tlg_draws if pet_first else None, summary=summary)
-    if out is not None:
-        posterior.save(out, levels_percent, title=title)
-    return posterior
+    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
+                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,
+                           tlg_draws=tlg_draws if pet_first else None, summary=summary)
 
 
 __all__ = ["FORBIDDEN", "PopulationPrior", "TrainingCase", "calibrated_draws", "fit_population_prior",

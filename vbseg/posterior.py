@@ -157,3 +157,12 @@ def _json_default(value):
     if isinstance(value, (np.ndarray, jax.Array)):
         return np.asarray(value).tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def saved_posterior(out, levels_percent, title: str = "", **fields) -> Posterior:
+    """``Posterior(**fields)``, saved into ``out`` when it is given: the last step of every
+    model's ``segment`` path."""
+    posterior = Posterior(**fields)
+    if out is not None:
+        posterior.save(out, levels_percent, title=title)
+    return posterior
