@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import vbseg
-from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.common import RESULTS, machine, write_report
 from vbseg.cases import read_cases
 from vbseg.metrics import (
     bootstrap_mean_ci,
@@ -196,9 +196,7 @@ def main(argv=None):
               "modalities": modalities, "index": str(args.index), "total_s": total_s,
               "machine": machine(), "command": "python -m benchmarks.bench_cohort " + " ".join(argv or [])}
     table = markdown(summary, records, args, total_s, reference)
-    write_results(args.out, "bench_cohort", record,
-                  "# bench_cohort\n\n" + __doc__.split("\n\n")[0] + "\n\n" + table
-                  + f"\nMachine: {record['machine']}\n")
+    write_report(args.out, "bench_cohort", record, __doc__, table)
     print(table)
     return record
 

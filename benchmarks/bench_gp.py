@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,15 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import vbseg
+from benchmarks.common import RESULTS, machine, write_report
 from vbseg.inference import gp_fit
 from vbseg.inference.svi import compile_and_run, fit_svi, steps_to_converge
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.gp import FieldPrior, GPLogitModel, GridGP
 from vbseg.models.gp_kernels import cholesky, stationary_kernel
 from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.volume import save_nifti, write_text_atomic
+from vbseg.volume import save_nifti
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KERNEL = "matern32"
 CHUNK = 25
 MAX_STEPS = 400
@@ -316,15 +313,11 @@ def main(argv=None):
     record = {
         "benchmark": "bench_gp", "speed": speed, "dense": dense, "accuracy": rows,
         "summary": summary,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": machine(),
         "command": "python -m benchmarks.bench_gp " + " ".join(argv or []),
     }
-    out = Path(args.out)
-    write_text_atomic(out / "bench_gp.json", json.dumps(record, indent=2) + "\n")
     table = markdown(speed, dense, summary)
-    write_text_atomic(out / "bench_gp.md", "# bench_gp\n\n" + __doc__.split("\n\n")[0]
-                      + "\n\n" + table + f"\nMachine: {record['machine']}\n")
+    write_report(args.out, "bench_gp", record, __doc__, table)
     print(table)
     return record
 

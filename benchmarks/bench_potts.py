@@ -18,7 +18,6 @@ Writes benchmarks/results/bench_potts.json and bench_potts.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import digamma, gammaln, softmax
 
-from benchmarks.common import machine
+from benchmarks.common import machine, write_report
 from vbseg.inference.gibbs import gibbs_hidden_potts
 from vbseg.inference.meanfield import fit_hidden_potts_vb, kmeans_labels, restart_levels
 from vbseg.models.potts import DEFAULT_PRIOR, NormalGammaPrior, neighbour_weights
 from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.volume import resample_onto, write_text_atomic
+from vbseg.volume import resample_onto
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 3
@@ -165,11 +164,8 @@ def main(argv=None):
         "machine": machine(),
         "command": "python -m benchmarks.bench_potts " + " ".join(argv or []),
     }
-    out = Path(args.out)
-    write_text_atomic(out / "bench_potts.json", json.dumps(record, indent=2) + "\n")
     table = markdown(rows)
-    write_text_atomic(out / "bench_potts.md", "# bench_potts\n\n" + __doc__.split("\n\n")[0]
-                      + "\n\n" + table + f"\nMachine: {record['machine']}\n")
+    write_report(args.out, "bench_potts", record, __doc__, table)
     print(table)
     return record
 

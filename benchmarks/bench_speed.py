@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import vbseg
-from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.common import RESULTS, machine, write_report
 from vbseg.baselines import BASELINES
 from vbseg.volume import save_nifti
 
@@ -97,9 +97,7 @@ def main(argv=None):
               "machine": machine(),
               "command": "python -m benchmarks.bench_speed " + " ".join(argv or [])}
     table = markdown(rows, methods, sizes)
-    write_results(args.out, "bench_speed", record,
-                  "# bench_speed\n\n" + __doc__.split("\n\n")[0] + "\n\n" + table
-                  + f"\nRepeats: {args.repeats}. Machine: {record['machine']}\n")
+    write_report(args.out, "bench_speed", record, __doc__, table, f"Repeats: {args.repeats}. ")
     print(table)
     return record
 

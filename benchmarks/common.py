@@ -26,3 +26,10 @@ def write_results(out, name: str, record: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / f"{name}.json", json.dumps(record, indent=1, default=float) + "\n")
     write_text_atomic(out / f"{name}.md", markdown)
+
+
+def write_report(out, name: str, record: dict, doc: str, table: str, note: str = "") -> None:
+    """:func:`write_results` with the markdown every benchmark writes: a title, the first
+    paragraph of the script's docstring, the table, an optional note and the machine."""
+    write_results(out, name, record, f"# {name}\n\n" + doc.split("\n\n")[0] + "\n\n" + table
+                  + f"\n{note}Machine: {record['machine']}\n")
