@@ -42,7 +42,7 @@ import numpy as np
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.inference import gp_fit
+from vbseg.inference import gp_fit, gp_start
 from vbseg.inference.svi import compile_and_run, fit_svi, steps_to_converge
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.gp import FieldPrior, GPLogitModel, GridGP
@@ -115,7 +115,7 @@ def bench_speed(n: int, structure: str, repeats: int, converge: bool) -> dict:
     features, observed, voi, spacing = pet_crop(n)
     model = _model(structure, features.shape[:3], spacing)
     arrays = tuple(jnp.asarray(a) for a in (features, observed, voi))
-    start_program = jax.jit(lambda f, o, v: gp_fit._start(f, o, v, model))
+    start_program = jax.jit(lambda f, o, v: gp_start.start_values(f, o, v, model))
     (init_hyper, init_field), _, start_run = compile_and_run(start_program, arrays)
     scale = jnp.float32(voi.sum())
     static = dict(model=model, field_sites=gp_fit.FIELD_SITES, family="meanfield",

@@ -36,7 +36,7 @@ from numpyro.infer.util import log_density
 from scipy import stats
 
 from vbseg.inference import svi
-from vbseg.inference.gp_fit import _mixture_em
+from vbseg.inference.gp_start import mixture_em as _mixture_em
 from vbseg.metrics import dice
 from vbseg.models.gp import FieldPrior, GPIntensityMixtureModel, GPLogitModel, GridGP
 from vbseg.models.gp_kernels import (

@@ -56,6 +56,15 @@ def _beta(text):
         raise InputError("--beta", f"must be 'auto' or a number >= 0, got {text!r}") from None
 
 
+def _weight(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError("--field-weight", f"must be 'auto' or a number >= 0, got {text!r}") from None
+
+
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
     p.add_argument("images", nargs="+", help="NIfTI images or DICOM series folders (PET in SUV); "
@@ -67,9 +76,11 @@ def _add_segment(sub):
     voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--model", default="potts",
-                   help="potts (default), gp (GP logit field, PET first), or a baseline: "
+                   help="potts (default), gp (GP logit field, PET first), deep-potts / deep-gp "
+                        "(a 3D CNN's logits as the prior, weight learned), or a baseline: "
                         "threshold40, threshold50, suv2.5, adaptive50, otsu, kmeans, gmm, "
-                        "random_walker, kspc (see vbseg/baselines.py)")
+                        "random_walker, kspc (see vbseg/baselines.py), cnn, mc-dropout, "
+                        "cnn-ensemble (vbseg/deep_segment.py)")
     p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
     p.add_argument("--beta", default=None,
                    help="Potts coupling: a number >= 0, or 'auto' to learn it (pseudo-likelihood "
@@ -112,6 +123,15 @@ def _add_segment(sub):
     p.add_argument("--prior", default=None,
                    help="population prior learned from delineated cases (a JSON from vbseg fit-prior, "
                         "or 'sarcoma' for the packaged PET+CT+MR soft-tissue sarcoma prior)")
+    p.add_argument("--checkpoint", default=None,
+                   help="network checkpoint (.eqx, with its .json) for the deep models; default: "
+                        "the packaged one for pet; pet,ct; pet,ct,mr inputs")
+    p.add_argument("--external-field", default=None, metavar="LOG_ODDS",
+                   help="prior log-odds map of tumour (NIfTI on the first image's grid, e.g. an "
+                        "atlas) added to the tumour class's prior of --model potts or gp")
+    p.add_argument("--field-weight", default="auto",
+                   help="weight of the log-odds map: 'auto' (learned from the image, default) or "
+                        "a number >= 0")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -247,6 +267,9 @@ def _segment_kwargs(args) -> dict:
         series_uid=args.series,
         overwrite=args.overwrite,
         prior=args.prior,
+        checkpoint=args.checkpoint,
+        external_field=args.external_field,
+        field_weight=_weight(args.field_weight),
     )
 
 

@@ -72,7 +72,8 @@ MODEL_KEYS = {
     "neighbourhood": ("neighbourhood", int), "psf_fwhm_mm": ("psf_fwhm_mm", float),
     "pet_noise": ("pet_noise", str), "sampler": ("sampler", str), "emission": ("emission", str),
     "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
-    "tumour_class": ("tumour_class", int),
+    "tumour_class": ("tumour_class", int), "checkpoint": ("checkpoint", str),
+    "field_weight": ("field_weight", (float, str)),
 }
 SWEEP_MODES = ("product", "zip")
 COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
@@ -291,7 +292,8 @@ def _check_variant(path, variant, cases):
                 neighbourhood=kwargs.get("neighbourhood", 6), psf_fwhm_mm=kwargs.get("psf_fwhm_mm"),
                 pet_noise=kwargs.get("pet_noise", "poisson"), sampler=kwargs.get("sampler", "vb"),
                 emission=kwargs.get("emission", "gaussian"),
-                covariance=kwargs.get("covariance", "diagonal"), dof=kwargs.get("dof", 4.0))
+                covariance=kwargs.get("covariance", "diagonal"), dof=kwargs.get("dof", 4.0),
+                checkpoint=kwargs.get("checkpoint"), field_weight=kwargs.get("field_weight", "auto"))
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from vbseg.inference.beta import BETA_MAX
+from vbseg.inference.beta import BETA_MAX, FIELD_WEIGHT_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF, NormalWishart
 from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
 from vbseg.inference.gibbs_psf import gibbs_hidden_potts_psf
@@ -43,6 +43,7 @@ class FitOutcome(NamedTuple):
     class_counts: np.ndarray | None = None  # (C, S, K) sampler: voxels per class per draw
     class_weighted: np.ndarray | None = None  # (C, S, K) sampler: sum of count weights
     beta: float | None = None  # the coupling used (learned when beta was estimated)
+    field_weight: float | None = None  # the external field's weight gamma (learned or given)
 
 
 def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
@@ -57,7 +58,8 @@ def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
 
 def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
               relative_precision=None, neighbourhood=6, beta_estimator="fixed",
-              emission="gaussian", dof=DEFAULT_STUDENT_DOF) -> FitOutcome:
+              emission="gaussian", dof=DEFAULT_STUDENT_DOF, external_field=None,
+              learn_field_weight=False, field_weight=1.0) -> FitOutcome:
     """Mean-field fit on a bucket-padded crop (compile timed apart from run).
 
     Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
@@ -66,16 +68,24 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     ``beta_estimator`` "pl" learns beta in the PSF-free fit from the start value ``beta``
     (variational EM with the pseudo-likelihood step); the PSF fit then keeps it fixed.
     ``emission`` and ``dof``: see :mod:`vbseg.inference.emissions` (PSF-free fit only).
+    ``external_field`` (X, Y, Z, K) prior log-potentials (e.g. a network's logits on the tumour
+    class) enter with weight ``field_weight``, learned by pseudo-likelihood with
+    ``learn_field_weight`` (:func:`vbseg.inference.beta.estimate_coupling_pl`); the PSF fit
+    keeps the weight the PSF-free fit ended with.
     """
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
               jnp.asarray(_pad_to_bucket(observed, False)),
               jnp.asarray(_pad_to_bucket(voi, False)))
     weights = jnp.asarray(neighbour_weights(spacing, neighbourhood))
     common = (jnp.float32(beta), weights, NormalGammaPrior(), jnp.float32(DEFAULT_CONCENTRATION))
-    result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb, padded + common,
+    field = (None if external_field is None
+             else jnp.asarray(_pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
+    result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb,
+                                                padded + common + (field, None,
+                                                                   jnp.float32(field_weight)),
                                                 num_classes=num_classes,
                                                 beta_estimator=beta_estimator, emission=emission,
-                                                dof=float(dof))
+                                                dof=float(dof), learn_field_weight=learn_field_weight)
     iterations = int(result.num_iterations)
     diagnostics = {
         "converged": bool(result.converged),
@@ -86,6 +96,11 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
                             int(result.best_restart)),
     }
     beta = float(result.beta)
+    gamma = float(result.field_weight)
+    if external_field is not None:
+        diagnostics["field_weight"] = gamma
+        if learn_field_weight:
+            diagnostics["field_weight_at_prior_bound"] = bool(gamma >= 0.999 * FIELD_WEIGHT_MAX)
     if beta_estimator != "fixed":
         diagnostics["beta_trace"] = np.asarray(result.beta_trace)[:iterations].tolist()
         diagnostics["beta_at_prior_bound"] = bool(beta >= 0.999 * BETA_MAX)
@@ -96,12 +111,13 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
             np.asarray(result.marginals), np.asarray(result.emission.mean),
             _class_scales(result.emission),
             alpha / alpha.sum(), np.asarray(result.elbo_trace)[:iterations],
-            diagnostics, {"compile": compile_s, "run": run_s}, beta=beta,
+            diagnostics, {"compile": compile_s, "run": run_s}, beta=beta, field_weight=gamma,
         )
     if relative_precision is None:
         relative_precision = np.ones(features.shape, np.float32)
     psf_args = padded + common + (result.marginals,
-                                  jnp.asarray(_pad_to_bucket(relative_precision, 1.0)))
+                                  jnp.asarray(_pad_to_bucket(relative_precision, 1.0)),
+                                  None if field is None else gamma * field)
     psf_result, psf_compile, psf_run = _compile_and_run(
         fit_hidden_potts_vb_psf, psf_args, psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
         spacing_mm=tuple(float(s) for s in spacing),
@@ -119,6 +135,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         np.full(num_classes, 1.0 / num_classes),
         np.asarray(psf_result.elbo_trace)[: int(psf_result.num_iterations)],
         diagnostics, {"compile": compile_s + psf_compile, "run": run_s + psf_run}, beta=beta,
+        field_weight=gamma,
     )
 
 
@@ -156,7 +173,8 @@ GIBBS_BURN_IN = 200
 
 def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_weights, *,
                  num_classes, beta, seed, num_draws, neighbourhood=6, psf_fwhm_mm=None,
-                 relative_precision=None, emission="gaussian", dof=DEFAULT_STUDENT_DOF) -> FitOutcome:
+                 relative_precision=None, emission="gaussian", dof=DEFAULT_STUDENT_DOF,
+                 external_field=None) -> FitOutcome:
     """Gibbs (labels, class means/precisions, proportions) from a VB solution.
 
     GIBBS_CHAINS chains start at the VB labels (argmax of q), run GIBBS_BURN_IN sweeps of
@@ -165,6 +183,7 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     ignore. With ``psf_fwhm_mm`` the PSF model is sampled
     (:mod:`vbseg.inference.gibbs_psf`; uniform proportions, ``relative_precision`` weights).
     ``emission`` "student" samples the Student-t model through its scale mixture (PSF-free).
+    ``external_field`` (X, Y, Z, K): prior log-potentials, already weighted (no class renaming).
     """
     per_chain = -(-num_draws // GIBBS_CHAINS)
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
@@ -174,12 +193,14 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
               jnp.asarray(neighbour_weights(spacing, neighbourhood)))
     start = jnp.asarray(np.argmax(initial.marginals, axis=-1).astype(np.int32))
     weights = jnp.asarray(_pad_to_bucket(count_weights.astype(np.float32), 0.0))
+    field = (None if external_field is None
+             else jnp.asarray(_pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
     sizes = dict(num_chains=GIBBS_CHAINS, num_sweeps=per_chain, burn_in=GIBBS_BURN_IN)
     if psf_fwhm_mm is None:
         prior = NormalGammaPrior(*(jnp.full((num_classes, features.shape[-1]), p, jnp.float32)
                                    for p in NormalGammaPrior()))
         args = (jax.random.PRNGKey(seed),) + padded + (
-            prior, jnp.float32(DEFAULT_CONCENTRATION), start, weights)
+            prior, jnp.float32(DEFAULT_CONCENTRATION), start, weights, field)
         result, compile_s, run_s = _compile_and_run(gibbs_hidden_potts, args, emission=emission,
                                                     dof=float(dof), **sizes)
         precisions = np.asarray(result.precisions)
@@ -191,7 +212,7 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
             relative_precision = np.ones(features.shape, np.float32)
         args = (jax.random.PRNGKey(seed),) + padded + (
             NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior())),
-            jnp.asarray(_pad_to_bucket(relative_precision, 1.0)), start, weights)
+            jnp.asarray(_pad_to_bucket(relative_precision, 1.0)), start, weights, field)
         result, compile_s, run_s = _compile_and_run(
             gibbs_hidden_potts_psf, args, num_classes=num_classes,
             psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
@@ -218,4 +239,5 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     timings = {"compile": initial.timings["compile"] + compile_s,
                "run": initial.timings["run"] + run_s}
     return FitOutcome(np.asarray(result.marginals), means, sds, proportions, None, diagnostics,
-                      timings, counts, np.asarray(result.weighted), beta=float(beta))
+                      timings, counts, np.asarray(result.weighted), beta=float(beta),
+                      field_weight=initial.field_weight)

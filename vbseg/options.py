@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.baselines import BASELINES
+from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
 from vbseg.errors import InputError, OutputError
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
@@ -37,7 +38,7 @@ BETA_LEARNED_TEXT = (
 )
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
-MODELS = ("potts", "gp") + BASELINES
+MODELS = ("potts", "gp") + DEEP_MODELS + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 
@@ -45,15 +46,17 @@ SAMPLERS = ("vb", "gibbs")
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
                   tumour_class, volume_draws, neighbourhood=6, psf_fwhm_mm=None,
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
-                  dof=DEFAULT_STUDENT_DOF, roi=None, box=None):
+                  dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
+                  external_field=None, field_weight="auto"):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
     InputError names the option."""
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
     if model in BASELINES and "pet" not in modalities:
         raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
-    if model == "gp":
+    if model in ("gp", "deep-gp"):
         _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance)
+    _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight)
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
         raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
@@ -97,6 +100,28 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     if pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
+
+
+def _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight):
+    if checkpoint is not None and model not in DEEP_MODELS:
+        raise InputError("--checkpoint", f"goes with a deep model ({', '.join(DEEP_MODELS)}), "
+                                         f"not {model}")
+    if external_field is not None and model not in ("potts", "gp"):
+        raise InputError("--external-field", f"goes with --model potts or gp, not {model} (the "
+                                             "deep models take the network's logits)")
+    if model in DEEP_MODELS and modalities[0] != "pet":
+        raise InputError("--model", f"{model} needs the first image to be PET (the networks take "
+                                    "pet; pet,ct; pet,ct,mr)")
+    uses_field = model in FIELD_MODELS or external_field is not None
+    if uses_field and modalities[0] != "pet" and tumour_class is None:
+        raise InputError("--tumour-class", "a prior log-odds map without a PET first image needs "
+                                           "--tumour-class: the class that carries the map")
+    if field_weight != "auto" and (isinstance(field_weight, str) or not np.isfinite(field_weight)
+                                   or field_weight < 0):
+        raise InputError("--field-weight", f"must be 'auto' or a finite number >= 0, got {field_weight!r}")
+    if model == "deep-gp" and field_weight != "auto":
+        raise InputError("--field-weight", "the GP fit learns the weight; a fixed weight applies "
+                                           "to Potts models")
 
 
 def _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance):

@@ -16,15 +16,20 @@ such safe rule (a lesion may be darker or brighter than its surroundings), so wi
 from __future__ import annotations
 
 import os
-import platform
-import time
-from importlib import metadata
 
 import numpy as np
 
-from vbseg.baselines import BASELINES, baseline_map
+from vbseg.baselines import BASELINES
+from vbseg.deep_segment import (
+    FIELD_MODELS,
+    NETWORK_BASELINES,
+    map_prior_logit,
+    network_prior_logit,
+    tumour_field,
+)
 from vbseg.errors import InputError
 from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
+from vbseg.map_segment import baseline_posterior
 from vbseg.models.emissions import describe_emission, log_transform_pet
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.options import (
@@ -41,36 +46,27 @@ from vbseg.options import (
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
     Posterior,
-    independent_label_draws,
     output_names,
     saved_posterior,
 )
+from vbseg.records import independent_draws, provenance, voi_text
 from vbseg.volume import (
     load_mask,
     load_volume,
     parse_box,
     resample_onto,
-    sha256_file,
 )
 
+FIELD_LEARNED_TEXT = (
+    "the prior log-odds map's weight gamma learned (uniform prior on [0, 5]; variational EM "
+    "from gamma = 0, the data-only fit, with a joint pseudo-likelihood step for beta and gamma "
+    "after each label sweep; vbseg.inference.beta.estimate_coupling_pl)"
+)
 GIBBS_DRAWS_METHOD = (
     f"posterior draws of the whole label field: Gibbs (labels, class means and "
     f"precisions, proportions), {GIBBS_CHAINS} chains started at the VB solution, "
     f"{GIBBS_BURN_IN} burn-in sweeps, one draw per kept sweep; R-hat and ESS in diagnostics"
 )
-PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
-
-
-def _versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
     index = np.nonzero(voi)
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
@@ -142,70 +138,6 @@ def load_crop(images, modalities, roi=None, box=None, series_uid=None):
     return volumes, voi, bounds, crop_voi, stack, observed, resampled
 
 
-def _voi_text(roi, box) -> str:
-    return "roi" if roi is not None else (f"box {box}" if box is not None else "whole image")
-
-
-def _provenance(images, modalities, roi, seed, volumes) -> dict:
-    """summary.json's seed, versions and inputs (paths with sha256; for DICOM the series and
-    its SUV conversion, ``Volume.source``)."""
-    inputs = [{"path": os.path.abspath(p), "sha256": sha256_file(p), "modality": m,
-               **({"source": v.source} if v.source else {})}
-              for p, m, v in zip(images, modalities, volumes)]
-    if roi is not None:
-        inputs.append({"path": os.path.abspath(roi), "sha256": sha256_file(roi), "role": "roi"})
-    return {"seed": seed, "versions": _versions(), "inputs": inputs}
-
-
-def _independent_draws(probability, reference, pet_first, seed, num_draws):
-    """Volume (and TLG) draws from independent voxel labels with P(tumour) = probability."""
-    voxel_ml = reference.voxel_volume_ml
-    candidates = probability > 0
-    weights = [np.full(int(candidates.sum()), voxel_ml)]
-    if pet_first:
-        weights.append(reference.data[candidates] * voxel_ml)
-    draws = independent_label_draws(probability[candidates], np.stack(weights, axis=1), seed=seed,
-                                    num_draws=num_draws)
-    return draws[:, 0], (draws[:, -1] if pet_first else None)
-
-
-def _baseline_posterior(name, stack, observed, crop_voi, voi, bounds, volumes, images,
-                        modalities, roi, box, resampled, seed, volume_draws, out, levels_percent,
-                        title) -> Posterior:
-    """A baseline's map as a Posterior: volume draws from independent voxels (a 0/1 mask gives
-    a single volume, so its "interval" has zero width)."""
-    reference = volumes[0]
-    start = time.perf_counter()
-    crop, kind, parameters = baseline_map(name, stack, observed, crop_voi, modalities,
-                                          reference.spacing)
-    run_s = time.perf_counter() - start
-    probability = np.zeros(reference.shape, np.float32)
-    probability[bounds] = np.where(crop_voi, crop, 0.0)
-    pet_first = modalities[0] == "pet"
-    volume_draws_ml, tlg_draws = _independent_draws(probability, reference, pet_first, seed,
-                                                    volume_draws)
-    summary = {
-        "model": name,
-        "options": {"baseline": name, "map": kind, "voi": _voi_text(roi, box),
-                    "volume_draws": volume_draws},
-        "parameters": parameters,
-        "modality": modalities,
-        "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
-        "elbo": None,
-        "diagnostics": {"voi_voxels": int(voi.sum()),
-                        "voi_bounds": [[s.start, s.stop] for s in bounds]},
-        "timings_s": {"compile": 0.0, "run": run_s},
-        **_provenance(images, modalities, roi, seed, volumes),
-    }
-    method = {"probability": INDEPENDENT_DRAWS_METHOD,
-              "hdr": "the KsPC map ranks voxels by smoothed uptake and is not a tumour probability; "
-                     "its volume draws treat it as one (independent voxels), for comparison only",
-              }.get(kind, "a deterministic mask: one volume, no uncertainty")
-    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
-                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,
-                           tlg_draws=tlg_draws, summary=summary)
-
-
 def segment(
     images,
     out=None,
@@ -231,6 +163,9 @@ def segment(
     overwrite: bool = False,
     title: str = "",
     prior=None,
+    checkpoint=None,
+    external_field=None,
+    field_weight: float | str = "auto",
 ) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
@@ -265,6 +200,15 @@ def segment(
             :class:`~vbseg.models.cohort.PopulationPrior`): the hidden Potts model with the
             prior's classes, class priors and beta (:mod:`vbseg.population`); the inputs must be
             the prior's modalities; num_classes, beta, emission and the PSF options are not used.
+        checkpoint: the network of the deep models (``deep-potts``, ``deep-gp``, ``cnn``,
+            ``mc-dropout``, ``cnn-ensemble``; :mod:`vbseg.deep_segment`); default: the packaged
+            one for the input modalities.
+        external_field: path of a prior log-odds map (NIfTI on the first image's grid) for
+            ``potts`` or ``gp``: added to the tumour class's prior (Potts external field; GP
+            prior mean) with weight ``field_weight``. ``deep-potts``/``deep-gp`` use the
+            network's logits as this map.
+        field_weight: "auto" (learned: pseudo-likelihood in variational EM for Potts, from 0,
+            the data-only fit; a learned weight in the GP fit) or a fixed weight >= 0 (Potts).
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -286,7 +230,8 @@ def segment(
                   num_images=len(images), modalities=modalities, tumour_class=tumour_class,
                   volume_draws=volume_draws, neighbourhood=neighbourhood,
                   psf_fwhm_mm=psf_fwhm_mm, pet_noise=pet_noise, sampler=sampler,
-                  emission=emission, covariance=covariance, dof=dof, roi=roi, box=box)
+                  emission=emission, covariance=covariance, dof=dof, roi=roi, box=box,
+                  checkpoint=checkpoint, external_field=external_field, field_weight=field_weight)
     learn_beta = beta == "auto"
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
@@ -295,17 +240,24 @@ def segment(
     volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
                                                                            series_uid)
     reference = volumes[0]
-    if model == "gp":
+    if model in BASELINES + NETWORK_BASELINES:
+        return baseline_posterior(model, stack, observed, crop_voi, voi, bounds, volumes,
+                                   images, modalities, roi, box, resampled, seed, volume_draws,
+                                   out, levels_percent, title, checkpoint)
+    prior_logit, field_record, network_s = None, None, 0.0
+    if model in FIELD_MODELS:
+        prior_logit, field_record, network_s = network_prior_logit(checkpoint, stack, observed,
+                                                                   modalities)
+    elif external_field is not None:
+        prior_logit, field_record = map_prior_logit(external_field, reference, bounds)
+    if model in ("gp", "deep-gp"):
         from vbseg import gp_segment
 
         return gp_segment.build(stack, observed, crop_voi, voi, bounds, volumes, images, modalities,
                                 roi, box, resampled, seed, volume_draws, out, levels_percent, title,
-                                _provenance(images, modalities, roi, seed, volumes),
-                                _voi_text(roi, box))
-    if model in BASELINES:
-        return _baseline_posterior(model, stack, observed, crop_voi, voi, bounds, volumes,
-                                   images, modalities, roi, box, resampled, seed, volume_draws,
-                                   out, levels_percent, title)
+                                provenance(images, modalities, roi, seed, volumes),
+                                voi_text(roi, box), prior_logit=prior_logit, model_name=model,
+                                field_record=field_record)
     if covariance == "full":
         for m, volume in enumerate(volumes):
             if not observed[..., m][crop_voi].all():
@@ -322,12 +274,23 @@ def segment(
             for m, modality in enumerate(modalities):
                 if modality == "pet":
                     precision[..., m] = pet_relative_precision(stack[..., m], crop_voi)
+    field, field_class = None, None
+    if prior_logit is not None:
+        # the k-means starts number classes by level in the first image (PET, or
+        # --tumour-class says which); the field's class stays the tumour class
+        field_class = num_classes - 1 if tumour_class is None else int(tumour_class)
+        field = tumour_field(prior_logit, num_classes, field_class)
+    learn_weight = field is not None and field_weight == "auto"
     fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
                     beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
                     relative_precision=precision, neighbourhood=neighbourhood,
                     beta_estimator="pl" if learn_beta else "fixed",
                     emission="full" if covariance == "full" else
-                    ("student" if emission == "student" else "gaussian"), dof=dof)
+                    ("student" if emission == "student" else "gaussian"), dof=dof,
+                    external_field=field, learn_field_weight=learn_weight,
+                    field_weight=0.0 if learn_weight or field is None else float(field_weight))
+    if model in FIELD_MODELS:
+        fit.timings["network"] = network_s  # the forward pass, its compile included
     beta_used = fit.beta
     pet_first = modalities[0] == "pet"
     if sampler == "gibbs":
@@ -336,7 +299,8 @@ def segment(
                            num_classes=num_classes, beta=beta_used, seed=seed,
                            num_draws=volume_draws, neighbourhood=neighbourhood,
                            psf_fwhm_mm=psf, relative_precision=precision,
-                           emission="student" if emission == "student" else "gaussian", dof=dof)
+                           emission="student" if emission == "student" else "gaussian", dof=dof,
+                           external_field=None if field is None else fit.field_weight * field)
 
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
@@ -347,7 +311,11 @@ def segment(
     order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
     means, sds, marginals = means[order], sds[order], marginals[..., order]
     proportions = fit.proportions[order]
-    if "pet" in modalities:
+    if field is not None:
+        chosen = int(np.flatnonzero(order == field_class)[0])
+        tumour_rule = (f"the class carrying the prior log-odds map (class {field_class} of the "
+                       "k-means start, numbered by level in the first image)")
+    elif "pet" in modalities:
         pet_index = modalities.index("pet")
         chosen = int(np.argmax(means[:, pet_index]))
         tumour_rule = f"class with the highest mean uptake in image {pet_index + 1} (PET)"
@@ -363,7 +331,7 @@ def segment(
         tlg_draws = fit.class_weighted[..., order][..., chosen].ravel() * voxel_ml
         volume_method = GIBBS_DRAWS_METHOD
     else:
-        volume_draws_ml, tlg_draws = _independent_draws(probability, reference, pet_first, seed,
+        volume_draws_ml, tlg_draws = independent_draws(probability, reference, pet_first, seed,
                                                         volume_draws)
         volume_method = INDEPENDENT_DRAWS_METHOD
 
@@ -390,11 +358,15 @@ def segment(
                             "checkerboard sweeps)" if psf_fwhm_mm is not None else "")
                          + ("; then Gibbs from that solution (probabilities and volumes from "
                             "its draws; the PSF model's own sampler with --psf-fwhm)"
-                            if sampler == "gibbs" else ""),
+                            if sampler == "gibbs" else "")
+                         + ("" if field is None else "; " + (FIELD_LEARNED_TEXT if learn_weight
+                                                             else "external field weight fixed")),
+            "prior_log_odds": field_record,
+            "field_weight": None if field is None else field_weight,
             "sampler": sampler,
             "tumour_rule": tumour_rule,
             "volume_draws": volume_draws,
-            "voi": _voi_text(roi, box),
+            "voi": voi_text(roi, box),
         },
         "parameters": {
             "class_means": means.tolist(),
@@ -402,6 +374,7 @@ def segment(
             "class_proportions": proportions.tolist(),
             "tumour_class": chosen,
             "beta": beta_used,
+            "field_weight": None if field is None else fit.field_weight,
             "neighbour_weights": neighbour_weights(reference.spacing, neighbourhood).tolist(),
             "class_order": "increasing mean in the first image; columns follow the inputs",
             "units": ("image units; for log-normal (PET) columns the class mean is exp(mean of "
@@ -420,7 +393,7 @@ def segment(
             "voi_bounds": [[s.start, s.stop] for s in bounds],
         },
         "timings_s": fit.timings,
-        **_provenance(images, modalities, roi, seed, volumes),
+        **provenance(images, modalities, roi, seed, volumes),
     }
     return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
                            voi=voi, volume_draws_ml=volume_draws_ml, volume_method=volume_method,

@@ -303,8 +303,9 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
     inputs' modalities differ from the prior's.
     """
     from vbseg.options import check_outputs
-    from vbseg.pipeline import _independent_draws, _provenance, _voi_text, load_crop
+    from vbseg.pipeline import load_crop
     from vbseg.posterior import INDEPENDENT_DRAWS_METHOD, output_names, saved_posterior
+    from vbseg.records import independent_draws, provenance, voi_text
 
     source = "in memory" if isinstance(prior, PopulationPrior) else os.fspath(prior)
     subject = "--prior" if isinstance(prior, PopulationPrior) else source
@@ -335,7 +336,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
     probability = np.zeros(reference.shape, np.float32)
     probability[bounds] = crop_probability
     pet_first = modalities[0] == "pet"
-    raw_volumes, raw_tlg = _independent_draws(probability, reference, pet_first, seed, volume_draws)
+    raw_volumes, raw_tlg = independent_draws(probability, reference, pet_first, seed, volume_draws)
     volume_draws_ml, tlg_draws = calibrated_draws(raw_volumes, raw_tlg, prior.volume_calibration, seed)
     method = CALIBRATED_METHOD if prior.volume_calibration else INDEPENDENT_DRAWS_METHOD
     summary = {
@@ -352,7 +353,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
             "inference": "mean-field VB (CAVI, colour-by-colour label sweeps) from the prior "
                          "predictive assignment; beta fixed at the population value",
             "tumour_rule": f"P(tumour) = sum of the marginals of the first {prior.num_tumour} classes",
-            "volume_draws": volume_draws, "voi": _voi_text(roi, box),
+            "volume_draws": volume_draws, "voi": voi_text(roi, box),
         },
         "parameters": {
             "class_means_features": record["class_means_features"],
@@ -373,7 +374,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
                                                    "lower": float(np.quantile(raw_volumes, 0.025)),
                                                    "upper": float(np.quantile(raw_volumes, 0.975))}},
         "timings_s": record["timings"],
-        **_provenance(images, modalities, roi, seed, volumes),
+        **provenance(images, modalities, roi, seed, volumes),
     }
     return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
                            voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,

@@ -145,12 +145,8 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     return Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
 
 
-def load_mask(path: str | os.PathLike, reference: Volume) -> np.ndarray:
-    """Read a binary mask (non-zero = inside) that must lie on ``reference``'s grid.
-
-    Raises InputError when the file is unreadable, on another grid (shape or affine), holds
-    NaN, or is empty.
-    """
+def _read_on_grid(path, reference: Volume, what: str) -> np.ndarray:
+    """A NIfTI file's voxels, which must lie on ``reference``'s grid and be finite."""
     image, raw = _read_nifti(path)
     path = os.fspath(path)
     affine = np.asarray(image.affine, np.float64)
@@ -159,16 +155,31 @@ def load_mask(path: str | os.PathLike, reference: Volume) -> np.ndarray:
     ):
         raise InputError(
             path,
-            f"mask grid (shape {tuple(raw.shape)}) differs from the grid of {reference.name} "
-            f"(shape {reference.shape}); the ROI must be drawn on the first image's grid",
+            f"{what} grid (shape {tuple(raw.shape)}) differs from the grid of {reference.name} "
+            f"(shape {reference.shape}); it must be on the first image's grid",
         )
     values = np.asarray(raw)
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
-        raise InputError(path, "mask holds NaN or infinite voxels")
-    mask = values != 0
+        raise InputError(path, f"{what} holds NaN or infinite voxels")
+    return values
+
+
+def load_mask(path: str | os.PathLike, reference: Volume) -> np.ndarray:
+    """Read a binary mask (non-zero = inside) that must lie on ``reference``'s grid.
+
+    Raises InputError when the file is unreadable, on another grid (shape or affine), holds
+    NaN, or is empty.
+    """
+    mask = _read_on_grid(path, reference, "mask") != 0
     if not mask.any():
-        raise InputError(path, "mask is empty (no non-zero voxel)")
+        raise InputError(os.fspath(path), "mask is empty (no non-zero voxel)")
     return mask
+
+
+def load_map(path: str | os.PathLike, reference: Volume, what: str = "map") -> np.ndarray:
+    """Read a real-valued map (e.g. prior log-odds) on ``reference``'s grid: float32; a constant
+    map is allowed. InputError when unreadable, on another grid, or not finite."""
+    return _read_on_grid(path, reference, what).astype(np.float32)
 
 
 def parse_box(text: str, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:

@@ -1,4 +1,5 @@
-"""Estimating the Potts coupling beta: pseudo-likelihood and thermodynamic integration.
+"""Estimating the Potts coupling beta (and an external field's weight): pseudo-likelihood and
+thermodynamic integration.
 
 beta gets a uniform prior on [0, beta_max]; both estimators below give its mode given a label
 field z (or, inside a variational fit, given the mean-field marginals q in place of z).
@@ -36,6 +37,10 @@ labels are replaced by q and S(z) by E_q[S], the exact beta step of variational 
 depends on the region of interest (its size and shape) and on the rest of the prior, so it is
 simulated for the region at hand; its cost is what the study reports.
 
+**External field weight.** With a prior log-odds map f (an atlas, a network's logits) in the
+unary term as gamma * f_v(k), the same pseudo-likelihood is concave in (beta, gamma) jointly
+(:func:`estimate_coupling_pl`); gamma is the map's learned inverse temperature.
+
 Shapes: labels and marginals (X, Y, Z, K), zero outside the ROI; prior unary (X, Y, Z, K) or
 (K,); roi (X, Y, Z) bool.
 """
@@ -55,6 +60,8 @@ from vbseg.models.potts import class_softmax, neighbour_sum, potts_statistic
 # Upper end of beta's uniform prior, in units where the nearest neighbours weigh 1. Far above
 # the critical coupling of the 6-neighbourhood (about 0.44 for K = 2, 0.55 for K = 3).
 BETA_MAX = 3.0
+# Upper end of the external field's weight gamma (uniform prior on [0, FIELD_WEIGHT_MAX]).
+FIELD_WEIGHT_MAX = 5.0
 
 
 def pseudo_log_likelihood(beta, labels, prior_unary, weights, roi) -> jax.Array:
@@ -93,6 +100,52 @@ def estimate_beta_pl(labels, prior_unary, weights, roi, *, beta_start=0.5, beta_
 
     start = jnp.asarray(beta_start, labels.dtype)
     return jax.lax.fori_loop(0, num_steps, step, start)
+
+
+def estimate_coupling_pl(labels, base_unary, field, weights, roi, *, beta_start, weight_start,
+                         learn_beta: bool, beta_max=BETA_MAX, weight_max=None,
+                         num_steps: int = 25) -> tuple[jax.Array, jax.Array]:
+    """Joint pseudo-likelihood maximiser of (beta, gamma) for the prior with an external field
+    scaled by a weight gamma (the inverse temperature of a network's logits):
+
+        log PL(beta, gamma) = sum_v [ theta . t_v(z_v) - log sum_k exp(theta . t_v(k) + a_v(k)) ]
+                              + sum_v a_v(z_v),
+        theta = (beta, gamma),  t_v(k) = (n_v(k), f_v(k)),
+
+    with a_v the rest of the unary term (log proportions) and f_v(k) the external field. It is
+    concave in theta (a log-sum-exp of functions linear in theta, subtracted from a linear
+    term): gradient sum_v [t_v(z_v) - E_{p_v}[t_v]] and Hessian -sum_v Cov_{p_v}[t_v], so
+    projected Newton steps on the box [0, beta_max] x [0, weight_max] find the maximiser.
+    A field that carries no information about the labels (pure noise) gets gamma near 0; an
+    over-confident field (logits too large for its accuracy) gets gamma < 1, which is how the
+    data keep the last word (issue 9's "fitted temperature"). With ``learn_beta`` False beta
+    stays at ``beta_start`` and only gamma moves (one-dimensional Newton).
+    """
+    weight_max = FIELD_WEIGHT_MAX if weight_max is None else weight_max
+    counts = neighbour_sum(labels, weights)
+    features = jnp.stack([counts, jnp.broadcast_to(field, counts.shape)], axis=-1)  # (..., K, 2)
+    upper = jnp.asarray([beta_max, weight_max], labels.dtype)
+    mask = roi[..., None]
+
+    def step(_, theta):
+        probs = class_softmax(jnp.einsum("...kt,t->...k", features, theta) + base_unary)
+        expected = jnp.einsum("...k,...kt->...t", probs, features)
+        observed = jnp.einsum("...k,...kt->...t", labels, features)
+        second = jnp.einsum("...k,...kt,...ku->...tu", probs, features, features)
+        covariance = second - expected[..., :, None] * expected[..., None, :]
+        gradient = jnp.sum(jnp.where(mask, observed - expected, 0.0), axis=(0, 1, 2))
+        hessian = -jnp.sum(jnp.where(mask[..., None], covariance, 0.0), axis=(0, 1, 2))
+        if not learn_beta:  # Newton in gamma alone
+            move_gamma = -gradient[1] / jnp.minimum(hessian[1, 1], -1e-6)
+            move = jnp.stack([jnp.zeros_like(move_gamma), move_gamma])
+        else:
+            regularised = hessian - 1e-6 * jnp.eye(2, dtype=hessian.dtype)
+            move = -jnp.linalg.solve(regularised, gradient)
+        return jnp.clip(theta + jnp.clip(move, -1.0, 1.0), 0.0, upper)
+
+    start = jnp.stack([jnp.asarray(beta_start, labels.dtype), jnp.asarray(weight_start, labels.dtype)])
+    theta = jax.lax.fori_loop(0, num_steps, step, start)
+    return theta[0], theta[1]
 
 
 class StatisticPath(NamedTuple):

@@ -115,7 +115,7 @@ def constrained_potts_fit(observations, observed, roi, tumour, weights, *, num_t
     family = emission_vb("gaussian", prior, num_classes=num_classes,
                          num_modalities=observations.shape[-1], tied=False)
     step = beta_step_function("pl", weights, roi)
-    q, _, _, _, iterations, _, beta, _ = _cavi(
+    q, _, _, _, iterations, _, beta, _, _ = _cavi(
         observations, observed, roi, jnp.asarray(TRAINING_BETA_START, observations.dtype), weights,
         family, jnp.asarray(1.0, observations.dtype), field, q0, max_iter=max_iter, tol=tol,
         min_iter=5, beta_step=step)
@@ -222,7 +222,7 @@ def fit_with_population_prior(observations, observed, roi, beta, weights, prior:
                    + jnp.log(concentration / jnp.sum(concentration)))
     q0 = jax.nn.softmax(start_unary, axis=-1) * roi[..., None]
     field = jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
-    q, post, alpha, trace, iterations, converged, _, _ = _cavi(
+    q, post, alpha, trace, iterations, converged, *_ = _cavi(
         observations, observed, roi, beta, weights, family, concentration, field, q0,
         max_iter=max_iter, tol=tol, min_iter=min_iter)
     return PriorFitResult(q, post, alpha, trace, iterations, converged)

@@ -14,8 +14,15 @@ apart from its run:
    highest mixture log-likelihood gives the class parameters and responsibilities r0.
    The field starts at the kriging (GP regression) fit of the logits of r0 clipped to
    [0.02, 0.98]: eps0 = L^T P^T (P K P^T + a^2 I)^-1 (logit r0 - m0), 40 conjugate-gradient
-   steps (P: restriction to the VOI), at the prior medians of l and a.
-3. SVI from there (Adam, reparameterised ELBO, convergence per VOI voxel).
+   steps (P: restriction to the VOI), at the prior medians of l and a. With a prior logit ell
+   (the offset of :func:`vbseg.models.gp.gp_logit_model`, f = m + gamma ell + g), m and gamma
+   start at the least-squares line of those logits on ell over the VOI, gamma clipped to
+   [0.05, 4] (it must be > 0 in log space; a useless ell starts at the floor, which is near
+   its optimum: pure N(0, 3^2) noise on the 22 mm sphere settles at gamma ~ 0.08 from starts of
+   0.01 and 1 alike after 2000 steps, tests/test_deep_gp.py), and the field is kriged from the
+   residual logit(r0) - m - gamma ell.
+3. SVI from there (Adam, reparameterised ELBO, convergence per VOI voxel); gamma is a hyper
+   site like m (a point estimate in log space, or log-normal for ``hyper="gaussian"``).
 4. ``num_prob_draws`` draws f ~ q (with theta at its point estimate, or drawn from q for
    ``hyper="gaussian"``) give two probability maps: the field probability E_q[sigmoid(f_v)]
    (the model's P(tumour at v), the issue's definition) and the label probability E_q[r_v(f)],
@@ -46,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbseg.inference.gp_start import PRIOR_LOGIT_SITE, start_values
 from vbseg.inference.svi import (
     compile_and_run,
     fit_svi,
@@ -57,8 +65,6 @@ from vbseg.models.gp import (
     FieldPrior,
     GPLogitModel,
     GridGP,
-    class_log_likelihoods,
-    mixture_log_likelihood,
     responsibility,
 )
 from vbseg.models.gp_kernels import embedding_shape
@@ -67,18 +73,12 @@ from vbseg.models.gp_kernels import embedding_shape
 SHAPE_BUCKET = 8
 FIELD_SITES = ("field_eps",)
 INTENSITY_SITES = ("field_eps", "intensity_eps")
-# Responsibilities are clipped to this before the logit that starts the field.
-START_CLIP = 0.02
-START_CG_STEPS = 40
-START_EM_STEPS = 20
 # The FFT torus is sized for the kernel at this many prior sd above the median length-scale
 # (reach tolerance below): larger length-scales wrap around and the clipped eigenvalue mass
 # (reported) grows.
 TORUS_LENGTHSCALE_Z = 1.0
 TORUS_REACH_TOLERANCE = 1e-2
 TORUS_OPTIONS = ("compact", "exact")
-# Percentiles of the first modality above which voxels start as tumour (one start each).
-START_LEVELS = (0.5, 0.9, 0.99, 0.999)
 PROBABILITIES = ("field", "label")
 DEFAULT_FIELD_PRIOR = FieldPrior()
 HYPER_REPORTED = ("field_lengthscale", "field_amplitude", "field_mean", "mu", "tau")
@@ -102,6 +102,8 @@ class GPResult(NamedTuple):
         mean; tumour_class: the index (1 unless the fit swapped the classes).
     timings: {"compile", "run"} seconds. diagnostics: steps, convergence, torus, clipped
         eigenvalue mass, ... method: strings for summary.json.
+    prior_logit_weight: the learned weight gamma of the prior logit (its point estimate, or the
+        median of its log-normal q), None when no prior logit was given.
     """
 
     tumour_probability: np.ndarray
@@ -120,6 +122,7 @@ class GPResult(NamedTuple):
     timings: dict
     diagnostics: dict
     method: dict
+    prior_logit_weight: float | None = None
 
 
 def _pad(array: np.ndarray, fill) -> np.ndarray:
@@ -127,99 +130,37 @@ def _pad(array: np.ndarray, fill) -> np.ndarray:
     return np.pad(array, pad, constant_values=fill)
 
 
-def _mixture_em(features, observed, voi, labels, num_steps):
-    """EM for an independent-voxel 2-class Gaussian mixture with tied variances, from hard
-    labels. Returns (mu (2, M), tau (1, M), proportion of class 1, log-likelihood, r (X, Y, Z))."""
-    seen = observed & voi[..., None]
-    r = (labels == 1).astype(features.dtype)
-
-    def m_step(r):
-        weights = jnp.stack([1.0 - r, r], -1)[..., :, None] * seen[..., None, :]  # (X,Y,Z,2,M)
-        count = jnp.maximum(jnp.sum(weights, axis=(0, 1, 2)), 1e-6)
-        mu = jnp.sum(weights * features[..., None, :], axis=(0, 1, 2)) / count
-        scatter = jnp.sum(weights * (features[..., None, :] - mu) ** 2, axis=(0, 1, 2))
-        tau = jnp.sum(count, 0, keepdims=True) / jnp.maximum(jnp.sum(scatter, 0, keepdims=True), 1e-6)
-        proportion = jnp.clip(jnp.sum(r * voi) / jnp.maximum(jnp.sum(voi), 1), 1e-4, 1 - 1e-4)
-        return mu, tau, proportion
-
-    def e_step(params):
-        mu, tau, proportion = params
-        log_lik = class_log_likelihoods(features, seen, mu, jnp.broadcast_to(tau, mu.shape))
-        logit = jnp.log(proportion) - jnp.log1p(-proportion)
-        return responsibility(logit, log_lik), jnp.sum(
-            jnp.where(voi, mixture_log_likelihood(logit, log_lik), 0.0))
-
-    r = jax.lax.fori_loop(0, num_steps, lambda _, r: e_step(m_step(r))[0], r)
-    params = m_step(r)
-    r, log_lik = e_step(params)
-    return params[0], params[1], params[2], log_lik, r
-
-
-def _kriging_start(grid: GridGP, target, voi, lengthscale, amplitude):
-    """eps0 = L^T P^T (P K P^T + a^2 I)^-1 P target by conjugate gradients: the whitened
-    coordinates of the GP regression mean of ``target`` observed on the VOI with noise a^2."""
-    structure = grid.build(lengthscale, amplitude)
-    mask = voi.astype(target.dtype)
-    noise = amplitude**2
-
-    def operator(x):
-        return mask * structure.matvec(mask * x) + noise * x
-
-    solution, _ = jax.scipy.sparse.linalg.cg(operator, mask * target, maxiter=START_CG_STEPS)
-    return structure.sqrt_rmatvec(mask * solution)
-
-
-def _start(features, observed, voi, model: GPLogitModel):
-    """Initial hyper values (constrained) and field mean (see the module docstring, step 2)."""
-    seen = observed[..., 0] & voi
-    first = jnp.where(seen, features[..., 0], jnp.nan)
-    thresholds = jnp.nanquantile(first, jnp.asarray(START_LEVELS, features.dtype))
-    labelings = (seen & (features[..., 0] > thresholds[:, None, None, None])).astype(jnp.int32)
-    fits = jax.vmap(_mixture_em, in_axes=(None, None, None, 0, None))(
-        features, observed, voi, labelings, START_EM_STEPS)
-    best = jnp.argmax(fits[3])
-    mu, tau, _, _, r = jax.tree_util.tree_map(lambda x: x[best], fits)
-    target = jnp.log(jnp.clip(r, START_CLIP, 1 - START_CLIP)) - jnp.log1p(
-        -jnp.clip(r, START_CLIP, 1 - START_CLIP))
-    prior = model.prior
-    mean = jnp.clip(jnp.sum(target * voi) / jnp.maximum(jnp.sum(voi), 1),
-                    prior.mean_loc - 2 * prior.mean_scale, prior.mean_loc + 2 * prior.mean_scale)
-    lengthscale = jnp.asarray(prior.lengthscale_median_mm, features.dtype)
-    amplitude = jnp.asarray(prior.amplitude_median, features.dtype)
-    eps = _kriging_start(model.grid, target - mean, voi, lengthscale, amplitude)
-    hyper = {"field_mean": mean, "field_lengthscale": lengthscale, "field_amplitude": amplitude,
-             "mu": mu, "tau": tau if model.tied else jnp.broadcast_to(tau, mu.shape)}
-    field = {"field_eps": eps}
-    if model.intensity is not None:
-        ip = model.intensity_prior
-        hyper["intensity_lengthscale"] = jnp.asarray(ip.lengthscale_median_mm, features.dtype)
-        hyper["intensity_amplitude"] = jnp.asarray(ip.amplitude_median, features.dtype)
-        field["intensity_eps"] = jnp.zeros((model.intensity_grid or model.grid).latent_shape,
-                                           features.dtype)
-    return hyper, field
+def _model_args(features, observed, voi, prior_logit):
+    """The model's positional arguments: the prior logit only when there is one (so without it
+    the program is the plain model's)."""
+    return (features, observed, voi) if prior_logit is None else (features, observed, voi, prior_logit)
 
 
 @partial(jax.jit, static_argnames=("model", "family", "rank", "hyper", "num_particles",
                                    "max_steps", "check_every"))
-def _fit_program(key, features, observed, voi, learning_rate, tol, init_scale, min_steps, *, model,
-                 family, rank, hyper, num_particles, max_steps, check_every):
-    """Start (k-means + EM + kriging) and SVI, one program."""
-    init_hyper, init_field = _start(features, observed, voi, model)
+def _fit_program(key, features, observed, voi, prior_logit, weight_start, learning_rate, tol, init_scale,
+                 min_steps, *, model, family, rank, hyper, num_particles, max_steps, check_every):
+    """Start (k-means + EM + kriging) and SVI, one program. ``prior_logit``: (X, Y, Z) or None
+    (a pytree without leaves: its own compiled program); ``weight_start``: its weight's start
+    (scalar, NaN: least squares) or None. Returns (SVIResult, the weight's start or None)."""
+    init_hyper, init_field = start_values(features, observed, voi, model, prior_logit, weight_start)
     sites = FIELD_SITES if model.intensity is None else INTENSITY_SITES
-    return fit_svi(key, (features, observed, voi), init_hyper, init_field, learning_rate, tol,
-                   jnp.maximum(jnp.sum(voi), 1).astype(features.dtype), init_scale, min_steps,
-                   model=model, field_sites=sites, family=family, rank=rank, hyper=hyper,
-                   num_particles=num_particles, max_steps=max_steps, check_every=check_every)
+    fit = fit_svi(key, _model_args(features, observed, voi, prior_logit), init_hyper, init_field,
+                  learning_rate, tol, jnp.maximum(jnp.sum(voi), 1).astype(features.dtype), init_scale,
+                  min_steps, model=model, field_sites=sites, family=family, rank=rank, hyper=hyper,
+                  num_particles=num_particles, max_steps=max_steps, check_every=check_every)
+    return fit, init_hyper.get(PRIOR_LOGIT_SITE)
 
 
 @partial(jax.jit, static_argnames=("model", "family", "hyper", "num_field_draws",
                                    "labels_per_field", "probability"))
-def _draw_program(key, params, features, observed, voi, count_weights, *, model, family, hyper,
-                  num_field_draws, labels_per_field, probability):
+def _draw_program(key, params, features, observed, voi, prior_logit, count_weights, *, model, family,
+                  hyper, num_field_draws, labels_per_field, probability):
     """Field draws from q: means of sigmoid(f) and r(f) over draws, and per draw the class-1
     voxel counts of ``labels_per_field`` label fields drawn from sigmoid(f) and from r(f), and
-    the weighted sums of those drawn from the map ``probability`` names."""
-    args = (features, observed, voi)
+    the weighted sums of those drawn from the map ``probability`` names. With a prior logit, f
+    includes gamma ell (gamma drawn from q too for ``hyper="gaussian"``)."""
+    args = _model_args(features, observed, voi, prior_logit)
     sites = FIELD_SITES if model.intensity is None else INTENSITY_SITES
     mask = voi.astype(features.dtype)
 
@@ -247,7 +188,8 @@ def _draw_program(key, params, features, observed, voi, count_weights, *, model,
     (field_sum, label_sum), (counts, weighted) = jax.lax.scan(
         one, (zeros, zeros), jax.random.split(key, num_field_draws))
     location = guide_location(params, args, model=model, field_sites=sites)
-    location = {name: location[name] for name in HYPER_REPORTED}
+    reported = HYPER_REPORTED + ((PRIOR_LOGIT_SITE,) if prior_logit is not None else ())
+    location = {name: location[name] for name in reported}
     negative_mass = jnp.zeros(())
     if model.grid.structure == "fft":
         structure = model.grid.build(location["field_lengthscale"], location["field_amplitude"])
@@ -292,7 +234,8 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
                  probability: str = "label", hyper: str = "point", num_particles: int = 1,
                  tol: float = 1e-4,
                  min_steps: int = 100, check_every: int = 25, init_scale: float = 0.1,
-                 torus="compact") -> GPResult:
+                 torus="compact", prior_logit: np.ndarray | None = None,
+                 prior_logit_weight_start: float | None = None) -> GPResult:
     """Fit the GP logit-field model to an image stack and summarise q (module docstring).
 
     Args:
@@ -319,6 +262,15 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
         hyper: "point" (MAP in log space) or "gaussian" (Gaussian in log space).
         torus: the FFT torus: "compact" or "exact" (:func:`torus_shape` of the padded grid), or
             a shape (m1, m2, m3).
+        prior_logit: optional (I, J, K) float prior logit ell of the tumour class (e.g. a CNN's
+            logits on this grid): the field becomes f = m + gamma ell + g with gamma >= 0
+            learned (:func:`vbseg.models.gp.gp_logit_model`; ``GPResult.prior_logit_weight``).
+            It is the logit of the model's class 1, which the start makes the first modality's
+            higher class; should the fit swap the classes, gamma >= 0 can only oppose the
+            data and is driven towards 0 (``diagnostics["prior_logit_class"]`` says which).
+            Without it the fit is the plain GP logit field, unchanged.
+        prior_logit_weight_start: gamma's start (> 0); None: the clipped least-squares slope
+            of the start's logits on ell (module docstring, step 2).
     """
     if probability not in PROBABILITIES:
         raise ValueError(f"probability must be one of {PROBABILITIES}, got {probability!r}")
@@ -334,6 +286,15 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
     seen = seen & voi[..., None]
     if not voi.any():
         raise ValueError("the voxel mask is empty")
+    if prior_logit is not None:
+        prior_logit = np.asarray(prior_logit, np.float32)
+        if prior_logit.shape != grid_shape:
+            raise ValueError(f"prior_logit must have the image grid's shape {grid_shape}, "
+                             f"got {prior_logit.shape}")
+        if not np.isfinite(prior_logit[voi]).all():
+            raise ValueError("prior_logit has NaN or infinite values in the voxel mask")
+        if prior_logit_weight_start is not None and not prior_logit_weight_start > 0:
+            raise ValueError(f"prior_logit_weight_start must be > 0, got {prior_logit_weight_start!r}")
     start = time.perf_counter()
     features, centres, scales = _standardise(stack, seen)
     features, seen_p, voi_p = _pad(features, 0.0), _pad(seen, False), _pad(voi, False)
@@ -344,14 +305,17 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
     grid = GridGP(padded, spacing, kernel, structure,
                   tuple(int(m) for m in torus) if structure == "fft" else None)
     model = GPLogitModel(grid, prior, tied, intensity)
-    arrays = (jnp.asarray(features), jnp.asarray(seen_p), jnp.asarray(voi_p))
+    arrays = (jnp.asarray(features), jnp.asarray(seen_p), jnp.asarray(voi_p),
+              None if prior_logit is None else jnp.asarray(_pad(np.where(voi, prior_logit, 0.0), 0.0)))
     prep_s = time.perf_counter() - start
 
     key_fit, key_draws = jax.random.split(jax.random.PRNGKey(seed))
-    fit, fit_compile, fit_run = compile_and_run(
-        _fit_program, (key_fit,) + arrays + (jnp.float32(learning_rate), jnp.float32(tol),
-                                             jnp.float32(init_scale),
-                                             jnp.int32(min(min_steps, steps))),
+    weight_start = None if prior_logit is None else jnp.float32(
+        np.nan if prior_logit_weight_start is None else prior_logit_weight_start)
+    settings = (jnp.float32(learning_rate), jnp.float32(tol), jnp.float32(init_scale),
+                jnp.int32(min(min_steps, steps)))
+    (fit, weight_start), fit_compile, fit_run = compile_and_run(
+        _fit_program, (key_fit,) + arrays + (weight_start,) + settings,
         model=model, family=family, rank=rank, hyper=hyper, num_particles=num_particles,
         max_steps=steps, check_every=check_every)
     weights = np.zeros(padded, np.float32) if count_weights is None else _pad(
@@ -374,6 +338,7 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
     counts = {name: c.reshape(-1)[:num_volume_draws].astype(np.float64)
               for name, c in counts.items()}
     weighted = weighted.reshape(-1)[:num_volume_draws]
+    weight = None if prior_logit is None else float(location[PRIOR_LOGIT_SITE])
     if tumour == 0:  # the fit swapped the classes: the field is the background's logit
         label_probability = np.where(voi, 1.0 - label_probability, 0.0)
         field_probability = np.where(voi, 1.0 - field_probability, 0.0)
@@ -389,6 +354,11 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
         "num_prob_draws": num_prob_draws, "labels_per_field_draw": labels_per_field,
         "voi_voxels": int(total),
     }
+    if prior_logit is not None:
+        diagnostics.update({
+            "prior_logit_weight": weight, "prior_logit_weight_start": float(weight_start),
+            "prior_logit_sd": float(prior_logit[voi].std()),
+            "prior_logit_class": "tumour" if tumour == 1 else "background (classes swapped)"})
     return GPResult(
         tumour_probability=(field_probability if probability == "field"
                             else label_probability).astype(np.float32),
@@ -406,12 +376,14 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
         diagnostics=diagnostics,
         method=_method_strings(kernel, structure, family, rank, hyper, num_particles, grid,
                                num_prob_draws, num_volume_draws, labels_per_field, intensity,
-                               probability),
+                               probability, None if weight is None else model.prior_logit_weight_scale),
+        prior_logit_weight=weight,
     )
 
 
 def _method_strings(kernel, structure, family, rank, hyper, num_particles, grid, num_prob_draws,
-                    num_volume_draws, labels_per_field, intensity, probability) -> dict:
+                    num_volume_draws, labels_per_field, intensity, probability,
+                    prior_logit_weight_scale=None) -> dict:
     kernel_text = {"fft": f"isotropic {kernel} kernel of the Euclidean distance (mm), circulant "
                           f"embedding on a {'x'.join(map(str, grid.latent_shape))} torus (FFT)",
                    "kronecker": f"separable product of 1D {kernel} kernels per axis (Kronecker)"}
@@ -419,15 +391,20 @@ def _method_strings(kernel, structure, family, rank, hyper, num_particles, grid,
                    "diagonal Gaussian", "fullrank": "full-rank Gaussian"}[family]
     hyper_text = ("point estimates (MAP in log space)" if hyper == "point"
                   else "mean-field Gaussian in log space")
+    with_offset = prior_logit_weight_scale is not None
     return {
-        "model": ("GP logit field: P(tumour at v) = sigmoid(f_v), f ~ GP(m, k), "
+        "model": ("GP logit field: P(tumour at v) = sigmoid(f_v), "
+                  + ("f = m + gamma ell + g with a given prior logit ell (e.g. a CNN's logits) and "
+                     f"its weight gamma ~ HalfNormal({prior_logit_weight_scale:g}) learned, "
+                     "g ~ GP(0, k), " if with_offset else "f ~ GP(m, k), ")
                   + kernel_text[structure] + "; labels summed out (2-class Gaussian mixture per "
                   "voxel, diagonal across modalities)"
                   + ("" if intensity is None else f"; GP intensity field on {intensity} class means"
                      " (first modality)")),
         "inference": (f"SVI (Adam, reparameterised ELBO, {num_particles} draw(s) per step) with a "
                       f"{family_text} over the whitened field; length-scale, amplitude, field "
-                      f"mean and class parameters: {hyper_text}"),
+                      f"mean{', prior-logit weight' if with_offset else ''} and class parameters: "
+                      f"{hyper_text}"),
         "probability": (f"E_q[sigmoid(f_v)] over {num_prob_draws} draws f ~ q"
                         if probability == "field" else
                         f"E_q[P(z_v = tumour | f, y_v)] over {num_prob_draws} draws f ~ q (the "

@@ -75,6 +75,8 @@ class MeanFieldResult(NamedTuple):
         each, as k-means orders them), and restart_voxels (R, K) their expected class sizes:
         restarts that agree found the same solution; ones that differ show where the ELBO
         landscape has several modes.
+    field_weight: the weight gamma of the external field at the end (learned with
+        ``learn_field_weight``, else the given one).
     """
 
     marginals: jax.Array
@@ -89,6 +91,7 @@ class MeanFieldResult(NamedTuple):
     beta_trace: jax.Array
     restart_means: jax.Array
     restart_voxels: jax.Array
+    field_weight: jax.Array | None = None
 
 
 def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
@@ -187,22 +190,26 @@ def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30)
 
 
 def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
-          max_iter, tol, min_iter, beta_step=None):
+          max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None):
     """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates (the
     emission family's, :mod:`vbseg.inference.emissions`), then (with ``beta_step``, a function
-    (q, prior unary, beta) -> beta) the beta update; until the ELBO change per ROI voxel falls
-    below ``tol``. Returns (q, post, alpha, trace, iterations, converged, beta, beta_trace)."""
+    (q, prior unary, beta) -> beta) the beta update, or (with ``coupling_step``, a function
+    (q, log proportions, field, beta, gamma) -> (beta, gamma)) the update of beta and of the
+    external field's weight gamma; until the ELBO change per ROI voxel falls below ``tol``.
+    The label prior's unary term is E[log pi] + gamma * field. Returns (q, post, alpha, trace,
+    iterations, converged, beta, beta_trace, gamma)."""
     num_classes = q0.shape[-1]
     dtype = observations.dtype
     alpha0 = jnp.broadcast_to(jnp.asarray(concentration, dtype), (num_classes,))
 
-    def parameter_step(q, aux):
+    def parameter_step(q, aux, gamma):
         post = emission.update(q, observations, observed, aux)
         alpha = dirichlet_update(q, alpha0)
         likelihood, aux = emission.unary(observations, observed, post)
-        return post, alpha, likelihood + expected_log_proportions(alpha) + field, aux
+        return post, alpha, likelihood + expected_log_proportions(alpha) + gamma * field, aux
 
-    post0, alpha_post0, unary0, aux0 = parameter_step(q0, emission.initial_aux(q0))
+    gamma = jnp.asarray(field_weight, dtype)
+    post0, alpha_post0, unary0, aux0 = parameter_step(q0, emission.initial_aux(q0), gamma)
     num_voxels = jnp.maximum(jnp.sum(roi), 1)
     trace0 = jnp.full((max_iter,), jnp.nan, dtype)
 
@@ -211,31 +218,35 @@ def _cavi(observations, observed, roi, beta, weights, emission, concentration, f
         return (it < max_iter) & ((it < min_iter) | (delta >= tol))
 
     def body(carry):
-        q, post, alpha, unary, aux, beta, trace, beta_trace, it, _ = carry
+        q, post, alpha, unary, aux, beta, gamma, trace, beta_trace, it, _ = carry
         q = checkerboard_sweep(q, unary, beta, weights, roi)
-        post, alpha, unary, aux = parameter_step(q, aux)
+        if coupling_step is not None:
+            log_proportions = expected_log_proportions(dirichlet_update(q, alpha0))
+            beta, gamma = coupling_step(q, log_proportions, field, beta, gamma)
+        post, alpha, unary, aux = parameter_step(q, aux, gamma)
         if beta_step is not None:
-            beta = beta_step(q, expected_log_proportions(alpha) + field, beta)
+            beta = beta_step(q, expected_log_proportions(alpha) + gamma * field, beta)
         value = (label_elbo_terms(q, unary, beta, weights) - emission.kl(post)
                  - kl_dirichlet(alpha, alpha0))
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
         delta = jnp.abs(value - previous) / num_voxels
-        return (q, post, alpha, unary, aux, beta, trace.at[it].set(value),
+        return (q, post, alpha, unary, aux, beta, gamma, trace.at[it].set(value),
                 beta_trace.at[it].set(beta), it + 1, delta)
 
     beta = jnp.asarray(beta, dtype)
-    init = (q0, post0, alpha_post0, unary0, aux0, beta, trace0, trace0, jnp.int32(0),
+    init = (q0, post0, alpha_post0, unary0, aux0, beta, gamma, trace0, trace0, jnp.int32(0),
             jnp.asarray(jnp.inf, dtype))
-    q, post, alpha, _, _, beta, trace, beta_trace, it, delta = jax.lax.while_loop(cond, body, init)
-    return q, post, alpha, trace, it, delta < tol, beta, beta_trace
+    q, post, alpha, _, _, beta, gamma, trace, beta_trace, it, delta = jax.lax.while_loop(
+        cond, body, init)
+    return q, post, alpha, trace, it, delta < tol, beta, beta_trace, gamma
 
 
 def _fit_one_start(observations, observed, roi, beta, weights, emission, concentration, field,
-                   levels, *, num_classes, max_iter, tol, min_iter):
+                   field_weight, levels, *, num_classes, max_iter, tol, min_iter):
     labels0 = kmeans_labels(observations, observed, roi, levels)
     q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
     return _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0,
-                 max_iter=max_iter, tol=tol, min_iter=min_iter)[:6]
+                 max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=field_weight)[:6]
 
 
 def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
@@ -265,7 +276,7 @@ def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
 
 
 @partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied", "beta_estimator", "emission",
-                                   "dof"))
+                                   "dof", "learn_field_weight"))
 def fit_hidden_potts_vb(
     observations: jax.Array,
     observed: jax.Array,
@@ -276,8 +287,10 @@ def fit_hidden_potts_vb(
     concentration: float = DEFAULT_CONCENTRATION,
     external_field: jax.Array | None = None,
     beta_path=None,
+    field_weight: float = 1.0,
     *,
     num_classes: int,
+    learn_field_weight: bool = False,
     tied: bool = True,
     beta_estimator: str = "fixed",
     emission: str = "gaussian",
@@ -303,7 +316,13 @@ def fit_hidden_potts_vb(
         prior: Normal-Gamma hyperparameters, broadcastable to (K, M).
         concentration: Dirichlet concentration alpha0 of the class proportions.
         external_field: optional (X, Y, Z, K) prior log-potentials added to every voxel's
-            unary term (see :mod:`vbseg.models.potts`); the k-means start ignores it.
+            unary term (see :mod:`vbseg.models.potts`) with weight ``field_weight``; the
+            k-means start ignores it.
+        learn_field_weight: (static) after the restarts (which use ``field_weight``), continue
+            the best one with the weight gamma of the field learned jointly with beta (when
+            ``beta_estimator`` is "pl"; else with beta fixed) by pseudo-likelihood
+            (:func:`vbseg.inference.beta.estimate_coupling_pl`): a network's logits enter
+            with a fitted temperature 1 / gamma.
         num_classes: K (static); max_iter: iteration cap (static).
         tied: one noise precision per modality shared by all classes (static). The default:
             at lesion edges the partial-volume and PSF-blurred voxels otherwise widen the
@@ -332,8 +351,8 @@ def fit_hidden_potts_vb(
     fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
                   min_iter=min_iter)
     q, post, alpha, trace, it, converged = jax.vmap(
-        fit, in_axes=(None, None, None, None, None, None, None, None, 0)
-    )(observations, observed, roi, beta, weights, family, concentration, field,
+        fit, in_axes=(None, None, None, None, None, None, None, None, None, 0)
+    )(observations, observed, roi, beta, weights, family, concentration, field, field_weight,
       restart_levels(num_classes))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
     restart_means = post.mean
@@ -344,11 +363,26 @@ def fit_hidden_potts_vb(
         pick(q), jax.tree_util.tree_map(pick, post), pick(alpha), pick(trace), pick(it),
         pick(converged))
     beta = jnp.asarray(beta, observations.dtype)
+    gamma = jnp.asarray(field_weight, observations.dtype)
     beta_trace = jnp.full_like(trace, jnp.nan)
-    if beta_estimator != "fixed":
-        step = beta_step_function(beta_estimator, weights, roi, beta_path)
-        q, post, alpha, trace, it, converged, beta, beta_trace = _cavi(
+    if learn_field_weight:
+        if beta_estimator not in ("fixed", "pl"):
+            raise ValueError("learn_field_weight goes with beta_estimator 'fixed' or 'pl'")
+        from vbseg.inference.beta import estimate_coupling_pl
+
+        def coupling(q_now, log_proportions, field_now, beta_now, gamma_now):
+            return estimate_coupling_pl(q_now, log_proportions, field_now, weights, roi,
+                                        beta_start=beta_now, weight_start=gamma_now,
+                                        learn_beta=beta_estimator == "pl", num_steps=8)
+
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
             observations, observed, roi, beta, weights, family, concentration, field, q,
-            max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step)
+            max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=gamma,
+            coupling_step=coupling)
+    elif beta_estimator != "fixed":
+        step = beta_step_function(beta_estimator, weights, roi, beta_path)
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
+            observations, observed, roi, beta, weights, family, concentration, field, q,
+            max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma)
     return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace,
-                           restart_means, restart_voxels)
+                           restart_means, restart_voxels, gamma)

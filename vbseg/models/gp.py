@@ -26,6 +26,24 @@ the posterior label probability of voxel v is the responsibility
 
     r_v = sigmoid(f_v) N_1(y_v) / (sigmoid(f_v) N_1(y_v) + sigmoid(-f_v) N_0(y_v)).
 
+**Prior logit (coarse to fine).** Optionally the field's mean carries a given per-voxel offset
+ell (X, Y, Z), e.g. a CNN's tumour logits, with a learned non-negative weight gamma:
+
+    f_v = m + gamma ell_v + g_v,   g ~ GP(0, k),   gamma ~ HalfNormal(1)
+
+(``prior_logit_weight``). gamma = 1 takes the network's logits at face value, gamma < 1 tempers
+an over-confident network, gamma ~ 0 ignores a useless one; what is left of the shape is the
+GP's (g) and the data's. The half-normal puts its largest density at 0 (a useless network is
+the null model, not a tail event) and keeps ~1/3 of its mass above 1 (an under-confident network
+may be sharpened); a log-normal centred at 1 would give gamma = 0 zero density and pull log
+gamma back towards 0 quadratically, so a pure-noise ell could only shrink to exp(-few sd).
+Pure noise is penalised by the data alone: iid logit noise of variance gamma^2 var(ell) lowers
+the expected log-likelihood of each voxel by ~gamma^2 var(ell) s_v (1 - s_v) / 2 (second order;
+s_v the voxel's probability), a cost growing like N gamma^2 over the N VOI voxels, while the
+first-order term is a zero-mean sum of size ~sqrt(N) gamma and the smooth g cannot absorb the
+noise; the MAP of gamma then falls like 1 / sqrt(N). gamma is the inverse "temperature" of the
+coarse-to-fine scheme (Platt-like scaling of the network's logits, learned inside the model).
+
 **GP intensity field** (:func:`gp_intensity_field`). A zero-mean smooth field added to a class
 mean: heterogeneous uptake inside a tumour (``intensity="tumour"``: added to class 1's mean in
 the first modality) or an MR bias field (``intensity="all"``: added to every class's mean in the
@@ -33,7 +51,8 @@ first modality). It is a component any NumPyro program can call; :func:`gp_logit
 it, and :func:`gp_intensity_mixture_model` is a K-class mixture (labels summed out, Dirichlet
 proportions) with such a field.
 
-Shapes: observations/observed (X, Y, Z, M); voi (X, Y, Z); class parameters (K, M).
+Shapes: observations/observed (X, Y, Z, M); voi and prior_logit (X, Y, Z); class parameters
+(K, M).
 """
 
 from __future__ import annotations
@@ -121,6 +140,8 @@ class FieldPrior:
 CLASS_MEAN_SCALE = 10.0
 PRECISION_SHAPE = 1.0
 PRECISION_RATE = 0.01
+# Prior scale of the prior-logit weight gamma ~ HalfNormal(scale) (module docstring).
+PRIOR_LOGIT_WEIGHT_SCALE = 1.0
 DEFAULT_INTENSITY_PRIOR = FieldPrior(lengthscale_median_mm=30.0, amplitude_median=0.5)
 
 
@@ -191,7 +212,10 @@ def responsibility(logit, log_lik):
 @dataclasses.dataclass(frozen=True)
 class GPLogitModel:
     """The GP logit-field model with its static settings; call it as a NumPyro program:
-    ``model(observations, observed, voi)``. See :func:`gp_logit_model`."""
+    ``model(observations, observed, voi)`` or, with a prior logit (an array argument, so one
+    compiled program serves every map), ``model(observations, observed, voi, prior_logit)``.
+    See :func:`gp_logit_model`. ``prior_logit_weight_scale``: the scale of gamma's half-normal
+    prior (used only with a prior logit)."""
 
     grid: GridGP
     prior: FieldPrior = FieldPrior()
@@ -199,33 +223,44 @@ class GPLogitModel:
     intensity: str | None = None
     intensity_grid: GridGP | None = None
     intensity_prior: FieldPrior = DEFAULT_INTENSITY_PRIOR
+    prior_logit_weight_scale: float = PRIOR_LOGIT_WEIGHT_SCALE
 
     def __post_init__(self):
         if self.intensity not in INTENSITY_OPTIONS:
             raise ValueError(f"intensity must be one of {INTENSITY_OPTIONS}, got {self.intensity!r}")
+        if not self.prior_logit_weight_scale > 0:
+            raise ValueError(f"prior_logit_weight_scale must be > 0, got {self.prior_logit_weight_scale!r}")
 
-    def __call__(self, observations, observed, voi):
-        return gp_logit_model(observations, observed, voi, config=self)
+    def __call__(self, observations, observed, voi, prior_logit=None):
+        return gp_logit_model(observations, observed, voi, prior_logit, config=self)
 
 
-def gp_logit_model(observations, observed, voi, *, config: GPLogitModel) -> None:
+def gp_logit_model(observations, observed, voi, prior_logit=None, *, config: GPLogitModel) -> None:
     """GP logit-field model (module docstring) as a NumPyro program.
 
     Sample sites: ``field_lengthscale`` (mm), ``field_amplitude``, ``field_mean`` (scalar),
     ``field_eps`` (``config.grid.latent_shape``, whitened), ``tau`` ((1, M) tied or (2, M)),
     ``mu`` (2, M); with ``config.intensity`` also ``intensity_lengthscale``,
-    ``intensity_amplitude``, ``intensity_eps``. Deterministic: ``logit`` f (X, Y, Z) and
-    ``class_log_lik`` (X, Y, Z, 2). Factor ``y``: the sum over VOI voxels of the mixture
-    log-likelihood (labels summed out).
+    ``intensity_amplitude``, ``intensity_eps``; with ``prior_logit`` also
+    ``prior_logit_weight`` gamma (scalar, HalfNormal(``config.prior_logit_weight_scale``)).
+    Deterministic: ``logit`` f = m (+ gamma ell) + g (X, Y, Z) and ``class_log_lik``
+    (X, Y, Z, 2). Factor ``y``: the sum over VOI voxels of the mixture log-likelihood (labels
+    summed out). Without ``prior_logit`` the program is the plain GP logit field (the same
+    sites and the same density as before the offset existed).
 
     Args:
         observations: (X, Y, Z, M) standardised images. observed: (X, Y, Z, M) bool, where each
             modality is observed. voi: (X, Y, Z) bool, the voxels that carry a label.
+        prior_logit: optional (X, Y, Z) float offset ell, the prior logit of class 1 (e.g. a
+            CNN's tumour logits); its values outside the VOI do not matter.
         config: the grid, kernel, structure, priors and options.
     """
     num_modalities = observations.shape[-1]
     mean = numpyro.sample("field_mean", dist.Normal(config.prior.mean_loc, config.prior.mean_scale))
     deviation, _ = gp_field("field", config.grid, config.prior)
+    if prior_logit is not None:
+        weight = numpyro.sample("prior_logit_weight", dist.HalfNormal(config.prior_logit_weight_scale))
+        mean = mean + weight * prior_logit
     logit = numpyro.deterministic("logit", mean + deviation)
     mu, tau = _class_parameters(2, num_modalities, config.tied)
     intensity = None
