@@ -74,6 +74,9 @@ BAD = [
     ("missing index", "[real]\nindex = \"nowhere/cases.json\"", "not found"),
     ("not TOML", "[phantoms\ndiameters_mm = 22", "is not valid TOML"),
     ("empty list", "[phantoms]\ndiameters_mm = []", "an empty list"),
+    ("missing prior", P + "[model]\nprior = \"nowhere.json\"", "[model] prior: "),
+    ("missing checkpoint", P + "[model]\nname = \"deep-potts\"\ncheckpoint = \"net.eqx\"",
+     "[model] checkpoint: "),
 ]
 
 
@@ -183,3 +186,14 @@ def test_parallel_jobs_give_the_same_table(tmp_path):
     one, two = _rows(tmp_path / "serial"), _rows(tmp_path / "parallel")
     for a, b in zip(one, two):
         assert a["case"] == b["case"] and a["dice50"] == b["dice50"] and a["vol_mean_ml"] == b["vol_mean_ml"]
+
+
+def test_file_settings_resolve_against_the_config_folder(tmp_path):
+    """prior/checkpoint paths are relative to the config; "sarcoma" names the packaged prior."""
+    packaged = load_experiment(_write(tmp_path, P + "[model]\nprior = \"sarcoma\""))
+    assert {r.variant["prior"] for r in packaged.runs} == {"sarcoma"}
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "net.eqx").write_bytes(b"")
+    config = _write(tmp_path, P + "[model]\nname = \"deep-potts\"\ncheckpoint = \"nets/net.eqx\"")
+    runs = load_experiment(config).runs
+    assert {r.variant["checkpoint"] for r in runs} == {str((tmp_path / "nets" / "net.eqx").resolve())}

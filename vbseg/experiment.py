@@ -73,8 +73,11 @@ MODEL_KEYS = {
     "pet_noise": ("pet_noise", str), "sampler": ("sampler", str), "emission": ("emission", str),
     "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
     "tumour_class": ("tumour_class", int), "checkpoint": ("checkpoint", str),
-    "field_weight": ("field_weight", (float, str)),
+    "field_weight": ("field_weight", (float, str)), "prior": ("prior", str),
 }
+# settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
+# packaged prior, is a name)
+PATH_KEYS = ("checkpoint", "prior")
 SWEEP_MODES = ("product", "zip")
 COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
            "sdice_2mm", "vol_true_ml", "vol_mean_ml", "vol_lower_ml", "vol_upper_ml", "covered",
@@ -229,7 +232,19 @@ def _variants(path, model, mode) -> list[dict]:
         rows = [tuple(v[i] if len(v) > 1 else v[0] for v in axes.values()) for i in range(n)]
     else:
         rows = list(itertools.product(*axes.values()))
-    return [dict(zip(names, row)) for row in rows]
+    return [_resolve_paths(path, dict(zip(names, row))) for row in rows]
+
+
+def _resolve_paths(path, variant: dict) -> dict:
+    from vbseg.population import PACKAGED_PRIORS
+
+    for key in PATH_KEYS:
+        if key in variant and not (key == "prior" and variant[key] in PACKAGED_PRIORS):
+            target = (path.parent / variant[key]).resolve()
+            if not target.is_file():
+                raise InputError(path, f"[model] {key}: {target} not found")
+            variant[key] = str(target)
+    return variant
 
 
 def load_experiment(path) -> Experiment:
@@ -280,6 +295,14 @@ def _check_variant(path, variant, cases):
     from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options
 
     kwargs = segment_kwargs(variant)
+    if "prior" in kwargs:  # the prior fixes classes, beta and emissions; its file must load
+        from vbseg.population import resolve_prior
+
+        try:
+            resolve_prior(kwargs["prior"])
+        except InputError as error:
+            raise InputError(path, f"[model] prior: {error}") from None
+        return
     for modalities in {tuple(case.get("modalities", ["pet"])) for case in cases}:
         modalities = list(modalities)
         try:
