@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vbseg.inference.gibbs import chain_diagnostics, sample_labels
+from vbseg.inference.swendsen_wang import swendsen_wang_sweep
 from vbseg.models.potts import class_softmax, neighbour_sum, potts_statistic
 
 # Upper end of beta's uniform prior, in units where the nearest neighbours weigh 1. Far above
@@ -174,9 +175,9 @@ def _start_labels(key, roi, num_classes, chain):
 
 
 @partial(jax.jit, static_argnames=("num_classes", "num_chains", "num_sweeps", "burn_in",
-                                   "sample_proportions"))
+                                   "sample_proportions", "sampler"))
 def _simulate_statistic(key, betas, roi, weights, prior_unary, concentration, *, num_classes,
-                        num_chains, num_sweeps, burn_in, sample_proportions):
+                        num_chains, num_sweeps, burn_in, sample_proportions, sampler="gibbs"):
     dtype = prior_unary.dtype
 
     def chain(beta, chain_key, index):
@@ -186,7 +187,11 @@ def _simulate_statistic(key, betas, roi, weights, prior_unary, concentration, *,
         def sweep(carry, sweep_key):
             labels, log_pi = carry
             label_key, pi_key = jax.random.split(sweep_key)
-            labels = sample_labels(label_key, labels, prior_unary + log_pi, beta, weights, roi)
+            if sampler == "sw":
+                labels = swendsen_wang_sweep(label_key, labels, beta, weights, roi,
+                                             prior_unary + log_pi)
+            else:
+                labels = sample_labels(label_key, labels, prior_unary + log_pi, beta, weights, roi)
             onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
             if sample_proportions:
                 counts = jnp.sum(onehot, axis=(0, 1, 2))
@@ -208,7 +213,7 @@ def _simulate_statistic(key, betas, roi, weights, prior_unary, concentration, *,
 
 def statistic_path(key, betas, roi, weights, *, num_classes, prior_unary=None,
                    sample_proportions=False, concentration=1.0, num_chains=4, num_sweeps=400,
-                   burn_in=200) -> StatisticPath:
+                   burn_in=200, sampler="gibbs") -> StatisticPath:
     """Simulate E[S | beta] for each beta of ``betas`` (which must start at 0).
 
     Under the prior p(z | beta) ∝ exp(sum_v e_v(z_v) + beta S(z)) on the ROI, with e the fixed
@@ -217,7 +222,15 @@ def statistic_path(key, betas, roi, weights, *, num_classes, prior_unary=None,
     :mod:`vbseg.models.potts` with learned proportions), so the path is d log Z(beta) / d beta
     of that model. Checkerboard Gibbs (:func:`~vbseg.inference.gibbs.sample_labels`), chains
     vectorised, betas in sequence.
+
+    ``sampler="sw"`` draws the labels by Swendsen-Wang sweeps instead
+    (:func:`~vbseg.inference.swendsen_wang.swendsen_wang_sweep`, cluster labels from the summed
+    unary, exact for the field and the sampled proportions alike): far better mixing near and
+    above the critical coupling, where Gibbs chains from ordered and disordered starts do not
+    meet (see ``r_hat``), at 1.3-2x the time of a Gibbs sweep.
     """
+    if sampler not in ("gibbs", "sw"):
+        raise ValueError(f"sampler must be 'gibbs' or 'sw', got {sampler!r}")
     betas = np.asarray(betas, np.float64)
     if betas.ndim != 1 or betas[0] != 0.0 or np.any(np.diff(betas) <= 0):
         raise ValueError("betas must increase strictly from 0")
@@ -228,7 +241,7 @@ def statistic_path(key, betas, roi, weights, *, num_classes, prior_unary=None,
         key, jnp.asarray(betas, jnp.float32), roi, jnp.asarray(weights, jnp.float32),
         jnp.asarray(prior_unary, jnp.float32), jnp.float32(concentration),
         num_classes=num_classes, num_chains=num_chains, num_sweeps=num_sweeps, burn_in=burn_in,
-        sample_proportions=sample_proportions), np.float64)
+        sample_proportions=sample_proportions, sampler=sampler), np.float64)
     diagnostics = [chain_diagnostics(d) for d in draws]
     # a statistic that never moved has zero spread: its mean is exact for these draws
     ess = np.array([d["ess"] if d["ess"] is not None else d["chains"] * d["draws_per_chain"]
