@@ -163,3 +163,32 @@ def test_bad_field_inputs_get_one_line(phantom_with_maps, tmp_path):
     ct_first = main_cli("segment", paths["ct"], paths["pet"], "--modality", "ct,pet", "--model",
                         "deep-potts", "--out", tmp_path / "out")
     assert ct_first.returncode == 2 and "needs the first image to be PET" in ct_first.stderr
+
+
+def test_deep_models_run_through_segment_with_the_packaged_network(phantom_with_maps, tmp_path):
+    """deep-potts (packaged PET network's logits, learned weight) and the deep-uncertainty
+    baselines write the usual outputs; a checkpoint for other inputs and an ensemble of one
+    are refused with one line."""
+    from vbseg.models.deep import packaged_checkpoint
+
+    phantom, paths, _ = phantom_with_maps
+    data_only = dice(_fit(paths).contour(0.5), phantom.truth)
+    deep = segment([paths["pet"]], tmp_path / "deep", model="deep-potts", volume_draws=200)
+    assert (tmp_path / "deep" / "summary.json").is_file()
+    record = deep.summary["options"]["prior_log_odds"]
+    assert record["source"] == "network" and record["checkpoint"].endswith("deep_pet.eqx")
+    assert deep.summary["parameters"]["field_weight"] >= 0.0
+    assert "network" in deep.summary["timings_s"]
+    # the packaged network finds this sphere (in-distribution for it), so the prior must not hurt
+    assert dice(deep.contour(0.5), phantom.truth) >= data_only - 0.02
+    dropout = segment([paths["pet"]], None, model="mc-dropout", volume_draws=200)
+    assert 0.0 <= dropout.probability.min() and dropout.probability.max() <= 1.0
+    assert "MC dropout" in dropout.volume_method
+    for extra, message in (
+        (["--model", "cnn-ensemble"], "needs a checkpoint with >= 2 members"),
+        (["--model", "deep-potts", "--checkpoint", packaged_checkpoint(("pet", "ct"))],
+         "checkpoint expects"),
+    ):
+        result = main_cli("segment", paths["pet"], "--out", tmp_path / "bad", *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

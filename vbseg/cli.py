@@ -1,4 +1,5 @@
-"""Command-line front end: ``vbseg segment | demo | phantom | experiment | convert``.
+"""Command-line front end: ``vbseg segment | demo | phantom | experiment | convert | fit-prior |
+train``.
 
 The only module that prints or exits. A user's mistake (a bad file, option or output path)
 is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
@@ -226,6 +227,21 @@ def _run_experiment(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train the 3D U-Net (deep prior) from a TOML config")
+    p.add_argument("config", help="training config (TOML; see vbseg/training.py, experiments/train_*.toml)")
+    p.add_argument("--out", default=None, help="checkpoint to write, PATH.eqx plus PATH.json "
+                                               "(default results/<config name>.eqx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+
+def _run_train(args) -> None:
+    from vbseg.training import train_from_config
+
+    out = train_from_config(args.config, args.out, overwrite=args.overwrite, progress=print)
+    print(f"checkpoint written to {out} (+ {out.with_suffix('.json').name})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -235,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(sub)
     _add_convert(sub)
     _add_fit_prior(sub)
+    _add_train(sub)
     return parser
 
 
@@ -378,7 +395,7 @@ def main(argv=None) -> int:
         enable_compilation_cache()
         commands = {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom,
                     "experiment": _run_experiment, "convert": _run_convert,
-                    "fit-prior": _run_fit_prior}
+                    "fit-prior": _run_fit_prior, "train": _run_train}
         status = commands[args.command](args)
     except VbsegError as error:
         print(f"vbseg: error: {error}", file=sys.stderr)
