@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from benchmarks.bench_cohort import SHARED_INDEX, score
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.metrics import bootstrap_mean_ci, brier_score
 from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.volume import write_text_atomic
 
 METHODS = ("kspc", "cnn", "mc-dropout", "cnn-ensemble", "potts", "gp", "deep-potts", "deep-gp")
 NETWORK_METHODS = ("cnn", "mc-dropout", "cnn-ensemble", "deep-potts", "deep-gp")
@@ -61,15 +63,31 @@ PHANTOM_SPECS = (
 )
 PHANTOM_SEEDS = (101,)
 FOLDS = 3
+REPORT_ONLY = [False]  # --report-only: tables from the cached scores, nothing computed
 TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "train_pet.toml"
 
 
 def train_network(modalities, out: Path, *, seed: int, members: int, quick: bool, cases=None,
                   index=None) -> tuple[Path, dict]:
     """Train (the settings of experiments/train_pet.toml, modalities replaced) and save a
-    checkpoint; returns its path and the training record."""
-    from vbseg.models.deep import save_checkpoint
+    checkpoint; returns its path and the training record. A checkpoint already at ``out``
+    trained for the same modalities, members, seed and cases is reused (the work folder makes
+    the benchmark resumable)."""
+    from vbseg.models.deep import load_checkpoint, save_checkpoint
     from vbseg.training import load_settings, train
+
+    wanted_cases = sorted(c.name for c in cases) if cases else []
+    if out.is_file():
+        meta = load_checkpoint(out).meta
+        training = meta.get("training", {})
+        if (meta.get("modalities") == list(modalities) and meta.get("members") == members
+                and meta.get("seed") == seed and sorted(meta.get("real_cases", [])) == wanted_cases
+                and training.get("settings", {}).get("steps") is not None):
+            seconds = float(training.get("time_s", float("nan")))
+            return out, {"seconds": seconds, "seconds_per_member": seconds / members,
+                         "members": members, "steps": training["settings"]["steps"],
+                         "finetune_steps": training["settings"].get("finetune_steps"),
+                         "real_cases": wanted_cases, "reused": str(out)}
 
     settings = dataclasses.replace(load_settings(TRAIN_CONFIG), modalities=tuple(modalities),
                                    seed=seed, members=members,
@@ -84,6 +102,21 @@ def train_network(modalities, out: Path, *, seed: int, members: int, quick: bool
                  "members": members, "steps": settings.steps,
                  "finetune_steps": settings.finetune_steps,
                  "real_cases": checkpoint.meta.get("real_cases", [])}
+
+
+def cached(work: Path, key: str, compute, report_only=False):
+    """A case's scores from ``work/records/KEY.json`` if a finished run left them, else computed
+    and written (atomically), so an interrupted benchmark resumes case by case; with
+    ``report_only`` a case without scores is left out (None)."""
+    path = work / "records" / f"{key.replace(' ', '_').replace(':', '-')}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if report_only:
+        return None
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(value, default=float))
+    return value
 
 
 def run_methods(images, modalities, truth, spacing, checkpoint, progress, label, **voi) -> dict:
@@ -114,11 +147,18 @@ def phantom_records(checkpoint, folder: Path, specs, seeds, modalities, progress
     for name, spec in specs:
         for seed in seeds:
             phantom = make_phantom(spec, seed=seed)
-            paths = phantom.save(folder / f"{name.replace(' ', '_')}_{seed}")
-            images = [str(paths[m]) for m in modalities]  # the phantoms have PET and CT
-            rows = run_methods(images, modalities, phantom.truth,
-                               tuple(float(s) for s in phantom.pet.spacing), checkpoint, progress,
-                               f"{name} seed {seed}")
+
+            def compute(phantom=phantom, name=name, seed=seed):
+                paths = phantom.save(folder / "inputs" / f"{name.replace(' ', '_')}_{seed}")
+                images = [str(paths[m]) for m in modalities]  # the phantoms have PET and CT
+                return run_methods(images, modalities, phantom.truth,
+                                   tuple(float(s) for s in phantom.pet.spacing), checkpoint,
+                                   progress, f"{name} seed {seed}")
+
+            rows = cached(folder, f"phantom {'+'.join(modalities)} {name} {seed}", compute,
+                          REPORT_ONLY[0])
+            if rows is None:
+                continue
             records.append({"case": f"{name} seed {seed}", "methods": rows,
                             "true_ml_exact": phantom.volume_ml})
     return records
@@ -151,15 +191,19 @@ def fold_networks(index, modalities, folder: Path, members, quick, progress):
     return cases, folds, networks
 
 
-def real_records(cases, folds, networks, modalities, progress) -> list[dict]:
+def real_records(cases, folds, networks, modalities, folder: Path, progress) -> list[dict]:
     import nibabel as nib
 
     records = []
     for case, fold in zip(cases, folds):
         truth = np.asarray(nib.load(case.label).dataobj) > 0
         spacing = tuple(float(s) for s in nib.load(case.label).header.get_zooms()[:3])
-        rows = run_methods(list(case.images), modalities, truth, spacing, networks[fold][0],
-                           progress, f"{case.name} (fold {fold})")
+        rows = cached(folder, f"real {'+'.join(modalities)} {case.name}", lambda case=case, fold=fold,
+                      truth=truth, spacing=spacing: run_methods(
+                          list(case.images), modalities, truth, spacing, networks[fold][0],
+                          progress, f"{case.name} (fold {fold})"), REPORT_ONLY[0])
+        if rows is None:
+            continue
         records.append({"case": case.name, "fold": fold, "methods": rows})
     return records
 
@@ -222,8 +266,13 @@ def main(argv=None):
     parser.add_argument("--members", type=int, default=2, help="ensemble members per network")
     parser.add_argument("--quick", action="store_true",
                         help="one phantom, 20-step training, no real cases (smoke test)")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vbseg_bench_deep"),
+                        help="networks and per-case scores; a re-run reuses what is there")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the scores in --work (a partial run says so)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    REPORT_ONLY[0] = args.report_only
     from vbseg.cli import enable_compilation_cache
 
     enable_compilation_cache()
@@ -239,22 +288,23 @@ def main(argv=None):
               "modalities": modalities, "members": args.members,
               "command": "python -m benchmarks.bench_deep " + " ".join(argv or [])}
     sections = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        cases, folds, networks = fold_networks(index, modalities, folder, args.members, args.quick,
-                                               progress)
-        record["training"] = [r for _, r in networks]
-        records = phantom_records(networks[0][0], folder, specs, PHANTOM_SEEDS[:1], modalities,
-                                  progress)
+    folder = Path(args.work) / ("quick" if args.quick else "full")
+    folder.mkdir(parents=True, exist_ok=True)
+    cases, folds, networks = fold_networks(index, modalities, folder, args.members, args.quick,
+                                           progress)
+    record["training"] = [r for _, r in networks]
+    records = phantom_records(networks[0][0], folder, specs, PHANTOM_SEEDS[:1], modalities,
+                              progress)
+    summary = summarise(records)
+    record["phantoms"] = {"records": records, "summary": summary}
+    sections.append(table("Phantoms (PET; fold 0's network)", summary, records))
+    if cases:
+        records = real_records(cases, folds, networks, modalities, folder, progress)
         summary = summarise(records)
-        record["phantoms"] = {"records": records, "summary": summary}
-        sections.append(table("Phantoms (PET; fold 0's network)", summary, records))
-        if cases:
-            records = real_records(cases, folds, networks, modalities, progress)
-            summary = summarise(records)
-            record["real"] = {"records": records, "summary": summary}
-            sections.append(table(f"Sarcomas ({'+'.join(modalities)}; 3-fold by case)", summary,
-                                  records))
+        record["real"] = {"records": records, "summary": summary}
+        partial = "" if len(records) == len(cases) else f", PARTIAL: {len(records)} of {len(cases)} cases"
+        sections.append(table(f"Sarcomas ({'+'.join(modalities)}; 3-fold by case{partial})", summary,
+                              records))
     record["total_s"] = time.perf_counter() - started
     note = ("Training per member (synthetic pre-training + fine-tuning, "
             f"{record['training'][0]['steps']} steps): "

@@ -210,3 +210,20 @@ def test_packaged_checkpoints_load_and_match_their_modalities(modalities):
     for key in ("architecture", "seed", "members", "training", "real_cases", "vbseg_version"):
         assert key in loaded.meta
     assert packaged_checkpoint(("ct",)) is None and packaged_checkpoint(("pet", "mr")) is None
+
+
+@pytest.mark.parametrize("stem", ["train_pet", "train_pet_ct", "train_pet_ct_mr"])
+def test_shipped_training_configs_parse_and_match_their_checkpoints(stem):
+    """Each packaged checkpoint records the settings of the config that remakes it."""
+    from pathlib import Path
+
+    from vbseg.models.deep import load_checkpoint, packaged_checkpoint
+    from vbseg.training import load_settings
+
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(root / "experiments" / f"{stem}.toml")
+    meta = load_checkpoint(packaged_checkpoint(settings.modalities)).meta
+    recorded = meta["training"]["settings"]
+    for key in ("seed", "members", "steps", "finetune_steps", "batch_size", "learning_rate"):
+        assert recorded[key] == getattr(settings, key), key
+    assert meta["modalities"] == list(settings.modalities)
