@@ -164,7 +164,7 @@ def phantom_records(checkpoint, folder: Path, specs, seeds, modalities, progress
     return records
 
 
-def fold_networks(index, modalities, folder: Path, members, quick, progress):
+def fold_networks(index, modalities, folder: Path, members, quick, progress, num_folds=FOLDS):
     """(cases sorted by name, fold of each, [(checkpoint path, training record)] per fold);
     one synthetic-only network when the index is absent."""
     from vbseg.cases import read_cases
@@ -180,7 +180,7 @@ def fold_networks(index, modalities, folder: Path, members, quick, progress):
     loaded = [load_deep_case(c) for c in cases]
     folds = [i % FOLDS for i in range(len(cases))]
     networks = []
-    for fold in range(FOLDS):
+    for fold in range(num_folds):
         training = [d for d, f in zip(loaded, folds) if f != fold]
         path, record = train_network(modalities, folder / f"fold{fold}.eqx", seed=fold,
                                      members=members, quick=quick, cases=training, index=index)
@@ -196,6 +196,8 @@ def real_records(cases, folds, networks, modalities, folder: Path, progress) -> 
 
     records = []
     for case, fold in zip(cases, folds):
+        if fold >= len(networks):
+            continue
         truth = np.asarray(nib.load(case.label).dataobj) > 0
         spacing = tuple(float(s) for s in nib.load(case.label).header.get_zooms()[:3])
         rows = cached(folder, f"real {'+'.join(modalities)} {case.name}", lambda case=case, fold=fold,
@@ -268,6 +270,11 @@ def main(argv=None):
                         help="one phantom, 20-step training, no real cases (smoke test)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vbseg_bench_deep"),
                         help="networks and per-case scores; a re-run reuses what is there")
+    parser.add_argument("--part", default="all", choices=("all", "phantoms"),
+                        help="phantoms: only the phantom part (fold 0's network)")
+    parser.add_argument("--folds", type=int, default=FOLDS,
+                        help="train and score only the first N folds (a partial run, e.g. in "
+                             "parallel with one training the later folds)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the scores in --work (a partial run says so)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -291,7 +298,9 @@ def main(argv=None):
     folder = Path(args.work) / ("quick" if args.quick else "full")
     folder.mkdir(parents=True, exist_ok=True)
     cases, folds, networks = fold_networks(index, modalities, folder, args.members, args.quick,
-                                           progress)
+                                           progress, 1 if args.part == "phantoms" else args.folds)
+    if args.part == "phantoms":
+        cases = []
     record["training"] = [r for _, r in networks]
     records = phantom_records(networks[0][0], folder, specs, PHANTOM_SEEDS[:1], modalities,
                               progress)
