@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from vbseg.errors import InputError
-from vbseg.posterior import independent_label_draws
+from vbseg.records import independent_draws
 from vbseg.volume import load_map
 
 NETWORK_BASELINES = ("cnn", "mc-dropout", "cnn-ensemble")
@@ -114,19 +114,20 @@ def network_baseline(name, checkpoint, stack, observed, crop_voi, modalities, se
                   "the members, independent voxel labels from each member's map")
     run_s = time.perf_counter() - start
     maps = np.where(crop_voi, maps, 0.0).astype(np.float32)
-    probability = np.zeros(reference.shape, np.float32)
-    probability[bounds] = maps.mean(axis=0)
+
+    def on_grid(crop):
+        full = np.zeros(reference.shape, np.float32)
+        full[bounds] = crop
+        return full
+
+    probability = on_grid(maps.mean(axis=0))
     pet_first = modalities[0] == "pet"
-    voxel_ml = reference.voxel_volume_ml
-    weights = [np.full(int(crop_voi.sum()), voxel_ml)]
-    if pet_first:
-        weights.append(stack[..., 0][crop_voi] * voxel_ml)
-    weights = np.stack(weights, axis=1)
     per_map = -(-volume_draws // len(maps))
-    draws = np.concatenate([
-        independent_label_draws(m[crop_voi], weights, seed=seed + i, num_draws=per_map)
-        for i, m in enumerate(maps)])[:volume_draws]
+    pairs = [independent_draws(on_grid(m), reference, pet_first, seed + i, per_map)
+             for i, m in enumerate(maps)]
+    volume_draws_ml = np.concatenate([volume for volume, _ in pairs])[:volume_draws]
+    tlg_draws = np.concatenate([tlg for _, tlg in pairs])[:volume_draws] if pet_first else None
     parts = {"parameters": {"checkpoint": path, "members": len(network.models),
                             "maps": len(maps)},
              "timings_s": {"compile": 0.0, "run": run_s}, "method": method}
-    return probability, draws[:, 0], (draws[:, -1] if pet_first else None), parts
+    return probability, volume_draws_ml, tlg_draws, parts
