@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from vbseg.errors import InputError, OutputError
+from vbseg.metrics import dice
 from vbseg.models.deep import (
     CHECKPOINT_FORMAT,
     DeepCheckpoint,
@@ -248,12 +249,6 @@ def train(settings: TrainSettings, *, cases=None, progress=None) -> DeepCheckpoi
 
 # --- evaluation (recorded in the checkpoint; not a substitute for held-out benchmarks) ------
 
-def dice_score(prediction, truth) -> float:
-    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
-    total = prediction.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2.0 * (prediction & truth).sum() / total)
-
-
 def evaluate(checkpoint: DeepCheckpoint, real_cases=(), *, num_phantoms=3, seed=10_000,
              shape=(48, 48, 40)) -> dict:
     """Dice of ``network_logits > 0`` on fresh synthetic patches with at least one lesion (the
@@ -270,10 +265,10 @@ def evaluate(checkpoint: DeepCheckpoint, real_cases=(), *, num_phantoms=3, seed=
         if tumour.sum() < 8:
             continue
         logits = network_logits(checkpoint, stack, observed, modalities)
-        phantoms.append(dice_score((logits > 0) & valid, tumour))
+        phantoms.append(dice((logits > 0) & valid, tumour))
     real = {}
     for case in real_cases:  # inputs already in network space (the same map network_logits applies)
-        real[case.name] = dice_score(_logits_from_inputs(checkpoint, case.inputs) > 0, case.tumour)
+        real[case.name] = dice(_logits_from_inputs(checkpoint, case.inputs) > 0, case.tumour)
     return {"synthetic_dice": phantoms, "synthetic_mean_dice": float(np.mean(phantoms)),
             "real_dice": real, "real_mean_dice": float(np.mean(list(real.values()))) if real else None}
 
