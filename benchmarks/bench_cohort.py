@@ -4,11 +4,12 @@ For each held-out case the population prior (vbseg.models.cohort; empirical Baye
 vbseg.inference.empirical_bayes) is learned from the other cases only — class statistics and
 beta (their constrained per-case fits use each case alone, so they are computed once) — and
 the held-out case is contoured with it through ``vbseg.segment(..., prior=...)``. The prior's
-volume calibration uses the other cases' residuals log(V_manual / V_model) from one
-leave-one-out pass (case j contoured with the prior pooled from all but j). Those priors
-include the held-out case as one of 14 training cases, a small leak into the interval only
-(not into Dice or the probability map); ``vbseg fit-prior`` itself nests it properly, which
-would cost 14 more fits per fold here. Scored against the manual GTV on the first modality's
+volume-error model (vbseg.models.volume_error: located-or-missed mixture) uses the other
+cases' entries from one leave-one-out pass (case j contoured with the prior pooled from all
+but j: its volume, Dice, located or missed). Those priors include the held-out case as one of
+14 training cases, a small leak into the interval only (not into Dice or the probability
+map); ``vbseg fit-prior`` itself nests it properly, which would cost 14 more fits per fold
+here. Scored against the manual GTV on the first modality's
 grid: Dice of the 50 % contour, HD95, surface Dice at 2 mm, relative volume error, coverage, width and
 interval score of the 95 % volume interval, ECE over the VOI (the whole crop). Next to it, through
 ``vbseg.segment(model=...)`` on the same images: SUV >= 2.5, 40 % SUVmax and the unsupervised
@@ -16,7 +17,7 @@ hidden Potts model (K = 3, fused modalities, per-scan standardisation). Prior se
 the same prior with its between-patient spread widened x ``--widen`` (variance).
 Means carry percentile-bootstrap 95 % CIs over cases, and paired differences vs SUV >= 2.5.
 
-Regenerate (about 25 minutes on 2 busy cores):
+Regenerate (6 minutes on 2 cores, 17 when they are busy):
     python -m benchmarks.bench_cohort
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
@@ -41,14 +42,14 @@ from vbseg.metrics import (
     interval_score,
     surface_metrics,
 )
+from vbseg.models.volume_error import calibration_from_entries
 from vbseg.population import (
     DEFAULT_BACKGROUND_CLASSES,
     DEFAULT_TUMOUR_CLASSES,
-    calibration_from_residuals,
     case_statistics,
+    leave_one_out_entries,
     load_training_case,
     prior_from_statistics,
-    tumour_probability,
 )
 
 SHARED_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "cases.json"
@@ -167,24 +168,18 @@ def main(argv=None):
                                     num_background=DEFAULT_BACKGROUND_CLASSES)
     print(f"constrained fits of {len(cases)} cases: {time.perf_counter() - started:.0f} s", flush=True)
     # one leave-one-out pass: every case contoured with the prior pooled from the others,
-    # giving its volume residual log(V_manual / V_model)
+    # giving its volume-error entry (volumes, Dice, located or missed)
     names = [c.name for c in cases]
-    residuals = []
-    for i, case in enumerate(training):
-        prior = prior_from_statistics(stats[:i] + stats[i + 1:], names[:i] + names[i + 1:], modalities,
-                                      num_tumour=DEFAULT_TUMOUR_CLASSES)
-        probability, _ = tumour_probability(prior, case.features, case.observed, case.roi, case.spacing,
-                                            pad_shape=shapes[i])
-        residuals.append(float(np.log(case.true_ml / max(float(probability.sum()) * case.voxel_ml, 1e-3))))
-    print(f"leave-one-out residual pass: {time.perf_counter() - started:.0f} s", flush=True)
+    entries = leave_one_out_entries(training, stats, shapes, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES,
+                                    progress=lambda text: print(text, flush=True))
+    print(f"leave-one-out calibration pass: {time.perf_counter() - started:.0f} s", flush=True)
     records = []
     for i in held_out:
         others = [j for j in range(len(cases)) if j != i]
         prior = prior_from_statistics(
             [stats[j] for j in others], [names[j] for j in others], modalities,
             num_tumour=DEFAULT_TUMOUR_CLASSES,
-            calibration=calibration_from_residuals([residuals[j] for j in others],
-                                                   [names[j] for j in others]))
+            calibration=calibration_from_entries([entries[j] for j in others]))
         rows = run_case(cases[i], prior, modalities, widen, baselines,
                         lambda text: print(text, flush=True), unsupervised=not args.quick)
         records.append({"case": cases[i].name, "methods": rows})

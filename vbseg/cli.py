@@ -153,6 +153,7 @@ def _add_fit_prior(sub):
 
 
 def _run_fit_prior(args) -> None:
+    from vbseg.models.volume_error import describe
     from vbseg.population import fit_prior
 
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
@@ -160,10 +161,8 @@ def _run_fit_prior(args) -> None:
     prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
                       num_background=args.background_classes, overwrite=args.overwrite,
                       attribution=args.attribution, progress=print)
-    calibration = prior.volume_calibration
     print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); beta {prior.beta:.2f}; "
-          + (f"volume log-ratio {calibration['log_ratio_mean']:+.2f} +- {calibration['log_ratio_sd']:.2f}"
-             if calibration else "no volume calibration (< 3 cases)") + f"; written to {args.out}")
+          f"{describe(prior.volume_calibration)}; written to {args.out}")
 
 
 def _add_convert(sub):

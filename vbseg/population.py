@@ -8,14 +8,12 @@ those fits and turns the result into a :class:`~vbseg.posterior.Posterior`.
 **Volume interval.** The mean-field marginals give volume draws from independent voxels,
 whose spread (a few mL) ignores what dominates the error on real scans: the systematic
 difference between the model's tumour and the expert's (the GTV follows the anatomical mass,
-not uptake). The prior therefore also carries, learned at fit time by leave-one-out over its
-training cases (case j contoured with the prior pooled from the others), the residuals
-r_j = log(V_manual,j / V_model,j). With n residuals of mean rbar and sd s, the predictive
-for a new patient under a normal model with the Jeffreys prior is
-log V = log V_model + rbar + s sqrt(1 + 1/n) t_{n-1}, so each independent-voxel draw is
-multiplied by exp(rbar + s sqrt(1 + 1/n) t), t a Student-t draw (TLG draws by the same
-factor). Priors learned from fewer than three cases carry no calibration and keep the
-independent-voxel draws. The probability map (and so every contour) is not changed by it.
+not uptake), and the odd case where the model contours something else. The prior therefore
+also carries a volume-error model learned at fit time by leave-one-out over its training
+cases (case j contoured with the prior pooled from the others): the located-or-missed mixture
+of :mod:`vbseg.models.volume_error`. Priors learned from fewer than three cases carry no
+calibration and keep the independent-voxel draws. The probability map (and so every contour)
+is not changed by it.
 """
 
 from __future__ import annotations
@@ -48,10 +46,16 @@ from vbseg.models.cohort import (
     to_features,
 )
 from vbseg.models.potts import neighbour_weights
+from vbseg.models.volume_error import METHOD as CALIBRATED_METHOD
+from vbseg.models.volume_error import (
+    MIN_CALIBRATION_CASES,
+    calibrated_draws,
+    calibration_entry,
+    calibration_from_entries,
+)
 
 DEFAULT_TUMOUR_CLASSES = 2
 DEFAULT_BACKGROUND_CLASSES = 4
-MIN_CALIBRATION_CASES = 3
 PACKAGED_PRIORS = {"sarcoma": "sarcoma_prior_pet_ct_mr.json"}
 FIT_METHOD = (
     "empirical Bayes (vbseg.inference.empirical_bayes): per training case a hidden Potts fit "
@@ -61,7 +65,7 @@ FIT_METHOD = (
     "by moments: population mean = mean of case means, spread = between-case variance minus "
     f"sampling variance, floored at {SPREAD_FLOOR_SD}^2 and times (1 + 1/n) ({WEAK_SPREAD_SD}^2 "
     "with < 2 cases), noise = count-weighted within-case variance, beta = median; volume "
-    "calibration from leave-one-out log volume ratios over the training cases")
+    "error model (located-or-missed mixture) from leave-one-out over the training cases")
 
 
 class TrainingCase(NamedTuple):
@@ -209,14 +213,26 @@ def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing,
     return probability.astype(np.float32), record
 
 
-def calibration_from_residuals(residuals, names) -> dict | None:
-    residuals = np.asarray(residuals, np.float64)
-    if residuals.size < MIN_CALIBRATION_CASES:
-        return None
-    return {"log_ratio_mean": float(residuals.mean()), "log_ratio_sd": float(residuals.std(ddof=1)),
-            "n": int(residuals.size), "residuals": residuals.tolist(), "cases": list(names),
-            "definition": "r = log(V_manual / V_model), V_model = sum of P(tumour) x voxel volume, "
-                          "case contoured with the prior pooled from the other training cases"}
+def leave_one_out_entries(training: list[TrainingCase], stats, shapes, modalities, *, num_tumour,
+                          neighbourhood=6, progress=None) -> list[dict]:
+    """Each training case contoured with the prior pooled from the others' statistics: its
+    :func:`~vbseg.models.volume_error.calibration_entry` (volumes, Dice, located, SUVmean)."""
+    names = [t.name for t in training]
+    entries = []
+    for j, case in enumerate(training):
+        held_out = prior_from_statistics(stats[:j] + stats[j + 1:], names[:j] + names[j + 1:], modalities,
+                                         num_tumour=num_tumour, neighbourhood=neighbourhood)
+        probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
+                                            case.spacing, pad_shape=shapes[j])
+        # PET features are log(max(SUV, 0.1)): exp gives SUV back inside any GTV
+        suv = np.exp(case.features[..., 0]) if modalities[0] == "pet" else None
+        entries.append(calibration_entry(case.name, probability, case.tumour, case.voxel_ml, suv))
+        if progress:
+            e = entries[-1]
+            verdict = "located" if e["located"] else "missed"
+            progress(f"calibration {case.name}: manual {e['manual_ml']:.1f} mL, model "
+                     f"{e['model_ml']:.1f} mL, Dice {e['dice50']:.2f} ({verdict})")
+    return entries
 
 
 def fit_population_prior(training: list[TrainingCase], modalities, *,
@@ -236,18 +252,9 @@ def fit_population_prior(training: list[TrainingCase], modalities, *,
     names = [t.name for t in training]
     calibration = None
     if calibrate and len(training) >= MIN_CALIBRATION_CASES:
-        residuals = []
-        for j, case in enumerate(training):
-            others = [s for i, s in enumerate(stats) if i != j]
-            held_out = prior_from_statistics(others, names[:j] + names[j + 1:], modalities,
-                                             num_tumour=num_tumour, neighbourhood=neighbourhood)
-            probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
-                                                case.spacing, pad_shape=shapes[j])
-            estimate = max(float(probability.sum()) * case.voxel_ml, 1e-3)
-            residuals.append(np.log(case.true_ml / estimate))
-            if progress:
-                progress(f"calibration {case.name}: manual {case.true_ml:.1f} mL, model {estimate:.1f} mL")
-        calibration = calibration_from_residuals(residuals, names)
+        calibration = calibration_from_entries(leave_one_out_entries(
+            training, list(stats), shapes, modalities, num_tumour=num_tumour,
+            neighbourhood=neighbourhood, progress=progress))
     return prior_from_statistics(stats, names, modalities, num_tumour=num_tumour,
                                  neighbourhood=neighbourhood, case_index=case_index,
                                  calibration=calibration)
@@ -274,23 +281,6 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
     if out is not None:
         prior.save(out)
     return prior
-
-
-def calibrated_draws(volume_draws, tlg_draws, calibration, seed):
-    """Multiply draws by exp(rbar + s sqrt(1 + 1/n) t_{n-1}) (module doc)."""
-    if calibration is None:
-        return volume_draws, tlg_draws
-    rng = np.random.default_rng(seed + 7919)
-    n = calibration["n"]
-    t = rng.standard_t(n - 1, size=np.shape(volume_draws))
-    factor = np.exp(calibration["log_ratio_mean"] + calibration["log_ratio_sd"] * np.sqrt(1 + 1 / n) * t)
-    return volume_draws * factor, (None if tlg_draws is None else tlg_draws * factor)
-
-
-CALIBRATED_METHOD = (
-    "independent voxel draws from the mean-field marginals, each multiplied by the prior's "
-    "between-patient volume error exp(rbar + s sqrt(1 + 1/n) t_(n-1)) learned by leave-one-out "
-    "over its training cases (vbseg.population)")
 
 
 def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, box=None,
@@ -337,7 +327,8 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
     probability[bounds] = crop_probability
     pet_first = modalities[0] == "pet"
     raw_volumes, raw_tlg = independent_draws(probability, reference, pet_first, seed, volume_draws)
-    volume_draws_ml, tlg_draws = calibrated_draws(raw_volumes, raw_tlg, prior.volume_calibration, seed)
+    volume_draws_ml, tlg_draws, missed_fraction = calibrated_draws(
+        raw_volumes, raw_tlg, prior.volume_calibration, seed, contour_empty=not (probability >= 0.5).any())
     method = CALIBRATED_METHOD if prior.volume_calibration else INDEPENDENT_DRAWS_METHOD
     summary = {
         "model": "potts+population_prior",
@@ -360,7 +351,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
             "class_sds_features": record["class_sds_features"],
             "class_proportions": record["class_proportions"],
             "beta": prior.beta,
-            "volume_calibration": ({k: v for k, v in prior.volume_calibration.items() if k != "residuals"}
+            "volume_calibration": ({k: v for k, v in prior.volume_calibration.items() if k != "entries"}
                                    if prior.volume_calibration else None),
             "units": "feature space (see options.feature_transforms)",
         },
@@ -372,7 +363,8 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
                         "voi_bounds": [[s.start, s.stop] for s in bounds],
                         "uncalibrated_volume_ml": {"mean": float(np.mean(raw_volumes)),
                                                    "lower": float(np.quantile(raw_volumes, 0.025)),
-                                                   "upper": float(np.quantile(raw_volumes, 0.975))}},
+                                                   "upper": float(np.quantile(raw_volumes, 0.975))},
+                        "volume_draws_from_missed_component": missed_fraction},
         "timings_s": record["timings"],
         **provenance(images, modalities, roi, seed, volumes),
     }

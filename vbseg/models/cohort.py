@@ -45,9 +45,10 @@ import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.models.potts import NormalGammaPrior
+from vbseg.models.volume_error import check_calibration
 from vbseg.volume import write_text_atomic
 
-PRIOR_FORMAT = "vbseg-population-prior/1"
+PRIOR_FORMAT = "vbseg-population-prior/2"
 COHORT_MODALITIES = ("pet", "ct", "mr")
 PET_SUV_FLOOR = 0.1
 CT_HU_RANGE = (-1000.0, 1500.0)
@@ -105,8 +106,8 @@ class PopulationPrior:
         concentration: Dirichlet strength of the proportions' prior (sum of its parameters).
         beta: Potts coupling (median over training cases of the pseudo-likelihood estimate).
         neighbourhood: 6 or 26.
-        volume_calibration: None or {"log_ratio_mean", "log_ratio_sd", "n", "residuals", ...}:
-            leave-one-out residuals log(V_manual / V_model) over the training cases.
+        volume_calibration: None or the located-or-missed volume-error mixture learned by
+            leave-one-out over the training cases (:mod:`vbseg.models.volume_error`).
         cases: names of the training cases; case_index: the CASES.json they came from.
         spread_scale: multiplies spread_var when the prior is used (sensitivity analyses).
         per_case: per training case class means (K, M), noise variances and proportions.
@@ -147,6 +148,7 @@ class PopulationPrior:
             raise ValueError(f"class_names: {len(self.class_names)} names for {shape[0]} classes")
         if not self.transforms:
             self.transforms = {m: TRANSFORMS[m] for m in self.modalities if m in TRANSFORMS}
+        check_calibration(self.volume_calibration)
 
     @property
     def num_classes(self) -> int:
@@ -190,8 +192,11 @@ class PopulationPrior:
     @classmethod
     def from_dict(cls, record: dict) -> PopulationPrior:
         record = dict(record)
-        if record.pop("format", None) != PRIOR_FORMAT:
-            raise ValueError(f"not a {PRIOR_FORMAT} record")
+        found = record.pop("format", None)
+        if found != PRIOR_FORMAT:
+            older = isinstance(found, str) and found.startswith(PRIOR_FORMAT.split("/")[0] + "/")
+            raise ValueError(f"format {found!r}, written by another vbseg: learn it again with "
+                             "vbseg fit-prior" if older else f"not a {PRIOR_FORMAT} record")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(record) - names
         if unknown:
