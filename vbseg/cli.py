@@ -133,6 +133,13 @@ def _add_segment(sub):
     p.add_argument("--field-weight", default="auto",
                    help="weight of the log-odds map: 'auto' (learned from the image, default) or "
                         "a number >= 0")
+    p.add_argument("--intensity-field", default=None,
+                   help="fit a smooth GP intensity field with the labels (potts, deep-potts): 'all' "
+                        "adds it to every class's mean in the first image (an MR bias field), "
+                        "'tumour' to the tumour class's (heterogeneous uptake); writes "
+                        "intensity_field.nii.gz")
+    p.add_argument("--intensity-lengthscale", type=float, default=None, metavar="MM",
+                   help="its length-scale in mm (default 60; keep it well above the lesion size)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -285,6 +292,8 @@ def _segment_kwargs(args) -> dict:
         prior=args.prior,
         checkpoint=args.checkpoint,
         external_field=args.external_field,
+        intensity_field=args.intensity_field,
+        intensity_lengthscale_mm=args.intensity_lengthscale,
         field_weight=_weight(args.field_weight),
     )
 

@@ -44,6 +44,7 @@ class FitOutcome(NamedTuple):
     class_weighted: np.ndarray | None = None  # (C, S, K) sampler: sum of count weights
     beta: float | None = None  # the coupling used (learned when beta was estimated)
     field_weight: float | None = None  # the external field's weight gamma (learned or given)
+    intensity: np.ndarray | None = None  # (X, Y, Z) GP intensity field, standardised units
 
 
 def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
 def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
               relative_precision=None, neighbourhood=6, beta_estimator="fixed",
               emission="gaussian", dof=DEFAULT_STUDENT_DOF, external_field=None,
-              learn_field_weight=False, field_weight=1.0) -> FitOutcome:
+              learn_field_weight=False, field_weight=1.0, intensity=None) -> FitOutcome:
     """Mean-field fit on a bucket-padded crop (compile timed apart from run).
 
     Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
@@ -71,7 +72,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     ``external_field`` (X, Y, Z, K) prior log-potentials (e.g. a network's logits on the tumour
     class) enter with weight ``field_weight``, learned by pseudo-likelihood with
     ``learn_field_weight`` (:func:`vbseg.inference.beta.estimate_coupling_pl`); the PSF fit
-    keeps the weight the PSF-free fit ended with.
+    keeps the weight the PSF-free fit ended with. ``intensity``: an
+    :class:`~vbseg.inference.intensity_field.IntensityFieldSpec` (PSF-free fit only).
     """
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
               jnp.asarray(_pad_to_bucket(observed, False)),
@@ -85,7 +87,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
                                                                    jnp.float32(field_weight)),
                                                 num_classes=num_classes,
                                                 beta_estimator=beta_estimator, emission=emission,
-                                                dof=float(dof), learn_field_weight=learn_field_weight)
+                                                dof=float(dof), learn_field_weight=learn_field_weight,
+                                                intensity=intensity)
     iterations = int(result.num_iterations)
     diagnostics = {
         "converged": bool(result.converged),
@@ -112,6 +115,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
             _class_scales(result.emission),
             alpha / alpha.sum(), np.asarray(result.elbo_trace)[:iterations],
             diagnostics, {"compile": compile_s, "run": run_s}, beta=beta, field_weight=gamma,
+            intensity=None if intensity is None else np.asarray(result.intensity),
         )
     if relative_precision is None:
         relative_precision = np.ones(features.shape, np.float32)

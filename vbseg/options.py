@@ -41,17 +41,23 @@ DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts", "gp") + DEEP_MODELS + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
+# --intensity-field: which classes' first-modality mean carries a GP field
+# (vbseg.inference.intensity_field): every class (a bias field) or the tumour class
+INTENSITY_FIELDS = ("all", "tumour")
 
 
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
                   tumour_class, volume_draws, neighbourhood=6, psf_fwhm_mm=None,
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
                   dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
-                  external_field=None, field_weight="auto"):
+                  external_field=None, field_weight="auto", intensity_field=None,
+                  intensity_lengthscale_mm=None):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
     InputError names the option."""
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
+                     covariance)
     if model in BASELINES and "pet" not in modalities:
         raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
     if model in ("gp", "deep-gp"):
@@ -122,6 +128,30 @@ def _check_field(model, modalities, tumour_class, checkpoint, external_field, fi
     if model == "deep-gp" and field_weight != "auto":
         raise InputError("--field-weight", "the GP fit learns the weight; a fixed weight applies "
                                            "to Potts models")
+
+
+def _check_intensity(model, intensity_field, lengthscale_mm, psf_fwhm_mm, sampler, emission,
+                     covariance):
+    """The GP intensity field lives in the PSF-free mean-field fit with Gaussian diagonal
+    emissions (:mod:`vbseg.inference.intensity_field`)."""
+    if intensity_field is None:
+        if lengthscale_mm is not None:
+            raise InputError("--intensity-lengthscale", "goes with --intensity-field")
+        return
+    if intensity_field not in INTENSITY_FIELDS:
+        raise InputError("--intensity-field", f"must be one of {', '.join(INTENSITY_FIELDS)}, "
+                                              f"got {intensity_field!r}")
+    if model not in ("potts", "deep-potts"):
+        raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {model}")
+    if lengthscale_mm is not None and (isinstance(lengthscale_mm, str) or not np.isfinite(lengthscale_mm)
+                                       or lengthscale_mm <= 0):
+        raise InputError("--intensity-lengthscale", f"must be a number of mm > 0, got {lengthscale_mm!r}")
+    for flag, used in (("--psf-fwhm", psf_fwhm_mm is not None), ("--sampler gibbs", sampler == "gibbs"),
+                       ("--emission", emission != "gaussian"), ("--covariance", covariance != "diagonal")):
+        if used:
+            raise InputError("--intensity-field", f"cannot be combined with {flag}: the field is fitted "
+                                                  "in the PSF-free mean-field model with Gaussian "
+                                                  "diagonal emissions")
 
 
 def _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance):

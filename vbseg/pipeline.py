@@ -29,6 +29,7 @@ from vbseg.deep_segment import (
 )
 from vbseg.errors import InputError
 from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
+from vbseg.inference.intensity_field import DEFAULT_LENGTHSCALE_MM, INTENSITY_FILE, IntensityFieldSpec
 from vbseg.map_segment import baseline_posterior
 from vbseg.models.emissions import describe_emission, log_transform_pet
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
@@ -55,6 +56,7 @@ from vbseg.volume import (
     load_volume,
     parse_box,
     resample_onto,
+    save_nifti,
 )
 
 FIELD_LEARNED_TEXT = (
@@ -166,6 +168,8 @@ def segment(
     checkpoint=None,
     external_field=None,
     field_weight: float | str = "auto",
+    intensity_field: str | None = None,
+    intensity_lengthscale_mm: float | None = None,
 ) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
@@ -209,6 +213,11 @@ def segment(
             network's logits as this map.
         field_weight: "auto" (learned: pseudo-likelihood in variational EM for Potts, from 0,
             the data-only fit; a learned weight in the GP fit) or a fixed weight >= 0 (Potts).
+        intensity_field: "all" or "tumour": a smooth GP field added to the first image's mean
+            of every class (a bias field) or of the tumour class (heterogeneous uptake), fitted
+            with the labels (:mod:`vbseg.inference.intensity_field`; Matern 5/2, separable,
+            length-scale ``intensity_lengthscale_mm``, default 60 mm); saved as
+            intensity_field.nii.gz in the first image's units (log units for log-normal PET).
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -231,11 +240,14 @@ def segment(
                   volume_draws=volume_draws, neighbourhood=neighbourhood,
                   psf_fwhm_mm=psf_fwhm_mm, pet_noise=pet_noise, sampler=sampler,
                   emission=emission, covariance=covariance, dof=dof, roi=roi, box=box,
-                  checkpoint=checkpoint, external_field=external_field, field_weight=field_weight)
+                  checkpoint=checkpoint, external_field=external_field, field_weight=field_weight,
+                  intensity_field=intensity_field, intensity_lengthscale_mm=intensity_lengthscale_mm)
     learn_beta = beta == "auto"
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
-        check_outputs(out, output_names(levels_percent), images + ([roi] if roi else []), overwrite)
+        extra = [INTENSITY_FILE] if intensity_field is not None else []
+        check_outputs(out, output_names(levels_percent) + extra, images + ([roi] if roi else []),
+                      overwrite)
 
     volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
                                                                            series_uid)
@@ -281,6 +293,13 @@ def segment(
         field_class = num_classes - 1 if tumour_class is None else int(tumour_class)
         field = tumour_field(prior_logit, num_classes, field_class)
     learn_weight = field is not None and field_weight == "auto"
+    intensity = None
+    if intensity_field is not None:
+        tumour_in_fit = num_classes - 1 if tumour_class is None else int(tumour_class)
+        intensity = IntensityFieldSpec(
+            classes=tuple(range(num_classes)) if intensity_field == "all" else (tumour_in_fit,),
+            spacing_mm=reference.spacing,
+            lengthscale_mm=intensity_lengthscale_mm or DEFAULT_LENGTHSCALE_MM)
     fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
                     beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
                     relative_precision=precision, neighbourhood=neighbourhood,
@@ -288,7 +307,8 @@ def segment(
                     emission="full" if covariance == "full" else
                     ("student" if emission == "student" else "gaussian"), dof=dof,
                     external_field=field, learn_field_weight=learn_weight,
-                    field_weight=0.0 if learn_weight or field is None else float(field_weight))
+                    field_weight=0.0 if learn_weight or field is None else float(field_weight),
+                    intensity=intensity)
     if model in FIELD_MODELS:
         fit.timings["network"] = network_s  # the forward pass, its compile included
     beta_used = fit.beta
@@ -395,6 +415,21 @@ def segment(
         "timings_s": fit.timings,
         **provenance(images, modalities, roi, seed, volumes),
     }
-    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
-                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=volume_method,
-                           tlg_draws=tlg_draws if pet_first else None, summary=summary)
+    field_map = None
+    if intensity is not None:
+        field_map = np.zeros(reference.shape, np.float32)
+        field_map[bounds] = np.where(crop_voi, fit.intensity[: shape[0], : shape[1], : shape[2]]
+                                     * scales[0], 0.0)
+        summary["options"]["intensity_field"] = intensity.describe(intensity_field, scales[0], log_flags[0])
+        values = field_map[voi]
+        summary["parameters"]["intensity_field"] = {
+            "min": float(values.min()), "max": float(values.max()), "sd": float(values.std()),
+            "units": "log of the first image's units" if log_flags[0] else "the first image's units",
+            "file": INTENSITY_FILE}
+    posterior = saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
+                                voi=voi, volume_draws_ml=volume_draws_ml, volume_method=volume_method,
+                                tlg_draws=tlg_draws if pet_first else None, summary=summary)
+    if out is not None and field_map is not None:
+        save_nifti(os.path.join(out, INTENSITY_FILE), field_map, reference.affine)
+    return posterior
+

@@ -40,7 +40,7 @@ DEFAULT_STUDENT_DOF = 4.0
 
 
 def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPrior,
-                        tied: bool = True, precision_weights=None) -> NormalGammaPrior:
+                        tied: bool = True, precision_weights=None, offset=None) -> NormalGammaPrior:
     """Conjugate Normal-Gamma posterior per (class, modality) with soft counts q_v(k).
 
     With r_v = q_v(k) [v observed in m] u_vk: n = sum_v r_v, ybar = sum r y / n,
@@ -52,10 +52,12 @@ def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPri
                  a' = a0 + sum_k c_k / 2,  b' = b0 + sum_k [s_k + kappa0 n_k (ybar_k - m0)^2 / kappa'_k] / 2,
     the tied values repeated on every class row. All fields are (K, M). ``precision_weights``
     u_vk (X, Y, Z, K) scale each voxel's precision (E[u] of the Student-t scale mixture); by
-    default 1, and then n = c.
+    default 1, and then n = c. ``offset`` (X, Y, Z, K, M), if given, is subtracted from the
+    observations class by class (a GP intensity field on some classes,
+    :mod:`vbseg.inference.intensity_field`).
     """
     weight = marginals[..., :, None] * observed[..., None, :]  # (X, Y, Z, K, M)
-    y = observations[..., None, :]
+    y = observations[..., None, :] if offset is None else observations[..., None, :] - offset
     axes = (0, 1, 2)
     count = jnp.sum(weight, axis=axes)
     if precision_weights is not None:
@@ -79,10 +81,11 @@ def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPri
     return NormalGammaPrior(mean, kappa, shape, rate)
 
 
-def _gaussian_pieces(observations, observed, post: NormalGammaPrior):
+def _gaussian_pieces(observations, observed, post: NormalGammaPrior, offset=None):
     """Per (voxel, class), summed over observed modalities: sum_m (E[log tau] - log 2 pi) / 2
-    and Delta = sum_m E[tau (y - mu)^2] = sum_m (a / b)(y - m)^2 + 1 / kappa."""
-    y = observations[..., None, :]
+    and Delta = sum_m E[tau (y - mu)^2] = sum_m (a / b)(y - m)^2 + 1 / kappa (y minus
+    ``offset`` (X, Y, Z, K, M) class by class when given)."""
+    y = observations[..., None, :] if offset is None else observations[..., None, :] - offset
     o = observed[..., None, :]
     e_log_tau = digamma(post.shape) - jnp.log(post.rate)
     log_norm = jnp.sum(jnp.where(o, 0.5 * (e_log_tau - jnp.log(2 * jnp.pi)), 0.0), axis=-1)
@@ -90,13 +93,13 @@ def _gaussian_pieces(observations, observed, post: NormalGammaPrior):
     return log_norm, jnp.sum(jnp.where(o, quadratic, 0.0), axis=-1)
 
 
-def expected_log_likelihood(observations, observed, post: NormalGammaPrior) -> jax.Array:
+def expected_log_likelihood(observations, observed, post: NormalGammaPrior, offset=None) -> jax.Array:
     """E_q[log N(y_vm | mu_km, 1/tau_km)] summed over observed modalities: (X, Y, Z, K).
 
     Uses E[log tau] = digamma(a) - log b, E[tau] = a / b, E[tau (y - mu)^2] =
-    (a / b)(y - m)^2 + 1 / kappa.
+    (a / b)(y - m)^2 + 1 / kappa. ``offset``: as in :func:`normal_gamma_update`.
     """
-    log_norm, quadratic = _gaussian_pieces(observations, observed, post)
+    log_norm, quadratic = _gaussian_pieces(observations, observed, post, offset)
     return log_norm - 0.5 * quadratic
 
 
@@ -237,13 +240,16 @@ class EmissionVB(NamedTuple):
     """One emission family's VB pieces, closed over its prior and options.
 
     update(q, y, o, aux) -> post; unary(y, o, post) -> (unary (X, Y, Z, K), aux); kl(post).
-    ``aux`` carries what the next update needs from the last unary (E[u] for Student-t).
+    ``aux`` carries what the next update needs from the last unary (E[u] for Student-t; the
+    whitened intensity field for the GP-field family). ``classes(post)`` is the class
+    parameters' posterior (``post`` itself except for the GP-field family).
     """
 
     update: Callable
     unary: Callable
     kl: Callable
     initial_aux: Callable
+    classes: Callable = lambda post: post
 
 
 def emission_vb(kind: str, prior: NormalGammaPrior, *, num_classes: int, num_modalities: int,

@@ -77,6 +77,8 @@ class MeanFieldResult(NamedTuple):
         landscape has several modes.
     field_weight: the weight gamma of the external field at the end (learned with
         ``learn_field_weight``, else the given one).
+    intensity: (X, Y, Z) the GP intensity field b on the first modality (standardised units)
+        when the fit has one (``intensity``), else None.
     """
 
     marginals: jax.Array
@@ -92,6 +94,7 @@ class MeanFieldResult(NamedTuple):
     restart_means: jax.Array
     restart_voxels: jax.Array
     field_weight: jax.Array | None = None
+    intensity: jax.Array | None = None
 
 
 def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
@@ -276,7 +279,7 @@ def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
 
 
 @partial(jax.jit, static_argnames=("num_classes", "max_iter", "tied", "beta_estimator", "emission",
-                                   "dof", "learn_field_weight"))
+                                   "dof", "learn_field_weight", "intensity"))
 def fit_hidden_potts_vb(
     observations: jax.Array,
     observed: jax.Array,
@@ -290,6 +293,7 @@ def fit_hidden_potts_vb(
     field_weight: float = 1.0,
     *,
     num_classes: int,
+    intensity=None,
     learn_field_weight: bool = False,
     tied: bool = True,
     beta_estimator: str = "fixed",
@@ -337,6 +341,9 @@ def fit_hidden_potts_vb(
             modality must be observed at every ROI voxel); see
             :mod:`vbseg.inference.emissions`. ``emission.mean`` of the result is (K, M) for
             all three.
+        intensity: (static) an :class:`~vbseg.inference.intensity_field.IntensityFieldSpec`:
+            a GP intensity field on the first modality of its classes, fitted with the labels
+            (variational EM, :mod:`vbseg.inference.intensity_field`; Gaussian emission only).
     """
     observed = observed & roi[..., None]
     shape = (num_classes, observations.shape[-1])
@@ -346,8 +353,16 @@ def fit_hidden_potts_vb(
     field = (jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
              if external_field is None else jnp.asarray(external_field, observations.dtype))
     field = field * roi[..., None]
-    family = emission_vb(emission, prior, num_classes=num_classes,
-                         num_modalities=observations.shape[-1], tied=tied, dof=dof)
+    if intensity is None:
+        family = emission_vb(emission, prior, num_classes=num_classes,
+                             num_modalities=observations.shape[-1], tied=tied, dof=dof)
+    elif emission == "gaussian":
+        from vbseg.inference.intensity_field import field_emission
+
+        family = field_emission(prior, intensity, observations.shape[:3], num_classes=num_classes,
+                                num_modalities=observations.shape[-1], tied=tied)
+    else:
+        raise ValueError(f"the intensity field goes with the gaussian emission, not {emission!r}")
     fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
                   min_iter=min_iter)
     q, post, alpha, trace, it, converged = jax.vmap(
@@ -355,7 +370,7 @@ def fit_hidden_potts_vb(
     )(observations, observed, roi, beta, weights, family, concentration, field, field_weight,
       restart_levels(num_classes))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
-    restart_means = post.mean
+    restart_means = family.classes(post).mean
     restart_voxels = jnp.sum(q, axis=(1, 2, 3))
     best = jnp.argmax(finals)
     pick = lambda x: x[best]  # noqa: E731
@@ -384,5 +399,10 @@ def fit_hidden_potts_vb(
         q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma)
-    return MeanFieldResult(q, post, alpha, trace, it, converged, finals, best, beta, beta_trace,
-                           restart_means, restart_voxels, gamma)
+    intensity_map = None
+    if intensity is not None:
+        from vbseg.inference.intensity_field import field_on_grid
+
+        intensity_map = field_on_grid(intensity, observations.shape[:3], post.eps) * roi
+    return MeanFieldResult(q, family.classes(post), alpha, trace, it, converged, finals, best, beta,
+                           beta_trace, restart_means, restart_voxels, gamma, intensity_map)

@@ -49,7 +49,8 @@ mean: heterogeneous uptake inside a tumour (``intensity="tumour"``: added to cla
 the first modality) or an MR bias field (``intensity="all"``: added to every class's mean in the
 first modality). It is a component any NumPyro program can call; :func:`gp_logit_model` uses
 it, and :func:`gp_intensity_mixture_model` is a K-class mixture (labels summed out, Dirichlet
-proportions) with such a field.
+proportions) with such a field. Inside the hidden Potts model the same field is fitted by the
+mean-field EM of :mod:`vbseg.inference.intensity_field` (``vbseg segment --intensity-field``).
 
 Shapes: observations/observed (X, Y, Z, M); voi and prior_logit (X, Y, Z); class parameters
 (K, M).
