@@ -18,6 +18,10 @@ structure); thresholds are taken over the VOI.
 * ``random_walker``: scikit-image's random walker (Grady 2006, IEEE TPAMI 28:1768) on the PET
   image with ``return_full_prob``: seeds are PET >= 70 % SUVmax (tumour) and PET <= B
   (background); the map is the tumour label's probability.
+* ``graphcut``: the hidden Potts model's MAP labelling (beta = 0.5, the Potts model's default,
+  6-neighbourhood) with the ``gmm`` mixture's class parameters, by a minimum s-t cut
+  (:mod:`vbseg.models.graphcut`; Greig et al. 1989, Boykov & Kolmogorov 2004): the hard
+  segmentation that graph-cut tools give, from SciPy's BSD max-flow rather than GPL PyMaxflow.
 * ``kspc``: kernel-smoothing probability contours (Zhang & Ray 2023): the map is 1 - the mass
   of the highest-density region of the smoothed, background-subtracted PET whose boundary
   passes through the voxel (:mod:`vbseg.models.kspc`).
@@ -28,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 BASELINES = ("threshold40", "threshold50", "suv2.5", "adaptive50", "otsu", "kmeans", "gmm",
-             "random_walker", "kspc")
+             "random_walker", "kspc", "graphcut")
 GMM_ITERATIONS = 200
 
 
@@ -136,6 +140,20 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
     if name == "gmm":
         probability, parameters = _gmm(features, observed, voi, hot)
         return probability, "probability", parameters
+    if name == "graphcut":
+        from vbseg.models.graphcut import potts_map_by_graph_cut
+        from vbseg.options import DEFAULT_BETA
+
+        _, parameters = _gmm(features, observed, voi, hot)
+        mean = np.asarray(parameters["means_standardised"])
+        var = np.asarray(parameters["variances_standardised"])
+        # (X, Y, Z, 2, M): log N per component and modality
+        log_n = -0.5 * (np.log(2 * np.pi * var) + (features[..., None, :] - mean) ** 2 / var)
+        unary = -np.log(parameters["proportions"]) - np.sum(observed[..., None, :] * log_n, axis=-1)
+        tumour = parameters["hot_component"]
+        unary = np.stack([unary[..., 1 - tumour], unary[..., tumour]], axis=-1)
+        labels = potts_map_by_graph_cut(unary, voi, DEFAULT_BETA, spacing_mm)
+        return labels.astype(np.float32), "mask", dict(parameters, beta=DEFAULT_BETA, neighbourhood=6)
     if name == "random_walker":
         from skimage.segmentation import random_walker
 
