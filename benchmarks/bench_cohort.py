@@ -17,7 +17,7 @@ hidden Potts model (K = 3, fused modalities, per-scan standardisation). Prior se
 the same prior with its between-patient spread widened x ``--widen`` (variance).
 Means carry percentile-bootstrap 95 % CIs over cases, and paired differences vs SUV >= 2.5.
 
-Regenerate (6 minutes on 2 cores, 17 when they are busy):
+Regenerate (5-6 minutes on 2 cores, 17 when they are busy):
     python -m benchmarks.bench_cohort
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).

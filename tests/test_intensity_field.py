@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vbseg.inference.intensity_field import IntensityFieldSpec, field_step
 from vbseg.inference.meanfield import fit_hidden_potts_vb
@@ -70,6 +71,9 @@ def test_bias_field_in_the_potts_fit_recovers_the_ramp_and_the_labels():
     trace = np.asarray(fitted.elbo_trace)[: int(fitted.num_iterations)]
     assert np.all(np.diff(trace) >= -1e-5 * np.abs(trace).max()), np.diff(trace).min()
     assert plain.intensity is None
+    # with beta learned, the second stage continues from the restarts' field
+    learned = fit_hidden_potts_vb(*args, num_classes=2, intensity=spec, beta_estimator="pl")
+    assert np.mean((np.asarray(learned.marginals)[..., 1] >= 0.5) == truth) >= 0.98
 
 
 def test_segment_with_a_bias_field_writes_it_and_refuses_bad_combinations(tmp_path, capsys):
@@ -109,3 +113,9 @@ def test_segment_with_a_bias_field_writes_it_and_refuses_bad_combinations(tmp_pa
         assert main(["segment", *common, *extra, "--out", str(tmp_path / "bad")]) == 2, extra
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "--intensity" in error, (extra, error)
+    import vbseg
+
+    for kwargs in (dict(intensity_field="tumour", tumour_class=None),
+                   dict(intensity_field="all", prior="sarcoma")):
+        with pytest.raises(vbseg.InputError, match="--intensity-field"):
+            vbseg.segment([str(image)], modalities=["mr"], volume_draws=200, **kwargs)

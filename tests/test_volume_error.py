@@ -26,9 +26,9 @@ NUM_DRAWS = 40_000
 KS_LIMIT = 1.95 / np.sqrt(NUM_DRAWS)
 
 
-def _entry(name, manual_ml, model_ml, located, suv=None):
+def _entry(name, manual_ml, model_ml, located, suv=None, empty=False):
     entry = {"case": name, "manual_ml": manual_ml, "model_ml": model_ml,
-             "dice50": 0.7 if located else 0.0, "located": located}
+             "dice50": 0.7 if located else 0.0, "located": located, "contour_empty": empty}
     if suv is not None:
         entry["manual_suv_mean"] = suv
     return entry
@@ -36,7 +36,7 @@ def _entry(name, manual_ml, model_ml, located, suv=None):
 
 # four located cases and two missed ones (one contour empty, one elsewhere), sarcoma-like volumes
 ENTRIES = [_entry("a", 366.0, 500.0, True, 4.1), _entry("b", 54.0, 73.0, True, 2.2),
-           _entry("c", 80.0, 69.0, True, 6.0), _entry("d", 297.0, 1e-3, False, 1.9),
+           _entry("c", 80.0, 69.0, True, 6.0), _entry("d", 297.0, 1e-3, False, 1.9, empty=True),
            _entry("e", 422.0, 525.0, True, 3.3), _entry("f", 369.0, 82.0, False, 1.5)]
 
 
@@ -54,15 +54,18 @@ def test_entry_classifies_by_the_dice_of_the_50_percent_contour():
     entry = calibration_entry("x", hit, tumour, 0.5, suv)
     assert entry["located"] and entry["dice50"] == 1.0
     assert entry["manual_ml"] == 32.0 and entry["model_ml"] == pytest.approx(0.9 * 32.0)
-    assert entry["manual_suv_mean"] == 5.0
+    assert entry["manual_suv_mean"] == 5.0 and not entry["contour_empty"]
     assert not calibration_entry("x", elsewhere, tumour, 0.5)["located"]
-    assert not calibration_entry("x", np.zeros_like(hit), tumour, 0.5)["located"]
+    empty = calibration_entry("x", np.full_like(hit, 0.4), tumour, 0.5)
+    assert not empty["located"] and empty["contour_empty"]
 
 
 def test_parameters_in_closed_form():
     calibration = calibration_from_entries(ENTRIES)
     assert calibration["format"] == CALIBRATION_FORMAT and calibration["n"] == 6
-    assert calibration["missed"] == 2 and calibration["miss_probability"] == pytest.approx(3 / 8)
+    # 1 miss among the 5 cases whose contour was not empty: (1 + 1) / (5 + 2)
+    assert calibration["missed"] == 2 and calibration["empty_contours"] == 1
+    assert calibration["miss_probability"] == pytest.approx(2 / 7)
     residuals = np.log([366 / 500, 54 / 73, 80 / 69, 422 / 525])
     assert calibration["located"]["log_ratio_mean"] == pytest.approx(residuals.mean())
     assert calibration["located"]["log_ratio_sd"] == pytest.approx(residuals.std(ddof=1))

@@ -149,7 +149,8 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
         var = np.asarray(parameters["variances_standardised"])
         # (X, Y, Z, 2, M): log N per component and modality
         log_n = -0.5 * (np.log(2 * np.pi * var) + (features[..., None, :] - mean) ** 2 / var)
-        unary = -np.log(parameters["proportions"]) - np.sum(observed[..., None, :] * log_n, axis=-1)
+        proportions = np.maximum(np.asarray(parameters["proportions"]), 1e-300)
+        unary = -np.log(proportions) - np.sum(observed[..., None, :] * log_n, axis=-1)
         tumour = parameters["hot_component"]
         unary = np.stack([unary[..., 1 - tumour], unary[..., tumour]], axis=-1)
         labels = potts_map_by_graph_cut(unary, voi, DEFAULT_BETA, spacing_mm)

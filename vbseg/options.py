@@ -57,7 +57,7 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
-                     covariance)
+                     covariance, modalities, tumour_class)
     if model in BASELINES and "pet" not in modalities:
         raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
     if model in ("gp", "deep-gp"):
@@ -131,7 +131,7 @@ def _check_field(model, modalities, tumour_class, checkpoint, external_field, fi
 
 
 def _check_intensity(model, intensity_field, lengthscale_mm, psf_fwhm_mm, sampler, emission,
-                     covariance):
+                     covariance, modalities, tumour_class):
     """The GP intensity field lives in the PSF-free mean-field fit with Gaussian diagonal
     emissions (:mod:`vbseg.inference.intensity_field`)."""
     if intensity_field is None:
@@ -143,15 +143,20 @@ def _check_intensity(model, intensity_field, lengthscale_mm, psf_fwhm_mm, sample
                                               f"got {intensity_field!r}")
     if model not in ("potts", "deep-potts"):
         raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {model}")
-    if lengthscale_mm is not None and (isinstance(lengthscale_mm, str) or not np.isfinite(lengthscale_mm)
-                                       or lengthscale_mm <= 0):
+    if lengthscale_mm is not None and (not isinstance(lengthscale_mm, (int, float))
+                                       or isinstance(lengthscale_mm, bool)
+                                       or not np.isfinite(lengthscale_mm) or lengthscale_mm <= 0):
         raise InputError("--intensity-lengthscale", f"must be a number of mm > 0, got {lengthscale_mm!r}")
     for flag, used in (("--psf-fwhm", psf_fwhm_mm is not None), ("--sampler gibbs", sampler == "gibbs"),
-                       ("--emission", emission != "gaussian"), ("--covariance", covariance != "diagonal")):
+                       ("--emission student", emission == "student"),
+                       ("--covariance full", covariance != "diagonal")):
         if used:
             raise InputError("--intensity-field", f"cannot be combined with {flag}: the field is fitted "
                                                   "in the PSF-free mean-field model with Gaussian "
-                                                  "diagonal emissions")
+                                                  "(or log-normal PET) diagonal emissions")
+    if intensity_field == "tumour" and modalities[0] != "pet" and tumour_class is None:
+        raise InputError("--intensity-field", "tumour needs PET as the first image (the hottest class "
+                                              "is tumour) or --tumour-class")
 
 
 def _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance):

@@ -227,6 +227,10 @@ def segment(
     if prior is not None:
         from vbseg.population import segment_with_prior
 
+        if intensity_field is not None or intensity_lengthscale_mm is not None:
+            raise InputError("--intensity-field", "does not apply with --prior (the population "
+                                                  "prior's classes carry no intensity field)")
+
         return segment_with_prior(images, out, prior=prior, modalities=modalities, roi=roi, box=box,
                                   model=model, levels_percent=tuple(float(x) for x in levels_percent),
                                   seed=seed, volume_draws=volume_draws, series_uid=series_uid,
@@ -334,6 +338,10 @@ def segment(
     if field is not None:
         chosen = int(np.flatnonzero(order == field_class)[0])
         tumour_rule = (f"the class carrying the prior log-odds map (class {field_class} of the "
+                       "k-means start, numbered by level in the first image)")
+    elif intensity_field == "tumour":
+        chosen = int(np.flatnonzero(order == intensity.classes[0])[0])
+        tumour_rule = (f"the class carrying the intensity field (class {intensity.classes[0]} of the "
                        "k-means start, numbered by level in the first image)")
     elif "pet" in modalities:
         pet_index = modalities.index("pet")

@@ -193,14 +193,15 @@ def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30)
 
 
 def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
-          max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None):
+          max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None, aux0=None):
     """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates (the
     emission family's, :mod:`vbseg.inference.emissions`), then (with ``beta_step``, a function
     (q, prior unary, beta) -> beta) the beta update, or (with ``coupling_step``, a function
     (q, log proportions, field, beta, gamma) -> (beta, gamma)) the update of beta and of the
     external field's weight gamma; until the ELBO change per ROI voxel falls below ``tol``.
     The label prior's unary term is E[log pi] + gamma * field. Returns (q, post, alpha, trace,
-    iterations, converged, beta, beta_trace, gamma)."""
+    iterations, converged, beta, beta_trace, gamma). ``aux0``: the emission family's state to
+    start from (default its ``initial_aux``; a later stage passes the GP intensity field on)."""
     num_classes = q0.shape[-1]
     dtype = observations.dtype
     alpha0 = jnp.broadcast_to(jnp.asarray(concentration, dtype), (num_classes,))
@@ -212,7 +213,8 @@ def _cavi(observations, observed, roi, beta, weights, emission, concentration, f
         return post, alpha, likelihood + expected_log_proportions(alpha) + gamma * field, aux
 
     gamma = jnp.asarray(field_weight, dtype)
-    post0, alpha_post0, unary0, aux0 = parameter_step(q0, emission.initial_aux(q0), gamma)
+    aux0 = emission.initial_aux(q0) if aux0 is None else aux0
+    post0, alpha_post0, unary0, aux0 = parameter_step(q0, aux0, gamma)
     num_voxels = jnp.maximum(jnp.sum(roi), 1)
     trace0 = jnp.full((max_iter,), jnp.nan, dtype)
 
@@ -380,6 +382,8 @@ def fit_hidden_potts_vb(
     beta = jnp.asarray(beta, observations.dtype)
     gamma = jnp.asarray(field_weight, observations.dtype)
     beta_trace = jnp.full_like(trace, jnp.nan)
+    # the later stage continues from the best restart's intensity field, not from zero
+    aux0 = post.eps if intensity is not None else None
     if learn_field_weight:
         if beta_estimator not in ("fixed", "pl"):
             raise ValueError("learn_field_weight goes with beta_estimator 'fixed' or 'pl'")
@@ -393,12 +397,12 @@ def fit_hidden_potts_vb(
         q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=gamma,
-            coupling_step=coupling)
+            coupling_step=coupling, aux0=aux0)
     elif beta_estimator != "fixed":
         step = beta_step_function(beta_estimator, weights, roi, beta_path)
         q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
             observations, observed, roi, beta, weights, family, concentration, field, q,
-            max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma)
+            max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma, aux0=aux0)
     intensity_map = None
     if intensity is not None:
         from vbseg.inference.intensity_field import field_on_grid

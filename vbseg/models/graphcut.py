@@ -17,7 +17,10 @@ Why written here: the usual graph-cut packages (PyMaxflow, the Boykov-Kolmogorov
 GPL; SciPy's ``scipy.sparse.csgraph.maximum_flow`` (Dinic's algorithm, BSD) is permissive but
 needs integer capacities, so the costs are shifted (U_v(k) - min_k U_v(k) >= 0, which changes
 E by a constant) and scaled by ``CAPACITY_SCALE`` before rounding: the labelling minimises the
-rounded energy, within (number of edges) / CAPACITY_SCALE nats of the exact minimum.
+rounded energy, within (number of edges) / CAPACITY_SCALE nats of the exact minimum. A voxel
+whose unary gap exceeds the total weight of its edges, 2 beta sum_axes w, takes its preferred
+label in every minimiser, so gaps are clipped just above that bound (which keeps capacities in
+int32 when a collapsed class makes a gap astronomically large) without changing the answer.
 
 Shapes: unary (X, Y, Z, 2); mask (X, Y, Z) bool, the voxels that carry labels (others are
 left out of the graph and get label 0).
@@ -56,12 +59,16 @@ def potts_map_by_graph_cut(unary, mask, beta, spacing_mm) -> np.ndarray:
     index[mask] = np.arange(int(mask.sum()))
     n = int(mask.sum())
     source, sink = n, n + 1
+    weights = neighbour_weights(spacing_mm, 6)
     cost = np.asarray(unary, np.float64)[mask]
+    if not np.all(np.isfinite(cost)):
+        raise ValueError("graph cut: non-finite unary costs")
     cost = cost - cost.min(axis=1, keepdims=True)
+    cost = np.minimum(cost, 2.0 * beta * float(np.sum(weights)) + 1.0)
     rows = [np.full(n, source), np.arange(n)]
     cols = [np.arange(n), np.full(n, sink)]
     caps = [cost[:, 0], cost[:, 1]]
-    for axis, weight in enumerate(neighbour_weights(spacing_mm, 6)):
+    for axis, weight in enumerate(weights):
         head = [slice(None)] * 3
         tail = [slice(None)] * 3
         head[axis], tail[axis] = slice(1, None), slice(None, -1)

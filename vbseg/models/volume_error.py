@@ -19,9 +19,11 @@ modelled as a two-component mixture, each component a posterior predictive:
   image is PET, is that volume times a draw of the manual GTVs' SUVmean from the same
   log-normal predictive over the training cases.
 
-The miss probability is the posterior predictive of a Beta(1, 1) prior on the miss rate, with
-k misses in n cases: (k + 1) / (n + 2). For a new scan whose own 50 % contour is empty, the
-located component is impossible by definition (Dice 0), so every draw is a miss. The
+A new scan whose own 50 % contour is empty is a miss by definition (Dice 0): every draw comes
+from the population. For any other scan the miss probability is the posterior predictive of a
+Beta(1, 1) prior on the miss rate among scans with a non-empty contour: with k misses among the
+n' training cases whose held-out contour was not empty, (k + 1) / (n' + 2) (a training case with
+an empty contour says nothing about how often a contour that exists is in the wrong place). The
 probability map, and so every contour, is not changed by any of this.
 """
 
@@ -42,8 +44,9 @@ DEFINITION = (f"held-out case located when its 50 % contour has Dice >= {LOCATED
               "volume from the training cases' manual volumes")
 METHOD = (
     "independent voxel draws from the mean-field marginals, then the between-patient volume error "
-    "learned by leave-one-out over the training cases: with probability (k + 1) / (n + 2) (k missed of n) "
-    "a draw from the training cases' manual volumes, otherwise the draw times "
+    "learned by leave-one-out over the training cases: with probability (k + 1) / (n' + 2) (k missed of "
+    "the n' cases whose held-out contour was not empty; 1 when this scan's contour is empty) a draw from "
+    "the training cases' manual volumes, otherwise the draw times "
     "exp(rbar + s sqrt(1 + 1/n_L) t_(n_L - 1)) from the n_L located residuals "
     "(vbseg.models.volume_error)")
 
@@ -56,7 +59,8 @@ def calibration_entry(name: str, probability, tumour, voxel_ml: float, suv=None)
     overlap = dice(probability >= 0.5, tumour)
     entry = {"case": name, "manual_ml": float(tumour.sum()) * voxel_ml,
              "model_ml": float(probability.sum()) * voxel_ml, "dice50": float(overlap),
-             "located": bool(overlap >= LOCATED_DICE)}
+             "located": bool(overlap >= LOCATED_DICE),
+             "contour_empty": not bool((probability >= 0.5).any())}
     if suv is not None:
         entry["manual_suv_mean"] = float(np.mean(np.asarray(suv)[tumour]))
     return entry
@@ -75,8 +79,11 @@ def calibration_from_entries(entries: list[dict]) -> dict | None:
     n = len(entries)
     located = [e for e in entries if e["located"]]
     missed = n - len(located)
+    with_contour = [e for e in entries if not e["contour_empty"]]
+    missed_with_contour = sum(not e["located"] for e in with_contour)
     calibration = {"format": CALIBRATION_FORMAT, "n": n, "missed": missed,
-                   "miss_probability": (missed + 1) / (n + 2), "located": None,
+                   "empty_contours": n - len(with_contour),
+                   "miss_probability": (missed_with_contour + 1) / (len(with_contour) + 2), "located": None,
                    "manual_log_volume": _log_normal_predictive([e["manual_ml"] for e in entries]),
                    "manual_log_suv_mean": None, "entries": list(entries), "definition": DEFINITION}
     if len(located) >= MIN_LOCATED_CASES:
@@ -100,8 +107,9 @@ def describe(calibration) -> str:
     """One line for the command line: the mixture's miss rate and located residuals."""
     if calibration is None:
         return f"no volume calibration (< {MIN_CALIBRATION_CASES} cases)"
-    text = (f"volume error: {calibration['missed']} of {calibration['n']} held-out cases missed "
-            f"(miss probability {calibration['miss_probability']:.2f})")
+    text = (f"volume error: {calibration['missed']} of {calibration['n']} held-out cases missed, "
+            f"{calibration['empty_contours']} with an empty contour (miss probability "
+            f"{calibration['miss_probability']:.2f} for a scan with a contour)")
     located = calibration["located"]
     if located is None:
         return text + f"; fewer than {MIN_LOCATED_CASES} located: volumes from the training cases"
