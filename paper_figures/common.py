@@ -29,7 +29,8 @@ METHOD_STYLE = {"potts + PSF 6 mm": ("#d62728", "o"), "potts": ("#1f77b4", "s"),
                 "gmm": ("#2ca02c", "^"), "random_walker": ("#9467bd", "v"),
                 "otsu": ("#8c564b", "D"), "kmeans": ("#e377c2", "P"),
                 "threshold40": ("#7f7f7f", "x"), "threshold50": ("#bcbd22", "+"),
-                "adaptive50": ("#17becf", "*"), "suv2.5": ("#ff7f0e", "h")}
+                "adaptive50": ("#17becf", "*"), "suv2.5": ("#ff7f0e", "h"),
+                "kspc": ("black", "."), "graphcut": ("#000080", "X")}
 
 
 class MissingResults(FileNotFoundError):
