@@ -132,17 +132,26 @@ def _potts_fields(beta, shape, num_fields, num_classes=2, sweeps=600, seed=1):
     return fields, weights, roi
 
 
+PATH_BETAS = np.linspace(0.0, 0.5, 11)
+
+
+@pytest.fixture(scope="module")
+def path_20():
+    """E[S | beta] on a 20^3 grid, K = 2, for the TI estimator (shared by both true betas)."""
+    weights = jnp.asarray(neighbour_weights((1.0, 1.0, 1.0)))
+    return beta_estimation.statistic_path(jax.random.PRNGKey(2), PATH_BETAS, jnp.ones((20, 20, 20), bool),
+                                          weights, num_classes=2, num_sweeps=300, burn_in=300)
+
+
 @pytest.mark.parametrize("true_beta", [0.2, 0.35])
-def test_beta_is_recovered_from_labels_drawn_from_the_prior(true_beta):
+def test_beta_is_recovered_from_labels_drawn_from_the_prior(true_beta, path_20):
     """Six 20^3 fields, K = 2, below the critical coupling (~0.44): the mean PL and TI
     estimates are within 0.03 of the truth (their spread over fields, measured when written,
     is ~0.012 per field, so 0.03 is > 5 standard errors of a mean of six), and each field's
     estimate within 0.06."""
     shape, num_classes = (20, 20, 20), 2
     fields, weights, roi = _potts_fields(true_beta, shape, 6)
-    betas = np.linspace(0.0, 0.5, 11)
-    path = beta_estimation.statistic_path(jax.random.PRNGKey(2), betas, roi, weights,
-                                          num_classes=num_classes, num_sweeps=300, burn_in=300)
+    betas, path = PATH_BETAS, path_20
     pl, ti = [], []
     for labels in fields:
         onehot = jax.nn.one_hot(labels, num_classes)
