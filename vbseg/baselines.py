@@ -53,6 +53,12 @@ def _standardised(stack, observed, voi):
     return features
 
 
+def _component_log_likelihood(x, o, mean, var):
+    """log N(x | mean_k, var_k) summed over the observed modalities: x, o (..., M) -> (..., K)."""
+    per_modality = -0.5 * (np.log(2 * np.pi * var) + (x[..., None, :] - mean) ** 2 / var)
+    return np.sum(o[..., None, :] * per_modality, axis=-1)
+
+
 def _gmm(features, observed, voi, hot_channel, num_iterations=GMM_ITERATIONS):
     """EM for a two-component diagonal Gaussian mixture over VOI voxels (unobserved modalities
     left out of each voxel's likelihood). Returns P(hot component) per voxel and parameters."""
@@ -69,8 +75,7 @@ def _gmm(features, observed, voi, hot_channel, num_iterations=GMM_ITERATIONS):
         mean = (weight * x[:, None, :]).sum(axis=0) / count
         var = (weight * (x[:, None, :] - mean) ** 2).sum(axis=0) / count + 1e-6
         pi = resp.mean(axis=0)
-        log_lik = np.log(pi) + np.sum(o[:, None, :] * (-0.5 * np.log(2 * np.pi * var)
-                                                         - 0.5 * (x[:, None, :] - mean) ** 2 / var), axis=2)
+        log_lik = np.log(pi) + _component_log_likelihood(x, o, mean, var)
         log_lik -= log_lik.max(axis=1, keepdims=True)
         new = np.exp(log_lik)
         new /= new.sum(axis=1, keepdims=True)
@@ -145,12 +150,10 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
         from vbseg.options import DEFAULT_BETA
 
         _, parameters = _gmm(features, observed, voi, hot)
-        mean = np.asarray(parameters["means_standardised"])
-        var = np.asarray(parameters["variances_standardised"])
-        # (X, Y, Z, 2, M): log N per component and modality
-        log_n = -0.5 * (np.log(2 * np.pi * var) + (features[..., None, :] - mean) ** 2 / var)
         proportions = np.maximum(np.asarray(parameters["proportions"]), 1e-300)
-        unary = -np.log(proportions) - np.sum(observed[..., None, :] * log_n, axis=-1)
+        unary = -np.log(proportions) - _component_log_likelihood(
+            features, observed, np.asarray(parameters["means_standardised"]),
+            np.asarray(parameters["variances_standardised"]))
         tumour = parameters["hot_component"]
         unary = np.stack([unary[..., 1 - tumour], unary[..., tumour]], axis=-1)
         labels = potts_map_by_graph_cut(unary, voi, DEFAULT_BETA, spacing_mm)

@@ -39,16 +39,22 @@ from vbseg.models.potts import neighbour_weights
 CAPACITY_SCALE = 1000.0
 
 
+def _neighbour_pairs(axis: int) -> tuple[tuple, tuple]:
+    """Index tuples (head, tail) such that array[head] and array[tail] are the voxel pairs one
+    step apart along ``axis``."""
+    head, tail = [slice(None)] * 3, [slice(None)] * 3
+    head[axis], tail[axis] = slice(1, None), slice(None, -1)
+    return tuple(head), tuple(tail)
+
+
 def potts_energy(labels, unary, mask, beta, spacing_mm) -> float:
     """E(z) of the module doc for 0/1 ``labels`` over ``mask`` (6-neighbourhood)."""
     labels = np.asarray(labels, bool)
     energy = float(np.sum(np.where(mask, np.where(labels, unary[..., 1], unary[..., 0]), 0.0)))
     for axis, weight in enumerate(neighbour_weights(spacing_mm, 6)):
-        index = [slice(None)] * 3
-        head, tail = list(index), list(index)
-        head[axis], tail[axis] = slice(1, None), slice(None, -1)
-        pair = mask[tuple(head)] & mask[tuple(tail)]
-        energy += beta * float(weight) * np.sum(pair & (labels[tuple(head)] != labels[tuple(tail)]))
+        head, tail = _neighbour_pairs(axis)
+        pair = mask[head] & mask[tail]
+        energy += beta * float(weight) * np.sum(pair & (labels[head] != labels[tail]))
     return energy
 
 
@@ -69,10 +75,8 @@ def potts_map_by_graph_cut(unary, mask, beta, spacing_mm) -> np.ndarray:
     cols = [np.arange(n), np.full(n, sink)]
     caps = [cost[:, 0], cost[:, 1]]
     for axis, weight in enumerate(weights):
-        head = [slice(None)] * 3
-        tail = [slice(None)] * 3
-        head[axis], tail[axis] = slice(1, None), slice(None, -1)
-        a, b = index[tuple(head)], index[tuple(tail)]
+        head, tail = _neighbour_pairs(axis)
+        a, b = index[head], index[tail]
         keep = (a >= 0) & (b >= 0)
         a, b = a[keep], b[keep]
         capacity = np.full(a.size, beta * float(weight))
