@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_potts
+from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_gp, bench_potts
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -20,6 +20,19 @@ def test_bench_potts_smoke(tmp_path):
     assert saved["rows"][0]["voxels"] == 16**3
     assert "| 16^3 |" in (tmp_path / "bench_potts.md").read_text()
 
+
+def test_bench_gp_smoke(tmp_path):
+    record = bench_gp.main(["--quick", "--out", str(tmp_path)])
+    assert {(r["n"], r["structure"]) for r in record["speed"]} == {(8, "fft"), (8, "kronecker")}
+    for row in record["speed"]:
+        assert row["s_per_step"] > 0 and row["converge_steps"] > 0
+    assert record["dense"][0]["dense_over_fft"] > 0
+    assert set(record["summary"]) == {"gp_label", "potts"}
+    for row in record["summary"].values():
+        assert row["draws"] == 1 and row["dice50_mean"] > 0.5
+    saved = json.loads((tmp_path / "bench_gp.json").read_text())
+    assert saved["benchmark"] == "bench_gp"
+    assert "| 8^3 | fft |" in (tmp_path / "bench_gp.md").read_text()
 
 def test_bench_beta_smoke(tmp_path):
     record = bench_beta.main(["--n", "10", "--fields", "2", "--sweeps", "60", "--path-sweeps", "20",
