@@ -281,3 +281,26 @@ def test_full_covariance_separates_along_correlated_noise():
     diagonal = accuracy(fit_hidden_potts_vb(*args, num_classes=2))
     full = accuracy(fit_hidden_potts_vb(*args, num_classes=2, emission="full"))
     assert full >= 0.95 and full >= diagonal + 0.2, (diagonal, full)
+
+
+def test_class_moments_match_the_broadcast_sums():
+    """The class-major sums equal the (X, Y, Z, K, M) broadcast formulas they replace, with a
+    partly unobserved modality, Student-t precision weights and a per-class offset (float64)."""
+    rng = np.random.default_rng(0)
+    shape, num_classes, num_modalities = (5, 4, 3), 3, 2
+    q = rng.dirichlet(np.ones(num_classes), size=shape)
+    y = rng.normal(3.0, 2.0, shape + (num_modalities,))
+    observed = rng.random(shape + (num_modalities,)) > 0.3
+    u = rng.gamma(2.0, 0.5, shape + (num_classes,))
+    offset = rng.normal(0.0, 0.5, shape + (num_classes, num_modalities))
+    with jax.enable_x64(True):
+        n, c, ybar, s = em.class_moments(*(jnp.asarray(a) for a in (q, y, observed, u, offset)))
+    counted = q[..., :, None] * observed[..., None, :]
+    weight = counted * u[..., None]
+    values = y[..., None, :] - offset
+    axes = (0, 1, 2)
+    mean = (weight * values).sum(axes) / weight.sum(axes)
+    np.testing.assert_allclose(c, counted.sum(axes), rtol=1e-12)
+    np.testing.assert_allclose(n, weight.sum(axes), rtol=1e-12)
+    np.testing.assert_allclose(ybar, mean, rtol=1e-12)
+    np.testing.assert_allclose(s, (weight * (values - mean) ** 2).sum(axes), rtol=1e-12)

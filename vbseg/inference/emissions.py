@@ -39,6 +39,42 @@ EMISSIONS = ("gaussian", "student", "full")
 DEFAULT_STUDENT_DOF = 4.0
 
 
+def class_major(x: jax.Array) -> jax.Array:
+    """(X, Y, Z, C) -> (C, X, Y, Z): each class's (or modality's) voxels contiguous."""
+    return jnp.moveaxis(x, -1, 0)
+
+
+def class_moments(marginals, observations, observed, precision_weights=None, offset=None):
+    """Weighted voxel sums per (class, modality), each (K, M): (n, c, ybar, s) with
+    r_v = q_v(k) [v observed in m] u_vk, n = sum r, c = sum q [observed], ybar = sum r y / n
+    and s = sum r (y - ybar)^2 (two passes, so no cancellation between raw moments).
+
+    Written as K x M separate sums over class-major copies (:func:`class_major`) rather than
+    one reduction of the (X, Y, Z, K, M) broadcast: on CPU, XLA reduces such small minor axes
+    badly (144^3 voxels, K = 3, M = 2: 143 ms as one reduction, 88 ms this way).
+    """
+    num_classes, num_modalities = marginals.shape[-1], observations.shape[-1]
+    q, y = class_major(marginals), class_major(observations)
+    o = class_major(observed).astype(observations.dtype)
+    u = None if precision_weights is None else class_major(precision_weights)
+    rows = {"n": [], "c": [], "ybar": [], "s": []}
+    for k in range(num_classes):
+        cells = {key: [] for key in rows}
+        for m in range(num_modalities):
+            weight = q[k] * o[m]
+            counted = jnp.sum(weight)
+            if u is not None:
+                weight = weight * u[k]
+            n = counted if u is None else jnp.sum(weight)
+            values = y[m] if offset is None else y[m] - offset[..., k, m]
+            mean = jnp.sum(weight * values) / jnp.maximum(n, 1e-12)
+            for key, value in zip(rows, (n, counted, mean, jnp.sum(weight * (values - mean) ** 2))):
+                cells[key].append(value)
+        for key in rows:
+            rows[key].append(jnp.stack(cells[key]))
+    return tuple(jnp.stack(rows[key]) for key in rows)
+
+
 def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPrior,
                         tied: bool = True, precision_weights=None, offset=None) -> NormalGammaPrior:
     """Conjugate Normal-Gamma posterior per (class, modality) with soft counts q_v(k).
@@ -56,18 +92,8 @@ def normal_gamma_update(marginals, observations, observed, prior: NormalGammaPri
     observations class by class (a GP intensity field on some classes,
     :mod:`vbseg.inference.intensity_field`).
     """
-    weight = marginals[..., :, None] * observed[..., None, :]  # (X, Y, Z, K, M)
-    y = observations[..., None, :] if offset is None else observations[..., None, :] - offset
-    axes = (0, 1, 2)
-    count = jnp.sum(weight, axis=axes)
-    if precision_weights is not None:
-        counted = count
-        weight = weight * precision_weights[..., None]
-        count = jnp.sum(weight, axis=axes)
-    else:
-        counted = count
-    ybar = jnp.sum(weight * y, axis=axes) / jnp.maximum(count, 1e-12)
-    scatter = jnp.sum(weight * (y - ybar) ** 2, axis=axes)
+    count, counted, ybar, scatter = class_moments(marginals, observations, observed,
+                                                  precision_weights, offset)
     kappa = prior.kappa + count
     mean = (prior.kappa * prior.mean + count * ybar) / kappa
     rate_terms = 0.5 * scatter + 0.5 * prior.kappa * count * (ybar - prior.mean) ** 2 / kappa
@@ -85,12 +111,15 @@ def _gaussian_pieces(observations, observed, post: NormalGammaPrior, offset=None
     """Per (voxel, class), summed over observed modalities: sum_m (E[log tau] - log 2 pi) / 2
     and Delta = sum_m E[tau (y - mu)^2] = sum_m (a / b)(y - m)^2 + 1 / kappa (y minus
     ``offset`` (X, Y, Z, K, M) class by class when given)."""
-    y = observations[..., None, :] if offset is None else observations[..., None, :] - offset
-    o = observed[..., None, :]
     e_log_tau = digamma(post.shape) - jnp.log(post.rate)
-    log_norm = jnp.sum(jnp.where(o, 0.5 * (e_log_tau - jnp.log(2 * jnp.pi)), 0.0), axis=-1)
-    quadratic = (post.shape / post.rate) * (y - post.mean) ** 2 + 1.0 / post.kappa
-    return log_norm, jnp.sum(jnp.where(o, quadratic, 0.0), axis=-1)
+    log_norm, quadratic = 0.0, 0.0
+    for m in range(observations.shape[-1]):  # (X, Y, Z, K) per modality: faster on CPU than
+        o = observed[..., m:m + 1]            # reducing an (X, Y, Z, K, M) broadcast over M
+        y = observations[..., m:m + 1] if offset is None else observations[..., m:m + 1] - offset[..., m]
+        log_norm = log_norm + jnp.where(o, 0.5 * (e_log_tau[:, m] - jnp.log(2 * jnp.pi)), 0.0)
+        term = (post.shape[:, m] / post.rate[:, m]) * (y - post.mean[:, m]) ** 2 + 1.0 / post.kappa[:, m]
+        quadratic = quadratic + jnp.where(o, term, 0.0)
+    return log_norm, quadratic
 
 
 def expected_log_likelihood(observations, observed, post: NormalGammaPrior, offset=None) -> jax.Array:

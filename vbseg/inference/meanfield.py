@@ -162,34 +162,74 @@ def restart_levels(num_classes: int) -> jax.Array:
     return jnp.stack([even, upper, lower])
 
 
-def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30):
+# k-means runs on at most this many voxels (a regular subsample of the flattened grid beyond
+# it), and every voxel is then assigned to the nearest final centre: XLA's CPU sort alone takes
+# ~2 s for the 3 million voxels x 2 modalities of a 144^3 PET/CT crop, and a quarter of a
+# million voxels place the start centres as well (the fit refines them).
+KMEANS_SAMPLE = 2**18
+
+
+def _kmeans_sample(observations, observed, roi):
+    """(observations (S, M), valid (S, M)): every s-th voxel of the flattened grid, s the
+    smallest stride leaving at most :data:`KMEANS_SAMPLE` voxels (all voxels on small grids)."""
+    num_modalities = observations.shape[-1]
+    valid = (observed & roi[..., None]).reshape(-1, num_modalities)
+    stride = -(-valid.shape[0] // KMEANS_SAMPLE)
+    return observations.reshape(-1, num_modalities)[::stride], valid[::stride]
+
+
+def start_centres(observations, observed, roi, levels) -> jax.Array:
+    """k-means start centres: the quantiles ``levels`` ((K,) or (R, K)) of each modality over
+    the ROI voxels where it is observed (of the subsample of :func:`_kmeans_sample`);
+    (K, M) or (R, K, M), one sort for all rows."""
+    values, valid = _kmeans_sample(observations, observed, roi)
+    flat = jnp.nanquantile(jnp.where(valid, values, jnp.nan), jnp.reshape(levels, -1), axis=0)
+    return flat.reshape(jnp.shape(levels) + (observations.shape[-1],))
+
+
+def _nearest(observations, valid, centres):
+    """Index of the nearest centre over the valid modalities: (...,) from (..., M), (K, M)."""
+    dist2 = 0.0
+    for m in range(observations.shape[-1]):  # (..., K) per modality: faster on CPU than
+        term = (observations[..., m:m + 1] - centres[:, m]) ** 2  # reducing (..., K, M)
+        dist2 = dist2 + jnp.where(valid[..., m:m + 1], term, 0.0)
+    return jnp.argmin(dist2, axis=-1)
+
+
+def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30, centres=None):
     """Deterministic k-means (Lloyd) over ROI voxels, distances over observed modalities.
 
-    Centres start at the quantiles ``levels`` (K,) of each modality and classes are
+    Centres start at the quantiles ``levels`` (K,) of each modality (:func:`start_centres`,
+    or at ``centres`` (K, M) when given); Lloyd steps on the voxels of :func:`_kmeans_sample`
+    (all of them on grids up to :data:`KMEANS_SAMPLE` voxels) run until no voxel changes class,
+    at most ``num_iterations``; then every ROI voxel goes to its nearest centre. Classes are
     returned in increasing order of the first modality's centre. Returns (X, Y, Z) int labels.
     """
+    from vbseg.inference.emissions import class_moments
+
     num_classes = levels.shape[0]
-    valid = observed & roi[..., None]
-    masked = jnp.where(valid, observations, jnp.nan)
-    centres = jnp.nanquantile(masked.reshape(-1, masked.shape[-1]), levels, axis=0)  # (K, M)
+    if centres is None:
+        centres = start_centres(observations, observed, roi, levels)
+    values, valid = _kmeans_sample(observations, observed, roi)
+    inside = jnp.any(valid, axis=-1)
 
-    def assign(centres):
-        dist2 = jnp.sum(
-            jnp.where(valid[..., None, :], (observations[..., None, :] - centres) ** 2, 0.0), -1
-        )
-        return jnp.argmin(dist2, axis=-1)
+    def cond(carry):
+        it, _, _, changed = carry
+        return (it < num_iterations) & changed
 
-    def step(_, centres):
-        onehot = jax.nn.one_hot(assign(centres), num_classes) * roi[..., None]
-        weight = onehot[..., :, None] * valid[..., None, :]
-        count = jnp.sum(weight, axis=(0, 1, 2))
-        total = jnp.sum(weight * observations[..., None, :], axis=(0, 1, 2))
-        return jnp.where(count > 0, total / jnp.maximum(count, 1e-12), centres)
+    def step(carry):
+        it, centres, labels, _ = carry
+        onehot = jax.nn.one_hot(labels, num_classes, dtype=values.dtype) * inside[:, None]
+        count, _, mean, _ = class_moments(onehot, values, valid)
+        centres = jnp.where(count > 0, mean, centres)
+        new = _nearest(values, valid, centres)
+        return it + 1, centres, new, jnp.any((new != labels) & inside)
 
-    centres = jax.lax.fori_loop(0, num_iterations, step, centres)
+    start = (0, centres, _nearest(values, valid, centres), True)
+    _, centres, _, _ = jax.lax.while_loop(cond, step, start)
     order = jnp.argsort(centres[:, 0])
     rank = jnp.argsort(order)
-    return rank[assign(centres)]
+    return rank[_nearest(observations, observed & roi[..., None], centres)]
 
 
 def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
@@ -247,8 +287,8 @@ def _cavi(observations, observed, roi, beta, weights, emission, concentration, f
 
 
 def _fit_one_start(observations, observed, roi, beta, weights, emission, concentration, field,
-                   field_weight, levels, *, num_classes, max_iter, tol, min_iter):
-    labels0 = kmeans_labels(observations, observed, roi, levels)
+                   field_weight, levels, centres, *, num_classes, max_iter, tol, min_iter):
+    labels0 = kmeans_labels(observations, observed, roi, levels, centres=centres)
     q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
     return _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0,
                  max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=field_weight)[:6]
@@ -367,10 +407,13 @@ def fit_hidden_potts_vb(
         raise ValueError(f"the intensity field goes with the gaussian emission, not {emission!r}")
     fit = partial(_fit_one_start, num_classes=num_classes, max_iter=max_iter, tol=tol,
                   min_iter=min_iter)
-    q, post, alpha, trace, it, converged = jax.vmap(
-        fit, in_axes=(None, None, None, None, None, None, None, None, None, 0)
-    )(observations, observed, roi, beta, weights, family, concentration, field, field_weight,
-      restart_levels(num_classes))
+    levels = restart_levels(num_classes)
+    # one restart after another (lax.map), not vmapped: each stops at its own convergence,
+    # and XLA's CPU code for the class-major sums is several times slower with a batch axis
+    q, post, alpha, trace, it, converged = jax.lax.map(
+        lambda start: fit(observations, observed, roi, beta, weights, family, concentration,
+                          field, field_weight, *start),
+        (levels, start_centres(observations, observed, roi, levels)))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
     restart_means = family.classes(post).mean
     restart_voxels = jnp.sum(q, axis=(1, 2, 3))
