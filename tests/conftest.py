@@ -1,5 +1,6 @@
 """Test set-up: one persistent JAX compilation cache for the whole run (and for the CLI
-subprocesses the tests start), so each grid shape compiles once; every test seeded."""
+subprocesses the tests start; one per xdist worker), so each grid shape compiles once; every
+test seeded."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import pytest
 
 CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("VBSEG_JAX_CACHE", str(CACHE))
+# Under pytest-xdist (`pytest -n 2`) every worker keeps its own cache folder: JAX writes a
+# cache entry in place, so a worker could otherwise read another's half-written entry.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["VBSEG_JAX_CACHE"] = str(Path(os.environ["VBSEG_JAX_CACHE"]) / WORKER)
 
 from vbseg.cli import enable_compilation_cache  # noqa: E402
 
