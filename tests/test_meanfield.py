@@ -227,3 +227,27 @@ def test_kmeans_on_a_subsample_labels_like_kmeans_on_every_voxel(monkeypatch):
     full = [np.asarray(mf.kmeans_labels(*args, levels)) for levels in mf.restart_levels(3)]
     for a, b in zip(sampled, full):
         assert np.mean(a != b) <= 1e-3
+
+
+def test_kmeans_sample_spans_every_plane_and_keeps_a_small_roi_whole():
+    """The k-means sample of a large ROI reaches every plane of every axis (no aliasing with
+    the row length) and holds only ROI voxels, at most KMEANS_SAMPLE of them; a ROI smaller
+    than that is taken whole, each voxel once."""
+    shape = (96, 96, 64)  # 589 824 voxels, 2.25 per sample row
+    index = np.arange(np.prod(shape), dtype=np.float32).reshape(shape + (1,))
+    observed = np.ones(shape + (1,), bool)
+    roi = np.ones(shape, bool)
+    roi[:, :, :8] = False
+    values, valid = mf._kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(roi))
+    picked = np.asarray(values)[np.asarray(valid)[:, 0], 0].astype(np.int64)
+    assert len(picked) == mf.KMEANS_SAMPLE == len(np.unique(picked))
+    coords = np.unravel_index(picked, shape)
+    assert roi[coords].all()
+    for axis, size in enumerate(shape):
+        expected = size - 8 if axis == 2 else size
+        assert len(np.unique(coords[axis])) == expected
+    small = np.zeros(shape, bool)
+    small[40:50, 30:45, 20:27] = True
+    values, valid = mf._kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(small))
+    picked = np.asarray(values)[np.asarray(valid)[:, 0], 0].astype(np.int64)
+    np.testing.assert_array_equal(np.sort(picked), np.flatnonzero(small))

@@ -162,25 +162,36 @@ def restart_levels(num_classes: int) -> jax.Array:
     return jnp.stack([even, upper, lower])
 
 
-# k-means runs on at most this many voxels (a regular subsample of the flattened grid beyond
-# it), and every voxel is then assigned to the nearest final centre: XLA's CPU sort alone takes
-# ~2 s for the 3 million voxels x 2 modalities of a 144^3 PET/CT crop, and a quarter of a
-# million voxels place the start centres as well (the fit refines them).
+# k-means runs on at most this many ROI voxels (evenly spaced ranks among them beyond it), and
+# every voxel is then assigned to the nearest final centre: XLA's CPU sort alone takes ~2 s for
+# the 3 million voxels x 2 modalities of a 144^3 PET/CT crop, and a quarter of a million voxels
+# place the start centres as well (the fit refines them).
 KMEANS_SAMPLE = 2**18
 
 
 def _kmeans_sample(observations, observed, roi):
-    """(observations (S, M), valid (S, M)): every s-th voxel of the flattened grid, s the
-    smallest stride leaving at most :data:`KMEANS_SAMPLE` voxels (all voxels on small grids)."""
+    """(observations (S, M), valid (S, M)) of the ROI voxels k-means runs on.
+
+    With n ROI voxels and S = min(grid size, :data:`KMEANS_SAMPLE`): all of them when n <= S
+    (the rows past n are marked invalid), else the voxels of rank floor(j n / S), j < S, in
+    the ROI's flattened order: a non-integer step, so the sample does not alias with the grid
+    (an integer step dividing the row length would keep only some planes).
+    """
     num_modalities = observations.shape[-1]
-    valid = (observed & roi[..., None]).reshape(-1, num_modalities)
-    stride = -(-valid.shape[0] // KMEANS_SAMPLE)
-    return observations.reshape(-1, num_modalities)[::stride], valid[::stride]
+    flat_roi = roi.reshape(-1)
+    size = min(flat_roi.shape[0], KMEANS_SAMPLE)
+    count = jnp.sum(flat_roi)
+    (index,) = jnp.nonzero(flat_roi, size=flat_roi.shape[0], fill_value=0)
+    ranks = jnp.arange(size)
+    ranks = jnp.where(count > size, (ranks * (count / size)).astype(ranks.dtype), ranks)
+    chosen = index[jnp.minimum(ranks, flat_roi.shape[0] - 1)]
+    valid = observed.reshape(-1, num_modalities)[chosen] & (ranks < count)[:, None]
+    return observations.reshape(-1, num_modalities)[chosen], valid
 
 
 def start_centres(observations, observed, roi, levels) -> jax.Array:
     """k-means start centres: the quantiles ``levels`` ((K,) or (R, K)) of each modality over
-    the ROI voxels where it is observed (of the subsample of :func:`_kmeans_sample`);
+    the ROI voxels where it is observed (of the sample of :func:`_kmeans_sample`);
     (K, M) or (R, K, M), one sort for all rows."""
     values, valid = _kmeans_sample(observations, observed, roi)
     flat = jnp.nanquantile(jnp.where(valid, values, jnp.nan), jnp.reshape(levels, -1), axis=0)
@@ -188,11 +199,14 @@ def start_centres(observations, observed, roi, levels) -> jax.Array:
 
 
 def _nearest(observations, valid, centres):
-    """Index of the nearest centre over the valid modalities: (...,) from (..., M), (K, M)."""
+    """Index of the nearest centre over the valid modalities: (...,) from (..., M), (K, M).
+    A NaN centre coordinate (a modality not observed where the centre was placed) counts as
+    unobserved."""
     dist2 = 0.0
     for m in range(observations.shape[-1]):  # (..., K) per modality: faster on CPU than
         term = (observations[..., m:m + 1] - centres[:, m]) ** 2  # reducing (..., K, M)
-        dist2 = dist2 + jnp.where(valid[..., m:m + 1], term, 0.0)
+        use = valid[..., m:m + 1] & ~jnp.isnan(centres[:, m])
+        dist2 = dist2 + jnp.where(use, term, 0.0)
     return jnp.argmin(dist2, axis=-1)
 
 
@@ -201,7 +215,7 @@ def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30,
 
     Centres start at the quantiles ``levels`` (K,) of each modality (:func:`start_centres`,
     or at ``centres`` (K, M) when given); Lloyd steps on the voxels of :func:`_kmeans_sample`
-    (all of them on grids up to :data:`KMEANS_SAMPLE` voxels) run until no voxel changes class,
+    (every ROI voxel when there are at most :data:`KMEANS_SAMPLE`) run until no voxel changes class,
     at most ``num_iterations``; then every ROI voxel goes to its nearest centre. Classes are
     returned in increasing order of the first modality's centre. Returns (X, Y, Z) int labels.
     """
