@@ -13,11 +13,19 @@ here. Scored against the manual GTV on the first modality's
 grid: Dice of the 50 % contour, HD95, surface Dice at 2 mm, relative volume error, coverage, width and
 interval score of the 95 % volume interval, ECE over the VOI (the whole crop). Next to it, through
 ``vbseg.segment(model=...)`` on the same images: SUV >= 2.5, 40 % SUVmax and the unsupervised
-hidden Potts model (K = 3, fused modalities, per-scan standardisation). Prior sensitivity:
-the same prior with its between-patient spread widened x ``--widen`` (variance).
+hidden Potts model (K = 3, the same modalities, per-scan standardisation). Prior sensitivity:
+the same prior with its between-patient spread widened x ``--widen`` (variance), for the first
+modality set.
+
+Modality sets (``--modalities``, separated by ';'; default fused PET+CT+MR, then PET, CT and
+MR alone): each set gets its own priors learned from the same cases with only those images,
+and its own unsupervised model. A set is scored on its first modality's grid against that
+modality's manual label (the data's three labels of a case are the same GTV on three grids),
+so CT-alone and MR-alone rows are scored on the CT and MR grids; the paired differences
+against SUV >= 2.5 (scored on the PET grid) are per case.
 Means carry percentile-bootstrap 95 % CIs over cases, and paired differences vs SUV >= 2.5.
 
-Regenerate (5-6 minutes on 2 cores, 17 when they are busy):
+Regenerate (about 5 minutes per modality set on 2 cores, three times that when they are busy):
     python -m benchmarks.bench_cohort
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +51,13 @@ from vbseg.metrics import (
     interval_score,
     surface_metrics,
 )
-from vbseg.models.volume_error import calibration_from_entries
 from vbseg.population import (
     DEFAULT_BACKGROUND_CLASSES,
     DEFAULT_TUMOUR_CLASSES,
     case_statistics,
+    held_out_prior,
     leave_one_out_entries,
     load_training_case,
-    prior_from_statistics,
 )
 
 SHARED_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "cases.json"
@@ -75,9 +83,9 @@ def score(posterior, truth, spacing) -> dict:
             "ece": expected_calibration_error(posterior.probability, truth, posterior.voi)}
 
 
-def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=True):
-    """Contour ``case`` with ``prior`` (learned without it) and every other method;
-    returns {method: scores}."""
+def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=True, variants=None):
+    """Contour ``case`` with ``prior`` (learned without it), the priors of ``variants``
+    ({name: prior}) and every other method; returns {method: scores}."""
     import nibabel as nib
 
     start = time.perf_counter()
@@ -89,6 +97,7 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
     methods = [(f"prior {tag}", dict(prior=prior))]
     if widen:
         methods.append((f"prior {tag}, spread x{widen:g}", dict(prior=prior.widened(widen))))
+    methods += [(name, dict(prior=variant)) for name, variant in (variants or {}).items()]
     if "pet" in modalities:
         methods += [(name, dict(model=name)) for name in baselines]
     if unsupervised:
@@ -99,6 +108,9 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
         rows[name] = dict(score(posterior, truth, spacing), seconds=time.perf_counter() - t0)
     rows[f"prior {tag}"]["prior_fit_s"] = fit_s
     rows[f"prior {tag}"]["beta"] = prior.beta
+    for name, variant in (variants or {}).items():
+        if variant.interaction is not None:
+            rows[name]["interaction"] = variant.interaction.tolist()
     progress(f"{case.name}: " + ", ".join(f"{k} {v['dice50']:.2f}" for k, v in rows.items())
              + f" ({time.perf_counter() - start:.0f} s)")
     return rows
@@ -142,14 +154,50 @@ def markdown(summary, records, args, total_s, reference) -> str:
     return "\n".join(lines) + "\n"
 
 
+def leave_one_out(args, modalities, widen, baselines, interaction=False):
+    """Yield (case name, {method: scores}) for every held-out case with ``modalities``
+    (``interaction``: also the prior with a learned class-interaction matrix)."""
+    started = time.perf_counter()
+    cases = read_cases(args.index, modalities, [c.strip() for c in args.cases.split(",")])
+    training = [load_training_case(case) for case in cases]
+    held_out = range(2) if args.quick else range(len(cases))
+    stats, shapes = case_statistics(training, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES,
+                                    num_background=DEFAULT_BACKGROUND_CLASSES)
+    tag = "+".join(modalities)
+    print(f"{tag}: constrained fits of {len(cases)} cases: {time.perf_counter() - started:.0f} s", flush=True)
+    # one leave-one-out pass: every case contoured with the prior pooled from the others,
+    # giving its volume-error entry (volumes, Dice, located or missed)
+    names = [c.name for c in cases]
+    entries = leave_one_out_entries(training, stats, shapes, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES,
+                                    progress=lambda text: print(text, flush=True))
+    interaction_entries = leave_one_out_entries(
+        training, stats, shapes, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES, interaction=True,
+        progress=lambda text: print(text, flush=True)) if interaction else None
+    print(f"{tag}: leave-one-out calibration pass: {time.perf_counter() - started:.0f} s", flush=True)
+
+    for i in held_out:
+        pooled = partial(held_out_prior, stats, names=names, held_out=i, modalities=modalities,
+                         num_tumour=DEFAULT_TUMOUR_CLASSES)
+        variants = ({f"prior {tag}, interaction J": pooled(interaction_entries, interaction=True)}
+                    if interaction else None)
+        prior = pooled(entries)
+        yield names[i], run_case(cases[i], prior, modalities, widen, baselines,
+                                 lambda text: print(text, flush=True), unsupervised=not args.quick,
+                                 variants=variants)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", default=str(SHARED_INDEX), help="CASES.json")
     parser.add_argument("--cases", default=",".join(SARCOMAS), help="comma-separated case names")
-    parser.add_argument("--modalities", default="pet,ct,mr")
+    parser.add_argument("--modalities", default="pet,ct,mr;pet;ct;mr",
+                        help="modality sets separated by ';', each learned and evaluated on its own "
+                             "(the first modality of a set is its output grid)")
     parser.add_argument("--widen", type=float, default=4.0,
                         help="sensitivity: spread variance x this (0: off)")
     parser.add_argument("--baselines", default="suv2.5,threshold40")
+    parser.add_argument("--interaction", action=argparse.BooleanOptionalAction, default=True,
+                        help="also a prior with a learned K x K class-interaction matrix (first set)")
     parser.add_argument("--quick", action="store_true",
                         help="hold out only the first two cases; no widening, no unsupervised model")
     parser.add_argument("--out", default=str(RESULTS))
@@ -157,38 +205,24 @@ def main(argv=None):
     from vbseg.cli import enable_compilation_cache
 
     enable_compilation_cache()
-    modalities = [m.strip() for m in args.modalities.split(",")]
+    sets = [[m.strip() for m in group.split(",") if m.strip()] for group in args.modalities.split(";")]
     started = time.perf_counter()
-    cases = read_cases(args.index, modalities, [c.strip() for c in args.cases.split(",")])
-    training = [load_training_case(case) for case in cases]
-    held_out = range(2) if args.quick else range(len(cases))
     widen = 0.0 if args.quick else args.widen
     baselines = [b for b in args.baselines.split(",") if b]
-    stats, shapes = case_statistics(training, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES,
-                                    num_background=DEFAULT_BACKGROUND_CLASSES)
-    print(f"constrained fits of {len(cases)} cases: {time.perf_counter() - started:.0f} s", flush=True)
-    # one leave-one-out pass: every case contoured with the prior pooled from the others,
-    # giving its volume-error entry (volumes, Dice, located or missed)
-    names = [c.name for c in cases]
-    entries = leave_one_out_entries(training, stats, shapes, modalities, num_tumour=DEFAULT_TUMOUR_CLASSES,
-                                    progress=lambda text: print(text, flush=True))
-    print(f"leave-one-out calibration pass: {time.perf_counter() - started:.0f} s", flush=True)
-    records = []
-    for i in held_out:
-        others = [j for j in range(len(cases)) if j != i]
-        prior = prior_from_statistics(
-            [stats[j] for j in others], [names[j] for j in others], modalities,
-            num_tumour=DEFAULT_TUMOUR_CLASSES,
-            calibration=calibration_from_entries([entries[j] for j in others]))
-        rows = run_case(cases[i], prior, modalities, widen, baselines,
-                        lambda text: print(text, flush=True), unsupervised=not args.quick)
-        records.append({"case": cases[i].name, "methods": rows})
+    records = {}
+    for k, modalities in enumerate(sets):
+        # the sensitivity run goes with the first set, the baselines with the first set that has PET
+        with_baselines = baselines if "pet" in modalities and not any("pet" in s for s in sets[:k]) else []
+        for name, rows in leave_one_out(args, modalities, widen if k == 0 else 0.0, with_baselines,
+                                        interaction=k == 0 and args.interaction):
+            records.setdefault(name, {"case": name, "methods": {}})["methods"].update(rows)
+    records = list(records.values())
     total_s = time.perf_counter() - started
-    reference = ("suv2.5" if "suv2.5" in baselines and "pet" in modalities
+    reference = ("suv2.5" if "suv2.5" in baselines and any("pet" in group for group in sets)
                  else next(iter(records[0]["methods"])))
     summary = summarise(records, reference)
     record = {"benchmark": "bench_cohort", "summary": summary, "records": records,
-              "modalities": modalities, "index": str(args.index), "total_s": total_s,
+              "modality_sets": sets, "index": str(args.index), "total_s": total_s,
               "machine": machine(), "command": "python -m benchmarks.bench_cohort " + " ".join(argv or [])}
     table = markdown(summary, records, args, total_s, reference)
     write_report(args.out, "bench_cohort", record, __doc__, table)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_gp, bench_potts
+from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_gp, bench_nema, bench_potts
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -61,11 +61,30 @@ def test_bench_cohort_smoke(tmp_path):
 
     index = make_cohort(tmp_path / "cohort", 3, seed=0, shape=(16, 16, 10))
     record = bench_cohort.main(["--index", str(index), "--cases", "syn00,syn01,syn02", "--quick",
-                                "--baselines", "suv2.5", "--out", str(tmp_path)])
+                                "--modalities", "pet,ct,mr;pet", "--baselines", "suv2.5",
+                                "--out", str(tmp_path)])
     assert [r["case"] for r in record["records"]] == ["syn00", "syn01"]
-    summary = record["summary"]["prior pet+ct+mr"]
-    assert summary["dice50"]["mean"] > 0.9 and "dice50_minus_reference" in summary
-    assert "| prior pet+ct+mr |" in (tmp_path / "bench_cohort.md").read_text()
+    assert set(record["records"][0]["methods"]) == {"prior pet+ct+mr", "prior pet+ct+mr, interaction J",
+                                                    "prior pet", "suv2.5"}
+    for name in ("prior pet+ct+mr", "prior pet+ct+mr, interaction J", "prior pet"):
+        summary = record["summary"][name]
+        assert summary["dice50"]["mean"] > 0.9 and "dice50_minus_reference" in summary
+    table = (tmp_path / "bench_cohort.md").read_text()
+    assert "| prior pet+ct+mr |" in table and "| prior pet |" in table
+
+
+def test_bench_nema_smoke(tmp_path, shared_data):
+    if bench_nema.load_nema(shared_data) is None:
+        pytest.skip(f"the NEMA scan nema1 is not in {shared_data}")
+    assert bench_nema.main(["--shared", str(shared_data), "--spheres", "17",
+                            "--methods", "nopsf_vb,threshold40", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_nema.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["nopsf_vb", "threshold40"]
+    # the truth-fraction volume of the 17 mm sphere is its physical volume (2.572 mL) within 1 %
+    assert rows[0]["true_ml"] == pytest.approx(rows[0]["physical_ml"], rel=0.01)
+    assert rows[0]["lower_ml"] <= rows[0]["mean_ml"] <= rows[0]["upper_ml"] and rows[0]["z"] is not None
+    assert rows[1]["z"] is None and rows[0]["dice50"] > 0.8
+    assert "| 17 mm |" in (tmp_path / "bench_nema.md").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,34 @@ def test_prior_contours_a_new_case(cohort, population):
     assert dice(probability >= 0.5, case.tumour) > 0.95 and record["converged"]
 
 
+def test_interaction_matrix_prior_contours_a_held_out_case_and_round_trips(tmp_path, cohort):
+    from vbseg.inference.beta import interaction_contrasts
+
+    _, training = cohort
+    prior = fit_population_prior(training[1:], MODALITIES, num_tumour=2, num_background=2,
+                                 calibrate=False, interaction=True)
+    J = prior.interaction
+    assert J.shape == (4, 4)
+    np.testing.assert_allclose(J, J.T)
+    # classes rim, core, fat, muscle: the core sits inside the rim and never touches fat or
+    # muscle, which the rim does: a core-fat neighbour pair must be less compatible than a
+    # rim-fat one (gauge-free contrasts, vbseg.inference.beta.interaction_contrasts)
+    C = interaction_contrasts(J)
+    rim, core, fat, muscle = range(4)
+    assert C[core, fat] < C[rim, fat] and C[core, muscle] < C[rim, muscle], C
+    case = training[0]  # not among the prior's training cases
+    probability, record = tumour_probability(prior, case.features, case.observed, case.roi, case.spacing)
+    assert dice(probability >= 0.5, case.tumour) > 0.95 and record["converged"]
+    path = tmp_path / "prior.json"
+    prior.save(path)
+    np.testing.assert_array_equal(load_prior(path).interaction, J)
+    record = json.loads(path.read_text())
+    record["interaction"][0][1] += 1.0
+    path.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="symmetric"):
+        load_prior(path)
+
+
 def test_single_training_case_gives_a_weak_prior_and_the_per_scan_fit(cohort):
     index, training = cohort
     weak = fit_population_prior(training[:1], MODALITIES, num_tumour=2, num_background=2)

@@ -200,3 +200,33 @@ def test_file_settings_resolve_against_the_config_folder(tmp_path):
     config = _write(tmp_path, P + "[model]\nname = \"deep-potts\"\ncheckpoint = \"nets/net.eqx\"")
     runs = load_experiment(config).runs
     assert {r.variant["checkpoint"] for r in runs} == {str((tmp_path / "nets" / "net.eqx").resolve())}
+
+
+def test_leave_one_out_prior_experiment(tmp_path):
+    """[model] prior = "leave-one-out": each real case gets the prior learned from the others
+    (its training cases exclude it), the shared per-case fits are cached once, and a re-run
+    finds every run finished; phantoms or too few cases are one-line config errors."""
+    from vbseg.experiment import run_experiment
+    from vbseg.phantoms import make_cohort
+    from vbseg.population import leave_one_out_prior
+
+    index = make_cohort(tmp_path / "cohort", 4, seed=0, shape=(16, 16, 10))
+    text = (f"[real]\nindex = \"{index}\"\ncases = [\"syn00\", \"syn01\", \"syn02\", \"syn03\"]\n"
+            "modalities = [\"pet\", \"ct\", \"mr\"]\n[model]\nprior = \"leave-one-out\"\n")
+    config = load_experiment(_write(tmp_path, text))
+    assert [r.case["cohort"] for r in config.runs] == [["syn00", "syn01", "syn02", "syn03"]] * 4
+    summary = run_experiment(config, tmp_path / "out", progress=False)
+    assert summary["failed"] == 0 and summary["runs"] == 4
+    rows = _rows(tmp_path / "out")
+    assert all(float(r["dice50"]) > 0.9 for r in rows), [r["dice50"] for r in rows]
+    cached = sorted(p.name for p in (tmp_path / "out" / "priors").rglob("*.pkl"))
+    assert len(cached) == 8  # a constrained fit and a calibration entry per case
+    prior = leave_one_out_prior(index, ["pet", "ct", "mr"], ["syn00", "syn01", "syn02", "syn03"],
+                                "syn02", tmp_path / "out" / "priors")
+    assert prior.cases == ["syn00", "syn01", "syn03"] and prior.volume_calibration["n"] == 3
+    assert run_experiment(config, tmp_path / "out", progress=False)["skipped"] == 4
+    with pytest.raises(InputError, match="needs real"):
+        load_experiment(_write(tmp_path, P + "[model]\nprior = \"leave-one-out\"\n", "phantom.toml"))
+    few = text.replace("\"syn02\", \"syn03\"", "\"syn02\"")
+    with pytest.raises(InputError, match="needs >= 3"):
+        load_experiment(_write(tmp_path, few, "few.toml"))

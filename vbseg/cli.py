@@ -154,6 +154,9 @@ def _add_fit_prior(sub):
                    help="comma-separated case names (default: every patient case with these modalities)")
     p.add_argument("--tumour-classes", type=int, default=2, help="tumour classes (default 2)")
     p.add_argument("--background-classes", type=int, default=4, help="background classes (default 4)")
+    p.add_argument("--interaction", choices=("potts", "matrix"), default="potts",
+                   help="label coupling: one beta between equal labels (potts, default) or a learned "
+                        "K x K class-interaction matrix (matrix)")
     p.add_argument("--attribution", default="", help="credit line stored in the prior (default: the cases' "
                                                     "'licence' entries in CASES.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -167,8 +170,11 @@ def _run_fit_prior(args) -> None:
     modalities = [m.strip().lower() for m in args.modalities.split(",") if m.strip()]
     prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
                       num_background=args.background_classes, overwrite=args.overwrite,
-                      attribution=args.attribution, progress=print)
-    print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); beta {prior.beta:.2f}; "
+                      attribution=args.attribution, interaction=args.interaction == "matrix",
+                      progress=print)
+    coupling = ("a K x K interaction matrix" if prior.interaction is not None
+                else f"beta {prior.beta:.2f}")
+    print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); {coupling}; "
           f"{describe(prior.volume_calibration)}; written to {args.out}")
 
 

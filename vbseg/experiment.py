@@ -26,6 +26,9 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     beta = [0.5, 1.5, "auto"]
     psf_fwhm_mm = [0, 6.0]            # 0: no PSF term
     tumour_class = 1                  # cases without PET: which class (by mean in image 1) is tumour
+    prior = "leave-one-out"           # or a prior JSON / "sarcoma": population priors; "leave-one-out"
+                                      # learns each real case's prior from the experiment's other
+                                      # real cases with the same modalities (cached in <out>/priors)
 
     [sweep]
     mode = "product"
@@ -80,6 +83,10 @@ MODEL_KEYS = {
 # settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
 # packaged prior, is a name)
 PATH_KEYS = ("checkpoint", "prior")
+# [model] prior = "leave-one-out": each real case is contoured with the population prior learned
+# from the experiment's other real cases with the same modalities (vbseg fit-prior's model,
+# vbseg.population.leave_one_out_prior)
+LEAVE_ONE_OUT = "leave-one-out"
 SWEEP_MODES = ("product", "zip")
 COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
            "sdice_2mm", "vol_true_ml", "vol_mean_ml", "vol_lower_ml", "vol_upper_ml", "covered",
@@ -214,7 +221,8 @@ def _real_cases_for(path, table, index_path, by_name, modalities, tag) -> list[d
         images = [str(index_path.parent / available[m]["image"]) for m in modalities]
         label = str(index_path.parent / available[modalities[0]]["label"])
         cases.append({"kind": "real", "name": f"{name}_{'+'.join(modalities)}" if tag else name,
-                      "images": images, "modalities": modalities, "label": label, "seed": 0})
+                      "images": images, "modalities": modalities, "label": label, "seed": 0,
+                      "index": str(index_path), "index_case": name})
     return cases
 
 
@@ -237,10 +245,26 @@ def _variants(path, model, mode) -> list[dict]:
     return [_resolve_paths(path, dict(zip(names, row))) for row in rows]
 
 
+def _attach_cohorts(path, cases, leave_one_out: bool) -> None:
+    """With a leave-one-out prior, each real case records its cohort (the experiment's real
+    cases from the same index with the same modalities); otherwise the index keys are dropped
+    (they would only change the run ids of existing results)."""
+    for case in cases:
+        if case["kind"] != "real":
+            continue
+        if not leave_one_out:
+            case.pop("index"), case.pop("index_case")
+            continue
+        case["cohort"] = sorted(c["index_case"] for c in cases if c["kind"] == "real"
+                                and c["index"] == case["index"] and c["modalities"] == case["modalities"])
+
+
 def _resolve_paths(path, variant: dict) -> dict:
     from vbseg.population import PACKAGED_PRIORS
 
     for key in PATH_KEYS:
+        if key == "prior" and variant.get(key) == LEAVE_ONE_OUT:
+            continue
         if key in variant and not (key == "prior" and variant[key] in PACKAGED_PRIORS):
             target = (path.parent / variant[key]).resolve()
             if not target.is_file():
@@ -279,6 +303,7 @@ def load_experiment(path) -> Experiment:
     if not cases:
         raise InputError(path, "names no cases: add a [phantoms] or a [real] table")
     variants = _variants(path, config.get("model", {}), mode)
+    _attach_cohorts(path, cases, any(v.get("prior") == LEAVE_ONE_OUT for v in variants))
     for variant in variants:
         _check_variant(path, variant, cases)
     return Experiment(name, path, tuple(Run(case, variant) for case in cases for variant in variants))
@@ -297,6 +322,18 @@ def _check_variant(path, variant, cases):
     from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options
 
     kwargs = segment_kwargs(variant)
+    if kwargs.get("prior") == LEAVE_ONE_OUT:
+        from vbseg.models.volume_error import MIN_CALIBRATION_CASES
+
+        for case in cases:
+            if case["kind"] != "real":
+                raise InputError(path, "[model] prior = \"leave-one-out\": needs real (delineated) cases "
+                                       "only, not phantoms")
+            if len(case["cohort"]) < MIN_CALIBRATION_CASES + 1:
+                raise InputError(path, f"[model] prior = \"leave-one-out\": {case['name']} has "
+                                       f"{len(case['cohort']) - 1} other cases with its modalities; "
+                                       f"needs >= {MIN_CALIBRATION_CASES}")
+        return
     if "prior" in kwargs:  # the prior fixes classes, beta and emissions; its file must load
         from vbseg.population import resolve_prior
 
@@ -388,6 +425,8 @@ def execute(run: Run, out: Path) -> dict:
     try:
         images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
         kwargs = segment_kwargs(run.variant)
+        if kwargs.get("prior") == LEAVE_ONE_OUT:
+            kwargs["prior"] = _leave_one_out_prior(run.case, out)
         posterior = segment(images, folder / "outputs", modalities=modalities,
                             seed=run.case["seed"], overwrite=True, title=run.case["name"], **kwargs)
         if posterior.probability.shape != truth.shape:
@@ -424,6 +463,14 @@ def execute(run: Run, out: Path) -> dict:
     return record
 
 
+def _leave_one_out_prior(case: dict, out: Path):
+    """The prior learned from the case's cohort without it (cached under ``out/priors``)."""
+    from vbseg.population import leave_one_out_prior
+
+    return leave_one_out_prior(case["index"], case["modalities"], case["cohort"], case["index_case"],
+                               out / "priors")
+
+
 def _execute_in_child(args):
     run, out = args
     from vbseg.cli import enable_compilation_cache
@@ -443,6 +490,14 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, progress: bool
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [run for run in experiment.runs if not is_finished(out, run)]
+    # leave-one-out priors: the per-case fits they share are cached once, here, before any
+    # worker starts (one run per cohort fills the cache)
+    cohorts = {}
+    for run in todo:
+        if run.variant.get("prior") == LEAVE_ONE_OUT:
+            cohorts.setdefault((run.case["index"], tuple(run.case["modalities"])), run.case)
+    for case in cohorts.values():
+        _leave_one_out_prior(case, out)
     skipped = len(experiment.runs) - len(todo)
     bar = tqdm(total=len(experiment.runs), initial=skipped, unit="run", disable=not progress,
                desc=experiment.name, dynamic_ncols=True)

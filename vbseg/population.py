@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from importlib import metadata, resources
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -66,6 +67,10 @@ FIT_METHOD = (
     f"sampling variance, floored at {SPREAD_FLOOR_SD}^2 and times (1 + 1/n) ({WEAK_SPREAD_SD}^2 "
     "with < 2 cases), noise = count-weighted within-case variance, beta = median; volume "
     "error model (located-or-missed mixture) from leave-one-out over the training cases")
+INTERACTION_METHOD = (
+    "; class-interaction matrix J (K x K, used in place of beta) by pseudo-likelihood jointly over "
+    "the training cases' most probable constrained label fields, a free class bias per case, "
+    "in the gauge with equal row sums (vbseg.inference.empirical_bayes.pool_interaction)")
 
 
 class TrainingCase(NamedTuple):
@@ -162,9 +167,10 @@ def _vbseg_version() -> str:
 
 
 def prior_from_statistics(stats, names, modalities, *, num_tumour, neighbourhood=6,
-                          case_index=None, calibration=None) -> PopulationPrior:
-    """Pool per-case statistics (:func:`~vbseg.inference.empirical_bayes.pool_population`)."""
-    pooled = pool_population(stats)
+                          case_index=None, calibration=None, interaction=False) -> PopulationPrior:
+    """Pool per-case statistics (:func:`~vbseg.inference.empirical_bayes.pool_population`;
+    ``interaction``: learn the K x K class-interaction matrix too)."""
+    pooled = pool_population(stats, interaction=interaction)
     num_classes = pooled["mean"].shape[0]
     return PopulationPrior(
         modalities=list(modalities), num_tumour=num_tumour,
@@ -176,7 +182,8 @@ def prior_from_statistics(stats, names, modalities, *, num_tumour, neighbourhood
         per_case=[{"case": n, "means": s.means.tolist(), "variances": s.variances.tolist(),
                    "proportions": s.proportions.tolist(), "beta": s.beta}
                   for n, s in zip(names, stats)],
-        fit_method=FIT_METHOD, vbseg_version=_vbseg_version())
+        fit_method=FIT_METHOD + (INTERACTION_METHOD if interaction else ""),
+        vbseg_version=_vbseg_version(), interaction=pooled["interaction"])
 
 
 def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing, pad_shape=None):
@@ -185,7 +192,7 @@ def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing,
     shape = tuple(pad_shape) if pad_shape is not None else _bucket(roi.shape)
     prior_ng = prior.normal_gamma_prior()
     args = (jnp.asarray(_pad(features, shape, 0.0)), jnp.asarray(_pad(observed, shape, False)),
-            jnp.asarray(_pad(roi, shape, False)), jnp.float32(prior.beta),
+            jnp.asarray(_pad(roi, shape, False)), jnp.asarray(prior.coupling()),
             jnp.asarray(neighbour_weights(spacing, prior.neighbourhood)),
             type(prior_ng)(*(jnp.asarray(p) for p in prior_ng)),
             jnp.asarray(prior.dirichlet_concentration()),
@@ -214,32 +221,114 @@ def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing,
 
 
 def leave_one_out_entries(training: list[TrainingCase], stats, shapes, modalities, *, num_tumour,
-                          neighbourhood=6, progress=None) -> list[dict]:
+                          neighbourhood=6, progress=None, interaction=False) -> list[dict]:
     """Each training case contoured with the prior pooled from the others' statistics: its
     :func:`~vbseg.models.volume_error.calibration_entry` (volumes, Dice, located, SUVmean)."""
     names = [t.name for t in training]
-    entries = []
-    for j, case in enumerate(training):
-        held_out = prior_from_statistics(stats[:j] + stats[j + 1:], names[:j] + names[j + 1:], modalities,
-                                         num_tumour=num_tumour, neighbourhood=neighbourhood)
-        probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
-                                            case.spacing, pad_shape=shapes[j])
-        # PET features are log(max(SUV, 0.1)): exp gives SUV back inside any GTV
-        suv = np.exp(case.features[..., 0]) if modalities[0] == "pet" else None
-        entries.append(calibration_entry(case.name, probability, case.tumour, case.voxel_ml, suv))
-        if progress:
-            e = entries[-1]
-            verdict = "located" if e["located"] else "missed"
-            progress(f"calibration {case.name}: manual {e['manual_ml']:.1f} mL, model "
-                     f"{e['model_ml']:.1f} mL, Dice {e['dice50']:.2f} ({verdict})")
-    return entries
+    return [calibration_entry_from_others(case, shapes[j], stats[:j] + stats[j + 1:],
+                                          names[:j] + names[j + 1:], modalities, num_tumour=num_tumour,
+                                          neighbourhood=neighbourhood, progress=progress,
+                                          interaction=interaction)
+            for j, case in enumerate(training)]
+
+
+def calibration_entry_from_others(case: TrainingCase, shape, other_stats, other_names, modalities, *,
+                                  num_tumour, neighbourhood=6, progress=None, interaction=False) -> dict:
+    """``case`` contoured with the prior pooled from ``other_stats``: its calibration entry."""
+    held_out = prior_from_statistics(other_stats, other_names, modalities, num_tumour=num_tumour,
+                                     neighbourhood=neighbourhood, interaction=interaction)
+    probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
+                                        case.spacing, pad_shape=shape)
+    # PET features are log(max(SUV, 0.1)): exp gives SUV back inside any GTV
+    suv = np.exp(case.features[..., 0]) if modalities[0] == "pet" else None
+    entry = calibration_entry(case.name, probability, case.tumour, case.voxel_ml, suv)
+    if progress:
+        verdict = "located" if entry["located"] else "missed"
+        progress(f"calibration {case.name}: manual {entry['manual_ml']:.1f} mL, model "
+                 f"{entry['model_ml']:.1f} mL, Dice {entry['dice50']:.2f} ({verdict})")
+    return entry
+
+
+def held_out_prior(stats, entries, names, held_out: int, modalities, *, num_tumour,
+                   neighbourhood=6, interaction=False) -> PopulationPrior:
+    """The prior for case ``held_out`` in a leave-one-out study: pooled from the other cases'
+    statistics, with the volume-error model of the other cases' leave-one-out ``entries``
+    (:func:`leave_one_out_entries` over all cases: entry j used the prior pooled from all but j,
+    which includes the held-out case, a small leak into the interval only, not into the
+    probability map; nesting it would cost n - 1 more fits per fold)."""
+    others = [j for j in range(len(names)) if j != held_out]
+    return prior_from_statistics([stats[j] for j in others], [names[j] for j in others], modalities,
+                                 num_tumour=num_tumour, neighbourhood=neighbourhood,
+                                 interaction=interaction,
+                                 calibration=calibration_from_entries([entries[j] for j in others]))
+
+
+def _cached(path: Path, compute):
+    """``compute()`` pickled at ``path`` (written atomically) or read back from it."""
+    import pickle
+
+    from vbseg.volume import write_with
+
+    if path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError):
+            pass  # an unreadable cache entry is computed again
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_with(path, lambda tmp: tmp.write_bytes(pickle.dumps(value)))
+    return value
+
+
+def leave_one_out_prior(index, modalities, cohort, held_out: str, cache_dir, *,
+                        num_tumour=DEFAULT_TUMOUR_CLASSES, num_background=DEFAULT_BACKGROUND_CLASSES,
+                        interaction=False, progress=None) -> PopulationPrior:
+    """The population prior for ``held_out`` learned from the other cases of ``cohort`` (names in
+    ``index``, with ``modalities``): what an experiment config's ``prior = "leave-one-out"``
+    uses. Each case's constrained fit and leave-one-out volume entry is computed once and
+    cached under ``cache_dir`` (pickles keyed by the index, modalities, cohort, classes and
+    vbseg version), so the n folds of a study cost n + n fits, not n^2."""
+    import hashlib
+    import json
+
+    modalities = [str(m).lower() for m in modalities]
+    cohort = sorted(cohort)
+    if held_out not in cohort:
+        raise InputError(os.fspath(index), f"case {held_out!r} is not in the leave-one-out cohort")
+    if len(cohort) < MIN_CALIBRATION_CASES + 1:
+        raise InputError(os.fspath(index), f"leave-one-out priors need >= {MIN_CALIBRATION_CASES + 1} "
+                                           f"cases with {'+'.join(modalities)}, found {len(cohort)}")
+    key = json.dumps([os.path.abspath(os.fspath(index)), modalities, cohort, num_tumour,
+                      num_background, _vbseg_version()])
+    folder = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
+    cases = read_cases(index, modalities, cohort)
+    training = {}
+
+    def case(j):
+        if j not in training:
+            training[j] = load_training_case(cases[j])
+        return training[j]
+
+    shapes = [_bucket(nib.load(c.label).shape[:3], BULK_BUCKET) for c in cases]
+    stats = [_cached(folder / f"stats_{c.name}.pkl",
+                     lambda j=j: case_statistics([case(j)], modalities, num_tumour=num_tumour,
+                                                 num_background=num_background)[0][0])
+             for j, c in enumerate(cases)]
+    names = [c.name for c in cases]
+    entries = [_cached(folder / f"entry_{c.name}.pkl",
+                       lambda j=j: calibration_entry_from_others(
+                           case(j), shapes[j], stats[:j] + stats[j + 1:], names[:j] + names[j + 1:],
+                           modalities, num_tumour=num_tumour, progress=progress))
+               for j, c in enumerate(cases)]
+    return held_out_prior(stats, entries, names, cohort.index(held_out), modalities,
+                          num_tumour=num_tumour, interaction=interaction)
 
 
 def fit_population_prior(training: list[TrainingCase], modalities, *,
                          num_tumour=DEFAULT_TUMOUR_CLASSES,
                          num_background=DEFAULT_BACKGROUND_CLASSES, neighbourhood=6,
                          calibrate=True, case_index=None, progress=None,
-                         statistics=None) -> PopulationPrior:
+                         statistics=None, interaction=False) -> PopulationPrior:
     """Learn a PopulationPrior from delineated cases (module doc; empirical Bayes).
 
     ``statistics``: the (stats, shapes) of :func:`case_statistics` for ``training`` when
@@ -254,16 +343,18 @@ def fit_population_prior(training: list[TrainingCase], modalities, *,
     if calibrate and len(training) >= MIN_CALIBRATION_CASES:
         calibration = calibration_from_entries(leave_one_out_entries(
             training, list(stats), shapes, modalities, num_tumour=num_tumour,
-            neighbourhood=neighbourhood, progress=progress))
+            neighbourhood=neighbourhood, progress=progress, interaction=interaction))
     return prior_from_statistics(stats, names, modalities, num_tumour=num_tumour,
                                  neighbourhood=neighbourhood, case_index=case_index,
+                                 interaction=interaction,
                                  calibration=calibration)
 
 
 def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUMOUR_CLASSES,
               num_background=DEFAULT_BACKGROUND_CLASSES, overwrite=False, calibrate=True,
-              attribution="", progress=None) -> PopulationPrior:
-    """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically)."""
+              attribution="", progress=None, interaction=False) -> PopulationPrior:
+    """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically);
+    ``interaction``: learn a K x K class-interaction matrix in place of one beta."""
     from vbseg.errors import OutputError
 
     if out is not None and os.path.exists(out) and not overwrite:
@@ -276,7 +367,8 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
     training = [load_training_case(case) for case in cases]
     prior = fit_population_prior(training, [m.lower() for m in modalities], num_tumour=num_tumour,
                                  num_background=num_background, calibrate=calibrate,
-                                 case_index=os.path.basename(os.fspath(index)), progress=progress)
+                                 case_index=os.path.basename(os.fspath(index)), progress=progress,
+                                 interaction=interaction)
     prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
     if out is not None:
         prior.save(out)
@@ -334,7 +426,8 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
         "model": "potts+population_prior",
         "options": {
             "classes": prior.num_classes, "tumour_classes": prior.num_tumour,
-            "class_names": prior.class_names, "beta": prior.beta,
+            "class_names": prior.class_names, "beta": prior.beta if prior.interaction is None else None,
+            "interaction": None if prior.interaction is None else prior.interaction.tolist(),
             "neighbourhood": prior.neighbourhood,
             "emission": "Gaussian per class and modality (per-class precisions) in the fixed "
                         "feature space of vbseg.models.cohort",
@@ -342,7 +435,8 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
             "prior": {"source": source, "cases": prior.cases, "spread_scale": prior.spread_scale,
                       "noise_pseudo_count": NOISE_PSEUDO_COUNT, "vbseg_version": prior.vbseg_version},
             "inference": "mean-field VB (CAVI, colour-by-colour label sweeps) from the prior "
-                         "predictive assignment; beta fixed at the population value",
+                         "predictive assignment; beta (or the interaction matrix) fixed at the "
+                         "population value",
             "tumour_rule": f"P(tumour) = sum of the marginals of the first {prior.num_tumour} classes",
             "volume_draws": volume_draws, "voi": voi_text(roi, box),
         },
@@ -350,7 +444,7 @@ def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, bo
             "class_means_features": record["class_means_features"],
             "class_sds_features": record["class_sds_features"],
             "class_proportions": record["class_proportions"],
-            "beta": prior.beta,
+            "beta": prior.beta if prior.interaction is None else None,
             "volume_calibration": ({k: v for k, v in prior.volume_calibration.items() if k != "entries"}
                                    if prior.volume_calibration else None),
             "units": "feature space (see options.feature_transforms)",

@@ -37,6 +37,13 @@ labels are replaced by q and S(z) by E_q[S], the exact beta step of variational 
 depends on the region of interest (its size and shape) and on the rest of the prior, so it is
 simulated for the region at hand; its cost is what the study reports.
 
+**Class-interaction matrix.** The Potts prior's single beta becomes a symmetric K x K matrix J
+(energy sum_{v~w} w_vw J[z_v, z_w], the generalised Potts or "MRF with class interactions"
+prior; J = beta I is the Potts model), estimated by the same pseudo-likelihood, jointly over
+several label fields (:func:`estimate_interaction_pl`), from their collapsed neighbour
+configurations (:func:`label_configurations`). Only part of J is identified next to free
+class biases; :func:`interaction_contrasts` are the identified combinations.
+
 **External field weight.** With a prior log-odds map f (an atlas, a network's logits) in the
 unary term as gamma * f_v(k), the same pseudo-likelihood is concave in (beta, gamma) jointly
 (:func:`estimate_coupling_pl`); gamma is the map's learned inverse temperature.
@@ -147,6 +154,136 @@ def estimate_coupling_pl(labels, base_unary, field, weights, roi, *, beta_start,
     start = jnp.stack([jnp.asarray(beta_start, labels.dtype), jnp.asarray(weight_start, labels.dtype)])
     theta = jax.lax.fori_loop(0, num_steps, step, start)
     return theta[0], theta[1]
+
+
+class LabelConfigurations(NamedTuple):
+    """The sufficient statistics of a label field for the pseudo-likelihood of a class-interaction
+    matrix: the distinct (label, neighbour sums) configurations of its ROI voxels and how often
+    each occurs. labels (C,) int; neighbours (C, K) float64, n_v(k) = sum_w w_vw 1[z_w = k];
+    counts (C,) int."""
+
+    labels: np.ndarray
+    neighbours: np.ndarray
+    counts: np.ndarray
+
+
+def label_configurations(labels, roi, weights, num_classes: int) -> LabelConfigurations:
+    """Collapse a label field (X, Y, Z) int on ``roi`` (X, Y, Z) bool into
+    :class:`LabelConfigurations` (voxels outside the ROI are nobody's neighbours). A voxel's
+    pseudo-likelihood term depends only on its label and its neighbour sums, and a segmented
+    image holds few distinct ones (thousands, against millions of voxels), so the estimator
+    below costs nothing per voxel."""
+    roi = np.asarray(roi, bool)
+    onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=jnp.float32) * jnp.asarray(roi)[..., None]
+    neighbours = np.asarray(neighbour_sum(onehot, jnp.asarray(weights, jnp.float32)))[roi]
+    rows = np.concatenate([np.asarray(labels)[roi][:, None].astype(np.float32), neighbours], axis=1)
+    unique, counts = np.unique(rows, axis=0, return_counts=True)
+    return LabelConfigurations(unique[:, 0].astype(np.int64), unique[:, 1:].astype(np.float64), counts)
+
+
+def _symmetric(theta, num_classes):
+    upper = np.zeros((num_classes, num_classes))
+    upper[np.triu_indices(num_classes)] = theta
+    return upper + np.triu(upper, 1).T
+
+
+def interaction_contrasts(interaction) -> np.ndarray:
+    """C[k, l] = 2 J[k, l] - J[k, k] - J[l, l] (K, K): the log-odds, per unit neighbour weight,
+    of a k-l neighbour pair against the pairs k-k and l-l. Unchanged by J[k, l] -> J[k, l] +
+    a_k + a_l (which trades against class biases; see :func:`estimate_interaction_pl`), so
+    these are what the data pin down; a Potts prior J = beta I has C = -2 beta off the diagonal."""
+    interaction = np.asarray(interaction, np.float64)
+    diagonal = np.diag(interaction)
+    return 2 * interaction - diagonal[:, None] - diagonal[None, :]
+
+
+def equal_row_sum_gauge(interaction) -> np.ndarray:
+    """J - (a 1' + 1 a') with a = (r - mean(r)) / K, r the row sums: the same contrasts
+    (:func:`interaction_contrasts`) and every row summing to mean(r). Next to free class biases
+    the a-part is not identified by the pseudo-likelihood (it only moves class preference
+    between J and the biases, see :func:`estimate_interaction_pl`); this gauge leaves all of
+    it to the biases. J = beta I is already in it."""
+    interaction = np.asarray(interaction, np.float64)
+    rows = interaction.sum(axis=1)
+    shift = (rows - rows.mean()) / interaction.shape[0]
+    return interaction - shift[:, None] - shift[None, :]
+
+
+def interaction_objective(theta, fields, num_classes, biases, ridge):
+    """-log PL / voxels (plus the ridge) of :func:`estimate_interaction_pl` and its exact
+    gradient, at theta = (upper triangle of J row by row, then the biases (P, K) flattened
+    unless ``biases`` (P, K) fixes them)."""
+    num_fields = len(fields)
+    num_pairs = num_classes * (num_classes + 1) // 2
+    total = float(sum(f.counts.sum() for f in fields))
+    scale = ridge * total
+    interaction = _symmetric(theta[:num_pairs], num_classes)
+    free = biases is None
+    h = theta[num_pairs:].reshape(num_fields, num_classes) if free else biases
+    value = 0.5 * scale * (np.sum(interaction**2) + (np.sum(h**2) if free else 0.0))
+    grad_j = scale * interaction
+    grad_h = scale * h
+    for p, field in enumerate(fields):
+        logits = field.neighbours @ interaction + h[p]
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        probs = np.exp(logits - log_norm[:, None])
+        rows = np.arange(len(field.labels))
+        value -= float(field.counts @ (logits[rows, field.labels] - log_norm))
+        residual = -probs
+        residual[rows, field.labels] += 1.0
+        residual *= field.counts[:, None]
+        grad_j -= field.neighbours.T @ residual  # d/dJ[l, k] of the full (unsymmetrised) J
+        grad_h[p] -= residual.sum(axis=0)
+    folded = grad_j + grad_j.T - np.diag(np.diag(grad_j))
+    gradient = folded[np.triu_indices(num_classes)]
+    if free:
+        gradient = np.concatenate([gradient, grad_h.ravel()])
+    return value / total, gradient / total
+
+
+def estimate_interaction_pl(fields: list[LabelConfigurations], num_classes: int, *, biases=None,
+                            ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-likelihood estimate of a symmetric class-interaction matrix J (K, K) shared by
+    several label fields (e.g. the training cases of a population prior), field p with class
+    biases h_p (K,):
+
+        log PL(J, h) = sum_p sum_{v in p} [ l_v(z_v) - log sum_k exp l_v(k) ],
+        l_v(k) = h_p(k) + sum_l J[k, l] n_v(l),        n_v(l) = sum_w w_vw 1[z_w = l],
+
+    the Besag pseudo-likelihood of the prior exp(sum_v h_p(z_v) + sum_{v~w} w_vw J[z_v, z_w])
+    (J = beta I gives the Potts model and :func:`estimate_beta_pl`). It is concave (a linear
+    term minus log-sum-exps of linear functions).
+
+    Identification: the neighbour sums of a voxel add up to its total neighbour weight T_v,
+    the same for every k, so J + c (a constant) changes nothing, and J[k, l] + a_k + a_l changes
+    l_v(k) by a_k T_v, which a free h_p absorbs wherever T_v is the full weight (away from the
+    ROI border): with free biases that part of J is set by the border and the ridge, not by the
+    data. ``biases`` given (a (K,) array per field, known class fields), h is fixed and J is
+    identified up to the constant; None: h_p are estimated too, and only the contrasts of
+    :func:`interaction_contrasts` are meaningful (:func:`equal_row_sum_gauge` picks one J).
+    A ridge penalty ``ridge`` x voxels x ||J||^2 / 2 (the same on free biases)
+    picks one maximiser along the constant. L-BFGS on the collapsed configurations
+    (:func:`label_configurations`) with the exact gradient; ValueError when it does not
+    converge. Returns (J (K, K), h (P, K)).
+    """
+    from scipy.optimize import minimize
+
+    num_fields = len(fields)
+    num_pairs = num_classes * (num_classes + 1) // 2
+    fixed = None if biases is None else np.asarray(biases, np.float64).reshape(num_fields, num_classes)
+
+    def objective(theta):
+        return interaction_objective(theta, fields, num_classes, fixed, ridge)
+
+    size = num_pairs + (num_fields * num_classes if fixed is None else 0)
+    result = minimize(objective, np.zeros(size), jac=True, method="L-BFGS-B",
+                      options={"maxiter": 2000, "gtol": 1e-9, "ftol": 1e-14})
+    if not result.success and np.max(np.abs(result.jac)) > 1e-6:
+        raise ValueError(f"interaction pseudo-likelihood did not converge ({result.message})")
+    interaction = _symmetric(result.x[:num_pairs], num_classes)
+    h = result.x[num_pairs:].reshape(num_fields, num_classes) if fixed is None else fixed
+    return interaction, h
 
 
 class StatisticPath(NamedTuple):

@@ -46,11 +46,16 @@ def enumerate_labelings(num_sites: int, num_classes: int) -> np.ndarray:
 
 
 def potts_log_potential(labelings, unary, edges, edge_weights, beta) -> np.ndarray:
-    """sum_v unary[v, z_v] + beta sum_e w_e 1[z_a = z_b] for each labeling: (L,)."""
+    """sum_v unary[v, z_v] + beta sum_e w_e 1[z_a = z_b] for each labeling: (L,); with a
+    (K, K) class-interaction matrix as ``beta``, sum_e w_e J[z_a, z_b] instead."""
     sites = np.arange(unary.shape[0])
     unary_term = unary[sites[None, :], labelings].sum(axis=1)
-    agree = labelings[:, edges[:, 0]] == labelings[:, edges[:, 1]]
-    return unary_term + beta * (agree * edge_weights[None, :]).sum(axis=1)
+    first, second = labelings[:, edges[:, 0]], labelings[:, edges[:, 1]]
+    if np.ndim(beta) == 2:
+        pair = np.asarray(beta, np.float64)[first, second]
+    else:
+        pair = beta * (first == second)
+    return unary_term + (pair * edge_weights[None, :]).sum(axis=1)
 
 
 def exact_potts_marginals(unary, edges, edge_weights, beta) -> tuple[np.ndarray, float]:
@@ -59,7 +64,7 @@ def exact_potts_marginals(unary, edges, edge_weights, beta) -> tuple[np.ndarray,
     Args:
         unary: (n, K) float64 log-potentials per site and class.
         edges, edge_weights: from :func:`grid_edges` (or any graph).
-        beta: coupling.
+        beta: coupling, or a (K, K) class-interaction matrix.
     """
     unary = np.asarray(unary, dtype=np.float64)
     num_sites, num_classes = unary.shape

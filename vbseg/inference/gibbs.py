@@ -44,6 +44,7 @@ from vbseg.inference.emissions import normal_gamma_update
 from vbseg.models.potts import (
     NormalGammaPrior,
     colour_masks,
+    coupling_field,
     gaussian_log_likelihood,
     neighbour_sum,
     potts_statistic,
@@ -57,7 +58,7 @@ def sample_labels(key, labels, unary, beta, weights, roi):
     colours = colour_masks(roi.shape, weights)
     for colour, colour_key in zip(colours, jax.random.split(key, len(colours))):
         onehot = jax.nn.one_hot(labels, num_classes, dtype=unary.dtype) * roi[..., None]
-        logits = unary + beta * neighbour_sum(onehot, weights)
+        logits = unary + coupling_field(neighbour_sum(onehot, weights), beta)
         draw = jnp.argmax(logits + jax.random.gumbel(colour_key, logits.shape, unary.dtype), axis=-1)
         labels = jnp.where(colour & roi, draw, labels)
     return labels

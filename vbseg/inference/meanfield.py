@@ -23,6 +23,12 @@ ELBO (nats) = sum_v sum_k q_v(k) (E[log p(y_v | k)] + E[log pi_k]) + beta E_q[S(
 a lower bound on log p(y) + log Z(beta); Z(beta) is constant while beta is fixed, so the
 trace is comparable across iterations of one fit, not across values of beta.
 
+With a symmetric K x K class-interaction matrix J in place of beta (prior energy
+sum_{v~w} w_vw J[z_v, z_w]; J = beta I is the Potts model; a population prior learns J so
+that e.g. a necrotic core next to its viable rim is favoured and next to fat is not, see
+:mod:`vbseg.models.cohort`) the label update uses sum_l J[k, l] sum_w w_vw q_w(l) and the
+ELBO's pair term is E_q of that energy (:func:`coupling_field`, :func:`pair_energy`).
+
 The whole fit (k-means initialisation, sweeps, parameter updates, ELBO, convergence test)
 runs inside one ``jax.jit`` with ``lax.while_loop``.
 """
@@ -48,6 +54,7 @@ from vbseg.models.potts import (
     NormalGammaPrior,
     class_softmax,
     colour_masks,
+    coupling_field,
     neighbour_sum,
     potts_statistic,
 )
@@ -97,9 +104,18 @@ class MeanFieldResult(NamedTuple):
     intensity: jax.Array | None = None
 
 
+def pair_energy(marginals, beta, weights) -> jax.Array:
+    """E_q[sum_{v~w} w_vw J[z_v, z_w]] under independent marginals, each pair once: beta E_q[S]
+    for a scalar coupling, else half of sum_v q_v . (J sum_w w_vw q_w)."""
+    if jnp.ndim(beta) == 0:
+        return beta * potts_statistic(marginals, weights)
+    return 0.5 * jnp.sum(marginals * coupling_field(neighbour_sum(marginals, weights), beta))
+
+
 def label_elbo_terms(marginals, unary, beta, weights) -> jax.Array:
-    """sum q * unary + beta E_q[S] + H[q]: the label part of the ELBO."""
-    energy = jnp.sum(marginals * unary) + beta * potts_statistic(marginals, weights)
+    """sum q * unary + E_q[pair energy] + H[q]: the label part of the ELBO (``beta`` a scalar
+    coupling or a (K, K) interaction matrix, :func:`coupling_field`)."""
+    energy = jnp.sum(marginals * unary) + pair_energy(marginals, beta, weights)
     entropy = -jnp.sum(xlogy(marginals, marginals))
     return energy + entropy
 
@@ -124,9 +140,10 @@ def kl_dirichlet(alpha, alpha0) -> jax.Array:
 
 
 def checkerboard_sweep(marginals, unary, beta, weights, roi) -> jax.Array:
-    """One coordinate-ascent sweep over q(z), one colour of :func:`colour_masks` at a time."""
+    """One coordinate-ascent sweep over q(z), one colour of :func:`colour_masks` at a time
+    (``beta`` a scalar coupling or a (K, K) interaction matrix, :func:`coupling_field`)."""
     for colour in colour_masks(roi.shape, weights):
-        logits = unary + beta * neighbour_sum(marginals, weights)
+        logits = unary + coupling_field(neighbour_sum(marginals, weights), beta)
         update = class_softmax(logits)
         marginals = jnp.where((colour & roi)[..., None], update, marginals)
     return marginals
@@ -290,7 +307,7 @@ def _cavi(observations, observed, roi, beta, weights, emission, concentration, f
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
         delta = jnp.abs(value - previous) / num_voxels
         return (q, post, alpha, unary, aux, beta, gamma, trace.at[it].set(value),
-                beta_trace.at[it].set(beta), it + 1, delta)
+                beta_trace.at[it].set(beta if beta.ndim == 0 else jnp.nan), it + 1, delta)
 
     beta = jnp.asarray(beta, dtype)
     init = (q0, post0, alpha_post0, unary0, aux0, beta, gamma, trace0, trace0, jnp.int32(0),

@@ -22,6 +22,8 @@ e.g. air, fat, soft tissue, bone; modalities m):
                   tau_pkm ~ Gamma(a0, a0 noise_var_km)        (E[tau] = 1 / noise_var)
                   pi_p ~ Dirichlet(1 + concentration * proportions)
                   z_p ~ Potts(beta) with external field log pi_p       (vbseg.models.potts)
+                        or, with a class-interaction matrix J (K, K), the generalised
+                        Potts prior exp(sum_v log pi_p(z_v) + sum_{v~w} w_vw J[z_v, z_w])
                   y_pvm | z_pv = k ~ Normal(mu_pkm, 1 / tau_pkm)
     output:       P(tumour at v) = sum_{k < num_tumour} q_v(k).
 
@@ -29,8 +31,13 @@ For a new patient this is the hidden Potts model of :mod:`vbseg.models.potts` wi
 Normal-Gamma priors: m0 = mu_k, kappa0 = noise_var / spread_var (so that
 Var(mu_pk) = 1 / (kappa0 E[tau]) = spread_var), a0 = ``NOISE_PSEUDO_COUNT``,
 b0 = a0 noise_var (:meth:`PopulationPrior.normal_gamma_prior`). The population level is
-fitted by empirical Bayes (:mod:`vbseg.inference.empirical_bayes`). The K x K interaction
-matrix of the issue is not modelled: one beta couples equal labels.
+fitted by empirical Bayes (:mod:`vbseg.inference.empirical_bayes`). The coupling is one beta
+(median of the training cases' pseudo-likelihood estimates) or, learned with
+``interaction=True``, a symmetric K x K matrix J estimated by pseudo-likelihood jointly over
+the training cases' label fields (:func:`vbseg.inference.empirical_bayes.pool_interaction`):
+it can favour a necrotic core inside its viable rim and disfavour it next to fat, which one
+beta cannot express. (On the sarcomas it did not improve the held-out contours; see
+benchmarks/results/bench_cohort.md.)
 
 Shapes: class arrays (K, M) in feature units, columns in the order of ``modalities``.
 """
@@ -110,6 +117,8 @@ class PopulationPrior:
             leave-one-out over the training cases (:mod:`vbseg.models.volume_error`).
         cases: names of the training cases; case_index: the CASES.json they came from.
         spread_scale: multiplies spread_var when the prior is used (sensitivity analyses).
+        interaction: None (the Potts coupling ``beta`` between equal labels) or the (K, K)
+            symmetric class-interaction matrix J used in its place (module doc).
         per_case: per training case class means (K, M), noise variances and proportions.
     """
 
@@ -132,6 +141,7 @@ class PopulationPrior:
     attribution: str = ""
     vbseg_version: str = ""
     transforms: dict = dataclasses.field(default_factory=dict)
+    interaction: np.ndarray | None = None
 
     def __post_init__(self):
         self.modalities = [str(m) for m in self.modalities]
@@ -146,6 +156,13 @@ class PopulationPrior:
             raise ValueError(f"num_tumour must be in 1..{shape[0] - 1}, got {self.num_tumour}")
         if len(self.class_names) != shape[0]:
             raise ValueError(f"class_names: {len(self.class_names)} names for {shape[0]} classes")
+        if self.interaction is not None:
+            self.interaction = _array(self.interaction, "interaction", (shape[0], shape[0]))
+            if not np.all(np.isfinite(self.interaction)):
+                raise ValueError("interaction: the matrix has non-finite entries")
+            if not np.allclose(self.interaction, self.interaction.T):
+                raise ValueError("interaction: the matrix must be symmetric")
+            self.interaction = 0.5 * (self.interaction + self.interaction.T)
         if not self.transforms:
             self.transforms = {m: TRANSFORMS[m] for m in self.modalities if m in TRANSFORMS}
         check_calibration(self.volume_calibration)
@@ -153,6 +170,11 @@ class PopulationPrior:
     @property
     def num_classes(self) -> int:
         return int(self.mean.shape[0])
+
+    def coupling(self) -> np.ndarray:
+        """The label prior's coupling as the per-scan fit takes it: the (K, K) interaction
+        matrix when there is one, else the scalar beta (float32)."""
+        return np.asarray(self.beta if self.interaction is None else self.interaction, np.float32)
 
     def widened(self, factor: float) -> PopulationPrior:
         """The same prior with the between-patient spread (variance) multiplied by ``factor``."""
@@ -186,6 +208,8 @@ class PopulationPrior:
         record = {"format": PRIOR_FORMAT}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "interaction" and value is None:
+                continue  # a Potts prior's record reads the same in vbseg versions without J
             record[field.name] = value.tolist() if isinstance(value, np.ndarray) else value
         return record
 

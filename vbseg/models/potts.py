@@ -146,6 +146,15 @@ def neighbour_sum(labels: jax.Array, weights) -> jax.Array:
     return total
 
 
+def coupling_field(neighbours, beta) -> jax.Array:
+    """The Potts prior's part of each voxel's label logits from its neighbours' weighted label
+    sums ``neighbours`` (X, Y, Z, K): beta * neighbours for a scalar coupling, or
+    neighbours @ J for a symmetric (K, K) class-interaction matrix J (energy
+    sum_{v~w} w_vw J[z_v, z_w]; J = beta I is the Potts model)."""
+    beta = jnp.asarray(beta)
+    return beta * neighbours if beta.ndim == 0 else neighbours @ beta
+
+
 def class_softmax(logits: jax.Array) -> jax.Array:
     """softmax over the last (class) axis, written exp(x - logsumexp(x)).
 
