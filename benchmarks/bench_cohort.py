@@ -25,7 +25,10 @@ so CT-alone and MR-alone rows are scored on the CT and MR grids; the paired diff
 against SUV >= 2.5 (scored on the PET grid) are per case.
 Means carry percentile-bootstrap 95 % CIs over cases, and paired differences vs SUV >= 2.5.
 
-Regenerate (about 5 minutes per modality set on 2 cores, three times that when they are busy):
+Regenerate (on 2 cores: about 10 minutes for PET+CT+MR with the sensitivity and interaction
+runs, 7 for PET alone; CT alone and MR alone fit their own whole fields of view, about 24x the
+voxels of the PET grid: the constrained fits of the CT set alone took more than 10 minutes;
+the report is rewritten after every finished set, so an interrupted run keeps them):
     python -m benchmarks.bench_cohort
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
@@ -129,11 +132,13 @@ def summarise(records, reference) -> dict:
     return out
 
 
-def markdown(summary, records, args, total_s, reference) -> str:
+def markdown(summary, records, args, total_s, reference, sets=()) -> str:
     def ci(c, digits=2):
         return f"{c['mean']:.{digits}f} [{c['lower']:.{digits}f}, {c['upper']:.{digits}f}]"
 
-    lines = [f"Leave-one-out over {len(records)} cases ({', '.join(r['case'] for r in records)}); "
+    done = "; ".join("+".join(group) for group in sets)
+    lines = [f"Modality sets: {done}.", "",
+             f"Leave-one-out over {len(records)} cases ({', '.join(r['case'] for r in records)}); "
              f"total {total_s / 60:.1f} min on this machine. Means with 95 % bootstrap CIs over cases.", "",
              f"| method | Dice50 | Dice50 - {reference} (paired) | HD95 mm | surface Dice 2 mm "
              "| volume error | 95 % coverage | interval width mL | interval score mL | ECE |",
@@ -216,7 +221,13 @@ def main(argv=None):
         for name, rows in leave_one_out(args, modalities, widen if k == 0 else 0.0, with_baselines,
                                         interaction=k == 0 and args.interaction):
             records.setdefault(name, {"case": name, "methods": {}})["methods"].update(rows)
-    records = list(records.values())
+        # written after every modality set: an interrupted run keeps the finished sets
+        record = write(args, argv, list(records.values()), sets[:k + 1], baselines, started)
+    return record
+
+
+def write(args, argv, records, sets, baselines, started):
+    """Summarise the finished modality sets and write bench_cohort.{json,md}."""
     total_s = time.perf_counter() - started
     reference = ("suv2.5" if "suv2.5" in baselines and any("pet" in group for group in sets)
                  else next(iter(records[0]["methods"])))
@@ -224,11 +235,10 @@ def main(argv=None):
     record = {"benchmark": "bench_cohort", "summary": summary, "records": records,
               "modality_sets": sets, "index": str(args.index), "total_s": total_s,
               "machine": machine(), "command": "python -m benchmarks.bench_cohort " + " ".join(argv or [])}
-    table = markdown(summary, records, args, total_s, reference)
+    table = markdown(summary, records, args, total_s, reference, sets)
     write_report(args.out, "bench_cohort", record, __doc__, table)
-    print(table)
+    print(table, flush=True)
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,8 @@ the sphere's label. Methods (all ``vbseg.segment`` on the saved VOI mask):
   means and precisions drawn jointly);
 * ``threshold40``, ``threshold50``: 40 % / 50 % of the VOI's maximum (a mask; no interval).
 
-Regenerate (about 10 minutes on 2 cores):
+Regenerate (65 minutes on 2 busy cores, nearly all of it ``psf_gibbs``, ~10 minutes a sphere;
+the other methods take seconds):
     python -m benchmarks.bench_nema
 Writes benchmarks/results/bench_nema.{json,md}. ``--spheres`` / ``--methods`` choose a subset
 (the smoke test runs one sphere, one method). Skips with a message when ../shared/data or its
@@ -159,7 +160,7 @@ def markdown(rows, methods, psf_fwhm, total_s) -> str:
             f"{np.mean([abs(r['volume_error']) for r in own]):.1%} "
             f"({np.mean([abs(r['volume_error']) for r in large]) if large else float('nan'):.1%}) | "
             f"{np.mean([r['interval_score_ml'] for r in own]):.2f} | "
-            f"{np.mean(zs) if zs else float('nan'):.1f} | "
+            f"{f'{np.mean(zs):.1f}' if zs else '-'} | "
             f"{np.mean([r['dice50'] for r in own]):.3f} "
             f"({np.mean([r['dice50'] for r in large]) if large else float('nan'):.3f}) | "
             f"{np.median([r['seconds'] for r in own]):.1f} |")

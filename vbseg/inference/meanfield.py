@@ -86,6 +86,7 @@ class MeanFieldResult(NamedTuple):
         ``learn_field_weight``, else the given one).
     intensity: (X, Y, Z) the GP intensity field b on the first modality (standardised units)
         when the fit has one (``intensity``), else None.
+    restart_iterations: (R,) iterations each restart ran (each stops at its own convergence).
     """
 
     marginals: jax.Array
@@ -102,6 +103,7 @@ class MeanFieldResult(NamedTuple):
     restart_voxels: jax.Array
     field_weight: jax.Array | None = None
     intensity: jax.Array | None = None
+    restart_iterations: jax.Array | None = None
 
 
 def pair_energy(marginals, beta, weights) -> jax.Array:
@@ -446,6 +448,7 @@ def fit_hidden_potts_vb(
                           field, field_weight, *start),
         (levels, start_centres(observations, observed, roi, levels)))
     finals = jnp.take_along_axis(trace, (it - 1)[:, None], axis=1)[:, 0]
+    restart_iterations = it
     restart_means = family.classes(post).mean
     restart_voxels = jnp.sum(q, axis=(1, 2, 3))
     best = jnp.argmax(finals)
@@ -483,4 +486,5 @@ def fit_hidden_potts_vb(
 
         intensity_map = field_on_grid(intensity, observations.shape[:3], post.eps) * roi
     return MeanFieldResult(q, family.classes(post), alpha, trace, it, converged, finals, best, beta,
-                           beta_trace, restart_means, restart_voxels, gamma, intensity_map)
+                           beta_trace, restart_means, restart_voxels, gamma, intensity_map,
+                           restart_iterations)
