@@ -4,13 +4,17 @@ For cubic PET/CT crops of n^3 voxels (PET 4 x 4 x 3 mm with a 37 mm sphere, the 
 resampled onto it; K = 3 classes, two modalities), measures on this machine:
 
 * VB (``fit_hidden_potts_vb``: 3 restarts, run to convergence): compile time and run time
-  (median of ``--repeats`` runs), iterations;
+  (median of ``--repeats`` runs), iterations; from ``--coarse-from`` (128) voxels per side on,
+  also the opt-in restarts on a 2 x 2 x 2 coarser grid with one full-grid fit per distinct
+  coarse solution (vbseg.inference.multiscale; ``segment --restarts coarse``): run time, the
+  ratio, and its best ELBO minus the full-grid fit's (whether the two find the same solution
+  over many phantoms: bench_multiscale);
 * the same mean-field algorithm written in NumPy (checkerboard sweeps, tied Normal-Gamma and
   Dirichlet updates, ELBO every iteration), one restart, timed per iteration, for the
   side-by-side ratio per restart-iteration;
 * checkerboard Gibbs (``gibbs_hidden_potts``, one chain): compile time and time per sweep.
 
-Regenerate (about 10 minutes on 2 cores):
+Regenerate (about 15 minutes on 2 cores):
     python -m benchmarks.bench_potts
 Writes benchmarks/results/bench_potts.json and bench_potts.md.
 """
@@ -86,27 +90,35 @@ def numpy_meanfield(y, q, w, beta, iterations, prior=DEFAULT_PRIOR):
     return q
 
 
-def bench_size(n: int, repeats: int, numpy_iterations: int, gibbs_sweeps: int) -> dict:
+def bench_size(n: int, repeats: int, numpy_iterations: int, gibbs_sweeps: int,
+               coarse_from: int = 128) -> dict:
     features, spacing = crop(n)
     observed = np.ones(features.shape, bool)
     roi = np.ones(features.shape[:3], bool)
     weights = neighbour_weights(spacing)
     args = (jnp.asarray(features), jnp.asarray(observed), jnp.asarray(roi), jnp.float32(0.5),
             jnp.asarray(weights), NormalGammaPrior(), jnp.float32(1.0))
-    start = time.perf_counter()
-    compiled = fit_hidden_potts_vb.lower(*args, num_classes=NUM_CLASSES).compile()
-    vb_compile = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(compiled(*args))
-        runs.append(time.perf_counter() - start)
+    # the default fit (restarts on the crop's grid) and, from --coarse-from voxels per side on,
+    # the opt-in coarse-grid restarts beside it (the side-by-side ratio of the two)
+    vb_compile, runs, result = time_vb(args, repeats, multiscale=False)
+    coarse = time_vb(args, repeats, multiscale=True) if n >= coarse_from else None
     iterations = int(result.num_iterations)
     restarts = int(restart_levels(NUM_CLASSES).shape[0])
     restart_iterations = [int(i) for i in np.asarray(result.restart_iterations)]
     vb_run = statistics.median(runs)
     # every restart runs to its own convergence: the run is sum(restart_iterations) iterations
     jax_per_iteration = vb_run / sum(restart_iterations)  # upper bound: includes k-means init
+    coarse_record = {}
+    if coarse is not None:
+        coarse_compile, coarse_runs, coarse_result = coarse
+        coarse_record = {
+            "coarse_compile_s": coarse_compile, "coarse_runs_s": coarse_runs,
+            "coarse_run_s_median": statistics.median(coarse_runs),
+            "coarse_iterations": [int(i) for i in np.asarray(coarse_result.coarse_iterations)],
+            "coarse_fine_iterations": [int(i) for i in np.asarray(coarse_result.restart_iterations)],
+            "coarse_best_elbo_minus_full": float(np.max(coarse_result.restart_elbos)
+                                                 - np.max(result.restart_elbos)),
+        }
 
     labels = np.asarray(kmeans_labels(args[0], args[1], args[2], restart_levels(NUM_CLASSES)[1]))
     q = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
@@ -129,7 +141,7 @@ def bench_size(n: int, repeats: int, numpy_iterations: int, gibbs_sweeps: int) -
         "n": n, "voxels": n**3, "classes": NUM_CLASSES, "modalities": 2,
         "vb_compile_s": vb_compile, "vb_run_s_median": vb_run, "vb_runs_s": runs,
         "vb_iterations": iterations, "vb_restarts": restarts,
-        "vb_restart_iterations": restart_iterations,
+        "vb_restart_iterations": restart_iterations, **coarse_record,
         "jax_s_per_restart_iteration": jax_per_iteration,
         "numpy_s_per_iteration": numpy_per_iteration,
         "numpy_over_jax": numpy_per_iteration / jax_per_iteration,
@@ -137,30 +149,54 @@ def bench_size(n: int, repeats: int, numpy_iterations: int, gibbs_sweeps: int) -
     }
 
 
+def time_vb(args, repeats, multiscale):
+    """(compile s, run times s, result) of ``fit_hidden_potts_vb`` with or without coarse-grid
+    restarts."""
+    start = time.perf_counter()
+    compiled = fit_hidden_potts_vb.lower(*args, num_classes=NUM_CLASSES, multiscale=multiscale).compile()
+    compile_s = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = jax.block_until_ready(compiled(*args))
+        runs.append(time.perf_counter() - start)
+    return compile_s, runs, result
+
+
 def markdown(rows) -> str:
     lines = [
         "| n^3 | VB compile (s) | VB run, median (s) | iterations of each restart | JAX s/iter | "
-        "NumPy s/iter | NumPy / JAX | Gibbs s/sweep |",
-        "|---|---|---|---|---|---|---|---|",
+        "NumPy s/iter | NumPy / JAX | Gibbs s/sweep | coarse restarts: run (s) | coarse; fine "
+        "iterations | VB / coarse | ELBO coarse - full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        coarse = "- | - | - | - |"
+        if "coarse_run_s_median" in r:
+            coarse = (f"{r['coarse_run_s_median']:.2f} | {' + '.join(map(str, r['coarse_iterations']))}; "
+                      f"{' + '.join(map(str, r['coarse_fine_iterations']))} | "
+                      f"{r['vb_run_s_median'] / r['coarse_run_s_median']:.1f} | "
+                      f"{r['coarse_best_elbo_minus_full']:+.0f} |")
         lines.append(
             f"| {r['n']}^3 | {r['vb_compile_s']:.1f} | {r['vb_run_s_median']:.2f} | "
             f"{' + '.join(map(str, r['vb_restart_iterations']))} | {r['jax_s_per_restart_iteration']:.3f} | "
-            f"{r['numpy_s_per_iteration']:.3f} | {r['numpy_over_jax']:.1f} | {r['gibbs_s_per_sweep']:.3f} |"
+            f"{r['numpy_s_per_iteration']:.3f} | {r['numpy_over_jax']:.1f} | {r['gibbs_s_per_sweep']:.3f} | "
+            + coarse
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="32,64,96,144")
+    parser.add_argument("--sizes", default="32,64,96,144,192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-iterations", type=int, default=5)
     parser.add_argument("--gibbs-sweeps", type=int, default=20)
+    parser.add_argument("--coarse-from", type=int, default=128,
+                        help="also time the opt-in coarse-grid restarts from this n on")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    rows = [bench_size(int(n), args.repeats, args.numpy_iterations, args.gibbs_sweeps)
+    rows = [bench_size(int(n), args.repeats, args.numpy_iterations, args.gibbs_sweeps, args.coarse_from)
             for n in args.sizes.split(",")]
     record = {
         "benchmark": "bench_potts", "rows": rows,

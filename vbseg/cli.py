@@ -89,6 +89,11 @@ def _add_segment(sub):
     p.add_argument("--neighbourhood", type=int, default=6,
                    help="Potts neighbourhood: 6 (faces) or 26 (faces, edges, corners); weights "
                         "by inverse voxel distance (default 6)")
+    p.add_argument("--restarts", default="full",
+                   help="where the k-means restarts of the Potts fit run: 'full' on the image's "
+                        "grid (default), or 'coarse' on a 2x2x2 coarser grid first with one "
+                        "full-grid fit per distinct solution (2-4x faster on large grids; it can "
+                        "end in another mode: see benchmarks/results/bench_multiscale.md)")
     p.add_argument("--levels", default="10,50,90", help="contour levels in percent (default 10,50,90)")
     p.add_argument("--tumour-class", type=int, default=None,
                    help="which class is tumour when no PET is given (classes ordered by mean "
@@ -283,6 +288,7 @@ def _segment_kwargs(args) -> dict:
         num_classes=args.classes,
         beta=_beta(args.beta),
         neighbourhood=args.neighbourhood,
+        restarts=args.restarts,
         levels_percent=_number_list("--levels", args.levels),
         tumour_class=args.tumour_class,
         seed=args.seed,

@@ -77,7 +77,7 @@ MODEL_KEYS = {
     "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
     "tumour_class": ("tumour_class", int), "checkpoint": ("checkpoint", str),
     "field_weight": ("field_weight", (float, str)), "prior": ("prior", str),
-    "intensity_field": ("intensity_field", str),
+    "intensity_field": ("intensity_field", str), "restarts": ("restarts", str),
     "intensity_lengthscale_mm": ("intensity_lengthscale_mm", float),
 }
 # settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
@@ -357,7 +357,8 @@ def _check_variant(path, variant, cases):
                 covariance=kwargs.get("covariance", "diagonal"), dof=kwargs.get("dof", 4.0),
                 checkpoint=kwargs.get("checkpoint"), field_weight=kwargs.get("field_weight", "auto"),
                 intensity_field=kwargs.get("intensity_field"),
-                intensity_lengthscale_mm=kwargs.get("intensity_lengthscale_mm"))
+                intensity_lengthscale_mm=kwargs.get("intensity_lengthscale_mm"),
+                restarts=kwargs.get("restarts", "full"))
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 

@@ -60,7 +60,7 @@ def pet_relative_precision(image: np.ndarray, voi: np.ndarray) -> np.ndarray:
 def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_mm=None,
               relative_precision=None, neighbourhood=6, beta_estimator="fixed",
               emission="gaussian", dof=DEFAULT_STUDENT_DOF, external_field=None,
-              learn_field_weight=False, field_weight=1.0, intensity=None) -> FitOutcome:
+              learn_field_weight=False, field_weight=1.0, intensity=None, multiscale=False) -> FitOutcome:
     """Mean-field fit on a bucket-padded crop (compile timed apart from run).
 
     Without ``psf_fwhm_mm`` this is the PSF-free fit (restarts, learned proportions). With it
@@ -74,6 +74,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     ``learn_field_weight`` (:func:`vbseg.inference.beta.estimate_coupling_pl`); the PSF fit
     keeps the weight the PSF-free fit ended with. ``intensity``: an
     :class:`~vbseg.inference.intensity_field.IntensityFieldSpec` (PSF-free fit only).
+    ``multiscale``: restarts on a 2x2x2 coarser grid first (True;
+    :mod:`vbseg.inference.multiscale`), or on the crop's grid (False).
     """
     padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
               jnp.asarray(_pad_to_bucket(observed, False)),
@@ -88,13 +90,18 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
                                                 num_classes=num_classes,
                                                 beta_estimator=beta_estimator, emission=emission,
                                                 dof=float(dof), learn_field_weight=learn_field_weight,
-                                                intensity=intensity)
+                                                intensity=intensity, multiscale=multiscale)
     iterations = int(result.num_iterations)
     diagnostics = {
         "converged": bool(result.converged),
         "iterations": iterations,
         "restart_elbos": np.asarray(result.restart_elbos).tolist(),
         "best_restart": int(result.best_restart),
+        "restart_iterations": np.asarray(result.restart_iterations).tolist(),
+        # restarts fitted on a 2x2x2 coarser grid first, one fine fit per distinct solution
+        # (vbseg.inference.multiscale; large grids): their coarse iterations, else null
+        "coarse_restart_iterations": (None if result.coarse_iterations is None
+                                      else np.asarray(result.coarse_iterations).tolist()),
         **restart_agreement(np.asarray(result.restart_elbos), np.asarray(result.restart_voxels),
                             int(result.best_restart)),
     }

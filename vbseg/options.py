@@ -41,6 +41,10 @@ DEFAULT_VOLUME_DRAWS = 2000
 MODELS = ("potts", "gp") + DEEP_MODELS + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
+# --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
+# "coarse" on a 2x2x2 coarser grid first, one full-grid fit per distinct solution
+# (vbseg.inference.multiscale; faster, but can end in other modes: bench_multiscale)
+RESTARTS = {"full": False, "coarse": True}
 # --intensity-field: which classes' first-modality mean carries a GP field
 # (vbseg.inference.intensity_field): every class (a bias field) or the tumour class
 INTENSITY_FIELDS = ("all", "tumour")
@@ -51,7 +55,7 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
                   dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
                   external_field=None, field_weight="auto", intensity_field=None,
-                  intensity_lengthscale_mm=None):
+                  intensity_lengthscale_mm=None, restarts="full"):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
     InputError names the option."""
     if model not in MODELS:
@@ -67,6 +71,11 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
         raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
         raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
+    if restarts not in RESTARTS:
+        raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {restarts!r}")
+    if restarts == "coarse" and intensity_field is not None:
+        raise InputError("--restarts", "coarse restarts do not go with --intensity-field (its GP "
+                                       "field lives on the image's grid)")
     if neighbourhood not in NEIGHBOURHOODS:
         raise InputError("--neighbourhood", f"must be 6 or 26, got {neighbourhood!r}")
     if not levels_percent:

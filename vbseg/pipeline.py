@@ -41,6 +41,7 @@ from vbseg.options import (
     DEFAULT_LEVELS,
     DEFAULT_STUDENT_DOF,
     DEFAULT_VOLUME_DRAWS,
+    RESTARTS,
     check_options,
     check_outputs,
 )
@@ -151,6 +152,7 @@ def segment(
     num_classes: int = 2,
     beta: float | str | None = None,
     neighbourhood: int = 6,
+    restarts: str = "full",
     levels_percent=DEFAULT_LEVELS,
     tumour_class: int | None = None,
     seed: int = 0,
@@ -184,6 +186,10 @@ def segment(
             "auto": learned by variational EM with a pseudo-likelihood step (from
             AUTO_BETA_START; :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler.
         neighbourhood: 6 or 26 (the Potts neighbourhood; weights by inverse distance).
+        restarts: where the Potts fit's k-means restarts run: "full" (the image's grid, the
+            default) or "coarse" (a 2x2x2 coarser grid, then one fit on the image's grid per
+            distinct solution; :mod:`vbseg.inference.multiscale`: faster on large grids, but
+            it can end in another mode of the ELBO).
         levels_percent: contour levels in percent.
         tumour_class: class index that is tumour (required without PET; see module doc).
         seed: seeds the volume draws (the fit itself is deterministic).
@@ -245,7 +251,8 @@ def segment(
                   psf_fwhm_mm=psf_fwhm_mm, pet_noise=pet_noise, sampler=sampler,
                   emission=emission, covariance=covariance, dof=dof, roi=roi, box=box,
                   checkpoint=checkpoint, external_field=external_field, field_weight=field_weight,
-                  intensity_field=intensity_field, intensity_lengthscale_mm=intensity_lengthscale_mm)
+                  intensity_field=intensity_field, intensity_lengthscale_mm=intensity_lengthscale_mm,
+                  restarts=restarts)
     learn_beta = beta == "auto"
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
@@ -312,7 +319,7 @@ def segment(
                     ("student" if emission == "student" else "gaussian"), dof=dof,
                     external_field=field, learn_field_weight=learn_weight,
                     field_weight=0.0 if learn_weight or field is None else float(field_weight),
-                    intensity=intensity)
+                    intensity=intensity, multiscale=RESTARTS[restarts])
     if model in FIELD_MODELS:
         fit.timings["network"] = network_s  # the forward pass, its compile included
     beta_used = fit.beta
@@ -374,6 +381,7 @@ def segment(
             "classes": num_classes,
             "beta": "auto" if learn_beta else float(beta),
             "neighbourhood": neighbourhood,
+            "restarts": restarts,
             "emission": emission_text,
             "psf_fwhm_mm": psf_fwhm_mm,
             "pet_noise": pet_noise if psf_fwhm_mm is not None else None,
