@@ -30,6 +30,8 @@ runs, 7 for PET alone; CT alone and MR alone fit their own whole fields of view,
 voxels of the PET grid: the constrained fits of the CT set alone took more than 10 minutes;
 the report is rewritten after every finished set, so an interrupted run keeps them):
     python -m benchmarks.bench_cohort
+``--append`` keeps the sets already in the report and runs only the missing ones, e.g.
+    python -m benchmarks.bench_cohort --modalities "ct;mr" --append
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
 Writes benchmarks/results/bench_cohort.{json,md}.
@@ -38,6 +40,8 @@ Writes benchmarks/results/bench_cohort.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -104,7 +108,11 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
     if "pet" in modalities:
         methods += [(name, dict(model=name)) for name in baselines]
     if unsupervised:
-        methods.append((f"unsupervised potts {tag} K=3", dict(num_classes=3)))
+        # without PET no rule picks the tumour class: K = 3 orders the classes by mean as fat /
+        # soft tissue / bone on CT and dark / intermediate / bright (fat) on T1 MR, and the
+        # middle one is called tumour (as experiments/sts_single_modality.toml does)
+        middle = {} if "pet" in modalities else dict(tumour_class=1)
+        methods.append((f"unsupervised potts {tag} K=3", dict(num_classes=3, **middle)))
     for name, kwargs in methods:
         t0 = time.perf_counter()
         posterior = vbseg.segment(images, modalities=list(modalities), seed=0, **kwargs)
@@ -205,6 +213,9 @@ def main(argv=None):
                         help="also a prior with a learned K x K class-interaction matrix (first set)")
     parser.add_argument("--quick", action="store_true",
                         help="hold out only the first two cases; no widening, no unsupervised model")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the modality sets already in OUT/bench_cohort.json and run only "
+                             "the sets it lacks (a resumed or extended run)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from vbseg.cli import enable_compilation_cache
@@ -214,27 +225,47 @@ def main(argv=None):
     started = time.perf_counter()
     widen = 0.0 if args.quick else args.widen
     baselines = [b for b in args.baselines.split(",") if b]
-    records = {}
-    for k, modalities in enumerate(sets):
-        # the sensitivity run goes with the first set, the baselines with the first set that has PET
-        with_baselines = baselines if "pet" in modalities and not any("pet" in s for s in sets[:k]) else []
-        for name, rows in leave_one_out(args, modalities, widen if k == 0 else 0.0, with_baselines,
-                                        interaction=k == 0 and args.interaction):
+    done, records, earlier_s = finished_sets(args.out) if args.append else ([], {}, 0.0)
+    record = None
+    for modalities in sets:
+        if modalities in done:
+            print(f"{'+'.join(modalities)}: already in {args.out}, kept", flush=True)
+            continue
+        # the sensitivity and interaction runs go with the first set, the baselines with the
+        # first set that has PET (sets of an earlier run count: --append)
+        first = not done
+        with_baselines = baselines if "pet" in modalities and not any("pet" in s for s in done) else []
+        for name, rows in leave_one_out(args, modalities, widen if first else 0.0, with_baselines,
+                                        interaction=first and args.interaction):
             records.setdefault(name, {"case": name, "methods": {}})["methods"].update(rows)
+        done.append(modalities)
         # written after every modality set: an interrupted run keeps the finished sets
-        record = write(args, argv, list(records.values()), sets[:k + 1], baselines, started)
+        record = write(args, argv, list(records.values()), done, baselines, started, earlier_s)
     return record
 
 
-def write(args, argv, records, sets, baselines, started):
-    """Summarise the finished modality sets and write bench_cohort.{json,md}."""
-    total_s = time.perf_counter() - started
+def finished_sets(out):
+    """(modality sets, {case: record}, seconds) of an earlier run's bench_cohort.json in ``out``
+    (none if it does not exist)."""
+    path = Path(out) / "bench_cohort.json"
+    if not path.exists():
+        return [], {}, 0.0
+    earlier = json.loads(path.read_text())
+    return ([list(s) for s in earlier["modality_sets"]],
+            {r["case"]: r for r in earlier["records"]}, float(earlier["total_s"]))
+
+
+def write(args, argv, records, sets, baselines, started, earlier_s=0.0):
+    """Summarise the finished modality sets and write bench_cohort.{json,md}
+    (``earlier_s``: the time of the sets kept from an earlier run, added to the total)."""
+    total_s = time.perf_counter() - started + earlier_s
     reference = ("suv2.5" if "suv2.5" in baselines and any("pet" in group for group in sets)
                  else next(iter(records[0]["methods"])))
     summary = summarise(records, reference)
     record = {"benchmark": "bench_cohort", "summary": summary, "records": records,
               "modality_sets": sets, "index": str(args.index), "total_s": total_s,
-              "machine": machine(), "command": "python -m benchmarks.bench_cohort " + " ".join(argv or [])}
+              "machine": machine(), "command": "python -m benchmarks.bench_cohort "
+              + " ".join(sys.argv[1:] if argv is None else argv)}
     table = markdown(summary, records, args, total_s, reference, sets)
     write_report(args.out, "bench_cohort", record, __doc__, table)
     print(table, flush=True)

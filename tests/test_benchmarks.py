@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import bench_beta, bench_calibration, bench_cohort, bench_gp, bench_nema, bench_potts
+from benchmarks import (
+    bench_beta,
+    bench_calibration,
+    bench_cohort,
+    bench_gp,
+    bench_multiscale,
+    bench_nema,
+    bench_potts,
+)
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -19,6 +27,13 @@ def test_bench_potts_smoke(tmp_path):
     saved = json.loads((tmp_path / "bench_potts.json").read_text())
     assert saved["rows"][0]["voxels"] == 16**3
     assert "| 16^3 |" in (tmp_path / "bench_potts.md").read_text()
+
+
+def test_bench_multiscale_smoke(tmp_path):
+    record = bench_multiscale.main(["--quick", "--sizes", "24", "--out", str(tmp_path)])
+    (row,) = record["rows"]
+    assert row["coarse_iterations"] is not None and 0.0 <= row["dice_between"] <= 1.0
+    assert "| 24^3 |" in (tmp_path / "bench_multiscale.md").read_text()
 
 
 def test_bench_gp_smoke(tmp_path):
@@ -60,9 +75,16 @@ def test_bench_cohort_smoke(tmp_path):
     from vbseg.phantoms import make_cohort
 
     index = make_cohort(tmp_path / "cohort", 3, seed=0, shape=(16, 16, 10))
-    record = bench_cohort.main(["--index", str(index), "--cases", "syn00,syn01,syn02", "--quick",
-                                "--modalities", "pet,ct,mr;pet", "--baselines", "suv2.5",
-                                "--out", str(tmp_path)])
+    common = ["--index", str(index), "--cases", "syn00,syn01,syn02", "--quick", "--baselines", "suv2.5",
+              "--out", str(tmp_path)]
+    first = bench_cohort.main(common + ["--modalities", "pet,ct,mr"])
+    assert first["modality_sets"] == [["pet", "ct", "mr"]]
+    # --append keeps the fused set (not run again) and adds PET alone to the same report
+    record = bench_cohort.main(common + ["--modalities", "pet,ct,mr;pet", "--append"])
+    assert record["modality_sets"] == [["pet", "ct", "mr"], ["pet"]]
+    for before, after in zip(first["records"], record["records"]):
+        for name, scores in before["methods"].items():
+            assert after["methods"][name] == scores
     assert [r["case"] for r in record["records"]] == ["syn00", "syn01"]
     assert set(record["records"][0]["methods"]) == {"prior pet+ct+mr", "prior pet+ct+mr, interaction J",
                                                     "prior pet", "suv2.5"}
