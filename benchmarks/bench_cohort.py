@@ -225,7 +225,7 @@ def main(argv=None):
     started = time.perf_counter()
     widen = 0.0 if args.quick else args.widen
     baselines = [b for b in args.baselines.split(",") if b]
-    done, records, earlier_s = finished_sets(args.out) if args.append else ([], {}, 0.0)
+    done, records, earlier_s = finished_sets(args.out, settings(args)) if args.append else ([], {}, 0.0)
     record = None
     for modalities in sets:
         if modalities in done:
@@ -244,13 +244,26 @@ def main(argv=None):
     return record
 
 
-def finished_sets(out):
+def settings(args) -> dict:
+    """The options that must agree between the runs merged by ``--append`` (the cases held
+    out, the baselines and the first set's variants)."""
+    return {"index": str(args.index), "cases": args.cases, "quick": args.quick, "widen": args.widen,
+            "baselines": args.baselines, "interaction": args.interaction}
+
+
+def finished_sets(out, current):
     """(modality sets, {case: record}, seconds) of an earlier run's bench_cohort.json in ``out``
-    (none if it does not exist)."""
+    (none if it does not exist). Refuses (one line) when that run's settings differ from
+    ``current``; a report written before settings were recorded is taken as it is."""
     path = Path(out) / "bench_cohort.json"
     if not path.exists():
         return [], {}, 0.0
     earlier = json.loads(path.read_text())
+    stored = earlier.get("settings")
+    if stored is not None and stored != current:
+        differ = ", ".join(k for k in current if stored.get(k) != current[k])
+        raise SystemExit(f"bench_cohort --append: {path} was made with other settings ({differ}); "
+                         "run without --append or with the same options")
     return ([list(s) for s in earlier["modality_sets"]],
             {r["case"]: r for r in earlier["records"]}, float(earlier["total_s"]))
 
@@ -264,6 +277,7 @@ def write(args, argv, records, sets, baselines, started, earlier_s=0.0):
     summary = summarise(records, reference)
     record = {"benchmark": "bench_cohort", "summary": summary, "records": records,
               "modality_sets": sets, "index": str(args.index), "total_s": total_s,
+              "settings": settings(args),
               "machine": machine(), "command": "python -m benchmarks.bench_cohort "
               + " ".join(sys.argv[1:] if argv is None else argv)}
     table = markdown(summary, records, args, total_s, reference, sets)

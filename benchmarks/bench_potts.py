@@ -14,7 +14,7 @@ resampled onto it; K = 3 classes, two modalities), measures on this machine:
   side-by-side ratio per restart-iteration;
 * checkerboard Gibbs (``gibbs_hidden_potts``, one chain): compile time and time per sweep.
 
-Regenerate (about 15 minutes on 2 cores):
+Regenerate (about 7 minutes on 2 cores):
     python -m benchmarks.bench_potts
 Writes benchmarks/results/bench_potts.json and bench_potts.md.
 """

@@ -86,6 +86,10 @@ def test_bench_cohort_smoke(tmp_path):
         for name, scores in before["methods"].items():
             assert after["methods"][name] == scores
     assert [r["case"] for r in record["records"]] == ["syn00", "syn01"]
+    # appending with other held-out cases would mix reports: refused in one line
+    with pytest.raises(SystemExit, match="other settings"):
+        bench_cohort.main([a if a != "syn00,syn01,syn02" else "syn00,syn01" for a in common]
+                          + ["--modalities", "pet", "--append"])
     assert set(record["records"][0]["methods"]) == {"prior pet+ct+mr", "prior pet+ct+mr, interaction J",
                                                     "prior pet", "suv2.5"}
     for name in ("prior pet+ct+mr", "prior pet+ct+mr, interaction J", "prior pet"):

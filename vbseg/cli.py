@@ -92,8 +92,8 @@ def _add_segment(sub):
     p.add_argument("--restarts", default="full",
                    help="where the k-means restarts of the Potts fit run: 'full' on the image's "
                         "grid (default), or 'coarse' on a 2x2x2 coarser grid first with one "
-                        "full-grid fit per distinct solution (2-4x faster on large grids; it can "
-                        "end in another mode: see benchmarks/results/bench_multiscale.md)")
+                        "full-grid fit per distinct solution (faster on large grids, 3x at 144^3; "
+                        "it can end in another mode: see benchmarks/results/bench_multiscale.md)")
     p.add_argument("--levels", default="10,50,90", help="contour levels in percent (default 10,50,90)")
     p.add_argument("--tumour-class", type=int, default=None,
                    help="which class is tumour when no PET is given (classes ordered by mean "

@@ -322,6 +322,9 @@ def _check_variant(path, variant, cases):
     from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options
 
     kwargs = segment_kwargs(variant)
+    if "prior" in kwargs and kwargs.get("restarts", "full") != "full":
+        raise InputError(path, "[model] restarts: does not apply with a prior (its fit starts "
+                               "from the prior's classes, not k-means)")
     if kwargs.get("prior") == LEAVE_ONE_OUT:
         from vbseg.models.volume_error import MIN_CALIBRATION_CASES
 

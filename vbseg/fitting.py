@@ -92,6 +92,11 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
                                                 dof=float(dof), learn_field_weight=learn_field_weight,
                                                 intensity=intensity, multiscale=multiscale)
     iterations = int(result.num_iterations)
+    # with coarse restarts a restart that repeated an earlier coarse solution carries that
+    # one's full-grid fit: agreement and the ELBO gap are over the distinct full-grid fits
+    elbos, voxels = np.asarray(result.restart_elbos), np.asarray(result.restart_voxels)
+    ran = (np.ones(elbos.shape, bool) if result.coarse_iterations is None
+           else np.asarray(result.restart_iterations) > 0)
     diagnostics = {
         "converged": bool(result.converged),
         "iterations": iterations,
@@ -99,11 +104,11 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
         "best_restart": int(result.best_restart),
         "restart_iterations": np.asarray(result.restart_iterations).tolist(),
         # restarts fitted on a 2x2x2 coarser grid first, one fine fit per distinct solution
-        # (vbseg.inference.multiscale; large grids): their coarse iterations, else null
+        # (vbseg.inference.multiscale, --restarts coarse): their coarse iterations, else null
         "coarse_restart_iterations": (None if result.coarse_iterations is None
                                       else np.asarray(result.coarse_iterations).tolist()),
-        **restart_agreement(np.asarray(result.restart_elbos), np.asarray(result.restart_voxels),
-                            int(result.best_restart)),
+        **restart_agreement(elbos[ran], voxels[ran],
+                            int(np.flatnonzero(ran).tolist().index(int(result.best_restart)))),
     }
     beta = float(result.beta)
     gamma = float(result.field_weight)
@@ -159,7 +164,8 @@ def restart_agreement(elbos, voxels, best) -> dict:
     """How the k-means restarts ended: class sizes (voxels, classes ordered by mean) per
     restart, and how many found the chosen solution (every class size within 5 %). Distinct
     solutions mean a multimodal posterior; the chosen one has the highest ELBO (restarts share
-    beta, so their ELBOs are comparable)."""
+    beta, so their ELBOs are comparable). The caller passes the restarts that ran a fit of
+    their own (with coarse restarts, the distinct full-grid fits)."""
     reference = voxels[best]
     same = [bool(np.all(np.abs(v - reference) <= SAME_SOLUTION_TOLERANCE * np.maximum(reference, 1.0)))
             for v in voxels]

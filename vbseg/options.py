@@ -73,6 +73,9 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
         raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
     if restarts not in RESTARTS:
         raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {restarts!r}")
+    if restarts == "coarse" and model not in ("potts", "deep-potts"):
+        raise InputError("--restarts", f"coarse restarts are for the hidden Potts fit (potts, "
+                                       f"deep-potts), not --model {model}")
     if restarts == "coarse" and intensity_field is not None:
         raise InputError("--restarts", "coarse restarts do not go with --intensity-field (its GP "
                                        "field lives on the image's grid)")

@@ -236,6 +236,9 @@ def segment(
         if intensity_field is not None or intensity_lengthscale_mm is not None:
             raise InputError("--intensity-field", "does not apply with --prior (the population "
                                                   "prior's classes carry no intensity field)")
+        if restarts != "full":
+            raise InputError("--restarts", "does not apply with --prior (the population prior's "
+                                           "fit starts from the prior's classes, not k-means)")
 
         return segment_with_prior(images, out, prior=prior, modalities=modalities, roi=roi, box=box,
                                   model=model, levels_percent=tuple(float(x) for x in levels_percent),
