@@ -16,6 +16,7 @@ from benchmarks import (
     bench_multiscale,
     bench_nema,
     bench_potts,
+    gtv_contrast,
 )
 
 
@@ -34,6 +35,16 @@ def test_bench_multiscale_smoke(tmp_path):
     (row,) = record["rows"]
     assert row["coarse_iterations"] is not None and 0.0 <= row["dice_between"] <= 1.0
     assert "| 24^3 |" in (tmp_path / "bench_multiscale.md").read_text()
+
+
+def test_gtv_contrast_on_the_sarcomas(tmp_path, shared_data):
+    record = gtv_contrast.main(["--index", str(shared_data / "cases.json"), "--out", str(tmp_path)])
+    rows = record["rows"]
+    assert {r["modality"] for r in rows} == {"pet", "ct", "mr"}
+    # every GTV is hotter than the rest of its PET crop; the table is per case and modality
+    assert all(r["gtv_median"] > r["outside_median"] for r in rows if r["modality"] == "pet")
+    assert len(rows) == 3 * len({r["case"] for r in rows})
+    assert "| sts001 | ct |" in (tmp_path / "gtv_contrast.md").read_text()
 
 
 def test_bench_gp_smoke(tmp_path):
