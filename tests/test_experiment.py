@@ -230,3 +230,29 @@ def test_leave_one_out_prior_experiment(tmp_path):
     few = text.replace("\"syn02\", \"syn03\"", "\"syn02\"")
     with pytest.raises(InputError, match="needs >= 3"):
         load_experiment(_write(tmp_path, few, "few.toml"))
+
+
+def test_leave_one_out_cache_is_keyed_by_code_and_inputs(tmp_path, monkeypatch):
+    """The cached per-case fits are found again only by the same code and the same input
+    files: a changed vbseg source (its digest) or a touched label gives another folder."""
+    import os
+
+    from vbseg import population
+    from vbseg.cases import read_cases
+    from vbseg.phantoms import make_cohort
+
+    index = make_cohort(tmp_path / "cohort", 3, seed=0, shape=(16, 16, 10))
+    names = ["syn00", "syn01", "syn02"]
+    cases = read_cases(index, ["pet"], names)
+
+    def folder():
+        return population.cache_folder(tmp_path / "cache", index, ["pet"], names, cases, 2, 3)
+
+    first = folder()
+    assert folder() == first  # deterministic
+    stat = os.stat(cases[1].label)
+    os.utime(cases[1].label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = folder()
+    assert touched != first
+    monkeypatch.setattr(population, "source_digest", lambda: "other code")
+    assert folder() not in (first, touched)

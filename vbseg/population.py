@@ -263,6 +263,32 @@ def held_out_prior(stats, entries, names, held_out: int, modalities, *, num_tumo
                                  calibration=calibration_from_entries([entries[j] for j in others]))
 
 
+def source_digest() -> str:
+    """sha256 of every module of the installed vbseg package (paths and contents): a cached
+    result is reused only by the code that made it, not by a later version of it."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_background) -> Path:
+    """The folder of :func:`leave_one_out_prior`'s cached fits: keyed by the index path, the
+    modalities, the cohort, the class counts, vbseg's code (:func:`source_digest`) and each
+    input file's path, size and modification time (a changed image or label is fitted again)."""
+    import hashlib
+    import json
+
+    files = [os.fspath(f) for c in cases for f in (*c.images, c.label)]
+    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = json.dumps([os.path.abspath(os.fspath(index)), list(modalities), list(cohort), num_tumour,
+                      num_background, source_digest(), stamps])
+    return Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def _cached(path: Path, compute):
     """``compute()`` pickled at ``path`` (written atomically) or read back from it."""
     import pickle
@@ -287,10 +313,8 @@ def leave_one_out_prior(index, modalities, cohort, held_out: str, cache_dir, *,
     ``index``, with ``modalities``): what an experiment config's ``prior = "leave-one-out"``
     uses. Each case's constrained fit and leave-one-out volume entry is computed once and
     cached under ``cache_dir`` (pickles keyed by the index, modalities, cohort, classes and
-    vbseg version), so the n folds of a study cost n + n fits, not n^2."""
-    import hashlib
-    import json
-
+    code and input files: :func:`cache_folder`), so the n folds of a study cost n + n fits, not
+    n^2."""
     modalities = [str(m).lower() for m in modalities]
     cohort = sorted(cohort)
     if held_out not in cohort:
@@ -298,10 +322,8 @@ def leave_one_out_prior(index, modalities, cohort, held_out: str, cache_dir, *,
     if len(cohort) < MIN_CALIBRATION_CASES + 1:
         raise InputError(os.fspath(index), f"leave-one-out priors need >= {MIN_CALIBRATION_CASES + 1} "
                                            f"cases with {'+'.join(modalities)}, found {len(cohort)}")
-    key = json.dumps([os.path.abspath(os.fspath(index)), modalities, cohort, num_tumour,
-                      num_background, _vbseg_version()])
-    folder = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
     cases = read_cases(index, modalities, cohort)
+    folder = cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_background)
     training = {}
 
     def case(j):
