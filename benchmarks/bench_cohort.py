@@ -32,6 +32,8 @@ the report is rewritten after every finished set, so an interrupted run keeps th
     python -m benchmarks.bench_cohort
 ``--append`` keeps the sets already in the report and runs only the missing ones, e.g.
     python -m benchmarks.bench_cohort --modalities "ct;mr" --append
+(``--no-unsupervised`` leaves out the unsupervised model, e.g. for CT alone, where
+experiments/sts_single_modality.toml already measures it on the same cases).
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
 Writes benchmarks/results/bench_cohort.{json,md}.
@@ -195,7 +197,8 @@ def leave_one_out(args, modalities, widen, baselines, interaction=False):
                     if interaction else None)
         prior = pooled(entries)
         yield names[i], run_case(cases[i], prior, modalities, widen, baselines,
-                                 lambda text: print(text, flush=True), unsupervised=not args.quick,
+                                 lambda text: print(text, flush=True),
+                                 unsupervised=args.unsupervised and not args.quick,
                                  variants=variants)
 
 
@@ -213,6 +216,8 @@ def main(argv=None):
                         help="also a prior with a learned K x K class-interaction matrix (first set)")
     parser.add_argument("--quick", action="store_true",
                         help="hold out only the first two cases; no widening, no unsupervised model")
+    parser.add_argument("--unsupervised", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the unsupervised hidden Potts model (K = 3) per set")
     parser.add_argument("--append", action="store_true",
                         help="keep the modality sets already in OUT/bench_cohort.json and run only "
                              "the sets it lacks (a resumed or extended run)")
