@@ -27,8 +27,9 @@ Means carry percentile-bootstrap 95 % CIs over cases, and paired differences vs 
 
 Regenerate (on 2 cores: about 10 minutes for PET+CT+MR with the sensitivity and interaction
 runs, 7 for PET alone; CT alone and MR alone fit their own whole fields of view, about 24x the
-voxels of the PET grid: the constrained fits of the CT set alone took more than 10 minutes;
-the report is rewritten after every finished set, so an interrupted run keeps them):
+voxels of the PET grid: 20 min for CT without the unsupervised model on a quiet machine, 47 min
+for MR with it on shared cores; the report is rewritten after every finished set, so an
+interrupted run keeps them):
     python -m benchmarks.bench_cohort
 ``--append`` keeps the sets already in the report and runs only the missing ones, e.g.
     python -m benchmarks.bench_cohort --modalities "ct;mr" --append
