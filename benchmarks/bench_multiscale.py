@@ -25,16 +25,14 @@ import statistics
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_potts import phantom_features, timed_runs
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.metrics import dice
 from vbseg.models.potts import DEFAULT_PRIOR, neighbour_weights
-from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.volume import resample_onto
 
 NUM_CLASSES = 3
 # two fits found the same solution when their 50 % tumour contours overlap at least this much
@@ -54,24 +52,13 @@ def configurations(quick: bool):
 
 
 def inputs(n: int, spec_args: dict, seed: int = 0):
-    """Standardised PET/CT features on an n^3 PET grid, the fit's arguments and the truth."""
-    phantom = make_phantom(PhantomSpec(shape=(n, n, n), **spec_args), seed=seed)
-    ct, _ = resample_onto(phantom.ct, phantom.pet)
-    stack = np.stack([phantom.pet.data, ct.data], axis=-1)
-    features = ((stack - np.median(stack, axis=(0, 1, 2))) / stack.std(axis=(0, 1, 2))).astype(np.float32)
+    """The fit's arguments for bench_potts' standardised PET/CT features of an n^3 phantom, and
+    the phantom (its truth)."""
+    features, phantom = phantom_features(n, seed, **spec_args)
     args = (jnp.asarray(features), jnp.ones(features.shape, bool), jnp.ones(features.shape[:3], bool),
             jnp.float32(0.5), jnp.asarray(neighbour_weights(phantom.pet.spacing, 6)), DEFAULT_PRIOR,
             jnp.float32(1.0))
     return args, phantom
-
-
-def timed_fit(compiled, args, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
 
 
 def compare(n: int, label: str, spec_args: dict, repeats: int, compiled: dict) -> dict:
@@ -85,7 +72,8 @@ def compare(n: int, label: str, spec_args: dict, repeats: int, compiled: dict) -
             compiled[key] = fit_hidden_potts_vb.lower(*args, num_classes=NUM_CLASSES,
                                                       multiscale=multiscale).compile()
             row[f"{name}_compile_s"] = time.perf_counter() - start
-        result, seconds = timed_fit(compiled[key], args, repeats)
+        runs, result = timed_runs(compiled[key], args, repeats)
+        seconds = statistics.median(runs)
         # tumour: the class with the highest PET mean (the first modality)
         tumour = int(np.argmax(np.asarray(result.emission.mean)[:, 0]))
         probability = np.asarray(result.marginals[..., tumour])
