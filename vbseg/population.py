@@ -283,7 +283,7 @@ def cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_ba
     import json
 
     files = [os.fspath(f) for c in cases for f in (*c.images, c.label)]
-    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamps = [(f, stat.st_size, stat.st_mtime_ns) for f, stat in zip(files, map(os.stat, files))]
     key = json.dumps([os.path.abspath(os.fspath(index)), list(modalities), list(cohort), num_tumour,
                       num_background, source_digest(), stamps])
     return Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
