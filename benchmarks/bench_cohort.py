@@ -34,7 +34,7 @@ interrupted run keeps them):
 ``--append`` keeps the sets already in the report and runs only the missing ones, e.g.
     python -m benchmarks.bench_cohort --modalities "ct;mr" --append
 (``--no-unsupervised`` leaves out the unsupervised model, e.g. for CT alone, where
-experiments/sts_single_modality.toml already measures it on the same cases).
+the unsupervised row measures it on the same cases).
 ``--quick``: two held-out cases, no sensitivity run, no unsupervised model (the smoke test runs
 it on a synthetic cohort, vbseg.phantoms.make_cohort).
 Writes benchmarks/results/bench_cohort.{json,md}.
@@ -113,8 +113,12 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
     if unsupervised:
         # without PET no rule picks the tumour class: K = 3 orders the classes by mean as fat /
         # soft tissue / bone on CT and dark / intermediate / bright (fat) on T1 MR, and the
-        # middle one is called tumour (as experiments/sts_single_modality.toml does)
-        middle = {} if "pet" in modalities else dict(tumour_class=1)
+        # middle one is called tumour. vbseg segment refuses CT or MR alone without a VOI; this
+        # row measures why, so it names the whole crop as the VOI. With several images every one
+        # enters the class split (--fusion joint), the model this row has always measured.
+        whole = ",".join(f"0:{n}" for n in nib.load(images[0]).shape[:3])
+        middle = (dict(tumour_class=1, box=whole) if "pet" not in modalities
+                  else dict(fusion="joint") if len(modalities) > 1 else {})
         methods.append((f"unsupervised potts {tag} K=3", dict(num_classes=3, **middle)))
     for name, kwargs in methods:
         t0 = time.perf_counter()

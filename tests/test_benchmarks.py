@@ -160,3 +160,31 @@ def test_paper_figures_quick(quick_report, tmp_path, shared_data_optional):
     for name in names:
         for suffix in ("png", "pdf"):
             assert (tmp_path / f"{name}.{suffix}").stat().st_size > 1000
+
+
+def test_bench_fusion_default_summary_pairs_cases_and_splits_avid_from_faint():
+    """The report's arithmetic on made-up records: paired differences by case against the
+    reference, the avid/faint split, the warning counts and the 'Dice < 0.3 where the
+    reference reaches 0.5' list."""
+    from benchmarks.bench_fusion_default import markdown_table, summarise
+
+    def record(case, name, dice, warnings=()):
+        return {"status": "ok", "case": f"{case}_pet+ct", "settings": ({"name": name} if name != "potts"
+                                                                      else {"fusion": "pet"}),
+                "case_spec": {"modalities": ["pet", "ct"]}, "dice50": dice, "hd95_mm": 10.0,
+                "sdice_2mm": 0.5, "vol_mean_ml": 110.0, "vol_true_ml": 100.0, "vol_lower_ml": 90.0,
+                "vol_upper_ml": 130.0, "covered": True, "warnings": list(warnings)}
+
+    records = [record("a", "suv2.5", 0.6), record("b", "suv2.5", 0.2), record("c", "suv2.5", 0.7),
+               record("a", "potts", 0.8, ["no-contour"]), record("b", "potts", 0.4),
+               record("c", "potts", 0.1, ["no-contour", "classes-overlap"])]
+    summary = summarise(records, {"a": True, "b": False, "c": True}, "suv2.5")
+    potts = summary["potts K=2 PET+CT fusion=pet"]
+    assert potts["all"]["dice_minus_reference"]["mean"] == pytest.approx((0.2 + 0.2 - 0.6) / 3)
+    assert potts["avid"]["cases"] == ["a", "c"] and potts["faint"]["cases"] == ["b"]
+    assert potts["avid"]["dice50"]["mean"] == pytest.approx(0.45)
+    assert potts["all"]["below_0_3_where_reference_0_5"] == ["c"]
+    assert potts["all"]["warnings"] == {"no-contour": 2, "classes-overlap": 1}
+    assert potts["all"]["volume_error_pct"] == pytest.approx(10.0) and potts["all"]["width_ml"] == 40.0
+    table = markdown_table(summary, "suv2.5")
+    assert "| potts K=2 PET+CT fusion=pet | faint (1) | 0.40 [0.40, 0.40] | +0.20 [+0.20, +0.20] |" in table

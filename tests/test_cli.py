@@ -22,6 +22,7 @@ import pytest
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.volume import save_nifti
 
+BOX = "2:20,2:20,2:20"  # a volume of interest on the CT's grid (CT or MR alone needs one)
 OUTPUTS = ["prob.nii.gz", "contour_10.nii.gz", "contour_50.nii.gz", "contour_90.nii.gz",
            "summary.json", "overview.png"]
 
@@ -86,6 +87,10 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(OUTPUTS) == sorted(p.name for p in out.iterdir() if p.is_file())
     dice_line = next(line for line in result.stdout.splitlines() if line.startswith("Dice"))
     assert float(dice_line.split()[-1]) >= 0.85
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warnings"] == []  # no warning code fires on the demo
+    assert summary["options"]["fusion"]["mode"] == "pet"
+    assert summary["options"]["fusion"]["chosen"] == "default"
     # a second demo into a folder the user named needs --overwrite
     again = main_cli("demo", "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -157,7 +162,7 @@ def _bad_cases(i: Path, out: Path):
         ("student with full", ["segment", pet, i / "ct.nii.gz", "--modality", "pet,ct",
                                "--emission", "student", "--covariance", "full", "--out", out],
          "--covariance", "cannot be combined"),
-        ("lognormal without PET", ["segment", i / "ct.nii.gz", "--modality", "ct",
+        ("lognormal without PET", ["segment", i / "ct.nii.gz", "--modality", "ct", "--box", BOX,
                                    "--tumour-class", "1", "--emission", "lognormal", "--out", out],
          "--emission", "no image is PET"),
         ("bad dof", ["segment", pet, "--emission", "student", "--dof", "0", "--out", out], "--dof",
@@ -172,10 +177,23 @@ def _bad_cases(i: Path, out: Path):
          "does not cover the whole volume of interest"),
         ("modality count", ["segment", pet, "--modality", "pet,ct", "--out", out], "--modality",
          "2 modalities"),
-        ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--out", out],
-         "--tumour-class", "required"),
+        ("CT without a VOI", ["segment", i / "ct.nii.gz", "--modality", "ct", "--tumour-class", "1",
+                              "--out", out], "--roi/--box", "required without a PET image"),
+        ("CT without tumour class", ["segment", i / "ct.nii.gz", "--modality", "ct", "--box", BOX,
+                                     "--out", out], "--tumour-class", "required"),
+        ("fusion pet without PET", ["segment", i / "ct.nii.gz", "--modality", "ct", "--box", BOX,
+                                    "--tumour-class", "1", "--fusion", "pet", "--out", out],
+         "--fusion", "no image is PET"),
+        ("unknown fusion", ["segment", pet, "--fusion", "early", "--out", out], "--fusion", "one of"),
+        ("fusion with a baseline", ["segment", pet, i / "ct.nii.gz", "--modality", "pet,ct",
+                                    "--model", "otsu", "--fusion", "pet", "--out", out],
+         "--fusion", "not --model otsu"),
+        ("full covariance with PET deciding", ["segment", pet, i / "ct.nii.gz", "--modality", "pet,ct",
+                                               "--covariance", "full", "--fusion", "pet", "--out", out],
+         "--covariance", "--fusion joint"),
         ("bad PSF", ["segment", pet, "--psf-fwhm", "-2", "--out", out], "--psf-fwhm", ">= 0"),
         ("PSF without PET", ["segment", i / "ct.nii.gz", "--modality", "ct", "--tumour-class", "1",
+                             "--box", BOX,
                              "--psf-fwhm", "6", "--out", out], "--psf-fwhm", "no image is PET"),
         ("bad PET noise", ["segment", pet, "--psf-fwhm", "6", "--pet-noise", "loud", "--out", out],
          "--pet-noise", "one of"),
@@ -237,7 +255,7 @@ def test_learned_beta_on_the_26_neighbourhood(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("options,words", [
-    (["--emission", "student", "--dof", "5"], "student-t (5 degrees of freedom"),
+    (["--emission", "student", "--dof", "5", "--fusion", "joint"], "student-t (5 degrees of freedom"),
     (["--emission", "lognormal", "--covariance", "full"], "full covariance"),
 ])
 def test_emission_options_run_and_are_recorded(inputs, tmp_path, options, words):

@@ -25,16 +25,22 @@ from vbseg.models.potts import NormalGammaPrior, neighbour_weights
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fusing_pet_and_ct_beats_pet_alone(seed, tmp_path):
+def test_joint_fusion_beats_pet_alone_where_ct_shows_the_lesion(seed, tmp_path):
+    """--fusion joint on a phantom whose CT shows the lesion and nothing else; the default
+    (PET decides, the CT only resampled) gives exactly the PET-alone result."""
     spec = vbseg.PhantomSpec(diameters_mm=(30.0,), contrast=1.5, cv=0.3, ct_lesion_hu=90.0,
                              ct_noise_hu=25.0)
     phantom = vbseg.make_phantom(spec, seed=seed)
     paths = phantom.save(tmp_path)
     alone = vbseg.segment([paths["pet"]], modalities=["pet"], seed=0)
-    fused = vbseg.segment([paths["pet"], paths["ct"]], modalities=["pet", "ct"], seed=0)
+    fused = vbseg.segment([paths["pet"], paths["ct"]], modalities=["pet", "ct"], seed=0, fusion="joint")
     dice_alone = dice(alone.contour(0.5), phantom.truth)
     dice_fused = dice(fused.contour(0.5), phantom.truth)
     assert dice_fused >= 0.8 and dice_fused >= dice_alone + 0.3, (dice_alone, dice_fused)
+    default = vbseg.segment([paths["pet"], paths["ct"]], modalities=["pet", "ct"], seed=0)
+    np.testing.assert_array_equal(default.probability, alone.probability)
+    np.testing.assert_array_equal(default.volume_draws_ml, alone.volume_draws_ml)
+    assert default.summary["options"]["fusion"]["mode"] == "pet"
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 4, 5])

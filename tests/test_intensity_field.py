@@ -93,7 +93,8 @@ def test_segment_with_a_bias_field_writes_it_and_refuses_bad_combinations(tmp_pa
     affine = np.diag([*h, 1.0])
     image = tmp_path / "mr.nii.gz"
     save_nifti(image, (100.0 + 50.0 * y[..., 0]).astype(np.float32), affine)  # arbitrary MR units
-    common = [str(image), "--modality", "mr", "--tumour-class", "1", "--volume-draws", "200"]
+    whole = ",".join(f"0:{n}" for n in y.shape[:3])  # MR alone needs a VOI: here the whole grid
+    common = [str(image), "--modality", "mr", "--tumour-class", "1", "--volume-draws", "200", "--box", whole]
     assert main(["segment", *common, "--out", str(tmp_path / "plain")]) == 0
     assert main(["segment", *common, "--intensity-field", "all", "--out", str(tmp_path / "field")]) == 0
     scores = [dice(np.asarray(nib.load(tmp_path / name / "contour_50.nii.gz").dataobj) > 0, truth)
@@ -118,4 +119,4 @@ def test_segment_with_a_bias_field_writes_it_and_refuses_bad_combinations(tmp_pa
     for kwargs in (dict(intensity_field="tumour", tumour_class=None),
                    dict(intensity_field="all", prior="sarcoma")):
         with pytest.raises(vbseg.InputError, match="--intensity-field"):
-            vbseg.segment([str(image)], modalities=["mr"], volume_draws=200, **kwargs)
+            vbseg.segment([str(image)], modalities=["mr"], volume_draws=200, box=whole, **kwargs)

@@ -83,6 +83,11 @@ def _add_segment(sub):
                         "random_walker, kspc (see vbseg/baselines.py), cnn, mc-dropout, "
                         "cnn-ensemble (vbseg/deep_segment.py)")
     p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
+    p.add_argument("--fusion", default=None,
+                   help="which images enter the label model's likelihood: 'pet' (PET alone decides "
+                        "tumour and background; the default with PET among several images: a class "
+                        "split over CT or MR finds body/air or fat/muscle first) or 'joint' (every "
+                        "image; the default without PET)")
     p.add_argument("--beta", default=None,
                    help="Potts coupling: a number >= 0, or 'auto' to learn it (pseudo-likelihood "
                         "variational EM); default 0.5, 1.5 with --psf-fwhm")
@@ -289,6 +294,7 @@ def _segment_kwargs(args) -> dict:
         beta=_beta(args.beta),
         neighbourhood=args.neighbourhood,
         restarts=args.restarts,
+        fusion=args.fusion,
         levels_percent=_number_list("--levels", args.levels),
         tumour_class=args.tumour_class,
         seed=args.seed,
@@ -328,6 +334,8 @@ def _run_segment(args) -> None:
                                         rtstruct_reference=args.rtstruct, dicom_seg=args.dicom_seg,
                                         series_uid=args.series)
         print(f"DICOM: {', '.join(p.name for p in written.values())}")
+    for warning in posterior.summary.get("warnings", []):
+        print(f"vbseg: warning: {warning['code']}: {warning['message']}", file=sys.stderr)
     volume = posterior.volume_interval()
     timings = posterior.summary["timings_s"]
     print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
@@ -393,7 +401,8 @@ def _run_demo(args) -> None:
     rows = [
         ("phantom", f"{spec.diameters_mm[0]:g} mm sphere, contrast {spec.contrast:g}:1, CV "
                     f"{spec.cv:.0%}, PSF {spec.psf_fwhm_mm:g} mm; PET + CT (resampled)"),
-        ("model", f"hidden Potts, PSF-blurred PET likelihood (--psf-fwhm {spec.psf_fwhm_mm:g})"),
+        ("model", f"hidden Potts, PSF-blurred PET likelihood (--psf-fwhm {spec.psf_fwhm_mm:g}); "
+                  "PET decides, the CT is resampled but not modelled (--fusion pet, the default)"),
         ("true volume", f"{phantom.volume_ml:.2f} mL"),
         ("posterior mean volume", f"{volume['mean']:.2f} mL"),
         ("95% credible interval", f"[{volume['lower']:.2f}, {volume['upper']:.2f}] mL "

@@ -78,7 +78,7 @@ MODEL_KEYS = {
     "tumour_class": ("tumour_class", int), "checkpoint": ("checkpoint", str),
     "field_weight": ("field_weight", (float, str)), "prior": ("prior", str),
     "intensity_field": ("intensity_field", str), "restarts": ("restarts", str),
-    "intensity_lengthscale_mm": ("intensity_lengthscale_mm", float),
+    "intensity_lengthscale_mm": ("intensity_lengthscale_mm", float), "fusion": ("fusion", str),
 }
 # settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
 # packaged prior, is a name)
@@ -319,7 +319,7 @@ def segment_kwargs(variant: dict) -> dict:
 
 def _check_variant(path, variant, cases):
     """Option values are checked by the same validation as ``vbseg segment`` (no files read)."""
-    from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options
+    from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options, default_fusion
 
     kwargs = segment_kwargs(variant)
     if "prior" in kwargs and kwargs.get("restarts", "full") != "full":
@@ -361,7 +361,9 @@ def _check_variant(path, variant, cases):
                 checkpoint=kwargs.get("checkpoint"), field_weight=kwargs.get("field_weight", "auto"),
                 intensity_field=kwargs.get("intensity_field"),
                 intensity_lengthscale_mm=kwargs.get("intensity_lengthscale_mm"),
-                restarts=kwargs.get("restarts", "full"))
+                restarts=kwargs.get("restarts", "full"),
+                fusion=kwargs.get("fusion") or default_fusion(
+                    kwargs.get("model", "potts"), modalities, kwargs.get("covariance", "diagonal")))
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 
@@ -451,6 +453,7 @@ def execute(run: Run, out: Path) -> dict:
             "ece": expected_calibration_error(posterior.probability, truth, posterior.voi),
             "brier": brier_score(posterior.probability, truth, posterior.voi),
             "compile_s": timings["compile"], "run_s": timings["run"],
+            "warnings": [warning["code"] for warning in posterior.summary.get("warnings", [])],
             "fit_voxels": int(np.prod(posterior.probability.shape) if posterior.voi is None
                               else np.count_nonzero(posterior.voi)),
             "reliability": reliability_sums(posterior.probability, truth, posterior.voi),

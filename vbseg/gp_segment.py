@@ -52,20 +52,21 @@ def gp_posterior(stack, observed, crop_voi, voi, bounds, volumes, modalities, se
 
 def build(stack, observed, crop_voi, voi, bounds, volumes, images, modalities, roi, box, resampled,
           seed, volume_draws, out, levels_percent, title, provenance, voi_text, prior_logit=None,
-          model_name="gp", field_record=None) -> Posterior:
+          model_name="gp", field_record=None, fusion=None) -> Posterior:
     """Fit, assemble summary.json (as the other models do) and save when ``out`` is given.
 
     ``prior_logit``: optional (X, Y, Z) tumour logits on the crop grid (:func:`gp_posterior`);
     ``model_name``: what summary.json calls the model (e.g. "deep-gp" with a CNN's logits);
     ``field_record``: where the prior logit came from (a JSON-able dict), recorded as
-    ``options.prior_log_odds`` with the weight's rule as ``options.field_weight``."""
+    ``options.prior_log_odds`` with the weight's rule as ``options.field_weight``; ``fusion``:
+    which images the likelihood saw (``stack`` holds those), recorded as ``options.fusion``."""
     reference = volumes[0]
     probability, volume_draws_ml, tlg_draws, parts = gp_posterior(
         stack, observed, crop_voi, voi, bounds, volumes, modalities, seed, volume_draws, prior_logit)
     summary = {
         "model": model_name,
         "options": {"voi": voi_text, "volume_draws": volume_draws, "kernel": "matern32",
-                    "structure": "fft", "family": "meanfield"},
+                    "structure": "fft", "family": "meanfield", "fusion": fusion},
         "parameters": parts["parameters"],
         "modality": modalities,
         "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],

@@ -48,6 +48,38 @@ RESTARTS = {"full": False, "coarse": True}
 # --intensity-field: which classes' first-modality mean carries a GP field
 # (vbseg.inference.intensity_field): every class (a bias field) or the tumour class
 INTENSITY_FIELDS = ("all", "tumour")
+# --fusion: which images enter the label model's likelihood. "pet": PET alone decides tumour and
+# background, the other images are loaded, checked and resampled but not modelled; "joint": every
+# image enters one class split. With PET and other images the default is "pet": a joint class split
+# over PET + CT (+ MR) separates body from air (or fat from muscle) before tumour from tissue, and
+# on the 21 sarcomas in ../shared/data the joint two-class default called the body tumour
+# (sts001: 5.5 L against a 366 mL GTV; benchmarks/results/fusion_default.md). Without PET every
+# image enters (nothing else can decide). The models whose likelihood this chooses:
+FUSIONS = ("pet", "joint")
+FUSION_MODELS = ("potts", "gp") + FIELD_MODELS
+FUSION_PET_TEXT = (
+    "PET alone decides tumour and background (the other images are loaded, checked and resampled, "
+    "but do not enter the likelihood): a class split over all images separates body from air or "
+    "fat from muscle before tumour from tissue (benchmarks/results/fusion_default.md); "
+    "--fusion joint puts every image in the likelihood"
+)
+FUSION_JOINT_TEXT = "every image enters the likelihood of one class split"
+
+
+def default_fusion(model: str, modalities, covariance: str = "diagonal") -> str:
+    """The ``fusion`` used when none is given: "pet" for a label model with PET among several
+    images, else "joint" (see FUSIONS); "joint" also with ``covariance`` "full", which asks for
+    a model of how the images covary."""
+    several = len(modalities) > 1
+    pet_decides = model in FUSION_MODELS and "pet" in modalities and several
+    return "pet" if pet_decides and covariance != "full" else "joint"
+
+
+def fusion_columns(fusion: str, modalities) -> list[int]:
+    """Indices of the images that enter the likelihood under ``fusion``."""
+    if fusion == "pet":
+        return [m for m, modality in enumerate(modalities) if modality == "pet"]
+    return list(range(len(modalities)))
 
 
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
@@ -55,11 +87,12 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
                   dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
                   external_field=None, field_weight="auto", intensity_field=None,
-                  intensity_lengthscale_mm=None, restarts="full"):
+                  intensity_lengthscale_mm=None, restarts="full", fusion="joint"):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
     InputError names the option."""
     if model not in MODELS:
         raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    _check_fusion(fusion, model, modalities, covariance)
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
                      covariance, modalities, tumour_class)
     if model in BASELINES and "pet" not in modalities:
@@ -96,6 +129,11 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     for name in modalities:
         if name not in MODALITIES:
             raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
+    if "pet" not in modalities and roi is None and box is None:
+        raise InputError(
+            "--roi/--box", "required without a PET image: CT and MR intensity classes do not locate "
+            "a tumour in a whole scan (on 15 sarcoma crops, CT alone Dice 0.11, MR alone 0.22); give "
+            "a volume of interest around the lesion")
     if "pet" not in modalities and tumour_class is None:
         raise InputError(
             "--tumour-class",
@@ -118,6 +156,19 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     if pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
     _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
+
+
+def _check_fusion(fusion, model, modalities, covariance):
+    if fusion not in FUSIONS:
+        raise InputError("--fusion", f"must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion == "pet" and "pet" not in modalities:
+        raise InputError("--fusion", "pet needs a PET image, and no image is PET")
+    if fusion == "pet" and model not in FUSION_MODELS:
+        raise InputError("--fusion", f"chooses the images in the likelihood of {', '.join(FUSION_MODELS)}, "
+                                     f"not --model {model}")
+    if fusion == "pet" and covariance == "full" and modalities.count("pet") < 2:
+        raise InputError("--covariance", "full models how several images covary, and with --fusion pet "
+                                         "only PET enters the likelihood (add --fusion joint)")
 
 
 def _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight):

@@ -41,9 +41,13 @@ from vbseg.options import (
     DEFAULT_LEVELS,
     DEFAULT_STUDENT_DOF,
     DEFAULT_VOLUME_DRAWS,
+    FUSION_JOINT_TEXT,
+    FUSION_PET_TEXT,
     RESTARTS,
     check_options,
     check_outputs,
+    default_fusion,
+    fusion_columns,
 )
 from vbseg.posterior import (
     INDEPENDENT_DRAWS_METHOD,
@@ -172,6 +176,7 @@ def segment(
     field_weight: float | str = "auto",
     intensity_field: str | None = None,
     intensity_lengthscale_mm: float | None = None,
+    fusion: str | None = None,
 ) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
@@ -224,6 +229,11 @@ def segment(
             with the labels (:mod:`vbseg.inference.intensity_field`; Matern 5/2, separable,
             length-scale ``intensity_lengthscale_mm``, default 60 mm); saved as
             intensity_field.nii.gz in the first image's units (log units for log-normal PET).
+        fusion: which images enter the label model's likelihood (potts, gp, deep-potts, deep-gp):
+            "pet" (PET alone decides tumour and background; the others are loaded, checked and
+            resampled, and the deep models' network still sees every image) or "joint" (every
+            image in one class split). None: "pet" with PET among several images, else "joint"
+            (:func:`vbseg.options.default_fusion`; why in ``FUSION_PET_TEXT``).
     Raises:
         InputError naming the file or option for every problem with the input.
     """
@@ -248,6 +258,8 @@ def segment(
     levels_percent = tuple(float(level) for level in levels_percent)
     if beta is None:
         beta = DEFAULT_BETA if psf_fwhm_mm is None else DEFAULT_BETA_PSF
+    fusion_given = fusion is not None
+    fusion = fusion if fusion_given else default_fusion(model, modalities, covariance)
     check_options(model=model, num_classes=num_classes, beta=beta, levels_percent=levels_percent,
                   num_images=len(images), modalities=modalities, tumour_class=tumour_class,
                   volume_draws=volume_draws, neighbourhood=neighbourhood,
@@ -255,7 +267,7 @@ def segment(
                   emission=emission, covariance=covariance, dof=dof, roi=roi, box=box,
                   checkpoint=checkpoint, external_field=external_field, field_weight=field_weight,
                   intensity_field=intensity_field, intensity_lengthscale_mm=intensity_lengthscale_mm,
-                  restarts=restarts)
+                  restarts=restarts, fusion=fusion)
     learn_beta = beta == "auto"
     roi = os.fspath(roi) if roi is not None else None
     if out is not None:
@@ -276,6 +288,14 @@ def segment(
                                                                    modalities)
     elif external_field is not None:
         prior_logit, field_record = map_prior_logit(external_field, reference, bounds)
+    # the label model's likelihood sees the images --fusion chooses (the network saw them all)
+    columns = fusion_columns(fusion, modalities)
+    fusion_record = {"mode": fusion, "chosen": "given" if fusion_given else "default",
+                     "images_in_likelihood": [images[m] for m in columns],
+                     "rule": FUSION_PET_TEXT if fusion == "pet" else FUSION_JOINT_TEXT}
+    stack, observed = stack[..., columns], observed[..., columns]
+    fit_volumes = [volumes[m] for m in columns]
+    fit_modalities = [modalities[m] for m in columns]
     if model in ("gp", "deep-gp"):
         from vbseg import gp_segment
 
@@ -283,21 +303,21 @@ def segment(
                                 roi, box, resampled, seed, volume_draws, out, levels_percent, title,
                                 provenance(images, modalities, roi, seed, volumes),
                                 voi_text(roi, box), prior_logit=prior_logit, model_name=model,
-                                field_record=field_record)
+                                field_record=field_record, fusion=fusion_record)
     if covariance == "full":
-        for m, volume in enumerate(volumes):
+        for m, volume in enumerate(fit_volumes):
             if not observed[..., m][crop_voi].all():
                 raise InputError(volume.name, "does not cover the whole volume of interest, which "
                                               "--covariance full needs (crop the VOI or use diagonal)")
-    log_flags = tuple(emission == "lognormal" and m == "pet" for m in modalities)
+    log_flags = tuple(emission == "lognormal" and m == "pet" for m in fit_modalities)
     model_stack, floored = log_transform_pet(stack, observed, log_flags)
-    features, centres, scales = standardise(model_stack, observed, volumes)
+    features, centres, scales = standardise(model_stack, observed, fit_volumes)
     psf, precision = None, None
     if psf_fwhm_mm is not None:
-        psf = tuple(psf_fwhm_mm if m == "pet" else 0.0 for m in modalities)
+        psf = tuple(psf_fwhm_mm if m == "pet" else 0.0 for m in fit_modalities)
         precision = np.ones(stack.shape, np.float32)
         if pet_noise == "poisson":
-            for m, modality in enumerate(modalities):
+            for m, modality in enumerate(fit_modalities):
                 if modality == "pet":
                     precision[..., m] = pet_relative_precision(stack[..., m], crop_voi)
     field, field_class = None, None
@@ -353,10 +373,10 @@ def segment(
         chosen = int(np.flatnonzero(order == intensity.classes[0])[0])
         tumour_rule = (f"the class carrying the intensity field (class {intensity.classes[0]} of the "
                        "k-means start, numbered by level in the first image)")
-    elif "pet" in modalities:
-        pet_index = modalities.index("pet")
+    elif "pet" in fit_modalities:
+        pet_index = fit_modalities.index("pet")
         chosen = int(np.argmax(means[:, pet_index]))
-        tumour_rule = f"class with the highest mean uptake in image {pet_index + 1} (PET)"
+        tumour_rule = f"class with the highest mean uptake in image {columns[pet_index] + 1} (PET)"
     else:
         chosen = int(tumour_class)
         tumour_rule = "given by --tumour-class (classes ordered by mean in the first image)"
@@ -404,6 +424,7 @@ def segment(
             "field_weight": None if field is None else field_weight,
             "sampler": sampler,
             "tumour_rule": tumour_rule,
+            "fusion": fusion_record,
             "volume_draws": volume_draws,
             "voi": voi_text(roi, box),
         },
@@ -415,7 +436,8 @@ def segment(
             "beta": beta_used,
             "field_weight": None if field is None else fit.field_weight,
             "neighbour_weights": neighbour_weights(reference.spacing, neighbourhood).tolist(),
-            "class_order": "increasing mean in the first image; columns follow the inputs",
+            "class_order": "increasing mean in the first image in the likelihood; columns follow "
+                           "options.fusion.images_in_likelihood",
             "units": ("image units; for log-normal (PET) columns the class mean is exp(mean of "
                       "log y), the class median, and the sd is on the log scale"
                       if any(log_flags) else "image units"),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbseg.trust import fit_warnings
 from vbseg.volume import Volume, save_nifti, write_text_atomic, write_with
 
 INDEPENDENT_DRAWS_METHOD = (
@@ -161,8 +162,12 @@ def _json_default(value):
 
 def saved_posterior(out, levels_percent, title: str = "", **fields) -> Posterior:
     """``Posterior(**fields)``, saved into ``out`` when it is given: the last step of every
-    model's ``segment`` path."""
-    posterior = Posterior(**fields)
+    model's ``segment`` path. The summary gains ``warnings`` (:func:`vbseg.trust.fit_warnings`,
+    after any the model put there itself)."""
+    summary = dict(fields.pop("summary", {}))
+    summary["warnings"] = list(summary.get("warnings", [])) + fit_warnings(
+        fields["probability"], fields["voi"], summary)
+    posterior = Posterior(summary=summary, **fields)
     if out is not None:
         posterior.save(out, levels_percent, title=title)
     return posterior

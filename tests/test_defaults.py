@@ -1,0 +1,84 @@
+"""The default model on inputs built like a real crop (vbseg.body_phantom: a limb in air with
+fat, muscle, bone and a hot lesion), through the command line, for every modality
+combination: the 50 % contour is the lesion, not the body; without PET and without a VOI the
+command refuses with one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.test_cli import main_cli
+from vbseg.body_phantom import BodyPhantomSpec, make_body_phantom, tissue_map
+from vbseg.metrics import dice
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crop")
+    phantom = make_body_phantom(seed=4)
+    phantom.save(folder)
+    return folder, phantom
+
+
+def contour_dice(out, truth) -> float:
+    return dice(np.asarray(nib.load(out / "contour_50.nii.gz").dataobj) > 0, truth)
+
+
+def test_body_phantom_has_every_tissue():
+    tissue = tissue_map(BodyPhantomSpec())
+    counts = np.bincount(tissue.ravel(), minlength=5)
+    assert np.all(counts > 0)
+    # the body (everything but air) is far larger than the lesion: a body/air split is no lesion
+    assert (tissue > 0).sum() > 20 * (tissue == 4).sum()
+
+
+@pytest.mark.parametrize("modalities", ["pet", "pet,ct", "pet,ct,mr"])
+def test_default_contours_the_lesion_for_every_modality_combination(crop, tmp_path, modalities):
+    folder, phantom = crop
+    images = [folder / f"{m}.nii.gz" for m in modalities.split(",")]
+    out = tmp_path / "out"
+    result = main_cli("segment", *images, "--modality", modalities, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert contour_dice(out, phantom.truth) > 0.9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warnings"] == [] and "warning" not in result.stderr
+    fusion = summary["options"]["fusion"]
+    if "," in modalities:
+        assert fusion["mode"] == "pet" and fusion["chosen"] == "default"
+        assert fusion["images_in_likelihood"] == [str(images[0])]
+    else:
+        assert fusion["mode"] == "joint"
+
+
+def test_joint_two_class_split_finds_the_body_and_warns(crop, tmp_path):
+    """What the default avoids: with every image in one two-class split, CT's body/air contrast
+    decides the classes; the warnings say so."""
+    folder, phantom = crop
+    out = tmp_path / "joint"
+    result = main_cli("segment", folder / "pet.nii.gz", folder / "ct.nii.gz", "--modality", "pet,ct",
+                      "--fusion", "joint", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert contour_dice(out, phantom.truth) < 0.2
+    body = phantom.tissue > 0
+    assert dice(np.asarray(nib.load(out / "contour_50.nii.gz").dataobj) > 0, body) > 0.9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["fusion"]["chosen"] == "given"
+    found = [w["code"] for w in summary["warnings"]]
+    assert "contour-cut-by-voi" in found
+    assert "vbseg: warning: contour-cut-by-voi:" in result.stderr
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_without_pet_and_without_a_voi_nothing_is_written(crop, tmp_path, modality):
+    folder, _ = crop
+    out = tmp_path / "refused"
+    result = main_cli("segment", folder / f"{modality}.nii.gz", "--modality", modality,
+                      "--tumour-class", "1", "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--roi/--box" in lines[0] and "without a PET image" in lines[0]
+    assert not out.exists()

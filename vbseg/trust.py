@@ -1,0 +1,103 @@
+"""When a fit should not be trusted: the ``warnings`` of summary.json.
+
+A probabilistic contour that is confidently wrong is the worst output this tool can give, so
+every saved result is checked for the signs of a fit that found something other than a lesion,
+and each sign is reported as ``{"code", "message"}`` (the CLI prints one line per warning).
+The checks read only the posterior and its record, so every model gets them:
+
+* ``tumour-fills-voi``: the expected tumour volume is more than ``VOI_SHARE_LIMIT`` of the
+  volume of interest. A lesion-centred VOI is mostly not lesion; a class that fills it is
+  usually a tissue split (body against air, fat against muscle).
+* ``tumour-on-voi-border``: more than ``BORDER_SHARE_LIMIT`` of the VOI's border voxels lie
+  in the 50 % contour: the "lesion" surrounds the VOI, so the class is background.
+* ``contour-cut-by-voi``: more than ``CUT_SHARE_LIMIT`` of the 50 % contour's surface voxels
+  lie on the VOI's border: the region runs out of the VOI (the VOI does not enclose the lesion,
+  or the class is a tissue that crosses it), so its volume is truncated.
+* ``no-contour``: no voxel reaches P(tumour) = 0.5: the model found no lesion.
+* ``classes-overlap``: the tumour class's intensities are within ``SEPARATION_LIMIT`` pooled
+  standard deviations of another class's in every image of the likelihood. Two equal-weight
+  Gaussians of equal variance make a unimodal mixture when their means are less than two
+  standard deviations apart, so below that the split is not carried by the image.
+* ``beta-at-bound``, ``field-weight-at-bound``: a learned parameter stopped at its prior's
+  bound, so the data did not determine it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+VOI_SHARE_LIMIT = 0.5
+BORDER_SHARE_LIMIT = 0.5
+CUT_SHARE_LIMIT = 0.1
+SEPARATION_LIMIT = 2.0
+
+
+def _warning(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+def surface(region: np.ndarray) -> np.ndarray:
+    """(I, J, K) bool: voxels of ``region`` with a face neighbour outside it or outside the array."""
+    padded = np.pad(region, 1, constant_values=False)
+    interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))
+    return region & ~interior[1:-1, 1:-1, 1:-1]
+
+
+def class_separation(means, sds, tumour_class: int) -> float | None:
+    """min over other classes l of max over images m of |mu_t,m - mu_l,m| / sqrt((s_t,m^2 +
+    s_l,m^2) / 2): how far the tumour class stands from its nearest class in its best image.
+    ``means``/``sds`` (K, M); None with fewer than two classes."""
+    means, sds = np.asarray(means, np.float64), np.asarray(sds, np.float64)
+    if means.ndim != 2 or means.shape[0] < 2:
+        return None
+    pooled = np.sqrt(0.5 * (sds[tumour_class] ** 2 + sds ** 2))
+    distance = np.abs(means - means[tumour_class]) / np.maximum(pooled, 1e-12)
+    others = [k for k in range(means.shape[0]) if k != tumour_class]
+    return float(min(distance[k].max() for k in others))
+
+
+def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> list[dict]:
+    """The warnings of one result: ``probability`` P(tumour) and ``voi`` (bool) on one grid,
+    ``summary`` the record the model wrote (its parameters and diagnostics are read when
+    present). Returns a list of ``{code, message}``, empty for a fit with no sign of trouble."""
+    inside = probability[voi]
+    share = float(inside.sum()) / max(int(voi.sum()), 1)
+    border = surface(voi)
+    contour = voi & (probability >= 0.5)
+    border_share = float(contour[border].mean()) if border.any() else 0.0
+    contour_surface = surface(contour)
+    cut_share = float(border[contour_surface].mean()) if contour_surface.any() else 0.0
+    checks = [
+        (share > VOI_SHARE_LIMIT, "tumour-fills-voi",
+         f"the expected tumour volume is {share:.0%} of the volume of interest (limit "
+         f"{VOI_SHARE_LIMIT:.0%}): the tumour class may be a tissue class; give a tighter "
+         "--roi/--box or check the inputs"),
+        (border_share > BORDER_SHARE_LIMIT, "tumour-on-voi-border",
+         f"{border_share:.0%} of the volume of interest's border lies in the 50 % contour (limit "
+         f"{BORDER_SHARE_LIMIT:.0%}): the contour surrounds the volume of interest"),
+        (cut_share > CUT_SHARE_LIMIT and border_share <= BORDER_SHARE_LIMIT, "contour-cut-by-voi",
+         f"{cut_share:.0%} of the 50 % contour's surface lies on the border of the volume of "
+         f"interest (limit {CUT_SHARE_LIMIT:.0%}): the region runs out of it and its volume is "
+         "truncated; enlarge --roi/--box or check that the tumour class is not a tissue"),
+        (not contour.any(), "no-contour",
+         "no voxel reaches P(tumour) = 0.5: the model found no lesion in the volume of interest"),
+    ]
+    warnings = [_warning(code, message) for fired, code, message in checks if fired]
+    parameters = summary.get("parameters", {})
+    on_one_scale = "log scale" not in str(parameters.get("units", ""))  # log-normal: medians vs log sds
+    if on_one_scale and all(key in parameters for key in ("class_means", "class_sds", "tumour_class")):
+        separation = class_separation(parameters["class_means"], parameters["class_sds"],
+                                      int(parameters["tumour_class"]))
+        if separation is not None and separation < SEPARATION_LIMIT:
+            warnings.append(_warning(
+                "classes-overlap", f"the tumour class's mean is {separation:.2f} pooled sd from the "
+                                   f"nearest class's (limit {SEPARATION_LIMIT:g}): the image does not "
+                                   "separate them"))
+    diagnostics = summary.get("diagnostics", {})
+    for key, code, name in (("beta_at_prior_bound", "beta-at-bound", "beta"),
+                            ("field_weight_at_prior_bound", "field-weight-at-bound", "field weight")):
+        if diagnostics.get(key):
+            warnings.append(_warning(code, f"the learned {name} stopped at its prior's bound: the data "
+                                           "did not determine it; fix it with an option instead"))
+    return warnings
