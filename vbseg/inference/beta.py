@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vbseg.inference.gibbs import chain_diagnostics, sample_labels
+from vbseg.inference.chains import chain_diagnostics
+from vbseg.inference.gibbs import sample_labels
 from vbseg.inference.swendsen_wang import swendsen_wang_sweep
 from vbseg.models.potts import class_softmax, neighbour_sum, potts_statistic
 
