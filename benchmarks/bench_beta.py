@@ -33,7 +33,8 @@ import numpy as np
 
 from benchmarks.common import machine
 from vbseg.inference import beta as beta_estimation
-from vbseg.inference.gibbs import chain_diagnostics, sample_potts_prior
+from vbseg.inference.chains import chain_diagnostics
+from vbseg.inference.gibbs import sample_potts_prior
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.models.potts import NormalGammaPrior, neighbour_weights, potts_statistic
 from vbseg.volume import write_text_atomic

@@ -15,8 +15,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import gammaln, logsumexp
 
 from vbseg.inference import beta as beta_estimation
+from vbseg.inference.chains import chain_diagnostics
 from vbseg.inference.exact import enumerate_labelings, grid_edges, potts_log_potential
-from vbseg.inference.gibbs import chain_diagnostics, sample_potts_prior
+from vbseg.inference.gibbs import sample_potts_prior
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.models.potts import NormalGammaPrior, neighbour_weights, potts_statistic
 

@@ -30,8 +30,9 @@ from scipy import ndimage
 from scipy.special import logsumexp
 
 from vbseg.inference import beta as beta_estimation
+from vbseg.inference.chains import chain_diagnostics
 from vbseg.inference.exact import enumerate_labelings, grid_edges, potts_log_potential
-from vbseg.inference.gibbs import chain_diagnostics, sample_labels
+from vbseg.inference.gibbs import sample_labels
 from vbseg.inference.swendsen_wang import (
     connected_components,
     open_bonds,

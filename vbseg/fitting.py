@@ -12,8 +12,9 @@ import numpy as np
 from scipy import ndimage
 
 from vbseg.inference.beta import BETA_MAX, FIELD_WEIGHT_MAX
+from vbseg.inference.chains import chain_diagnostics
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF, NormalWishart
-from vbseg.inference.gibbs import chain_diagnostics, gibbs_hidden_potts
+from vbseg.inference.gibbs import gibbs_hidden_potts
 from vbseg.inference.gibbs_psf import gibbs_hidden_potts_psf
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf

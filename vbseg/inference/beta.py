@@ -61,8 +61,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vbseg.inference.gibbs import chain_diagnostics, sample_labels
-from vbseg.inference.swendsen_wang import swendsen_wang_sweep
+from vbseg.inference.chains import (
+    burn_in_then_kept_keys,
+    chain_diagnostics,
+    one_hot_labels,
+    run_chains,
+    split_each,
+)
+from vbseg.inference.potts_prior import potts_prior_kernel
 from vbseg.models.potts import class_softmax, neighbour_sum, potts_statistic
 
 # Upper end of beta's uniform prior, in units where the nearest neighbours weigh 1. Far above
@@ -315,34 +321,21 @@ def _start_labels(key, roi, num_classes, chain):
                                    "sample_proportions", "sampler"))
 def _simulate_statistic(key, betas, roi, weights, prior_unary, concentration, *, num_classes,
                         num_chains, num_sweeps, burn_in, sample_proportions, sampler="gibbs"):
-    dtype = prior_unary.dtype
-
-    def chain(beta, chain_key, index):
-        start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
-        labels = _start_labels(start_key, roi, num_classes, index)
-
-        def sweep(carry, sweep_key):
-            labels, log_pi = carry
-            label_key, pi_key = jax.random.split(sweep_key)
-            if sampler == "sw":
-                labels = swendsen_wang_sweep(label_key, labels, beta, weights, roi,
-                                             prior_unary + log_pi)
-            else:
-                labels = sample_labels(label_key, labels, prior_unary + log_pi, beta, weights, roi)
-            onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
-            if sample_proportions:
-                counts = jnp.sum(onehot, axis=(0, 1, 2))
-                log_pi = jnp.log(jax.random.dirichlet(pi_key, concentration + counts))
-            return (labels, log_pi), potts_statistic(onehot, weights)
-
-        carry = (labels, jnp.full((num_classes,), -jnp.log(num_classes), dtype))
-        carry, _ = jax.lax.scan(sweep, carry, jax.random.split(burn_key, burn_in))
-        _, statistics = jax.lax.scan(sweep, carry, jax.random.split(keep_key, num_sweeps))
-        return statistics
+    def summarise(state, info):
+        return (), potts_statistic(one_hot_labels(state.labels, num_classes, roi,
+                                                  prior_unary.dtype), weights)
 
     def at_beta(beta, beta_key):
-        keys = jax.random.split(beta_key, num_chains)
-        return jax.vmap(chain, in_axes=(None, 0, 0))(beta, keys, jnp.arange(num_chains))
+        kernel = potts_prior_kernel(beta, roi, weights, prior_unary, concentration,
+                                    num_classes=num_classes,
+                                    sample_proportions=sample_proportions, sampler=sampler)
+        chain_keys = split_each(jax.random.split(beta_key, num_chains), 3)
+        starts = jax.vmap(lambda start_key, chain: kernel.init(
+            _start_labels(start_key, roi, num_classes, chain)))(chain_keys[:, 0],
+                                                                 jnp.arange(num_chains))
+        sweep_keys = jax.vmap(burn_in_then_kept_keys, in_axes=(0, 0, None, None))(
+            chain_keys[:, 1], chain_keys[:, 2], burn_in, num_sweeps)
+        return run_chains(kernel.step, starts, sweep_keys, summarise, burn_in=burn_in).records
 
     return jax.lax.map(lambda args: at_beta(*args),
                        (betas, jax.random.split(key, betas.shape[0])))

@@ -22,8 +22,11 @@ modality with u_v ~ Gamma(nu/2, nu/2), so a sweep also draws
 Normal-Gamma draw weights each voxel's precision by its u (Geweke 1993, J Appl Econometrics
 8:S19, for the Student-t as a Gibbs scale mixture).
 
-Chains run in parallel (``jax.vmap``), sweeps under ``lax.scan``; each sweep after burn-in
-records the class counts (volumes) and adds the one-hot labels to running marginals. Classes
+Each sampler is a blackjax-style pair ``init(...) -> State``, ``step(key, state) -> (State,
+Info)`` (:func:`label_gibbs`, :func:`student_label_gibbs`, :func:`hidden_potts_gibbs`), run by the
+shared driver :mod:`vbseg.inference.chains`: chains in parallel (``jax.vmap``), sweeps under
+``lax.scan``; each sweep after burn-in records the class counts (volumes) and adds the one-hot
+labels to running marginals. Classes
 are renamed in every sweep by increasing mean in the first modality, as the VB fit orders them,
 so a label switch between sweeps does not mix classes (the posterior is symmetric under a
 renaming, so this is exact); with an external field the classes are no longer exchangeable,
@@ -37,9 +40,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
+from vbseg.inference.chains import (
+    EmptyInfo,
+    LabelState,
+    SamplingAlgorithm,
+    burn_in_then_kept_keys,
+    one_hot_labels,
+    pooled_marginals,
+    run_chain,
+    run_chains,
+    split_each,
+)
 from vbseg.inference.emissions import normal_gamma_update
 from vbseg.models.potts import (
     NormalGammaPrior,
@@ -64,6 +76,29 @@ def sample_labels(key, labels, unary, beta, weights, roi):
     return labels
 
 
+def label_gibbs(unary, beta, weights, roi) -> SamplingAlgorithm:
+    """Checkerboard Gibbs kernel for p(z) ∝ exp(sum_v unary_v(z_v) + beta S(z)), unary (X, Y, Z, K)
+    fixed: ``init(labels) -> LabelState``; ``step`` is one :func:`sample_labels` sweep."""
+
+    def init(labels):
+        return LabelState(labels)
+
+    def step(key, state):
+        return LabelState(sample_labels(key, state.labels, unary, beta, weights, roi)), EmptyInfo()
+
+    return SamplingAlgorithm(init, step)
+
+
+def label_marginal_summary(num_classes: int, dtype):
+    """Summary for :func:`~vbseg.inference.chains.run_chain`: accumulate 1[z_v = k] over the
+    whole grid (outside the ROI the label stays at its start), record nothing."""
+
+    def summarise(state, info):
+        return jax.nn.one_hot(state.labels, num_classes, dtype=dtype), ()
+
+    return summarise
+
+
 @partial(jax.jit, static_argnames=("num_sweeps", "burn_in"))
 def gibbs_label_marginals(key, unary, beta, weights, roi, initial_labels, *, num_sweeps: int,
                           burn_in: int):
@@ -72,18 +107,11 @@ def gibbs_label_marginals(key, unary, beta, weights, roi, initial_labels, *, num
     Returns the marginal estimate (X, Y, Z, K): the fraction of the ``num_sweeps`` sweeps after
     ``burn_in`` in which each voxel had each label.
     """
-    num_classes = unary.shape[-1]
-
-    def step(carry, sweep_key):
-        labels, total = carry
-        labels = sample_labels(sweep_key, labels, unary, beta, weights, roi)
-        return (labels, total + jax.nn.one_hot(labels, num_classes, dtype=unary.dtype)), None
-
-    keys = jax.random.split(key, burn_in + num_sweeps)
-    zero = jnp.zeros(unary.shape, unary.dtype)
-    (labels, _), _ = jax.lax.scan(step, (initial_labels, zero), keys[:burn_in])
-    (_, total), _ = jax.lax.scan(step, (labels, zero), keys[burn_in:])
-    return total / num_sweeps
+    sampler = label_gibbs(unary, beta, weights, roi)
+    trace = run_chain(sampler.step, sampler.init(initial_labels),
+                      jax.random.split(key, burn_in + num_sweeps),
+                      label_marginal_summary(unary.shape[-1], unary.dtype), burn_in=burn_in)
+    return trace.kept_sum / num_sweeps
 
 
 class GibbsParameters(NamedTuple):
@@ -136,29 +164,44 @@ def draw_scales(key, labels, observations, observed, mean, precision, dof) -> ja
     return jax.random.gamma(key, shape) / (0.5 * (dof + quadratic))
 
 
+class StudentLabelState(NamedTuple):
+    """labels (X, Y, Z) int; scales (X, Y, Z): the Student-t mixing weights u_v."""
+
+    labels: jax.Array
+    scales: jax.Array
+
+
+def student_label_gibbs(observations, observed, roi, beta, weights, mean, precision, log_prior,
+                        dof) -> SamplingAlgorithm:
+    """Gibbs kernel over (z, u) with fixed class parameters and Student-t emissions (module
+    docstring); ``observed`` already restricted to the ROI. ``init(labels)`` starts from u = 1
+    (the Gaussian); ``step`` draws z | u, then u | z."""
+
+    def init(labels):
+        return StudentLabelState(labels, jnp.ones(roi.shape, mean.dtype))
+
+    def step(key, state):
+        label_key, scale_key = jax.random.split(key)
+        unary = scaled_log_likelihood(observations, observed, mean, precision, state.scales) + log_prior
+        labels = sample_labels(label_key, state.labels, unary, beta, weights, roi)
+        scales = draw_scales(scale_key, labels, observations, observed, mean, precision, dof)
+        return StudentLabelState(labels, scales), EmptyInfo()
+
+    return SamplingAlgorithm(init, step)
+
+
 @partial(jax.jit, static_argnames=("num_sweeps", "burn_in"))
 def gibbs_student_label_marginals(key, observations, observed, roi, beta, weights, mean, precision,
                                   log_prior, dof, initial_labels, *, num_sweeps: int, burn_in: int):
     """Gibbs over (z, u) with fixed class parameters and Student-t emissions (one chain): the
     marginals (X, Y, Z, K) of p(z | y) ∝ exp(sum_v log_prior_v(z_v) + beta S(z)) prod_v t(y_v | z_v),
     u summed out by sampling it. ``log_prior``: (X, Y, Z, K) (log proportions plus any field)."""
-    num_classes = mean.shape[0]
-    observed = observed & roi[..., None]
-
-    def step(carry, sweep_key):
-        labels, scales, total = carry
-        label_key, scale_key = jax.random.split(sweep_key)
-        unary = scaled_log_likelihood(observations, observed, mean, precision, scales) + log_prior
-        labels = sample_labels(label_key, labels, unary, beta, weights, roi)
-        scales = draw_scales(scale_key, labels, observations, observed, mean, precision, dof)
-        return (labels, scales, total + jax.nn.one_hot(labels, num_classes, dtype=mean.dtype)), None
-
-    keys = jax.random.split(key, burn_in + num_sweeps)
-    zero = jnp.zeros(roi.shape + (num_classes,), mean.dtype)
-    start = (initial_labels, jnp.ones(roi.shape, mean.dtype), zero)
-    (labels, scales, _), _ = jax.lax.scan(step, start, keys[:burn_in])
-    (_, _, total), _ = jax.lax.scan(step, (labels, scales, zero), keys[burn_in:])
-    return total / num_sweeps
+    sampler = student_label_gibbs(observations, observed & roi[..., None], roi, beta, weights, mean,
+                                  precision, log_prior, dof)
+    trace = run_chain(sampler.step, sampler.init(initial_labels),
+                      jax.random.split(key, burn_in + num_sweeps),
+                      label_marginal_summary(mean.shape[0], mean.dtype), burn_in=burn_in)
+    return trace.kept_sum / num_sweeps
 
 
 def order_classes(labels, first_modality_means):
@@ -173,6 +216,82 @@ def _relabel(labels, parameters):
     labels, order, switched = order_classes(labels, parameters.mean[:, 0])
     return labels, GibbsParameters(parameters.mean[order], parameters.precision[order],
                                    parameters.proportions[order]), switched
+
+
+class HiddenPottsState(NamedTuple):
+    """labels (X, Y, Z) int; scales (X, Y, Z) Student-t weights u (ones for Gaussian emissions);
+    parameters: the class means, precisions and proportions of the current draw."""
+
+    labels: jax.Array
+    scales: jax.Array
+    parameters: GibbsParameters
+
+
+class LabelSwitchInfo(NamedTuple):
+    """label_switch: whether the sweep renamed the classes back into order by mean."""
+
+    label_switch: jax.Array
+
+
+def hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, concentration,
+                       external_field, *, tied: bool, emission: str, dof: float) -> SamplingAlgorithm:
+    """Full conjugate Gibbs kernel for the hidden Potts model (module docstring); arguments as for
+    :func:`gibbs_hidden_potts`, ``observed`` already restricted to the ROI.
+
+    ``init(key, labels)`` draws the parameters given the start labels (u = 1); ``step(key,
+    state)`` draws z, then u (Student-t only), then (mu, tau, pi), then renames the classes by
+    mean (without an external field) and reports that renaming as :class:`LabelSwitchInfo`."""
+    field = 0.0 if external_field is None else external_field
+    student = emission == "student"
+
+    def init(key, labels):
+        parameters = _draw_parameters(key, labels, observations, observed, roi, prior,
+                                      concentration, tied)
+        # u = 1: the Gaussian start
+        return HiddenPottsState(labels, jnp.ones(observations.shape[:3], observations.dtype),
+                                parameters)
+
+    def step(key, state):
+        scales, parameters = state.scales, state.parameters
+        label_key, scale_key, parameter_key = jax.random.split(key, 3)
+        unary = (scaled_log_likelihood(observations, observed, parameters.mean,
+                                       parameters.precision, scales)
+                 + jnp.log(parameters.proportions) + field)
+        labels = sample_labels(label_key, state.labels, unary, beta, weights, roi)
+        if student:
+            scales = draw_scales(scale_key, labels, observations, observed, parameters.mean,
+                                 parameters.precision, dof)
+        parameters = _draw_parameters(parameter_key, labels, observations, observed, roi, prior,
+                                      concentration, tied, scales if student else None)
+        switched = jnp.asarray(False)
+        if external_field is None:
+            # with a field the classes are not exchangeable and a renaming is not a valid move
+            labels, parameters, switched = _relabel(labels, parameters)
+        return HiddenPottsState(labels, scales, parameters), LabelSwitchInfo(switched)
+
+    return SamplingAlgorithm(init, step)
+
+
+def posterior_draw_summary(labels, mean, precision, label_switch, roi, count_weights, dtype):
+    """What the conjugate Gibbs samplers keep from one sweep: the one-hot labels (X, Y, Z, K) of
+    ``dtype`` to accumulate into marginals, and the record (class counts (K,), per-class sums of
+    ``count_weights`` (K,), mean (K, M), precision, label_switch) of :class:`GibbsResult`."""
+    onehot = one_hot_labels(labels, mean.shape[0], roi, dtype)
+    return onehot, (jnp.sum(onehot, axis=(0, 1, 2)),
+                    jnp.einsum("xyz,xyzk->k", count_weights, onehot), mean, precision, label_switch)
+
+
+def conjugate_gibbs_chains(key, sampler, initial_labels, summarise, *, num_chains: int,
+                           num_sweeps: int, burn_in: int) -> GibbsResult:
+    """Run ``num_chains`` chains of a conjugate Gibbs ``sampler`` (``init(key, labels)``) from
+    ``initial_labels``; each chain key splits into (start, burn-in, kept) keys.
+    ``summarise(state, info)`` returns the :func:`posterior_draw_summary` of the state."""
+    chain_keys = split_each(jax.random.split(key, num_chains), 3)
+    starts = jax.vmap(sampler.init, in_axes=(0, None))(chain_keys[:, 0], initial_labels)
+    sweep_keys = jax.vmap(burn_in_then_kept_keys, in_axes=(0, 0, None, None))(
+        chain_keys[:, 1], chain_keys[:, 2], burn_in, num_sweeps)
+    trace = run_chains(sampler.step, starts, sweep_keys, summarise, burn_in=burn_in)
+    return GibbsResult(pooled_marginals(trace.kept_sum, num_sweeps), *trace.records)
 
 
 @partial(jax.jit, static_argnames=("num_chains", "num_sweeps", "burn_in", "tied", "emission", "dof"))
@@ -191,62 +310,17 @@ def gibbs_hidden_potts(key, observations, observed, roi, beta, weights, prior: N
         num_chains, num_sweeps (kept per chain), burn_in: static sizes.
         emission: "gaussian" or "student" (scale mixture with ``dof`` degrees of freedom).
     """
-    num_classes = prior.mean.shape[0]
-    observed = observed & roi[..., None]
-    field = 0.0 if external_field is None else external_field
-    student = emission == "student"
+    sampler = hidden_potts_gibbs(observations, observed & roi[..., None], roi, beta, weights, prior,
+                                 concentration, external_field, tied=tied, emission=emission,
+                                 dof=dof)
 
-    def chain(chain_key):
-        def step(carry, sweep_key):
-            labels, scales, parameters, total = carry
-            label_key, scale_key, parameter_key = jax.random.split(sweep_key, 3)
-            unary = (scaled_log_likelihood(observations, observed, parameters.mean,
-                                           parameters.precision, scales)
-                     + jnp.log(parameters.proportions) + field)
-            labels = sample_labels(label_key, labels, unary, beta, weights, roi)
-            if student:
-                scales = draw_scales(scale_key, labels, observations, observed, parameters.mean,
-                                     parameters.precision, dof)
-            parameters = _draw_parameters(parameter_key, labels, observations, observed, roi,
-                                          prior, concentration, tied, scales if student else None)
-            switched = jnp.asarray(False)
-            if external_field is None:
-                # with a field the classes are not exchangeable and a renaming is not a valid move
-                labels, parameters, switched = _relabel(labels, parameters)
-            onehot = jax.nn.one_hot(labels, num_classes, dtype=observations.dtype) * roi[..., None]
-            record = (jnp.sum(onehot, axis=(0, 1, 2)),
-                      jnp.einsum("xyz,xyzk->k", count_weights, onehot), parameters.mean,
-                      parameters.precision, switched)
-            return (labels, scales, parameters, total + onehot), record
+    def summarise(state, info):
+        return posterior_draw_summary(state.labels, state.parameters.mean,
+                                      state.parameters.precision, info.label_switch, roi,
+                                      count_weights, observations.dtype)
 
-        start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
-        parameters = _draw_parameters(start_key, initial_labels, observations, observed, roi,
-                                      prior, concentration, tied)
-        zero = jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
-        scales = jnp.ones(observations.shape[:3], observations.dtype)  # u = 1: the Gaussian start
-        carry, _ = jax.lax.scan(step, (initial_labels, scales, parameters, zero),
-                                jax.random.split(burn_key, burn_in))
-        (_, _, _, total), records = jax.lax.scan(step, carry[:3] + (zero,),
-                                                 jax.random.split(keep_key, num_sweeps))
-        return total, records
-
-    totals, records = jax.vmap(chain)(jax.random.split(key, num_chains))
-    marginals = jnp.sum(totals, axis=0) / (num_chains * num_sweeps)
-    return GibbsResult(marginals, *records)
-
-
-def chain_diagnostics(draws) -> dict:
-    """Split R-hat and effective sample size (numpyro) of a (chains, draws) trace; both None
-    for a trace that never changes (they are undefined, not perfect)."""
-    draws = np.asarray(draws, np.float64)
-    constant = bool(np.ptp(draws) == 0)
-    return {
-        "r_hat": None if constant else float(split_gelman_rubin(draws)),
-        "ess": None if constant else float(effective_sample_size(draws)),
-        "chains": int(draws.shape[0]),
-        "draws_per_chain": int(draws.shape[1]),
-        "constant": constant,
-    }
+    return conjugate_gibbs_chains(key, sampler, initial_labels, summarise, num_chains=num_chains,
+                                  num_sweeps=num_sweeps, burn_in=burn_in)
 
 
 @partial(jax.jit, static_argnames=("num_classes", "num_fields", "num_sweeps"))
@@ -261,16 +335,15 @@ def sample_potts_prior(key, beta, roi, weights, *, num_classes: int, num_fields:
     """
     unary = (jnp.zeros(roi.shape + (num_classes,), jnp.float32) if prior_unary is None
              else prior_unary)
+    sampler = label_gibbs(unary, beta, weights, roi)
+    chain_keys = split_each(jax.random.split(key, num_fields), 2)
+    starts = jax.vmap(lambda start_key: sampler.init(
+        jax.random.randint(start_key, roi.shape, 0, num_classes)))(chain_keys[:, 0])
 
-    def chain(chain_key):
-        start_key, run_key = jax.random.split(chain_key)
-        labels = jax.random.randint(start_key, roi.shape, 0, num_classes)
+    def summarise(state, info):
+        return (), potts_statistic(one_hot_labels(state.labels, num_classes, roi, unary.dtype),
+                                   weights)
 
-        def sweep(labels, sweep_key):
-            labels = sample_labels(sweep_key, labels, unary, beta, weights, roi)
-            onehot = jax.nn.one_hot(labels, num_classes, dtype=unary.dtype) * roi[..., None]
-            return labels, potts_statistic(onehot, weights)
-
-        return jax.lax.scan(sweep, labels, jax.random.split(run_key, num_sweeps))
-
-    return jax.vmap(chain)(jax.random.split(key, num_fields))
+    trace = run_chains(sampler.step, starts, split_each(chain_keys[:, 1], num_sweeps), summarise,
+                       burn_in=0)
+    return trace.final_state.labels, trace.records

@@ -21,6 +21,9 @@ are drawn from their conjugate Normal-Gamma regression posterior (the one-hot ca
 exact); class proportions stay uniform, as in the PSF fit. Classes are renamed by increasing
 mean in the first modality after each sweep (the posterior is symmetric under renaming).
 
+The sampler is a blackjax-style kernel (:func:`psf_hidden_potts_gibbs`: ``init``, ``step``) run
+by the shared chain driver of :mod:`vbseg.inference.chains`, as the other Gibbs samplers are.
+
 Each colour costs one blur and one adjoint blur per blurred modality, and there are
 prod(2R + 1) colours (e.g. 5 x 5 x 7 = 175 for a 6 mm PSF on 4 x 4 x 3 mm voxels), so a
 sweep costs a few hundred blurs: a reference for small crops, not a fast fitter.
@@ -29,12 +32,20 @@ sweep costs a few hundred blurs: a reference for small crops, not a fast fitter.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vbseg.inference.gibbs import GibbsResult, order_classes
+from vbseg.inference.chains import SamplingAlgorithm
+from vbseg.inference.gibbs import (
+    GibbsResult,
+    LabelSwitchInfo,
+    conjugate_gibbs_chains,
+    order_classes,
+    posterior_draw_summary,
+)
 from vbseg.inference.meanfield_psf import regression_update
 from vbseg.models.potts import NormalGammaPrior, neighbour_sum
 from vbseg.models.psf import blur_operator
@@ -99,24 +110,24 @@ def _draw_parameters(key, labels, observations, observed_f, weights_obs, roi, op
     return jnp.stack(means), jnp.stack(taus)
 
 
-@partial(jax.jit, static_argnames=("num_classes", "psf_fwhm_mm", "spacing_mm", "num_chains",
-                                   "num_sweeps", "burn_in"))
-def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prior: NormalGammaPrior,
-                           relative_precision, initial_labels, count_weights, external_field=None,
-                           *, num_classes: int, psf_fwhm_mm: tuple, spacing_mm: tuple,
-                           num_chains: int, num_sweeps: int, burn_in: int) -> GibbsResult:
-    """Gibbs for the PSF model with fixed beta, uniform proportions, tied precisions.
+class PsfGibbsState(NamedTuple):
+    """labels (X, Y, Z) int; mean (M, K) class means per modality; tau (M,) noise precisions."""
 
-    Args:
-        observations, observed: (X, Y, Z, M) standardised images and where observed.
-        roi: (X, Y, Z) bool; beta, weights: Potts coupling and neighbour weights.
-        prior: scalar Normal-Gamma hyperparameters.
-        relative_precision: (X, Y, Z, M) known lambda_vm (ones: homoscedastic).
-        initial_labels: (X, Y, Z) start of every chain (e.g. the PSF fit's argmax).
-        count_weights: (X, Y, Z) summed per class each kept sweep (e.g. SUV, for TLG).
-        external_field: optional (X, Y, Z, K) prior log-potentials (no renaming then).
-        num_classes: K; psf_fwhm_mm: per-modality FWHM (0 = no blur); spacing_mm; sizes.
-    """
+    labels: jax.Array
+    mean: jax.Array
+    tau: jax.Array
+
+
+def psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, relative_precision,
+                           external_field, *, num_classes: int, psf_fwhm_mm: tuple,
+                           spacing_mm: tuple) -> SamplingAlgorithm:
+    """Gibbs kernel for the PSF model (module docstring); arguments as for
+    :func:`gibbs_hidden_potts_psf`.
+
+    ``init(key, labels)`` draws (mean, tau) given the start labels; ``step(key, state)`` draws
+    the labels colour by colour, then (mean, tau), then renames the classes by mean in the first
+    modality (without an external field), reported as
+    :class:`~vbseg.inference.gibbs.LabelSwitchInfo`."""
     dtype = observations.dtype
     num_modalities = observations.shape[-1]
     observed_f = (observed & roi[..., None]).astype(dtype)
@@ -134,32 +145,52 @@ def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prio
         return _draw_parameters(parameter_key, labels, observations, observed_f, weights_obs, roi,
                                 operators, prior, num_classes)
 
-    def chain(chain_key):
-        def step(carry, sweep_key):
-            labels, mean, tau, total = carry
-            label_key, parameter_key = jax.random.split(sweep_key)
-            labels = _label_sweep(label_key, labels, mean, tau, observations, weights_obs,
-                                  operators, c_terms, log_prior, beta, weights, roi, codes,
-                                  num_colours)
-            mean, tau = draw(parameter_key, labels)
-            switched = jnp.asarray(False)
-            if external_field is None:
-                labels, order, switched = order_classes(labels, mean[0])
-                mean = mean[:, order]
-            onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
-            record = (jnp.sum(onehot, axis=(0, 1, 2)),
-                      jnp.einsum("xyz,xyzk->k", count_weights, onehot), mean.T, tau, switched)
-            return (labels, mean, tau, total + onehot), record
+    def init(key, labels):
+        return PsfGibbsState(labels, *draw(key, labels))
 
-        start_key, burn_key, keep_key = jax.random.split(chain_key, 3)
-        mean, tau = draw(start_key, initial_labels)
-        zero = jnp.zeros(roi.shape + (num_classes,), dtype)
-        carry, _ = jax.lax.scan(step, (initial_labels, mean, tau, zero),
-                                jax.random.split(burn_key, burn_in))
-        (_, _, _, total), records = jax.lax.scan(step, carry[:3] + (zero,),
-                                                 jax.random.split(keep_key, num_sweeps))
-        return total, records
+    def step(key, state):
+        label_key, parameter_key = jax.random.split(key)
+        labels = _label_sweep(label_key, state.labels, state.mean, state.tau, observations,
+                              weights_obs, operators, c_terms, log_prior, beta, weights, roi, codes,
+                              num_colours)
+        mean, tau = draw(parameter_key, labels)
+        switched = jnp.asarray(False)
+        if external_field is None:
+            labels, order, switched = order_classes(labels, mean[0])
+            mean = mean[:, order]
+        return PsfGibbsState(labels, mean, tau), LabelSwitchInfo(switched)
 
-    totals, records = jax.vmap(chain)(jax.random.split(key, num_chains))
-    marginals = jnp.sum(totals, axis=0) / (num_chains * num_sweeps)
-    return GibbsResult(marginals, *records)
+    return SamplingAlgorithm(init, step)
+
+
+@partial(jax.jit, static_argnames=("num_classes", "psf_fwhm_mm", "spacing_mm", "num_chains",
+                                   "num_sweeps", "burn_in"))
+def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prior: NormalGammaPrior,
+                           relative_precision, initial_labels, count_weights, external_field=None,
+                           *, num_classes: int, psf_fwhm_mm: tuple, spacing_mm: tuple,
+                           num_chains: int, num_sweeps: int, burn_in: int) -> GibbsResult:
+    """Gibbs for the PSF model with fixed beta, uniform proportions, tied precisions.
+
+    Args:
+        observations, observed: (X, Y, Z, M) standardised images and where observed.
+        roi: (X, Y, Z) bool; beta, weights: Potts coupling and neighbour weights.
+        prior: scalar Normal-Gamma hyperparameters.
+        relative_precision: (X, Y, Z, M) known lambda_vm (ones: homoscedastic).
+        initial_labels: (X, Y, Z) start of every chain (e.g. the PSF fit's argmax).
+        count_weights: (X, Y, Z) summed per class each kept sweep (e.g. SUV, for TLG).
+        external_field: optional (X, Y, Z, K) prior log-potentials (no renaming then).
+        num_classes: K; psf_fwhm_mm: per-modality FWHM (0 = no blur); spacing_mm; sizes.
+    Returns:
+        :class:`~vbseg.inference.gibbs.GibbsResult` with means (C, S, K, M) and precisions
+        (C, S, M), one noise precision per modality.
+    """
+    sampler = psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior,
+                                     relative_precision, external_field, num_classes=num_classes,
+                                     psf_fwhm_mm=psf_fwhm_mm, spacing_mm=spacing_mm)
+
+    def summarise(state, info):
+        return posterior_draw_summary(state.labels, state.mean.T, state.tau, info.label_switch,
+                                      roi, count_weights, observations.dtype)
+
+    return conjugate_gibbs_chains(key, sampler, initial_labels, summarise, num_chains=num_chains,
+                                  num_sweeps=num_sweeps, burn_in=burn_in)

@@ -54,6 +54,10 @@ Shiloach & Vishkin 1982, J. Algorithms 3:57) take the number of rounds from the 
 diameter (tens to hundreds of steps for a spanning cluster) to 4-7 (measured on 16^3 and 32^3
 at beta = 0.3, 0.44 and 1.0).
 
+The kernel (:func:`swendsen_wang`: ``init``, ``step``) has the blackjax shape and is run by the
+shared chain driver of :mod:`vbseg.inference.chains` (:func:`sample_swendsen_wang`), as the
+Gibbs samplers are.
+
 Shapes: labels (X, Y, Z) int; roi (X, Y, Z) bool; weights (3,) or (13,); unary (X, Y, Z, K)
 or broadcastable to it; bonds (D, X, Y, Z) with D = 3 or 13 pair directions, bonds[d, v] the
 bond between v and v + offset_d.
@@ -67,6 +71,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vbseg.inference.chains import (
+    EmptyInfo,
+    LabelState,
+    SamplingAlgorithm,
+    one_hot_labels,
+    run_chains,
+    split_each,
+)
 from vbseg.models.potts import neighbour_offsets, potts_statistic, shift_by
 
 
@@ -212,6 +224,20 @@ class SwendsenWangResult(NamedTuple):
     counts: jax.Array
 
 
+def swendsen_wang(beta, weights, roi, unary=None, *, num_classes=None) -> SamplingAlgorithm:
+    """Swendsen-Wang kernel (blackjax shape): ``init(labels) -> LabelState``; ``step(key,
+    state)`` is one :func:`swendsen_wang_sweep`. Arguments as for that function."""
+
+    def init(labels):
+        return LabelState(labels)
+
+    def step(key, state):
+        return LabelState(swendsen_wang_sweep(key, state.labels, beta, weights, roi, unary,
+                                              num_classes=num_classes)), EmptyInfo()
+
+    return SamplingAlgorithm(init, step)
+
+
 @partial(jax.jit, static_argnames=("num_classes", "num_sweeps", "burn_in", "num_chains",
                                    "record_marginals"))
 def sample_swendsen_wang(key, beta, weights, roi, *, num_classes: int, num_sweeps: int,
@@ -219,9 +245,9 @@ def sample_swendsen_wang(key, beta, weights, roi, *, num_classes: int, num_sweep
                          record_marginals: bool = True) -> SwendsenWangResult:
     """Chains of Swendsen-Wang sweeps on p(z | beta) ∝ exp(sum_v e_v(z_v) + beta S(z)).
 
-    Chains run in parallel (``jax.vmap``), sweeps under ``lax.scan``: ``burn_in`` sweeps
-    discarded, then ``num_sweeps`` kept, each recording S(z) and the class counts (and adding
-    the one-hot labels to the marginals).
+    Chains run in parallel, sweeps under ``lax.scan`` (the driver of
+    :mod:`vbseg.inference.chains`): ``burn_in`` sweeps discarded, then ``num_sweeps`` kept,
+    each recording S(z) and the class counts (and adding the one-hot labels to the marginals).
 
     Args:
         key: PRNG key.
@@ -244,26 +270,16 @@ def sample_swendsen_wang(key, beta, weights, roi, *, num_classes: int, num_sweep
     else:
         starts = jnp.broadcast_to(jnp.asarray(initial_labels, jnp.int32),
                                   (num_chains,) + roi.shape)
+    sampler = swendsen_wang(beta, weights, roi, unary, num_classes=num_classes)
 
-    def chain(chain_key, labels):
-        # one scan over burn-in and kept sweeps (one compiled sweep body, not two)
-        def sweep(carry, inputs):
-            labels, total = carry
-            sweep_key, kept = inputs
-            labels = swendsen_wang_sweep(sweep_key, labels, beta, weights, roi, unary,
-                                         num_classes=num_classes)
-            onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * roi[..., None]
-            if record_marginals:
-                total = total + jnp.where(kept, onehot, 0.0)
-            return (labels, total), (potts_statistic(onehot, weights),
-                                     jnp.sum(onehot, axis=(0, 1, 2)))
+    def summarise(state, info):
+        onehot = one_hot_labels(state.labels, num_classes, roi, dtype)
+        return (onehot if record_marginals else (),
+                (potts_statistic(onehot, weights), jnp.sum(onehot, axis=(0, 1, 2))))
 
-        total = jnp.zeros(roi.shape + (num_classes,) if record_marginals else (), dtype)
-        kept = jnp.arange(burn_in + num_sweeps) >= burn_in
-        (labels, total), (statistics, counts) = jax.lax.scan(
-            sweep, (labels, total), (jax.random.split(chain_key, burn_in + num_sweeps), kept))
-        return statistics[burn_in:], counts[burn_in:], labels, total / num_sweeps
-
-    statistics, counts, labels, marginals = jax.vmap(chain)(jax.random.split(run_key, num_chains),
-                                                            starts)
-    return SwendsenWangResult(statistics, labels, marginals if record_marginals else None, counts)
+    sweep_keys = split_each(jax.random.split(run_key, num_chains), burn_in + num_sweeps)
+    trace = run_chains(sampler.step, jax.vmap(sampler.init)(starts), sweep_keys, summarise,
+                       burn_in=burn_in)
+    statistics, counts = trace.records
+    marginals = trace.kept_sum / num_sweeps if record_marginals else None
+    return SwendsenWangResult(statistics, trace.final_state.labels, marginals, counts)
