@@ -113,16 +113,18 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
     if unsupervised:
         # without PET no rule picks the tumour class: K = 3 orders the classes by mean as fat /
         # soft tissue / bone on CT and dark / intermediate / bright (fat) on T1 MR, and the
-        # middle one is called tumour. vbseg segment refuses CT or MR alone without a VOI; this
-        # row measures why, so it names the whole crop as the VOI. With several images every one
-        # enters the class split (--fusion joint), the model this row has always measured.
-        whole = ",".join(f"0:{n}" for n in nib.load(images[0]).shape[:3])
-        middle = (dict(tumour_class=1, box=whole) if "pet" not in modalities
+        # middle one is called tumour. With several images every one enters the class split
+        # (--fusion joint), the model this row has always measured.
+        middle = (dict(tumour_class=1) if "pet" not in modalities
                   else dict(fusion="joint") if len(modalities) > 1 else {})
         methods.append((f"unsupervised potts {tag} K=3", dict(num_classes=3, **middle)))
+    # vbseg segment refuses CT or MR alone without a VOI; these rows measure why, so they name
+    # the whole crop as the VOI
+    whole = ",".join(f"0:{n}" for n in nib.load(images[0]).shape[:3])
+    voi = {} if "pet" in modalities else {"box": whole}
     for name, kwargs in methods:
         t0 = time.perf_counter()
-        posterior = vbseg.segment(images, modalities=list(modalities), seed=0, **kwargs)
+        posterior = vbseg.segment(images, modalities=list(modalities), seed=0, **voi, **kwargs)
         rows[name] = dict(score(posterior, truth, spacing), seconds=time.perf_counter() - t0)
     rows[f"prior {tag}"]["prior_fit_s"] = fit_s
     rows[f"prior {tag}"]["beta"] = prior.beta

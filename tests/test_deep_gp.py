@@ -137,26 +137,25 @@ def test_an_informative_prior_logit_gets_a_clearly_positive_weight(phantom, plai
     assert _dice50(result, phantom.truth) >= _dice50(plain, phantom.truth) - 0.005
 
 
-def test_segment_build_records_the_weight(phantom, tmp_path):
-    from vbseg import gp_segment
-    from vbseg.pipeline import load_crop
+def test_segment_records_the_weight(phantom, tmp_path):
+    """--model gp with a prior log-odds map (--external-field) learns and records its weight;
+    without one the parameters carry no weight."""
+    import vbseg
+    from vbseg.volume import save_nifti
 
     paths = phantom.save(tmp_path / "in")
-    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop([paths["pet"]], ["pet"])
-    ell = _informative(phantom.truth)[bounds]
-    posterior = gp_segment.build(stack, observed, crop_voi, voi, bounds, volumes, [str(paths["pet"])],
-                                 ["pet"], None, None, resampled, 0, VOLUME_DRAWS, tmp_path / "out",
-                                 (10, 50, 90), "", {"seed": 0}, "whole image", prior_logit=ell,
-                                 model_name="deep-gp", field_record={"source": "map", "path": "ell"})
+    ell = tmp_path / "in" / "ell.nii.gz"
+    save_nifti(ell, _informative(phantom.truth).astype(np.float32), phantom.pet.affine)
+    posterior = vbseg.segment([paths["pet"]], tmp_path / "out", model="gp", external_field=ell,
+                              volume_draws=VOLUME_DRAWS)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["model"] == "deep-gp" and summary["parameters"]["prior_logit_weight"] > 1.0
-    assert summary["options"]["prior_log_odds"] == {"source": "map", "path": "ell"}
+    assert summary["model"] == "gp" and summary["parameters"]["prior_logit_weight"] > 1.0
+    assert summary["options"]["prior_log_odds"] == {"source": "map", "path": str(ell)}
     assert "HalfNormal" in summary["options"]["field_weight"]
     assert summary["diagnostics"]["prior_logit_weight_start"] > 0
     assert dice(posterior.contour(0.5), phantom.truth) >= 0.9
-    _, _, _, parts = gp_segment.gp_posterior(stack, observed, crop_voi, voi, bounds, volumes, ["pet"], 0,
-                                             VOLUME_DRAWS)
-    assert "prior_logit_weight" not in parts["parameters"]
+    plain = vbseg.segment([paths["pet"]], model="gp", volume_draws=VOLUME_DRAWS)
+    assert "prior_logit_weight" not in plain.summary["parameters"]
 
 
 def test_a_prior_logit_of_the_wrong_shape_or_not_finite_is_refused(phantom):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from vbseg.errors import InputError, VbsegError
+from vbseg.methods import method_names
 
 DEMO_DIR = "demo_out"
 
@@ -77,11 +78,9 @@ def _add_segment(sub):
     voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--model", default="potts",
-                   help="potts (default), gp (GP logit field, PET first), deep-potts / deep-gp "
-                        "(a 3D CNN's logits as the prior, weight learned), or a baseline: "
-                        "threshold40, threshold50, suv2.5, adaptive50, otsu, kmeans, gmm, "
-                        "random_walker, kspc (see vbseg/baselines.py), cnn, mc-dropout, "
-                        "cnn-ensemble (vbseg/deep_segment.py)")
+                   help="the method (vbseg/methods/): " + ", ".join(
+                       name for name in method_names() if name != "prior")
+                   + " (default potts; --prior selects the population prior)")
     p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
     p.add_argument("--fusion", default=None,
                    help="which images enter the label model's likelihood: 'pet' (PET alone decides "

@@ -319,7 +319,8 @@ def segment_kwargs(variant: dict) -> dict:
 
 def _check_variant(path, variant, cases):
     """Option values are checked by the same validation as ``vbseg segment`` (no files read)."""
-    from vbseg.options import DEFAULT_VOLUME_DRAWS, check_options, default_fusion
+    from vbseg.methods import get_method
+    from vbseg.options import DEFAULT_LEVELS, SegmentOptions
 
     kwargs = segment_kwargs(variant)
     if "prior" in kwargs and kwargs.get("restarts", "full") != "full":
@@ -346,24 +347,9 @@ def _check_variant(path, variant, cases):
             raise InputError(path, f"[model] prior: {error}") from None
         return
     for modalities in {tuple(case.get("modalities", ["pet"])) for case in cases}:
-        modalities = list(modalities)
         try:
-            check_options(
-                model=kwargs.get("model", "potts"), num_classes=kwargs.get("num_classes", 2),
-                beta=kwargs.get("beta", 0.5), levels_percent=(10.0, 50.0, 90.0),
-                num_images=len(modalities), modalities=modalities,
-                tumour_class=kwargs.get("tumour_class"),
-                volume_draws=kwargs.get("volume_draws", DEFAULT_VOLUME_DRAWS),
-                neighbourhood=kwargs.get("neighbourhood", 6), psf_fwhm_mm=kwargs.get("psf_fwhm_mm"),
-                pet_noise=kwargs.get("pet_noise", "poisson"), sampler=kwargs.get("sampler", "vb"),
-                emission=kwargs.get("emission", "gaussian"),
-                covariance=kwargs.get("covariance", "diagonal"), dof=kwargs.get("dof", 4.0),
-                checkpoint=kwargs.get("checkpoint"), field_weight=kwargs.get("field_weight", "auto"),
-                intensity_field=kwargs.get("intensity_field"),
-                intensity_lengthscale_mm=kwargs.get("intensity_lengthscale_mm"),
-                restarts=kwargs.get("restarts", "full"),
-                fusion=kwargs.get("fusion") or default_fusion(
-                    kwargs.get("model", "potts"), modalities, kwargs.get("covariance", "diagonal")))
+            get_method(kwargs.get("model", "potts")).check_inputs(modalities)
+            SegmentOptions(**kwargs).check(modalities=list(modalities), levels_percent=DEFAULT_LEVELS)
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 

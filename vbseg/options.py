@@ -4,12 +4,12 @@ problem is an InputError/OutputError naming the option or path."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 
-from vbseg.baselines import BASELINES
 from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
 from vbseg.errors import InputError, OutputError
 from vbseg.inference.beta import BETA_MAX
@@ -38,7 +38,6 @@ BETA_LEARNED_TEXT = (
 )
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
-MODELS = ("potts", "gp") + DEEP_MODELS + BASELINES
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 # --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
@@ -82,6 +81,82 @@ def fusion_columns(fusion: str, modalities) -> list[int]:
     return list(range(len(modalities)))
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentOptions:
+    """The options that choose and configure the model of ``vbseg.segment`` / ``vbseg segment``
+    (the images, VOI, output folder, levels and seed are arguments of their own).
+
+    model: a registered method (:func:`vbseg.methods.method_names`): potts, gp, deep-potts,
+        deep-gp, a baseline or a network baseline. num_classes: K.
+    beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``; "auto":
+        learned by variational EM with a pseudo-likelihood step (from AUTO_BETA_START;
+        :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler.
+    neighbourhood: 6 or 26 (weights by inverse distance).
+    restarts: where the Potts fit's k-means restarts run: "full" (the image's grid) or "coarse"
+        (a 2x2x2 coarser grid, then one full-grid fit per distinct solution;
+        :mod:`vbseg.inference.multiscale`: faster on large grids, but it can end in another mode).
+    tumour_class: class index that is tumour (required without PET).
+    volume_draws: number of posterior volume draws.
+    psf_fwhm_mm: the PET scanner's PSF FWHM in mm: PET images get the PSF-blurred likelihood
+        (:mod:`vbseg.inference.meanfield_psf`) and ``pet_noise`` says how PET noise varies:
+        "poisson" (variance proportional to the local mean) or "constant".
+    sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
+        (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
+        draws of the whole label field).
+    emission: "gaussian", "student" (Student-t with ``dof`` degrees of freedom) or "lognormal"
+        (PET on the log scale); covariance: "diagonal" or "full" (a full covariance per class
+        across the images; every image must cover the whole VOI).
+    prior: a population prior (JSON path, "sarcoma" for the packaged one, or a
+        :class:`~vbseg.models.cohort.PopulationPrior`): the hidden Potts model with the prior's
+        classes, class priors and beta (:mod:`vbseg.population`).
+    checkpoint: the network of the deep models; default: the packaged one for the inputs.
+    external_field: path of a prior log-odds map (NIfTI on the first image's grid) for potts or
+        gp, added to the tumour class's prior with weight ``field_weight`` ("auto": learned).
+    intensity_field: "all" or "tumour": a smooth GP field added to the first image's mean of
+        every class or of the tumour class (:mod:`vbseg.inference.intensity_field`), length-scale
+        ``intensity_lengthscale_mm`` (default 60 mm); saved as intensity_field.nii.gz.
+    fusion: which images enter the label model's likelihood: "pet" or "joint"; None:
+        :func:`default_fusion` (FUSION_PET_TEXT says why).
+    """
+
+    model: str = "potts"
+    num_classes: int = 2
+    beta: float | str | None = None
+    neighbourhood: int = 6
+    restarts: str = "full"
+    tumour_class: int | None = None
+    volume_draws: int = DEFAULT_VOLUME_DRAWS
+    psf_fwhm_mm: float | None = None
+    pet_noise: str = "poisson"
+    sampler: str = "vb"
+    emission: str = "gaussian"
+    covariance: str = "diagonal"
+    dof: float = DEFAULT_STUDENT_DOF
+    prior: object = None
+    checkpoint: object = None
+    external_field: object = None
+    field_weight: float | str = "auto"
+    intensity_field: str | None = None
+    intensity_lengthscale_mm: float | None = None
+    fusion: str | None = None
+
+    def check(self, *, modalities, levels_percent, roi=None, box=None) -> None:
+        """:func:`check_options` on these options for the given inputs (fusion and beta at
+        their defaults where None)."""
+        check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                         if f.name not in ("prior", "fusion", "beta")},
+                      beta=default_beta(self), levels_percent=levels_percent,
+                      num_images=len(modalities), modalities=list(modalities), roi=roi, box=box,
+                      fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
+
+
+def default_beta(options: SegmentOptions) -> float | str:
+    """The coupling a fit uses: the given one, else DEFAULT_BETA (DEFAULT_BETA_PSF with a PSF)."""
+    if options.beta is not None:
+        return options.beta
+    return DEFAULT_BETA if options.psf_fwhm_mm is None else DEFAULT_BETA_PSF
+
+
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
                   tumour_class, volume_draws, neighbourhood=6, psf_fwhm_mm=None,
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
@@ -89,14 +164,11 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
                   external_field=None, field_weight="auto", intensity_field=None,
                   intensity_lengthscale_mm=None, restarts="full", fusion="joint"):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
-    InputError names the option."""
-    if model not in MODELS:
-        raise InputError("--model", f"unknown model {model!r} (available: {', '.join(MODELS)})")
+    InputError names the option. The model's name is checked where it is looked up
+    (:func:`vbseg.methods.get_method`)."""
     _check_fusion(fusion, model, modalities, covariance)
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
                      covariance, modalities, tumour_class)
-    if model in BASELINES and "pet" not in modalities:
-        raise InputError("--model", f"{model} is a PET baseline, and no image is PET")
     if model in ("gp", "deep-gp"):
         _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance)
     _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight)

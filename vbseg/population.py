@@ -41,19 +41,18 @@ from vbseg.inference.empirical_bayes import (
     pool_population,
 )
 from vbseg.models.cohort import (
-    NOISE_PSEUDO_COUNT,
     PopulationPrior,
     load_prior,
     to_features,
 )
 from vbseg.models.potts import neighbour_weights
-from vbseg.models.volume_error import METHOD as CALIBRATED_METHOD
 from vbseg.models.volume_error import (
     MIN_CALIBRATION_CASES,
     calibrated_draws,
     calibration_entry,
     calibration_from_entries,
 )
+from vbseg.prepare import load_inputs
 
 DEFAULT_TUMOUR_CLASSES = 2
 DEFAULT_BACKGROUND_CLASSES = 4
@@ -103,7 +102,6 @@ def resolve_prior(prior) -> PopulationPrior:
 
 def load_training_case(case: DelineatedCase) -> TrainingCase:
     """Images on the first modality's grid (others resampled), in feature space, and its label."""
-    from vbseg.pipeline import load_inputs
 
     volumes, voi, channels, coverage, _ = load_inputs(list(case.images), list(case.modalities))
     stack = np.stack(channels, axis=-1)
@@ -397,97 +395,5 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
     return prior
 
 
-def segment_with_prior(images, out=None, *, prior, modalities=None, roi=None, box=None,
-                       model="potts", levels_percent, seed=0, volume_draws, series_uid=None,
-                       overwrite=False, title=""):
-    """``vbseg.segment(..., prior=...)``: the hidden Potts model with the population prior.
-
-    The prior fixes the classes (its K, the first ``num_tumour`` tumour), beta and the
-    neighbourhood; P(tumour) is the sum of the tumour classes' marginals. InputError when the
-    inputs' modalities differ from the prior's.
-    """
-    from vbseg.options import check_outputs
-    from vbseg.pipeline import load_crop
-    from vbseg.posterior import INDEPENDENT_DRAWS_METHOD, output_names, saved_posterior
-    from vbseg.records import independent_draws, provenance, voi_text
-
-    source = "in memory" if isinstance(prior, PopulationPrior) else os.fspath(prior)
-    subject = "--prior" if isinstance(prior, PopulationPrior) else source
-    prior = resolve_prior(prior)
-    if model != "potts":
-        raise InputError("--prior", f"applies to the potts model, not {model!r}")
-    if modalities is None:
-        if len(images) != len(prior.modalities):
-            raise InputError(subject, f"this prior was learned on "
-                                                 f"{'+'.join(prior.modalities)} ({len(prior.modalities)} "
-                                                 f"images) but {len(images)} image(s) were given")
-        modalities = list(prior.modalities)
-    prior.check_modalities(modalities, subject)
-    if roi is not None and box is not None:
-        raise InputError("--roi", "give either --roi or --box, not both")
-    if not levels_percent or not all(0 < level < 100 for level in levels_percent):
-        raise InputError("--levels", "each level must be strictly between 0 and 100")
-    if not isinstance(volume_draws, int) or volume_draws < 100:
-        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
-    roi = os.fspath(roi) if roi is not None else None
-    if out is not None:
-        check_outputs(out, output_names(levels_percent), list(images) + ([roi] if roi else []), overwrite)
-    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(images, modalities, roi, box,
-                                                                           series_uid)
-    reference = volumes[0]
-    features = np.where(observed, to_features(stack, modalities), 0.0).astype(np.float32)
-    crop_probability, record = tumour_probability(prior, features, observed, crop_voi, reference.spacing)
-    probability = np.zeros(reference.shape, np.float32)
-    probability[bounds] = crop_probability
-    pet_first = modalities[0] == "pet"
-    raw_volumes, raw_tlg = independent_draws(probability, reference, pet_first, seed, volume_draws)
-    volume_draws_ml, tlg_draws, missed_fraction = calibrated_draws(
-        raw_volumes, raw_tlg, prior.volume_calibration, seed, contour_empty=not (probability >= 0.5).any())
-    method = CALIBRATED_METHOD if prior.volume_calibration else INDEPENDENT_DRAWS_METHOD
-    summary = {
-        "model": "potts+population_prior",
-        "options": {
-            "classes": prior.num_classes, "tumour_classes": prior.num_tumour,
-            "class_names": prior.class_names, "beta": prior.beta if prior.interaction is None else None,
-            "interaction": None if prior.interaction is None else prior.interaction.tolist(),
-            "neighbourhood": prior.neighbourhood,
-            "emission": "Gaussian per class and modality (per-class precisions) in the fixed "
-                        "feature space of vbseg.models.cohort",
-            "feature_transforms": prior.transforms,
-            "prior": {"source": source, "cases": prior.cases, "spread_scale": prior.spread_scale,
-                      "noise_pseudo_count": NOISE_PSEUDO_COUNT, "vbseg_version": prior.vbseg_version},
-            "inference": "mean-field VB (CAVI, colour-by-colour label sweeps) from the prior "
-                         "predictive assignment; beta (or the interaction matrix) fixed at the "
-                         "population value",
-            "tumour_rule": f"P(tumour) = sum of the marginals of the first {prior.num_tumour} classes",
-            "volume_draws": volume_draws, "voi": voi_text(roi, box),
-        },
-        "parameters": {
-            "class_means_features": record["class_means_features"],
-            "class_sds_features": record["class_sds_features"],
-            "class_proportions": record["class_proportions"],
-            "beta": prior.beta if prior.interaction is None else None,
-            "volume_calibration": ({k: v for k, v in prior.volume_calibration.items() if k != "entries"}
-                                   if prior.volume_calibration else None),
-            "units": "feature space (see options.feature_transforms)",
-        },
-        "modality": list(modalities),
-        "resampled": [{"path": p, "resampled": r} for p, r in zip(images, resampled)],
-        "elbo": record["elbo"],
-        "diagnostics": {"converged": record["converged"], "iterations": record["iterations"],
-                        "voi_voxels": int(voi.sum()),
-                        "voi_bounds": [[s.start, s.stop] for s in bounds],
-                        "uncalibrated_volume_ml": {"mean": float(np.mean(raw_volumes)),
-                                                   "lower": float(np.quantile(raw_volumes, 0.025)),
-                                                   "upper": float(np.quantile(raw_volumes, 0.975))},
-                        "volume_draws_from_missed_component": missed_fraction},
-        "timings_s": record["timings"],
-        **provenance(images, modalities, roi, seed, volumes),
-    }
-    return saved_posterior(out, levels_percent, title, probability=probability, reference=reference,
-                           voi=voi, volume_draws_ml=volume_draws_ml, volume_method=method,
-                           tlg_draws=tlg_draws if pet_first else None, summary=summary)
-
-
 __all__ = ["FORBIDDEN", "PopulationPrior", "TrainingCase", "calibrated_draws", "fit_population_prior",
-           "fit_prior", "load_training_case", "resolve_prior", "segment_with_prior", "tumour_probability"]
+           "fit_prior", "load_training_case", "resolve_prior", "tumour_probability"]

@@ -51,6 +51,7 @@ from scipy import ndimage
 from vbseg.cases import DelineatedCase
 from vbseg.errors import InputError
 from vbseg.models.deep import network_inputs
+from vbseg.prepare import load_inputs
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -278,9 +279,8 @@ class DeepTrainingCase(NamedTuple):
 
 def load_deep_case(case: DelineatedCase) -> DeepTrainingCase:
     """Images in their units on the first modality's grid (others resampled through world
-    coordinates, :func:`vbseg.pipeline.load_inputs`), mapped to network space exactly as
+    coordinates, :func:`vbseg.prepare.load_inputs`), mapped to network space exactly as
     :func:`vbseg.models.deep.network_logits` maps its inputs, and the first modality's label."""
-    from vbseg.pipeline import load_inputs
 
     volumes, _, channels, coverage, _ = load_inputs(list(case.images), list(case.modalities))
     stack = np.stack(channels, axis=-1)

@@ -1,0 +1,57 @@
+"""What the label models (hidden Potts and GP, with or without a network) share before their
+fit: which images enter the likelihood (``--fusion``), and the prior log-odds map from a
+network (deep-potts, deep-gp) or a file (``--external-field``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vbseg.deep_segment import FIELD_MODELS, map_prior_logit, network_prior_logit
+from vbseg.options import FUSION_JOINT_TEXT, FUSION_PET_TEXT, default_fusion, fusion_columns
+from vbseg.prepare import Prepared
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LikelihoodInputs:
+    """The images the label model's likelihood sees. stack/observed (x, y, z, M') and volumes,
+    modalities: those images' columns of the prepared crop; columns: their indices among the
+    inputs; record: summary.json's ``options.fusion``."""
+
+    stack: np.ndarray
+    observed: np.ndarray
+    volumes: tuple
+    modalities: tuple[str, ...]
+    columns: tuple[int, ...]
+    record: dict
+
+
+def likelihood_inputs(prepared: Prepared, options) -> LikelihoodInputs:
+    """The inputs' columns that ``options.fusion`` (default: :func:`vbseg.options.default_fusion`)
+    puts in the likelihood."""
+    given = options.fusion is not None
+    fusion = options.fusion if given else default_fusion(options.model, prepared.modalities,
+                                                         options.covariance)
+    columns = tuple(fusion_columns(fusion, prepared.modalities))
+    record = {"mode": fusion, "chosen": "given" if given else "default",
+              "images_in_likelihood": [prepared.images[m] for m in columns],
+              "rule": FUSION_PET_TEXT if fusion == "pet" else FUSION_JOINT_TEXT}
+    return LikelihoodInputs(stack=prepared.stack[..., list(columns)],
+                            observed=prepared.observed[..., list(columns)],
+                            volumes=tuple(prepared.volumes[m] for m in columns),
+                            modalities=tuple(prepared.modalities[m] for m in columns),
+                            columns=columns, record=record)
+
+
+def prior_log_odds(prepared: Prepared, options):
+    """(prior logit (x, y, z) or None, where it came from (a dict) or None, network seconds):
+    the network's logits for the deep models (the network sees every input), else the
+    ``--external-field`` map cut to the crop, else nothing."""
+    if options.model in FIELD_MODELS:
+        return network_prior_logit(options.checkpoint, prepared.stack, prepared.observed,
+                                   prepared.modalities)
+    if options.external_field is not None:
+        logit, record = map_prior_logit(options.external_field, prepared.reference, prepared.bounds)
+        return logit, record, 0.0
+    return None, None, 0.0

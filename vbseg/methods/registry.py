@@ -1,0 +1,147 @@
+"""The method registry: every way of segmenting is one :class:`Method` with one signature.
+
+A method takes the prepared inputs (:class:`vbseg.prepare.Prepared`) and the typed options
+(:class:`vbseg.options.SegmentOptions`) and returns a :class:`MethodResult`: the probability
+map on the first image's grid, posterior volume draws and how they were made, and the parts of
+summary.json that are the method's own (options, parameters, diagnostics, ELBO, timings).
+:func:`build_summary` is the one place that assembles summary.json around those parts (inputs,
+modalities, the VOI, provenance), and :func:`result_posterior` the one place that turns a
+result into a :class:`~vbseg.posterior.Posterior`.
+
+Methods register themselves: each module of the :mod:`vbseg.methods` package calls
+:func:`register` when imported, and :func:`load_methods` imports every module of the package,
+so a new method is one new module there (plus its test). The CLI's ``--model`` choices and the
+experiment runner's model names come from :func:`method_names`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Callable
+
+import numpy as np
+
+from vbseg.errors import InputError
+from vbseg.posterior import Posterior, saved_posterior
+from vbseg.prepare import Prepared
+from vbseg.records import provenance, voi_text
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MethodResult:
+    """What a method returns.
+
+    probability: (I, J, K) float32 P(tumour) on the first image's grid, 0 outside the VOI.
+    volume_draws_ml: (D,) posterior draws of the tumour volume; volume_method: how they were
+    made; tlg_draws: (D,) draws of total lesion glycolysis (PET first) or None.
+    model: the name summary.json gives the model; options, parameters, diagnostics: the
+    method's own entries of those summary.json sections (the VOI's size and bounds are added);
+    elbo: the ELBO trace or None; timings_s: {"compile", "run", ...} seconds.
+    sections: further summary.json sections (e.g. "gp"); maps: further outputs, file name ->
+    (I, J, K) float32 on the first grid, written beside prob.nii.gz.
+    """
+
+    probability: np.ndarray
+    volume_draws_ml: np.ndarray
+    volume_method: str
+    tlg_draws: np.ndarray | None
+    model: str
+    options: dict
+    parameters: dict
+    diagnostics: dict
+    elbo: list | None
+    timings_s: dict
+    sections: dict = dataclasses.field(default_factory=dict)
+    maps: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """name: what --model (or the experiment key ``name``) calls it; run(prepared, options) ->
+    MethodResult; description: one line for the CLI's help; extra_outputs(options) -> the file
+    names it writes beside the standard outputs (checked before any work); rank: where it is
+    listed (lower first; ties in registration order); needs_pet: refused without a PET image."""
+
+    name: str
+    run: Callable
+    description: str
+    extra_outputs: Callable = lambda options: []
+    rank: int = 50
+    needs_pet: bool = False
+
+    def check_inputs(self, modalities) -> None:
+        """InputError naming --model when the inputs cannot go with this method."""
+        if self.needs_pet and "pet" not in modalities:
+            raise InputError("--model", f"{self.name} is a PET method, and no image is PET")
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` under its name (a second registration of a name is a programming error)."""
+    if method.name in REGISTRY and REGISTRY[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def load_methods() -> dict[str, Method]:
+    """Import every module of :mod:`vbseg.methods` (each registers its methods); the registry."""
+    package = importlib.import_module("vbseg.methods")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"vbseg.methods.{module.name}")
+    return REGISTRY
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method's name, by rank, then in registration order."""
+    methods = load_methods()
+    return tuple(sorted(methods, key=lambda name: methods[name].rank))
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; InputError naming --model when there is none."""
+    methods = load_methods()
+    if name not in methods:
+        available = ", ".join(n for n in method_names() if n != "prior")
+        raise InputError("--model", f"unknown model {name!r} (available: {available})")
+    return methods[name]
+
+
+def build_summary(result: MethodResult, prepared: Prepared) -> dict:
+    """summary.json's sections (without the volume entries, which the Posterior adds): the
+    method's parts, and the inputs, modalities, VOI and provenance every result records."""
+    voi = prepared.voi
+    return {
+        "model": result.model,
+        "options": {**result.options, "voi": voi_text(prepared.roi, prepared.box)},
+        "parameters": result.parameters,
+        "modality": list(prepared.modalities),
+        "resampled": [{"path": p, "resampled": r} for p, r in zip(prepared.images, prepared.resampled)],
+        "elbo": result.elbo,
+        "diagnostics": {**result.diagnostics, "voi_voxels": int(voi.sum()),
+                        "voi_bounds": [[s.start, s.stop] for s in prepared.bounds]},
+        "timings_s": result.timings_s,
+        **result.sections,
+        **provenance(prepared.images, prepared.modalities, prepared.roi, prepared.seed,
+                     prepared.volumes),
+    }
+
+
+def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_percent=(10, 50, 90),
+                     title: str = "") -> Posterior:
+    """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given."""
+    from vbseg.volume import save_nifti
+
+    posterior = saved_posterior(out, levels_percent, title, probability=result.probability,
+                                reference=prepared.reference, voi=prepared.voi,
+                                volume_draws_ml=result.volume_draws_ml,
+                                volume_method=result.volume_method, tlg_draws=result.tlg_draws,
+                                summary=build_summary(result, prepared))
+    if out is not None:
+        for name, values in result.maps.items():
+            save_nifti(f"{out}/{name}", values, prepared.reference.affine)
+    return posterior

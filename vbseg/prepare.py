@@ -1,0 +1,140 @@
+"""Inputs made ready for a method: images loaded and checked, put on the first image's grid
+through world coordinates, the volume of interest built and cut out, each modality
+standardised. Every method of :mod:`vbseg.methods` starts from one :class:`Prepared`.
+
+The first image defines the output grid; the others are resampled onto it
+(:func:`vbseg.volume.resample_onto`); voxels outside an image's field of view are unobserved for
+that image. The VOI is a mask (``roi``), a box of array index ranges (``box``) or the whole
+image; its bounding box is the crop a model is fitted on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vbseg.errors import InputError
+from vbseg.volume import Volume, load_mask, load_volume, parse_box, resample_onto
+
+
+def voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty mask, as slices."""
+    index = np.nonzero(voi)
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
+
+
+def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
+    """Load the images (NIfTI files or DICOM series folders; ``series_uid`` picks series in
+    folders holding several), put them on the first image's grid, and build the VOI.
+
+    Returns (volumes, voi (bool, first grid), channels [(I, J, K) float32 per image],
+    coverage [bool per image: inside that image's field of view], resampled [bool per image]).
+    """
+    volumes = [load_volume(path, modality, series_uid=series_uid)
+               for path, modality in zip(images, modalities)]
+    reference = volumes[0]
+    if roi is not None:
+        voi = load_mask(roi, reference)
+    elif box is not None:
+        voi = np.zeros(reference.shape, bool)
+        voi[parse_box(box, reference.shape)] = True
+    else:
+        voi = np.ones(reference.shape, bool)
+    full = np.ones(reference.shape, bool)
+    channels, coverage, resampled = [reference.data], [full], [False]
+    for volume in volumes[1:]:
+        if volume.same_grid(reference):
+            channels.append(volume.data)
+            coverage.append(full)
+            resampled.append(False)
+            continue
+        on_grid, covered = resample_onto(volume, reference)
+        if not (covered & voi).any():
+            raise InputError(volume.name, "does not overlap the volume of interest in world space")
+        channels.append(on_grid.data)
+        coverage.append(covered)
+        resampled.append(True)
+    return volumes, voi, channels, coverage, resampled
+
+
+def standardise(stack, observed, volumes):
+    """Per-modality (y - median) / sd over observed VOI voxels; zeros where unobserved.
+
+    Returns (features, centres (M,), scales (M,)); InputError for a constant modality.
+    """
+    centres, scales = [], []
+    for m, volume in enumerate(volumes):
+        values = stack[..., m][observed[..., m]]
+        scale = float(values.std()) if values.size else 0.0
+        if scale == 0.0:
+            raise InputError(volume.name, "is constant inside the volume of interest")
+        centres.append(float(np.median(values)))
+        scales.append(scale)
+    centres, scales = np.asarray(centres, np.float32), np.asarray(scales, np.float32)
+    features = np.where(observed, (stack - centres) / scales, 0.0).astype(np.float32)
+    return features, centres, scales
+
+
+def load_crop(images, modalities, roi=None, box=None, series_uid=None):
+    """:func:`load_inputs`, then the VOI's bounding box cut out of every image.
+
+    Returns (volumes, voi (first grid), bounds (slices), crop_voi, stack (x, y, z, M) float32,
+    observed (x, y, z, M) bool: inside that image's field of view and the VOI, resampled).
+    """
+    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box, series_uid)
+    bounds = voi_bounds(voi)
+    crop_voi = voi[bounds]
+    stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
+    observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
+    return volumes, voi, bounds, crop_voi, stack, observed, resampled
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """What every method receives.
+
+    images, modalities: the input paths (as given) and one modality each; roi, box: the VOI as
+    given; seed: seeds the volume draws; volumes: the loaded images; voi (I, J, K) bool on the
+    first grid; bounds: its bounding box; crop_voi (x, y, z) bool; stack (x, y, z, M) float32
+    and observed (x, y, z, M) bool: the crop of every image on the first grid; resampled: per
+    image, whether it was resampled onto that grid.
+    """
+
+    images: tuple[str, ...]
+    modalities: tuple[str, ...]
+    roi: str | None
+    box: str | None
+    seed: int
+    volumes: tuple[Volume, ...]
+    voi: np.ndarray
+    bounds: tuple[slice, ...]
+    crop_voi: np.ndarray
+    stack: np.ndarray
+    observed: np.ndarray
+    resampled: tuple[bool, ...]
+
+    @property
+    def reference(self) -> Volume:
+        """The first image: its grid and affine are the outputs'."""
+        return self.volumes[0]
+
+    @property
+    def pet_first(self) -> bool:
+        return self.modalities[0] == "pet"
+
+    def on_grid(self, crop: np.ndarray) -> np.ndarray:
+        """(I, J, K) float32 on the first grid from an (x, y, z) crop map: the crop inside the
+        VOI, 0 elsewhere."""
+        full = np.zeros(self.reference.shape, np.float32)
+        full[self.bounds] = np.where(self.crop_voi, crop, 0.0)
+        return full
+
+
+def prepare(images, modalities, roi=None, box=None, series_uid=None, seed: int = 0) -> Prepared:
+    """:func:`load_crop` as a :class:`Prepared`."""
+    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(
+        images, modalities, roi, box, series_uid)
+    return Prepared(images=tuple(images), modalities=tuple(modalities), roi=roi, box=box, seed=seed,
+                    volumes=tuple(volumes), voi=voi, bounds=bounds, crop_voi=crop_voi, stack=stack,
+                    observed=observed, resampled=tuple(resampled))
