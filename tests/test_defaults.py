@@ -72,6 +72,33 @@ def test_joint_two_class_split_finds_the_body_and_warns(crop, tmp_path):
     assert "vbseg: warning: contour-cut-by-voi:" in result.stderr
 
 
+@pytest.mark.parametrize("model", ["kmeans", "gmm", "graphcut"])
+def test_multi_image_baselines_follow_the_same_rule(crop, model):
+    """kmeans, gmm and graphcut split every image they are given: with PET deciding, a CT beside
+    the PET changes nothing; given PET and CT jointly, k-means finds the body."""
+    import vbseg
+
+    folder, phantom = crop
+    images = [folder / "pet.nii.gz", folder / "ct.nii.gz"]
+    default = vbseg.segment(images, modalities=["pet", "ct"], model=model, volume_draws=200)
+    alone = vbseg.segment(images[:1], modalities=["pet"], model=model, volume_draws=200)
+    np.testing.assert_array_equal(default.probability, alone.probability)
+    assert default.summary["options"]["fusion"]["mode"] == "pet"
+    if model == "kmeans":
+        assert dice(default.contour(0.5), phantom.truth) > 0.9
+        joint = vbseg.segment(images, modalities=["pet", "ct"], model=model, fusion="joint",
+                              volume_draws=200)
+        assert dice(joint.contour(0.5), phantom.tissue > 0) > 0.9
+
+
+def test_a_population_prior_takes_no_fusion_option(crop, tmp_path):
+    folder, _ = crop
+    result = main_cli("segment", *(folder / f"{m}.nii.gz" for m in ("pet", "ct", "mr")), "--prior",
+                      "sarcoma", "--fusion", "pet", "--out", tmp_path / "out")
+    assert result.returncode == 2 and "--fusion: does not apply with --prior" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("modality", ["ct", "mr"])
 def test_without_pet_and_without_a_voi_nothing_is_written(crop, tmp_path, modality):
     folder, _ = crop

@@ -95,4 +95,7 @@ def test_learned_parameter_at_its_bound(key, code):
     probability = np.where(ball((10, 10, 10), 4), 0.97, 0.01).astype(np.float32)
     assert codes(probability, summary={"diagnostics": {key: True}}) == [code]
     assert codes(probability, summary={"diagnostics": {key: False}}) == []
+    # a PSF fit or a sampler after the VB fit keeps the VB fit's diagnostics under initial_fit
+    nested = {"diagnostics": {"initial_fit": {key: True}, "rhat": 1.0}}
+    assert codes(probability, summary=nested) == [code]
 

@@ -15,6 +15,7 @@ import time
 
 from vbseg.baselines import BASELINES, baseline_map
 from vbseg.deep_segment import NETWORK_BASELINES, network_baseline
+from vbseg.methods.inputs import likelihood_inputs
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.posterior import INDEPENDENT_DRAWS_METHOD
 from vbseg.records import independent_draws
@@ -42,12 +43,17 @@ def map_result(prepared, options, crop_map, kind: str, parameters: dict, run_s: 
 
 
 def run_baseline(prepared, options) -> MethodResult:
-    """One of :data:`vbseg.baselines.BASELINES` on the prepared crop."""
+    """One of :data:`vbseg.baselines.BASELINES` on the prepared crop, on the images ``--fusion``
+    chooses (with PET among several images: PET alone, so the multi-image baselines, kmeans, gmm
+    and graphcut, cannot split body from air instead of tumour from tissue)."""
     start = time.perf_counter()
-    crop_map, kind, parameters = baseline_map(options.model, prepared.stack, prepared.observed,
-                                              prepared.crop_voi, list(prepared.modalities),
+    likelihood = likelihood_inputs(prepared, options)
+    crop_map, kind, parameters = baseline_map(options.model, likelihood.stack, likelihood.observed,
+                                              prepared.crop_voi, list(likelihood.modalities),
                                               prepared.reference.spacing)
-    return map_result(prepared, options, crop_map, kind, parameters, time.perf_counter() - start)
+    result = map_result(prepared, options, crop_map, kind, parameters, time.perf_counter() - start)
+    result.options["fusion"] = likelihood.record
+    return result
 
 
 def run_network_baseline(prepared, options) -> MethodResult:

@@ -18,6 +18,7 @@ from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.models.cohort import NOISE_PSEUDO_COUNT, PopulationPrior, to_features
 from vbseg.models.volume_error import METHOD as CALIBRATED_METHOD
 from vbseg.models.volume_error import calibrated_draws
+from vbseg.options import NO_PET_NO_VOI
 from vbseg.population import resolve_prior, tumour_probability
 from vbseg.posterior import INDEPENDENT_DRAWS_METHOD
 from vbseg.records import independent_draws
@@ -38,6 +39,9 @@ def check_prior_options(options, num_images: int, modalities, levels_percent, ro
     if options.restarts != "full":
         raise InputError("--restarts", "does not apply with --prior (the population prior's "
                                        "fit starts from the prior's classes, not k-means)")
+    if options.fusion is not None:
+        raise InputError("--fusion", "does not apply with --prior (the prior's classes are learned "
+                                     "on all of its modalities together)")
     _, subject = prior_subject(options.prior)
     prior = resolve_prior(options.prior)
     if options.model != "potts":
@@ -49,6 +53,8 @@ def check_prior_options(options, num_images: int, modalities, levels_percent, ro
                                       "were given")
         modalities = list(prior.modalities)
     prior.check_modalities(modalities, subject)
+    if "pet" not in modalities and roi is None and box is None:
+        raise InputError("--roi/--box", NO_PET_NO_VOI)
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
     if not levels_percent or not all(0 < level < 100 for level in levels_percent):
