@@ -28,7 +28,15 @@ from vbseg.deep_segment import (
     tumour_field,
 )
 from vbseg.errors import InputError
-from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
+from vbseg.fitting import (
+    GIBBS_BURN_IN,
+    GIBBS_CHAINS,
+    fit_potts,
+    learned_or_fixed,
+    pet_relative_precision,
+    sample_potts,
+    tumour_voxels,
+)
 from vbseg.inference.intensity_field import DEFAULT_LENGTHSCALE_MM, INTENSITY_FILE, IntensityFieldSpec
 from vbseg.map_segment import baseline_posterior
 from vbseg.models.emissions import describe_emission, log_transform_pet
@@ -143,6 +151,31 @@ def load_crop(images, modalities, roi=None, box=None, series_uid=None):
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
     return volumes, voi, bounds, crop_voi, stack, observed, resampled
+
+
+def tumour_choice(fit_means, *, field_class=None, intensity_class=None, pet_index=None,
+                  pet_image=None, tumour_class=None) -> tuple[np.ndarray, int, str]:
+    """Which class is tumour: (order (K,) the fit's classes by increasing mean in the first
+    image of the likelihood, the tumour class's position in that order, the rule in words).
+    ``fit_means`` (K, M) in any units increasing with the image's (standardised, log).
+    The class carrying the external field (``field_class``, numbered as in the fit) or the
+    tumour intensity field (``intensity_class``); else the highest mean in the PET column
+    ``pet_index`` (input image ``pet_image``); else ``tumour_class`` in the order."""
+    fit_means = np.asarray(fit_means)
+    order = np.argsort(fit_means[:, 0], kind="stable")
+    if field_class is not None:
+        return order, int(np.flatnonzero(order == field_class)[0]), (
+            f"the class carrying the prior log-odds map (class {field_class} of the k-means "
+            "start, numbered by level in the first image)")
+    if intensity_class is not None:
+        return order, int(np.flatnonzero(order == intensity_class)[0]), (
+            f"the class carrying the intensity field (class {intensity_class} of the k-means "
+            "start, numbered by level in the first image)")
+    if pet_index is not None:
+        return order, int(np.argmax(fit_means[order, pet_index])), (
+            f"class with the highest mean uptake in image {pet_image} (PET)")
+    return order, int(tumour_class), ("given by --tumour-class (classes ordered by mean in the "
+                                      "first image)")
 
 
 def segment(
@@ -334,15 +367,32 @@ def segment(
             classes=tuple(range(num_classes)) if intensity_field == "all" else (tumour_in_fit,),
             spacing_mm=reference.spacing,
             lengthscale_mm=intensity_lengthscale_mm or DEFAULT_LENGTHSCALE_MM)
-    fit = fit_potts(features, observed, crop_voi, reference.spacing, num_classes=num_classes,
-                    beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
-                    relative_precision=precision, neighbourhood=neighbourhood,
-                    beta_estimator="pl" if learn_beta else "fixed",
-                    emission="full" if covariance == "full" else
-                    ("student" if emission == "student" else "gaussian"), dof=dof,
-                    external_field=field, learn_field_weight=learn_weight,
-                    field_weight=0.0 if learn_weight or field is None else float(field_weight),
-                    intensity=intensity, multiscale=RESTARTS[restarts])
+    fit_arguments = dict(features=features, observed=observed, voi=crop_voi,
+                         spacing=reference.spacing, num_classes=num_classes,
+                         beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
+                         relative_precision=precision, neighbourhood=neighbourhood,
+                         beta_estimator="pl" if learn_beta else "fixed",
+                         emission="full" if covariance == "full" else
+                         ("student" if emission == "student" else "gaussian"), dof=dof,
+                         external_field=field, learn_field_weight=learn_weight,
+                         field_weight=0.0 if learn_weight or field is None else float(field_weight),
+                         intensity=intensity, multiscale=RESTARTS[restarts])
+    fit = fit_potts(**fit_arguments)
+    pet_index = fit_modalities.index("pet") if "pet" in fit_modalities else None
+    tumour_rules = dict(field_class=field_class,
+                        intensity_class=intensity.classes[0] if intensity_field == "tumour" else None,
+                        pet_index=pet_index,
+                        pet_image=None if pet_index is None else columns[pet_index] + 1,
+                        tumour_class=tumour_class)
+    learned_beta_record = None
+    if learn_beta:  # checked against the fit at the fixed default beta (learned_or_fixed)
+        fixed_beta = DEFAULT_BETA if psf_fwhm_mm is None else DEFAULT_BETA_PSF
+        fixed = fit_potts(**dict(fit_arguments, beta=fixed_beta, beta_estimator="fixed"))
+        tumour_volumes = []
+        for candidate in (fit, fixed):
+            order, position, _ = tumour_choice(candidate.means, **tumour_rules)
+            tumour_volumes.append(tumour_voxels(candidate, int(order[position]), crop_voi))
+        fit, learned_beta_record = learned_or_fixed(fit, fixed, *tumour_volumes, fixed_beta)
     if model in FIELD_MODELS:
         fit.timings["network"] = network_s  # the forward pass, its compile included
     beta_used = fit.beta
@@ -362,24 +412,9 @@ def segment(
     sds = fit.sds * scales
     log_columns = np.flatnonzero(log_flags)
     means[:, log_columns] = np.exp(means[:, log_columns])  # log-normal: the class median
-    order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
+    order, chosen, tumour_rule = tumour_choice(fit.means, **tumour_rules)
     means, sds, marginals = means[order], sds[order], marginals[..., order]
     proportions = fit.proportions[order]
-    if field is not None:
-        chosen = int(np.flatnonzero(order == field_class)[0])
-        tumour_rule = (f"the class carrying the prior log-odds map (class {field_class} of the "
-                       "k-means start, numbered by level in the first image)")
-    elif intensity_field == "tumour":
-        chosen = int(np.flatnonzero(order == intensity.classes[0])[0])
-        tumour_rule = (f"the class carrying the intensity field (class {intensity.classes[0]} of the "
-                       "k-means start, numbered by level in the first image)")
-    elif "pet" in fit_modalities:
-        pet_index = fit_modalities.index("pet")
-        chosen = int(np.argmax(means[:, pet_index]))
-        tumour_rule = f"class with the highest mean uptake in image {columns[pet_index] + 1} (PET)"
-    else:
-        chosen = int(tumour_class)
-        tumour_rule = "given by --tumour-class (classes ordered by mean in the first image)"
     probability = np.zeros(reference.shape, np.float32)
     probability[bounds] = np.where(crop_voi, marginals[..., chosen], 0.0)
 
@@ -447,6 +482,7 @@ def segment(
         "elbo": fit.elbo.tolist() if fit.elbo is not None else None,
         "diagnostics": {
             **fit.diagnostics,
+            **({} if learned_beta_record is None else {"learned_beta": learned_beta_record}),
             "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
             "fit_grid_shape": [int(n) for n in features.shape[:3]],
             "voi_voxels": int(voi.sum()),
