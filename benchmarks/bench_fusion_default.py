@@ -67,14 +67,14 @@ def ci_text(ci: dict, digits: int = 2, signed: bool = False) -> str:
             f"{ci['upper']:{sign}.{digits}f}]")
 
 
-def summarise(records: list[dict], avid: dict, reference: str) -> dict:
+def summarise(records: list[dict], avid: dict, reference: str, name_of=method_name) -> dict:
     """Per method and case group (all, avid, faint): Dice, HD95, surface Dice, volume error,
     coverage and width of the 95 % interval, the paired Dice difference to ``reference``, and
-    how often each warning fired."""
+    how often each warning fired. ``name_of(record)`` names a record's method."""
     by_method: dict[str, dict[str, dict]] = {}
     for record in records:
         if record.get("status") == "ok":
-            by_method.setdefault(method_name(record), {})[case_of(record)] = record
+            by_method.setdefault(name_of(record), {})[case_of(record)] = record
     reference_rows = by_method[reference]
     groups = {"all": sorted(avid), "avid": sorted(c for c in avid if avid[c]),
               "faint": sorted(c for c in avid if not avid[c])}
@@ -109,10 +109,12 @@ def summarise(records: list[dict], avid: dict, reference: str) -> dict:
     return summary
 
 
-def markdown_table(summary: dict, reference: str) -> str:
-    lines = ["| method | cases | Dice50 [95 % CI] | minus SUV >= 2.5 (paired) | HD95 mm | "
+def markdown_table(summary: dict, reference: str, reference_label: str = "SUV >= 2.5") -> str:
+    """One row per method and case group; ``reference_label`` names ``reference`` in the
+    headers of the paired columns."""
+    lines = [f"| method | cases | Dice50 [95 % CI] | minus {reference_label} (paired) | HD95 mm | "
              "surface Dice 2 mm | abs. volume error % | 95 % interval covers | width mL | "
-             "Dice < 0.3 where SUV >= 2.5 reaches 0.5 | warnings (cases) |",
+             f"Dice < 0.3 where {reference_label} reaches 0.5 | warnings (cases) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, entry in summary.items():
         for group in ("all", "avid", "faint"):

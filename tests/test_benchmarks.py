@@ -188,3 +188,23 @@ def test_bench_fusion_default_summary_pairs_cases_and_splits_avid_from_faint():
     assert potts["all"]["volume_error_pct"] == pytest.approx(10.0) and potts["all"]["width_ml"] == 40.0
     table = markdown_table(summary, "suv2.5")
     assert "| potts K=2 PET+CT fusion=pet | faint (1) | 0.40 [0.40, 0.40] | +0.20 [+0.20, +0.20] |" in table
+
+
+def test_bench_psf_sarcoma_names_methods_by_fwhm_and_pairs_them_with_the_default():
+    """bench_psf_sarcoma reuses bench_fusion_default's summary with its own method names: runs
+    without a PSF term are the reference, each FWHM a method, paired by case."""
+    from benchmarks.bench_fusion_default import markdown_table, summarise
+    from benchmarks.bench_psf_sarcoma import REFERENCE, method_name
+
+    def record(case, fwhm, dice):
+        return {"status": "ok", "case": case, "settings": {"psf_fwhm_mm": fwhm}, "dice50": dice,
+                "hd95_mm": 10.0, "sdice_2mm": 0.5, "vol_mean_ml": 110.0, "vol_true_ml": 100.0,
+                "vol_lower_ml": 90.0, "vol_upper_ml": 130.0, "covered": False, "warnings": []}
+
+    records = [record("a", 0, 0.7), record("b", 0, 0.5), record("a", 6.0, 0.4), record("b", 6.0, 0.6)]
+    assert [method_name(r) for r in records[1:3]] == [REFERENCE, "--psf-fwhm 6"]
+    summary = summarise(records, {"a": True, "b": False}, REFERENCE, name_of=method_name)
+    assert summary["--psf-fwhm 6"]["all"]["dice_minus_reference"]["mean"] == pytest.approx(-0.1)
+    assert summary["--psf-fwhm 6"]["all"]["below_0_3_where_reference_0_5"] == []
+    table = markdown_table(summary, REFERENCE, "default")
+    assert "minus default (paired)" in table and "| --psf-fwhm 6 | faint (1) | 0.60" in table

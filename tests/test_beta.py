@@ -188,3 +188,55 @@ def test_variational_em_learns_beta_from_noisy_observations():
         assert accuracy >= 0.9
         trace = np.asarray(result.beta_trace)[: int(result.num_iterations)]
         assert trace[-1] == pytest.approx(float(result.beta))
+
+
+def _outcome(beta, tumour_voxels, size=6):
+    """A FitOutcome of a 6^3 crop whose class 1 has ``tumour_voxels`` voxels."""
+    from vbseg.fitting import FitOutcome
+
+    marginals = np.zeros((size, size, size, 2), np.float32)
+    flat = marginals.reshape(-1, 2)
+    flat[:, 0] = 1.0
+    flat[:tumour_voxels] = (0.0, 1.0)
+    return FitOutcome(marginals, np.array([[0.0], [3.0]]), np.ones((2, 1)), np.full(2, 0.5),
+                      np.zeros(3), {"iterations": 3}, {"compile": 1.0, "run": 2.0}, beta=beta)
+
+
+@pytest.mark.parametrize("learned_beta, learned_voxels, used", [
+    (1.2, 10, "learned"),    # same volume as the fixed fit
+    (1.2, 19, "learned"),    # (19 + 1) / (10 + 1) = 1.82 <= 2
+    (0.2, 150, "fixed"),     # the tumour class took the background: 151 / 11 = 13.7
+    (2.0, 3, "fixed"),       # 4 / 11 = 0.36 < 1/2
+    (3.0, 10, "fixed"),      # same volume, but beta stopped at its prior's bound
+])
+def test_a_learned_beta_that_fails_falls_back_to_the_fixed_fit(learned_beta, learned_voxels, used):
+    from vbseg.fitting import learned_or_fixed, tumour_voxels
+
+    learned, fixed = _outcome(learned_beta, learned_voxels), _outcome(1.5, 10)
+    voi = np.ones((6, 6, 6), bool)
+    assert tumour_voxels(learned, 1, voi) == learned_voxels
+    chosen, record = learned_or_fixed(learned, fixed, learned_voxels, 10.0, 1.5)
+    assert record["used"] == used and (record["reason"] is None) == (used == "learned")
+    assert chosen.beta == (learned_beta if used == "learned" else 1.5)
+    assert chosen.timings == {"compile": 2.0, "run": 4.0}  # both fits ran
+    if used == "fixed":
+        assert chosen.diagnostics["rejected_learned_fit"] == {"iterations": 3}
+
+
+def test_beta_auto_with_the_psf_does_not_give_the_background_to_a_small_sphere(tmp_path):
+    """Issue 20 item 5: a 10 mm sphere at 2:1 (6 mm PSF) took +28000 % volume with --beta auto
+    --psf-fwhm 6, the PSF fit run at the PSF-free fit's beta (0.18, learned next to learned
+    proportions). The PSF fit now learns its own beta (near the fixed default 1.5)."""
+    import vbseg
+    from vbseg.volume import save_nifti
+
+    phantom = vbseg.make_phantom(vbseg.PhantomSpec(diameters_mm=(10.0,), contrast=2.0, cv=0.1,
+                                                   psf_fwhm_mm=6.0), seed=0)
+    path = save_nifti(tmp_path / "pet.nii.gz", phantom.pet.data, phantom.pet.affine)
+    posterior = vbseg.segment([path], modalities=["pet"], seed=0, beta="auto", psf_fwhm_mm=6.0)
+    summary = posterior.summary
+    record = summary["diagnostics"]["learned_beta"]
+    assert record["used"] == "learned", record
+    assert 1.0 < summary["parameters"]["beta"] < 2.5
+    assert summary["diagnostics"]["initial_fit"]["beta_trace"][-1] < 0.5  # the PSF-free one
+    assert posterior.volume_interval(0.95)["mean"] < 2 * phantom.volume_ml

@@ -99,3 +99,13 @@ def test_learned_parameter_at_its_bound(key, code):
     nested = {"diagnostics": {"initial_fit": {key: True}, "rhat": 1.0}}
     assert codes(probability, summary=nested) == [code]
 
+
+
+def test_a_rejected_learned_beta_is_reported():
+    probability = np.where(ball((10, 10, 10), 4), 0.97, 0.01).astype(np.float32)
+    rejected = {"used": "fixed", "reason": "the learned beta stopped at its prior's bound 3",
+                "fixed_beta": 1.5}
+    assert codes(probability, summary={"diagnostics": {"learned_beta": rejected}}) == [
+        "learned-beta-rejected"]
+    kept = dict(rejected, used="learned", reason=None)
+    assert codes(probability, summary={"diagnostics": {"learned_beta": kept}}) == []

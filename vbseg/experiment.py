@@ -349,7 +349,8 @@ def _check_variant(path, variant, cases):
     for modalities in {tuple(case.get("modalities", ["pet"])) for case in cases}:
         try:
             get_method(kwargs.get("model", "potts")).check_inputs(modalities)
-            SegmentOptions(**kwargs).check(modalities=list(modalities), levels_percent=DEFAULT_LEVELS)
+            SegmentOptions(**kwargs).check(num_images=len(modalities), modalities=list(modalities),
+                                           levels_percent=DEFAULT_LEVELS)
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 

@@ -68,7 +68,8 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     (a tuple, one FWHM per modality, 0 = no blur) the PSF-free fit is the starting point of
     the PSF fit (:mod:`vbseg.inference.meanfield_psf`), whose result is returned.
     ``beta_estimator`` "pl" learns beta in the PSF-free fit from the start value ``beta``
-    (variational EM with the pseudo-likelihood step); the PSF fit then keeps it fixed.
+    (variational EM with the pseudo-likelihood step); the PSF fit learns its own the same way
+    under its own prior (uniform proportions), starting from the PSF-free marginals.
     ``emission`` and ``dof``: see :mod:`vbseg.inference.emissions` (PSF-free fit only).
     ``external_field`` (X, Y, Z, K) prior log-potentials (e.g. a network's logits on the tumour
     class) enter with weight ``field_weight``, learned by pseudo-likelihood with
@@ -135,17 +136,25 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     psf_args = padded + common + (result.marginals,
                                   jnp.asarray(_pad_to_bucket(relative_precision, 1.0)),
                                   None if field is None else gamma * field)
+    learn_beta = beta_estimator != "fixed"
     psf_result, psf_compile, psf_run = _compile_and_run(
         fit_hidden_potts_vb_psf, psf_args, psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),
-        spacing_mm=tuple(float(s) for s in spacing),
+        spacing_mm=tuple(float(s) for s in spacing), learn_beta=learn_beta,
     )
     emission = psf_result.emission
     sds = np.sqrt(np.asarray(emission.rate) / np.asarray(emission.shape))  # (M,)
+    psf_iterations = int(psf_result.num_iterations)
     diagnostics = {
         "initial_fit": diagnostics,
         "converged": bool(psf_result.converged),
-        "iterations": int(psf_result.num_iterations),
+        "iterations": psf_iterations,
     }
+    if learn_beta:
+        # the PSF model's prior has uniform proportions, so it learns its own beta (the
+        # PSF-free fit's, in initial_fit, goes with learned proportions; meanfield_psf doc)
+        beta = float(psf_result.beta)
+        diagnostics["beta_trace"] = np.asarray(psf_result.beta_trace)[:psf_iterations].tolist()
+        diagnostics["beta_at_prior_bound"] = bool(beta >= 0.999 * BETA_MAX)
     return FitOutcome(
         np.asarray(psf_result.marginals), np.asarray(emission.mean).T,
         np.broadcast_to(sds, (num_classes, sds.size)).copy(),
@@ -259,3 +268,50 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     return FitOutcome(np.asarray(result.marginals), means, sds, proportions, None, diagnostics,
                       timings, counts, np.asarray(result.weighted), beta=float(beta),
                       field_weight=initial.field_weight)
+
+
+# --beta auto is checked against the fit at the fixed default coupling: a learned fit whose
+# expected tumour volume differs from the fixed fit's by more than this factor (either way),
+# or whose beta stopped at its prior's bound, is not used (learned_or_fixed).
+LEARNED_VOLUME_RATIO_LIMIT = 2.0
+
+
+def tumour_voxels(fit: FitOutcome, tumour_index: int, voi) -> float:
+    """Expected tumour voxels in ``voi`` (X, Y, Z) bool: sum_v q_v(t) over the VOI, with
+    q (X', Y', Z', K) the fit's marginals on the bucket-padded crop (X' >= X, ...)."""
+    shape = voi.shape
+    return float(fit.marginals[: shape[0], : shape[1], : shape[2], tumour_index][voi].sum())
+
+
+def learned_or_fixed(learned: FitOutcome, fixed: FitOutcome, learned_voxels: float,
+                     fixed_voxels: float, fixed_beta: float) -> tuple[FitOutcome, dict]:
+    """Keep the learned-beta fit, or fall back to the fixed-beta one, and say why.
+
+    A learned coupling can fail without any other sign: one far too low lets the tumour class
+    take the background (the PSF fit run at the PSF-free fit's beta put +5000 % on 10 mm
+    spheres), one at its prior's bound was not determined by the data. So the learned fit is
+    rejected when its beta is at the bound or when its expected tumour volume
+    ``learned_voxels`` is outside [1/r, r] x ``fixed_voxels`` (r = LEARNED_VOLUME_RATIO_LIMIT,
+    one voxel added to both so an empty class divides nothing), the fixed fit being the one
+    at the default coupling ``fixed_beta``. Returns (the fit to use, with both fits' timings
+    summed; its record for summary.json's diagnostics["learned_beta"]: both betas, both
+    volumes in voxels, ``used`` "learned"/"fixed" and ``reason``, None when kept). A rejected
+    fit's diagnostics go to the kept one's ``rejected_learned_fit``.
+    """
+    at_bound = bool(learned.beta is not None and learned.beta >= 0.999 * BETA_MAX)
+    ratio = (learned_voxels + 1.0) / (fixed_voxels + 1.0)
+    reason = None
+    if at_bound:
+        reason = f"the learned beta stopped at its prior's bound {BETA_MAX:g}"
+    elif not 1.0 / LEARNED_VOLUME_RATIO_LIMIT <= ratio <= LEARNED_VOLUME_RATIO_LIMIT:
+        reason = (f"the learned beta {learned.beta:.3g} gave an expected tumour volume "
+                  f"{ratio:.3g} times the one at the fixed beta {fixed_beta:g} (limit "
+                  f"{LEARNED_VOLUME_RATIO_LIMIT:g}x either way)")
+    record = {"learned_beta": learned.beta, "fixed_beta": float(fixed_beta),
+              "learned_tumour_voxels": learned_voxels, "fixed_tumour_voxels": fixed_voxels,
+              "used": "learned" if reason is None else "fixed", "reason": reason}
+    timings = {key: fixed.timings[key] + learned.timings[key] for key in fixed.timings}
+    if reason is None:
+        return learned._replace(timings=timings), record
+    diagnostics = dict(fixed.diagnostics, rejected_learned_fit=learned.diagnostics)
+    return fixed._replace(diagnostics=diagnostics, timings=timings), record

@@ -147,21 +147,24 @@ class SegmentOptions:
     intensity_lengthscale_mm: float | None = None
     fusion: str | None = None
 
-    def check(self, *, modalities, levels_percent, roi=None, box=None) -> None:
-        """:func:`check_options` on these options for the given inputs (fusion and beta at
-        their defaults where None)."""
+    def check(self, *, num_images, modalities, levels_percent, roi=None, box=None) -> None:
+        """:func:`check_options` on these options for ``num_images`` inputs named ``modalities``
+        (fusion and beta at their defaults where None)."""
         check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                          if f.name not in ("prior", "fusion", "beta")},
                       beta=default_beta(self), levels_percent=levels_percent,
-                      num_images=len(modalities), modalities=list(modalities), roi=roi, box=box,
+                      num_images=num_images, modalities=list(modalities), roi=roi, box=box,
                       fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
 
 
-def default_beta(options: SegmentOptions) -> float | str:
-    """The coupling a fit uses: the given one, else DEFAULT_BETA (DEFAULT_BETA_PSF with a PSF)."""
-    if options.beta is not None:
-        return options.beta
+def fixed_beta(options: SegmentOptions) -> float:
+    """The default fixed coupling: DEFAULT_BETA, or DEFAULT_BETA_PSF with a PSF."""
     return DEFAULT_BETA if options.psf_fwhm_mm is None else DEFAULT_BETA_PSF
+
+
+def default_beta(options: SegmentOptions) -> float | str:
+    """The coupling a fit uses: the given one ("auto" or a number), else :func:`fixed_beta`."""
+    return options.beta if options.beta is not None else fixed_beta(options)
 
 
 def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,

@@ -22,6 +22,9 @@ The checks read only the posterior and its record, so every model gets them:
 * ``beta-at-bound``, ``field-weight-at-bound``: a learned parameter stopped at its prior's
   bound, so the data did not determine it (read from the fit's diagnostics, or from those of
   the first fit when a PSF fit or a sampler followed it).
+* ``learned-beta-rejected``: ``--beta auto`` was checked against the fit at the fixed default
+  beta and failed (``diagnostics.learned_beta``, :func:`vbseg.fitting.learned_or_fixed`), so
+  the result is the fixed-beta fit's.
 
 What the checks cannot see: a contour of the wrong structure that lies inside the VOI, and a
 contour that covers only part of the lesion (under-segmentation). On the 21 sarcomas
@@ -110,4 +113,9 @@ def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> lis
         if diagnostics.get(key):
             warnings.append(_warning(code, f"the learned {name} stopped at its prior's bound: the data "
                                            "did not determine it; fix it with an option instead"))
+    learned_beta = diagnostics.get("learned_beta") or {}
+    if learned_beta.get("used") == "fixed":
+        warnings.append(_warning("learned-beta-rejected",
+                                 f"--beta auto was not used: {learned_beta.get('reason')}; the "
+                                 f"result is the fit at the fixed beta {learned_beta.get('fixed_beta'):g}"))
     return warnings

@@ -37,6 +37,17 @@ colour are no longer conditionally independent: their simultaneous update is dam
 in coupled models; the ELBO is monitored and recorded but, unlike the PSF-free fit, not
 guaranteed to rise at every step. With no blur (FWHM 0) every formula reduces to the PSF-free
 one (tested).
+
+**Learned beta** (``learn_beta``): variational EM with the mean-field pseudo-likelihood step of
+:func:`vbseg.inference.beta.estimate_beta_pl` (Celeux, Forbes & Peyrard 2003) after each
+parameter update, under *this* model's label prior (uniform proportions plus the external
+field). The coupling must be learned in the prior it is used in: the PSF-free fit learns beta
+next to learned proportions, and a lesion that fills 0.1 % of the crop gives log-odds
+log(pi_bg / pi_t) ~ 7 nats per voxel in the proportions, which explain the homogeneous
+background, so its beta comes out near 0.2; with uniform proportions only beta can explain it
+(the same field needs 6 beta ~ 7, beta ~ 1.2), and at 0.2 the PSF fit splits the background
+noise into two classes (tumour +5000 % on a 10 mm sphere, ``benchmarks/bench_calibration.py``).
+The first step starts from the pseudo-likelihood estimate on ``initial_marginals``.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
+from vbseg.inference.beta import BETA_MAX, estimate_beta_pl
 from vbseg.inference.meanfield import (
     dirichlet_update,
     expected_log_proportions,
@@ -76,6 +88,8 @@ class PsfFitResult(NamedTuple):
     elbo_trace: jax.Array
     num_iterations: jax.Array
     converged: jax.Array
+    beta: jax.Array  # the coupling at the end (the given one unless learn_beta)
+    beta_trace: jax.Array  # (max_iter,) beta after each iteration with learn_beta, else NaN
 
 
 def _blurred(q, o, operator):
@@ -145,12 +159,14 @@ def kl_regression(mean, precision, shape, rate, prior: NormalGammaPrior):
     return kl_gamma + kl_mean
 
 
-@partial(jax.jit, static_argnames=("psf_fwhm_mm", "spacing_mm", "max_iter", "learn_proportions"))
+@partial(jax.jit, static_argnames=("psf_fwhm_mm", "spacing_mm", "max_iter", "learn_proportions",
+                                   "learn_beta"))
 def fit_hidden_potts_vb_psf(
     observations, observed, roi, beta, weights, prior: NormalGammaPrior, concentration,
     initial_marginals, relative_precision, external_field=None, *, psf_fwhm_mm: tuple,
     spacing_mm: tuple,
-    learn_proportions: bool = False, max_iter: int = 300, tol: float = 1e-5, min_iter: int = 5,
+    learn_proportions: bool = False, learn_beta: bool = False, max_iter: int = 300,
+    tol: float = 1e-5, min_iter: int = 5,
 ) -> PsfFitResult:
     """Fit the PSF model by mean-field VB from ``initial_marginals`` (e.g. the PSF-free fit).
 
@@ -169,6 +185,8 @@ def fit_hidden_potts_vb_psf(
             same), and a learned small tumour proportion then costs every tumour voxel
             ~log(1/pi_t) nats and shrinks the lesion: on the 22 mm phantom (5-6 mm PSF) the
             volume ratio fell to 0.5-0.8 with learned proportions, 0.94-1.06 with uniform.
+        learn_beta: learn beta by variational EM in this model's prior (module doc); ``beta``
+            is then unused.
     """
     dtype = observations.dtype
     num_classes = initial_marginals.shape[-1]
@@ -201,7 +219,7 @@ def fit_hidden_potts_vb_psf(
                    for m in range(num_modalities)]
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
-    def elbo(q, post, alpha):
+    def elbo(q, post, alpha, beta):
         total, _ = likelihood(q, post)
         log_pi = log_proportions(alpha) * roi_f
         kl = sum(kl_regression(*(p[m] for p in post[:4]), prior) for m in range(num_modalities))
@@ -209,7 +227,7 @@ def fit_hidden_potts_vb_psf(
             kl = kl + kl_dirichlet(alpha, alpha0)
         return total + label_elbo_terms(q, log_pi, beta, weights) - kl
 
-    def sweep(q, post, alpha):
+    def sweep(q, post, alpha, beta):
         log_pi = log_proportions(alpha)
         for colour in colour_masks(roi.shape, weights):
             _, potentials = likelihood(q, post)
@@ -218,8 +236,15 @@ def fit_hidden_potts_vb_psf(
             q = jnp.where((colour & roi)[..., None], damped, q)
         return q
 
+    def beta_step(q, alpha, beta):
+        if not learn_beta:
+            return beta
+        return estimate_beta_pl(q, log_proportions(alpha) * roi_f, weights, roi, beta_start=beta,
+                                beta_max=BETA_MAX)
+
     q0 = initial_marginals.astype(dtype) * roi_f
     post0, alpha_0 = parameter_step(q0)
+    beta0 = beta_step(q0, alpha_0, jnp.asarray(beta, dtype))
     trace0 = jnp.full((max_iter,), jnp.nan, dtype)
 
     def cond(carry):
@@ -227,13 +252,17 @@ def fit_hidden_potts_vb_psf(
         return (it < max_iter) & ((it < min_iter) | (delta >= tol))
 
     def body(carry):
-        q, post, alpha, trace, it, _ = carry
-        q = sweep(q, post, alpha)
+        q, post, alpha, beta, trace, beta_trace, it, _ = carry
+        q = sweep(q, post, alpha, beta)
         post, alpha = parameter_step(q)
-        value = elbo(q, post, alpha)
+        beta = beta_step(q, alpha, beta)
+        value = elbo(q, post, alpha, beta)
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
-        return q, post, alpha, trace.at[it].set(value), it + 1, jnp.abs(value - previous) / num_voxels
+        return (q, post, alpha, beta, trace.at[it].set(value),
+                beta_trace.at[it].set(jnp.where(learn_beta, beta, jnp.nan)), it + 1,
+                jnp.abs(value - previous) / num_voxels)
 
-    init = (q0, post0, alpha_0, trace0, jnp.int32(0), jnp.asarray(jnp.inf, dtype))
-    q, post, alpha, trace, it, delta = jax.lax.while_loop(cond, body, init)
-    return PsfFitResult(q, RegressionPosterior(*post[:4]), alpha, trace, it, delta < tol)
+    init = (q0, post0, alpha_0, beta0, trace0, trace0, jnp.int32(0), jnp.asarray(jnp.inf, dtype))
+    q, post, alpha, beta, trace, beta_trace, it, delta = jax.lax.while_loop(cond, body, init)
+    return PsfFitResult(q, RegressionPosterior(*post[:4]), alpha, trace, it, delta < tol, beta,
+                        beta_trace)

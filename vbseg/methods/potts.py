@@ -20,13 +20,21 @@ import numpy as np
 
 from vbseg.deep_segment import FIELD_MODELS, tumour_field
 from vbseg.errors import InputError
-from vbseg.fitting import GIBBS_BURN_IN, GIBBS_CHAINS, fit_potts, pet_relative_precision, sample_potts
+from vbseg.fitting import (
+    GIBBS_BURN_IN,
+    GIBBS_CHAINS,
+    fit_potts,
+    learned_or_fixed,
+    pet_relative_precision,
+    sample_potts,
+    tumour_voxels,
+)
 from vbseg.inference.intensity_field import DEFAULT_LENGTHSCALE_MM, INTENSITY_FILE, IntensityFieldSpec
 from vbseg.methods.inputs import likelihood_inputs, prior_log_odds
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.models.emissions import describe_emission, log_transform_pet
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
-from vbseg.options import AUTO_BETA_START, BETA_LEARNED_TEXT, RESTARTS, default_beta
+from vbseg.options import AUTO_BETA_START, BETA_LEARNED_TEXT, RESTARTS, default_beta, fixed_beta
 from vbseg.posterior import INDEPENDENT_DRAWS_METHOD
 from vbseg.prepare import standardise
 from vbseg.records import independent_draws
@@ -57,8 +65,11 @@ def _noise_model(likelihood, crop_voi, options):
 
 
 def _fit(prepared, options, likelihood, features, prior_logit):
-    """The VB fit (then Gibbs with --sampler gibbs): (FitOutcome, field, field_class,
-    intensity spec, whether the field weight was learned, the beta of the VB fit)."""
+    """The VB fit (then Gibbs with --sampler gibbs): (FitOutcome, the tumour-class rules of
+    :func:`tumour_choice`, intensity spec, whether the field weight was learned, the beta of
+    the VB fit, the learned-beta check's record or None, whether a prior log-odds map entered).
+    With --beta auto the fit is checked against the one at the fixed default beta and falls
+    back to it when the learned beta fails (:func:`vbseg.fitting.learned_or_fixed`)."""
     reference, num_classes, tumour_class = prepared.reference, options.num_classes, options.tumour_class
     beta = default_beta(options)
     learn_beta = beta == "auto"
@@ -78,15 +89,31 @@ def _fit(prepared, options, likelihood, features, prior_logit):
             spacing_mm=reference.spacing,
             lengthscale_mm=options.intensity_lengthscale_mm or DEFAULT_LENGTHSCALE_MM)
     emission, covariance = options.emission, options.covariance
-    fit = fit_potts(features, likelihood.observed, prepared.crop_voi, reference.spacing,
-                    num_classes=num_classes, beta=AUTO_BETA_START if learn_beta else beta,
-                    psf_fwhm_mm=psf, relative_precision=precision, neighbourhood=options.neighbourhood,
-                    beta_estimator="pl" if learn_beta else "fixed",
-                    emission="full" if covariance == "full" else
-                    ("student" if emission == "student" else "gaussian"), dof=options.dof,
-                    external_field=field, learn_field_weight=learn_weight,
-                    field_weight=0.0 if learn_weight or field is None else float(options.field_weight),
-                    intensity=intensity, multiscale=RESTARTS[options.restarts])
+    arguments = dict(features=features, observed=likelihood.observed, voi=prepared.crop_voi,
+                     spacing=reference.spacing, num_classes=num_classes,
+                     beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
+                     relative_precision=precision, neighbourhood=options.neighbourhood,
+                     beta_estimator="pl" if learn_beta else "fixed",
+                     emission="full" if covariance == "full" else
+                     ("student" if emission == "student" else "gaussian"), dof=options.dof,
+                     external_field=field, learn_field_weight=learn_weight,
+                     field_weight=0.0 if learn_weight or field is None else float(options.field_weight),
+                     intensity=intensity, multiscale=RESTARTS[options.restarts])
+    fit = fit_potts(**arguments)
+    pet_index = likelihood.modalities.index("pet") if "pet" in likelihood.modalities else None
+    rules = dict(field_class=field_class,
+                 intensity_class=intensity.classes[0] if options.intensity_field == "tumour" else None,
+                 pet_index=pet_index,
+                 pet_image=None if pet_index is None else likelihood.columns[pet_index] + 1,
+                 tumour_class=tumour_class)
+    learned_beta_record = None
+    if learn_beta:  # checked against the fit at the fixed default beta (learned_or_fixed)
+        fixed = fit_potts(**dict(arguments, beta=fixed_beta(options), beta_estimator="fixed"))
+        volumes = []
+        for candidate in (fit, fixed):
+            order, position, _ = tumour_choice(candidate.means, **rules)
+            volumes.append(tumour_voxels(candidate, int(order[position]), prepared.crop_voi))
+        fit, learned_beta_record = learned_or_fixed(fit, fixed, *volumes, fixed_beta(options))
     vb_beta = fit.beta
     if options.sampler == "gibbs":
         count_weights = (likelihood.stack[..., 0] if prepared.pet_first
@@ -98,24 +125,32 @@ def _fit(prepared, options, likelihood, features, prior_logit):
                            emission="student" if emission == "student" else "gaussian",
                            dof=options.dof,
                            external_field=None if field is None else fit.field_weight * field)
-    return fit, field, field_class, intensity, learn_weight, vb_beta
+    return fit, rules, intensity, learn_weight, vb_beta, learned_beta_record, field is not None
 
 
-def _tumour_class(order, means, field_class, intensity, likelihood, options):
-    """(index of the tumour class among the ordered classes, the rule that chose it)."""
+def tumour_choice(fit_means, *, field_class=None, intensity_class=None, pet_index=None,
+                  pet_image=None, tumour_class=None) -> tuple[np.ndarray, int, str]:
+    """Which class is tumour: (order (K,) of the fit's classes by increasing mean in the first
+    image of the likelihood, the tumour class's position in that order, the rule in words).
+    ``fit_means`` (K, M) in any units increasing with the images' (standardised, log).
+    The class carrying the external field (``field_class``, numbered as in the fit) or the
+    tumour intensity field (``intensity_class``); else the highest mean in the PET column
+    ``pet_index`` (input image ``pet_image``, 1-based); else ``tumour_class`` in the order."""
+    fit_means = np.asarray(fit_means)
+    order = np.argsort(fit_means[:, 0], kind="stable")
     if field_class is not None:
-        return int(np.flatnonzero(order == field_class)[0]), (
-            f"the class carrying the prior log-odds map (class {field_class} of the "
-            "k-means start, numbered by level in the first image)")
-    if options.intensity_field == "tumour":
-        return int(np.flatnonzero(order == intensity.classes[0])[0]), (
-            f"the class carrying the intensity field (class {intensity.classes[0]} of the "
-            "k-means start, numbered by level in the first image)")
-    if "pet" in likelihood.modalities:
-        pet_index = likelihood.modalities.index("pet")
-        return int(np.argmax(means[:, pet_index])), (
-            f"class with the highest mean uptake in image {likelihood.columns[pet_index] + 1} (PET)")
-    return int(options.tumour_class), "given by --tumour-class (classes ordered by mean in the first image)"
+        return order, int(np.flatnonzero(order == field_class)[0]), (
+            f"the class carrying the prior log-odds map (class {field_class} of the k-means "
+            "start, numbered by level in the first image)")
+    if intensity_class is not None:
+        return order, int(np.flatnonzero(order == intensity_class)[0]), (
+            f"the class carrying the intensity field (class {intensity_class} of the k-means "
+            "start, numbered by level in the first image)")
+    if pet_index is not None:
+        return order, int(np.argmax(fit_means[order, pet_index])), (
+            f"class with the highest mean uptake in image {pet_image} (PET)")
+    return order, int(tumour_class), ("given by --tumour-class (classes ordered by mean in the "
+                                      "first image)")
 
 
 def _inference_text(options, learn_weight, has_field) -> str:
@@ -153,8 +188,8 @@ def run_potts(prepared, options) -> MethodResult:
     log_flags = tuple(options.emission == "lognormal" and m == "pet" for m in likelihood.modalities)
     model_stack, floored = log_transform_pet(likelihood.stack, likelihood.observed, log_flags)
     features, centres, scales = standardise(model_stack, likelihood.observed, likelihood.volumes)
-    fit, field, field_class, intensity, learn_weight, vb_beta = _fit(prepared, options, likelihood,
-                                                                     features, prior_logit)
+    fit, rules, intensity, learn_weight, vb_beta, learned_beta_record, has_field = _fit(
+        prepared, options, likelihood, features, prior_logit)
     if options.model in FIELD_MODELS:
         fit.timings["network"] = network_s  # the forward pass, its compile included
     shape = crop_voi.shape
@@ -163,9 +198,8 @@ def run_potts(prepared, options) -> MethodResult:
     sds = fit.sds * scales
     log_columns = np.flatnonzero(log_flags)
     means[:, log_columns] = np.exp(means[:, log_columns])  # log-normal: the class median
-    order = np.argsort(means[:, 0], kind="stable")  # classes by increasing mean in image 1
+    order, chosen, tumour_rule = tumour_choice(fit.means, **rules)
     means, sds, marginals = means[order], sds[order], marginals[..., order]
-    chosen, tumour_rule = _tumour_class(order, means, field_class, intensity, likelihood, options)
     probability = prepared.on_grid(marginals[..., chosen])
     if fit.class_counts is not None:
         voxel_ml = prepared.reference.voxel_volume_ml
@@ -185,16 +219,16 @@ def run_potts(prepared, options) -> MethodResult:
         "pet_noise": options.pet_noise if options.psf_fwhm_mm is not None else None,
         "prior": dict(NormalGammaPrior()._asdict(), proportions_concentration=DEFAULT_CONCENTRATION,
                       units="standardised features: (y - median) / sd over the VOI"),
-        "inference": _inference_text(options, learn_weight, field is not None),
+        "inference": _inference_text(options, learn_weight, has_field),
         "prior_log_odds": field_record,
-        "field_weight": None if field is None else options.field_weight,
+        "field_weight": options.field_weight if has_field else None,
         "sampler": options.sampler, "tumour_rule": tumour_rule, "fusion": likelihood.record,
         "volume_draws": options.volume_draws,
     }
     parameters = {
         "class_means": means.tolist(), "class_sds": sds.tolist(),
         "class_proportions": fit.proportions[order].tolist(), "tumour_class": chosen,
-        "beta": vb_beta, "field_weight": None if field is None else fit.field_weight,
+        "beta": vb_beta, "field_weight": fit.field_weight if has_field else None,
         "neighbour_weights": neighbour_weights(prepared.reference.spacing, options.neighbourhood).tolist(),
         "class_order": "increasing mean in the first image in the likelihood; columns follow "
                        "options.fusion.images_in_likelihood",
@@ -204,6 +238,7 @@ def run_potts(prepared, options) -> MethodResult:
     }
     diagnostics = {
         **fit.diagnostics,
+        **({} if learned_beta_record is None else {"learned_beta": learned_beta_record}),
         "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
         "fit_grid_shape": [int(n) for n in features.shape[:3]],
         "log_floored_voxels": floored,
