@@ -54,7 +54,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         method = get_method(options.model)
         modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
         method.check_inputs(modalities)
-        options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent, roi=roi, box=box)
+        options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
+                      roi=roi, box=box)
     if out is not None:
         check_outputs(out, output_names(levels_percent) + method.extra_outputs(options),
                       images + ([roi] if roi else []), overwrite)
