@@ -25,27 +25,24 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.experiment import load_experiment, run_experiment
+from vbseg.folds import AVID_MEAN_SUV, mean_gtv_suv
 from vbseg.metrics import bootstrap_mean_ci
 from vbseg.results import load_records
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 NAME = "fusion_default"
-AVID_MEAN_SUV = 2.0
 RESAMPLES = 10_000
 
 
 def fdg_avid(index_path: Path, case: str) -> bool:
-    """Mean SUV inside the PET GTV >= AVID_MEAN_SUV (the shared data's own split)."""
+    """Mean SUV inside the PET GTV >= AVID_MEAN_SUV (the split of vbseg.folds)."""
     entry = next(e for e in json.loads(index_path.read_text()) if e.get("case") == case)
     pet = entry["modalities"]["pet"]
-    image = np.asarray(nib.load(index_path.parent / pet["image"]).dataobj, np.float64)
-    label = np.asarray(nib.load(index_path.parent / pet["label"]).dataobj) > 0
-    return bool(image[label].mean() >= AVID_MEAN_SUV)
+    return mean_gtv_suv(index_path.parent / pet["image"], index_path.parent / pet["label"]) >= AVID_MEAN_SUV
 
 
 def case_of(record: dict) -> str:
