@@ -77,6 +77,9 @@ def _add_segment(sub):
     voi = p.add_mutually_exclusive_group()
     voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
+    p.add_argument("--reference", default=None, metavar="MASK",
+                   help="reference delineation (non-zero = inside) on the first image's grid: "
+                        "drawn in overview.png, Dice of each contour in summary.json")
     p.add_argument("--model", default="potts",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
@@ -313,6 +316,7 @@ def _segment_kwargs(args) -> dict:
         intensity_field=args.intensity_field,
         intensity_lengthscale_mm=args.intensity_lengthscale,
         field_weight=_weight(args.field_weight),
+        reference_mask=args.reference,
     )
 
 

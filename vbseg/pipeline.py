@@ -18,11 +18,12 @@ from vbseg.methods.prior import check_prior_options
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_outputs
 from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
+from vbseg.volume import load_mask
 
 
 def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
             seed: int = 0, series_uid=None, overwrite: bool = False, title: str = "",
-            **options) -> Posterior:
+            reference_mask=None, **options) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
     Args:
@@ -36,6 +37,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         seed: seeds the volume draws (the fits themselves are deterministic).
         series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
         overwrite: replace existing outputs; title: the overview figure's title.
+        reference_mask: path of a reference delineation on the first image's grid: drawn in
+            the overview, and summary.json's ``reference_mask`` records each contour's Dice.
         **options: the fields of :class:`vbseg.options.SegmentOptions` (model, num_classes, beta,
             fusion, psf_fwhm_mm, ...), documented there.
     Raises:
@@ -47,6 +50,7 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     options = SegmentOptions(**options)
     levels_percent = tuple(float(level) for level in levels_percent)
     roi = os.fspath(roi) if roi is not None else None
+    reference_mask = os.fspath(reference_mask) if reference_mask is not None else None
     if options.prior is not None:
         method = get_method("prior")
         modalities = check_prior_options(options, len(images), modalities, levels_percent, roi, box)
@@ -58,7 +62,9 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
                       roi=roi, box=box)
     if out is not None:
         check_outputs(out, output_names(levels_percent) + method.extra_outputs(options),
-                      images + ([roi] if roi else []), overwrite)
+                      images + [p for p in (roi, reference_mask) if p], overwrite)
     prepared = prepare(images, modalities, roi, box, series_uid, seed)
+    mask = None if reference_mask is None else load_mask(reference_mask, prepared.reference)
     result = method.run(prepared, options)
-    return result_posterior(result, prepared, out, levels_percent, title)
+    return result_posterior(result, prepared, out, levels_percent, title, reference_mask=mask,
+                            reference_mask_path=reference_mask)

@@ -13,13 +13,22 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbseg.metrics import dice
+from vbseg.readouts import (
+    POSTERIOR_NOTE,
+    READOUT_UNITS,
+    SUVPEAK_DEFINITION,
+    level_readouts,
+    suvmean_draws,
+)
 from vbseg.trust import fit_warnings
-from vbseg.volume import Volume, save_nifti, write_text_atomic, write_with
+from vbseg.volume import Volume, save_nifti, sha256_file, write_text_atomic, write_with
 
 INDEPENDENT_DRAWS_METHOD = (
     "posterior draws of independent voxel labels from the mean-field marginals q_v "
@@ -78,6 +87,20 @@ def output_names(levels_percent) -> list[str]:
     )
 
 
+class DisplayImage(NamedTuple):
+    """One input image for the overview figure, on the first input's grid.
+
+    name: what the panel is called (the file name); modality: pet, ct, mr or other; data: the
+    image values (NaN where not observed); bounds: where ``data`` lies in the first grid
+    (slices), None when ``data`` is the whole grid.
+    """
+
+    name: str
+    modality: str
+    data: np.ndarray
+    bounds: tuple | None = None
+
+
 @dataclasses.dataclass(eq=False)
 class Posterior:
     """Posterior over the tumour delineation of one image (or co-registered stack).
@@ -90,6 +113,11 @@ class Posterior:
         volume_method: how the draws were made.
         tlg_draws: (D,) draws of total lesion glycolysis (SUV mL) when the first input is PET.
         summary: everything else summary.json records (model, parameters, elbo, ...).
+        images: the inputs as :class:`DisplayImage` panels of the overview figure (empty: the
+            first input alone).
+        reference_mask: (I, J, K) bool reference delineation on the first grid, or None;
+            reference_mask_path: its file. The overview draws it and summary.json records the
+            Dice of each contour with it.
     """
 
     probability: np.ndarray
@@ -99,6 +127,9 @@ class Posterior:
     volume_method: str
     tlg_draws: np.ndarray | None = None
     summary: dict = dataclasses.field(default_factory=dict)
+    images: tuple = ()
+    reference_mask: np.ndarray | None = None
+    reference_mask_path: str | None = None
 
     def contour(self, level: float) -> np.ndarray:
         """The region {P(tumour) >= level}, level in (0, 1); nested for increasing levels."""
@@ -118,6 +149,39 @@ class Posterior:
         return {
             "mtv_ml": credible_interval(self.volume_draws_ml, level),
             "tlg": credible_interval(self.tlg_draws, level),
+        }
+
+    def pet_readouts(self, levels_percent=(10, 50, 90), level: float = 0.95) -> dict:
+        """SUVmax, SUVpeak, SUVmean, MTV and TLG inside each contour and its largest region
+        (deterministic given the contour) and posterior intervals of MTV, TLG and SUVmean
+        (:mod:`vbseg.readouts`); empty unless the first input is PET."""
+        if self.tlg_draws is None or self.reference.modality != "pet":
+            return {}
+        image, spacing = self.reference.data, self.reference.spacing
+        voxel_ml = self.reference.voxel_volume_ml
+        suvmean = suvmean_draws(self.volume_draws_ml, self.tlg_draws)
+        return {
+            "levels": {f"{p:g}": level_readouts(image, self.contour(p / 100.0), spacing, voxel_ml)
+                       for p in levels_percent},
+            "posterior": {**self.pet_measures(level),
+                          "suvmean": credible_interval(suvmean, level) if suvmean.size else None,
+                          "note": POSTERIOR_NOTE},
+            "suvpeak_definition": SUVPEAK_DEFINITION,
+            "units": READOUT_UNITS,
+        }
+
+    def reference_comparison(self, levels_percent=(10, 50, 90)) -> dict:
+        """Dice of each contour (and of the 50 % contour, ``dice_50``) with the reference mask,
+        and the mask's volume (mL); empty without a reference mask."""
+        if self.reference_mask is None:
+            return {}
+        return {
+            "path": self.reference_mask_path,
+            "sha256": sha256_file(self.reference_mask_path) if self.reference_mask_path else None,
+            "volume_ml": float(self.reference_mask.sum() * self.reference.voxel_volume_ml),
+            "dice": {f"{p:g}": dice(self.contour(p / 100.0), self.reference_mask)
+                     for p in levels_percent},
+            "dice_50": dice(self.contour(0.5), self.reference_mask),
         }
 
     def summary_dict(self, level: float = 0.95) -> dict:
@@ -141,10 +205,14 @@ class Posterior:
             written[f"contour_{level:g}"] = save_nifti(out / f"contour_{level:g}.nii.gz", mask, affine)
         record = self.summary_dict()
         record["levels_percent"] = [float(level) for level in levels_percent]
+        for key, value in (("pet_readouts", self.pet_readouts(levels_percent)),
+                           ("reference_mask", self.reference_comparison(levels_percent))):
+            if value:
+                record[key] = value
         written["summary"] = write_text_atomic(
             out / "summary.json", json.dumps(record, indent=2, default=_json_default) + "\n"
         )
-        figure = draw_overview(self, levels_percent, title=title)
+        figure = draw_overview(self, levels_percent, title=title, record=record)
         written["overview"] = write_with(out / "overview.png", lambda tmp: figure.savefig(tmp, dpi=110))
         import matplotlib.pyplot as plt
 

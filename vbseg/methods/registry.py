@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from typing import Callable
 
 import numpy as np
 
 from vbseg.errors import InputError
-from vbseg.posterior import Posterior, saved_posterior
+from vbseg.posterior import DisplayImage, Posterior, saved_posterior
 from vbseg.prepare import Prepared
 from vbseg.records import provenance, voi_text
 
@@ -131,16 +132,31 @@ def build_summary(result: MethodResult, prepared: Prepared) -> dict:
     }
 
 
+def display_images(prepared: Prepared) -> tuple[DisplayImage, ...]:
+    """Every input as an overview panel on the first grid: the first image whole, the others
+    as their crop (the VOI's bounding box), NaN where an image was not observed in the VOI."""
+    names = [os.path.basename(os.path.normpath(path)) for path in prepared.images]
+    first = DisplayImage(names[0], prepared.modalities[0], prepared.reference.data)
+    return (first,) + tuple(
+        DisplayImage(names[m], prepared.modalities[m],
+                     np.where(prepared.observed[..., m], prepared.stack[..., m], np.nan), prepared.bounds)
+        for m in range(1, len(prepared.images)))
+
+
 def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_percent=(10, 50, 90),
-                     title: str = "") -> Posterior:
-    """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given."""
+                     title: str = "", reference_mask=None, reference_mask_path=None) -> Posterior:
+    """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given.
+    ``reference_mask``: (I, J, K) bool reference delineation (from ``reference_mask_path``)
+    that the overview draws and summary.json compares the contours with."""
     from vbseg.volume import save_nifti
 
     posterior = saved_posterior(out, levels_percent, title, probability=result.probability,
                                 reference=prepared.reference, voi=prepared.voi,
                                 volume_draws_ml=result.volume_draws_ml,
                                 volume_method=result.volume_method, tlg_draws=result.tlg_draws,
-                                summary=build_summary(result, prepared))
+                                summary=build_summary(result, prepared),
+                                images=display_images(prepared), reference_mask=reference_mask,
+                                reference_mask_path=reference_mask_path)
     if out is not None:
         for name, values in result.maps.items():
             save_nifti(f"{out}/{name}", values, prepared.reference.affine)
