@@ -29,7 +29,8 @@ import nibabel as nib
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment, run_experiment
+from vbseg.experiment import load_experiment
+from vbseg.experiment_runner import run_experiment
 from vbseg.metrics import bootstrap_mean_ci
 from vbseg.results import load_records
 

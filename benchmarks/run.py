@@ -37,7 +37,8 @@ import numpy as np
 
 from benchmarks import bench_speed
 from benchmarks.common import RESULTS, machine
-from vbseg.experiment import load_experiment, run_experiment, tomllib
+from vbseg.experiment import load_experiment, tomllib
+from vbseg.experiment_runner import run_experiment
 from vbseg.metrics import bootstrap_mean_ci, calibration_error_of_bins, pooled_reliability
 from vbseg.results import load_records, variant_summary
 from vbseg.volume import write_text_atomic
