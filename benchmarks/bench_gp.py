@@ -98,7 +98,7 @@ def pet_crop(n: int, seed: int = 0):
     phantom = make_phantom(PhantomSpec(diameters_mm=(37.0,), shape=(n, n, n)), seed=seed)
     y = phantom.pet.data[..., None]
     observed = np.ones(y.shape, bool)
-    features, _, _ = gp_fit._standardise(y, observed)
+    features, _, _ = gp_fit.standardise_features(y, observed)
     return features, observed, np.ones(y.shape[:3], bool), phantom.pet.spacing
 
 

@@ -11,16 +11,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from vbseg.orientation import to_ras as _to_ras  # noqa: E402
+
 LEVEL_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd", "#8c564b")
-
-
-def _to_ras(array, affine):
-    orientation = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(array, orientation), orientation
 
 
 def draw_overview(posterior, levels_percent, *, title: str = ""):

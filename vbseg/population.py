@@ -31,7 +31,7 @@ import numpy as np
 
 from vbseg.cases import DelineatedCase, read_cases
 from vbseg.errors import InputError
-from vbseg.fitting import SHAPE_BUCKET, _compile_and_run
+from vbseg.fitting import SHAPE_BUCKET
 from vbseg.inference.empirical_bayes import (
     FORBIDDEN,
     SPREAD_FLOOR_SD,
@@ -40,6 +40,7 @@ from vbseg.inference.empirical_bayes import (
     fit_with_population_prior,
     pool_population,
 )
+from vbseg.inference.svi import compile_and_run
 from vbseg.models.cohort import (
     PopulationPrior,
     load_prior,
@@ -198,7 +199,7 @@ def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing,
             jnp.asarray(np.where(prior.spread_var >= WEAK_SPREAD_SD**2, 1e12, prior_ng.kappa),
                         jnp.float32))
     if pad_shape is None:
-        result, compile_s, run_s = _compile_and_run(fit_with_population_prior, args)
+        result, compile_s, run_s = compile_and_run(fit_with_population_prior, args)
     else:  # bulk fits on one shape: the jit cache compiles once
         start = time.perf_counter()
         result = jax.block_until_ready(fit_with_population_prior(*args))

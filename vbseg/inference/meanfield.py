@@ -180,8 +180,9 @@ def meanfield_label_marginals(unary, beta, weights, roi, *, num_sweeps: int = 20
     )
 
 
-def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
-          max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None, aux0=None):
+def coordinate_ascent(observations, observed, roi, beta, weights, emission, concentration, field, q0,
+                      *, max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None,
+                      aux0=None):
     """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates (the
     emission family's, :mod:`vbseg.inference.emissions`), then (with ``beta_step``, a function
     (q, prior unary, beta) -> beta) the beta update, or (with ``coupling_step``, a function
@@ -238,7 +239,7 @@ def _fit_one_start(observations, observed, roi, beta, weights, emission, concent
                    field_weight, levels, centres, *, num_classes, max_iter, tol, min_iter):
     labels0 = kmeans_labels(observations, observed, roi, levels, centres=centres)
     q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
-    return _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0,
+    return coordinate_ascent(observations, observed, roi, beta, weights, emission, concentration, field, q0,
                  max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=field_weight)[:6]
 
 
@@ -371,7 +372,7 @@ def fit_hidden_potts_vb(
             # a start repeated from the coarse grid sits near the optimum, where the ELBO
             # creeps up while the boundary voxels relax: a tighter test than the k-means
             # starts need (see multiscale.FINE_TOL_FACTOR)
-            return _cavi(observations, observed, roi, beta, weights, family, concentration, field,
+            return coordinate_ascent(observations, observed, roi, beta, weights, family, concentration, field,
                          q_start, max_iter=max_iter, tol=tol * FINE_TOL_FACTOR,
                          min_iter=jnp.maximum(min_iter, FINE_MIN_ITER), field_weight=field_weight)[:6]
 
@@ -406,13 +407,13 @@ def fit_hidden_potts_vb(
                                         beta_start=beta_now, weight_start=gamma_now,
                                         learn_beta=beta_estimator == "pl", num_steps=8)
 
-        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = coordinate_ascent(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=gamma,
             coupling_step=coupling, aux0=aux0)
     elif beta_estimator != "fixed":
         step = beta_step_function(beta_estimator, weights, roi, beta_path)
-        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = coordinate_ascent(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma, aux0=aux0)
     intensity_map = None
