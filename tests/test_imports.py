@@ -33,10 +33,73 @@ DEFERRED_IMPORT_REASONS: dict[str, str] = {
 }
 
 # Known violations not fixed yet, each with why. The test fails on any violation not listed
-# here, and on a listed one that no longer occurs (so the list only shrinks).
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
+# here, and on a listed one that no longer occurs (so the lists only shrink).
+VOLUME_SPLIT_PENDING = (
+    "the volume <-> dicom cycle (KNOWN_CYCLES): volume.py (load_volume hands a folder to "
+    "vbseg.dicom, which builds Volume objects and writes with volume.write_with) is being edited "
+    "on another branch, so its split (the Volume type apart from reading and writing, as torchio's "
+    "data/image.py vs data/io.py) waits for that merge"
+)
+OPTIONS_PENDING = (
+    "the options <-> baselines cycle (KNOWN_CYCLES): options.py is being edited on another branch; "
+    "the baselines' default beta should move below both after that merge (and kmeans_labels / "
+    "restart_levels then come from vbseg.inference.kmeans)"
+)
+DICOM_INTERNAL_PENDING = (
+    "inside vbseg.dicom the submodules import each other lazily only because the package sits in "
+    "the volume <-> dicom cycle; hoist once that cycle is broken"
+)
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {
+    (
+        "vbseg.baselines",
+        "vbseg.deep_segment",
+        "vbseg.dicom",
+        "vbseg.dicom.outputs",
+        "vbseg.dicom.rtstruct",
+        "vbseg.dicom.seg",
+        "vbseg.dicom.series",
+        "vbseg.models.cohort",
+        "vbseg.models.deep",
+        "vbseg.options",
+        "vbseg.posterior",
+        "vbseg.records",
+        "vbseg.volume",
+    ): VOLUME_SPLIT_PENDING + "; and " + OPTIONS_PENDING,
+}
 KNOWN_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
-KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {}
+KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
+    ("vbseg.baselines", "jax.numpy"): OPTIONS_PENDING,
+    ("vbseg.baselines", "vbseg.inference.meanfield.kmeans_labels"): OPTIONS_PENDING,
+    ("vbseg.baselines", "vbseg.inference.meanfield.restart_levels"): OPTIONS_PENDING,
+    ("vbseg.baselines", "vbseg.models.graphcut.potts_map_by_graph_cut"): OPTIONS_PENDING,
+    ("vbseg.baselines", "vbseg.models.kspc.kspc_map"): OPTIONS_PENDING,
+    ("vbseg.baselines", "vbseg.options.DEFAULT_BETA"): OPTIONS_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.read_rtstruct_masks"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.rtstruct_roi_names"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.write_rtstruct"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.seg.write_probability_seg"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.series.VBSEG_MODALITY"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.series.open_series"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.dicom.series.volume_from_series"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.options.check_outputs"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.volume.AFFINE_ATOL_MM"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.volume.Volume"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.volume.resample_onto"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.volume.save_nifti"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.volume.save_volume"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.rtstruct", "vbseg.volume.write_with"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.seg", "vbseg.volume.write_with"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.series", "vbseg.dicom.suv.pet_suv_factor"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.series", "vbseg.volume.MODALITIES"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.series", "vbseg.volume.Volume"): VOLUME_SPLIT_PENDING,
+    ("vbseg.dicom.series", "vbseg.volume.check_values"): VOLUME_SPLIT_PENDING,
+    ("vbseg.volume", "vbseg.dicom.load_dicom_volume"): VOLUME_SPLIT_PENDING,
+}
+# Imports of vbseg modules that stay inside a function on purpose, and why.
+DEFERRED_VBSEG_IMPORT_REASONS: dict[tuple[str, str], str] = {
+    ("vbseg.posterior", "vbseg.overview.draw_overview"):
+        "vbseg.overview imports matplotlib; only Posterior.save with a figure needs it",
+}
 
 
 @dataclass(frozen=True)
@@ -265,11 +328,12 @@ def private_imports() -> dict[tuple[str, str], str]:
 
 
 def deferred_imports() -> dict[tuple[str, str], str]:
-    """(importer, imported target) for each import inside a function whose top-level package
-    has no stated reason in DEFERRED_IMPORT_REASONS."""
+    """(importer, imported target) for each import inside a function with no stated reason
+    (DEFERRED_IMPORT_REASONS by top-level package, DEFERRED_VBSEG_IMPORT_REASONS by pair)."""
     return {(site.importer, site.target): f"{site.path.relative_to(ROOT)}:{site.line}"
             for site in SITES
-            if site.in_function and site.target.split(".")[0] not in DEFERRED_IMPORT_REASONS}
+            if site.in_function and site.target.split(".")[0] not in DEFERRED_IMPORT_REASONS
+            and (site.importer, site.target) not in DEFERRED_VBSEG_IMPORT_REASONS}
 
 
 def compare_with_known(found: dict, known: dict, what: str) -> None:

@@ -27,6 +27,7 @@ from vbseg.errors import InputError
 from vbseg.posterior import Posterior, saved_posterior
 from vbseg.prepare import Prepared
 from vbseg.records import provenance, voi_text
+from vbseg.volume import save_nifti
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,8 +135,6 @@ def build_summary(result: MethodResult, prepared: Prepared) -> dict:
 def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_percent=(10, 50, 90),
                      title: str = "") -> Posterior:
     """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given."""
-    from vbseg.volume import save_nifti
-
     posterior = saved_posterior(out, levels_percent, title, probability=result.probability,
                                 reference=prepared.reference, voi=prepared.voi,
                                 volume_draws_ml=result.volume_draws_ml,
