@@ -49,11 +49,13 @@ import time
 from functools import partial
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.cases import read_cases
+from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.metrics import (
     bootstrap_mean_ci,
     dice,
@@ -96,8 +98,6 @@ def score(posterior, truth, spacing) -> dict:
 def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=True, variants=None):
     """Contour ``case`` with ``prior`` (learned without it), the priors of ``variants``
     ({name: prior}) and every other method; returns {method: scores}."""
-    import nibabel as nib
-
     start = time.perf_counter()
     fit_s = 0.0
     truth = np.asarray(nib.load(case.label).dataobj) > 0
@@ -230,8 +230,6 @@ def main(argv=None):
                              "the sets it lacks (a resumed or extended run)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    from vbseg.cli import enable_compilation_cache
-
     enable_compilation_cache()
     sets = [[m.strip() for m in group.split(",") if m.strip()] for group in args.modalities.split(";")]
     started = time.perf_counter()

@@ -39,13 +39,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 import vbseg
 from benchmarks.bench_cohort import SHARED_INDEX, score
 from benchmarks.common import RESULTS, machine, write_report
+from vbseg.cases import read_cases
+from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.metrics import bootstrap_mean_ci, brier_score
+from vbseg.models.deep import load_checkpoint, save_checkpoint
 from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.training import load_settings, train
+from vbseg.training_data import load_deep_case
 from vbseg.volume import write_text_atomic
 
 METHODS = ("kspc", "cnn", "mc-dropout", "cnn-ensemble", "potts", "gp", "deep-potts", "deep-gp")
@@ -73,9 +79,6 @@ def train_network(modalities, out: Path, *, seed: int, members: int, quick: bool
     checkpoint; returns its path and the training record. A checkpoint already at ``out``
     trained for the same modalities, members, seed and cases is reused (the work folder makes
     the benchmark resumable)."""
-    from vbseg.models.deep import load_checkpoint, save_checkpoint
-    from vbseg.training import load_settings, train
-
     wanted_cases = sorted(c.name for c in cases) if cases else []
     if out.is_file():
         meta = load_checkpoint(out).meta
@@ -167,9 +170,6 @@ def phantom_records(checkpoint, folder: Path, specs, seeds, modalities, progress
 def fold_networks(index, modalities, folder: Path, members, quick, progress, num_folds=FOLDS):
     """(cases sorted by name, fold of each, [(checkpoint path, training record)] per fold);
     one synthetic-only network when the index is absent."""
-    from vbseg.cases import read_cases
-    from vbseg.training_data import load_deep_case
-
     if index is None:
         path, record = train_network(modalities, folder / "synthetic.eqx", seed=0, members=members,
                                      quick=quick)
@@ -192,8 +192,6 @@ def fold_networks(index, modalities, folder: Path, members, quick, progress, num
 
 
 def real_records(cases, folds, networks, modalities, folder: Path, progress) -> list[dict]:
-    import nibabel as nib
-
     records = []
     for case, fold in zip(cases, folds):
         if fold >= len(networks):
@@ -280,8 +278,6 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     REPORT_ONLY[0] = args.report_only
-    from vbseg.cli import enable_compilation_cache
-
     enable_compilation_cache()
     started = time.perf_counter()
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment, run_experiment
+from vbseg.experiment import load_experiment
+from vbseg.experiment_runner import run_experiment
 from vbseg.folds import AVID_MEAN_SUV, mean_gtv_suv
 from vbseg.metrics import bootstrap_mean_ci
 from vbseg.results import load_records

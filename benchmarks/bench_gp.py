@@ -39,6 +39,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
@@ -98,7 +99,7 @@ def pet_crop(n: int, seed: int = 0):
     phantom = make_phantom(PhantomSpec(diameters_mm=(37.0,), shape=(n, n, n)), seed=seed)
     y = phantom.pet.data[..., None]
     observed = np.ones(y.shape, bool)
-    features, _, _ = gp_fit._standardise(y, observed)
+    features, _, _ = gp_fit.standardise_features(y, observed)
     return features, observed, np.ones(y.shape[:3], bool), phantom.pet.spacing
 
 
@@ -153,8 +154,6 @@ def lapack_cholesky_seconds(n: int, spacing, repeats: int = 3) -> float:
     """Median time of one LAPACK (SciPy) Cholesky of the n^3 x n^3 covariance in float32: a
     lower bound on a dense step, which needs at least one factorisation per step once the
     length-scale is learned."""
-    import scipy.linalg
-
     index = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
     points = index * np.asarray(spacing, np.float64)
     distance = np.sqrt(np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1))

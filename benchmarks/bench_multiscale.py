@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks.bench_potts import phantom_features, timed_runs
 from benchmarks.common import RESULTS, machine, write_report
+from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.metrics import dice
 from vbseg.models.potts import DEFAULT_PRIOR, neighbour_weights
@@ -137,8 +138,6 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the markdown from OUT/bench_multiscale.json without fitting")
     args = parser.parse_args(argv)
-    from vbseg.cli import enable_compilation_cache
-
     enable_compilation_cache()
     if args.report_only:
         record = json.loads((Path(args.out) / "bench_multiscale.json").read_text())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from benchmarks.bench_fusion_default import case_of, fdg_avid, markdown_table, summarise
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment, run_experiment
+from vbseg.experiment import load_experiment
+from vbseg.experiment_runner import run_experiment
 from vbseg.results import load_records
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "psf_sarcoma.toml"

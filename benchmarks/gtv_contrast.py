@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
@@ -52,8 +53,6 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    import nibabel as nib
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", default=str(SHARED_INDEX))
     parser.add_argument("--out", default=str(RESULTS))

@@ -37,9 +37,10 @@ import numpy as np
 
 from benchmarks import bench_speed
 from benchmarks.common import RESULTS, machine
-from vbseg.experiment import load_experiment, run_experiment, tomllib
+from vbseg.experiment import load_experiment, tomllib
+from vbseg.experiment_runner import run_experiment
 from vbseg.metrics import bootstrap_mean_ci, calibration_error_of_bins, pooled_reliability
-from vbseg.results import load_records, variant_summary
+from vbseg.results import load_records, variant_summary, write_tables
 from vbseg.volume import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,6 @@ def run_config(config: Path, out_root: Path, jobs: int, run: bool = True) -> tup
     if run:
         summary = run_experiment(experiment, out, jobs=jobs)
     else:
-        from vbseg.results import write_tables
-
         write_tables(experiment, out)
         summary = {"runs": len(experiment.runs), "skipped": len(experiment.runs), "failed": 0}
     records = load_records(experiment, out)

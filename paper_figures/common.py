@@ -6,6 +6,7 @@ a missing result file is reported with the command that produces it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -76,8 +77,6 @@ EXPERIMENTS = {"full": {"phantoms": "methods_phantoms", "real": "models", "fusio
 
 def figure_arguments(doc: str, argv=None):
     """--results, --out, --quick: the command line every figure script takes."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--results", default=str(RESULTS), help="benchmarks/results folder")
     parser.add_argument("--out", default=str(OUTPUT))

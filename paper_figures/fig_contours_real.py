@@ -21,7 +21,8 @@ import numpy as np
 from scipy import ndimage
 
 from paper_figures.common import ROOT, MissingResults, figure_arguments, records, save
-from vbseg.overview import LEVEL_COLOURS, _to_ras
+from vbseg.orientation import to_ras
+from vbseg.overview import LEVEL_COLOURS
 from vbseg.volume import Volume, load_volume, resample_onto
 
 LEVELS = (10, 50, 90)
@@ -47,8 +48,8 @@ def chosen_run(rows: list[dict]) -> dict:
 
 def _axial(volume: Volume, arrays):
     """RAS-reoriented axial slices through the manual mask's centre: (image, *arrays), spacing."""
-    image, orientation = _to_ras(volume.data, volume.affine)
-    reoriented = [_to_ras(a, volume.affine)[0] for a in arrays]
+    image, orientation = to_ras(volume.data, volume.affine)
+    reoriented = [to_ras(a, volume.affine)[0] for a in arrays]
     spacing = volume.spacing[np.argsort(orientation[:, 0])]
     k = int(round(ndimage.center_of_mass(reoriented[-1] >= 0.5)[2]))
     return [image[:, :, k]] + [a[:, :, k] for a in reoriented], spacing, k

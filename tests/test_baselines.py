@@ -68,7 +68,8 @@ def test_baseline_without_pet_is_refused(sphere):
 
 
 def test_baselines_run_in_an_experiment(tmp_path):
-    from vbseg.experiment import load_experiment, run_experiment
+    from vbseg.experiment import load_experiment
+    from vbseg.experiment_runner import run_experiment
 
     config = tmp_path / "baselines.toml"
     config.write_text('[phantoms]\ndiameters_mm = 22\n[model]\nname = ["threshold40", "gmm"]\n'

@@ -146,7 +146,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    from vbseg import experiment as ex
+    from vbseg import experiment_runner as ex
 
     config = load_experiment(_write(tmp_path, TINY.format(seeds=1, beta="1.0", extra="")))
     original = ex._case_inputs
@@ -180,7 +180,7 @@ def test_shipped_configs_parse(name, shared_data_optional):
 
 def test_parallel_jobs_give_the_same_table(tmp_path):
     """--jobs 2 (spawned processes) fills the same rows as a serial run of the same config."""
-    from vbseg.experiment import run_experiment
+    from vbseg.experiment_runner import run_experiment
 
     config = load_experiment(_write(tmp_path, TINY.format(seeds=1, beta="1.0", extra="")))
     serial = run_experiment(config, tmp_path / "serial", progress=False)
@@ -206,7 +206,7 @@ def test_leave_one_out_prior_experiment(tmp_path):
     """[model] prior = "leave-one-out": each real case gets the prior learned from the others
     (its training cases exclude it), the shared per-case fits are cached once, and a re-run
     finds every run finished; phantoms or too few cases are one-line config errors."""
-    from vbseg.experiment import run_experiment
+    from vbseg.experiment_runner import run_experiment
     from vbseg.phantoms import make_cohort
     from vbseg.population import leave_one_out_prior
 

@@ -19,6 +19,7 @@ from numpyro.distributions.kl import kl_divergence
 from numpyro.infer.util import log_density
 from scipy.special import logsumexp, softmax
 
+from vbseg.inference import kmeans
 from vbseg.inference import meanfield as mf
 from vbseg.inference.exact import enumerate_labelings, exact_potts_marginals, grid_edges
 from vbseg.models.potts import NormalGammaPrior, hidden_potts_model, neighbour_weights
@@ -223,7 +224,7 @@ def test_kmeans_on_a_subsample_labels_like_kmeans_on_every_voxel(monkeypatch):
     args = (jnp.asarray(image, jnp.float32), jnp.ones(image.shape, bool), jnp.ones(labels.shape, bool))
     assert labels.size > mf.KMEANS_SAMPLE
     sampled = [np.asarray(mf.kmeans_labels(*args, levels)) for levels in mf.restart_levels(3)]
-    monkeypatch.setattr(mf, "KMEANS_SAMPLE", labels.size)
+    monkeypatch.setattr(kmeans, "KMEANS_SAMPLE", labels.size)
     full = [np.asarray(mf.kmeans_labels(*args, levels)) for levels in mf.restart_levels(3)]
     for a, b in zip(sampled, full):
         assert np.mean(a != b) <= 1e-3
@@ -238,7 +239,7 @@ def test_kmeans_sample_spans_every_plane_and_keeps_a_small_roi_whole():
     observed = np.ones(shape + (1,), bool)
     roi = np.ones(shape, bool)
     roi[:, :, :8] = False
-    values, valid = mf._kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(roi))
+    values, valid = kmeans.kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(roi))
     picked = np.asarray(values)[np.asarray(valid)[:, 0], 0].astype(np.int64)
     assert len(picked) == mf.KMEANS_SAMPLE == len(np.unique(picked))
     coords = np.unravel_index(picked, shape)
@@ -248,6 +249,6 @@ def test_kmeans_sample_spans_every_plane_and_keeps_a_small_roi_whole():
         assert len(np.unique(coords[axis])) == expected
     small = np.zeros(shape, bool)
     small[40:50, 30:45, 20:27] = True
-    values, valid = mf._kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(small))
+    values, valid = kmeans.kmeans_sample(jnp.asarray(index), jnp.asarray(observed), jnp.asarray(small))
     picked = np.asarray(values)[np.asarray(valid)[:, 0], 0].astype(np.int64)
     np.testing.assert_array_equal(np.sort(picked), np.flatnonzero(small))

@@ -13,8 +13,19 @@ import os
 import sys
 from pathlib import Path
 
+from vbseg.compilation_cache import enable_compilation_cache
+from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError
+from vbseg.experiment import default_output, load_experiment
+from vbseg.experiment_runner import run_experiment
 from vbseg.methods import method_names
+from vbseg.metrics import dice, expected_calibration_error
+from vbseg.models.volume_error import describe
+from vbseg.options import DEFAULT_VOLUME_DRAWS, check_outputs
+from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
+from vbseg.pipeline import segment
+from vbseg.population import fit_prior
+from vbseg.training import train_from_config
 
 DEMO_DIR = "demo_out"
 
@@ -24,22 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D401 - argparse API
         self.exit(2, f"vbseg: error: {message}\n")
-
-
-def enable_compilation_cache(path: str | None = None) -> str:
-    """Turn on JAX's persistent compilation cache so each grid shape compiles once per machine.
-
-    The folder is ``path``, else $VBSEG_JAX_CACHE, else ~/.cache/vbseg/jax.
-    """
-    import jax
-
-    folder = path or os.environ.get("VBSEG_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vbseg", "jax"
-    )
-    os.makedirs(folder, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return folder
 
 
 def _number_list(option: str, text: str) -> list[float]:
@@ -176,9 +171,6 @@ def _add_fit_prior(sub):
 
 
 def _run_fit_prior(args) -> None:
-    from vbseg.models.volume_error import describe
-    from vbseg.population import fit_prior
-
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
     modalities = [m.strip().lower() for m in args.modalities.split(",") if m.strip()]
     prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
@@ -203,8 +195,6 @@ def _add_convert(sub):
 
 
 def _run_convert(args) -> None:
-    from vbseg.dicom import convert_rtstruct
-
     written = convert_rtstruct(args.rtstruct, args.series, args.out, roi=args.roi,
                                series_uid=args.series_uid, overwrite=args.overwrite)
     print(f"wrote {', '.join(p.name for p in written.values())} in {args.out}")
@@ -240,8 +230,6 @@ def _add_experiment(sub):
 
 
 def _run_experiment(args) -> int:
-    from vbseg.experiment import default_output, load_experiment, run_experiment
-
     if args.jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
     experiment = load_experiment(args.config)
@@ -261,8 +249,6 @@ def _add_train(sub):
 
 
 def _run_train(args) -> None:
-    from vbseg.training import train_from_config
-
     out = train_from_config(args.config, args.out, overwrite=args.overwrite, progress=print)
     print(f"checkpoint written to {out} (+ {out.with_suffix('.json').name})")
 
@@ -281,12 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _segment_kwargs(args) -> dict:
-    from vbseg.options import DEFAULT_VOLUME_DRAWS
-
     modalities = [m.strip().lower() for m in args.modality.split(",")] if args.modality else None
     if modalities is None and any(os.path.isdir(p) for p in args.images):
-        from vbseg.dicom import default_modalities
-
         modalities = default_modalities(args.images, args.series)  # from the DICOM headers
     return dict(
         modalities=modalities,
@@ -321,12 +303,8 @@ def _segment_kwargs(args) -> dict:
 
 
 def _run_segment(args) -> None:
-    from vbseg.pipeline import segment
-
     dicom_outputs = args.rtstruct is not None or args.dicom_seg
     if dicom_outputs or any(os.path.isdir(p) for p in args.images):
-        from vbseg.dicom import check_dicom_outputs, write_posterior_dicom
-
         check_dicom_outputs(args.images, args.out, rtstruct_reference=args.rtstruct,
                             dicom_seg=args.dicom_seg, series_uid=args.series,
                             overwrite=args.overwrite)
@@ -348,8 +326,6 @@ def _run_segment(args) -> None:
 
 
 def _phantom_spec(args):
-    from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec
-
     if args.diameters is None:
         diameters = (22.0,)
     elif args.diameters.strip().lower() == "nema":
@@ -367,14 +343,10 @@ PHANTOM_FILES = ("pet.nii.gz", "ct.nii.gz", "truth.nii.gz", "truth_fraction.nii.
 
 
 def _check_free(folder: Path, names, overwrite: bool) -> None:
-    from vbseg.options import check_outputs
-
     check_outputs(folder, list(names), [], overwrite)
 
 
 def _run_phantom(args) -> None:
-    from vbseg.phantoms import make_phantom
-
     spec = _phantom_spec(args)
     out = Path(args.out)
     _check_free(out, PHANTOM_FILES, args.overwrite)
@@ -385,10 +357,6 @@ def _run_phantom(args) -> None:
 
 
 def _run_demo(args) -> None:
-    from vbseg.metrics import dice, expected_calibration_error
-    from vbseg.phantoms import PhantomSpec, make_phantom
-    from vbseg.pipeline import segment
-
     out = Path(args.out or DEMO_DIR)
     overwrite = args.overwrite or args.out is None  # the demo may replace its own default folder
     _check_free(out / "inputs", PHANTOM_FILES, overwrite)

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from vbseg.errors import InputError
+from vbseg.models import deep
 from vbseg.records import independent_draws
 from vbseg.volume import load_map
 
@@ -46,8 +47,6 @@ DROPOUT_PASSES = 20
 def load_network(checkpoint, modalities):
     """The checkpoint to use (given path, or the packaged one for these modalities) and its
     path as text. InputError when none fits."""
-    from vbseg.models import deep
-
     if checkpoint is None:
         packaged = deep.packaged_checkpoint(tuple(modalities))
         if packaged is None:
@@ -63,8 +62,6 @@ def load_network(checkpoint, modalities):
 def network_prior_logit(checkpoint, stack, observed, modalities):
     """(X, Y, Z) network logits on the crop, the record of where they came from, and the run
     time of the forward pass (s)."""
-    from vbseg.models import deep
-
     network, path = load_network(checkpoint, modalities)
     start = time.perf_counter()
     logits = deep.network_logits(network, stack, observed, list(modalities))
@@ -92,8 +89,6 @@ def network_baseline(name, checkpoint, stack, observed, crop_voi, modalities, se
                      reference, bounds):
     """(probability on the first grid, volume draws mL, TLG draws or None, summary parts) of
     a deep-uncertainty baseline (module doc)."""
-    from vbseg.models import deep
-
     network, path = load_network(checkpoint, modalities)
     start = time.perf_counter()
     if name == "cnn":

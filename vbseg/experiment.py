@@ -48,16 +48,15 @@ import hashlib
 import itertools
 import json
 import sys
-import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-
+from vbseg import __version__
 from vbseg.errors import InputError
+from vbseg.methods import get_method
+from vbseg.models.volume_error import MIN_CALIBRATION_CASES
+from vbseg.options import DEFAULT_LEVELS, SegmentOptions
+from vbseg.population import PACKAGED_PRIORS, resolve_prior
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,8 +101,6 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        from vbseg import __version__
-
         payload = json.dumps({"case": self.case, "variant": self.variant, "version": __version__},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -134,7 +131,7 @@ def _number(value, kind):
     raise TypeError
 
 
-def _check_scalar(path, key, value, kinds):
+def check_scalar(path, key, value, kinds):
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     for kind in kinds:
         try:
@@ -150,7 +147,7 @@ def _axis(path, key, value, kinds) -> list:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise InputError(path, f"{key}: an empty list")
-    return [_check_scalar(path, key, v, kinds) for v in values]
+    return [check_scalar(path, key, v, kinds) for v in values]
 
 
 def _unknown(path, section, table, allowed):
@@ -165,7 +162,7 @@ def _phantom_cases(path, table) -> list[dict]:
             for key in ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise") if key in table}
     if "diameters_mm" not in axes:
         raise InputError(path, "[phantoms] diameters_mm: required")
-    seeds = _check_scalar(path, "[phantoms] seeds", table.get("seeds", 1), int)
+    seeds = check_scalar(path, "[phantoms] seeds", table.get("seeds", 1), int)
     if seeds < 1:
         raise InputError(path, f"[phantoms] seeds: must be >= 1, got {seeds}")
     cases = []
@@ -184,7 +181,7 @@ def _real_cases(path, table) -> list[dict]:
     _unknown(path, "real", table, REAL_KEYS)
     if "index" not in table:
         raise InputError(path, "[real] index: required (a cases.json)")
-    index_path = (path.parent / _check_scalar(path, "[real] index", table["index"], str)).resolve()
+    index_path = (path.parent / check_scalar(path, "[real] index", table["index"], str)).resolve()
     if not index_path.is_file():
         raise InputError(path, f"[real] index: {index_path} not found")
     try:
@@ -205,7 +202,7 @@ def _real_cases(path, table) -> list[dict]:
 
 def _real_cases_for(path, table, index_path, by_name, modalities, tag) -> list[dict]:
     wanted = table.get("cases", "all")
-    kind = _check_scalar(path, "[real] kind", table.get("kind", "patient"), str)
+    kind = check_scalar(path, "[real] kind", table.get("kind", "patient"), str)
     names = (sorted(n for n, e in by_name.items()
                     if e.get("kind") == kind and all(m in e.get("modalities", {}) for m in modalities))
              if wanted == "all" else _axis(path, "[real] cases", wanted, str))
@@ -260,8 +257,6 @@ def _attach_cohorts(path, cases, leave_one_out: bool) -> None:
 
 
 def _resolve_paths(path, variant: dict) -> dict:
-    from vbseg.population import PACKAGED_PRIORS
-
     for key in PATH_KEYS:
         if key == "prior" and variant.get(key) == LEAVE_ONE_OUT:
             continue
@@ -289,7 +284,7 @@ def load_experiment(path) -> Experiment:
             raise InputError(path, f"{section}: expected a [{section}] table")
     meta = config.get("experiment", {})
     _unknown(path, "experiment", meta, EXPERIMENT_KEYS)
-    name = _check_scalar(path, "[experiment] name", meta.get("name", path.stem), str)
+    name = check_scalar(path, "[experiment] name", meta.get("name", path.stem), str)
     sweep = config.get("sweep", {})
     _unknown(path, "sweep", sweep, {"mode"})
     mode = sweep.get("mode", "product")
@@ -319,16 +314,11 @@ def segment_kwargs(variant: dict) -> dict:
 
 def _check_variant(path, variant, cases):
     """Option values are checked by the same validation as ``vbseg segment`` (no files read)."""
-    from vbseg.methods import get_method
-    from vbseg.options import DEFAULT_LEVELS, SegmentOptions
-
     kwargs = segment_kwargs(variant)
     if "prior" in kwargs and kwargs.get("restarts", "full") != "full":
         raise InputError(path, "[model] restarts: does not apply with a prior (its fit starts "
                                "from the prior's classes, not k-means)")
     if kwargs.get("prior") == LEAVE_ONE_OUT:
-        from vbseg.models.volume_error import MIN_CALIBRATION_CASES
-
         for case in cases:
             if case["kind"] != "real":
                 raise InputError(path, "[model] prior = \"leave-one-out\": needs real (delineated) cases "
@@ -339,8 +329,6 @@ def _check_variant(path, variant, cases):
                                        f"needs >= {MIN_CALIBRATION_CASES}")
         return
     if "prior" in kwargs:  # the prior fixes classes, beta and emissions; its file must load
-        from vbseg.population import resolve_prior
-
         try:
             resolve_prior(kwargs["prior"])
         except InputError as error:
@@ -355,165 +343,10 @@ def _check_variant(path, variant, cases):
             raise InputError(path, f"[model] {error}") from None
 
 
-# --- running ---------------------------------------------------------------------------------
+# --- where runs write -----------------------------------------------------------------------
 
 def result_path(out: Path, run: Run) -> Path:
     return out / "runs" / run.run_id / "result.json"
-
-
-def is_finished(out: Path, run: Run) -> bool:
-    path = result_path(out, run)
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("status") == "ok"
-    except (OSError, ValueError):
-        return False
-
-
-def _case_inputs(run: Run, folder: Path):
-    """(image paths, modalities, truth mask, truth fraction or None, true volume mL, spacing).
-
-    Phantoms also give the exact partial-volume fraction of each voxel inside a lesion, against
-    which their calibration is measured; real cases have only the manual mask.
-    """
-    import nibabel as nib
-
-    from vbseg.phantoms import PhantomSpec, make_phantom
-
-    case = run.case
-    if case["kind"] == "phantom":
-        spec = dict(case["spec"])
-        phantom = make_phantom(PhantomSpec(diameters_mm=(spec.pop("diameters_mm"),), **spec),
-                               seed=case["seed"])
-        paths = phantom.save(folder / "inputs")
-        return ([paths["pet"]], ["pet"], phantom.truth, phantom.truth_fraction, phantom.volume_ml,
-                phantom.pet.spacing)
-    label = nib.load(case["label"])
-    truth = np.asarray(label.dataobj) > 0
-    spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
-    return (case["images"], case["modalities"], truth, None,
-            float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
-
-
-def execute(run: Run, out: Path) -> dict:
-    """Run one (case, variant); write its outputs and result.json (atomically, last)."""
-    from vbseg.metrics import (
-        brier_score,
-        crps_from_draws,
-        dice,
-        expected_calibration_error,
-        interval_score,
-        reliability_sums,
-        surface_metrics,
-    )
-    from vbseg.pipeline import segment
-    from vbseg.volume import write_text_atomic
-
-    folder = out / "runs" / run.run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": run.run_id, "case": run.case["name"], "variant": run.variant_text,
-              "settings": run.variant, "case_spec": run.case, "seed": run.case["seed"]}
-    started = time.perf_counter()
-    try:
-        images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
-        kwargs = segment_kwargs(run.variant)
-        if kwargs.get("prior") == LEAVE_ONE_OUT:
-            kwargs["prior"] = _leave_one_out_prior(run.case, out)
-        posterior = segment(images, folder / "outputs", modalities=modalities,
-                            seed=run.case["seed"], overwrite=True, title=run.case["name"], **kwargs)
-        if posterior.probability.shape != truth.shape:
-            raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
-        volume = posterior.volume_interval()
-        contour = posterior.probability >= 0.5
-        surface = surface_metrics(contour, truth, spacing, tolerance_mm=2.0)
-        timings = posterior.summary["timings_s"]
-        record.update({
-            "status": "ok", "model": posterior.summary["model"],
-            "dice50": dice(contour, truth), "hd95_mm": surface["hd95_mm"],
-            "asd_mm": surface["asd_mm"], "sdice_2mm": surface["sdice"], "vol_true_ml": true_ml,
-            "vol_mean_ml": volume["mean"], "vol_lower_ml": volume["lower"],
-            "vol_upper_ml": volume["upper"],
-            "covered": bool(volume["lower"] <= true_ml <= volume["upper"]),
-            "interval_score": interval_score(volume["lower"], volume["upper"], true_ml),
-            "crps_ml": crps_from_draws(posterior.volume_draws_ml, true_ml),
-            "ece": expected_calibration_error(posterior.probability, truth, posterior.voi),
-            "brier": brier_score(posterior.probability, truth, posterior.voi),
-            "compile_s": timings["compile"], "run_s": timings["run"],
-            "warnings": [warning["code"] for warning in posterior.summary.get("warnings", [])],
-            "fit_voxels": int(np.prod(posterior.probability.shape) if posterior.voi is None
-                              else np.count_nonzero(posterior.voi)),
-            "reliability": reliability_sums(posterior.probability, truth, posterior.voi),
-        })
-        if fraction is not None:
-            record["reliability_fraction"] = reliability_sums(posterior.probability, fraction,
-                                                              posterior.voi)
-    except Exception as error:  # a failed run is recorded and the sweep goes on
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        record.update({"status": "failed", "error": f"{type(error).__name__}: {message}",
-                       "traceback": traceback.format_exc()})
-    record["wall_s"] = time.perf_counter() - started
-    write_text_atomic(folder / "result.json", json.dumps(record, indent=2, default=float) + "\n")
-    return record
-
-
-def _leave_one_out_prior(case: dict, out: Path):
-    """The prior learned from the case's cohort without it (cached under ``out/priors``)."""
-    from vbseg.population import leave_one_out_prior
-
-    return leave_one_out_prior(case["index"], case["modalities"], case["cohort"], case["index_case"],
-                               out / "priors")
-
-
-def _execute_in_child(args):
-    run, out = args
-    from vbseg.cli import enable_compilation_cache
-
-    enable_compilation_cache()
-    return execute(run, Path(out))
-
-
-def run_experiment(experiment: Experiment, out, *, jobs: int = 1, progress: bool = True) -> dict:
-    """Run every unfinished run of ``experiment`` into ``out``; rebuild the tables.
-
-    Returns {"runs", "skipped", "failed", "table"}. ``jobs`` > 1 runs cases in that many spawned
-    processes (JAX does not survive fork).
-    """
-    from tqdm import tqdm
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [run for run in experiment.runs if not is_finished(out, run)]
-    # leave-one-out priors: the per-case fits they share are cached once, here, before any
-    # worker starts (one run per cohort fills the cache)
-    cohorts = {}
-    for run in todo:
-        if run.variant.get("prior") == LEAVE_ONE_OUT:
-            cohorts.setdefault((run.case["index"], tuple(run.case["modalities"])), run.case)
-    for case in cohorts.values():
-        _leave_one_out_prior(case, out)
-    skipped = len(experiment.runs) - len(todo)
-    bar = tqdm(total=len(experiment.runs), initial=skipped, unit="run", disable=not progress,
-               desc=experiment.name, dynamic_ncols=True)
-    failed = 0
-    try:
-        if jobs <= 1:
-            for run in todo:
-                bar.set_postfix_str(run.label)
-                failed += execute(run, out)["status"] != "ok"
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                for record in pool.map(_execute_in_child, [(run, str(out)) for run in todo]):
-                    bar.set_postfix_str(record["case"])
-                    failed += record["status"] != "ok"
-                    bar.update(1)
-    finally:
-        bar.close()
-        from vbseg.results import write_tables
-
-        table = write_tables(experiment, out)
-    return {"runs": len(experiment.runs), "skipped": skipped, "failed": failed, "table": table}
 
 
 def default_output(config_path) -> Path:

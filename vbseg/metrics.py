@@ -7,7 +7,10 @@ phantoms the whole crop). Truth is the binary voxel-centre mask.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from surface_distance import metrics as sd
 
 ECE_BINS = 15
 
@@ -112,10 +115,6 @@ def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
     (0.1, 2024) still calls ``scipy.ndimage.filters``, deprecated in SciPy; its warning is
     silenced here, and SciPy 2 removing that namespace would need a patch or a replacement.
     """
-    import warnings
-
-    from surface_distance import metrics as sd
-
     a, b = np.asarray(mask, bool), np.asarray(truth, bool)
     if not a.any() or not b.any():
         both = not a.any() and not b.any()

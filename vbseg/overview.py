@@ -26,10 +26,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from vbseg.display_image import DisplayImage  # noqa: E402
+from vbseg.orientation import to_ras  # noqa: E402
 from vbseg.readouts import largest_region  # noqa: E402
 
 LEVEL_COLOURS = ("#00b0f0", "#ff8c00", "#e00000", "#2ca02c", "#9467bd", "#8c564b")
@@ -41,11 +42,6 @@ VIEWS = (  # name, RAS axis sliced, (horizontal, vertical) RAS axes, side labels
     ("coronal", 1, (0, 2), ("R", "L")),
     ("sagittal", 0, (1, 2), ("P", "A")),
 )
-
-
-def _to_ras(array, affine):
-    orientation = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(array, orientation), orientation
 
 
 def lesion_view(prob, levels_percent):
@@ -117,9 +113,9 @@ def draw_overview(posterior, levels_percent, *, title: str = "", record=None):
         record = {"pet_readouts": posterior.pet_readouts(levels_percent),
                   "reference_mask": posterior.reference_comparison(levels_percent)}
     affine, shape = posterior.reference.affine, posterior.reference.shape
-    prob, orientation = _to_ras(posterior.probability, affine)
-    voi, _ = _to_ras(posterior.voi, affine)
-    reference = None if posterior.reference_mask is None else _to_ras(posterior.reference_mask, affine)[0]
+    prob, orientation = to_ras(posterior.probability, affine)
+    voi, _ = to_ras(posterior.voi, affine)
+    reference = None if posterior.reference_mask is None else to_ras(posterior.reference_mask, affine)[0]
     # io_orientation maps input axis i to RAS axis o[i, 0]; RAS axis j came from argsort(o)[j]
     spacing = posterior.reference.spacing[np.argsort(orientation[:, 0])]
     centre, lesion = lesion_view(prob, levels_percent)
@@ -130,12 +126,10 @@ def draw_overview(posterior, levels_percent, *, title: str = "", record=None):
         margin = [max(int(np.ceil(15.0 / s)), int(i.max() - i.min() + 1)) for i, s in zip(region, spacing)]
         box = tuple(slice(max(int(i.min()) - m, 0), int(i.max()) + m + 1) for i, m in zip(region, margin))
 
-    from vbseg.posterior import DisplayImage
-
     images = posterior.images or (DisplayImage(os.path.basename(posterior.reference.name),
                                                posterior.reference.modality, posterior.reference.data),)
     panels = [(f"{image.name} ({image.modality.upper()})", image.modality,
-               _to_ras(_full_grid(image, shape), affine)[0]) for image in images]
+               to_ras(_full_grid(image, shape), affine)[0]) for image in images]
     panels.append(("P(tumour)", "probability", prob))
     columns = len(panels)
     figure, axes = plt.subplots(3, columns, figsize=(3.6 * columns + 0.6, 11.5), squeeze=False,

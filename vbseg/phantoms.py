@@ -26,6 +26,7 @@ a small soft-tissue contrast on its own grid. Everything is determined by the se
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -318,8 +319,6 @@ def make_cohort(folder, num_cases: int, *, seed: int = 0, shape=(20, 20, 12), sp
     class mean + Normal(0, COHORT_NOISE_SD^2), then mapped back to SUV / HU / MR units.
     Returns the path of cases.json (entries in the ``modalities`` shape).
     """
-    import json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -18,7 +18,10 @@ is not changed by it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import time
 from importlib import metadata, resources
 from pathlib import Path
@@ -30,8 +33,8 @@ import nibabel as nib
 import numpy as np
 
 from vbseg.cases import DelineatedCase, read_cases
-from vbseg.errors import InputError
-from vbseg.fitting import SHAPE_BUCKET, _compile_and_run
+from vbseg.errors import InputError, OutputError
+from vbseg.fitting import SHAPE_BUCKET
 from vbseg.inference.empirical_bayes import (
     FORBIDDEN,
     SPREAD_FLOOR_SD,
@@ -40,6 +43,7 @@ from vbseg.inference.empirical_bayes import (
     fit_with_population_prior,
     pool_population,
 )
+from vbseg.inference.svi import compile_and_run
 from vbseg.models.cohort import (
     PopulationPrior,
     load_prior,
@@ -53,6 +57,7 @@ from vbseg.models.volume_error import (
     calibration_from_entries,
 )
 from vbseg.prepare import load_inputs
+from vbseg.volume import write_with
 
 DEFAULT_TUMOUR_CLASSES = 2
 DEFAULT_BACKGROUND_CLASSES = 4
@@ -198,7 +203,7 @@ def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing,
             jnp.asarray(np.where(prior.spread_var >= WEAK_SPREAD_SD**2, 1e12, prior_ng.kappa),
                         jnp.float32))
     if pad_shape is None:
-        result, compile_s, run_s = _compile_and_run(fit_with_population_prior, args)
+        result, compile_s, run_s = compile_and_run(fit_with_population_prior, args)
     else:  # bulk fits on one shape: the jit cache compiles once
         start = time.perf_counter()
         result = jax.block_until_ready(fit_with_population_prior(*args))
@@ -264,8 +269,6 @@ def held_out_prior(stats, entries, names, held_out: int, modalities, *, num_tumo
 def source_digest() -> str:
     """sha256 of every module of the installed vbseg package (paths and contents): a cached
     result is reused only by the code that made it, not by a later version of it."""
-    import hashlib
-
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
@@ -277,9 +280,6 @@ def cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_ba
     """The folder of :func:`leave_one_out_prior`'s cached fits: keyed by the index path, the
     modalities, the cohort, the class counts, vbseg's code (:func:`source_digest`) and each
     input file's path, size and modification time (a changed image or label is fitted again)."""
-    import hashlib
-    import json
-
     files = [os.fspath(f) for c in cases for f in (*c.images, c.label)]
     stamps = [(f, stat.st_size, stat.st_mtime_ns) for f, stat in zip(files, map(os.stat, files))]
     key = json.dumps([os.path.abspath(os.fspath(index)), list(modalities), list(cohort), num_tumour,
@@ -289,10 +289,6 @@ def cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_ba
 
 def _cached(path: Path, compute):
     """``compute()`` pickled at ``path`` (written atomically) or read back from it."""
-    import pickle
-
-    from vbseg.volume import write_with
-
     if path.is_file():
         try:
             return pickle.loads(path.read_bytes())
@@ -375,8 +371,6 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
               attribution="", progress=None, interaction=False) -> PopulationPrior:
     """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically);
     ``interaction``: learn a K x K class-interaction matrix in place of one beta."""
-    from vbseg.errors import OutputError
-
     if out is not None and os.path.exists(out) and not overwrite:
         raise OutputError(out, "already exists (use --overwrite to replace it)")
     if not (isinstance(num_tumour, int) and num_tumour >= 1 and isinstance(num_background, int)

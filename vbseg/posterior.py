@@ -13,12 +13,12 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbseg.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
 from vbseg.metrics import dice
 from vbseg.readouts import (
     POSTERIOR_NOTE,
@@ -85,20 +85,6 @@ def output_names(levels_percent) -> list[str]:
         + [f"contour_{level:g}.nii.gz" for level in levels_percent]
         + ["summary.json", "overview.png"]
     )
-
-
-class DisplayImage(NamedTuple):
-    """One input image for the overview figure, on the first input's grid.
-
-    name: what the panel is called (the file name); modality: pet, ct, mr or other; data: the
-    image values (NaN where not observed); bounds: where ``data`` lies in the first grid
-    (slices), None when ``data`` is the whole grid.
-    """
-
-    name: str
-    modality: str
-    data: np.ndarray
-    bounds: tuple | None = None
 
 
 @dataclasses.dataclass(eq=False)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.experiment import COLUMNS, Experiment, result_path
+from vbseg.metrics import bootstrap_mean_ci
+from vbseg.volume import write_text_atomic
 
 
 def collect(experiment: Experiment, out) -> list[dict]:
@@ -45,8 +47,6 @@ def _cell(value):
 
 def write_tables(experiment: Experiment, out) -> Path:
     """results.csv and results.md rebuilt from the run folders (atomic writes)."""
-    from vbseg.volume import write_text_atomic
-
     out = Path(out)
     rows = collect(experiment, out)
     buffer = io.StringIO()
@@ -81,8 +81,6 @@ def _value(row, column) -> float:
 def variant_summary(experiment: Experiment, rows) -> list[str]:
     """Markdown lines: per variant, mean Dice with a bootstrap 95 % CI over cases, coverage,
     mean ECE; and each variant's paired Dice difference from the first variant (same cases)."""
-    from vbseg.metrics import bootstrap_mean_ci
-
     variants = list(dict.fromkeys(run.variant_text for run in experiment.runs))
     by_variant = {v: {r["case"]: r for r in rows if r["variant"] == v} for v in variants}
     cases = list(dict.fromkeys(r["case"] for r in rows))

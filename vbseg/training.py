@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vbseg import __version__
+from vbseg.cases import read_cases
 from vbseg.errors import InputError, OutputError
 from vbseg.metrics import dice
 from vbseg.models.deep import (
@@ -38,7 +40,9 @@ from vbseg.models.deep import (
     UNet3D,
     architecture_record,
     count_parameters,
+    deterministic_logits,
     network_logits,
+    padded_input,
     save_checkpoint,
 )
 from vbseg.training_config import TrainSettings, check_settings, load_settings
@@ -61,8 +65,6 @@ CROP_NOTE = ("the sarcoma crops of ../shared/data are centred on the tumour (5 c
 def real_training_cases(settings: TrainSettings, progress=None) -> list[DeepTrainingCase]:
     """The real cases ``settings`` names (all patient cases with its modalities by default,
     less ``exclude_cases``), loaded in network space; [] when ``cases`` is unset or absent."""
-    from vbseg.cases import read_cases
-
     if settings.cases is None or not Path(settings.cases).is_file():
         return []
     cases = read_cases(settings.cases, settings.modalities, settings.train_cases)
@@ -178,8 +180,6 @@ def train_member(settings: TrainSettings, member: int, real_cases, progress=None
 
 
 def _vbseg_version() -> str:
-    from vbseg import __version__
-
     return __version__
 
 
@@ -274,10 +274,8 @@ def evaluate(checkpoint: DeepCheckpoint, real_cases=(), *, num_phantoms=3, seed=
 
 
 def _logits_from_inputs(checkpoint, inputs) -> np.ndarray:
-    from vbseg.models.deep import _deterministic_logits, _padded
-
-    padded = jnp.asarray(_padded(inputs))
-    logits = jnp.mean(jnp.stack([_deterministic_logits(m, padded) for m in checkpoint.models]), axis=0)
+    padded = jnp.asarray(padded_input(inputs))
+    logits = jnp.mean(jnp.stack([deterministic_logits(m, padded) for m in checkpoint.models]), axis=0)
     x, y, z = inputs.shape[1:]
     return np.asarray(logits)[:x, :y, :z]
 

@@ -45,6 +45,8 @@ import sys
 from pathlib import Path
 
 from vbseg.errors import InputError
+from vbseg.experiment import check_scalar
+from vbseg.models.cohort import COHORT_MODALITIES
 from vbseg.models.deep import DEFAULT_CHANNELS, DEFAULT_DROPOUT
 from vbseg.training_data import PhantomRanges
 
@@ -97,38 +99,30 @@ PHANTOM_KEYS = {f.name: ("pair" if isinstance(f.default, tuple) else type(f.defa
 SECTIONS = {"train": TRAIN_KEYS, "network": NETWORK_KEYS, "phantoms": PHANTOM_KEYS}
 
 
-def _scalar(path, key, value, kind):
-    from vbseg.experiment import _check_scalar
-
-    return _check_scalar(path, key, value, kind)
-
-
 def _typed(path, key, value, kind):
     """Check one config value against its declared kind; returns it in settings form."""
     if kind in (int, float, str):
-        return _scalar(path, key, value, kind)
+        return check_scalar(path, key, value, kind)
     if not isinstance(value, list):
         raise InputError(path, f"{key}: expected a list, got {value!r}")
     if kind == "modalities" or kind == "names":
-        items = tuple(_scalar(path, key, v, str) for v in value)
+        items = tuple(check_scalar(path, key, v, str) for v in value)
         return tuple(m.lower() for m in items) if kind == "modalities" else items
     if kind == "pair":
         if len(value) != 2:
             raise InputError(path, f"{key}: expected [low, high], got {value!r}")
-        pair = tuple(_scalar(path, key, v, float) for v in value)
+        pair = tuple(check_scalar(path, key, v, float) for v in value)
         if not 0 < pair[0] <= pair[1]:
             raise InputError(path, f"{key}: expected 0 < low <= high, got {value!r}")
         return pair
     if len(value) != 3:
         raise InputError(path, f"{key}: expected three integers, got {value!r}")
-    return tuple(_scalar(path, key, v, int) for v in value)
+    return tuple(check_scalar(path, key, v, int) for v in value)
 
 
 def check_settings(settings: TrainSettings, subject="settings") -> None:
     """Value checks shared by the config file and the Python API:
     InputError(subject, "[section] key: problem")."""
-    from vbseg.models.cohort import COHORT_MODALITIES
-
     def need(condition, key, message):
         if not condition:
             section = next(name for name, keys in SECTIONS.items() if key in keys)

@@ -31,6 +31,7 @@ import datetime
 import os
 import warnings
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,7 @@ def build_rtstruct(series, rois: Sequence[tuple[str, np.ndarray]], *,
     ds.SeriesDescription = f"{label} probability contours"
     ds.Manufacturer = "vbseg"
     ds.ManufacturerModelName = "vbseg"
-    ds.SoftwareVersions = _version()
+    ds.SoftwareVersions = software_version()
     ds.InstanceNumber = 1
     ds.FrameOfReferenceUID = frame
     ds.StructureSetLabel = label[:16]
@@ -357,9 +358,8 @@ def build_rtstruct(series, rois: Sequence[tuple[str, np.ndarray]], *,
     return ds
 
 
-def _version() -> str:
-    from importlib import metadata
-
+def software_version() -> str:
+    """vbseg's installed version, written into the DICOM objects it makes."""
     try:
         return metadata.version("vbseg")
     except metadata.PackageNotFoundError:

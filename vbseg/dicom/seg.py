@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.dicom._deps import first_line, quietly, require
+from vbseg.dicom.rtstruct import software_version
 from vbseg.errors import InputError
 
 MAX_FRACTIONAL_VALUE = 255
@@ -53,7 +54,6 @@ def write_probability_seg(path, series, probability: np.ndarray, *,
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from vbseg.dicom.rtstruct import _version
     from vbseg.volume import write_with
 
     probability = np.asarray(probability, np.float64)
@@ -63,7 +63,7 @@ def write_probability_seg(path, series, probability: np.ndarray, *,
     if not np.all(np.isfinite(probability)) or probability.min() < 0 or probability.max() > 1:
         raise InputError(path, "probabilities must be finite and in [0, 1]")
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="vbseg", version=_version(),
+        name="vbseg", version=software_version(),
         # The hidden Potts prior couples each voxel's label with its neighbours'.
         family=codes.cid7162.NeighborhoodAnalysis)
     segment = hd.seg.SegmentDescription(
@@ -81,7 +81,7 @@ def write_probability_seg(path, series, probability: np.ndarray, *,
             max_fractional_value=MAX_FRACTIONAL_VALUE, segment_descriptions=[segment],
             series_instance_uid=generate_uid(), series_number=9002,
             sop_instance_uid=generate_uid(), instance_number=1, manufacturer="vbseg",
-            manufacturer_model_name="vbseg", software_versions=_version(),
+            manufacturer_model_name="vbseg", software_versions=software_version(),
             device_serial_number="none", content_label="VBSEG",
             content_description=(description or label)[:64])
     except (ValueError, TypeError, AttributeError) as exc:  # headers highdicom cannot use

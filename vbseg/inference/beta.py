@@ -60,6 +60,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.optimize import minimize
 
 from vbseg.inference.chains import (
     burn_in_then_kept_keys,
@@ -273,8 +274,6 @@ def estimate_interaction_pl(fields: list[LabelConfigurations], num_classes: int,
     (:func:`label_configurations`) with the exact gradient; ValueError when it does not
     converge. Returns (J (K, K), h (P, K)).
     """
-    from scipy.optimize import minimize
-
     num_fields = len(fields)
     num_pairs = num_classes * (num_classes + 1) // 2
     fixed = None if biases is None else np.asarray(biases, np.float64).reshape(num_fields, num_classes)

@@ -54,7 +54,7 @@ from vbseg.inference.beta import (
     label_configurations,
 )
 from vbseg.inference.emissions import emission_vb, expected_log_likelihood
-from vbseg.inference.meanfield import _cavi, beta_step_function, kmeans_labels, restart_levels
+from vbseg.inference.meanfield import beta_step_function, coordinate_ascent, kmeans_labels, restart_levels
 from vbseg.models.potts import NormalGammaPrior
 
 # Log-potential that forbids a class at a voxel in the constrained training fit.
@@ -125,7 +125,7 @@ def constrained_potts_fit(observations, observed, roi, tumour, weights, *, num_t
     family = emission_vb("gaussian", prior, num_classes=num_classes,
                          num_modalities=observations.shape[-1], tied=False)
     step = beta_step_function("pl", weights, roi)
-    q, _, _, _, iterations, _, beta, _, _ = _cavi(
+    q, _, _, _, iterations, _, beta, _, _ = coordinate_ascent(
         observations, observed, roi, jnp.asarray(TRAINING_BETA_START, observations.dtype), weights,
         family, jnp.asarray(1.0, observations.dtype), field, q0, max_iter=max_iter, tol=tol,
         min_iter=5, beta_step=step)
@@ -257,7 +257,7 @@ def fit_with_population_prior(observations, observed, roi, beta, weights, prior:
                    + jnp.log(concentration / jnp.sum(concentration)))
     q0 = jax.nn.softmax(start_unary, axis=-1) * roi[..., None]
     field = jnp.zeros(observations.shape[:3] + (num_classes,), observations.dtype)
-    q, post, alpha, trace, iterations, converged, *_ = _cavi(
+    q, post, alpha, trace, iterations, converged, *_ = coordinate_ascent(
         observations, observed, roi, beta, weights, family, concentration, field, q0,
         max_iter=max_iter, tol=tol, min_iter=min_iter)
     return PriorFitResult(q, post, alpha, trace, iterations, converged)

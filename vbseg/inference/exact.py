@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from scipy.special import logsumexp
+from scipy.special import gammaln, logsumexp
+
+from vbseg.models.potts import neighbour_offsets
 
 MAX_LABELINGS = 5_000_000
 
@@ -23,8 +25,6 @@ def grid_edges(shape, weights) -> tuple[np.ndarray, np.ndarray]:
     :func:`~vbseg.models.potts.neighbour_offsets`: 3 for the 6-neighbourhood, 13 for the
     26-neighbourhood. Returns (edges (E, 2) int of flat site indices, edge_weights (E,)).
     """
-    from vbseg.models.potts import neighbour_offsets
-
     offsets = neighbour_offsets(6 if len(weights) == 3 else 26)
     index = np.arange(int(np.prod(shape))).reshape(shape)
     edges, edge_weights = [], []
@@ -102,8 +102,6 @@ def exact_collapsed_marginals(y, observed, edges, edge_weights, beta, prior_mean
     class. ``y`` and ``observed`` are (n, M); ``prior_mean`` and ``prior_kappa`` are (K, M)
     (class-specific prior means break the label symmetry); shape/rate scalars.
     """
-    from scipy.special import gammaln
-
     y = np.asarray(y, np.float64)
     num_sites, num_modalities = y.shape
     labelings = enumerate_labelings(num_sites, num_classes)

@@ -48,13 +48,11 @@ from vbseg.inference.gibbs import (
 )
 from vbseg.inference.meanfield_psf import regression_update
 from vbseg.models.potts import NormalGammaPrior, neighbour_sum
-from vbseg.models.psf import blur_operator
+from vbseg.models.psf import blur_operator, gaussian_kernels
 
 
 def colour_strides(psf_fwhm_mm, spacing_mm) -> tuple[int, int, int]:
     """Per-axis stride 2R + 1 (R the largest PSF kernel radius over modalities, at least 1)."""
-    from vbseg.models.psf import gaussian_kernels
-
     radius = np.ones(3, int)
     for fwhm in psf_fwhm_mm:
         for axis, kernel in enumerate(gaussian_kernels(float(fwhm), spacing_mm)):

@@ -198,7 +198,9 @@ def _draw_program(key, params, features, observed, voi, prior_logit, count_weigh
             negative_mass)
 
 
-def _standardise(data, observed):
+def standardise_features(data, observed):
+    """Each modality of ``data`` (..., M) centred and scaled by its mean and standard deviation
+    over the voxels where it is observed; returns (features, centres, scales)."""
     centres, scales = [], []
     for m in range(data.shape[-1]):
         values = data[..., m][observed[..., m]]
@@ -296,7 +298,7 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
         if prior_logit_weight_start is not None and not prior_logit_weight_start > 0:
             raise ValueError(f"prior_logit_weight_start must be > 0, got {prior_logit_weight_start!r}")
     start = time.perf_counter()
-    features, centres, scales = _standardise(stack, seen)
+    features, centres, scales = standardise_features(stack, seen)
     features, seen_p, voi_p = _pad(features, 0.0), _pad(seen, False), _pad(voi, False)
     padded = features.shape[:3]
     spacing = tuple(float(s) for s in spacing_mm)

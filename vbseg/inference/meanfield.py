@@ -42,12 +42,21 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln, xlogy
 
+from vbseg.inference import beta as beta_estimation
+from vbseg.inference.beta import estimate_coupling_pl
 from vbseg.inference.emissions import (  # noqa: F401  (re-exported: the Gaussian pieces)
     DEFAULT_STUDENT_DOF,
     emission_vb,
     expected_log_likelihood,
     kl_normal_gamma,
     normal_gamma_update,
+)
+from vbseg.inference.intensity_field import field_emission, field_on_grid
+from vbseg.inference.kmeans import (  # noqa: F401  (re-exported: the k-means start)
+    KMEANS_SAMPLE,
+    kmeans_labels,
+    restart_levels,
+    start_centres,
 )
 from vbseg.inference.multiscale import FINE_MIN_ITER, FINE_TOL_FACTOR, multiscale_restarts
 from vbseg.models.potts import (
@@ -171,107 +180,9 @@ def meanfield_label_marginals(unary, beta, weights, roi, *, num_sweeps: int = 20
     )
 
 
-def restart_levels(num_classes: int) -> jax.Array:
-    """Quantile levels at which k-means centres start, one row per restart: (R, K).
-
-    Evenly spaced levels (k + 0.5) / K suit classes of similar size; a small hot lesion in a
-    large background (the usual PET crop, well under 1 % of voxels) is found from the
-    upper-tail row (0.5 up to 0.999, geometric in the tail probability), a cold one from its
-    mirror image. The fit keeps the restart with the highest ELBO.
-    """
-    even = (jnp.arange(num_classes) + 0.5) / num_classes
-    tail = 0.5 * (0.002 ** (jnp.arange(num_classes) / (num_classes - 1)))
-    upper = 1.0 - tail
-    lower = jnp.sort(tail)
-    return jnp.stack([even, upper, lower])
-
-
-# k-means runs on at most this many ROI voxels (evenly spaced ranks among them beyond it), and
-# every voxel is then assigned to the nearest final centre: XLA's CPU sort alone takes ~2 s for
-# the 3 million voxels x 2 modalities of a 144^3 PET/CT crop, and a quarter of a million voxels
-# place the start centres as well (the fit refines them).
-KMEANS_SAMPLE = 2**18
-
-
-def _kmeans_sample(observations, observed, roi):
-    """(observations (S, M), valid (S, M)) of the ROI voxels k-means runs on.
-
-    With n ROI voxels and S = min(grid size, :data:`KMEANS_SAMPLE`): all of them when n <= S
-    (the rows past n are marked invalid), else the voxels of rank floor(j n / S), j < S, in
-    the ROI's flattened order: a non-integer step, so the sample does not alias with the grid
-    (an integer step dividing the row length would keep only some planes).
-    """
-    num_modalities = observations.shape[-1]
-    flat_roi = roi.reshape(-1)
-    size = min(flat_roi.shape[0], KMEANS_SAMPLE)
-    count = jnp.sum(flat_roi)
-    (index,) = jnp.nonzero(flat_roi, size=flat_roi.shape[0], fill_value=0)
-    ranks = jnp.arange(size)
-    ranks = jnp.where(count > size, (ranks * (count / size)).astype(ranks.dtype), ranks)
-    chosen = index[jnp.minimum(ranks, flat_roi.shape[0] - 1)]
-    valid = observed.reshape(-1, num_modalities)[chosen] & (ranks < count)[:, None]
-    return observations.reshape(-1, num_modalities)[chosen], valid
-
-
-def start_centres(observations, observed, roi, levels) -> jax.Array:
-    """k-means start centres: the quantiles ``levels`` ((K,) or (R, K)) of each modality over
-    the ROI voxels where it is observed (of the sample of :func:`_kmeans_sample`);
-    (K, M) or (R, K, M), one sort for all rows."""
-    values, valid = _kmeans_sample(observations, observed, roi)
-    flat = jnp.nanquantile(jnp.where(valid, values, jnp.nan), jnp.reshape(levels, -1), axis=0)
-    return flat.reshape(jnp.shape(levels) + (observations.shape[-1],))
-
-
-def _nearest(observations, valid, centres):
-    """Index of the nearest centre over the valid modalities: (...,) from (..., M), (K, M).
-    A NaN centre coordinate (a modality not observed where the centre was placed) counts as
-    unobserved."""
-    dist2 = 0.0
-    for m in range(observations.shape[-1]):  # (..., K) per modality: faster on CPU than
-        term = (observations[..., m:m + 1] - centres[:, m]) ** 2  # reducing (..., K, M)
-        use = valid[..., m:m + 1] & ~jnp.isnan(centres[:, m])
-        dist2 = dist2 + jnp.where(use, term, 0.0)
-    return jnp.argmin(dist2, axis=-1)
-
-
-def kmeans_labels(observations, observed, roi, levels, num_iterations: int = 30, centres=None):
-    """Deterministic k-means (Lloyd) over ROI voxels, distances over observed modalities.
-
-    Centres start at the quantiles ``levels`` (K,) of each modality (:func:`start_centres`,
-    or at ``centres`` (K, M) when given); Lloyd steps on the voxels of :func:`_kmeans_sample`
-    (every ROI voxel when there are at most :data:`KMEANS_SAMPLE`) run until no voxel changes class,
-    at most ``num_iterations``; then every ROI voxel goes to its nearest centre. Classes are
-    returned in increasing order of the first modality's centre. Returns (X, Y, Z) int labels.
-    """
-    from vbseg.inference.emissions import class_moments
-
-    num_classes = levels.shape[0]
-    if centres is None:
-        centres = start_centres(observations, observed, roi, levels)
-    values, valid = _kmeans_sample(observations, observed, roi)
-    inside = jnp.any(valid, axis=-1)
-
-    def cond(carry):
-        it, _, _, changed = carry
-        return (it < num_iterations) & changed
-
-    def step(carry):
-        it, centres, labels, _ = carry
-        onehot = jax.nn.one_hot(labels, num_classes, dtype=values.dtype) * inside[:, None]
-        count, _, mean, _ = class_moments(onehot, values, valid)
-        centres = jnp.where(count > 0, mean, centres)
-        new = _nearest(values, valid, centres)
-        return it + 1, centres, new, jnp.any((new != labels) & inside)
-
-    start = (0, centres, _nearest(values, valid, centres), True)
-    _, centres, _, _ = jax.lax.while_loop(cond, step, start)
-    order = jnp.argsort(centres[:, 0])
-    rank = jnp.argsort(order)
-    return rank[_nearest(observations, observed & roi[..., None], centres)]
-
-
-def _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0, *,
-          max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None, aux0=None):
+def coordinate_ascent(observations, observed, roi, beta, weights, emission, concentration, field, q0,
+                      *, max_iter, tol, min_iter, beta_step=None, field_weight=1.0, coupling_step=None,
+                      aux0=None):
     """Coordinate ascent from marginals q0: label sweep, conjugate parameter updates (the
     emission family's, :mod:`vbseg.inference.emissions`), then (with ``beta_step``, a function
     (q, prior unary, beta) -> beta) the beta update, or (with ``coupling_step``, a function
@@ -328,7 +239,7 @@ def _fit_one_start(observations, observed, roi, beta, weights, emission, concent
                    field_weight, levels, centres, *, num_classes, max_iter, tol, min_iter):
     labels0 = kmeans_labels(observations, observed, roi, levels, centres=centres)
     q0 = jax.nn.one_hot(labels0, num_classes, dtype=observations.dtype) * roi[..., None]
-    return _cavi(observations, observed, roi, beta, weights, emission, concentration, field, q0,
+    return coordinate_ascent(observations, observed, roi, beta, weights, emission, concentration, field, q0,
                  max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=field_weight)[:6]
 
 
@@ -340,8 +251,6 @@ def beta_step_function(estimator: str, weights, roi, path=None, beta_max=None):
     see :mod:`vbseg.inference.beta`) equals E_q[S], the exact maximiser of
     E_q[log p(z | beta)] = beta E_q[S] - log Z(beta).
     """
-    from vbseg.inference import beta as beta_estimation
-
     beta_max = beta_estimation.BETA_MAX if beta_max is None else beta_max
     if estimator == "pl":
         def step(q, prior_unary, beta):
@@ -443,8 +352,6 @@ def fit_hidden_potts_vb(
         family = emission_vb(emission, prior, num_classes=num_classes,
                              num_modalities=observations.shape[-1], tied=tied, dof=dof)
     elif emission == "gaussian":
-        from vbseg.inference.intensity_field import field_emission
-
         family = field_emission(prior, intensity, observations.shape[:3], num_classes=num_classes,
                                 num_modalities=observations.shape[-1], tied=tied)
     else:
@@ -465,7 +372,7 @@ def fit_hidden_potts_vb(
             # a start repeated from the coarse grid sits near the optimum, where the ELBO
             # creeps up while the boundary voxels relax: a tighter test than the k-means
             # starts need (see multiscale.FINE_TOL_FACTOR)
-            return _cavi(observations, observed, roi, beta, weights, family, concentration, field,
+            return coordinate_ascent(observations, observed, roi, beta, weights, family, concentration, field,
                          q_start, max_iter=max_iter, tol=tol * FINE_TOL_FACTOR,
                          min_iter=jnp.maximum(min_iter, FINE_MIN_ITER), field_weight=field_weight)[:6]
 
@@ -495,26 +402,22 @@ def fit_hidden_potts_vb(
     if learn_field_weight:
         if beta_estimator not in ("fixed", "pl"):
             raise ValueError("learn_field_weight goes with beta_estimator 'fixed' or 'pl'")
-        from vbseg.inference.beta import estimate_coupling_pl
-
         def coupling(q_now, log_proportions, field_now, beta_now, gamma_now):
             return estimate_coupling_pl(q_now, log_proportions, field_now, weights, roi,
                                         beta_start=beta_now, weight_start=gamma_now,
                                         learn_beta=beta_estimator == "pl", num_steps=8)
 
-        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = coordinate_ascent(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, field_weight=gamma,
             coupling_step=coupling, aux0=aux0)
     elif beta_estimator != "fixed":
         step = beta_step_function(beta_estimator, weights, roi, beta_path)
-        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = _cavi(
+        q, post, alpha, trace, it, converged, beta, beta_trace, gamma = coordinate_ascent(
             observations, observed, roi, beta, weights, family, concentration, field, q,
             max_iter=max_iter, tol=tol, min_iter=min_iter, beta_step=step, field_weight=gamma, aux0=aux0)
     intensity_map = None
     if intensity is not None:
-        from vbseg.inference.intensity_field import field_on_grid
-
         intensity_map = field_on_grid(intensity, observations.shape[:3], post.eps) * roi
     return MeanFieldResult(q, family.classes(post), alpha, trace, it, converged, finals, best, beta,
                            beta_trace, restart_means, restart_voxels, gamma, intensity_map,

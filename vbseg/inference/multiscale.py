@@ -40,6 +40,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vbseg.inference.kmeans import start_centres
+
 # two restarts found the same solution when their hard labels agree this well in every class
 SAME_SOLUTION_DICE = 0.98
 BLOCK = 2
@@ -136,8 +138,6 @@ def multiscale_restarts(fit_start, fit_from, observations, observed, roi, field,
         restart that repeats an earlier one's coarse solution carrying that one's fine result;
         coarse iterations (R,); fine iterations (R,), 0 for a repeated restart).
     """
-    from vbseg.inference.meanfield import start_centres
-
     coarse = coarsen(observations, observed, roi, field)
     coarse_centres = start_centres(coarse[0], coarse[1] & coarse[2][..., None], coarse[2], levels)
     q_coarse, *_, coarse_iterations, _ = jax.lax.map(

@@ -28,6 +28,7 @@ from vbseg.errors import InputError
 from vbseg.posterior import DisplayImage, Posterior, saved_posterior
 from vbseg.prepare import Prepared
 from vbseg.records import provenance, voi_text
+from vbseg.volume import save_nifti
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,8 +149,6 @@ def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_
     """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given.
     ``reference_mask``: (I, J, K) bool reference delineation (from ``reference_mask_path``)
     that the overview draws and summary.json compares the contours with."""
-    from vbseg.volume import save_nifti
-
     posterior = saved_posterior(out, levels_percent, title, probability=result.probability,
                                 reference=prepared.reference, voi=prepared.voi,
                                 volume_draws_ml=result.volume_draws_ml,

@@ -363,13 +363,16 @@ def padded_shape(shape, multiple: int = SHAPE_MULTIPLE) -> tuple:
     return tuple(int(math.ceil(n / multiple) * multiple) for n in shape)
 
 
-def _padded(inputs: np.ndarray) -> np.ndarray:
+def padded_input(inputs: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) inputs zero-padded at the far end of each axis to :func:`padded_shape`,
+    the grid the U-Net's pooling levels divide evenly (the logits are cropped back after)."""
     target = padded_shape(inputs.shape[1:])
     return np.pad(inputs, [(0, 0)] + [(0, t - n) for t, n in zip(target, inputs.shape[1:])])
 
 
 @eqx.filter_jit
-def _deterministic_logits(model: UNet3D, inputs: jax.Array) -> jax.Array:
+def deterministic_logits(model: UNet3D, inputs: jax.Array) -> jax.Array:
+    """One member's logits with dropout off (inference mode), on padded inputs."""
     return model(inputs)
 
 
@@ -389,7 +392,7 @@ def _prepared(checkpoint, stack, observed, modalities):
         raise InputError(checkpoint.source, f"observed mask shape {np.shape(observed)} differs from the "
                                             f"images' {stack.shape}")
     inputs = network_inputs(stack, observed, checkpoint.modalities)
-    return jnp.asarray(_padded(inputs)), stack.shape[:3]
+    return jnp.asarray(padded_input(inputs)), stack.shape[:3]
 
 
 def _crop(array, shape) -> np.ndarray:
@@ -408,8 +411,8 @@ def network_logits(checkpoint: DeepCheckpoint, stack, observed, modalities, *, m
     """
     inputs, shape = _prepared(checkpoint, stack, observed, modalities)
     if member is not None:
-        return _crop(_deterministic_logits(checkpoint.models[member], inputs), shape)
-    logits = [_deterministic_logits(model, inputs) for model in checkpoint.models]
+        return _crop(deterministic_logits(checkpoint.models[member], inputs), shape)
+    logits = [deterministic_logits(model, inputs) for model in checkpoint.models]
     return _crop(jnp.mean(jnp.stack(logits), axis=0), shape)
 
 
@@ -430,7 +433,7 @@ def member_probabilities(checkpoint: DeepCheckpoint, stack, observed, modalities
     """(E, X, Y, Z) sigmoid of each member's deterministic logits: a deep ensemble
     (Lakshminarayanan et al. 2017); its mean is the ensemble's probability map."""
     inputs, shape = _prepared(checkpoint, stack, observed, modalities)
-    logits = jnp.stack([_deterministic_logits(model, inputs) for model in checkpoint.models])
+    logits = jnp.stack([deterministic_logits(model, inputs) for model in checkpoint.models])
     return _crop(jax.nn.sigmoid(logits), shape)
 
 
