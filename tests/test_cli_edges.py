@@ -159,3 +159,33 @@ def test_version_and_the_whole_description_in_help():
     assert helped.returncode == 0
     description = " ".join(helped.stdout.split())
     assert "fit-prior | train." in description and "exit status 2" in description
+
+
+def test_overwrite_never_removes_an_input(tmp_path):
+    """A stale contour of the previous result set that this run reads (say, as its --roi)
+    stays; the other stale one goes, summary.json is replaced."""
+    from vbseg.result_folder import publish
+
+    out, staging = tmp_path / "out", tmp_path / "out" / ".vbseg-partial-x"
+    staging.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"levels_percent": [10.0, 90.0]}))
+    for name in ("contour_10.nii.gz", "contour_90.nii.gz"):
+        (out / name).write_text("previous")
+    (staging / "summary.json").write_text("{}")
+    (staging / "contour_50.nii.gz").write_text("new")
+    publish(staging, out, inputs=[out / "contour_90.nii.gz"], overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".vbseg-partial-x", "contour_50.nii.gz", "contour_90.nii.gz", "summary.json"]
+    assert (out / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command,option,problem", [
+    ("phantom", "--out", "empty"), ("demo", "--out", "empty"),
+    ("phantom", "--seed", "2**32"), ("demo", "--seed", "2**32")])
+def test_phantom_and_demo_refuse_an_empty_out_and_a_bad_seed(tmp_path, monkeypatch, command,
+                                                             option, problem):
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", ""] if option == "--out" else ["--out", "folder", "--seed", "-3"]
+    result = main_cli(command, *args)
+    assert _one_line_error(result, option, problem), result.stderr[-600:]
+    assert not any(tmp_path.iterdir())

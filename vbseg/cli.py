@@ -391,12 +391,12 @@ def _check_free(folder: Path, names, overwrite: bool) -> None:
 
 
 def _run_phantom(args) -> None:
-    from vbseg.options import check_seed
+    from vbseg.options import check_output_folder, check_seed
     from vbseg.phantoms import make_phantom
 
     check_seed(args.seed)
     spec = _phantom_spec(args)
-    out = Path(args.out)
+    out = check_output_folder(args.out)  # "" is no folder
     _check_free(out, PHANTOM_FILES, args.overwrite)
     phantom = make_phantom(spec, seed=args.seed)
     phantom.save(out)
@@ -406,12 +406,12 @@ def _run_phantom(args) -> None:
 
 def _run_demo(args) -> None:
     from vbseg.metrics import dice, expected_calibration_error
-    from vbseg.options import check_seed
+    from vbseg.options import check_output_folder, check_seed
     from vbseg.phantoms import PhantomSpec, make_phantom
     from vbseg.pipeline import segment
 
     check_seed(args.seed)
-    out = Path(args.out or DEMO_DIR)
+    out = check_output_folder(DEMO_DIR if args.out is None else args.out)  # "" is no folder
     overwrite = args.overwrite or args.out is None  # the demo may replace its own default folder
     _check_free(out / "inputs", PHANTOM_FILES, overwrite)
     spec = PhantomSpec()
