@@ -102,7 +102,8 @@ def held_lock(folder):
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        with interrupts_held():  # a second Ctrl-C must not leave the lock behind
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -187,7 +188,8 @@ def result_folder(out, names, inputs, overwrite: bool):
                 with interrupts_held():
                     publish(staging, out, inputs, overwrite)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                with interrupts_held():  # nor the temporary folder
+                    shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         for folder in created:
             with contextlib.suppress(OSError):
