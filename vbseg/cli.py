@@ -385,14 +385,15 @@ PHANTOM_FILES = ("pet.nii.gz", "ct.nii.gz", "truth.nii.gz", "truth_fraction.nii.
 
 
 def _check_free(folder: Path, names, overwrite: bool) -> None:
-    from vbseg.options import check_outputs
+    from vbseg.result_folder import check_outputs
 
     check_outputs(folder, list(names), [], overwrite)
 
 
 def _run_phantom(args) -> None:
-    from vbseg.options import check_output_folder, check_seed
+    from vbseg.options import check_seed
     from vbseg.phantoms import make_phantom
+    from vbseg.result_folder import check_output_folder
 
     check_seed(args.seed)
     spec = _phantom_spec(args)
@@ -406,9 +407,10 @@ def _run_phantom(args) -> None:
 
 def _run_demo(args) -> None:
     from vbseg.metrics import dice, expected_calibration_error
-    from vbseg.options import check_output_folder, check_seed
+    from vbseg.options import check_seed
     from vbseg.phantoms import PhantomSpec, make_phantom
     from vbseg.pipeline import segment
+    from vbseg.result_folder import check_output_folder
 
     check_seed(args.seed)
     out = check_output_folder(DEMO_DIR if args.out is None else args.out)  # "" is no folder

@@ -1,18 +1,16 @@
 """The options of ``vbseg segment``: their defaults, and one validation of all of them (alone
-and in combination) that runs before any file is read; plus the output-folder checks. Every
-problem is an InputError/OutputError naming the option or path."""
+and in combination) that runs before any file is read (the output folder's checks are in
+:mod:`vbseg.result_folder`). Every problem is an InputError naming the option."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 
 from vbseg.baselines import BASELINES
 from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
-from vbseg.errors import InputError, OutputError
+from vbseg.errors import InputError
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
 from vbseg.models.potts import NEIGHBOURHOODS
@@ -366,56 +364,3 @@ def check_psf_fits(psf_fwhm_mm, reference) -> None:
         raise InputError("--psf-fwhm", f"{psf_fwhm_mm:g} mm is wider than the field of view of "
                                        f"{reference.name} ({field_of_view_mm:g} mm); it must be no "
                                        "larger")
-
-
-def _name_limits(existing: Path) -> tuple[int, int]:
-    """(longest file name, longest path) in bytes on the file system of ``existing``."""
-    limits = []
-    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
-        try:
-            limits.append(os.pathconf(existing, name))
-        except (OSError, ValueError, AttributeError):
-            limits.append(default)
-    return limits[0], limits[1]
-
-
-def check_output_folder(out_dir) -> Path:
-    """Refuse an output folder that is empty (""), a dangling symbolic link (or lies under one),
-    a file (or lies under one), not writable, or a name longer than the file system allows;
-    returns it as a Path. Everything here is known before any work is done."""
-    if os.fspath(out_dir) == "":
-        raise OutputError("--out", "is empty; name an output folder")
-    out = Path(out_dir)
-    existing = out
-    # os.path's tests, not Path's: they answer False for a name too long instead of raising
-    while not os.path.exists(existing) and existing != existing.parent:
-        if os.path.islink(existing):
-            raise OutputError(existing, "is a dangling symbolic link (its target does not exist)")
-        existing = existing.parent
-    name_max, path_max = _name_limits(existing)
-    longest = max(len(os.fsencode(part)) for part in out.parts)
-    if longest > name_max:
-        raise OutputError(out, f"a name in this path is longer than the file system allows "
-                               f"({longest} bytes, at most {name_max})")
-    if len(os.fsencode(os.path.abspath(out))) >= path_max:
-        raise OutputError(out, f"the path is longer than the file system allows (at most {path_max} "
-                               "bytes)")
-    if existing.exists() and not existing.is_dir():
-        raise OutputError(existing, "exists and is not a directory; choose another output folder")
-    if existing.exists() and not os.access(existing, os.W_OK):
-        raise OutputError(existing, "is not writable")
-    return out
-
-
-def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
-    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
-    out = check_output_folder(out_dir)
-    inputs = {os.path.realpath(p) for p in input_paths}
-    for name in names:
-        target = out / name
-        if os.path.realpath(target) in inputs:
-            raise OutputError(target, "is one of the inputs; choose another --out")
-        if target.exists() and not target.is_file():
-            raise OutputError(target, "exists and is not a regular file")
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")

@@ -1,5 +1,10 @@
 """The output folder of one ``segment`` run: checked, locked, written whole or not at all.
 
+:func:`check_output_folder` and :func:`check_outputs` refuse, before any work, a folder that
+cannot be one (empty name, dangling symbolic link, a file, not writable, a name longer than the
+file system allows) and outputs that may not be written (an input, or existing without
+``--overwrite``); the other commands that write files use them too.
+
 A result set (prob.nii.gz, contour_*.nii.gz, summary.json, overview.png, and the maps and DICOM
 files some options add) is only meaningful as a whole: summary.json describes the other files.
 So :func:`result_folder` hands the run a temporary folder inside ``--out`` (``.vbseg-partial-*``,
@@ -38,7 +43,6 @@ import time
 from pathlib import Path
 
 from vbseg.errors import OutputError
-from vbseg.options import check_output_folder, check_outputs
 from vbseg.posterior import output_names
 
 LOCK_NAME = ".vbseg.lock"
@@ -46,6 +50,59 @@ STAGING_PREFIX = ".vbseg-partial-"
 PAUSE_STAGE_ENV = "VBSEG_TEST_PAUSE_AT"
 PAUSE_FILE_ENV = "VBSEG_TEST_PAUSE_FILE"
 PAUSE_S = 600.0
+
+
+def _name_limits(existing: Path) -> tuple[int, int]:
+    """(longest file name, longest path) in bytes on the file system of ``existing``."""
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(existing, name))
+        except (OSError, ValueError, AttributeError):
+            limits.append(default)
+    return limits[0], limits[1]
+
+
+def check_output_folder(out_dir) -> Path:
+    """Refuse an output folder that is empty (""), a dangling symbolic link (or lies under one),
+    a file (or lies under one), not writable, or a name longer than the file system allows;
+    returns it as a Path. Everything here is known before any work is done."""
+    if os.fspath(out_dir) == "":
+        raise OutputError("--out", "is empty; name an output folder")
+    out = Path(out_dir)
+    existing = out
+    # os.path's tests, not Path's: they answer False for a name too long instead of raising
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):
+            raise OutputError(existing, "is a dangling symbolic link (its target does not exist)")
+        existing = existing.parent
+    name_max, path_max = _name_limits(existing)
+    longest = max(len(os.fsencode(part)) for part in out.parts)
+    if longest > name_max:
+        raise OutputError(out, f"a name in this path is longer than the file system allows "
+                               f"({longest} bytes, at most {name_max})")
+    if len(os.fsencode(os.path.abspath(out))) >= path_max:
+        raise OutputError(out, f"the path is longer than the file system allows (at most {path_max} "
+                               "bytes)")
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(existing, "exists and is not a directory; choose another output folder")
+    if existing.exists() and not os.access(existing, os.W_OK):
+        raise OutputError(existing, "is not writable")
+    return out
+
+
+def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
+    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
+    out = check_output_folder(out_dir)
+    inputs = {os.path.realpath(p) for p in input_paths}
+    for name in names:
+        target = out / name
+        if os.path.realpath(target) in inputs:
+            raise OutputError(target, "is one of the inputs; choose another --out")
+        if target.exists() and not target.is_file():
+            raise OutputError(target, "exists and is not a regular file")
+        if target.exists() and not overwrite:
+            raise OutputError(target, "already exists (use --overwrite to replace it)")
 
 
 def pause_point(stage: str) -> None:
@@ -171,7 +228,7 @@ def result_folder(out, names, inputs, overwrite: bool):
     """Yield a temporary folder inside ``out`` to write a result set into (module doc).
 
     Checks first that ``out`` can be a folder and that ``names`` (the files this run writes)
-    may be written there (:func:`vbseg.options.check_outputs`: not an input, not existing
+    may be written there (:func:`check_outputs`: not an input, not existing
     without ``overwrite``); takes the lock; on success moves the files into place
     (:func:`publish`). On any error or Ctrl-C the temporary folder, the lock, and the folders
     this call created (when still empty) are removed.
