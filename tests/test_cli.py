@@ -74,6 +74,12 @@ def inputs(tmp_path_factory) -> Path:
     half[:3, 3] += 40.0  # overlaps the PET grid, but not all of it
     save_nifti(folder / "half_ct.nii.gz", phantom.ct.data, half)
     (folder / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file")
+    huge = pet.affine.copy()
+    huge[:3, :3] *= 1e5  # voxels of hundreds of metres: an affine in the wrong units
+    save_nifti(folder / "km_voxels.nii.gz", pet.data, huge)
+    negative = pet.data.copy()
+    negative[0, 0, :4] = -1.5  # a few negative "SUV" voxels
+    save_nifti(folder / "negative_pet.nii.gz", negative, pet.affine)
     return folder
 
 

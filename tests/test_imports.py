@@ -40,40 +40,24 @@ VOLUME_SPLIT_PENDING = (
     "on another branch, so its split (the Volume type apart from reading and writing, as torchio's "
     "data/image.py vs data/io.py) waits for that merge"
 )
-OPTIONS_PENDING = (
-    "the options <-> baselines cycle (KNOWN_CYCLES): options.py is being edited on another branch; "
-    "the baselines' default beta should move below both after that merge (and kmeans_labels / "
-    "restart_levels then come from vbseg.inference.kmeans)"
-)
 DICOM_INTERNAL_PENDING = (
     "inside vbseg.dicom the submodules import each other lazily only because the package sits in "
     "the volume <-> dicom cycle; hoist once that cycle is broken"
 )
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {
     (
-        "vbseg.baselines",
-        "vbseg.deep_segment",
         "vbseg.dicom",
         "vbseg.dicom.outputs",
         "vbseg.dicom.rtstruct",
         "vbseg.dicom.seg",
         "vbseg.dicom.series",
-        "vbseg.models.cohort",
-        "vbseg.models.deep",
-        "vbseg.options",
         "vbseg.posterior",
-        "vbseg.records",
+        "vbseg.result_folder",
         "vbseg.volume",
-    ): VOLUME_SPLIT_PENDING + "; and " + OPTIONS_PENDING,
+    ): VOLUME_SPLIT_PENDING,
 }
 KNOWN_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
 KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
-    ("vbseg.baselines", "jax.numpy"): OPTIONS_PENDING,
-    ("vbseg.baselines", "vbseg.inference.meanfield.kmeans_labels"): OPTIONS_PENDING,
-    ("vbseg.baselines", "vbseg.inference.meanfield.restart_levels"): OPTIONS_PENDING,
-    ("vbseg.baselines", "vbseg.models.graphcut.potts_map_by_graph_cut"): OPTIONS_PENDING,
-    ("vbseg.baselines", "vbseg.models.kspc.kspc_map"): OPTIONS_PENDING,
-    ("vbseg.baselines", "vbseg.options.DEFAULT_BETA"): OPTIONS_PENDING,
     ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.read_rtstruct_masks"): DICOM_INTERNAL_PENDING,
     ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.rtstruct_roi_names"): DICOM_INTERNAL_PENDING,
     ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.write_rtstruct"): DICOM_INTERNAL_PENDING,
@@ -81,7 +65,7 @@ KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     ("vbseg.dicom.outputs", "vbseg.dicom.series.VBSEG_MODALITY"): DICOM_INTERNAL_PENDING,
     ("vbseg.dicom.outputs", "vbseg.dicom.series.open_series"): DICOM_INTERNAL_PENDING,
     ("vbseg.dicom.outputs", "vbseg.dicom.series.volume_from_series"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.options.check_outputs"): DICOM_INTERNAL_PENDING,
+    ("vbseg.dicom.outputs", "vbseg.result_folder.check_outputs"): DICOM_INTERNAL_PENDING,
     ("vbseg.dicom.outputs", "vbseg.volume.AFFINE_ATOL_MM"): VOLUME_SPLIT_PENDING,
     ("vbseg.dicom.outputs", "vbseg.volume.Volume"): VOLUME_SPLIT_PENDING,
     ("vbseg.dicom.outputs", "vbseg.volume.resample_onto"): VOLUME_SPLIT_PENDING,

@@ -29,7 +29,13 @@ structure); thresholds are taken over the VOI.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+from vbseg.inference.kmeans import kmeans_labels, restart_levels
+from vbseg.models.graphcut import potts_map_by_graph_cut
+from vbseg.models.kspc import kspc_map
+from vbseg.models.potts import DEFAULT_POTTS_BETA
 
 BASELINES = ("threshold40", "threshold50", "suv2.5", "adaptive50", "otsu", "kmeans", "gmm",
              "random_walker", "kspc", "graphcut")
@@ -114,8 +120,6 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
         result[2]["background"] = background
         return result
     if name == "kspc":
-        from vbseg.models.kspc import kspc_map
-
         probability, parameters = kspc_map(pet, inside, spacing_mm)
         return probability, "hdr", parameters
     if name == "otsu":
@@ -125,10 +129,6 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
     hot = modalities.index("pet")
     features = _standardised(stack, observed, voi)
     if name == "kmeans":
-        import jax.numpy as jnp
-
-        from vbseg.inference.meanfield import kmeans_labels, restart_levels
-
         best = None
         for levels in np.asarray(restart_levels(2)):  # several starts, the lowest SSE kept
             labels = np.asarray(kmeans_labels(jnp.asarray(features, jnp.float32),
@@ -146,9 +146,6 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
         probability, parameters = _gmm(features, observed, voi, hot)
         return probability, "probability", parameters
     if name == "graphcut":
-        from vbseg.models.graphcut import potts_map_by_graph_cut
-        from vbseg.options import DEFAULT_BETA
-
         _, parameters = _gmm(features, observed, voi, hot)
         proportions = np.maximum(np.asarray(parameters["proportions"]), 1e-300)
         unary = -np.log(proportions) - _component_log_likelihood(
@@ -156,8 +153,9 @@ def baseline_map(name, stack, observed, voi, modalities, spacing_mm=(1.0, 1.0, 1
             np.asarray(parameters["variances_standardised"]))
         tumour = parameters["hot_component"]
         unary = np.stack([unary[..., 1 - tumour], unary[..., tumour]], axis=-1)
-        labels = potts_map_by_graph_cut(unary, voi, DEFAULT_BETA, spacing_mm)
-        return labels.astype(np.float32), "mask", dict(parameters, beta=DEFAULT_BETA, neighbourhood=6)
+        labels = potts_map_by_graph_cut(unary, voi, DEFAULT_POTTS_BETA, spacing_mm)
+        return labels.astype(np.float32), "mask", dict(parameters, beta=DEFAULT_POTTS_BETA,
+                                                       neighbourhood=6)
     if name == "random_walker":
         from skimage.segmentation import random_walker
 

@@ -3,7 +3,8 @@ train``.
 
 The only module that prints or exits. A user's mistake (a bad file, option or output path)
 is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
-``vbseg: error: <path or option>: <problem>``, with exit status 2.
+``vbseg: error: <path or option>: <problem>``, with exit status 2. Ctrl-C is one line,
+``vbseg: interrupted``, with exit status 130 (128 + SIGINT, as shells report it).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from vbseg import __version__
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError
@@ -21,13 +24,17 @@ from vbseg.experiment_runner import run_experiment
 from vbseg.methods import method_names
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.volume_error import describe
-from vbseg.options import DEFAULT_VOLUME_DRAWS, check_outputs
+from vbseg.options import DEFAULT_VOLUME_DRAWS, check_seed
 from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
 from vbseg.pipeline import segment
 from vbseg.population import fit_prior
+from vbseg.result_folder import check_output_folder, check_outputs
 from vbseg.training import train_from_config
 
 DEMO_DIR = "demo_out"
+HELP_EPILOG = ("A bad file, option or output path is reported in one line, 'vbseg: error: <path or "
+               "option>: <problem>', with exit status 2; Ctrl-C prints 'vbseg: interrupted' and exits "
+               "130, leaving the output folder as it was. 'vbseg COMMAND --help' describes a command.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -253,8 +260,18 @@ def _run_train(args) -> None:
     print(f"checkpoint written to {out} (+ {out.with_suffix('.json').name})")
 
 
+def _package_version() -> str:
+    try:
+        return version("vbseg")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vbseg", description=__doc__.splitlines()[0])
+    # the module doc's first paragraph, whole: its first line stops mid-sentence
+    description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+    parser = _Parser(prog="vbseg", description=description, epilog=HELP_EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_segment(sub)
     _add_demo(sub)
@@ -309,13 +326,17 @@ def _run_segment(args) -> None:
                             dicom_seg=args.dicom_seg, series_uid=args.series,
                             overwrite=args.overwrite)
     kwargs = _segment_kwargs(args)
-    posterior = segment(args.images, args.out, **kwargs)
-    if dicom_outputs:
-        written = write_posterior_dicom(posterior, args.out, images=args.images,
-                                        levels_percent=kwargs["levels_percent"],
-                                        rtstruct_reference=args.rtstruct, dicom_seg=args.dicom_seg,
-                                        series_uid=args.series)
-        print(f"DICOM: {', '.join(p.name for p in written.values())}")
+    dicom_written = {}
+
+    def write_dicom(posterior, folder):
+        dicom_written.update(write_posterior_dicom(
+            posterior, folder, images=args.images, levels_percent=kwargs["levels_percent"],
+            rtstruct_reference=args.rtstruct, dicom_seg=args.dicom_seg, series_uid=args.series))
+
+    posterior = segment(args.images, args.out, also_write=write_dicom if dicom_outputs else None,
+                        **kwargs)
+    if dicom_written:
+        print(f"DICOM: {', '.join(p.name for p in dicom_written.values())}")
     for warning in posterior.summary.get("warnings", []):
         print(f"vbseg: warning: {warning['code']}: {warning['message']}", file=sys.stderr)
     volume = posterior.volume_interval()
@@ -347,8 +368,9 @@ def _check_free(folder: Path, names, overwrite: bool) -> None:
 
 
 def _run_phantom(args) -> None:
+    check_seed(args.seed)
     spec = _phantom_spec(args)
-    out = Path(args.out)
+    out = check_output_folder(args.out)  # "" is no folder
     _check_free(out, PHANTOM_FILES, args.overwrite)
     phantom = make_phantom(spec, seed=args.seed)
     phantom.save(out)
@@ -357,7 +379,8 @@ def _run_phantom(args) -> None:
 
 
 def _run_demo(args) -> None:
-    out = Path(args.out or DEMO_DIR)
+    check_seed(args.seed)
+    out = check_output_folder(DEMO_DIR if args.out is None else args.out)  # "" is no folder
     overwrite = args.overwrite or args.out is None  # the demo may replace its own default folder
     _check_free(out / "inputs", PHANTOM_FILES, overwrite)
     spec = PhantomSpec()
@@ -401,6 +424,9 @@ def main(argv=None) -> int:
     except VbsegError as error:
         print(f"vbseg: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the writers have removed their partial files on the way out
+        print("vbseg: interrupted", file=sys.stderr)
+        return 130
     return status or 0
 
 

@@ -1,31 +1,24 @@
 """The options of ``vbseg segment``: their defaults, and one validation of all of them (alone
-and in combination) that runs before any file is read; plus the output-folder checks. Every
-problem is an InputError/OutputError naming the option or path."""
+and in combination) that runs before any file is read (the output folder's checks are in
+:mod:`vbseg.result_folder`). Every problem is an InputError naming the option."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 
 from vbseg.baselines import BASELINES
 from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
-from vbseg.errors import InputError, OutputError
+from vbseg.errors import InputError
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
-from vbseg.models.potts import NEIGHBOURHOODS
+from vbseg.models.potts import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
 from vbseg.posterior import output_names
 from vbseg.volume import MODALITIES
 
-# Potts coupling when none is given (or the start of --beta auto). The PSF model needs a
-# stronger spatial prior: deconvolution is ill-posed, and on the NEMA phantom scan (background
-# COV 0.35) beta = 0.5 let the tumour class explain background noise bumps (volumes +20 to
-# +75 % at beta = 1.0), while beta = 1.5 gave Dice 0.91-0.95 and volume within 5 % for spheres
-# >= 13 mm; the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
-DEFAULT_BETA = 0.5
-DEFAULT_BETA_PSF = 1.5
+# the Potts couplings used when none is given live beside the Potts model
+DEFAULT_BETA, DEFAULT_BETA_PSF = DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF
 # --beta auto: where the learned-beta fit starts. Below the critical coupling of the
 # 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
 # ordered state that the beta step would then confirm (see tests/test_beta.py).
@@ -39,6 +32,12 @@ BETA_LEARNED_TEXT = (
 )
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
+# More draws than this do not sharpen a 95 % interval further (its Monte Carlo error at 2000
+# draws is already far below the model's own) but cost time and memory linearly: 10^8 draws
+# ran for minutes at gigabytes.
+MAX_VOLUME_DRAWS = 100_000
+# Seeds go to jax.random.PRNGKey, which takes an unsigned 32-bit integer.
+SEED_LIMIT = 2**32
 PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 # --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
@@ -221,8 +220,9 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
         )
     if tumour_class is not None and not 0 <= tumour_class < num_classes:
         raise InputError("--tumour-class", f"must be in 0..{num_classes - 1}, got {tumour_class}")
-    if not isinstance(volume_draws, int) or volume_draws < 100:
-        raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
+    if not isinstance(volume_draws, int) or not 100 <= volume_draws <= MAX_VOLUME_DRAWS:
+        raise InputError("--volume-draws", f"must be an integer from 100 to {MAX_VOLUME_DRAWS}, "
+                                           f"got {volume_draws!r}")
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
     if psf_fwhm_mm is not None:
@@ -343,28 +343,19 @@ def _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
                                           "combined with --covariance full yet")
 
 
-def check_output_folder(out_dir) -> Path:
-    """Refuse an output folder that is a file, or lies under one; returns it as a Path."""
-    out = Path(out_dir)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise OutputError(existing, "exists and is not a directory; choose another output folder")
-    if existing.exists() and not os.access(existing, os.W_OK):
-        raise OutputError(existing, "is not writable")
-    return out
+def check_seed(seed, option: str = "--seed") -> None:
+    """InputError unless 0 <= seed < 2**32 (what jax.random.PRNGKey accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise InputError(option, f"must be an integer with 0 <= seed < 2**32, got {seed!r}")
 
 
-def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
-    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
-    out = check_output_folder(out_dir)
-    inputs = {os.path.realpath(p) for p in input_paths}
-    for name in names:
-        target = out / name
-        if os.path.realpath(target) in inputs:
-            raise OutputError(target, "is one of the inputs; choose another --out")
-        if target.exists() and not target.is_file():
-            raise OutputError(target, "exists and is not a regular file")
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")
+def check_psf_fits(psf_fwhm_mm, reference) -> None:
+    """InputError when the PSF is wider than the longest side of the first image's field of
+    view: such a blur is not a scanner's, and its kernels cost minutes and gigabytes."""
+    if psf_fwhm_mm is None:
+        return
+    field_of_view_mm = float(np.max(np.asarray(reference.shape) * reference.spacing))
+    if psf_fwhm_mm > field_of_view_mm:
+        raise InputError("--psf-fwhm", f"{psf_fwhm_mm:g} mm is wider than the field of view of "
+                                       f"{reference.name} ({field_of_view_mm:g} mm); it must be no "
+                                       "larger")

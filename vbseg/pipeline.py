@@ -10,20 +10,35 @@ builder (:func:`vbseg.methods.result_posterior`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 from vbseg.errors import InputError
 from vbseg.methods import get_method, result_posterior
 from vbseg.methods.prior import check_prior_options
-from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_outputs
+from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
 from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
+from vbseg.result_folder import pause_point, result_folder
+from vbseg.trust import input_warnings
 from vbseg.volume import load_mask
+
+
+def check_distinct(images) -> None:
+    """InputError when one file (or DICOM folder) is given twice: the same image twice is not
+    a stack of two, and would double its weight in a joint fit."""
+    seen = {}
+    for number, path in enumerate(images, start=1):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise InputError(path, f"is given twice (images {seen[real]} and {number})")
+        seen[real] = number
 
 
 def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
             seed: int = 0, series_uid=None, overwrite: bool = False, title: str = "",
-            reference_mask=None, **options) -> Posterior:
+            reference_mask=None, also_write=None, **options) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
     Args:
@@ -36,7 +51,10 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         levels_percent: contour levels in percent.
         seed: seeds the volume draws (the fits themselves are deterministic).
         series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
-        overwrite: replace existing outputs; title: the overview figure's title.
+        overwrite: replace the existing result set in ``out`` (its files this run does not
+            write are removed: :mod:`vbseg.result_folder`); title: the overview figure's title.
+        also_write: ``also_write(posterior, folder)`` writes further files of the result set
+            into ``folder`` (the CLI's DICOM outputs), before they all move into ``out``.
         reference_mask: path of a reference delineation on the first image's grid: drawn in
             the overview, and summary.json's ``reference_mask`` records each contour's Dice.
         **options: the fields of :class:`vbseg.options.SegmentOptions` (model, num_classes, beta,
@@ -47,6 +65,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     images = [os.fspath(p) for p in images]
     if not images:
         raise InputError("segment", "needs at least one image")
+    check_distinct(images)
+    check_seed(seed)
     options = SegmentOptions(**options)
     levels_percent = tuple(float(level) for level in levels_percent)
     roi = os.fspath(roi) if roi is not None else None
@@ -60,11 +80,21 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         method.check_inputs(modalities)
         options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
                       roi=roi, box=box)
-    if out is not None:
-        check_outputs(out, output_names(levels_percent) + method.extra_outputs(options),
-                      images + [p for p in (roi, reference_mask) if p], overwrite)
-    prepared = prepare(images, modalities, roi, box, series_uid, seed)
-    mask = None if reference_mask is None else load_mask(reference_mask, prepared.reference)
-    result = method.run(prepared, options)
-    return result_posterior(result, prepared, out, levels_percent, title, reference_mask=mask,
-                            reference_mask_path=reference_mask)
+    if out is None:
+        folder = contextlib.nullcontext(None)
+    else:
+        folder = result_folder(out, output_names(levels_percent) + method.extra_outputs(options),
+                               images + [p for p in (roi, reference_mask) if p], overwrite)
+    with folder as staging:
+        prepared = prepare(images, modalities, roi, box, series_uid, seed)
+        check_psf_fits(options.psf_fwhm_mm, prepared.reference)
+        mask = None if reference_mask is None else load_mask(reference_mask, prepared.reference)
+        prepared = dataclasses.replace(
+            prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
+        pause_point("fit")
+        result = method.run(prepared, options)
+        posterior = result_posterior(result, prepared, staging, levels_percent, title,
+                                     reference_mask=mask, reference_mask_path=reference_mask)
+        if staging is not None and also_write is not None:
+            also_write(posterior, staging)
+    return posterior

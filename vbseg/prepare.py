@@ -98,7 +98,8 @@ class Prepared:
     given; seed: seeds the volume draws; volumes: the loaded images; voi (I, J, K) bool on the
     first grid; bounds: its bounding box; crop_voi (x, y, z) bool; stack (x, y, z, M) float32
     and observed (x, y, z, M) bool: the crop of every image on the first grid; resampled: per
-    image, whether it was resampled onto that grid.
+    image, whether it was resampled onto that grid; warnings: summary.json's warnings about
+    the inputs ({code, message}; :func:`vbseg.trust.input_warnings`), before the fit's.
     """
 
     images: tuple[str, ...]
@@ -113,6 +114,7 @@ class Prepared:
     stack: np.ndarray
     observed: np.ndarray
     resampled: tuple[bool, ...]
+    warnings: tuple[dict, ...] = ()
 
     @property
     def reference(self) -> Volume:

@@ -26,6 +26,14 @@ The checks read only the posterior and its record, so every model gets them:
   beta and failed (``diagnostics.learned_beta``, :func:`vbseg.fitting.learned_or_fixed`), so
   the result is the fixed-beta fit's.
 
+Before the fit, :func:`input_warnings` adds what is implausible but not certainly wrong in the
+inputs (they come first in the list):
+
+* ``level-below-1``: a contour level under 1 %: levels are percent, so ``--levels 0.5`` is
+  P(tumour) >= 0.005, which was probably meant as 50.
+* ``negative-pet``: a PET image holds negative voxels. SUV is not negative (reconstruction
+  can undershoot next to hot regions); TLG sums SUV x volume and those voxels lower it.
+
 What the checks cannot see: a contour of the wrong structure that lies inside the VOI, and a
 contour that covers only part of the lesion (under-segmentation). On the 21 sarcomas
 (benchmarks/results/fusion_default.json) they flag 3 of the default's 4 fits below Dice 0.3
@@ -67,6 +75,23 @@ def class_separation(means, sds, tumour_class: int) -> float | None:
     distance = np.abs(means - means[tumour_class]) / np.maximum(pooled, 1e-12)
     others = [k for k in range(means.shape[0]) if k != tumour_class]
     return float(min(distance[k].max() for k in others))
+
+
+def input_warnings(levels_percent, volumes) -> list[dict]:
+    """The input warnings of the module doc, for contour ``levels_percent`` and the loaded
+    ``volumes`` (:class:`vbseg.volume.Volume`)."""
+    warnings = [_warning("level-below-1", f"contour level {level:g} is read as {level:g} % "
+                                          f"(P(tumour) >= {level / 100:g}); for {level * 100:g} % "
+                                          f"write {level * 100:g}")
+                for level in levels_percent if level < 1]
+    for volume in volumes:
+        negative = volume.data < 0
+        if volume.modality == "pet" and negative.any():
+            warnings.append(_warning(
+                "negative-pet", f"{volume.name}: {int(negative.sum())} PET voxels are negative "
+                                f"(down to {float(volume.data.min()):g}); SUV is not, and they "
+                                "lower the TLG"))
+    return warnings
 
 
 def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> list[dict]:

@@ -30,6 +30,9 @@ MODALITIES = ("pet", "ct", "mr", "other")
 # Two grids are "the same" when their affines agree to this many millimetres (entries of
 # the 4x4 matrix); NIfTI writers round affines to float32, which is ~1e-5 mm at 100 mm.
 AFFINE_ATOL_MM = 1e-3
+# Larger voxels than this are no medical image's (whole-body PET uses 2-5 mm, thick CT slices
+# 10 mm): an affine in metres-as-millimetres or a broken header, refused rather than fitted.
+MAX_VOXEL_MM = 50.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,18 +134,25 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     picks one of several series in it; needs the ``vbseg[dicom]`` extra).
 
     Raises InputError (naming ``path``) when the file is missing or unreadable, not 3D, of a
-    non-numeric voxel type, holds NaN or infinite voxels, or is constant.
+    non-numeric voxel type, holds NaN or infinite voxels, is constant, or has voxels over
+    MAX_VOXEL_MM.
     """
     if modality not in MODALITIES:
         raise InputError(path, f"unknown modality {modality!r} (expected one of {MODALITIES})")
     if os.path.isdir(path):
         from vbseg.dicom import load_dicom_volume
 
-        return load_dicom_volume(path, modality, series_uid=series_uid)
-    image, raw = _read_nifti(path)
-    data = np.asarray(raw, dtype=np.float32)
-    check_values(path, data)
-    return Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
+        volume = load_dicom_volume(path, modality, series_uid=series_uid)
+    else:
+        image, raw = _read_nifti(path)
+        data = np.asarray(raw, dtype=np.float32)
+        check_values(path, data)
+        volume = Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
+    if volume.spacing.max() > MAX_VOXEL_MM:
+        sizes = " x ".join(f"{size:g}" for size in volume.spacing)
+        raise InputError(path, f"voxel size {sizes} mm is over {MAX_VOXEL_MM:g} mm: the header's "
+                               "affine is not in millimetres, or is broken")
+    return volume
 
 
 def _read_on_grid(path, reference: Volume, what: str) -> np.ndarray:
@@ -265,12 +275,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once: there is no getter)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def write_with(path: str | os.PathLike, writer) -> Path:
     """Atomically create ``path`` by calling ``writer(tmp_path)``, then renaming.
 
     The temporary file sits in the target folder (so the rename is atomic on POSIX) and keeps
     the target's extension (``.nii.gz``, ``.png``, ...) for writers that infer the format from
-    it. If ``writer`` fails or the process dies, the target is untouched.
+    it. If ``writer`` fails or the process dies, the target is untouched. The file gets the
+    mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +298,7 @@ def write_with(path: str | os.PathLike, writer) -> Path:
     tmp = Path(tmp_name)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

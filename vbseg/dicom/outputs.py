@@ -25,9 +25,8 @@ import numpy as np
 
 from vbseg.dicom._deps import quietly
 from vbseg.errors import InputError, OutputError
+from vbseg.result_files import RTSTRUCT_NAME, SEG_NAME
 
-RTSTRUCT_NAME = "contours_rtstruct.dcm"
-SEG_NAME = "prob_seg.dcm"
 CONVERTED_IMAGE_NAME = "image.nii.gz"
 
 
@@ -62,7 +61,7 @@ def check_dicom_outputs(images, out, *, rtstruct_reference=None, dicom_seg: bool
                         series_uid=None, overwrite: bool = False) -> None:
     """Refuse, before any work, DICOM outputs that cannot be made or written (see module doc)."""
     from vbseg.dicom.series import open_series
-    from vbseg.options import check_outputs
+    from vbseg.result_folder import check_outputs
 
     images = [os.fspath(p) for p in images]
     if dicom_seg and not _seg_reference(images, rtstruct_reference):
@@ -185,7 +184,7 @@ def convert_rtstruct(rtstruct, series_dir, out, *, roi: str | None = None, serie
     """
     from vbseg.dicom.rtstruct import read_rtstruct_masks, rtstruct_roi_names
     from vbseg.dicom.series import open_series, volume_from_series
-    from vbseg.options import check_outputs
+    from vbseg.result_folder import check_outputs
     from vbseg.volume import save_nifti, save_volume
 
     names = rtstruct_roi_names(rtstruct)

@@ -128,6 +128,7 @@ def build_summary(result: MethodResult, prepared: Prepared) -> dict:
                         "voi_bounds": [[s.start, s.stop] for s in prepared.bounds]},
         "timings_s": result.timings_s,
         **result.sections,
+        "warnings": [*prepared.warnings, *result.sections.get("warnings", [])],
         **provenance(prepared.images, prepared.modalities, prepared.roi, prepared.seed,
                      prepared.volumes),
     }

@@ -1,0 +1,253 @@
+"""The output folder of one ``segment`` run: checked, locked, written whole or not at all.
+
+:func:`check_output_folder` and :func:`check_outputs` refuse, before any work, a folder that
+cannot be one (empty name, dangling symbolic link, a file, not writable, a name longer than the
+file system allows) and outputs that may not be written (an input, or existing without
+``--overwrite``); the other commands that write files use them too.
+
+A result set (prob.nii.gz, contour_*.nii.gz, summary.json, overview.png, and the maps and DICOM
+files some options add) is only meaningful as a whole: summary.json describes the other files.
+So :func:`result_folder` hands the run a temporary folder inside ``--out`` (``.vbseg-partial-*``,
+on the same file system, so the final moves are renames), and only when everything is written
+moves the files into place, ``summary.json`` last, with Ctrl-C held back for those few renames.
+An error or Ctrl-C before then removes the temporary folder: ``--out`` holds the previous
+result set, untouched, or nothing. With ``--overwrite`` the previous set's files that this run
+does not write (contours of other levels, an intensity field, DICOM outputs) are removed, so
+summary.json never sits next to files it does not describe; files vbseg does not write, and
+inputs, are never removed.
+
+Two runs into one folder would interleave their files, so a run holds a lock file
+(``.vbseg.lock``, created with O_EXCL, holding "PID HOST") from before the inputs are read
+until its files are in place. A second run is refused with one line. A lock is stale when its
+process is gone: a lock from this host whose PID no longer runs is taken over (two runs that
+find the same stale lock at the same instant can both take it: the check is not atomic); a
+lock from another host (a shared file system) or one that cannot be read is never judged
+stale: the message says to remove it when no run is writing.
+
+Test hook: with ``VBSEG_TEST_PAUSE_AT=<stage>`` ("fit": before the method runs, "publish":
+before the files are moved into place) the run touches ``$VBSEG_TEST_PAUSE_FILE`` (when set)
+and sleeps there, so a test can interrupt it at a known point. Unset, it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from vbseg.errors import OutputError
+from vbseg.inference.intensity_field import INTENSITY_FILE
+from vbseg.posterior import output_names
+from vbseg.result_files import RTSTRUCT_NAME, SEG_NAME
+
+LOCK_NAME = ".vbseg.lock"
+STAGING_PREFIX = ".vbseg-partial-"
+PAUSE_STAGE_ENV = "VBSEG_TEST_PAUSE_AT"
+PAUSE_FILE_ENV = "VBSEG_TEST_PAUSE_FILE"
+PAUSE_S = 600.0
+
+
+def _name_limits(existing: Path) -> tuple[int, int]:
+    """(longest file name, longest path) in bytes on the file system of ``existing``."""
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(existing, name))
+        except (OSError, ValueError, AttributeError):
+            limits.append(default)
+    return limits[0], limits[1]
+
+
+def check_output_folder(out_dir) -> Path:
+    """Refuse an output folder that is empty (""), a dangling symbolic link (or lies under one),
+    a file (or lies under one), not writable, or a name longer than the file system allows;
+    returns it as a Path. Everything here is known before any work is done."""
+    if os.fspath(out_dir) == "":
+        raise OutputError("--out", "is empty; name an output folder")
+    out = Path(out_dir)
+    existing = out
+    # os.path's tests, not Path's: they answer False for a name too long instead of raising
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):
+            raise OutputError(existing, "is a dangling symbolic link (its target does not exist)")
+        existing = existing.parent
+    name_max, path_max = _name_limits(existing)
+    longest = max(len(os.fsencode(part)) for part in out.parts)
+    if longest > name_max:
+        raise OutputError(out, f"a name in this path is longer than the file system allows "
+                               f"({longest} bytes, at most {name_max})")
+    if len(os.fsencode(os.path.abspath(out))) >= path_max:
+        raise OutputError(out, f"the path is longer than the file system allows (at most {path_max} "
+                               "bytes)")
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(existing, "exists and is not a directory; choose another output folder")
+    if existing.exists() and not os.access(existing, os.W_OK):
+        raise OutputError(existing, "is not writable")
+    return out
+
+
+def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
+    """Refuse an output that is an input, is not a regular file, or exists without ``overwrite``."""
+    out = check_output_folder(out_dir)
+    inputs = {os.path.realpath(p) for p in input_paths}
+    for name in names:
+        target = out / name
+        if os.path.realpath(target) in inputs:
+            raise OutputError(target, "is one of the inputs; choose another --out")
+        if target.exists() and not target.is_file():
+            raise OutputError(target, "exists and is not a regular file")
+        if target.exists() and not overwrite:
+            raise OutputError(target, "already exists (use --overwrite to replace it)")
+
+
+def pause_point(stage: str) -> None:
+    """The test hook of the module doc: inert unless $VBSEG_TEST_PAUSE_AT names ``stage``."""
+    if os.environ.get(PAUSE_STAGE_ENV) != stage:
+        return
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    if marker:
+        Path(marker).touch()
+    time.sleep(PAUSE_S)
+
+
+def _lock_owner_gone(text: str) -> bool:
+    """True when the lock's "PID HOST" names a process of this host that no longer runs."""
+    try:
+        pid_text, host = text.split()
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # runs, as another user
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def held_lock(folder):
+    """Hold ``folder/.vbseg.lock`` for the block (module doc: who holds it, when it is stale)."""
+    path = Path(folder) / LOCK_NAME
+    for attempt in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            try:
+                owner = path.read_text()
+            except FileNotFoundError:  # its run just finished
+                continue
+            if attempt == 0 and _lock_owner_gone(owner):
+                path.unlink(missing_ok=True)
+                continue
+            raise OutputError(path, f"another vbseg run (pid {' on '.join(owner.split()) or 'unknown'}) "
+                                    "is writing into this folder; wait for it, or remove this file "
+                                    "if no run is") from None
+    else:
+        raise OutputError(path, "could not be created (another run keeps taking it)")
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield path
+    finally:
+        with interrupts_held():  # a second Ctrl-C must not leave the lock behind
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C waits until the block is done (then raises as usual): a handful of renames
+    either all happen or none. Only the main thread receives signals, so elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+
+
+def result_set_names(folder: Path) -> set[str]:
+    """The names of the files a previous run may have written into ``folder``: the fixed ones,
+    and the contours of the levels its summary.json records."""
+    names = set(output_names([])) | {INTENSITY_FILE, RTSTRUCT_NAME, SEG_NAME}
+    try:
+        levels = json.loads((folder / "summary.json").read_text())["levels_percent"]
+        names.update(output_names([float(level) for level in levels]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable previous summary: its contours are unknown, so none is removed
+    return names
+
+
+def publish(staging: Path, out: Path, inputs, overwrite: bool) -> None:
+    """Move every file of ``staging`` into ``out``, summary.json last; with ``overwrite``,
+    remove the previous result set's files this run did not write (never an input)."""
+    staged = sorted(p.name for p in staging.iterdir())
+    stale = result_set_names(out) - set(staged) if overwrite else set()
+    kept = {os.path.realpath(p) for p in inputs}
+    for name in staged:
+        if name != "summary.json":
+            os.replace(staging / name, out / name)
+    for name in sorted(stale):
+        target = out / name
+        if target.is_file() and os.path.realpath(target) not in kept:
+            target.unlink()
+    if "summary.json" in staged:
+        os.replace(staging / "summary.json", out / "summary.json")
+
+
+def _made_folders(out: Path) -> list[Path]:
+    """Create ``out`` with its missing parents; returns the folders created, deepest first."""
+    missing = []
+    folder = out
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+@contextlib.contextmanager
+def result_folder(out, names, inputs, overwrite: bool):
+    """Yield a temporary folder inside ``out`` to write a result set into (module doc).
+
+    Checks first that ``out`` can be a folder and that ``names`` (the files this run writes)
+    may be written there (:func:`check_outputs`: not an input, not existing
+    without ``overwrite``); takes the lock; on success moves the files into place
+    (:func:`publish`). On any error or Ctrl-C the temporary folder, the lock, and the folders
+    this call created (when still empty) are removed.
+    """
+    out = check_output_folder(out)
+    created = _made_folders(out)
+    try:
+        with held_lock(out):
+            check_outputs(out, names, inputs, overwrite)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            try:
+                yield staging
+                pause_point("publish")
+                with interrupts_held():
+                    publish(staging, out, inputs, overwrite)
+            finally:
+                with interrupts_held():  # nor the temporary folder
+                    shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
