@@ -33,52 +33,10 @@ DEFERRED_IMPORT_REASONS: dict[str, str] = {
 }
 
 # Known violations not fixed yet, each with why. The test fails on any violation not listed
-# here, and on a listed one that no longer occurs (so the lists only shrink).
-VOLUME_SPLIT_PENDING = (
-    "the volume <-> dicom cycle (KNOWN_CYCLES): volume.py (load_volume hands a folder to "
-    "vbseg.dicom, which builds Volume objects and writes with volume.write_with) is being edited "
-    "on another branch, so its split (the Volume type apart from reading and writing, as torchio's "
-    "data/image.py vs data/io.py) waits for that merge"
-)
-DICOM_INTERNAL_PENDING = (
-    "inside vbseg.dicom the submodules import each other lazily only because the package sits in "
-    "the volume <-> dicom cycle; hoist once that cycle is broken"
-)
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    (
-        "vbseg.dicom",
-        "vbseg.dicom.outputs",
-        "vbseg.dicom.rtstruct",
-        "vbseg.dicom.seg",
-        "vbseg.dicom.series",
-        "vbseg.posterior",
-        "vbseg.result_folder",
-        "vbseg.volume",
-    ): VOLUME_SPLIT_PENDING,
-}
+# here, and on a listed one that no longer occurs (so the lists only shrink). All empty now.
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 KNOWN_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
-KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
-    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.read_rtstruct_masks"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.rtstruct_roi_names"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.rtstruct.write_rtstruct"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.seg.write_probability_seg"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.series.VBSEG_MODALITY"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.series.open_series"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.dicom.series.volume_from_series"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.result_folder.check_outputs"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.volume.AFFINE_ATOL_MM"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.volume.Volume"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.volume.resample_onto"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.volume.save_nifti"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.outputs", "vbseg.volume.save_volume"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.rtstruct", "vbseg.volume.write_with"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.seg", "vbseg.volume.write_with"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.series", "vbseg.dicom.suv.pet_suv_factor"): DICOM_INTERNAL_PENDING,
-    ("vbseg.dicom.series", "vbseg.volume.MODALITIES"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.series", "vbseg.volume.Volume"): VOLUME_SPLIT_PENDING,
-    ("vbseg.dicom.series", "vbseg.volume.check_values"): VOLUME_SPLIT_PENDING,
-    ("vbseg.volume", "vbseg.dicom.load_dicom_volume"): VOLUME_SPLIT_PENDING,
-}
+KNOWN_DEFERRED_IMPORTS: dict[tuple[str, str], str] = {}
 # Imports of vbseg modules that stay inside a function on purpose, and why.
 DEFERRED_VBSEG_IMPORT_REASONS: dict[tuple[str, str], str] = {
     ("vbseg.posterior", "vbseg.overview.draw_overview"):

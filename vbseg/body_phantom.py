@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from vbseg.phantoms import FWHM_TO_SIGMA
-from vbseg.volume import save_nifti
+from vbseg.writing import save_nifti
 
 # (PET SUV, CT HU, T1 MR a.u.) of each tissue
 TISSUES = {

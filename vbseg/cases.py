@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from vbseg.errors import InputError
-from vbseg.volume import AFFINE_ATOL_MM, MODALITIES
+from vbseg.image import AFFINE_ATOL_MM, MODALITIES
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.pipeline import segment
 from vbseg.population import leave_one_out_prior
 from vbseg.results import write_tables
-from vbseg.volume import write_text_atomic
+from vbseg.writing import write_text_atomic
 
 
 def is_finished(out: Path, run: Run) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 
 from vbseg.cases import read_cases
 from vbseg.errors import InputError
-from vbseg.volume import write_text_atomic
+from vbseg.writing import write_text_atomic
 
 AVID_MEAN_SUV = 2.0
 DEFAULT_FOLDS = 5

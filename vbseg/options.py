@@ -11,11 +11,11 @@ import numpy as np
 from vbseg.baselines import BASELINES
 from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
 from vbseg.errors import InputError
+from vbseg.image import MODALITIES
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
 from vbseg.models.potts import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
 from vbseg.posterior import output_names
-from vbseg.volume import MODALITIES
 
 # the Potts couplings used when none is given live beside the Potts model
 DEFAULT_BETA, DEFAULT_BETA_PSF = DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF

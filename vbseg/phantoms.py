@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from vbseg.volume import Volume, save_nifti
+from vbseg.image import Volume
+from vbseg.writing import save_nifti
 
 NEMA_DIAMETERS_MM = (10.0, 13.0, 17.0, 22.0, 28.0, 37.0)
 NEMA_RING_RADIUS_MM = 57.2

@@ -57,7 +57,7 @@ from vbseg.models.volume_error import (
     calibration_from_entries,
 )
 from vbseg.prepare import load_inputs
-from vbseg.volume import write_with
+from vbseg.writing import write_with
 
 DEFAULT_TUMOUR_CLASSES = 2
 DEFAULT_BACKGROUND_CLASSES = 4

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vbseg.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
+from vbseg.image import Volume
 from vbseg.metrics import dice
 from vbseg.readouts import (
     POSTERIOR_NOTE,
@@ -28,7 +29,7 @@ from vbseg.readouts import (
     suvmean_draws,
 )
 from vbseg.trust import fit_warnings
-from vbseg.volume import Volume, save_nifti, sha256_file, write_text_atomic, write_with
+from vbseg.writing import save_nifti, sha256_file, write_text_atomic, write_with
 
 INDEPENDENT_DRAWS_METHOD = (
     "posterior draws of independent voxel labels from the mean-field marginals q_v "

@@ -15,7 +15,8 @@ import dataclasses
 import numpy as np
 
 from vbseg.errors import InputError
-from vbseg.volume import Volume, load_mask, load_volume, parse_box, resample_onto
+from vbseg.image import Volume, parse_box, resample_onto
+from vbseg.volume import load_mask, load_volume
 
 
 def voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:

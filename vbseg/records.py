@@ -11,7 +11,7 @@ from importlib import metadata
 import numpy as np
 
 from vbseg.posterior import independent_label_draws
-from vbseg.volume import sha256_file
+from vbseg.writing import sha256_file
 
 PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
 

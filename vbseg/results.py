@@ -20,7 +20,7 @@ import numpy as np
 
 from vbseg.experiment import COLUMNS, Experiment, result_path
 from vbseg.metrics import bootstrap_mean_ci
-from vbseg.volume import write_text_atomic
+from vbseg.writing import write_text_atomic
 
 
 def collect(experiment: Experiment, out) -> list[dict]:

@@ -24,8 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.dicom._deps import quietly
+from vbseg.dicom.rtstruct import read_rtstruct_masks, rtstruct_roi_names, write_rtstruct
+from vbseg.dicom.seg import write_probability_seg
+from vbseg.dicom.series import VBSEG_MODALITY, open_series, volume_from_series
 from vbseg.errors import InputError, OutputError
+from vbseg.image import AFFINE_ATOL_MM, Volume, resample_onto
 from vbseg.result_files import RTSTRUCT_NAME, SEG_NAME
+from vbseg.result_folder import check_outputs
+from vbseg.writing import save_nifti, save_volume
 
 CONVERTED_IMAGE_NAME = "image.nii.gz"
 
@@ -40,8 +46,6 @@ def default_modalities(images, series_uid=None) -> list[str] | None:
     (pet for the first image, other after). None when no input is a folder."""
     if not any(os.path.isdir(p) for p in images):
         return None
-    from vbseg.dicom.series import VBSEG_MODALITY, open_series
-
     modalities = []
     for index, path in enumerate(images):
         if os.path.isdir(path):
@@ -60,9 +64,6 @@ def _seg_reference(images, rtstruct_reference):
 def check_dicom_outputs(images, out, *, rtstruct_reference=None, dicom_seg: bool = False,
                         series_uid=None, overwrite: bool = False) -> None:
     """Refuse, before any work, DICOM outputs that cannot be made or written (see module doc)."""
-    from vbseg.dicom.series import open_series
-    from vbseg.result_folder import check_outputs
-
     images = [os.fspath(p) for p in images]
     if dicom_seg and not _seg_reference(images, rtstruct_reference):
         raise InputError("--dicom-seg", "needs a DICOM series as the first image, or --rtstruct "
@@ -87,8 +88,6 @@ def check_dicom_outputs(images, out, *, rtstruct_reference=None, dicom_seg: bool
 
 def probability_on_series(posterior, series) -> tuple[np.ndarray, bool]:
     """P(tumour) on ``series``' grid, and whether it had to be resampled (module docstring)."""
-    from vbseg.volume import AFFINE_ATOL_MM, Volume, resample_onto
-
     reference = posterior.reference
     frame = (reference.source or {}).get("frame_of_reference_uid")
     if frame and series.frame_of_reference_uid and frame != series.frame_of_reference_uid:
@@ -126,10 +125,6 @@ def write_posterior_dicom(posterior, out, *, images, levels_percent, rtstruct_re
     Returns:
         {"rtstruct": path, "seg": path} for what was written.
     """
-    from vbseg.dicom.rtstruct import write_rtstruct
-    from vbseg.dicom.seg import write_probability_seg
-    from vbseg.dicom.series import open_series
-
     out = Path(out)
     written = {}
     model = posterior.summary.get("model", "vbseg")
@@ -182,11 +177,6 @@ def convert_rtstruct(rtstruct, series_dir, out, *, roi: str | None = None, serie
     Returns:
         {"image": path, <ROI name>: path, ...}; masks are uint8 (1 inside) on the image's grid.
     """
-    from vbseg.dicom.rtstruct import read_rtstruct_masks, rtstruct_roi_names
-    from vbseg.dicom.series import open_series, volume_from_series
-    from vbseg.result_folder import check_outputs
-    from vbseg.volume import save_nifti, save_volume
-
     names = rtstruct_roi_names(rtstruct)
     if roi is not None:
         if roi not in names:

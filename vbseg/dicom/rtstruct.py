@@ -38,6 +38,7 @@ import numpy as np
 
 from vbseg.dicom._deps import first_line, quietly, require
 from vbseg.errors import InputError
+from vbseg.writing import write_with
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # RT Referenced Study Sequence items name the study by this class (PS3.3 C.8.8.5.1, the
@@ -377,7 +378,5 @@ def write_rtstruct(path, series, rois: Sequence[tuple[str, np.ndarray]], **optio
         rois: (ROI name, bool (I, J, K) mask) pairs, one ROI each, numbered from 1.
         options: ``colours`` (RGB per ROI), ``descriptions`` (per ROI), ``label``.
     """
-    from vbseg.volume import write_with
-
     dataset = build_rtstruct(series, rois, **options)
     return write_with(path, lambda tmp: dataset.save_as(tmp, enforce_file_format=True))

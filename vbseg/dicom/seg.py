@@ -21,6 +21,7 @@ import numpy as np
 from vbseg.dicom._deps import first_line, quietly, require
 from vbseg.dicom.rtstruct import software_version
 from vbseg.errors import InputError
+from vbseg.writing import write_with
 
 MAX_FRACTIONAL_VALUE = 255
 
@@ -53,8 +54,6 @@ def write_probability_seg(path, series, probability: np.ndarray, *,
     hd = require("highdicom", path)
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
-
-    from vbseg.volume import write_with
 
     probability = np.asarray(probability, np.float64)
     if probability.shape != series.shape:

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.dicom._deps import first_line, quiet_pydicom, quietly, require
+from vbseg.dicom.suv import pet_suv_factor
 from vbseg.errors import InputError
+from vbseg.image import MODALITIES, Volume, check_values
 
 # DICOM Modality (0008,0060) -> vbseg modality.
 VBSEG_MODALITY = {"PT": "pet", "CT": "ct", "MR": "mr"}
@@ -373,9 +375,6 @@ def load_dicom_volume(path, modality: str | None = None, *, series_uid=None):
 @quietly
 def volume_from_series(series: DicomSeries, modality: str | None = None):
     """The :class:`~vbseg.volume.Volume` of an opened series (see :func:`load_dicom_volume`)."""
-    from vbseg.dicom.suv import pet_suv_factor
-    from vbseg.volume import MODALITIES, Volume, check_values
-
     path = series.path
     from_header = VBSEG_MODALITY.get(series.modality, "other")
     if modality is None:

@@ -28,7 +28,7 @@ from vbseg.errors import InputError
 from vbseg.posterior import DisplayImage, Posterior, saved_posterior
 from vbseg.prepare import Prepared
 from vbseg.records import provenance, voi_text
-from vbseg.volume import save_nifti
+from vbseg.writing import save_nifti
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -53,7 +53,7 @@ import numpy as np
 from vbseg.errors import InputError
 from vbseg.models.potts import NormalGammaPrior
 from vbseg.models.volume_error import check_calibration
-from vbseg.volume import write_text_atomic
+from vbseg.writing import write_text_atomic
 
 PRIOR_FORMAT = "vbseg-population-prior/2"
 COHORT_MODALITIES = ("pet", "ct", "mr")

@@ -50,7 +50,7 @@ import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.models.cohort import to_features
-from vbseg.volume import write_text_atomic, write_with
+from vbseg.writing import write_text_atomic, write_with
 
 CHECKPOINT_FORMAT = "vbseg-deep-checkpoint/1"
 DEFAULT_CHANNELS = (8, 16, 32)
