@@ -49,6 +49,7 @@ from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.gp import FieldPrior, GPLogitModel, GridGP
 from vbseg.models.gp_kernels import cholesky, stationary_kernel
 from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.prepare import standardise_features
 from vbseg.volume import save_nifti
 
 KERNEL = "matern32"
@@ -99,7 +100,7 @@ def pet_crop(n: int, seed: int = 0):
     phantom = make_phantom(PhantomSpec(diameters_mm=(37.0,), shape=(n, n, n)), seed=seed)
     y = phantom.pet.data[..., None]
     observed = np.ones(y.shape, bool)
-    features, _, _ = gp_fit.standardise_features(y, observed)
+    features, _, _ = standardise_features(y, observed)
     return features, observed, np.ones(y.shape[:3], bool), phantom.pet.spacing
 
 

@@ -20,15 +20,7 @@ from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
 from vbseg.inference.svi import compile_and_run as _compile_and_run
 from vbseg.models.potts import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
-
-# Crops are padded up to a multiple of this many voxels per axis (padding is outside the
-# VOI), so nearby crop sizes share one compiled program.
-SHAPE_BUCKET = 8
-
-
-def _pad_to_bucket(array: np.ndarray, fill) -> np.ndarray:
-    pad = [(0, (-n) % SHAPE_BUCKET) for n in array.shape[:3]] + [(0, 0)] * (array.ndim - 3)
-    return np.pad(array, pad, constant_values=fill)
+from vbseg.prepare import SHAPE_BUCKET, pad_to_bucket  # noqa: F401  (SHAPE_BUCKET re-exported)
 
 
 class FitOutcome(NamedTuple):
@@ -79,13 +71,13 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     ``multiscale``: restarts on a 2x2x2 coarser grid first (True;
     :mod:`vbseg.inference.multiscale`), or on the crop's grid (False).
     """
-    padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
-              jnp.asarray(_pad_to_bucket(observed, False)),
-              jnp.asarray(_pad_to_bucket(voi, False)))
+    padded = (jnp.asarray(pad_to_bucket(features, 0.0)),
+              jnp.asarray(pad_to_bucket(observed, False)),
+              jnp.asarray(pad_to_bucket(voi, False)))
     weights = jnp.asarray(neighbour_weights(spacing, neighbourhood))
     common = (jnp.float32(beta), weights, NormalGammaPrior(), jnp.float32(DEFAULT_CONCENTRATION))
     field = (None if external_field is None
-             else jnp.asarray(_pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
+             else jnp.asarray(pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
     result, compile_s, run_s = _compile_and_run(fit_hidden_potts_vb,
                                                 padded + common + (field, None,
                                                                    jnp.float32(field_weight)),
@@ -134,7 +126,7 @@ def fit_potts(features, observed, voi, spacing, *, num_classes, beta, psf_fwhm_m
     if relative_precision is None:
         relative_precision = np.ones(features.shape, np.float32)
     psf_args = padded + common + (result.marginals,
-                                  jnp.asarray(_pad_to_bucket(relative_precision, 1.0)),
+                                  jnp.asarray(pad_to_bucket(relative_precision, 1.0)),
                                   None if field is None else gamma * field)
     learn_beta = beta_estimator != "fixed"
     psf_result, psf_compile, psf_run = _compile_and_run(
@@ -213,15 +205,15 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
     ``external_field`` (X, Y, Z, K): prior log-potentials, already weighted (no class renaming).
     """
     per_chain = -(-num_draws // GIBBS_CHAINS)
-    padded = (jnp.asarray(_pad_to_bucket(features, 0.0)),
-              jnp.asarray(_pad_to_bucket(observed, False)),
-              jnp.asarray(_pad_to_bucket(voi, False)),
+    padded = (jnp.asarray(pad_to_bucket(features, 0.0)),
+              jnp.asarray(pad_to_bucket(observed, False)),
+              jnp.asarray(pad_to_bucket(voi, False)),
               jnp.float32(beta),
               jnp.asarray(neighbour_weights(spacing, neighbourhood)))
     start = jnp.asarray(np.argmax(initial.marginals, axis=-1).astype(np.int32))
-    weights = jnp.asarray(_pad_to_bucket(count_weights.astype(np.float32), 0.0))
+    weights = jnp.asarray(pad_to_bucket(count_weights.astype(np.float32), 0.0))
     field = (None if external_field is None
-             else jnp.asarray(_pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
+             else jnp.asarray(pad_to_bucket(np.asarray(external_field, np.float32), 0.0)))
     sizes = dict(num_chains=GIBBS_CHAINS, num_sweeps=per_chain, burn_in=GIBBS_BURN_IN)
     if psf_fwhm_mm is None:
         prior = NormalGammaPrior(*(jnp.full((num_classes, features.shape[-1]), p, jnp.float32)
@@ -239,7 +231,7 @@ def sample_potts(initial: FitOutcome, features, observed, voi, spacing, count_we
             relative_precision = np.ones(features.shape, np.float32)
         args = (jax.random.PRNGKey(seed),) + padded + (
             NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior())),
-            jnp.asarray(_pad_to_bucket(relative_precision, 1.0)), start, weights, field)
+            jnp.asarray(pad_to_bucket(relative_precision, 1.0)), start, weights, field)
         result, compile_s, run_s = _compile_and_run(
             gibbs_hidden_potts_psf, args, num_classes=num_classes,
             psf_fwhm_mm=tuple(float(f) for f in psf_fwhm_mm),

@@ -34,7 +34,6 @@ import numpy as np
 
 from vbseg.cases import DelineatedCase, read_cases
 from vbseg.errors import InputError, OutputError
-from vbseg.fitting import SHAPE_BUCKET
 from vbseg.inference.empirical_bayes import (
     FORBIDDEN,
     SPREAD_FLOOR_SD,
@@ -56,7 +55,7 @@ from vbseg.models.volume_error import (
     calibration_entry,
     calibration_from_entries,
 )
-from vbseg.prepare import load_inputs
+from vbseg.prepare import bucket_shape, load_inputs, pad_to_shape
 from vbseg.writing import write_with
 
 DEFAULT_TUMOUR_CLASSES = 2
@@ -125,15 +124,6 @@ def load_training_case(case: DelineatedCase) -> TrainingCase:
 BULK_BUCKET = 16
 
 
-def _bucket(shape, size=SHAPE_BUCKET) -> tuple:
-    return tuple(int(-(-n // size) * size) for n in shape)
-
-
-def _pad(array, shape, fill):
-    pad = [(0, t - n) for t, n in zip(shape, array.shape[:3])] + [(0, 0)] * (array.ndim - 3)
-    return np.pad(array, pad, constant_values=fill)
-
-
 def _tumour_and_background_keys(modalities) -> tuple[int, int]:
     tumour_key = modalities.index("pet") if "pet" in modalities else 0
     background_key = modalities.index("ct") if "ct" in modalities else 0
@@ -143,13 +133,13 @@ def _tumour_and_background_keys(modalities) -> tuple[int, int]:
 def case_statistics(training: list[TrainingCase], modalities, *, num_tumour, num_background,
                     neighbourhood=6):
     """The constrained per-case fits; returns (stats, padded shape per case)."""
-    shapes = [_bucket(t.roi.shape, BULK_BUCKET) for t in training]
+    shapes = [bucket_shape(t.roi.shape, BULK_BUCKET) for t in training]
     tumour_key, background_key = _tumour_and_background_keys(list(modalities))
     stats = []
     for case, shape in zip(training, shapes):
         stats.append(fit_case_classes(
-            _pad(case.features, shape, 0.0), _pad(case.observed, shape, False),
-            _pad(case.roi, shape, False), _pad(case.tumour, shape, False),
+            pad_to_shape(case.features, shape, 0.0), pad_to_shape(case.observed, shape, False),
+            pad_to_shape(case.roi, shape, False), pad_to_shape(case.tumour, shape, False),
             neighbour_weights(case.spacing, neighbourhood), num_tumour=num_tumour,
             num_background=num_background, tumour_key=tumour_key, background_key=background_key))
     return stats, shapes
@@ -192,10 +182,11 @@ def prior_from_statistics(stats, names, modalities, *, num_tumour, neighbourhood
 def tumour_probability(prior: PopulationPrior, features, observed, roi, spacing, pad_shape=None):
     """P(tumour) (X, Y, Z) of one scan under ``prior`` and the fit record (means in feature
     units, proportions, ELBO trace, iterations, converged, timings)."""
-    shape = tuple(pad_shape) if pad_shape is not None else _bucket(roi.shape)
+    shape = tuple(pad_shape) if pad_shape is not None else bucket_shape(roi.shape)
     prior_ng = prior.normal_gamma_prior()
-    args = (jnp.asarray(_pad(features, shape, 0.0)), jnp.asarray(_pad(observed, shape, False)),
-            jnp.asarray(_pad(roi, shape, False)), jnp.asarray(prior.coupling()),
+    args = (jnp.asarray(pad_to_shape(features, shape, 0.0)),
+            jnp.asarray(pad_to_shape(observed, shape, False)),
+            jnp.asarray(pad_to_shape(roi, shape, False)), jnp.asarray(prior.coupling()),
             jnp.asarray(neighbour_weights(spacing, prior.neighbourhood)),
             type(prior_ng)(*(jnp.asarray(p) for p in prior_ng)),
             jnp.asarray(prior.dirichlet_concentration()),
@@ -325,7 +316,7 @@ def leave_one_out_prior(index, modalities, cohort, held_out: str, cache_dir, *,
             training[j] = load_training_case(cases[j])
         return training[j]
 
-    shapes = [_bucket(nib.load(c.label).shape[:3], BULK_BUCKET) for c in cases]
+    shapes = [bucket_shape(nib.load(c.label).shape[:3], BULK_BUCKET) for c in cases]
     stats = [_cached(folder / f"stats_{c.name}.pkl",
                      lambda j=j: case_statistics([case(j)], modalities, num_tumour=num_tumour,
                                                  num_background=num_background)[0][0])

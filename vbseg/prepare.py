@@ -18,6 +18,30 @@ from vbseg.errors import InputError
 from vbseg.image import Volume, parse_box, resample_onto
 from vbseg.volume import load_mask, load_volume
 
+# Crops are padded up to a multiple of this many voxels per axis (padding lies outside the VOI),
+# so nearby crop sizes share one compiled program (the Potts and GP fits).
+SHAPE_BUCKET = 8
+
+
+def bucket_shape(shape, multiple: int = SHAPE_BUCKET) -> tuple[int, ...]:
+    """Each size rounded up to a multiple of ``multiple``."""
+    return tuple(int(-(-int(n) // multiple) * multiple) for n in shape)
+
+
+def pad_to_shape(array: np.ndarray, shape, fill=0, first_axis: int = 0) -> np.ndarray:
+    """``array`` padded with ``fill`` at the far end of the axes ``first_axis`` ..
+    ``first_axis + len(shape) - 1`` up to ``shape`` (the other axes untouched)."""
+    pad = [(0, 0)] * array.ndim
+    for offset, target in enumerate(shape):
+        axis = first_axis + offset
+        pad[axis] = (0, int(target) - array.shape[axis])
+    return np.pad(array, pad, constant_values=fill)
+
+
+def pad_to_bucket(array: np.ndarray, fill, multiple: int = SHAPE_BUCKET) -> np.ndarray:
+    """The first three axes of ``array`` padded with ``fill`` to :func:`bucket_shape`."""
+    return pad_to_shape(array, bucket_shape(array.shape[:3], multiple), fill)
+
 
 def voi_bounds(voi: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of a non-empty mask, as slices."""
@@ -59,22 +83,33 @@ def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
     return volumes, voi, channels, coverage, resampled
 
 
-def standardise(stack, observed, volumes):
-    """Per-modality (y - median) / sd over observed VOI voxels; zeros where unobserved.
-
-    Returns (features, centres (M,), scales (M,)); InputError for a constant modality.
-    """
+def standardise_features(data, observed):
+    """Each modality of ``data`` (..., M): (y - median) / sd over the voxels where it is
+    observed, zeros elsewhere; returns (features float32, centres (M,), scales (M,)).
+    ValueError naming the modality's index when it is constant or unobserved."""
     centres, scales = [], []
-    for m, volume in enumerate(volumes):
-        values = stack[..., m][observed[..., m]]
+    for m in range(data.shape[-1]):
+        values = data[..., m][observed[..., m]]
         scale = float(values.std()) if values.size else 0.0
-        if scale == 0.0:
-            raise InputError(volume.name, "is constant inside the volume of interest")
+        if not scale > 0:
+            raise ValueError(f"modality {m} is constant (or unobserved) in the voxel mask")
         centres.append(float(np.median(values)))
         scales.append(scale)
     centres, scales = np.asarray(centres, np.float32), np.asarray(scales, np.float32)
-    features = np.where(observed, (stack - centres) / scales, 0.0).astype(np.float32)
-    return features, centres, scales
+    return np.where(observed, (data - centres) / scales, 0.0).astype(np.float32), centres, scales
+
+
+def standardise(stack, observed, volumes):
+    """:func:`standardise_features` of the crop ``stack`` (x, y, z, M) over the observed VOI
+    voxels; InputError naming the image (``volumes``) that is constant there."""
+    try:
+        return standardise_features(stack, observed)
+    except ValueError:
+        for m, volume in enumerate(volumes):
+            values = stack[..., m][observed[..., m]]
+            if not (float(values.std()) if values.size else 0.0) > 0:
+                raise InputError(volume.name, "is constant inside the volume of interest") from None
+        raise
 
 
 def load_crop(images, modalities, roi=None, box=None, series_uid=None):

@@ -68,9 +68,8 @@ from vbseg.models.gp import (
     responsibility,
 )
 from vbseg.models.gp_kernels import embedding_shape
+from vbseg.prepare import pad_to_bucket, standardise_features
 
-# Same bucket as the Potts fit (vbseg.fitting.SHAPE_BUCKET): crops padded to multiples of 8.
-SHAPE_BUCKET = 8
 FIELD_SITES = ("field_eps",)
 INTENSITY_SITES = ("field_eps", "intensity_eps")
 # The FFT torus is sized for the kernel at this many prior sd above the median length-scale
@@ -123,11 +122,6 @@ class GPResult(NamedTuple):
     diagnostics: dict
     method: dict
     prior_logit_weight: float | None = None
-
-
-def _pad(array: np.ndarray, fill) -> np.ndarray:
-    pad = [(0, (-n) % SHAPE_BUCKET) for n in array.shape[:3]] + [(0, 0)] * (array.ndim - 3)
-    return np.pad(array, pad, constant_values=fill)
 
 
 def _model_args(features, observed, voi, prior_logit):
@@ -196,21 +190,6 @@ def _draw_program(key, params, features, observed, voi, prior_logit, count_weigh
         negative_mass = structure.negative_mass
     return (field_sum / num_field_draws, label_sum / num_field_draws, counts, weighted, location,
             negative_mass)
-
-
-def standardise_features(data, observed):
-    """Each modality of ``data`` (..., M) centred and scaled by its mean and standard deviation
-    over the voxels where it is observed; returns (features, centres, scales)."""
-    centres, scales = [], []
-    for m in range(data.shape[-1]):
-        values = data[..., m][observed[..., m]]
-        scale = float(values.std()) if values.size else 0.0
-        if not scale > 0:
-            raise ValueError(f"modality {m} is constant (or unobserved) in the voxel mask")
-        centres.append(float(np.median(values)))
-        scales.append(scale)
-    centres, scales = np.asarray(centres, np.float32), np.asarray(scales, np.float32)
-    return np.where(observed, (data - centres) / scales, 0.0).astype(np.float32), centres, scales
 
 
 def torus_shape(grid_shape, spacing_mm, kernel: str, prior: FieldPrior,
@@ -299,7 +278,8 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
             raise ValueError(f"prior_logit_weight_start must be > 0, got {prior_logit_weight_start!r}")
     start = time.perf_counter()
     features, centres, scales = standardise_features(stack, seen)
-    features, seen_p, voi_p = _pad(features, 0.0), _pad(seen, False), _pad(voi, False)
+    features, seen_p, voi_p = (pad_to_bucket(features, 0.0), pad_to_bucket(seen, False),
+                               pad_to_bucket(voi, False))
     padded = features.shape[:3]
     spacing = tuple(float(s) for s in spacing_mm)
     if structure == "fft" and isinstance(torus, str):
@@ -308,7 +288,8 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
                   tuple(int(m) for m in torus) if structure == "fft" else None)
     model = GPLogitModel(grid, prior, tied, intensity)
     arrays = (jnp.asarray(features), jnp.asarray(seen_p), jnp.asarray(voi_p),
-              None if prior_logit is None else jnp.asarray(_pad(np.where(voi, prior_logit, 0.0), 0.0)))
+              None if prior_logit is None
+              else jnp.asarray(pad_to_bucket(np.where(voi, prior_logit, 0.0), 0.0)))
     prep_s = time.perf_counter() - start
 
     key_fit, key_draws = jax.random.split(jax.random.PRNGKey(seed))
@@ -320,7 +301,7 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
         _fit_program, (key_fit,) + arrays + (weight_start,) + settings,
         model=model, family=family, rank=rank, hyper=hyper, num_particles=num_particles,
         max_steps=steps, check_every=check_every)
-    weights = np.zeros(padded, np.float32) if count_weights is None else _pad(
+    weights = np.zeros(padded, np.float32) if count_weights is None else pad_to_bucket(
         np.asarray(count_weights, np.float32), 0.0)
     labels_per_field = max(1, math.ceil(num_volume_draws / num_prob_draws))
     draws, draw_compile, draw_run = compile_and_run(

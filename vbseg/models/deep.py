@@ -50,6 +50,7 @@ import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.models.cohort import to_features
+from vbseg.prepare import pad_to_shape
 from vbseg.writing import write_text_atomic, write_with
 
 CHECKPOINT_FORMAT = "vbseg-deep-checkpoint/1"
@@ -366,8 +367,7 @@ def padded_shape(shape, multiple: int = SHAPE_MULTIPLE) -> tuple:
 def padded_input(inputs: np.ndarray) -> np.ndarray:
     """(C, X, Y, Z) inputs zero-padded at the far end of each axis to :func:`padded_shape`,
     the grid the U-Net's pooling levels divide evenly (the logits are cropped back after)."""
-    target = padded_shape(inputs.shape[1:])
-    return np.pad(inputs, [(0, 0)] + [(0, t - n) for t, n in zip(target, inputs.shape[1:])])
+    return pad_to_shape(inputs, padded_shape(inputs.shape[1:]), 0, first_axis=1)
 
 
 @eqx.filter_jit
