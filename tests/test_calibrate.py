@@ -91,6 +91,11 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
     assert entries[1]["contour_crc"]["threshold"] <= entries[0]["contour_crc"]["threshold"]
     assert summary["conformal_calibration"]["source_digest_matches"] is True
     assert "conformal 95% interval" in result.stdout
+    # --overwrite without the calibration: its contours go with the rest of the old result set
+    again = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert not list(out.glob("contour_crc*")) and not list(out.glob("contour_margin*"))
+    assert "volume_ml_conformal" not in json.loads((out / "summary.json").read_text())
 
 
 def test_calibration_file_round_trip(calibrated):
