@@ -1,5 +1,5 @@
-"""Command-line front end: ``vbseg segment | demo | phantom | experiment | convert | fit-prior |
-train``.
+"""Command-line front end: ``vbseg segment | demo | phantom | experiment | calibrate | convert |
+fit-prior | train``.
 
 The only module that prints or exits. A user's mistake (a bad file, option or output path)
 is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vbseg import __version__
+from vbseg.calibration import calibrate
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError
@@ -155,7 +157,29 @@ def _add_segment(sub):
                         "intensity_field.nii.gz")
     p.add_argument("--intensity-lengthscale", type=float, default=None, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a calibration from 'vbseg calibrate' made with the same fit options: adds "
+                        "conformal volume intervals (summary.json volume_ml_conformal) and contours "
+                        "with a false-negative-rate guarantee (contour_crc<alpha>.nii.gz) and a "
+                        "calibrated margin (contour_margin<alpha>.nii.gz)")
+    p.add_argument("--conformal-levels", default=None, metavar="PERCENT",
+                   help="levels of the conformal outputs in percent, comma-separated (default 90,95)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="conformal calibration of one model variant over cases "
+                                         "with truth (an experiment config)")
+    p.add_argument("config", help="experiment config (TOML) with [phantoms] or [real] cases and one "
+                                  "[model] variant")
+    p.add_argument("--out", required=True, help="calibration JSON to write (for segment --calibration)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _run_calibrate(args) -> None:
+    record = calibrate(args.config, args.out, overwrite=args.overwrite, progress=print,
+                       command=shlex.join(["vbseg", *args.argv]))
+    print(f"calibration of {len(record['cases'])} cases written to {args.out}")
 
 
 def _add_fit_prior(sub):
@@ -277,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_phantom(sub)
     _add_experiment(sub)
+    _add_calibrate(sub)
     _add_convert(sub)
     _add_fit_prior(sub)
     _add_train(sub)
@@ -316,6 +341,9 @@ def _segment_kwargs(args) -> dict:
         intensity_lengthscale_mm=args.intensity_lengthscale,
         field_weight=_weight(args.field_weight),
         reference_mask=args.reference,
+        calibration=args.calibration,
+        conformal_levels_percent=(None if args.conformal_levels is None
+                                  else _number_list("--conformal-levels", args.conformal_levels)),
     )
 
 
@@ -343,6 +371,9 @@ def _run_segment(args) -> None:
     timings = posterior.summary["timings_s"]
     print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
           f"[{volume['lower']:.2f}, {volume['upper']:.2f}] mL")
+    for entry in posterior.summary.get("volume_ml_conformal", []):
+        print(f"conformal {entry['level']:.0%} interval [{entry['lower']:.2f}, {entry['upper']:.2f}] mL "
+              f"(n = {entry['n']} calibration cases)")
     print(f"compile {timings['compile']:.2f} s, run {timings['run']:.2f} s; outputs in {args.out}")
 
 
@@ -415,10 +446,12 @@ def _run_demo(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by calibrate
     try:
         enable_compilation_cache()
         commands = {"segment": _run_segment, "demo": _run_demo, "phantom": _run_phantom,
-                    "experiment": _run_experiment, "convert": _run_convert,
+                    "experiment": _run_experiment, "calibrate": _run_calibrate,
+                    "convert": _run_convert,
                     "fit-prior": _run_fit_prior, "train": _run_train}
         status = commands[args.command](args)
     except VbsegError as error:

@@ -13,6 +13,7 @@ import json
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from vbseg.metrics import (
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.pipeline import segment
 from vbseg.population import leave_one_out_prior
+from vbseg.posterior import Posterior
 from vbseg.results import write_tables
 from vbseg.writing import write_text_atomic
 
@@ -70,6 +72,32 @@ def _case_inputs(run: Run, folder: Path):
             float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
 
 
+@dataclass(frozen=True, eq=False)
+class CaseFit:
+    """One case fitted: the posterior, the truth mask on its grid, the exact partial-volume
+    fraction (phantoms) or None, the true volume (mL) and the voxel spacing (mm)."""
+
+    posterior: Posterior
+    truth: np.ndarray
+    fraction: np.ndarray | None
+    true_ml: float
+    spacing: tuple
+
+
+def fit_case(run: Run, folder: Path, out: Path | None, experiment_out: Path | None = None) -> CaseFit:
+    """Fit one (case, variant): phantom inputs are written under ``folder``, the outputs into
+    ``out`` (None: none written); ``experiment_out`` holds the leave-one-out priors' cache."""
+    images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
+    kwargs = segment_kwargs(run.variant)
+    if kwargs.get("prior") == LEAVE_ONE_OUT:
+        kwargs["prior"] = _leave_one_out_prior(run.case, experiment_out)
+    posterior = segment(images, out, modalities=modalities, seed=run.case["seed"], overwrite=True,
+                        title=run.case["name"], **kwargs)
+    if posterior.probability.shape != truth.shape:
+        raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
+    return CaseFit(posterior, truth, fraction, true_ml, spacing)
+
+
 def execute(run: Run, out: Path) -> dict:
     """Run one (case, variant); write its outputs and result.json (atomically, last)."""
     folder = out / "runs" / run.run_id
@@ -78,14 +106,9 @@ def execute(run: Run, out: Path) -> dict:
               "settings": run.variant, "case_spec": run.case, "seed": run.case["seed"]}
     started = time.perf_counter()
     try:
-        images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
-        kwargs = segment_kwargs(run.variant)
-        if kwargs.get("prior") == LEAVE_ONE_OUT:
-            kwargs["prior"] = _leave_one_out_prior(run.case, out)
-        posterior = segment(images, folder / "outputs", modalities=modalities,
-                            seed=run.case["seed"], overwrite=True, title=run.case["name"], **kwargs)
-        if posterior.probability.shape != truth.shape:
-            raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
+        fit = fit_case(run, folder, folder / "outputs", out)
+        posterior, truth, fraction, true_ml, spacing = (fit.posterior, fit.truth, fit.fraction,
+                                                        fit.true_ml, fit.spacing)
         volume = posterior.volume_interval()
         contour = posterior.probability >= 0.5
         surface = surface_metrics(contour, truth, spacing, tolerance_mm=2.0)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 
+from vbseg.calibration import DEFAULT_CONFORMAL_LEVELS, plan_conformal
 from vbseg.errors import InputError
 from vbseg.methods import get_method, result_posterior
 from vbseg.methods.prior import check_prior_options
@@ -38,7 +39,8 @@ def check_distinct(images) -> None:
 
 def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
             seed: int = 0, series_uid=None, overwrite: bool = False, title: str = "",
-            reference_mask=None, also_write=None, **options) -> Posterior:
+            reference_mask=None, also_write=None, calibration=None, conformal_levels_percent=None,
+            **options) -> Posterior:
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
     Args:
@@ -55,6 +57,10 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             write are removed: :mod:`vbseg.result_folder`); title: the overview figure's title.
         also_write: ``also_write(posterior, folder)`` writes further files of the result set
             into ``folder`` (the CLI's DICOM outputs), before they all move into ``out``.
+        calibration: path of a calibration JSON (``vbseg calibrate``; :mod:`vbseg.calibration`)
+            made with these fit options: adds summary.json's ``volume_ml_conformal`` and the
+            contour_crc* / contour_margin* masks for each of ``conformal_levels_percent``
+            (default 90, 95).
         reference_mask: path of a reference delineation on the first image's grid: drawn in
             the overview, and summary.json's ``reference_mask`` records each contour's Dice.
         **options: the fields of :class:`vbseg.options.SegmentOptions` (model, num_classes, beta,
@@ -80,10 +86,17 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         method.check_inputs(modalities)
         options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
                       roi=roi, box=box)
+    plan = None
+    if calibration is not None:
+        plan = plan_conformal(os.fspath(calibration), conformal_levels_percent or DEFAULT_CONFORMAL_LEVELS,
+                              options, modalities)
+    elif conformal_levels_percent is not None:
+        raise InputError("--conformal-levels", "goes with --calibration")
+    extra_outputs = method.extra_outputs(options) + (plan.output_names() if plan else [])
     if out is None:
         folder = contextlib.nullcontext(None)
     else:
-        folder = result_folder(out, output_names(levels_percent) + method.extra_outputs(options),
+        folder = result_folder(out, output_names(levels_percent) + extra_outputs,
                                images + [p for p in (roi, reference_mask) if p], overwrite)
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
@@ -93,6 +106,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
         pause_point("fit")
         result = method.run(prepared, options)
+        if plan is not None:
+            result = plan.apply(result, prepared)
         posterior = result_posterior(result, prepared, staging, levels_percent, title,
                                      reference_mask=mask, reference_mask_path=reference_mask)
         if staging is not None and also_write is not None:

@@ -184,11 +184,14 @@ def interrupts_held():
 
 def result_set_names(folder: Path) -> set[str]:
     """The names of the files a previous run may have written into ``folder``: the fixed ones,
-    and the contours of the levels its summary.json records."""
+    the contours of the levels its summary.json records and the conformal contours it names."""
     names = set(output_names([])) | {INTENSITY_FILE, RTSTRUCT_NAME, SEG_NAME}
     try:
-        levels = json.loads((folder / "summary.json").read_text())["levels_percent"]
-        names.update(output_names([float(level) for level in levels]))
+        summary = json.loads((folder / "summary.json").read_text())
+        names.update(output_names([float(level) for level in summary["levels_percent"]]))
+        # the conformal contours (vbseg.calibration) it names
+        names.update(entry[kind]["file"] for entry in summary.get("volume_ml_conformal", [])
+                     for kind in ("contour_crc", "contour_margin"))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable previous summary: its contours are unknown, so none is removed
     return names
