@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -42,8 +41,7 @@ from vbseg.errors import InputError
 from vbseg.options import SegmentOptions, default_beta, default_fusion
 from vbseg.population import PACKAGED_PRIORS, source_digest
 from vbseg.posterior import credible_interval
-from vbseg.result_folder import check_outputs
-from vbseg.volume import sha256_file, write_text_atomic
+from vbseg.volume import sha256_file
 
 CALIBRATION_FORMAT = "vbseg-calibration"
 CALIBRATION_VERSION = 1
@@ -109,61 +107,6 @@ def case_scores(posterior, truth, true_ml: float, spacing) -> dict:
         "margin_mm": None if math.isinf(margin) else margin,
         "stratum_candidate": volume_stratum(interval["mean"]),
     }
-
-
-def calibration_runs(config):
-    """The experiment config's runs and its one variant; InputError (one line) for a sweep, a
-    leave-one-out prior or cases with different modalities."""
-    from vbseg.experiment import LEAVE_ONE_OUT, load_experiment  # experiments import vbseg whole
-
-    experiment = load_experiment(config)
-    variants = {json.dumps(run.variant, sort_keys=True) for run in experiment.runs}
-    if len(variants) > 1:
-        raise InputError(config, f"[model] sweeps {len(variants)} variants; a calibration is of one "
-                                 "model variant (give each [model] setting one value)")
-    variant = experiment.runs[0].variant
-    if variant.get("prior") == LEAVE_ONE_OUT:
-        raise InputError(config, "[model] prior = \"leave-one-out\": a calibration needs one fixed "
-                                 "model (give a prior JSON or name)")
-    modality_sets = {tuple(run.case.get("modalities", ["pet"])) for run in experiment.runs}
-    if len(modality_sets) > 1:
-        raise InputError(config, "cases have different modalities; a calibration is of one set")
-    return experiment.runs, variant, list(modality_sets.pop())
-
-
-def calibrate(config, out, *, command: str = "", overwrite: bool = False, progress=None) -> dict:
-    """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
-    atomically; returns it. InputError (one line) for a bad config or a case that cannot be fitted."""
-    from vbseg import __version__
-    from vbseg.experiment import segment_kwargs
-    from vbseg.experiment_runner import fit_case  # the runner imports the pipeline, which imports us
-
-    out = Path(out)
-    check_outputs(out.parent if str(out.parent) else ".", [out.name], [config], overwrite)
-    runs, variant, modalities = calibration_runs(config)
-    options = SegmentOptions(**segment_kwargs(variant))
-    identity = fit_identity(options, modalities)
-    cases = []
-    for number, run in enumerate(runs, start=1):
-        if progress is not None:
-            progress(f"case {number}/{len(runs)}: {run.case['name']}")
-        with tempfile.TemporaryDirectory(prefix="vbseg-calibrate-") as folder:
-            try:
-                fit = fit_case(run, Path(folder), None)
-                scores = case_scores(fit.posterior, fit.truth, fit.true_ml, fit.spacing)
-            except InputError as error:
-                raise InputError(config, f"case {run.case['name']}: {error}") from None
-        cases.append({"name": run.case["name"], "case": run.case, **scores})
-    record = {
-        "format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "command": command,
-        "config": str(Path(config).resolve()), "config_sha256": sha256_file(config),
-        "vbseg_version": __version__, "source_digest": source_digest(),
-        "settings": variant, **identity,
-        "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
-        "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
-    }
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
-    return record
 
 
 CASE_KEYS = ("name", "lower_ml", "upper_ml", "true_ml", "floor_ml", "volume_score", "fnr", "margin_mm")

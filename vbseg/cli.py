@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vbseg import __version__
-from vbseg.calibration import calibrate
+from vbseg.calibrate import calibrate
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError

@@ -1,0 +1,80 @@
+"""``vbseg calibrate``: fit every case of a one-variant experiment config and record what
+:mod:`vbseg.calibration` needs to calibrate a new case's outputs (the model intervals, true
+volumes, log-volume scores, false-negative-rate curves and margins, with the fit's identity).
+
+Kept apart from :mod:`vbseg.calibration`, which the pipeline imports to apply a calibration:
+this module runs the experiment machinery, which itself runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from vbseg import __version__
+from vbseg.calibration import (
+    CALIBRATION_FORMAT,
+    CALIBRATION_VERSION,
+    LAMBDA_GRID,
+    MARGIN_CONTOUR_LEVEL,
+    MODEL_INTERVAL_LEVEL,
+    case_scores,
+    fit_identity,
+)
+from vbseg.errors import InputError
+from vbseg.experiment import LEAVE_ONE_OUT, load_experiment, segment_kwargs
+from vbseg.experiment_runner import fit_case
+from vbseg.options import SegmentOptions
+from vbseg.population import source_digest
+from vbseg.result_folder import check_outputs
+from vbseg.volume import sha256_file, write_text_atomic
+
+
+def calibration_runs(config):
+    """The experiment config's runs and its one variant; InputError (one line) for a sweep, a
+    leave-one-out prior or cases with different modalities."""
+    experiment = load_experiment(config)
+    variants = {json.dumps(run.variant, sort_keys=True) for run in experiment.runs}
+    if len(variants) > 1:
+        raise InputError(config, f"[model] sweeps {len(variants)} variants; a calibration is of one "
+                                 "model variant (give each [model] setting one value)")
+    variant = experiment.runs[0].variant
+    if variant.get("prior") == LEAVE_ONE_OUT:
+        raise InputError(config, "[model] prior = \"leave-one-out\": a calibration needs one fixed "
+                                 "model (give a prior JSON or name)")
+    modality_sets = {tuple(run.case.get("modalities", ["pet"])) for run in experiment.runs}
+    if len(modality_sets) > 1:
+        raise InputError(config, "cases have different modalities; a calibration is of one set")
+    return experiment.runs, variant, list(modality_sets.pop())
+
+
+def calibrate(config, out, *, command: str = "", overwrite: bool = False, progress=None) -> dict:
+    """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
+    atomically; returns it. InputError (one line) for a bad config or a case that cannot be fitted."""
+    out = Path(out)
+    check_outputs(out.parent if str(out.parent) else ".", [out.name], [config], overwrite)
+    runs, variant, modalities = calibration_runs(config)
+    options = SegmentOptions(**segment_kwargs(variant))
+    identity = fit_identity(options, modalities)
+    cases = []
+    for number, run in enumerate(runs, start=1):
+        if progress is not None:
+            progress(f"case {number}/{len(runs)}: {run.case['name']}")
+        with tempfile.TemporaryDirectory(prefix="vbseg-calibrate-") as folder:
+            try:
+                fit = fit_case(run, Path(folder), None)
+                scores = case_scores(fit.posterior, fit.truth, fit.true_ml, fit.spacing)
+            except InputError as error:
+                raise InputError(config, f"case {run.case['name']}: {error}") from None
+        cases.append({"name": run.case["name"], "case": run.case, **scores})
+    record = {
+        "format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "command": command,
+        "config": str(Path(config).resolve()), "config_sha256": sha256_file(config),
+        "vbseg_version": __version__, "source_digest": source_digest(),
+        "settings": variant, **identity,
+        "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
+        "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
+    }
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    return record
