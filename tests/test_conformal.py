@@ -71,6 +71,10 @@ def test_volume_scores_are_negative_inside_and_floored():
     assert scores[2] == 0.0  # an empty interval at a one-voxel truth: both floored to one voxel
     lower, upper = conformal_volume_interval(8.0, 12.0, math.log(2.0), 0.5)
     assert (lower, upper) == pytest.approx((4.0, 24.0))
+    # an over-covering model (q < 0) and a narrow interval: the empty set becomes sqrt(L U)
+    assert conformal_volume_interval(10.0, 11.0, -0.3, 0.5) == pytest.approx((math.sqrt(110),) * 2)
+    assert conformal_volume_interval(10.0, 20.0, -0.1, 0.5) == pytest.approx(
+        (10 * math.exp(0.1), 20 * math.exp(-0.1)))
 
 
 def test_fnr_curves_count_missed_true_voxels():
@@ -109,6 +113,9 @@ def test_risk_control_bounds_the_mean_false_negative_rate():
     assert means.mean() >= alpha - 0.05  # not vacuous: it spends most of its budget
     with pytest.raises(InputError, match="8 cases cannot control the risk at 0.1"):
         risk_control_lambda(losses[:8], lambdas, 0.1)
+    # n = 9 is enough for alpha = 1 - 0.9 (0.09999999999999998 in floating point): B/(n+1) = 0.1
+    zero = np.zeros((9, lambdas.size))
+    assert risk_control_lambda(zero, lambdas, 1 - 0.9) == 0.0
 
 
 def test_margin_score_on_an_anisotropic_grid():
@@ -123,6 +130,8 @@ def test_margin_score_on_an_anisotropic_grid():
     assert not dilate_by(contour, 5.9, spacing)[truth].all()
     assert margin_score(contour, contour, spacing) == 0.0
     assert margin_score(np.zeros_like(contour), truth, spacing) == math.inf
+    assert dilate_by(np.zeros_like(contour), math.inf, spacing).all()  # an infinite margin: everything
+    assert dilate_by(contour, math.inf, spacing).all()
 
 
 def test_mondrian_strata_each_need_enough_cases():

@@ -72,9 +72,17 @@ def volume_scores(lower_ml, upper_ml, true_ml, floor_ml: float | np.ndarray) -> 
 
 def conformal_volume_interval(lower_ml: float, upper_ml: float, quantile: float,
                               floor_ml: float) -> tuple[float, float]:
-    """[L e^-q, U e^q] with L and U floored at ``floor_ml`` (the inverse of :func:`volume_scores`)."""
+    """[L e^-q, U e^q] with L and U floored at ``floor_ml`` (the inverse of :func:`volume_scores`).
+
+    With q < 0 (a model that over-covers) and a narrow model interval, the exact conformal set
+    {V : s(V) <= q} is empty (L e^-q > U e^q); it is then reported as the single point
+    sqrt(L U), the geometric middle, which can only add coverage."""
     lower, upper = max(lower_ml, floor_ml), max(upper_ml, floor_ml)
-    return lower * math.exp(-quantile), upper * math.exp(quantile)
+    low, high = lower * math.exp(-quantile), upper * math.exp(quantile)
+    if low > high:
+        middle = math.sqrt(lower * upper)
+        return middle, middle
+    return low, high
 
 
 def fnr_curves(probabilities, truths, lambdas) -> np.ndarray:
@@ -98,11 +106,11 @@ def risk_control_lambda(losses, lambdas, alpha: float, bound: float = 1.0) -> fl
     when n < B/alpha - 1 (no lambda can qualify) or when even the largest lambda does not."""
     losses = np.asarray(losses, np.float64)
     n = losses.shape[0]
-    if bound / (n + 1) > alpha:
+    if bound / (n + 1) > alpha + 1e-12:  # 1 - 0.9 is 0.09999999999999998 in floating point
         raise InputError("calibration", f"{n} cases cannot control the risk at {alpha:g}: that needs "
                                         f"at least {math.ceil(bound / alpha - 1.0 - 1e-9)}")
     adjusted = n / (n + 1) * losses.mean(axis=0) + bound / (n + 1)
-    feasible = np.flatnonzero(adjusted <= alpha)
+    feasible = np.flatnonzero(adjusted <= alpha + 1e-12)
     if feasible.size == 0:
         raise InputError("calibration", f"no contour level controls the false-negative rate at {alpha:g}")
     return float(np.asarray(lambdas, np.float64)[feasible[0]])
@@ -122,8 +130,11 @@ def margin_score(contour, truth, spacing_mm) -> float:
 
 
 def dilate_by(contour, margin_mm: float, spacing_mm) -> np.ndarray:
-    """Every voxel within ``margin_mm`` (Euclidean, anisotropic) of ``contour``."""
+    """Every voxel within ``margin_mm`` (Euclidean, anisotropic) of ``contour``; the whole grid
+    for an infinite margin (a calibration case whose contour was empty)."""
     contour = np.asarray(contour, bool)
+    if math.isinf(margin_mm):
+        return np.ones_like(contour)
     if not contour.any():
         return contour.copy()
     return ndimage.distance_transform_edt(~contour, sampling=spacing_mm) <= margin_mm + 1e-9
