@@ -28,16 +28,18 @@ MAP_KIND_METHODS = {
 }
 
 
-def map_result(prepared, options, crop_map, kind: str, parameters: dict, run_s: float) -> MethodResult:
+def map_result(prepared, options, crop_map, kind: str, parameters: dict, run_s: float,
+               extra_options: dict | None = None) -> MethodResult:
     """A baseline's (x, y, z) crop map in [0, 1] as a result. ``kind``: "probability" (a
-    tumour probability), "mask" (0/1) or "hdr" (a ranking, KsPC); ``run_s``: its run time."""
+    tumour probability), "mask" (0/1) or "hdr" (a ranking, KsPC); ``run_s``: its run time;
+    ``extra_options``: more entries for summary.json's options (e.g. the fusion record)."""
     probability = prepared.on_grid(crop_map)
     volume_draws_ml, tlg_draws = independent_draws(probability, prepared.reference, prepared.pet_first,
                                                    prepared.seed, options.volume_draws)
     return MethodResult(probability=probability, volume_draws_ml=volume_draws_ml,
                         volume_method=MAP_KIND_METHODS[kind], tlg_draws=tlg_draws, model=options.model,
                         options={"baseline": options.model, "volume_draws": options.volume_draws,
-                                 "map": kind},
+                                 "map": kind, **(extra_options or {})},
                         parameters=parameters, diagnostics={}, elbo=None,
                         timings_s={"compile": 0.0, "run": run_s})
 
@@ -51,9 +53,8 @@ def run_baseline(prepared, options) -> MethodResult:
     crop_map, kind, parameters = baseline_map(options.model, likelihood.stack, likelihood.observed,
                                               prepared.crop_voi, list(likelihood.modalities),
                                               prepared.reference.spacing)
-    result = map_result(prepared, options, crop_map, kind, parameters, time.perf_counter() - start)
-    result.options["fusion"] = likelihood.record
-    return result
+    return map_result(prepared, options, crop_map, kind, parameters, time.perf_counter() - start,
+                      extra_options={"fusion": likelihood.record})
 
 
 def run_network_baseline(prepared, options) -> MethodResult:
