@@ -144,6 +144,12 @@ def _add_segment(sub):
     p.add_argument("--checkpoint", default=None,
                    help="network checkpoint (.eqx, with its .json) for the deep models; default: "
                         "the packaged one for pet; pet,ct; pet,ct,mr inputs")
+    p.add_argument("--locator", default=None,
+                   help="what locates the lesion for --model locate-potts: the population prior "
+                        "(--prior, default the packaged sarcoma prior for pet,ct,mr inputs), the "
+                        "network (--checkpoint) or both; default: prior where one fits, else network")
+    p.add_argument("--locate-margin", type=float, default=None, metavar="MM",
+                   help="margin around the located regions for --model locate-potts (default 20 mm)")
     p.add_argument("--external-field", default=None, metavar="LOG_ODDS",
                    help="prior log-odds map of tumour (NIfTI on the first image's grid, e.g. an "
                         "atlas) added to the tumour class's prior of --model potts or gp")
@@ -340,6 +346,8 @@ def _segment_kwargs(args) -> dict:
         intensity_field=args.intensity_field,
         intensity_lengthscale_mm=args.intensity_lengthscale,
         field_weight=_weight(args.field_weight),
+        locator=args.locator,
+        locate_margin_mm=args.locate_margin,
         reference_mask=args.reference,
         calibration=args.calibration,
         conformal_levels_percent=(None if args.conformal_levels is None

@@ -55,7 +55,9 @@ INTENSITY_FIELDS = ("all", "tumour")
 # (sts001: 5.5 L against a 366 mL GTV; benchmarks/results/fusion_default.md). Without PET every
 # image enters (nothing else can decide). The models whose likelihood this chooses:
 FUSIONS = ("pet", "joint")
-FUSION_MODELS = ("potts", "gp") + FIELD_MODELS + BASELINES
+# locate, then delineate (vbseg.methods.locate): a locator's map as the Potts model's field
+LOCATE_MODEL = "locate-potts"
+FUSION_MODELS = ("potts", "gp", LOCATE_MODEL) + FIELD_MODELS + BASELINES
 FUSION_PET_TEXT = (
     "PET alone decides tumour and background (the other images are loaded, checked and resampled, "
     "but do not enter the likelihood): a class split over all images separates body from air or "
@@ -123,6 +125,9 @@ class SegmentOptions:
         ``intensity_lengthscale_mm`` (default 60 mm); saved as intensity_field.nii.gz.
     fusion: which images enter the label model's likelihood: "pet" or "joint"; None:
         :func:`default_fusion` (FUSION_PET_TEXT says why).
+    locator, locate_margin_mm: the locator of ``locate-potts`` ("prior", "network" or "both";
+        None: the prior when one is given or packaged for the inputs, else the network) and
+        the margin around its regions (None: 20 mm); :mod:`vbseg.methods.locate`.
     """
 
     model: str = "potts"
@@ -145,12 +150,20 @@ class SegmentOptions:
     intensity_field: str | None = None
     intensity_lengthscale_mm: float | None = None
     fusion: str | None = None
+    locator: str | None = None
+    locate_margin_mm: float | None = None
 
     def check(self, *, num_images, modalities, levels_percent, roi=None, box=None) -> None:
         """:func:`check_options` on these options for ``num_images`` inputs named ``modalities``
-        (fusion and beta at their defaults where None)."""
+        (fusion and beta at their defaults where None). The options of one method alone
+        (``locator``, ``locate_margin_mm``) are refused here for the other methods and checked
+        by their method (:attr:`vbseg.methods.registry.Method.check_options`)."""
+        if self.model != LOCATE_MODEL:
+            for name, value in (("--locator", self.locator), ("--locate-margin", self.locate_margin_mm)):
+                if value is not None:
+                    raise InputError(name, f"goes with --model {LOCATE_MODEL}, not {self.model}")
         check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                         if f.name not in ("prior", "fusion", "beta")},
+                         if f.name not in ("prior", "fusion", "beta", "locator", "locate_margin_mm")},
                       beta=default_beta(self), levels_percent=levels_percent,
                       num_images=num_images, modalities=list(modalities), roi=roi, box=box,
                       fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
@@ -255,7 +268,7 @@ def _check_fusion(fusion, model, modalities, covariance, intensity_field):
 
 
 def _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight):
-    if checkpoint is not None and model not in DEEP_MODELS:
+    if checkpoint is not None and model not in DEEP_MODELS + (LOCATE_MODEL,):
         raise InputError("--checkpoint", f"goes with a deep model ({', '.join(DEEP_MODELS)}), "
                                          f"not {model}")
     if external_field is not None and model not in ("potts", "gp"):

@@ -77,15 +77,17 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     levels_percent = tuple(float(level) for level in levels_percent)
     roi = os.fspath(roi) if roi is not None else None
     reference_mask = os.fspath(reference_mask) if reference_mask is not None else None
-    if options.prior is not None:
+    method = get_method(options.model)
+    if options.prior is not None and not method.takes_prior:
         method = get_method("prior")
         modalities = check_prior_options(options, len(images), modalities, levels_percent, roi, box)
     else:
-        method = get_method(options.model)
         modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
         method.check_inputs(modalities)
         options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
                       roi=roi, box=box)
+        if method.check_options is not None:
+            method.check_options(options, modalities)
     plan = None
     if calibration is not None:
         plan = plan_conformal(os.fspath(calibration), conformal_levels_percent or DEFAULT_CONFORMAL_LEVELS,

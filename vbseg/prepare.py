@@ -161,6 +161,21 @@ class Prepared:
     def pet_first(self) -> bool:
         return self.modalities[0] == "pet"
 
+    def within(self, box: tuple[slice, ...]) -> Prepared:
+        """The same inputs with the VOI cut down to ``box`` (slices of the current crop): the
+        crop, its VOI and every image's observed voxels become those of the smaller box. The
+        images, the given roi/box and the warnings are kept (summary.json records the VOI as
+        given; a method that narrows it records how)."""
+        crop_voi = self.crop_voi[box]
+        if not crop_voi.any():
+            raise ValueError("the box holds no voxel of the volume of interest")
+        bounds = tuple(slice(outer.start + inner.start, outer.start + inner.stop)
+                       for outer, inner in zip(self.bounds, box))
+        voi = np.zeros_like(self.voi)
+        voi[bounds] = crop_voi
+        return dataclasses.replace(self, voi=voi, bounds=bounds, crop_voi=crop_voi,
+                                   stack=self.stack[box], observed=self.observed[box])
+
     def on_grid(self, crop: np.ndarray) -> np.ndarray:
         """(I, J, K) float32 on the first grid from an (x, y, z) crop map: the crop inside the
         VOI, 0 elsewhere."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vbseg.deep_segment import FIELD_MODELS, tumour_field
+from vbseg.deep_segment import tumour_field
 from vbseg.errors import InputError
 from vbseg.fitting import (
     GIBBS_BURN_IN,
@@ -177,7 +177,13 @@ def _emission_text(options) -> str:
 
 def run_potts(prepared, options) -> MethodResult:
     """The hidden Potts fit on the prepared crop (module doc)."""
-    prior_logit, field_record, network_s = prior_log_odds(prepared, options)
+    return potts_result(prepared, options, *prior_log_odds(prepared, options))
+
+
+def potts_result(prepared, options, prior_logit, field_record, network_s) -> MethodResult:
+    """The hidden Potts fit on the prepared crop with the prior log-odds map ``prior_logit``
+    ((x, y, z) on the crop, or None; ``field_record`` says where it came from, for
+    summary.json; ``network_s``: the seconds it took, recorded when a network made it)."""
     likelihood = likelihood_inputs(prepared, options)
     crop_voi = prepared.crop_voi
     if options.covariance == "full":
@@ -190,7 +196,7 @@ def run_potts(prepared, options) -> MethodResult:
     features, centres, scales = standardise(model_stack, likelihood.observed, likelihood.volumes)
     fit, rules, intensity, learn_weight, vb_beta, learned_beta_record, has_field = _fit(
         prepared, options, likelihood, features, prior_logit)
-    if options.model in FIELD_MODELS:
+    if network_s:
         fit.timings["network"] = network_s  # the forward pass, its compile included
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]

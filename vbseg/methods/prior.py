@@ -65,16 +65,21 @@ def check_prior_options(options, num_images: int, modalities, levels_percent, ro
     return list(modalities)
 
 
+def prior_crop_probability(prepared, prior: PopulationPrior):
+    """(P(tumour) (x, y, z) on the prepared crop under the population prior, the fit's record:
+    :func:`vbseg.population.tumour_probability` in the prior's feature space)."""
+    features = np.where(prepared.observed, to_features(prepared.stack, list(prepared.modalities)),
+                        0.0).astype(np.float32)
+    return tumour_probability(prior, features, prepared.observed, prepared.crop_voi,
+                              prepared.reference.spacing)
+
+
 def run_prior(prepared, options) -> MethodResult:
     """The population prior's fit on the prepared crop (module doc)."""
     source, _ = prior_subject(options.prior)
     prior = resolve_prior(options.prior)
-    features = np.where(prepared.observed, to_features(prepared.stack, list(prepared.modalities)),
-                        0.0).astype(np.float32)
-    crop_probability, record = tumour_probability(prior, features, prepared.observed, prepared.crop_voi,
-                                                  prepared.reference.spacing)
-    probability = np.zeros(prepared.reference.shape, np.float32)
-    probability[prepared.bounds] = crop_probability
+    crop_probability, record = prior_crop_probability(prepared, prior)
+    probability = prepared.on_grid(crop_probability)
     raw_volumes, raw_tlg = independent_draws(probability, prepared.reference, prepared.pet_first,
                                              prepared.seed, options.volume_draws)
     volume_draws_ml, tlg_draws, missed_fraction = calibrated_draws(

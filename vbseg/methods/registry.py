@@ -64,7 +64,11 @@ class Method:
     """name: what --model (or the experiment key ``name``) calls it; run(prepared, options) ->
     MethodResult; description: one line for the CLI's help; extra_outputs(options) -> the file
     names it writes beside the standard outputs (checked before any work); rank: where it is
-    listed (lower first; ties in registration order); needs_pet: refused without a PET image."""
+    listed (lower first; ties in registration order); needs_pet: refused without a PET image;
+    check_options(options, modalities): the checks of the method's own options, after the
+    shared ones (:meth:`vbseg.options.SegmentOptions.check`), before any file is read;
+    takes_prior: ``--prior`` is one of its options (else ``--prior`` selects the ``prior``
+    method)."""
 
     name: str
     run: Callable
@@ -72,6 +76,8 @@ class Method:
     extra_outputs: Callable = lambda options: []
     rank: int = 50
     needs_pet: bool = False
+    check_options: Callable | None = None
+    takes_prior: bool = False
 
     def check_inputs(self, modalities) -> None:
         """InputError naming --model when the inputs cannot go with this method."""

@@ -1,0 +1,188 @@
+"""Locate, then delineate (``--model locate-potts``): a learned component says *where* the lesion
+is, the hidden Potts model says where its boundary lies and how sure it is.
+
+1. **Locate.** The locator gives P_loc(tumour) on the crop: the population prior's fit
+   (``--locator prior``: :mod:`vbseg.population`, classes learned from delineated cases over
+   every image, so CT and MR can find a lesion that is not hot on PET), the network's sigmoid
+   (``--locator network``: :mod:`vbseg.models.deep`), or both (the mean of their log-odds).
+   Its regions are the connected components (26-neighbourhood) of P_loc >= 1/2; those holding
+   at least ``REGION_MASS_SHARE`` of the largest one's probability mass are kept, and the
+   delineation VOI is their bounding box grown by ``--locate-margin`` mm (default
+   ``DEFAULT_MARGIN_MM``) on every side, inside the given VOI. With no region, the whole VOI is
+   kept and the ``locator-found-nothing`` warning says so.
+2. **Delineate.** The hidden Potts model of ``--model potts`` (the same fit, likelihood and
+   ``--fusion`` rule) inside that VOI, with the locator's log-odds (clipped to +-``LOGIT_CLIP``)
+   as the external field on the tumour class and its weight learned from the image (as
+   ``deep-potts`` learns its network's weight), so the image keeps the last word on the
+   boundary and the locator only sets the prior odds.
+3. **Disagreement.** When the delineation's 50 % region and the locator's overlap with Dice
+   below ``AGREEMENT_DICE`` (an image region the locator rejects, or a located region without
+   image support), vbseg does not pick one: the result is the equal-weight mixture of the two
+   posteriors (probability map and volume draws, each from its own model), so the
+   probabilities fall where they disagree and the volume interval spans both answers, and the
+   ``locator-image-disagree`` warning is raised. With equal prior weights and no evidence
+   comparison between the two (the locator's fit and the Potts fit have no common marginal
+   likelihood), this is Bayesian model averaging in its simplest honest form.
+
+This is the two-stage design of coarse-to-fine segmentation (a detector proposes a region, a
+local model delineates it), with the delineation a hidden MRF whose external field is the
+detector's output (cf. the CNN-plus-CRF pipelines of Kamnitsas et al., Med Image Anal 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+from scipy import ndimage
+
+from vbseg.deep_segment import load_network
+from vbseg.errors import InputError
+from vbseg.methods.potts import potts_result
+from vbseg.methods.prior import prior_crop_probability, prior_subject
+from vbseg.methods.registry import Method, MethodResult, register
+from vbseg.metrics import dice
+from vbseg.models import deep
+from vbseg.population import resolve_prior
+from vbseg.records import independent_draws
+
+LOCATORS = ("prior", "network", "both")
+DEFAULT_MARGIN_MM = 20.0
+REGION_MASS_SHARE = 0.1
+LOGIT_CLIP = 8.0
+AGREEMENT_DICE = 0.5
+MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
+                  "(they disagree; each from independent voxel labels of its own map)")
+
+
+def default_locator(options, modalities) -> str:
+    """``--locator`` when not given: the prior when one is given or the packaged one is for
+    these modalities, else the network."""
+    if options.locator is not None:
+        return options.locator
+    if options.prior is not None:
+        return "prior"
+    packaged = resolve_prior("sarcoma")
+    return "prior" if list(modalities) == list(packaged.modalities) else "network"
+
+
+def check_locate_options(options, modalities) -> None:
+    """InputError naming the option when the locate-potts options cannot work together (after
+    the shared checks of :meth:`vbseg.options.SegmentOptions.check`)."""
+    locator = default_locator(options, modalities)
+    if locator not in LOCATORS:
+        raise InputError("--locator", f"must be one of {', '.join(LOCATORS)}, got {locator!r}")
+    margin = options.locate_margin_mm
+    if margin is not None and not (np.isfinite(margin) and 0 <= margin <= 200):
+        raise InputError("--locate-margin", f"must be a number of mm from 0 to 200, got {margin!r}")
+    if options.external_field is not None:
+        raise InputError("--external-field", "does not go with locate-potts (its locator gives the "
+                                             "external field)")
+    if locator == "network" and options.prior is not None:
+        raise InputError("--prior", "is a locator: give --locator prior or both, not network")
+    if locator in ("prior", "both"):
+        prior = resolve_prior("sarcoma" if options.prior is None else options.prior)
+        prior.check_modalities(modalities, prior_subject(options.prior)[1] if options.prior
+                               is not None else "--locator")
+    if locator in ("network", "both"):
+        load_network(options.checkpoint, modalities)
+
+
+def locator_logit(prepared, options):
+    """(log-odds (x, y, z) on the crop, record for summary.json, seconds) of the locator."""
+    locator = default_locator(options, prepared.modalities)
+    start = time.perf_counter()
+    logits, record = [], {"locator": locator}
+    if locator in ("prior", "both"):
+        prior = resolve_prior("sarcoma" if options.prior is None else options.prior)
+        probability, fit = prior_crop_probability(prepared, prior)
+        clipped = np.clip(probability, 1e-6, 1 - 1e-6)
+        logits.append(np.log(clipped) - np.log1p(-clipped))
+        record["prior"] = {"source": prior_subject(options.prior)[0] if options.prior is not None
+                           else "packaged sarcoma prior", "cases": prior.cases,
+                           "converged": fit["converged"]}
+    if locator in ("network", "both"):
+        network, path = load_network(options.checkpoint, prepared.modalities)
+        logits.append(deep.network_logits(network, prepared.stack, prepared.observed,
+                                          list(prepared.modalities)))
+        record["network"] = {"checkpoint": path, "members": len(network.models),
+                             "training": {k: network.meta.get(k) for k in ("seed", "real_cases")}}
+    logit = np.mean(logits, axis=0).astype(np.float32)
+    return np.where(prepared.crop_voi, logit, -LOGIT_CLIP), record, time.perf_counter() - start
+
+
+def located_box(probability, crop_voi, spacing, margin_mm):
+    """(box: slices of the crop around the kept regions grown by ``margin_mm``, or None when no
+    voxel reaches 1/2; the regions' record)."""
+    labels, count = ndimage.label((probability >= 0.5) & crop_voi, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return None, {"regions": 0, "kept": 0}
+    mass = ndimage.sum(probability, labels, np.arange(1, count + 1))
+    kept = 1 + np.flatnonzero(mass >= REGION_MASS_SHARE * mass.max())
+    index = np.nonzero(np.isin(labels, kept))
+    grow = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
+    box = tuple(slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g))
+                for i, g, n in zip(index, grow, crop_voi.shape))
+    return box, {"regions": int(count), "kept": int(kept.size)}
+
+
+def run_locate(prepared, options) -> MethodResult:
+    """Locate, then delineate (module doc)."""
+    logit, record, locate_s = locator_logit(prepared, options)
+    located = 1.0 / (1.0 + np.exp(-logit))
+    margin = DEFAULT_MARGIN_MM if options.locate_margin_mm is None else float(options.locate_margin_mm)
+    box, regions = located_box(located, prepared.crop_voi, prepared.reference.spacing, margin)
+    warnings = []
+    if box is None:
+        warnings.append({"code": "locator-found-nothing",
+                         "message": "the locator found no region (no voxel reaches P = 0.5); the "
+                                    "whole VOI was delineated with its map as the field"})
+        box = tuple(slice(0, n) for n in prepared.crop_voi.shape)
+    regions["kept_mass_ml"] = float(located[box].sum() * prepared.reference.voxel_volume_ml)
+    inner = prepared.within(box)
+    field = np.clip(logit[box], -LOGIT_CLIP, LOGIT_CLIP)
+    result = potts_result(inner, dataclasses.replace(options, model="potts"), field,
+                          {"source": "locator", **record}, locate_s)
+    located_full = prepared.on_grid(located)
+    agreement = dice(result.probability >= 0.5, located_full >= 0.5)
+    probability, volume_draws, tlg_draws = result.probability, result.volume_draws_ml, result.tlg_draws
+    volume_method = result.volume_method
+    if agreement < AGREEMENT_DICE:
+        warnings.append({"code": "locator-image-disagree",
+                         "message": f"the delineation and the locator overlap with Dice "
+                                    f"{agreement:.2f} (< {AGREEMENT_DICE:g}); the result is their "
+                                    "equal-weight mixture, so probabilities and the volume "
+                                    "interval carry both answers"})
+        probability = (0.5 * (result.probability + located_full)).astype(np.float32)
+        loc_volumes, loc_tlg = independent_draws(located_full, prepared.reference, prepared.pet_first,
+                                                 prepared.seed + 1, options.volume_draws)
+        half = options.volume_draws // 2
+        volume_draws = np.concatenate([result.volume_draws_ml[:half],
+                                       loc_volumes[: options.volume_draws - half]])
+        if tlg_draws is not None:
+            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: options.volume_draws - half]])
+        volume_method = MIXTURE_METHOD
+    bounds = inner.bounds
+    run_options = {**result.options,
+                   "locate": {**record, "margin_mm": margin, "region_mass_share": REGION_MASS_SHARE,
+                              "logit_clip": LOGIT_CLIP, "agreement_dice": AGREEMENT_DICE,
+                              "rule": "delineation VOI = bounding box of the locator's regions "
+                                      "(P >= 1/2) grown by the margin; locator log-odds as the "
+                                      "external field, weight learned; equal mixture when the two "
+                                      "disagree"}}
+    diagnostics = {**result.diagnostics,
+                   "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
+                              "agreement_dice": float(agreement),
+                              "mixed": bool(agreement < AGREEMENT_DICE)}}
+    sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
+    return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
+                               tlg_draws=tlg_draws, volume_method=volume_method,
+                               model="locate-potts", options=run_options, diagnostics=diagnostics,
+                               sections=sections)
+
+
+register(Method("locate-potts", run_locate,
+                "locate, then delineate: a population prior and/or network locates the lesion, "
+                "hidden Potts delineates it with their log-odds as the field", rank=2,
+                needs_pet=True, check_options=check_locate_options, takes_prior=True))
