@@ -174,7 +174,26 @@ def test_packaged_sarcoma_prior_loads():
 
     prior = resolve_prior("sarcoma")
     assert isinstance(prior, PopulationPrior) and prior.modalities == MODALITIES
-    assert len(prior.cases) == 15 and "CC BY 3.0" in prior.attribution
+    assert len(prior.cases) == 21 and "CC BY 3.0" in prior.attribution
+
+
+def test_packaged_sarcoma_prior_matches_its_recorded_command():
+    """The packaged prior records the command that made it; its training list and settings
+    hash to the recorded digest, and the command names the same modalities and classes."""
+    import shlex
+
+    from vbseg.models.cohort import training_digest
+    from vbseg.population import resolve_prior
+
+    prior = resolve_prior("sarcoma")
+    words = shlex.split(prior.command)
+    assert words[:2] == ["vbseg", "fit-prior"] and words[words.index("--modalities") + 1] == "pet,ct,mr"
+    assert "--cases" not in words  # every patient case of the index with these modalities
+    num_background = len(prior.class_names) - prior.num_tumour
+    assert prior.training_digest == training_digest(prior.cases, prior.modalities, prior.num_tumour,
+                                                    num_background, prior.interaction is not None,
+                                                    prior.volume_calibration is not None)
+    assert prior.num_tumour == 2 and num_background == 4  # fit-prior's defaults, as the command
 
 
 def test_cli_fit_prior_and_segment_with_it(tmp_path, cohort, capsys):
@@ -193,3 +212,13 @@ def test_cli_fit_prior_and_segment_with_it(tmp_path, cohort, capsys):
     assert main(["segment", images[0], "--modality", "pet", "--prior", str(out),
                  "--out", str(tmp_path / "seg2")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_packaged_sarcoma_prior_holds_every_shared_sarcoma(shared_data):
+    """Its recorded command (no --cases) takes every patient case of the index with PET, CT and
+    MR: the packaged prior's case list is that list."""
+    from vbseg.cases import read_cases
+    from vbseg.population import resolve_prior
+
+    names = [case.name for case in read_cases(shared_data / "cases.json", MODALITIES, check_files=False)]
+    assert sorted(resolve_prior("sarcoma").cases) == sorted(names)

@@ -146,3 +146,22 @@ def test_the_packaged_prior_does_not_locate_on_pet_alone(crop, tmp_path):
                       "--out", tmp_path / "out")
     assert result.returncode == 2 and "--locator" in result.stderr
     assert "pet+ct+mr" in result.stderr
+
+
+def test_a_locator_that_finds_nothing_abstains(crop, monkeypatch):
+    """No located region: the whole VOI is delineated by the data-only model (the same result
+    as --model potts), with the locator-found-nothing warning and no mixture."""
+    images, phantom = crop
+
+    def nothing(prepared, options):
+        return np.full(prepared.crop_voi.shape, -6.0, np.float32), {"locator": "test"}, 0.0
+
+    monkeypatch.setattr(locate, "locator_logit", nothing)
+    paths = [str(p) for p in images]
+    posterior = vbseg.segment(paths, modalities=list(MODALITIES), model="locate-potts", volume_draws=500)
+    codes = [w["code"] for w in posterior.summary["warnings"]]
+    assert codes == ["locator-found-nothing"]
+    assert posterior.summary["diagnostics"]["locate"]["mixed"] is False
+    plain = vbseg.segment(paths, modalities=list(MODALITIES), volume_draws=500)
+    np.testing.assert_allclose(posterior.probability, plain.probability, atol=1e-5)
+    assert dice(posterior.contour(0.5), phantom.truth) > 0.9

@@ -213,7 +213,7 @@ def _run_fit_prior(args) -> None:
     prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
                       num_background=args.background_classes, overwrite=args.overwrite,
                       attribution=args.attribution, interaction=args.interaction == "matrix",
-                      progress=print)
+                      progress=print, command=shlex.join(["vbseg", *args.argv]))
     coupling = ("a K x K interaction matrix" if prior.interaction is not None
                 else f"beta {prior.beta:.2f}")
     print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); {coupling}; "

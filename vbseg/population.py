@@ -47,6 +47,7 @@ from vbseg.models.cohort import (
     PopulationPrior,
     load_prior,
     to_features,
+    training_digest,
 )
 from vbseg.models.potts import neighbour_weights
 from vbseg.models.volume_error import (
@@ -359,9 +360,11 @@ def fit_population_prior(training: list[TrainingCase], modalities, *,
 
 def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUMOUR_CLASSES,
               num_background=DEFAULT_BACKGROUND_CLASSES, overwrite=False, calibrate=True,
-              attribution="", progress=None, interaction=False) -> PopulationPrior:
+              attribution="", progress=None, interaction=False, command="") -> PopulationPrior:
     """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically);
-    ``interaction``: learn a K x K class-interaction matrix in place of one beta."""
+    ``interaction``: learn a K x K class-interaction matrix in place of one beta; ``command``:
+    the command line recorded in the prior (beside the digest of its training list and
+    settings, :func:`vbseg.models.cohort.training_digest`)."""
     if out is not None and os.path.exists(out) and not overwrite:
         raise OutputError(out, "already exists (use --overwrite to replace it)")
     if not (isinstance(num_tumour, int) and num_tumour >= 1 and isinstance(num_background, int)
@@ -375,6 +378,9 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
                                  case_index=os.path.basename(os.fspath(index)), progress=progress,
                                  interaction=interaction)
     prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
+    prior.command = command
+    prior.training_digest = training_digest(prior.cases, prior.modalities, num_tumour, num_background,
+                                            interaction, prior.volume_calibration is not None)
     if out is not None:
         prior.save(out)
     return prior

@@ -8,21 +8,23 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
    Its regions are the connected components (26-neighbourhood) of P_loc >= 1/2; those holding
    at least ``REGION_MASS_SHARE`` of the largest one's probability mass are kept, and the
    delineation VOI is their bounding box grown by ``--locate-margin`` mm (default
-   ``DEFAULT_MARGIN_MM``) on every side, inside the given VOI. With no region, the whole VOI is
-   kept and the ``locator-found-nothing`` warning says so.
+   ``DEFAULT_MARGIN_MM``) on every side, inside the given VOI. With no region the locator says
+   nothing about where the lesion is: the whole VOI is delineated by the data-only model (no
+   field: a map that says "not here" everywhere would only push the tumour class down), and
+   the ``locator-found-nothing`` warning says so.
 2. **Delineate.** The hidden Potts model of ``--model potts`` (the same fit, likelihood and
    ``--fusion`` rule) inside that VOI, with the locator's log-odds (clipped to +-``LOGIT_CLIP``)
    as the external field on the tumour class and its weight learned from the image (as
    ``deep-potts`` learns its network's weight), so the image keeps the last word on the
    boundary and the locator only sets the prior odds.
-3. **Disagreement.** When the delineation's 50 % region and the locator's overlap with Dice
-   below ``AGREEMENT_DICE`` (an image region the locator rejects, or a located region without
-   image support), vbseg does not pick one: the result is the equal-weight mixture of the two
-   posteriors (probability map and volume draws, each from its own model), so the
-   probabilities fall where they disagree and the volume interval spans both answers, and the
-   ``locator-image-disagree`` warning is raised. With equal prior weights and no evidence
-   comparison between the two (the locator's fit and the Potts fit have no common marginal
-   likelihood), this is Bayesian model averaging in its simplest honest form.
+3. **Disagreement.** When the locator found a region and the delineation's 50 % region and
+   the locator's overlap with Dice below ``AGREEMENT_DICE`` (an image region the locator
+   rejects, or a located region without image support), vbseg does not pick one: the result
+   is the equal-weight mixture of the two posteriors (probability map and volume draws, each
+   from its own model), so the probabilities fall where they disagree and the volume interval
+   spans both answers, and the ``locator-image-disagree`` warning is raised. This is model
+   averaging with equal weights: the locator's fit and the Potts fit share no marginal
+   likelihood that could weigh them against each other.
 
 This is the two-stage design of coarse-to-fine segmentation (a detector proposes a region, a
 local model delineates it), with the delineation a hidden MRF whose external field is the
@@ -133,22 +135,24 @@ def run_locate(prepared, options) -> MethodResult:
     located = 1.0 / (1.0 + np.exp(-logit))
     margin = DEFAULT_MARGIN_MM if options.locate_margin_mm is None else float(options.locate_margin_mm)
     box, regions = located_box(located, prepared.crop_voi, prepared.reference.spacing, margin)
-    warnings = []
+    warnings, field = [], None
     if box is None:
         warnings.append({"code": "locator-found-nothing",
                          "message": "the locator found no region (no voxel reaches P = 0.5); the "
-                                    "whole VOI was delineated with its map as the field"})
+                                    "whole VOI was delineated by the data-only model"})
         box = tuple(slice(0, n) for n in prepared.crop_voi.shape)
+    else:
+        field = np.clip(logit[box], -LOGIT_CLIP, LOGIT_CLIP)
     regions["kept_mass_ml"] = float(located[box].sum() * prepared.reference.voxel_volume_ml)
     inner = prepared.within(box)
-    field = np.clip(logit[box], -LOGIT_CLIP, LOGIT_CLIP)
     result = potts_result(inner, dataclasses.replace(options, model="potts"), field,
                           {"source": "locator", **record}, locate_s)
     located_full = prepared.on_grid(located)
     agreement = dice(result.probability >= 0.5, located_full >= 0.5)
     probability, volume_draws, tlg_draws = result.probability, result.volume_draws_ml, result.tlg_draws
     volume_method = result.volume_method
-    if agreement < AGREEMENT_DICE:
+    mixed = field is not None and agreement < AGREEMENT_DICE  # a locator with no region abstains
+    if mixed:
         warnings.append({"code": "locator-image-disagree",
                          "message": f"the delineation and the locator overlap with Dice "
                                     f"{agreement:.2f} (< {AGREEMENT_DICE:g}); the result is their "
@@ -174,7 +178,7 @@ def run_locate(prepared, options) -> MethodResult:
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": bool(agreement < AGREEMENT_DICE)}}
+                              "mixed": mixed}}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
                                tlg_draws=tlg_draws, volume_method=volume_method,

@@ -45,6 +45,7 @@ Shapes: class arrays (K, M) in feature units, columns in the order of ``modaliti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -120,6 +121,9 @@ class PopulationPrior:
         interaction: None (the Potts coupling ``beta`` between equal labels) or the (K, K)
             symmetric class-interaction matrix J used in its place (module doc).
         per_case: per training case class means (K, M), noise variances and proportions.
+        command: the command line that made it (``vbseg fit-prior ...``), "" when made in
+            Python; training_digest: sha256 of its training case list and settings
+            (:func:`training_digest`), which a packaged prior's test recomputes.
     """
 
     modalities: list
@@ -142,6 +146,8 @@ class PopulationPrior:
     vbseg_version: str = ""
     transforms: dict = dataclasses.field(default_factory=dict)
     interaction: np.ndarray | None = None
+    command: str = ""
+    training_digest: str = ""
 
     def __post_init__(self):
         self.modalities = [str(m) for m in self.modalities]
@@ -229,6 +235,17 @@ class PopulationPrior:
 
     def save(self, path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def training_digest(cases, modalities, num_tumour: int, num_background: int, interaction: bool,
+                    calibrated: bool) -> str:
+    """sha256 of what a prior was learned from and how: its case names (sorted), modalities,
+    class counts, coupling and whether it carries a volume calibration."""
+    payload = json.dumps({"cases": sorted(cases), "modalities": list(modalities),
+                          "num_tumour": num_tumour, "num_background": num_background,
+                          "interaction": bool(interaction), "calibrated": bool(calibrated)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def load_prior(path) -> PopulationPrior:
