@@ -81,8 +81,12 @@ def _label_sweep(key, labels, mean, tau, observations, weights_obs, operators, c
     num_levels = log_prior.shape[-1]
     num_modalities = observations.shape[-1]
 
-    def colour_step(labels, inputs):
-        colour, colour_key = inputs
+    # every voxel is drawn once per sweep (in its colour), so one Gumbel array per sweep serves
+    # all colours: each voxel's noise is fresh when it is used (drawing it per colour was most
+    # of the sweep's cost: L x N normals per colour, hundreds of colours)
+    gumbel = jax.random.gumbel(key, labels.shape + (num_levels,), observations.dtype)
+
+    def colour_step(labels, colour):
         onehot = jax.nn.one_hot(labels, num_levels, dtype=observations.dtype) * roi[..., None]
         logits = log_prior + coupling_field(neighbour_sum(onehot, weights), beta)
         for m in range(num_modalities):
@@ -92,11 +96,10 @@ def _label_sweep(key, labels, mean, tau, observations, weights_obs, operators, c
             a_term = operators[m].adjoint(weights_obs[..., m] * residual)
             step = level_mean - current[..., None]  # (X, Y, Z, L)
             logits = logits + tau[m] * (step * a_term[..., None] - 0.5 * step**2 * c_terms[m][..., None])
-        draw = jnp.argmax(logits + jax.random.gumbel(colour_key, logits.shape, logits.dtype), -1)
+        draw = jnp.argmax(logits + gumbel, -1)
         return jnp.where((codes == colour) & roi, draw, labels), None
 
-    keys = jax.random.split(key, num_colours)
-    labels, _ = jax.lax.scan(colour_step, labels, (jnp.arange(num_colours), keys))
+    labels, _ = jax.lax.scan(colour_step, labels, jnp.arange(num_colours))
     return labels
 
 

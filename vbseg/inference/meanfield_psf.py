@@ -212,11 +212,10 @@ def kl_regression(mean, precision, shape, rate, prior: NormalGammaPrior):
                                    "learn_beta", "learn_emission"))
 def fit_hidden_potts_vb_psf(
     observations, observed, roi, beta, weights, prior: NormalGammaPrior, concentration,
-    initial_marginals, relative_precision, external_field=None, *, psf_fwhm_mm: tuple,
-    spacing_mm: tuple,
+    initial_marginals, relative_precision, external_field=None, design=None, offset=None,
+    emission_start=None, *, psf_fwhm_mm: tuple, spacing_mm: tuple,
     learn_proportions: bool = False, learn_beta: bool = False, max_iter: int = 300,
-    tol: float = 1e-5, min_iter: int = 5, design=None, offset=None, emission_start=None,
-    learn_emission: bool = True,
+    tol: float = 1e-5, min_iter: int = 5, learn_emission: bool = True,
 ) -> PsfFitResult:
     """Fit the PSF model by mean-field VB from ``initial_marginals`` (e.g. the PSF-free fit).
 
