@@ -96,6 +96,8 @@ def test_pv_potts_refuses_more_classes_and_other_samplers():
         check_options(num_classes=3, **common)
     with pytest.raises(InputError, match="--sampler"):
         check_options(num_classes=2, sampler="gibbs", **common)
+    with pytest.raises(InputError, match="--beta"):
+        check_options(num_classes=2, **dict(common, beta="auto"))
     with pytest.raises(InputError, match="--wall-mm"):
         check_options(**dict(common, modalities=["ct"], tumour_class=1), num_classes=2,
                       wall_mm=1.0, box="0:2,0:2,0:2")

@@ -189,6 +189,10 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     _check_fusion(fusion, model, modalities, covariance, intensity_field)
     _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler, emission,
                           covariance, external_field, intensity_field, restarts)
+    if model == "pv-potts" and beta == "auto":
+        raise InputError("--beta", "pv-potts takes a fixed beta (default 1.5 with --psf-fwhm): its "
+                                   "beta grid weighted by thermodynamic integration "
+                                   "(vbseg.inference.pv_potts) is not wired into segment yet")
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
                      covariance, modalities, tumour_class)
     if model in ("gp", "deep-gp"):
