@@ -23,7 +23,10 @@ the sphere's label. Methods (all ``vbseg.segment`` on the saved VOI mask):
   cases.json ``fitted``), beta 1.5 (mean-field);
 * ``psf_gibbs``: the same PSF model sampled by the PSF-aware Gibbs sampler (labels, class
   means and precisions drawn jointly);
-* ``threshold40``, ``threshold50``: 40 % / 50 % of the VOI's maximum (a mask; no interval).
+* ``threshold40``, ``threshold50``: 40 % / 50 % of the VOI's maximum (a mask; no interval);
+* ``pv_wall0``, ``pv_wall1.0``, ``pv_wall1.5`` (not run by default): the partial-volume model
+  (``--model pv-potts``) at the fitted PSF, with a cold glass wall of 0, 1.0 or 1.5 mm in
+  its forward model (``--wall-mm``); run by ``benchmarks/bench_pv.py``'s NEMA part.
 
 Regenerate (65 minutes on 2 busy cores, nearly all of it ``psf_gibbs``, ~10 minutes a sphere;
 the other methods take seconds):
@@ -61,7 +64,13 @@ METHODS = {
     "psf_gibbs": dict(psf=True, sampler="gibbs"),
     "threshold40": dict(model="threshold40"),
     "threshold50": dict(model="threshold50"),
+    # the partial-volume model (--model pv-potts, 9 fraction levels) with a cold glass wall of
+    # 0, 1.0 and 1.5 mm in its PET forward model (--wall-mm); not in the default --methods
+    "pv_wall0": dict(model="pv-potts", psf=True),
+    "pv_wall1.0": dict(model="pv-potts", psf=True, wall_mm=1.0),
+    "pv_wall1.5": dict(model="pv-potts", psf=True, wall_mm=1.5),
 }
+DEFAULT_METHODS = ("nopsf_vb", "nopsf_gibbs", "psf_vb", "psf_gibbs", "threshold40", "threshold50")
 
 
 def load_nema(shared: Path) -> dict | None:
@@ -104,7 +113,8 @@ def run_sphere(nema, sphere, methods, folder, psf_fwhm) -> list[dict]:
         start = time.perf_counter()
         posterior = vbseg.segment(
             [nema["pet_path"]], modalities=["pet"], roi=voi_path, model=spec.get("model", "potts"),
-            psf_fwhm_mm=psf_fwhm if spec.get("psf") else None, sampler=spec.get("sampler", "vb"))
+            psf_fwhm_mm=psf_fwhm if spec.get("psf") else None, sampler=spec.get("sampler", "vb"),
+            wall_mm=spec.get("wall_mm"))
         seconds = time.perf_counter() - start
         volume = posterior.volume_interval(LEVEL)
         draws = np.asarray(posterior.volume_draws_ml, np.float64)
@@ -171,7 +181,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
     parser.add_argument("--spheres", default="10,13,17,22,28,37", help="inner diameters in mm")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -16,6 +16,7 @@ from benchmarks import (
     bench_multiscale,
     bench_nema,
     bench_potts,
+    bench_pv,
     gtv_contrast,
 )
 
@@ -80,6 +81,17 @@ def test_bench_calibration_smoke(tmp_path):
         assert row["draws"] == 1 and 0.0 <= row["coverage"] <= 1.0 and row["dice50_mean"] > 0.5
     assert (tmp_path / "calibration_reliability.png").stat().st_size > 0
     assert "| nopsf_gibbs |" in (tmp_path / "bench_calibration.md").read_text()
+
+
+def test_bench_pv_smoke(tmp_path):
+    """One non-native phantom draw (13 mm, 4:1, Poisson, the true PSF) through both methods."""
+    assert bench_pv.main(["--diameters", "13", "--contrasts", "4", "--seeds", "1",
+                          "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_pv.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["psf_fixed", "pv_potts"]
+    assert rows[0]["noise"] == "poisson" and rows[0]["psf_given_mm"] == 6.0
+    assert abs(rows[0]["fraction_ml"] / rows[0]["true_ml"] - 1) < 0.02  # supersampled truth
+    assert "| 13 mm 4:1 | pv_potts | 1 |" in (tmp_path / "bench_pv.md").read_text()
 
 
 def test_bench_cohort_smoke(tmp_path):

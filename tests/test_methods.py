@@ -28,8 +28,8 @@ def phantom_paths(tmp_path_factory):
 def test_every_model_is_registered_once_and_listed():
     names = method_names()
     assert names[0] == "potts" and len(set(names)) == len(names)
-    expected = {"potts", "deep-potts", "gp", "deep-gp", "prior", "eanm41", "locate-potts", *BASELINES,
-                *NETWORK_BASELINES}
+    expected = {"potts", "deep-potts", "pv-potts", "gp", "deep-gp", "prior", "eanm41", "locate-potts",
+                *BASELINES, *NETWORK_BASELINES}
     assert set(names) == expected
     with pytest.raises(InputError, match="--model: unknown model 'nope'"):
         get_method("nope")

@@ -114,6 +114,11 @@ def _add_segment(sub):
                    help="PET scanner PSF FWHM in mm: model the blur (for small lesions in a "
                         "uniform background, e.g. phantom spheres; on whole-image sarcoma PET it "
                         "lowered Dice 0.56 -> 0.36: see benchmarks/results/psf_sarcoma.md)")
+    p.add_argument("--fraction-levels", type=int, default=None, metavar="L",
+                   help="with --model pv-potts: tumour-fraction levels k/(L-1) per voxel (default 9)")
+    p.add_argument("--wall-mm", type=float, default=None, metavar="W",
+                   help="with --model pv-potts: a cold shell of W mm around the lesion in the PET "
+                        "forward model (NEMA IEC sphere glass walls, about 1 mm; default none)")
     p.add_argument("--pet-noise", default="poisson",
                    help="with --psf-fwhm: PET noise variance 'poisson' (grows with uptake, "
                         "default) or 'constant'")
@@ -333,6 +338,8 @@ def _segment_kwargs(args) -> dict:
         seed=args.seed,
         volume_draws=DEFAULT_VOLUME_DRAWS if args.volume_draws is None else args.volume_draws,
         psf_fwhm_mm=args.psf_fwhm,
+        fraction_levels=args.fraction_levels,
+        wall_mm=args.wall_mm,
         pet_noise=args.pet_noise,
         sampler=args.sampler,
         emission=args.emission,

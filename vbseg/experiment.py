@@ -79,6 +79,7 @@ MODEL_KEYS = {
     "intensity_field": ("intensity_field", str), "restarts": ("restarts", str),
     "intensity_lengthscale_mm": ("intensity_lengthscale_mm", float), "fusion": ("fusion", str),
     "locator": ("locator", str), "locate_margin_mm": ("locate_margin_mm", float),
+    "fraction_levels": ("fraction_levels", int), "wall_mm": ("wall_mm", float),
 }
 # settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
 # packaged prior, is a name)

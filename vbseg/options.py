@@ -15,6 +15,7 @@ from vbseg.image import MODALITIES
 from vbseg.inference.beta import BETA_MAX
 from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
 from vbseg.models.potts import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
+from vbseg.models.pv_potts import DEFAULT_FRACTION_LEVELS
 from vbseg.posterior import output_names
 
 # the Potts couplings used when none is given live beside the Potts model
@@ -57,7 +58,7 @@ INTENSITY_FIELDS = ("all", "tumour")
 FUSIONS = ("pet", "joint")
 # locate, then delineate (vbseg.methods.locate): a locator's map as the Potts model's field
 LOCATE_MODEL = "locate-potts"
-FUSION_MODELS = ("potts", "gp", LOCATE_MODEL) + FIELD_MODELS + BASELINES
+FUSION_MODELS = ("potts", "pv-potts", "gp", LOCATE_MODEL) + FIELD_MODELS + BASELINES
 FUSION_PET_TEXT = (
     "PET alone decides tumour and background (the other images are loaded, checked and resampled, "
     "but do not enter the likelihood): a class split over all images separates body from air or "
@@ -65,6 +66,9 @@ FUSION_PET_TEXT = (
     "--fusion joint puts every image in the likelihood"
 )
 FUSION_JOINT_TEXT = "every image enters the likelihood of one class split"
+# --fraction-levels: the partial-volume model's number of fraction levels L (phi = k / (L - 1));
+# its cost grows with L only in elementwise terms (the blurs act on the two design columns)
+MAX_FRACTION_LEVELS = 33
 
 
 NO_PET_NO_VOI = (
@@ -128,6 +132,10 @@ class SegmentOptions:
     locator, locate_margin_mm: the locator of ``locate-potts`` ("prior", "network" or "both";
         None: the prior when one is given or packaged for the inputs, else the network) and
         the margin around its regions (None: 20 mm); :mod:`vbseg.methods.locate`.
+    fraction_levels: pv-potts's number of tumour-fraction levels L (None: DEFAULT_FRACTION_LEVELS
+        with pv-potts; :mod:`vbseg.models.pv_potts`).
+    wall_mm: pv-potts: a cold shell of this thickness (mm) around the lesion in the PET forward
+        model (NEMA IEC sphere walls; None: none).
     """
 
     model: str = "potts"
@@ -152,6 +160,8 @@ class SegmentOptions:
     fusion: str | None = None
     locator: str | None = None
     locate_margin_mm: float | None = None
+    fraction_levels: int | None = None
+    wall_mm: float | None = None
 
     def check(self, *, num_images, modalities, levels_percent, roi=None, box=None) -> None:
         """:func:`check_options` on these options for ``num_images`` inputs named ``modalities``
@@ -184,11 +194,18 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
                   pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
                   dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
                   external_field=None, field_weight="auto", intensity_field=None,
-                  intensity_lengthscale_mm=None, restarts="full", fusion="joint"):
+                  intensity_lengthscale_mm=None, restarts="full", fusion="joint",
+                  fraction_levels=None, wall_mm=None):
     """Validate every option of ``segment`` that needs no file, alone and in combination;
     InputError names the option. The model's name is checked where it is looked up
     (:func:`vbseg.methods.get_method`)."""
     _check_fusion(fusion, model, modalities, covariance, intensity_field)
+    _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler, emission,
+                          covariance, external_field, intensity_field, restarts)
+    if model == "pv-potts" and beta == "auto":
+        raise InputError("--beta", "pv-potts takes a fixed beta (default 1.5 with --psf-fwhm): its "
+                                   "beta grid weighted by thermodynamic integration "
+                                   "(vbseg.inference.pv_potts) is not wired into segment yet")
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
                      covariance, modalities, tumour_class)
     if model in ("gp", "deep-gp"):
@@ -265,6 +282,46 @@ def _check_fusion(fusion, model, modalities, covariance, intensity_field):
     if fusion == "pet" and covariance == "full" and modalities.count("pet") < 2:
         raise InputError("--covariance", "full models how several images covary, and with --fusion pet "
                                          "only PET enters the likelihood (add --fusion joint)")
+
+
+def levels_for(options: SegmentOptions) -> int:
+    """pv-potts's number of fraction levels: the given one, else DEFAULT_FRACTION_LEVELS."""
+    return DEFAULT_FRACTION_LEVELS if options.fraction_levels is None else options.fraction_levels
+
+
+def _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler,
+                          emission, covariance, external_field, intensity_field, restarts):
+    """--fraction-levels and --wall-mm belong to pv-potts, a two-class Gaussian model that draws
+    its own joint samples (:mod:`vbseg.methods.pv_potts`)."""
+    if fraction_levels is not None:
+        if model != "pv-potts":
+            raise InputError("--fraction-levels", f"goes with --model pv-potts, not {model} (contour "
+                                                  "levels are --levels)")
+        if (isinstance(fraction_levels, bool) or not isinstance(fraction_levels, (int, np.integer))
+                or not 2 <= fraction_levels <= MAX_FRACTION_LEVELS):
+            raise InputError("--fraction-levels", f"must be an integer from 2 to "
+                                                  f"{MAX_FRACTION_LEVELS}, got {fraction_levels!r}")
+    if wall_mm is not None:
+        if model != "pv-potts":
+            raise InputError("--wall-mm", f"goes with --model pv-potts (a cold shell in its PET "
+                                          f"forward model), not {model}")
+        if (isinstance(wall_mm, bool) or not isinstance(wall_mm, (int, float, np.floating))
+                or not np.isfinite(wall_mm) or wall_mm < 0):
+            raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {wall_mm!r}")
+        if "pet" not in modalities:
+            raise InputError("--wall-mm", "is a cold shell in the PET forward model, and no image is PET")
+    if model != "pv-potts":
+        return
+    if num_classes != 2:
+        raise InputError("--classes", f"pv-potts is a two-class (tumour fraction) model, got {num_classes}")
+    for flag, given in (("--sampler", sampler != "vb"), ("--emission", emission != "gaussian"),
+                        ("--covariance", covariance != "diagonal"),
+                        ("--external-field", external_field is not None),
+                        ("--intensity-field", intensity_field is not None),
+                        ("--restarts", restarts != "full")):
+        if given:
+            raise InputError(flag, "does not apply to --model pv-potts (Gaussian diagonal emissions; "
+                                   "its volume draws come from its own sampler)")
 
 
 def _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight):

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.special import gammaln, logsumexp
 
 from vbseg.models.potts import neighbour_offsets
+from vbseg.models.psf import gaussian_kernels
 
 MAX_LABELINGS = 5_000_000
 
@@ -72,12 +73,52 @@ def exact_potts_marginals(unary, edges, edge_weights, beta) -> tuple[np.ndarray,
     log_potential = potts_log_potential(
         labelings, unary, np.asarray(edges), np.asarray(edge_weights, np.float64), beta
     )
+    return labeling_marginals(labelings, log_potential, num_classes)
+
+
+def labeling_marginals(labelings, log_potential, num_classes) -> tuple[np.ndarray, float]:
+    """Marginals p(x_v = k) (n, K) and log normaliser of p(x) ∝ exp(log_potential) over the
+    (L, n) ``labelings``."""
     log_norm = float(logsumexp(log_potential))
-    probs = np.exp(log_potential - log_norm)
-    marginals = np.zeros((num_sites, num_classes))
-    for k in range(num_classes):
-        marginals[:, k] = probs @ (labelings == k)
+    probs = np.exp(np.asarray(log_potential, np.float64) - log_norm)
+    marginals = np.stack([probs @ (labelings == k) for k in range(num_classes)], axis=1)
     return marginals, log_norm
+
+
+def dense_blur(fwhm_mm, spacing_mm, shape) -> np.ndarray:
+    """The renormalised blur H' of :mod:`vbseg.models.psf` on a whole grid (support = every
+    voxel) as a dense (n, n) float64 matrix, built from its 1D kernels in NumPy: the product of
+    the per-axis kernel weights k_a[i_a - j_a], each row divided by its sum (the zero-padded
+    kernel weight that falls on the grid)."""
+    kernels = gaussian_kernels(fwhm_mm, spacing_mm)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    blur = np.ones((index.shape[0], index.shape[0]))
+    for axis, kernel in enumerate(kernels):
+        radius = (len(kernel) - 1) // 2
+        offset = index[:, None, axis] - index[None, :, axis]
+        inside = np.abs(offset) <= radius
+        blur *= np.where(inside, np.asarray(kernel, np.float64)[np.clip(offset + radius, 0,
+                                                                          len(kernel) - 1)], 0.0)
+    return blur / blur.sum(axis=1, keepdims=True)
+
+
+def regression_log_evidence(y, relative, design, prior_mean, prior_kappa, prior_shape,
+                            prior_rate) -> float:
+    """log p(y) of y = design @ mu + noise, noise_v ~ N(0, 1 / (tau lambda_v)), with
+    tau ~ Gamma(a0, b0), mu | tau ~ N(m0, I / (kappa0 tau)) (the Normal-Gamma regression
+    evidence; Murphy 2007). ``design`` (n, J) blurred design, ``relative`` lambda (n,),
+    ``prior_mean`` scalar or (J,)."""
+    n, num_columns = design.shape
+    m0 = np.broadcast_to(np.asarray(prior_mean, np.float64), (num_columns,))
+    precision = prior_kappa * np.eye(num_columns) + design.T @ (relative[:, None] * design)
+    mean = np.linalg.solve(precision, prior_kappa * m0 + design.T @ (relative * y))
+    shape = prior_shape + n / 2
+    rate = prior_rate + 0.5 * (np.sum(relative * y * y) + prior_kappa * m0 @ m0
+                               - mean @ precision @ mean)
+    return float(0.5 * num_columns * np.log(prior_kappa) - 0.5 * np.linalg.slogdet(precision)[1]
+                 + prior_shape * np.log(prior_rate) - shape * np.log(rate) + gammaln(shape)
+                 - gammaln(prior_shape) - 0.5 * n * np.log(2 * np.pi)
+                 + 0.5 * np.sum(np.log(relative)))
 
 
 def _log_normal_gamma_evidence(values, m0, kappa0):

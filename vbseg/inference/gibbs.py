@@ -272,13 +272,17 @@ def hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, concen
     return SamplingAlgorithm(init, step)
 
 
-def posterior_draw_summary(labels, mean, precision, label_switch, roi, count_weights, dtype):
+def posterior_draw_summary(labels, mean, precision, label_switch, roi, count_weights, dtype,
+                           design=None, num_labels=None):
     """What the conjugate Gibbs samplers keep from one sweep: the one-hot labels (X, Y, Z, K) of
     ``dtype`` to accumulate into marginals, and the record (class counts (K,), per-class sums of
-    ``count_weights`` (K,), mean (K, M), precision, label_switch) of :class:`GibbsResult`."""
-    onehot = one_hot_labels(labels, mean.shape[0], roi, dtype)
-    return onehot, (jnp.sum(onehot, axis=(0, 1, 2)),
-                    jnp.einsum("xyz,xyzk->k", count_weights, onehot), mean, precision, label_switch)
+    ``count_weights`` (K,), mean (K, M), precision, label_switch) of :class:`GibbsResult`.
+    With a level ``design`` P (L, J) (``num_labels`` = L) the one-hot labels are over the L
+    levels and counts and sums are over the design rows P[x_v] (e.g. the fraction sum)."""
+    onehot = one_hot_labels(labels, mean.shape[0] if num_labels is None else num_labels, roi, dtype)
+    rows = onehot if design is None else onehot @ design
+    return onehot, (jnp.sum(rows, axis=(0, 1, 2)),
+                    jnp.einsum("xyz,xyzk->k", count_weights, rows), mean, precision, label_switch)
 
 
 def conjugate_gibbs_chains(key, sampler, initial_labels, summarise, *, num_chains: int,

@@ -48,6 +48,17 @@ background, so its beta comes out near 0.2; with uniform proportions only beta c
 (the same field needs 6 beta ~ 7, beta ~ 1.2), and at 0.2 the PSF fit splits the background
 noise into two classes (tumour +5000 % on a 10 mm sphere, ``benchmarks/bench_calibration.py``).
 The first step starts from the pseudo-likelihood estimate on ``initial_marginals``.
+
+**Level designs** (the partial-volume model, :mod:`vbseg.models.pv_potts`). The labels x_v in
+{0..L-1} need not be classes: each level l carries a design row P_l in R^J, and the unblurred
+mean of voxel v is (P[x_v] + o_v) . mu (an optional known per-voxel offset o_v, e.g. a cold
+wall). The Potts model is P = I (J = K, o = 0); the two-class partial-volume model has
+P_l = (1 - phi_l, phi_l), so the mean is mu_0 (1 - phi) + mu_1 phi. Everything above holds
+with q_k replaced by the design's moments under q: abar_v = q_v P + o_v and
+Cov(a_v) = sum_l q_vl P_l P_l' - (q_v P)(q_v P)' (which is diag(q_v) - q_v q_v' for P = I), and
+a level's potential is the expected log likelihood, quadratic in its design row d = P_l + o_v:
+f_vl = d . g_v - c_v (E[tau] (d . m)^2 + d' Sigma d) / 2 (see expected_log_likelihood_psf).
+The coupling may be an (L, L) interaction matrix (energy sum_{v~w} w_vw J[x_v, x_w]).
 """
 
 from __future__ import annotations
@@ -66,7 +77,13 @@ from vbseg.inference.meanfield import (
     kl_dirichlet,
     label_elbo_terms,
 )
-from vbseg.models.potts import NormalGammaPrior, class_softmax, colour_masks, neighbour_sum
+from vbseg.models.potts import (
+    NormalGammaPrior,
+    class_softmax,
+    colour_masks,
+    coupling_field,
+    neighbour_sum,
+)
 from vbseg.models.psf import blur_operator
 
 DAMPING = 0.5
@@ -92,44 +109,70 @@ class PsfFitResult(NamedTuple):
     beta_trace: jax.Array  # (max_iter,) beta after each iteration with learn_beta, else NaN
 
 
-def _blurred(q, o, operator):
-    """(H'q (X, Y, Z, K), c = H'^2^T o (X, Y, Z))."""
-    return operator.apply(q), operator.adjoint_squared(o)
+def design_moments(q, design, offset=None):
+    """Moments of the regression design a_v = P[x_v] + o_v under q (see module doc, "Level
+    designs"): (mean design abar (X, Y, Z, J), per-voxel covariance weights).
+
+    ``q`` (X, Y, Z, L) label marginals, ``design`` P (L, J), ``offset`` o (X, Y, Z, J) or None.
+    Returns (abar = q P + o, raw = q P): the offset is deterministic, so it moves the mean and
+    leaves Cov(a_v) = sum_l q_vl P_l P_l^T - raw_v raw_v^T unchanged."""
+    raw = q @ design
+    return (raw if offset is None else raw + offset), raw
 
 
-def regression_update(q, y, o, w, operator, prior: NormalGammaPrior) -> tuple:
-    """Conjugate q(mu, tau) for one modality given q(z); returns (mean, Lambda, a, rate, G).
+def _covariance_gram(c, q, design, raw):
+    """sum_w c_w Cov_q(a_w): (J, J) (for one-hot designs, diag(sum c q) - sum c q q^T)."""
+    second = jnp.einsum("xyz,xyzl,lj,lk->jk", c, q, design, design)
+    return second - jnp.einsum("xyz,xyzj,xyzk->jk", c, raw, raw)
+
+
+def regression_update(q, y, o, w, operator, prior: NormalGammaPrior, design=None,
+                      offset=None) -> tuple:
+    """Conjugate q(mu, tau) for one modality given q(x); returns (mean, Lambda, a, rate, G).
 
     ``o`` is the 0/1 observation mask, ``w`` the observation weights o_v * lambda_v (lambda_v
-    the known relative precision of voxel v).
+    the known relative precision of voxel v); ``prior.mean`` a scalar or one per column (J,).
+    ``design`` P (L, J) and ``offset`` (X, Y, Z, J):
+    the level design (module doc); None: the Potts model's one-hot design (P = I, J = K).
     """
-    num_classes = q.shape[-1]
-    blurred, c = _blurred(q, w, operator)
+    design = jnp.eye(q.shape[-1], dtype=q.dtype) if design is None else design
+    num_columns = design.shape[-1]
+    mean_design, raw = design_moments(q, design, offset)
+    blurred, c = operator.apply(mean_design), operator.adjoint_squared(w)
     weighted = w[..., None] * blurred
-    gram = jnp.einsum("xyzk,xyzl->kl", weighted, blurred)
-    gram = gram + jnp.diag(jnp.einsum("xyz,xyzk->k", c, q)) - jnp.einsum("xyz,xyzk,xyzl->kl", c, q, q)
+    gram = jnp.einsum("xyzk,xyzl->kl", weighted, blurred) + _covariance_gram(c, q, design, raw)
     moment = jnp.einsum("xyz,xyzk->k", w * y, blurred)
-    precision = prior.kappa * jnp.eye(num_classes) + gram
+    precision = prior.kappa * jnp.eye(num_columns) + gram
     mean = jnp.linalg.solve(precision, prior.kappa * prior.mean + moment)
     shape = prior.shape + 0.5 * jnp.sum(o)
     rate = prior.rate + 0.5 * (
-        jnp.sum(w * y * y) + prior.kappa * num_classes * prior.mean**2 - mean @ precision @ mean
+        jnp.sum(w * y * y)
+        + prior.kappa * jnp.sum(jnp.broadcast_to(jnp.asarray(prior.mean) ** 2, (num_columns,)))
+        - mean @ precision @ mean
     )
     return mean, precision, shape, rate, gram
 
 
-def expected_log_likelihood_psf(q, y, o, w, operator, mean, precision, shape, rate, gram):
-    """(E_q[log p(y_m | z, mu, tau)] in nats, label potentials f (X, Y, Z, K)) for one modality.
+def expected_log_likelihood_psf(q, y, o, w, operator, mean, precision, shape, rate, gram,
+                                design=None, offset=None):
+    """(E_q[log p(y_m | x, mu, tau)] in nats, label potentials f (X, Y, Z, L)) for one modality.
 
-    ``o`` observation mask, ``w`` = o * lambda observation weights (see regression_update).
+    ``o`` observation mask, ``w`` = o * lambda observation weights, ``design``/``offset`` as in
+    :func:`regression_update`. The potential of level l at voxel v is the expected log
+    likelihood as a function of its design row d = P_l + o_v (module doc):
+    d . g_v - c_v (E[tau] (d . m)^2 + d' Sigma d) / 2, g_v = E[tau] m (A_v + c_v mbar_v)
+    - Sigma (C_v - c_v abar_v).
     """
+    design = jnp.eye(q.shape[-1], dtype=q.dtype) if design is None else design
     e_tau = shape / rate
     e_log_tau = digamma(shape) - jnp.log(rate)
     cov = jnp.linalg.inv(precision)
-    blurred, c = _blurred(q, w, operator)
-    mbar = q @ mean
+    mean_design, raw = design_moments(q, design, offset)
+    blurred, c = operator.apply(mean_design), operator.adjoint_squared(w)
+    mbar = mean_design @ mean
     residual = y - operator.apply(mbar)
-    spread = q @ (mean**2) - mbar**2  # per-voxel variance of the class mean under q
+    level_mean = design @ mean  # (L,) the unblurred mean of each level (without the offset)
+    spread = q @ (level_mean**2) - (raw @ mean) ** 2  # Var_q of the unblurred mean at each voxel
     total = (
         0.5 * jnp.sum(o * (e_log_tau + jnp.log(jnp.where(o > 0, w, 1.0)) - jnp.log(2 * jnp.pi)))
         - 0.5 * e_tau * (jnp.sum(w * residual**2) + jnp.sum(c * spread))
@@ -137,11 +180,17 @@ def expected_log_likelihood_psf(q, y, o, w, operator, mean, precision, shape, ra
     )
     a_term = operator.adjoint(w * residual)
     c_term = operator.adjoint(w[..., None] * blurred)
-    potentials = (
-        e_tau * mean * (a_term + mbar * c)[..., None]
-        - (c_term - q * c[..., None]) @ cov
-        - 0.5 * c[..., None] * (e_tau * mean**2 + jnp.diag(cov))
-    )
+    linear = (e_tau * mean * (a_term + mbar * c)[..., None]
+              - (c_term - mean_design * c[..., None]) @ cov)  # g_v (X, Y, Z, J)
+    row_mean = level_mean if offset is None else level_mean + (offset @ mean)[..., None]
+    row_quadratic = jnp.einsum("lj,jk,lk->l", design, cov, design)
+    if offset is not None:
+        row_quadratic = (row_quadratic + 2.0 * jnp.einsum("xyzj,jk,lk->xyzl", offset, cov, design)
+                         + jnp.einsum("xyzj,jk,xyzk->xyz", offset, cov, offset)[..., None])
+    row_linear = linear @ design.T
+    if offset is not None:
+        row_linear = row_linear + jnp.sum(linear * offset, axis=-1, keepdims=True)
+    potentials = row_linear - 0.5 * c[..., None] * (e_tau * row_mean**2 + row_quadratic)
     return total, potentials
 
 
@@ -160,13 +209,13 @@ def kl_regression(mean, precision, shape, rate, prior: NormalGammaPrior):
 
 
 @partial(jax.jit, static_argnames=("psf_fwhm_mm", "spacing_mm", "max_iter", "learn_proportions",
-                                   "learn_beta"))
+                                   "learn_beta", "learn_emission"))
 def fit_hidden_potts_vb_psf(
     observations, observed, roi, beta, weights, prior: NormalGammaPrior, concentration,
-    initial_marginals, relative_precision, external_field=None, *, psf_fwhm_mm: tuple,
-    spacing_mm: tuple,
+    initial_marginals, relative_precision, external_field=None, design=None, offset=None,
+    emission_start=None, *, psf_fwhm_mm: tuple, spacing_mm: tuple,
     learn_proportions: bool = False, learn_beta: bool = False, max_iter: int = 300,
-    tol: float = 1e-5, min_iter: int = 5,
+    tol: float = 1e-5, min_iter: int = 5, learn_emission: bool = True,
 ) -> PsfFitResult:
     """Fit the PSF model by mean-field VB from ``initial_marginals`` (e.g. the PSF-free fit).
 
@@ -186,7 +235,12 @@ def fit_hidden_potts_vb_psf(
             ~log(1/pi_t) nats and shrinks the lesion: on the 22 mm phantom (5-6 mm PSF) the
             volume ratio fell to 0.5-0.8 with learned proportions, 0.94-1.06 with uniform.
         learn_beta: learn beta by variational EM in this model's prior (module doc); ``beta``
-            is then unused.
+            is then unused. ``beta`` may also be an (L, L) interaction matrix (not learned).
+        design: (L, J) level design P, None for the Potts model's P = I (module doc, "Level
+            designs"); offset: (X, Y, Z, M, J) known per-voxel design offsets, or None.
+        emission_start: a :class:`RegressionPosterior` to start from (required when
+            ``learn_emission`` is False: the class parameters are then held at it, e.g. a
+            point mass to fit the labels at known parameters).
     """
     dtype = observations.dtype
     num_classes = initial_marginals.shape[-1]
@@ -202,8 +256,16 @@ def fit_hidden_potts_vb_psf(
     def channels(m):
         return observations[..., m], observed[..., m], obs_weights[..., m], operators[m]
 
+    def layout(m):
+        return dict(design=design, offset=None if offset is None else offset[..., m, :])
+
     def parameter_step(q):
-        fits = [regression_update(q, *channels(m), prior) for m in range(num_modalities)]
+        if not learn_emission:
+            held = tuple(emission_start) + (jnp.stack([
+                regression_update(q, *channels(m), prior, **layout(m))[4]
+                for m in range(num_modalities)]),)
+            return held, dirichlet_update(q, alpha0)
+        fits = [regression_update(q, *channels(m), prior, **layout(m)) for m in range(num_modalities)]
         return tuple(jnp.stack([f[i] for f in fits]) for i in range(5)), dirichlet_update(q, alpha0)
 
     field = 0.0 if external_field is None else external_field.astype(dtype)
@@ -215,7 +277,7 @@ def fit_hidden_potts_vb_psf(
         return jnp.full((num_classes,), -jnp.log(num_classes), dtype) + field
 
     def likelihood(q, post):
-        results = [expected_log_likelihood_psf(q, *channels(m), *(p[m] for p in post))
+        results = [expected_log_likelihood_psf(q, *channels(m), *(p[m] for p in post), **layout(m))
                    for m in range(num_modalities)]
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
@@ -231,7 +293,8 @@ def fit_hidden_potts_vb_psf(
         log_pi = log_proportions(alpha)
         for colour in colour_masks(roi.shape, weights):
             _, potentials = likelihood(q, post)
-            update = class_softmax(potentials + log_pi + beta * neighbour_sum(q, weights))
+            update = class_softmax(potentials + log_pi
+                                   + coupling_field(neighbour_sum(q, weights), beta))
             damped = (1.0 - DAMPING) * q + DAMPING * update
             q = jnp.where((colour & roi)[..., None], damped, q)
         return q
@@ -259,7 +322,7 @@ def fit_hidden_potts_vb_psf(
         value = elbo(q, post, alpha, beta)
         previous = jnp.where(it > 0, trace[jnp.maximum(it - 1, 0)], -jnp.inf)
         return (q, post, alpha, beta, trace.at[it].set(value),
-                beta_trace.at[it].set(jnp.where(learn_beta, beta, jnp.nan)), it + 1,
+                beta_trace.at[it].set(beta if learn_beta else jnp.nan), it + 1,
                 jnp.abs(value - previous) / num_voxels)
 
     init = (q0, post0, alpha_0, beta0, trace0, trace0, jnp.int32(0), jnp.asarray(jnp.inf, dtype))

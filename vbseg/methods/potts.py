@@ -51,7 +51,7 @@ GIBBS_DRAWS_METHOD = (
 )
 
 
-def _noise_model(likelihood, crop_voi, options):
+def noise_model(likelihood, crop_voi, options):
     """(PSF FWHM per image or None, relative precision (x, y, z, M') or None)."""
     if options.psf_fwhm_mm is None:
         return None, None
@@ -73,7 +73,7 @@ def _fit(prepared, options, likelihood, features, prior_logit):
     reference, num_classes, tumour_class = prepared.reference, options.num_classes, options.tumour_class
     beta = default_beta(options)
     learn_beta = beta == "auto"
-    psf, precision = _noise_model(likelihood, prepared.crop_voi, options)
+    psf, precision = noise_model(likelihood, prepared.crop_voi, options)
     field, field_class = None, None
     if prior_logit is not None:
         # the k-means starts number classes by level in the first image (PET, or
