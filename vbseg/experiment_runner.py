@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vbseg.cluster import ClusterSpec, cluster_client, run_on_cluster
 from vbseg.errors import InputError
 from vbseg.experiment import PATH_KEYS, Experiment, Run
-from vbseg.experiment_task import is_finished, plan_tasks
+from vbseg.experiment_task import is_finished, plan_tasks, tidy_staging
 from vbseg.local_pool import run_in_processes, run_serially
 from vbseg.results import write_tables
 
@@ -86,6 +86,7 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: Clust
         bar = stack.enter_context(tqdm(total=len(runs), initial=skipped, unit="run", disable=not progress,
                                        desc=experiment.name, dynamic_ncols=True))
         stack.callback(write_tables, experiment, out)  # also after a failure or Ctrl-C
+        stack.callback(tidy_staging, out)
         for record in records:
             bar.set_postfix_str(record["case"])
             if record["status"] == "ok":

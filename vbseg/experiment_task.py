@@ -178,6 +178,15 @@ def remove_dead_attempts(out: Path) -> None:
             shutil.rmtree(Path(out) / STAGING / name, ignore_errors=True)
 
 
+def tidy_staging(out: Path) -> None:
+    """At the end of a sweep: the dead attempts' folders go, and the staging folder when empty."""
+    remove_dead_attempts(out)
+    try:
+        (Path(out) / STAGING).rmdir()
+    except OSError:
+        pass  # absent, or an attempt (of another host or shard) still writes there
+
+
 def _publish(out: Path, run: Run, staging: Path, record: dict) -> dict:
     """Write ``record`` as staging/result.json (last), rename the folder into ``runs/<id>``;
     returns what ``runs/<id>`` then holds: this record, or a finished record written first by
