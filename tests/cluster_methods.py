@@ -1,5 +1,6 @@
 """Test-only methods for the cluster tests, registered in every process that runs experiments
-through ``$VBSEG_METHODS=tests.cluster_methods`` (vbseg.methods.registry). Both behave as the
+through ``$VBSEG_METHODS=tests.cluster_methods`` (vbseg.methods.registry) when
+``$VBSEG_TEST_CONTROL`` is set (so collecting the tests registers nothing). Both behave as the
 fast ``eanm41`` threshold unless a control file in ``$VBSEG_TEST_CONTROL`` arms them:
 
 * ``test-pause-once``: with ``pause.armed`` present, the first caller renames it to
@@ -54,4 +55,5 @@ def unregister() -> None:
         REGISTRY.pop(name, None)
 
 
-register_all()
+if CONTROL_ENV in os.environ:  # a worker of the cluster tests (pytest's processes register in
+    register_all()            # the tests' fixture, and unregister after them)

@@ -147,6 +147,7 @@ def test_workers_that_cannot_see_the_files_are_refused(tmp_path, view, problem):
 BAD = [(["--cluster", "local:0"], "--cluster: local:0: expected a number of workers"),
        (["--cluster", "yarn"], "--cluster: expected local:N"),
        (["--cluster", "env"], "DASK_SCHEDULER_ADDRESS is not set"),
+       (["--cluster", "local:gpus"], "--cluster local:gpus: no GPU is visible"),
        (["--cluster", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler at tcp://127.0.0.1:9"),
        (["--cluster", "local:2", "--jobs", "2"], "--jobs: does not go with --cluster"),
        (["--shard", "2/2"], "--shard: expected I/N with 0 <= I < N"),
@@ -156,6 +157,7 @@ BAD = [(["--cluster", "local:0"], "--cluster: local:0: expected a number of work
 def test_bad_cluster_and_shard_options_are_one_line(tmp_path, monkeypatch, capsys):
     config = _config(tmp_path)
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         for arguments, problem in BAD:
             status = main(["experiment", str(config), "--out", str(tmp_path / "out"), *arguments])
@@ -173,7 +175,7 @@ def test_slurm_job_script_has_the_requested_resources():
                 "jobqueue.slurm.job-extra-directives": ["--gres=gpu:1"]}
     with dask.config.set(settings):  # the job reads the configuration when its script is made
         cluster = cluster_module.slurm_cluster(scheduler_options={"host": "127.0.0.1",
-                                                                  "dashboard": False})
+                                                                  "dashboard_address": ":0"})
         try:
             script = cluster.job_script()
         finally:

@@ -271,6 +271,8 @@ def cluster_client(spec: ClusterSpec, out, inputs) -> Iterator:
                 client = distributed.Client(scheduler_file=spec.address, timeout=_timeout_s())
             else:
                 client = distributed.Client(spec.address, timeout=_timeout_s())
+        except InputError:
+            raise
         except (OSError, TimeoutError, ValueError) as error:
             where = spec.address if spec.kind == "address" else spec.text
             raise InputError(spec.option, f"cannot reach the Dask scheduler at {where} "
