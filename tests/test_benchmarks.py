@@ -11,6 +11,7 @@ import pytest
 from benchmarks import (
     bench_beta,
     bench_calibration,
+    bench_cluster,
     bench_cohort,
     bench_gp,
     bench_multiscale,
@@ -246,3 +247,11 @@ def test_bench_conformal_split_study_on_exchangeable_scores():
     assert study["model_95"]["covered"] == pytest.approx(np.mean([c["volume_score"] <= 0 for c in cases]))
     assert study["risk_control"]["mean_fnr"] <= 0.1 + 0.02
     assert set(row["covered_by_diameter"]) == {"10", "11"}
+
+
+def test_bench_cluster_smoke(tmp_path):
+    record = bench_cluster.main(["--quick", "--out", str(tmp_path)])
+    assert [row["mode"] for row in record["rows"]] == ["--jobs 1", "--cluster local:1"]
+    assert all(row["failed"] == 0 and row["runs"] == 2 for row in record["rows"])
+    assert record["overhead"][0]["start_s"] > 0 and record["on_paper"]["wall_h"] > 0
+    assert "--cluster local:1" in (tmp_path / "bench_cluster.md").read_text()

@@ -146,18 +146,19 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    from vbseg import experiment_runner as ex
+    from vbseg import experiment_task
+    from vbseg.experiment_runner import run_experiment
 
     config = load_experiment(_write(tmp_path, TINY.format(seeds=1, beta="1.0", extra="")))
-    original = ex._case_inputs
+    original = experiment_task._case_inputs
 
     def flaky(run, folder):
         if run.case["spec"]["diameters_mm"] == 30.0:
             raise InputError("phantom", "simulated failure")
         return original(run, folder)
 
-    monkeypatch.setattr(ex, "_case_inputs", flaky)
-    summary = ex.run_experiment(config, tmp_path / "out", progress=False)
+    monkeypatch.setattr(experiment_task, "_case_inputs", flaky)
+    summary = run_experiment(config, tmp_path / "out", progress=False)
     assert summary["failed"] == 1 and summary["runs"] == 2
     rows = _rows(tmp_path / "out")
     assert sorted(r["status"] for r in rows) == ["failed", "ok"]

@@ -24,7 +24,7 @@ from vbseg.calibration import (
 )
 from vbseg.errors import InputError
 from vbseg.experiment import LEAVE_ONE_OUT, load_experiment, segment_kwargs
-from vbseg.experiment_runner import fit_case
+from vbseg.experiment_task import fit_case
 from vbseg.options import SegmentOptions
 from vbseg.population import source_digest
 from vbseg.result_folder import check_outputs

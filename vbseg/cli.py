@@ -18,11 +18,12 @@ from pathlib import Path
 
 from vbseg import __version__
 from vbseg.calibrate import calibrate
+from vbseg.cluster import parse_cluster
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError
 from vbseg.experiment import default_output, load_experiment
-from vbseg.experiment_runner import run_experiment
+from vbseg.experiment_runner import parse_shard, run_experiment
 from vbseg.methods import method_names
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.volume_error import describe
@@ -268,17 +269,33 @@ def _add_experiment(sub):
     p = sub.add_parser("experiment", help="run a TOML config: model variants x cases, resumable")
     p.add_argument("config", help="experiment config (TOML; see vbseg/experiment.py)")
     p.add_argument("--out", default=None, help="output folder (default results/<config name>)")
-    p.add_argument("--jobs", type=int, default=1, help="cases run in parallel processes (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="cases run in parallel processes here, no "
+                                                       "Dask needed (default 1)")
+    p.add_argument("--cluster", default=None, metavar="SPEC",
+                   help="run on a Dask cluster (pip install 'vbseg[cluster]'): local:N (N workers "
+                        "here), local:gpus (one per GPU), tcp://HOST:PORT, scheduler-file:PATH "
+                        "(SLURM), env ($DASK_SCHEDULER_ADDRESS, Kubernetes) or slurm:N "
+                        "(dask-jobqueue, 'vbseg[slurm]'); see docs/cluster.md")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the runs whose index in the full run list is I mod N (0-based), "
+                        "e.g. one per job-array task")
 
 
 def _run_experiment(args) -> int:
     if args.jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
+    cluster = None if args.cluster is None else parse_cluster(args.cluster)
+    if cluster is not None and args.jobs != 1:
+        raise InputError("--jobs", "does not go with --cluster (the cluster's workers run the runs)")
+    shard = None if args.shard is None else parse_shard(args.shard)
     experiment = load_experiment(args.config)
     out = args.out or default_output(args.config)
-    summary = run_experiment(experiment, out, jobs=args.jobs)
+    check_output_folder(out)
+    summary = run_experiment(experiment, out, jobs=args.jobs, cluster=cluster, shard=shard)
+    share = (f"; compile {summary['compile_s']:.1f} s of {summary['fit_s']:.1f} s in fits "
+             f"({summary['compile_s'] / summary['fit_s']:.0%})" if summary["fit_s"] > 0 else "")
     print(f"{summary['runs']} runs ({summary['skipped']} already finished, {summary['failed']} "
-          f"failed); table: {summary['table']}")
+          f"failed){share}; table: {summary['table']}")
     return 1 if summary["failed"] else 0
 
 

@@ -1,193 +1,99 @@
 """Running an experiment: each unfinished (case, variant) of a sweep, resumably, then the tables.
 
-:mod:`vbseg.experiment` reads and validates the config and names each run's folder; this module
-runs them (in this process or in spawned workers), records each run's result.json atomically and
-last, and rebuilds results.csv / results.md with :mod:`vbseg.results`. Apart from the config so
-that the tables (which read the config's runs) and the runner (which writes them) do not import
-each other.
+:mod:`vbseg.experiment` reads and validates the config and names each run's folder;
+:mod:`vbseg.experiment_task` turns the unfinished runs into tasks (one per run, plus the
+per-cohort stages of leave-one-out priors) and runs one; this module hands the tasks to an
+executor (this process, ``jobs`` spawned processes: :mod:`vbseg.local_pool`; a Dask cluster:
+:mod:`vbseg.cluster`), shows the progress, and rebuilds results.csv / results.md from the run
+folders with :mod:`vbseg.results` at the end, also after a failure or Ctrl-C.
+
+``shard = (I, N)`` runs only the runs whose index in the experiment's full run list is I mod N
+(0-based), for job arrays without an engine: N independent invocations (one per array task)
+cover every run exactly once, each skipping what is finished, and any of them (or a last
+plain one) rebuilds the full tables.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from multiprocessing import get_context
+import contextlib
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 from tqdm import tqdm
 
-from vbseg.compilation_cache import enable_compilation_cache
+from vbseg.cluster import ClusterSpec, cluster_client, run_on_cluster
 from vbseg.errors import InputError
-from vbseg.experiment import LEAVE_ONE_OUT, Experiment, Run, result_path, segment_kwargs
-from vbseg.metrics import (
-    brier_score,
-    crps_from_draws,
-    dice,
-    expected_calibration_error,
-    interval_score,
-    reliability_sums,
-    surface_metrics,
-)
-from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.pipeline import segment
-from vbseg.population import leave_one_out_prior
-from vbseg.posterior import Posterior
+from vbseg.experiment import PATH_KEYS, Experiment, Run
+from vbseg.experiment_task import is_finished, plan_tasks, tidy_staging
+from vbseg.local_pool import run_in_processes, run_serially
 from vbseg.results import write_tables
-from vbseg.writing import write_text_atomic
 
 
-def is_finished(out: Path, run: Run) -> bool:
-    path = result_path(out, run)
-    if not path.is_file():
-        return False
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` (0 <= I < N) as (I, N); InputError naming --shard otherwise."""
+    index, _, count = text.partition("/")
     try:
-        return json.loads(path.read_text()).get("status") == "ok"
-    except (OSError, ValueError):
-        return False
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise InputError("--shard", f"expected I/N with 0 <= I < N (0-based), got {text!r}")
+    return shard
 
 
-def _case_inputs(run: Run, folder: Path):
-    """(image paths, modalities, truth mask, truth fraction or None, true volume mL, spacing).
-
-    Phantoms also give the exact partial-volume fraction of each voxel inside a lesion, against
-    which their calibration is measured; real cases have only the manual mask.
-    """
-    case = run.case
-    if case["kind"] == "phantom":
-        spec = dict(case["spec"])
-        phantom = make_phantom(PhantomSpec(diameters_mm=(spec.pop("diameters_mm"),), **spec),
-                               seed=case["seed"])
-        paths = phantom.save(folder / "inputs")
-        return ([paths["pet"]], ["pet"], phantom.truth, phantom.truth_fraction, phantom.volume_ml,
-                phantom.pet.spacing)
-    label = nib.load(case["label"])
-    truth = np.asarray(label.dataobj) > 0
-    spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
-    return (case["images"], case["modalities"], truth, None,
-            float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
+def shard_runs(runs, shard: tuple[int, int] | None) -> list[Run]:
+    """The runs whose index in ``runs`` is I mod N (all of them when ``shard`` is None)."""
+    if shard is None:
+        return list(runs)
+    index, count = shard
+    return [run for position, run in enumerate(runs) if position % count == index]
 
 
-@dataclass(frozen=True, eq=False)
-class CaseFit:
-    """One case fitted: the posterior, the truth mask on its grid, the exact partial-volume
-    fraction (phantoms) or None, the true volume (mL) and the voxel spacing (mm)."""
-
-    posterior: Posterior
-    truth: np.ndarray
-    fraction: np.ndarray | None
-    true_ml: float
-    spacing: tuple
-
-
-def fit_case(run: Run, folder: Path, out: Path | None, experiment_out: Path | None = None) -> CaseFit:
-    """Fit one (case, variant): phantom inputs are written under ``folder``, the outputs into
-    ``out`` (None: none written); ``experiment_out`` holds the leave-one-out priors' cache."""
-    images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, folder)
-    kwargs = segment_kwargs(run.variant)
-    if kwargs.get("prior") == LEAVE_ONE_OUT:
-        kwargs["prior"] = _leave_one_out_prior(run.case, experiment_out)
-    posterior = segment(images, out, modalities=modalities, seed=run.case["seed"], overwrite=True,
-                        title=run.case["name"], **kwargs)
-    if posterior.probability.shape != truth.shape:
-        raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
-    return CaseFit(posterior, truth, fraction, true_ml, spacing)
+def input_files(runs) -> set[str]:
+    """Every file the runs read: real cases' images, labels and index; prior and checkpoint
+    files of the variants (phantoms are generated)."""
+    files = set()
+    for run in runs:
+        case = run.case
+        if case["kind"] == "real":
+            files.update([*case["images"], case["label"], *([case["index"]] if "index" in case else [])])
+        files.update(str(run.variant[key]) for key in PATH_KEYS
+                     if key in run.variant and Path(str(run.variant[key])).is_absolute())
+    return files
 
 
-def execute(run: Run, out: Path) -> dict:
-    """Run one (case, variant); write its outputs and result.json (atomically, last)."""
-    folder = out / "runs" / run.run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": run.run_id, "case": run.case["name"], "variant": run.variant_text,
-              "settings": run.variant, "case_spec": run.case, "seed": run.case["seed"]}
-    started = time.perf_counter()
-    try:
-        fit = fit_case(run, folder, folder / "outputs", out)
-        posterior, truth, fraction, true_ml, spacing = (fit.posterior, fit.truth, fit.fraction,
-                                                        fit.true_ml, fit.spacing)
-        volume = posterior.volume_interval()
-        contour = posterior.probability >= 0.5
-        surface = surface_metrics(contour, truth, spacing, tolerance_mm=2.0)
-        timings = posterior.summary["timings_s"]
-        record.update({
-            "status": "ok", "model": posterior.summary["model"],
-            "dice50": dice(contour, truth), "hd95_mm": surface["hd95_mm"],
-            "asd_mm": surface["asd_mm"], "sdice_2mm": surface["sdice"], "vol_true_ml": true_ml,
-            "vol_mean_ml": volume["mean"], "vol_lower_ml": volume["lower"],
-            "vol_upper_ml": volume["upper"],
-            "covered": bool(volume["lower"] <= true_ml <= volume["upper"]),
-            "interval_score": interval_score(volume["lower"], volume["upper"], true_ml),
-            "crps_ml": crps_from_draws(posterior.volume_draws_ml, true_ml),
-            "ece": expected_calibration_error(posterior.probability, truth, posterior.voi),
-            "brier": brier_score(posterior.probability, truth, posterior.voi),
-            "compile_s": timings["compile"], "run_s": timings["run"],
-            "warnings": [warning["code"] for warning in posterior.summary.get("warnings", [])],
-            "fit_voxels": int(np.prod(posterior.probability.shape) if posterior.voi is None
-                              else np.count_nonzero(posterior.voi)),
-            "reliability": reliability_sums(posterior.probability, truth, posterior.voi),
-        })
-        if fraction is not None:
-            record["reliability_fraction"] = reliability_sums(posterior.probability, fraction,
-                                                              posterior.voi)
-    except Exception as error:  # a failed run is recorded and the sweep goes on
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        record.update({"status": "failed", "error": f"{type(error).__name__}: {message}",
-                       "traceback": traceback.format_exc()})
-    record["wall_s"] = time.perf_counter() - started
-    write_text_atomic(folder / "result.json", json.dumps(record, indent=2, default=float) + "\n")
-    return record
+def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: ClusterSpec | None = None,
+                   shard: tuple[int, int] | None = None, progress: bool = True) -> dict:
+    """Run every unfinished run of ``experiment`` (of its ``shard``) into ``out``; rebuild the
+    tables.
 
-
-def _leave_one_out_prior(case: dict, out: Path):
-    """The prior learned from the case's cohort without it (cached under ``out/priors``)."""
-    return leave_one_out_prior(case["index"], case["modalities"], case["cohort"], case["index_case"],
-                               out / "priors")
-
-
-def _execute_in_child(args):
-    run, out = args
-    enable_compilation_cache()
-    return execute(run, Path(out))
-
-
-def run_experiment(experiment: Experiment, out, *, jobs: int = 1, progress: bool = True) -> dict:
-    """Run every unfinished run of ``experiment`` into ``out``; rebuild the tables.
-
-    Returns {"runs", "skipped", "failed", "table"}. ``jobs`` > 1 runs cases in that many spawned
-    processes (JAX does not survive fork).
+    Returns {"runs", "skipped", "failed", "table", "compile_s", "fit_s"} (the last two summed
+    over the runs fitted now: compile time, and compile plus run time). ``jobs`` > 1 runs tasks
+    in that many spawned processes (JAX does not survive fork); ``cluster`` on a Dask cluster.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [run for run in experiment.runs if not is_finished(out, run)]
-    # leave-one-out priors: the per-case fits they share are cached once, here, before any
-    # worker starts (one run per cohort fills the cache)
-    cohorts = {}
-    for run in todo:
-        if run.variant.get("prior") == LEAVE_ONE_OUT:
-            cohorts.setdefault((run.case["index"], tuple(run.case["modalities"])), run.case)
-    for case in cohorts.values():
-        _leave_one_out_prior(case, out)
-    skipped = len(experiment.runs) - len(todo)
-    bar = tqdm(total=len(experiment.runs), initial=skipped, unit="run", disable=not progress,
-               desc=experiment.name, dynamic_ncols=True)
-    failed = 0
-    try:
-        if jobs <= 1:
-            for run in todo:
-                bar.set_postfix_str(run.label)
-                failed += execute(run, out)["status"] != "ok"
-                bar.update(1)
+    runs = shard_runs(experiment.runs, shard)
+    todo = [run for run in runs if not is_finished(out, run)]
+    skipped = len(runs) - len(todo)
+    tasks = plan_tasks(todo, out)
+    failed, compile_s, fit_s = 0, 0.0, 0.0
+    with contextlib.ExitStack() as stack:
+        if cluster is not None:
+            client = stack.enter_context(cluster_client(cluster, out, input_files(todo)))
+            records = run_on_cluster(client, tasks, out)
         else:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                for record in pool.map(_execute_in_child, [(run, str(out)) for run in todo]):
-                    bar.set_postfix_str(record["case"])
-                    failed += record["status"] != "ok"
-                    bar.update(1)
-    finally:
-        bar.close()
-        table = write_tables(experiment, out)
-    return {"runs": len(experiment.runs), "skipped": skipped, "failed": failed, "table": table}
+            out.mkdir(parents=True, exist_ok=True)
+            records = run_serially(tasks, out) if jobs <= 1 else run_in_processes(tasks, out, jobs)
+        bar = stack.enter_context(tqdm(total=len(runs), initial=skipped, unit="run", disable=not progress,
+                                       desc=experiment.name, dynamic_ncols=True))
+        stack.callback(write_tables, experiment, out)  # also after a failure or Ctrl-C
+        stack.callback(tidy_staging, out)
+        for record in records:
+            bar.set_postfix_str(record["case"])
+            if record["status"] == "ok":
+                compile_s += record["compile_s"]
+                fit_s += record["compile_s"] + record["run_s"]
+            else:
+                failed += 1
+            bar.update(1)
+    return {"runs": len(runs), "skipped": skipped, "failed": failed, "table": out / "results.csv",
+            "compile_s": compile_s, "fit_s": fit_s}

@@ -292,44 +292,78 @@ def _cached(path: Path, compute):
     return value
 
 
+class LeaveOneOutCohort:
+    """The cached per-case fits behind leave-one-out priors over ``cohort`` (case names in
+    ``index``, with ``modalities``), under ``cache_dir`` (pickles keyed by the index, modalities,
+    cohort, classes, code and input files: :func:`cache_folder`).
+
+    Two stages, each one fit per case: :meth:`statistics` (the case's constrained fit, which
+    uses only that case) and :meth:`entry` (the case contoured with the prior pooled from the
+    others' statistics: its volume-error entry). :meth:`prior` pools them for one held-out
+    case. Each method computes what is missing and caches it (written atomically), so the n
+    folds of a study cost n + n fits, not n^2, and an experiment runs the stages as separate
+    tasks (every statistics before any entry) on as many workers as it has.
+    """
+
+    def __init__(self, index, modalities, cohort, cache_dir, *, num_tumour=DEFAULT_TUMOUR_CLASSES,
+                 num_background=DEFAULT_BACKGROUND_CLASSES, progress=None):
+        self.index, self.modalities = index, [str(m).lower() for m in modalities]
+        self.cohort = sorted(cohort)
+        self.num_tumour, self.num_background, self.progress = num_tumour, num_background, progress
+        if len(self.cohort) < MIN_CALIBRATION_CASES + 1:
+            raise InputError(os.fspath(index), f"leave-one-out priors need >= {MIN_CALIBRATION_CASES + 1} "
+                                               f"cases with {'+'.join(self.modalities)}, found "
+                                               f"{len(self.cohort)}")
+        self.cases = read_cases(index, self.modalities, self.cohort)
+        self.names = [c.name for c in self.cases]
+        self.folder = cache_folder(cache_dir, index, self.modalities, self.cohort, self.cases,
+                                   num_tumour, num_background)
+
+    def _position(self, name: str) -> int:
+        if name not in self.names:
+            raise InputError(os.fspath(self.index), f"case {name!r} is not in the leave-one-out cohort")
+        return self.names.index(name)
+
+    def statistics(self, name: str):
+        """Case ``name``'s constrained fit (:func:`case_statistics`)."""
+        case = self.cases[self._position(name)]
+        return _cached(self.folder / f"stats_{name}.pkl", lambda: case_statistics(
+            [load_training_case(case)], self.modalities, num_tumour=self.num_tumour,
+            num_background=self.num_background)[0][0])
+
+    def entry(self, name: str) -> dict:
+        """Case ``name`` contoured with the prior pooled from the others' statistics."""
+        j = self._position(name)
+
+        def compute():
+            stats = [self.statistics(other) for other in self.names]
+            shape = bucket_shape(nib.load(self.cases[j].label).shape[:3], BULK_BUCKET)
+            return calibration_entry_from_others(
+                load_training_case(self.cases[j]), shape, stats[:j] + stats[j + 1:],
+                self.names[:j] + self.names[j + 1:], self.modalities, num_tumour=self.num_tumour,
+                progress=self.progress)
+        return _cached(self.folder / f"entry_{name}.pkl", compute)
+
+    def prior(self, held_out: str, *, interaction=False) -> PopulationPrior:
+        """The prior for ``held_out``: :func:`held_out_prior` over the cached stages."""
+        position = self._position(held_out)
+        stats = [self.statistics(name) for name in self.names]
+        entries = [self.entry(name) for name in self.names]
+        return held_out_prior(stats, entries, self.names, position, self.modalities,
+                              num_tumour=self.num_tumour, interaction=interaction)
+
+
 def leave_one_out_prior(index, modalities, cohort, held_out: str, cache_dir, *,
                         num_tumour=DEFAULT_TUMOUR_CLASSES, num_background=DEFAULT_BACKGROUND_CLASSES,
                         interaction=False, progress=None) -> PopulationPrior:
     """The population prior for ``held_out`` learned from the other cases of ``cohort`` (names in
     ``index``, with ``modalities``): what an experiment config's ``prior = "leave-one-out"``
-    uses. Each case's constrained fit and leave-one-out volume entry is computed once and
-    cached under ``cache_dir`` (pickles keyed by the index, modalities, cohort, classes and
-    code and input files: :func:`cache_folder`), so the n folds of a study cost n + n fits, not
-    n^2."""
-    modalities = [str(m).lower() for m in modalities]
-    cohort = sorted(cohort)
+    uses (:class:`LeaveOneOutCohort`: each per-case fit computed once and cached)."""
     if held_out not in cohort:
         raise InputError(os.fspath(index), f"case {held_out!r} is not in the leave-one-out cohort")
-    if len(cohort) < MIN_CALIBRATION_CASES + 1:
-        raise InputError(os.fspath(index), f"leave-one-out priors need >= {MIN_CALIBRATION_CASES + 1} "
-                                           f"cases with {'+'.join(modalities)}, found {len(cohort)}")
-    cases = read_cases(index, modalities, cohort)
-    folder = cache_folder(cache_dir, index, modalities, cohort, cases, num_tumour, num_background)
-    training = {}
-
-    def case(j):
-        if j not in training:
-            training[j] = load_training_case(cases[j])
-        return training[j]
-
-    shapes = [bucket_shape(nib.load(c.label).shape[:3], BULK_BUCKET) for c in cases]
-    stats = [_cached(folder / f"stats_{c.name}.pkl",
-                     lambda j=j: case_statistics([case(j)], modalities, num_tumour=num_tumour,
-                                                 num_background=num_background)[0][0])
-             for j, c in enumerate(cases)]
-    names = [c.name for c in cases]
-    entries = [_cached(folder / f"entry_{c.name}.pkl",
-                       lambda j=j: calibration_entry_from_others(
-                           case(j), shapes[j], stats[:j] + stats[j + 1:], names[:j] + names[j + 1:],
-                           modalities, num_tumour=num_tumour, progress=progress))
-               for j, c in enumerate(cases)]
-    return held_out_prior(stats, entries, names, cohort.index(held_out), modalities,
-                          num_tumour=num_tumour, interaction=interaction)
+    return LeaveOneOutCohort(index, modalities, cohort, cache_dir, num_tumour=num_tumour,
+                             num_background=num_background, progress=progress
+                             ).prior(held_out, interaction=interaction)
 
 
 def fit_population_prior(training: list[TrainingCase], modalities, *,

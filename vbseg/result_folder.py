@@ -117,7 +117,7 @@ def pause_point(stage: str) -> None:
     time.sleep(PAUSE_S)
 
 
-def _lock_owner_gone(text: str) -> bool:
+def lock_owner_gone(text: str) -> bool:
     """True when the lock's "PID HOST" names a process of this host that no longer runs."""
     try:
         pid_text, host = text.split()
@@ -148,7 +148,7 @@ def held_lock(folder):
                 owner = path.read_text()
             except FileNotFoundError:  # its run just finished
                 continue
-            if attempt == 0 and _lock_owner_gone(owner):
+            if attempt == 0 and lock_owner_gone(owner):
                 path.unlink(missing_ok=True)
                 continue
             raise OutputError(path, f"another vbseg run (pid {' on '.join(owner.split()) or 'unknown'}) "

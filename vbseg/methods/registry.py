@@ -10,8 +10,12 @@ result into a :class:`~vbseg.posterior.Posterior`.
 
 Methods register themselves: each module of the :mod:`vbseg.methods` package calls
 :func:`register` when imported, and :func:`load_methods` imports every module of the package,
-so a new method is one new module there (plus its test). The CLI's ``--model`` choices and the
-experiment runner's model names come from :func:`method_names`.
+so a new method is one new module there (plus its test). A method of one's own outside the
+package is a module that calls :func:`register`, named in ``$VBSEG_METHODS`` (comma-separated
+importable modules): :func:`load_methods` imports those too, in every process that looks a
+method up, so spawned ``--jobs`` processes and Dask workers (which inherit or are given the
+variable) know it as well. The CLI's ``--model`` choices and the experiment runner's model names
+come from :func:`method_names`.
 """
 
 from __future__ import annotations
@@ -96,11 +100,20 @@ def register(method: Method) -> Method:
     return method
 
 
+METHODS_ENV = "VBSEG_METHODS"
+
+
 def load_methods() -> dict[str, Method]:
-    """Import every module of :mod:`vbseg.methods` (each registers its methods); the registry."""
+    """Import every module of :mod:`vbseg.methods` and of ``$VBSEG_METHODS`` (each registers
+    its methods); the registry."""
     package = importlib.import_module("vbseg.methods")
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"vbseg.methods.{module.name}")
+    for name in filter(None, (n.strip() for n in os.environ.get(METHODS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise InputError(f"${METHODS_ENV}", f"cannot import {name} ({error})") from None
     return REGISTRY
 
 
