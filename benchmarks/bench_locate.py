@@ -48,6 +48,7 @@ Without ../shared/data it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -62,23 +63,27 @@ from benchmarks.common import RESULTS, machine, write_report
 from vbseg.experiment import load_experiment
 from vbseg.experiment_runner import run_experiment
 from vbseg.folds import AVID_MEAN_SUV, load_folds, training_cases
+from vbseg.models.deep import load_checkpoint, save_checkpoint
 from vbseg.population import fit_prior
 from vbseg.results import load_records
+from vbseg.training import load_settings, train
 from vbseg.writing import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = (ROOT / "../shared/data/cases.json").resolve()
 FOLDS = ROOT / "experiments" / "folds" / "sarcoma_5fold.json"
 MODALITIES = ["pet", "ct", "mr"]
+TRAIN_CONFIG = ROOT / "experiments" / "train_pet_ct_mr.toml"
 NAME = "bench_locate"
 
 
 def method_name(record: dict) -> str:
     settings = record.get("settings", {})
     name = settings.get("name", "potts")
-    if "prior" in settings:
-        return "prior (fold)" if name == "potts" else f"{name} (fold prior)"
-    return name
+    learned = [part for key, part in (("prior", "prior"), ("checkpoint", "network")) if key in settings]
+    if name == "potts" and learned == ["prior"]:
+        return "prior (fold)"
+    return f"{name} (fold {' + '.join(learned)})" if learned else name
 
 
 RECROP_MM = (10.0, 50.0)
@@ -124,14 +129,35 @@ def recrop_index(index: Path, cases: list[str], folder: Path) -> Path:
     return target
 
 
-def config_text(name: str, cases: list[str], models: list[str], prior: Path | None,
-                index: Path = INDEX) -> str:
-    """An experiment config (TOML) contouring ``cases`` on PET + CT + MR with ``models``."""
+def fold_network(folder: Path, fold: int, held_out: list[str]) -> tuple[Path, float | None]:
+    """(checkpoint path, training seconds or None when reused): the PET + CT + MR network of
+    experiments/train_pet_ct_mr.toml trained on every shared sarcoma but the fold's
+    ``held_out`` cases (synthetic patches, then fine-tuning mixed with those cases' patches)."""
+    out = folder / f"fold{fold}.eqx"
+    if out.is_file():
+        meta = load_checkpoint(out).meta
+        if not set(meta.get("real_cases", [])) & set(held_out):
+            return out, None
+    settings = load_settings(TRAIN_CONFIG)
+    settings = dataclasses.replace(settings, cases=str(INDEX), exclude_cases=tuple(held_out))
+    started = time.perf_counter()
+    checkpoint = train(settings)
+    seconds = time.perf_counter() - started
+    if set(checkpoint.meta.get("real_cases", [])) & set(held_out):
+        raise RuntimeError(f"fold {fold}: the network saw a held-out case")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, checkpoint)
+    return out, seconds
+
+
+def config_text(name: str, cases: list[str], models: list[str], index: Path = INDEX,
+                **settings) -> str:
+    """An experiment config (TOML) contouring ``cases`` on PET + CT + MR with ``models`` and
+    the further ``[model]`` settings (strings or paths)."""
     lines = ["[experiment]", f'name = "{name}"', "[real]", f'index = "{index}"',
              f"cases = {cases!r}".replace("'", '"'), f"modalities = {MODALITIES!r}".replace("'", '"'),
              "[model]", f"name = {models!r}".replace("'", '"')]
-    if prior is not None:
-        lines.append(f'prior = "{prior}"')
+    lines += [f'{key} = "{value}"' for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +176,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the fold networks (cached) and stop")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
         print(f"bench_locate: {INDEX} not found; nothing to measure (the sarcomas are needed)")
@@ -168,6 +196,15 @@ def main(argv=None) -> int:
             fit_prior(INDEX, MODALITIES, prior, names=training_cases(folds, f), calibrate=False)
             prior_s[f] = time.perf_counter() - begin
         priors.append(prior)
+    networks, network_s = [], {}
+    for f, held_out in enumerate(folds["folds"]):
+        path, seconds = fold_network(work / "networks", f, held_out)
+        networks.append(path)
+        if seconds is not None:
+            network_s[f] = seconds
+            print(f"fold {f}: network trained in {seconds / 60:.1f} min", flush=True)
+    if args.train_only:
+        return 0
     every = sorted(case for fold in folds["folds"] for case in fold)
     studies = {"centred": (INDEX, work),
                "recrop": (recrop_index(INDEX, every, work / "recrops"), work / "recrop")}
@@ -176,11 +213,19 @@ def main(argv=None) -> int:
     sections, runs, run_s = [], 0, 0.0
     for study, (index, folder) in studies.items():
         records = run_config(folder / "reference", config_text(
-            f"locate_reference_{study}", every, ["suv2.5", "potts"], None, index), args.jobs)
+            f"locate_reference_{study}", every, ["suv2.5", "potts"], index), args.jobs)
         for f, held_out in enumerate(folds["folds"]):
+            cases = sorted(held_out)
             records += run_config(folder / f"fold{f}", config_text(
-                f"locate_fold{f}_{study}", sorted(held_out), ["potts", "locate-potts"], priors[f],
-                index), args.jobs)
+                f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, prior=priors[f]),
+                args.jobs)
+            for tag, models, settings in (
+                    ("cnn", ["cnn"], dict(checkpoint=networks[f])),
+                    ("net", ["locate-potts"], dict(locator="network", checkpoint=networks[f])),
+                    ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f],
+                                                    prior=priors[f]))):
+                records += run_config(folder / f"fold{f}_{tag}", config_text(
+                    f"locate_fold{f}_{tag}_{study}", cases, models, index, **settings), args.jobs)
         runs += len(records)
         run_s += sum(r.get("wall_s", 0.0) for r in records)
         entry, text = study_report(records)

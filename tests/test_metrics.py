@@ -114,3 +114,14 @@ def test_pooled_reliability_equals_reliability_of_the_union():
     np.testing.assert_allclose(observed, want_observed, rtol=1e-12)
     assert calibration_error_of_bins(predicted, observed, counts) == pytest.approx(
         expected_calibration_error(flat_p, flat_t), rel=1e-12)
+
+
+def test_an_empty_contour_is_as_far_off_as_the_voi_allows():
+    """voi_diagonal_mm: the diagonal of the VOI's bounding box on an anisotropic grid (the
+    HD95 the experiment runner gives a run whose 50 % contour is empty)."""
+    from vbseg.metrics import voi_diagonal_mm
+
+    voi = np.zeros((10, 10, 10), bool)
+    voi[2:5, 1:9, 4:6] = True  # 3 x 8 x 2 voxels
+    assert voi_diagonal_mm(voi, (2.0, 1.0, 4.0)) == pytest.approx(np.sqrt(6.0**2 + 8.0**2 + 8.0**2))
+    assert np.isnan(voi_diagonal_mm(np.zeros((3, 3, 3), bool), (1.0, 1.0, 1.0)))

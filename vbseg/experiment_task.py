@@ -42,6 +42,7 @@ from vbseg.metrics import (
     interval_score,
     reliability_sums,
     surface_metrics,
+    voi_diagonal_mm,
 )
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.pipeline import segment
@@ -135,6 +136,9 @@ def _scores(fit: CaseFit) -> dict:
     volume = posterior.volume_interval()
     contour = posterior.probability >= 0.5
     surface = surface_metrics(contour, truth, fit.spacing, tolerance_mm=2.0)
+    if truth.any() and not contour.any():  # nothing found: as far off as the VOI allows
+        voi = posterior.voi if posterior.voi is not None else np.ones(contour.shape, bool)
+        surface["hd95_mm"] = voi_diagonal_mm(voi, fit.spacing)
     timings = posterior.summary["timings_s"]
     scores = {
         "status": "ok", "model": posterior.summary["model"],

@@ -96,6 +96,17 @@ def calibration_error_of_bins(predicted, observed, counts) -> float:
                                                  - np.asarray(observed)[filled])) / counts.sum())
 
 
+def voi_diagonal_mm(voi, spacing_mm) -> float:
+    """The diagonal (mm) of the bounding box of ``voi`` (a bool mask; None or empty: the whole
+    grid cannot be named, so NaN): the HD95 an empty contour is given when the truth is not
+    empty (a contour that found nothing is as far from the lesion as the VOI allows)."""
+    if voi is None or not np.any(voi):
+        return float("nan")
+    index = np.nonzero(voi)
+    extent = np.array([int(i.max()) - int(i.min()) + 1 for i in index], float)
+    return float(np.linalg.norm(extent * np.asarray(spacing_mm, float)))
+
+
 def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
     """Surface distances between two masks, with DeepMind's ``surface-distance`` library.
 
