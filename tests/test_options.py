@@ -61,3 +61,26 @@ def test_check_validates_the_options_against_the_inputs():
                                          box="0:4,0:4,0:4")
     with pytest.raises(InputError, match="--classes"):
         SegmentOptions(num_classes=9).check(num_images=1, modalities=["pet"], levels_percent=(50,))
+
+
+def test_every_option_is_listed_once_and_reaches_the_cli_and_the_configs():
+    """SegmentOptions is the one list of the model options: each field is a `vbseg segment`
+    option whose dest is the field's name, and a key of experiment configs; parsing a command
+    line gives exactly the fields it names (the rest keep the dataclass's defaults)."""
+    import dataclasses
+
+    from vbseg.cli import build_parser, option_values
+    from vbseg.experiment import MODEL_KEYS
+    from vbseg.options import SegmentOptions
+
+    names = {field.name for field in dataclasses.fields(SegmentOptions)}
+    segment = next(action for action in build_parser()._subparsers._group_actions[0].choices.values()
+                   if action.prog.endswith("segment"))
+    dests = {action.dest for action in segment._actions}
+    assert names <= dests
+    assert {field for field, _ in MODEL_KEYS.values()} == names
+    args = build_parser().parse_args(["segment", "pet.nii.gz", "--out", "o", "--classes", "3",
+                                      "--beta", "auto", "--field-weight", "1.5", "--psf-fwhm", "6"])
+    assert option_values(args) == {"num_classes": 3, "beta": "auto", "field_weight": 1.5,
+                                   "psf_fwhm_mm": 6.0}
+    assert SegmentOptions(**option_values(args)).neighbourhood == SegmentOptions().neighbourhood

@@ -10,6 +10,7 @@ is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -27,7 +28,7 @@ from vbseg.experiment_runner import parse_shard, run_experiment
 from vbseg.methods import method_names
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.models.volume_error import describe
-from vbseg.options import DEFAULT_VOLUME_DRAWS, check_seed
+from vbseg.options import SegmentOptions, check_seed
 from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
 from vbseg.pipeline import segment
 from vbseg.population import fit_prior
@@ -85,54 +86,54 @@ def _add_segment(sub):
     p.add_argument("--reference", default=None, metavar="MASK",
                    help="reference delineation (non-zero = inside) on the first image's grid: "
                         "drawn in overview.png, Dice of each contour in summary.json")
-    p.add_argument("--model", default="potts",
+    p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
                    + " (default potts; --prior selects the population prior)")
-    p.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
-    p.add_argument("--fusion", default=None,
+    p.add_argument("--classes", dest="num_classes", type=int, help="number of classes K (default 2)")
+    p.add_argument("--fusion", dest="fusion",
                    help="which images enter the label model's likelihood: 'pet' (PET alone decides "
                         "tumour and background; the default with PET among several images: a class "
                         "split over CT or MR finds body/air or fat/muscle first) or 'joint' (every "
                         "image; the default without PET)")
-    p.add_argument("--beta", default=None,
+    p.add_argument("--beta", dest="beta",
                    help="Potts coupling: a number >= 0, or 'auto' to learn it (pseudo-likelihood "
                         "variational EM); default 0.5, 1.5 with --psf-fwhm")
-    p.add_argument("--neighbourhood", type=int, default=6,
+    p.add_argument("--neighbourhood", dest="neighbourhood", type=int,
                    help="Potts neighbourhood: 6 (faces) or 26 (faces, edges, corners); weights "
                         "by inverse voxel distance (default 6)")
-    p.add_argument("--restarts", default="full",
+    p.add_argument("--restarts", dest="restarts",
                    help="where the k-means restarts of the Potts fit run: 'full' on the image's "
                         "grid (default), or 'coarse' on a 2x2x2 coarser grid first with one "
                         "full-grid fit per distinct solution (faster on large grids, 3x at 144^3; "
                         "it can end in another mode: see benchmarks/results/bench_multiscale.md)")
     p.add_argument("--levels", default="10,50,90", help="contour levels in percent (default 10,50,90)")
-    p.add_argument("--tumour-class", type=int, default=None,
+    p.add_argument("--tumour-class", dest="tumour_class", type=int,
                    help="which class is tumour when no PET is given (classes ordered by mean "
                         "in the first image, 0 = darkest)")
-    p.add_argument("--volume-draws", type=int, default=None, help="posterior volume draws")
-    p.add_argument("--psf-fwhm", type=float, default=None,
+    p.add_argument("--volume-draws", dest="volume_draws", type=int, help="posterior volume draws")
+    p.add_argument("--psf-fwhm", dest="psf_fwhm_mm", type=float,
                    help="PET scanner PSF FWHM in mm: model the blur (for small lesions in a "
                         "uniform background, e.g. phantom spheres; on whole-image sarcoma PET it "
                         "lowered Dice 0.56 -> 0.36: see benchmarks/results/psf_sarcoma.md)")
-    p.add_argument("--fraction-levels", type=int, default=None, metavar="L",
+    p.add_argument("--fraction-levels", dest="fraction_levels", type=int, metavar="L",
                    help="with --model pv-potts: tumour-fraction levels k/(L-1) per voxel (default 9)")
-    p.add_argument("--wall-mm", type=float, default=None, metavar="W",
+    p.add_argument("--wall-mm", dest="wall_mm", type=float, metavar="W",
                    help="with --model pv-potts: a cold shell of W mm around the lesion in the PET "
                         "forward model (NEMA IEC sphere glass walls, about 1 mm; default none)")
-    p.add_argument("--pet-noise", default="poisson",
+    p.add_argument("--pet-noise", dest="pet_noise",
                    help="with --psf-fwhm: PET noise variance 'poisson' (grows with uptake, "
                         "default) or 'constant'")
-    p.add_argument("--sampler", default="vb",
+    p.add_argument("--sampler", dest="sampler",
                    help="vb (mean-field; volume interval from independent voxels, too narrow) or "
                         "gibbs (posterior draws of the label field from the VB start)")
-    p.add_argument("--emission", default="gaussian",
+    p.add_argument("--emission", dest="emission",
                    help="class intensity model: gaussian (default), student (Student-t, robust to "
                         "outlier voxels) or lognormal (PET on the log scale)")
-    p.add_argument("--covariance", default="diagonal",
+    p.add_argument("--covariance", dest="covariance",
                    help="diagonal (modalities independent given the class, default) or full "
                         "(a covariance across modalities; images must cover the whole VOI)")
-    p.add_argument("--dof", type=float, default=4.0,
+    p.add_argument("--dof", dest="dof", type=float,
                    help="Student-t degrees of freedom with --emission student (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--series", action="append", default=None, metavar="UID",
@@ -144,30 +145,30 @@ def _add_segment(sub):
     p.add_argument("--dicom-seg", action="store_true",
                    help="write prob_seg.dcm, a FRACTIONAL/PROBABILITY DICOM SEG of P(tumour) on the "
                         "first input's series (or on --rtstruct's when the first input is NIfTI)")
-    p.add_argument("--prior", default=None,
+    p.add_argument("--prior", dest="prior",
                    help="population prior learned from delineated cases (a JSON from vbseg fit-prior, "
                         "or 'sarcoma' for the packaged PET+CT+MR soft-tissue sarcoma prior)")
-    p.add_argument("--checkpoint", default=None,
+    p.add_argument("--checkpoint", dest="checkpoint",
                    help="network checkpoint (.eqx, with its .json) for the deep models; default: "
                         "the packaged one for pet; pet,ct; pet,ct,mr inputs")
-    p.add_argument("--locator", default=None,
+    p.add_argument("--locator", dest="locator",
                    help="what locates the lesion for --model locate-potts: the population prior "
                         "(--prior, default the packaged sarcoma prior for pet,ct,mr inputs), the "
                         "network (--checkpoint) or both; default: prior where one fits, else network")
-    p.add_argument("--locate-margin", type=float, default=None, metavar="MM",
+    p.add_argument("--locate-margin", dest="locate_margin_mm", type=float, metavar="MM",
                    help="margin around the located regions for --model locate-potts (default 20 mm)")
-    p.add_argument("--external-field", default=None, metavar="LOG_ODDS",
+    p.add_argument("--external-field", dest="external_field", metavar="LOG_ODDS",
                    help="prior log-odds map of tumour (NIfTI on the first image's grid, e.g. an "
                         "atlas) added to the tumour class's prior of --model potts or gp")
-    p.add_argument("--field-weight", default="auto",
+    p.add_argument("--field-weight", dest="field_weight",
                    help="weight of the log-odds map: 'auto' (learned from the image, default) or "
                         "a number >= 0")
-    p.add_argument("--intensity-field", default=None,
+    p.add_argument("--intensity-field", dest="intensity_field",
                    help="fit a smooth GP intensity field with the labels (potts, deep-potts): 'all' "
                         "adds it to every class's mean in the first image (an MR bias field), "
                         "'tumour' to the tumour class's (heterogeneous uptake); writes "
                         "intensity_field.nii.gz")
-    p.add_argument("--intensity-lengthscale", type=float, default=None, metavar="MM",
+    p.add_argument("--intensity-lengthscale", dest="intensity_lengthscale_mm", type=float, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="a calibration from 'vbseg calibrate' made with the same fit options: adds "
@@ -341,42 +342,34 @@ def _segment_kwargs(args) -> dict:
     if modalities is None and any(os.path.isdir(p) for p in args.images):
         modalities = default_modalities(args.images, args.series)  # from the DICOM headers
     return dict(
+        option_values(args),
         modalities=modalities,
         roi=args.roi,
         box=args.box,
-        model=args.model,
-        num_classes=args.classes,
-        beta=_beta(args.beta),
-        neighbourhood=args.neighbourhood,
-        restarts=args.restarts,
-        fusion=args.fusion,
         levels_percent=_number_list("--levels", args.levels),
-        tumour_class=args.tumour_class,
         seed=args.seed,
-        volume_draws=DEFAULT_VOLUME_DRAWS if args.volume_draws is None else args.volume_draws,
-        psf_fwhm_mm=args.psf_fwhm,
-        fraction_levels=args.fraction_levels,
-        wall_mm=args.wall_mm,
-        pet_noise=args.pet_noise,
-        sampler=args.sampler,
-        emission=args.emission,
-        covariance=args.covariance,
-        dof=args.dof,
         series_uid=args.series,
         overwrite=args.overwrite,
-        prior=args.prior,
-        checkpoint=args.checkpoint,
-        external_field=args.external_field,
-        intensity_field=args.intensity_field,
-        intensity_lengthscale_mm=args.intensity_lengthscale,
-        field_weight=_weight(args.field_weight),
-        locator=args.locator,
-        locate_margin_mm=args.locate_margin,
         reference_mask=args.reference,
         calibration=args.calibration,
         conformal_levels_percent=(None if args.conformal_levels is None
                                   else _number_list("--conformal-levels", args.conformal_levels)),
     )
+
+
+# the options whose text needs reading before it is a SegmentOptions value
+OPTION_PARSERS = {"beta": _beta, "field_weight": _weight}
+
+
+def option_values(args) -> dict:
+    """The :class:`~vbseg.options.SegmentOptions` fields given on the command line (each option's
+    ``dest`` is its field's name; options not given keep the dataclass's defaults)."""
+    values = {}
+    for field in dataclasses.fields(SegmentOptions):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            values[field.name] = OPTION_PARSERS.get(field.name, lambda text: text)(value)
+    return values
 
 
 def _run_segment(args) -> None:

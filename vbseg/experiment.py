@@ -44,6 +44,7 @@ the run folders at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -68,22 +69,27 @@ EXPERIMENT_KEYS = {"name": str, "description": str}
 PHANTOM_KEYS = {"diameters_mm": float, "contrast": float, "cv": float, "psf_fwhm_mm": float,
                 "noise": str, "seeds": int}
 REAL_KEYS = {"index": str, "cases": (str, list), "modalities": list, "kind": str}
-# model settings: the segment() keyword each maps to, and the scalar type(s) it takes
-MODEL_KEYS = {
-    "name": ("model", str), "classes": ("num_classes", int), "beta": ("beta", (float, str)),
-    "neighbourhood": ("neighbourhood", int), "psf_fwhm_mm": ("psf_fwhm_mm", float),
-    "pet_noise": ("pet_noise", str), "sampler": ("sampler", str), "emission": ("emission", str),
-    "covariance": ("covariance", str), "dof": ("dof", float), "volume_draws": ("volume_draws", int),
-    "tumour_class": ("tumour_class", int), "checkpoint": ("checkpoint", str),
-    "field_weight": ("field_weight", (float, str)), "prior": ("prior", str),
-    "intensity_field": ("intensity_field", str), "restarts": ("restarts", str),
-    "intensity_lengthscale_mm": ("intensity_lengthscale_mm", float), "fusion": ("fusion", str),
-    "locator": ("locator", str), "locate_margin_mm": ("locate_margin_mm", float),
-    "fraction_levels": ("fraction_levels", int), "wall_mm": ("wall_mm", float),
-}
+# config keys that name a SegmentOptions field differently
+KEY_ALIASES = {"model": "name", "num_classes": "classes"}
+# the scalar types a field's annotation names ("object": a path or a packaged name)
+ANNOTATION_TYPES = {"str": str, "int": int, "float": float, "object": str}
+
+
+def _model_keys() -> dict:
+    """model settings, one per :class:`~vbseg.options.SegmentOptions` field: config key ->
+    (the segment() keyword, the scalar type(s) it takes)."""
+    keys = {}
+    for field in dataclasses.fields(SegmentOptions):
+        kinds = tuple(ANNOTATION_TYPES[word] for word in str(field.type).replace(" ", "").split("|")
+                      if word != "None")
+        keys[KEY_ALIASES.get(field.name, field.name)] = (field.name, kinds[0] if len(kinds) == 1 else kinds)
+    return keys
+
+
+MODEL_KEYS = _model_keys()
 # settings that name a file: relative paths are relative to the config's folder ("sarcoma", the
 # packaged prior, is a name)
-PATH_KEYS = ("checkpoint", "prior")
+PATH_KEYS = ("checkpoint", "prior", "external_field")
 # [model] prior = "leave-one-out": each real case is contoured with the population prior learned
 # from the experiment's other real cases with the same modalities (vbseg fit-prior's model,
 # vbseg.population.leave_one_out_prior)
