@@ -3,23 +3,32 @@ is, with hidden Potts saying where its boundary lies (``--model locate-potts``),
 alone and SUV >= 2.5 on the real sarcomas?
 
 Folds: the committed ``experiments/folds/sarcoma_5fold.json`` (5 folds by case, stratified by
-FDG avidity, seeded; :mod:`vbseg.folds`). Per fold a population prior is learned (``vbseg
-fit-prior``'s model: 2 tumour + 4 background classes over PET + CT + MR, empirical Bayes) from
-the other four folds' cases only, and the fold's cases are contoured with it; the prior is the
-only learned part (the CNN is not used here). Methods, all on PET + CT + MR:
+FDG avidity, seeded; :mod:`vbseg.folds`). Every learned part is retrained per fold on the other
+four folds' cases only: a population prior (``vbseg fit-prior``'s model: 2 tumour + 4 background
+classes, empirical Bayes) on each modality set, and the PET + CT + MR 3D U-Net of
+``experiments/train_pet_ct_mr.toml`` (synthetic patches, then fine-tuning mixed with the
+training cases' patches; the held-out cases are excluded and the checkpoint's list checked).
+Methods:
 
 * ``suv2.5``: a fixed SUV >= 2.5 threshold (the reference);
 * ``potts``: the default (PET decides, K = 2; nothing learned);
-* ``prior``: the fold's population prior alone (``--prior``); its volume interval comes from
-  independent voxel draws here (the fold priors carry no leave-one-out volume calibration,
+* ``prior (fold)``: the fold's population prior alone (``--prior``); its volume interval comes
+  from independent voxel draws here (the fold priors carry no leave-one-out volume calibration,
   which would cost 17 more fits per fold);
-* ``locate-potts``: the fold's prior locates, hidden Potts (PET decides, K = 2) delineates in a
-  box 20 mm around the located regions with the prior's log-odds as the field, its weight
-  learned (:mod:`vbseg.methods.locate`).
+* ``locate-potts (fold prior)``: the fold's prior locates, hidden Potts (PET decides, K = 2)
+  delineates in a box 20 mm around the located regions with the prior's log-odds as the field,
+  its weight learned (:mod:`vbseg.methods.locate`);
+* PET + CT + MR only: ``cnn (fold network)``, the fold's network alone; ``locate-potts (fold
+  network)``, the network as the locator; ``locate-potts (fold prior + network)``, both (the
+  mean of their log-odds).
 
-Scored on the PET grid against ``<case>_pet_label`` (an empty contour scores Dice 0) by the
-experiment runner (vbseg.experiment_runner); FDG-avid and faint cases apart; paired percentile
-bootstrap by case (10,000 resamples, seed 0) against SUV >= 2.5 and against locate-potts.
+Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below); PET + CT and
+PET alone on the shared crops (the prior learned on those images only).
+
+Scored on the PET grid against ``<case>_pet_label`` (an empty contour scores Dice 0 and HD95 the
+VOI diagonal) by the experiment runner (vbseg.experiment_runner); FDG-avid and faint cases
+apart; paired percentile bootstrap by case (10,000 resamples, seed 0) against SUV >= 2.5 and
+against locate-potts.
 
 Selection: locate-potts's design (the default's PET-decides delineation, a 20 mm margin, the
 regions >= 10 % of the largest's mass, the disagreement rule at Dice 0.5) was fixed before this
@@ -40,7 +49,8 @@ whole; CT and MR are left whole and resampled onto the cut PET grid as usual), w
 fold priors. The re-cropped files are derived data, written under
 benchmarks/results/experiments/locate/recrops/ (not committed).
 
-Regenerate (about 40 minutes on 2 cores; resumable, fold priors cached):
+Regenerate (about 2 hours on 2 cores, most of it the five networks; resumable, fold priors
+and networks cached under benchmarks/results/experiments/locate/):
     python -m benchmarks.bench_locate
 Without ../shared/data it says so and exits 0.
 """
@@ -74,6 +84,7 @@ INDEX = (ROOT / "../shared/data/cases.json").resolve()
 FOLDS = ROOT / "experiments" / "folds" / "sarcoma_5fold.json"
 MODALITIES = ["pet", "ct", "mr"]
 TRAIN_CONFIG = ROOT / "experiments" / "train_pet_ct_mr.toml"
+MODALITY_SETS = {"pet_ct_mr": MODALITIES, "pet_ct": ["pet", "ct"], "pet": ["pet"]}
 NAME = "bench_locate"
 
 
@@ -150,12 +161,25 @@ def fold_network(folder: Path, fold: int, held_out: list[str]) -> tuple[Path, fl
     return out, seconds
 
 
+def fold_prior(folder: Path, fold: int, modalities: list[str], folds: dict, seconds: dict) -> Path:
+    """The population prior on ``modalities`` learned from every case outside ``fold`` (cached;
+    the fitting time goes into ``seconds``)."""
+    tag = "" if modalities == MODALITIES else "_".join(modalities) + "_"
+    path = folder / f"{tag}fold{fold}.json"
+    if not path.is_file():
+        begin = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        fit_prior(INDEX, modalities, path, names=training_cases(folds, fold), calibrate=False)
+        seconds[f"{tag}fold{fold}"] = time.perf_counter() - begin
+    return path
+
+
 def config_text(name: str, cases: list[str], models: list[str], index: Path = INDEX,
-                **settings) -> str:
-    """An experiment config (TOML) contouring ``cases`` on PET + CT + MR with ``models`` and
+                modalities: list[str] = MODALITIES, **settings) -> str:
+    """An experiment config (TOML) contouring ``cases`` on ``modalities`` with ``models`` and
     the further ``[model]`` settings (strings or paths)."""
     lines = ["[experiment]", f'name = "{name}"', "[real]", f'index = "{index}"',
-             f"cases = {cases!r}".replace("'", '"'), f"modalities = {MODALITIES!r}".replace("'", '"'),
+             f"cases = {cases!r}".replace("'", '"'), f"modalities = {modalities!r}".replace("'", '"'),
              "[model]", f"name = {models!r}".replace("'", '"')]
     lines += [f'{key} = "{value}"' for key, value in settings.items()]
     return "\n".join(lines) + "\n"
@@ -187,15 +211,8 @@ def main(argv=None) -> int:
     work = out / "experiments" / "locate"
     folds = load_folds(FOLDS)
     prior_s = {}
-    priors = []
-    for f in range(len(folds["folds"])):
-        prior = work / "priors" / f"fold{f}.json"
-        if not prior.is_file():
-            begin = time.perf_counter()
-            prior.parent.mkdir(parents=True, exist_ok=True)
-            fit_prior(INDEX, MODALITIES, prior, names=training_cases(folds, f), calibrate=False)
-            prior_s[f] = time.perf_counter() - begin
-        priors.append(prior)
+    priors = {tag: [fold_prior(work / "priors", f, modalities, folds, prior_s)
+                    for f in range(len(folds["folds"]))] for tag, modalities in MODALITY_SETS.items()}
     networks, network_s = [], {}
     for f, held_out in enumerate(folds["folds"]):
         path, seconds = fold_network(work / "networks", f, held_out)
@@ -206,32 +223,40 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     every = sorted(case for fold in folds["folds"] for case in fold)
-    studies = {"centred": (INDEX, work),
-               "recrop": (recrop_index(INDEX, every, work / "recrops"), work / "recrop")}
+    recropped = recrop_index(INDEX, every, work / "recrops")
+    # (title, index, folder, modalities' tag, with the fold networks)
+    studies = {"centred": ("PET + CT + MR, shared crops (centred on the GTV)", INDEX, work,
+                           "pet_ct_mr", True),
+               "recrop": ("PET + CT + MR, asymmetric re-crops (each margin 1-5 cm)", recropped,
+                          work / "recrop", "pet_ct_mr", True),
+               "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct", False),
+               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet", False)}
     record = {"machine": machine(), "avid_rule": f"mean SUV inside the PET GTV >= {AVID_MEAN_SUV:g}",
-              "folds": folds["folds"], "prior_fit_s": prior_s}
+              "folds": folds["folds"], "prior_fit_s": prior_s, "network_training_s": network_s}
     sections, runs, run_s = [], 0, 0.0
-    for study, (index, folder) in studies.items():
+    for study, (title, index, folder, tag, with_networks) in studies.items():
+        modalities = MODALITY_SETS[tag]
         records = run_config(folder / "reference", config_text(
-            f"locate_reference_{study}", every, ["suv2.5", "potts"], index), args.jobs)
+            f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), args.jobs)
         for f, held_out in enumerate(folds["folds"]):
             cases = sorted(held_out)
+            prior = priors[tag][f]
             records += run_config(folder / f"fold{f}", config_text(
-                f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, prior=priors[f]),
-                args.jobs)
-            for tag, models, settings in (
+                f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
+                prior=prior), args.jobs)
+            if not with_networks:
+                continue
+            for kind, models, settings in (
                     ("cnn", ["cnn"], dict(checkpoint=networks[f])),
                     ("net", ["locate-potts"], dict(locator="network", checkpoint=networks[f])),
-                    ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f],
-                                                    prior=priors[f]))):
-                records += run_config(folder / f"fold{f}_{tag}", config_text(
-                    f"locate_fold{f}_{tag}_{study}", cases, models, index, **settings), args.jobs)
+                    ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f], prior=prior))):
+                records += run_config(folder / f"fold{f}_{kind}", config_text(
+                    f"locate_fold{f}_{kind}_{study}", cases, models, index, modalities, **settings),
+                    args.jobs)
         runs += len(records)
         run_s += sum(r.get("wall_s", 0.0) for r in records)
         entry, text = study_report(records)
         record[study] = entry
-        title = ("Shared crops (centred on the GTV)" if study == "centred" else
-                 "Asymmetric re-crops (each margin 1-5 cm)")
         sections.append(f"## {title}\n\n" + text)
     record["wall_s"] = time.perf_counter() - started
     avid = record["centred"]["avid"]
