@@ -234,3 +234,29 @@ def test_bench_conformal_split_study_on_exchangeable_scores():
     assert study["model_95"]["covered"] == pytest.approx(np.mean([c["volume_score"] <= 0 for c in cases]))
     assert study["risk_control"]["mean_fnr"] <= 0.1 + 0.02
     assert set(row["covered_by_diameter"]) == {"10", "11"}
+
+
+def test_bench_conformal_mondrian_study_on_exchangeable_scores():
+    """Two volume strata of made-up cases with continuous scores (exchangeable within each):
+    every stratum's tie-broken count lies in its exact 99 % band, the widths are reported for
+    the target spheres only, and a strata choice that leaves a stratum too small is refused."""
+    from benchmarks.bench_conformal import mondrian_study
+    from vbseg.calibration import strata_spec
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(60):
+        large = i % 2 == 1
+        true = 10.0 if large else 1.0
+        score = float(rng.normal(0.0, 0.05 if large else 0.5))
+        model = true * np.exp(score)  # a zero-width model interval that misses by the score
+        cases.append({"volume_score": score, "lower_ml": model, "upper_ml": model, "true_ml": true,
+                      "floor_ml": 0.01, "mean_ml": true, "contrast_to_noise": 12.0,
+                      "case": {"spec": {"diameters_mm": 28.0 if large else 10.0, "contrast": 4.0}}})
+    study = mondrian_study(cases, strata_spec("volume", "2"), splits=200)
+    row = study["conformal_90"]
+    assert set(row["strata"]) == {"volume <2 mL", "volume >=2 mL"}
+    assert all(s["in_band"] and s["n_cal"] == 19 and s["n_test"] == 11 for s in row["strata"].values())
+    assert 0 < row["target_median_width_rel"] < 0.3  # only the 28 mm spheres, calibrated on their own
+    small = mondrian_study(cases[:30], strata_spec("volume", "2"), splits=10)
+    assert set(small["refused"]) == {"volume <2 mL", "volume >=2 mL"}

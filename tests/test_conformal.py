@@ -22,6 +22,7 @@ from vbseg.conformal import (
     mondrian_groups,
     mondrian_quantiles,
     risk_control_lambda,
+    split_coverage_band,
     volume_scores,
 )
 from vbseg.errors import InputError
@@ -155,14 +156,6 @@ def test_bin_labels_are_half_open():
     assert bin_label(-3.0, (10,), "CNR") == "CNR <10" and bin_label(10.0, (10,), "CNR") == "CNR >=10"
 
 
-def _sum_of_beta_binomials(pmfs) -> np.ndarray:
-    """The exact law of a sum of independent counts, each with one of ``pmfs``."""
-    total = np.ones(1)
-    for pmf in pmfs:
-        total = np.convolve(total, pmf)
-    return total
-
-
 def test_mondrian_coverage_per_stratum_follows_the_beta_binomial_law():
     """Two strata whose scores differ in scale (exchangeable within each, not across): over 300
     splits with fresh cases, each stratum's covered count is a sum of independent
@@ -191,15 +184,23 @@ def test_mondrian_coverage_per_stratum_follows_the_beta_binomial_law():
             covered[name] += int(np.sum(s[n:] <= quantiles[name]["quantile"]))
             pooled_covered[name] += int(np.sum(s[n:] <= pooled))
     for name, (n, m, _) in sizes.items():
-        k = conformal_rank(n, alpha)
-        law = _sum_of_beta_binomials([stats.betabinom(m, k, n + 1 - k).pmf(np.arange(m + 1))] * splits)
-        cdf = np.cumsum(law)
-        low, high = int(np.searchsorted(cdf, 0.005)), int(np.searchsorted(cdf, 0.995))
+        low, high = split_coverage_band(n, m, alpha, splits)
         assert low <= covered[name] <= high, (name, covered[name], low, high)
-        assert covered[name] / (splits * m) >= 1 - alpha  # k/(n+1) >= 1 - alpha, within the band
-    k, n, m = conformal_rank(19, alpha), 19, 20
-    cdf = np.cumsum(_sum_of_beta_binomials([stats.betabinom(m, k, n + 1 - k).pmf(np.arange(m + 1))] * splits))
-    assert pooled_covered["volume <5 mL"] < int(np.searchsorted(cdf, 0.005))
+    assert pooled_covered["volume <5 mL"] < split_coverage_band(19, 20, alpha, splits)[0]
+
+
+def test_split_coverage_band_is_the_exact_beta_binomial_band():
+    """One split: the band is the Beta-binomial's own quantiles; 400 splits: a normal
+    approximation of the sum (mean 400 m k/(n+1), sd 37) agrees within 3 counts at each end (the
+    sum is skewed left, coverage being near 1: both ends sit about 2 counts above the normal)."""
+    k = conformal_rank(19, 0.1)  # 18
+    law = stats.betabinom(20, k, 20 - k)
+    assert split_coverage_band(19, 20, 0.1, 1) == (law.ppf(0.005), law.ppf(0.995))
+    low, high = split_coverage_band(19, 20, 0.1, 400)
+    mean, sd = 400 * law.mean(), math.sqrt(400 * law.var())
+    assert abs(low - (mean - 2.5758 * sd)) <= 3 and abs(high - (mean + 2.5758 * sd)) <= 3
+    with pytest.raises(InputError, match="18 cases cannot calibrate level 0.95"):
+        split_coverage_band(18, 5, 0.05, 10)
 
 
 def test_mondrian_groups_refuse_a_small_stratum():

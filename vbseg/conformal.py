@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from vbseg.errors import InputError
 
@@ -58,6 +58,24 @@ def conformal_quantile(scores, alpha: float) -> float:
     """The k-th smallest of ``scores`` (k of :func:`conformal_rank`)."""
     scores = np.sort(np.asarray(scores, np.float64))
     return float(scores[conformal_rank(scores.size, alpha) - 1])
+
+
+def split_coverage_band(n: int, m: int, alpha: float, splits: int, mass: float = 0.99) -> tuple[int, int]:
+    """The central ``mass`` band of the number of test cases covered, summed over ``splits``
+    independent random splits into n calibration and m test cases. In each split the count is
+    Beta-binomial(m, k, n + 1 - k) with k = :func:`conformal_rank` (n, alpha): exact for
+    exchangeable scores without ties, and, for random splits of one fixed set of distinct
+    scores, exact given that set (the test case's rank among the n + 1 is uniform; Vovk,
+    "Conditional validity of inductive conformal predictors", ACML 2012); ties only add
+    coverage. The splits' counts are then independent, so the sum's law is their convolution."""
+    k = conformal_rank(n, alpha)
+    pmf = stats.betabinom(m, k, n + 1 - k).pmf(np.arange(m + 1))
+    total = np.ones(1)
+    for _ in range(splits):
+        total = np.convolve(total, pmf)
+    cdf = np.cumsum(total)
+    tail = (1.0 - mass) / 2.0
+    return int(np.searchsorted(cdf, tail - 1e-12)), int(np.searchsorted(cdf, 1.0 - tail - 1e-12))
 
 
 def volume_scores(lower_ml, upper_ml, true_ml, floor_ml: float | np.ndarray) -> np.ndarray:
