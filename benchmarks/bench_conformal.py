@@ -56,6 +56,15 @@ MONDRIAN = {"volume": ("volume", "2", None), "contrast": ("contrast", None, "10"
 TARGET = {"min_diameter_mm": 13.0, "min_contrast": 4.0, "max_width_rel": 0.25}
 
 
+def cached_calibration(cached: Path, config, command: str) -> dict:
+    """The calibration cached at ``cached``, made first (``vbseg calibrate`` on ``config``, its
+    command recorded as ``command``) when it is not there."""
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        calibrate(config, cached, progress=print, command=command)
+    return load_calibration(cached)
+
+
 def split_study(cases: list[dict], lambdas, n_cal: int, splits: int, seed: int = 0) -> dict:
     """Coverage, width, FNR and containment over ``splits`` random calibration/test splits of
     the calibration ``cases`` (their stored scores; nothing is refitted)."""
@@ -273,13 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(CONFIG))
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    out = Path(args.out)
-    cached = out / f"{NAME}_calibration.json"
-    if not cached.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        calibrate(args.config, cached, progress=print,
-                  command=f"python -m benchmarks.bench_conformal --config {args.config}")
-    calibration = load_calibration(cached)
+    cached = Path(args.out) / f"{NAME}_calibration.json"
+    calibration = cached_calibration(cached, args.config, f"{REGENERATE} --config {args.config}")
     study = split_study(calibration["cases"], np.asarray(calibration["lambda_grid"]), args.n_cal,
                         args.splits)
     cases = calibration["cases"]
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
               "cases": len(cases), "study": study, "calibration": str(cached), "target": TARGET,
               "pooled_target_width": pooled_target_width(cases, args.n_cal, args.splits),
               "mondrian": mondrian}
-    write_report(out, NAME, record, __doc__, markdown(record) + mondrian_markdown(record),
+    write_report(args.out, NAME, record, __doc__, markdown(record) + mondrian_markdown(record),
                  note=f"Regenerate: `{REGENERATE}`\n\n")
     print(json.dumps(study, indent=1)[:2000])
     return 0
