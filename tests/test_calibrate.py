@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from tests.test_cli import main_cli
-from vbseg.calibration import LAMBDA_GRID, load_calibration, plan_conformal, strata_spec, stratify
+from vbseg.calibration import (
+    LAMBDA_GRID,
+    MODEL_CODE,
+    PACKAGED_CALIBRATIONS,
+    calibration_file,
+    load_calibration,
+    model_digest,
+    plan_conformal,
+    strata_spec,
+    stratify,
+)
 from vbseg.conformal import conformal_quantile
 from vbseg.errors import InputError
 from vbseg.experiment import load_experiment
@@ -91,6 +101,7 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
     # a smaller miscoverage needs a lower (or equal) probability threshold
     assert entries[1]["contour_crc"]["threshold"] <= entries[0]["contour_crc"]["threshold"]
     assert summary["conformal_calibration"]["source_digest_matches"] is True
+    assert summary["conformal_calibration"]["model_digest_matches"] is True
     assert "conformal 95% interval" in result.stdout
     # --overwrite without the calibration: its contours go with the rest of the old result set
     again = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--overwrite")
@@ -233,3 +244,39 @@ def test_calibrate_refuses_a_small_stratum_and_bad_strata_options(tmp_path):
         result = main_cli("calibrate", config, "--out", out, *options)
         assert_refused(result, *phrases)
         assert not out.exists()
+
+
+def test_packaged_calibrations_match_the_model_code():
+    """Each packaged calibration was made by the model code of this checkout (the digest of
+    vbseg.calibration.MODEL_CODE, not of the whole package: an edit elsewhere leaves the scores
+    as they were), by the one command it records, and stays small."""
+    assert model_digest() == model_digest() and len(MODEL_CODE) >= 5
+    for name, resource in PACKAGED_CALIBRATIONS.items():
+        with calibration_file(name) as path:
+            size = path.stat().st_size
+            record = load_calibration(path)
+        assert size < 1_000_000, f"{name}: {size} bytes"
+        command = record["command"]
+        assert command.startswith("vbseg calibrate ") and f"--out vbseg/data/{resource}" in command
+        assert record["model_code"] == list(MODEL_CODE)
+        assert record["model_digest"] == model_digest(), (
+            f"{name} was made by other model code: regenerate it with `{record['command']}`")
+    plan = plan_conformal("pet-phantom", (90, 95), SegmentOptions(), ["pet"])
+    assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
+    assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
+
+
+def test_segment_with_a_packaged_calibration_by_name(calibrated, tmp_path):
+    _, _, _, pet = calibrated
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--volume-draws", 200, "--calibration", "pet-phantom",
+                      "--conformal-levels", "90")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    record = summary["conformal_calibration"]
+    assert record["path"] == "pet-phantom" and record["model_digest_matches"] is True
+    [entry] = summary["volume_ml_conformal"]
+    assert entry["stratum"] == "volume <2 mL" and entry["n"] == record["strata"]["n"]["volume <2 mL"]
+    result = main_cli("segment", pet, "--out", tmp_path / "other", "--beta", "1.0", "--calibration",
+                      "pet-phantom")
+    assert_refused(result, "pet-phantom", "option beta")

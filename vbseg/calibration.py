@@ -28,6 +28,7 @@ stratum (still marginal within it), and a new case whose stratum is empty is ref
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -75,6 +76,32 @@ STRATA_FEATURES = {
 }
 DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,)}
 NO_STRATA = "all"  # the one stratum of a calibration without strata
+# calibrations shipped in vbseg/data/calibrations, named for --calibration NAME
+PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json"}
+# The code a calibration's scores depend on (the fit from images to a posterior, and the scores
+# themselves): its digest, recorded by ``vbseg calibrate``, is what a packaged calibration must
+# match. The whole package's digest (vbseg.population.source_digest) would change with every
+# edit of the CLI, the docs strings of the writers or this module's applying code, which leave
+# the scores as they were.
+MODEL_CODE = ("models", "inference", "methods", "fitting.py", "prepare.py", "image.py", "options.py",
+              "records.py", "posterior.py", "conformal.py")
+
+
+def model_digest() -> str:
+    """sha256 of the modules in :data:`MODEL_CODE` (paths and contents)."""
+    return source_digest(MODEL_CODE)
+
+
+@contextlib.contextmanager
+def calibration_file(name_or_path):
+    """The path of a calibration file: a packaged one by its name (:data:`PACKAGED_CALIBRATIONS`)
+    or the path as given."""
+    if str(name_or_path) in PACKAGED_CALIBRATIONS:
+        resource = resources.files("vbseg") / "data" / PACKAGED_CALIBRATIONS[str(name_or_path)]
+        with resources.as_file(resource) as path:
+            yield path
+    else:
+        yield Path(name_or_path)
 
 
 def _file_hash(value) -> str | None:
@@ -298,6 +325,7 @@ class ConformalPlan:
     strata: dict  # the calibration's strata spec (:func:`strata_spec`)
     by_stratum: dict  # stratum -> StratumCalibration
     source_digest: str
+    model_digest: str = ""
 
     def output_names(self) -> list[str]:
         return conformal_output_names(self.levels_percent)
@@ -347,16 +375,19 @@ class ConformalPlan:
                              "n": {label: s.n for label, s in self.by_stratum.items()}},
                   "stratum": stratum, "features": features,
                   "source_digest": self.source_digest,
-                  "source_digest_matches": self.source_digest == source_digest()}
+                  "source_digest_matches": self.source_digest == source_digest(),
+                  "model_digest": self.model_digest,
+                  "model_digest_matches": self.model_digest == model_digest()}
         return dataclasses.replace(
             result, maps={**result.maps, **maps},
             sections={**result.sections, "volume_ml_conformal": entries, "conformal_calibration": record})
 
 
 def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) -> ConformalPlan:
-    """Load the calibration at ``path``, check it was made with these fit options, and compute
-    each level's calibrated quantities in each stratum; InputError (one line) for every refusal
-    (a stratum with fewer than MIN_STRATUM_CASES cases, a level its cases cannot support)."""
+    """Load the calibration at ``path`` (or the packaged one of that name), check it was made
+    with these fit options, and compute each level's calibrated quantities in each stratum;
+    InputError (one line) for every refusal (a stratum with fewer than MIN_STRATUM_CASES cases,
+    a level its cases cannot support)."""
     levels = tuple(float(level) for level in levels_percent)
     if not levels or len(set(levels)) != len(levels):
         raise InputError("--conformal-levels", "needs one or more distinct levels")
@@ -364,7 +395,9 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
         if not 0.0 < level < 100.0:
             raise InputError("--conformal-levels", f"each level must be strictly between 0 and 100, "
                                                    f"got {level:g}")
-    record = load_calibration(path)
+    with calibration_file(path) as file:
+        record = load_calibration(file)
+        sha256 = sha256_file(file)
     check_identity(path, record, fit_identity(options, modalities))
     spec = record["strata"]
     cases = record["cases"]
@@ -381,5 +414,5 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
                 raise InputError(path, where + error.problem) from None
     except InputError as error:
         raise InputError(path, error.problem) from None
-    return ConformalPlan(str(path), sha256_file(path), levels, spec, by_stratum,
-                         record.get("source_digest", ""))
+    return ConformalPlan(str(path), sha256, levels, spec, by_stratum, record.get("source_digest", ""),
+                         record.get("model_digest", ""))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vbseg import __version__
 from vbseg.calibrate import calibrate
-from vbseg.calibration import DEFAULT_STRATA_BINS, strata_spec
+from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
 from vbseg.errors import InputError, VbsegError
@@ -165,7 +165,8 @@ def _add_segment(sub):
     p.add_argument("--intensity-lengthscale", type=float, default=None, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="a calibration from 'vbseg calibrate' made with the same fit options: adds "
+                   help="a calibration from 'vbseg calibrate' made with the same fit options, or a "
+                        f"packaged one by name ({', '.join(PACKAGED_CALIBRATIONS)}): adds "
                         "conformal volume intervals (summary.json volume_ml_conformal) and contours "
                         "with a false-negative-rate guarantee (contour_crc<alpha>.nii.gz) and a "
                         "calibrated margin (contour_margin<alpha>.nii.gz)")
