@@ -255,3 +255,55 @@ def test_bench_cluster_smoke(tmp_path):
     assert all(row["failed"] == 0 and row["runs"] == 2 for row in record["rows"])
     assert record["overhead"][0]["start_s"] > 0 and record["on_paper"]["wall_h"] > 0
     assert "--cluster local:1" in (tmp_path / "bench_cluster.md").read_text()
+
+
+def test_bench_conformal_mondrian_study_on_exchangeable_scores():
+    """Two volume strata of made-up cases with continuous scores (exchangeable within each):
+    every stratum's tie-broken count lies in its exact 99 % band, the widths are reported for
+    the target spheres only, and a strata choice that leaves a stratum too small is refused."""
+    from benchmarks.bench_conformal import mondrian_study
+    from vbseg.calibration import strata_spec
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(60):
+        large = i % 2 == 1
+        true = 10.0 if large else 1.0
+        score = float(rng.normal(0.0, 0.05 if large else 0.5))
+        model = true * np.exp(score)  # a zero-width model interval that misses by the score
+        cases.append({"volume_score": score, "lower_ml": model, "upper_ml": model, "true_ml": true,
+                      "floor_ml": 0.01, "mean_ml": true, "contrast_to_noise": 12.0,
+                      "case": {"spec": {"diameters_mm": 28.0 if large else 10.0, "contrast": 4.0}}})
+    study = mondrian_study(cases, strata_spec("volume", "2"), splits=200)
+    row = study["conformal_90"]
+    assert set(row["strata"]) == {"volume <2 mL", "volume >=2 mL"}
+    assert all(s["in_band"] and s["n_cal"] == 19 and s["n_test"] == 11 for s in row["strata"].values())
+    assert 0 < row["target_median_width_rel"] < 0.3  # only the 28 mm spheres, calibrated on their own
+    small = mondrian_study(cases[:30], strata_spec("volume", "2"), splits=10)
+    assert set(small["refused"]) == {"volume <2 mL", "volume >=2 mL"}
+
+
+def test_bench_conformal_sarcoma_fold_study():
+    """Made-up scores on made-up folds: each held-out case is scored with the quantile of the
+    other folds' cases (the largest when n <= 17 at 90 %), and 95 % is refused for n < 19."""
+    from benchmarks.bench_conformal_sarcoma import fold_study, summarise
+
+    names = [f"c{i:02d}" for i in range(20)]
+    folds = {"folds": [names[i::5] for i in range(5)],
+             "cases": {name: {"avid": i % 3 != 0} for i, name in enumerate(names)}}
+    cases = [{"name": name, "volume_score": 0.01 * i, "lower_ml": 10.0, "upper_ml": 10.0,
+              "true_ml": 10.0 * np.exp(0.01 * i), "floor_ml": 0.01} for i, name in enumerate(names)]
+    study = fold_study(cases, folds)
+    refused = study["refused"]["95"]
+    assert len(refused) == 5 and "16 cases cannot calibrate level 0.95" in refused[0]
+    rows = {row["case"]: row for row in study["rows"]}
+    assert len(rows) == 20 and {row["n_cal"] for row in rows.values()} == {16}
+    # fold 4 holds c04, c09, c14, c19: its quantile is the largest other score, 0.18
+    assert rows["c19"]["quantile"] == pytest.approx(0.18) and not rows["c19"]["covered"]
+    assert rows["c04"]["quantile"] == pytest.approx(0.18) and rows["c04"]["covered"]
+    assert rows["c15"]["quantile"] == pytest.approx(0.19) and rows["c15"]["covered"]
+    summary = summarise(cases, study, folds)
+    widths = [row["width_ml"] for row in rows.values()]
+    assert summary["conformal_90"]["all"] == {"covered": 19, "cases": 20,
+                                             "mean_width_ml": pytest.approx(np.mean(widths))}
+    assert summary["model_95"]["all"]["covered"] == 1  # only the zero score lies inside

@@ -14,8 +14,19 @@ import numpy as np
 import pytest
 
 from tests.test_cli import main_cli
-from vbseg.calibration import LAMBDA_GRID, load_calibration, plan_conformal
+from vbseg.calibration import (
+    LAMBDA_GRID,
+    MODEL_CODE,
+    PACKAGED_CALIBRATIONS,
+    calibration_file,
+    load_calibration,
+    model_digest,
+    plan_conformal,
+    strata_spec,
+    stratify,
+)
 from vbseg.conformal import conformal_quantile
+from vbseg.errors import InputError
 from vbseg.experiment import load_experiment
 from vbseg.options import SegmentOptions
 from vbseg.phantoms import PhantomSpec, make_phantom
@@ -90,6 +101,7 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
     # a smaller miscoverage needs a lower (or equal) probability threshold
     assert entries[1]["contour_crc"]["threshold"] <= entries[0]["contour_crc"]["threshold"]
     assert summary["conformal_calibration"]["source_digest_matches"] is True
+    assert summary["conformal_calibration"]["model_digest_matches"] is True
     assert "conformal 95% interval" in result.stdout
     # --overwrite without the calibration: its contours go with the rest of the old result set
     again = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--overwrite")
@@ -110,8 +122,11 @@ def test_calibration_file_round_trip(calibrated):
         assert case["floor_ml"] == pytest.approx(4 * 4 * 3 / 1000)
         assert len(case["fnr"]) == LAMBDA_GRID.size and case["fnr"][-1] == 0.0
         assert np.all(np.diff(case["fnr"]) <= 0)
+    assert record["strata"] == {"by": [], "bins": {}, "features": {}}
+    assert all(case["stratum"] == "all" and case["contrast_to_noise"] > 0 for case in record["cases"])
     plan = plan_conformal(calibration, (80, 90), SegmentOptions(volume_draws=500), ["pet"])
-    assert plan.n == 20 and plan.quantiles[0] <= plan.quantiles[1]
+    pooled = plan.by_stratum["all"]
+    assert list(plan.by_stratum) == ["all"] and pooled.n == 20 and pooled.quantiles[0] <= pooled.quantiles[1]
 
 
 def test_other_fit_options_are_refused(calibrated, tmp_path):
@@ -146,3 +161,122 @@ def test_a_sweep_config_is_refused(tmp_path):
     result = main_cli("calibrate", config, "--out", tmp_path / "calibration.json")
     assert_refused(result, "sweep.toml", "sweeps 2 variants")
     assert not (tmp_path / "calibration.json").exists()
+
+
+def two_strata(calibration: Path, folder: Path, bins=(3.0,), small_ml=None) -> tuple[Path, list, list]:
+    """A 40-case calibration with volume strata: the fixture's 20 cases (their mean volumes,
+    about 0.5-1.7 mL, or ``small_ml``) and 20 copies moved to 20 mL with every volume score
+    raised by 1. Returns the file and each stratum's scores."""
+    record = json.loads(calibration.read_text())
+    small = [dict(case, mean_ml=small_ml or case["mean_ml"]) for case in record["cases"]]
+    large = [dict(case, name=case["name"] + "_large", mean_ml=20.0, volume_score=case["volume_score"] + 1)
+             for case in record["cases"]]
+    stratified = stratify({**record, "cases": small + large}, strata_spec("volume", list(bins)), "test")
+    path = folder / "strata.json"
+    path.write_text(json.dumps(stratified))
+    return path, [c["volume_score"] for c in small], [c["volume_score"] for c in large]
+
+
+def test_segment_applies_the_new_cases_own_stratum(calibrated, tmp_path):
+    _, _, calibration, pet = calibrated
+    path, small, large = two_strata(calibration, tmp_path)
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--calibration", path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["volume_ml"]["mean"] < 3.0  # the 12 mm sphere falls in the small stratum
+    for entry in summary["volume_ml_conformal"]:
+        assert entry["stratum"] == "volume <3 mL" and entry["n"] == 20
+        assert entry["score"] == pytest.approx(conformal_quantile(small, 1 - entry["level"]))
+        assert entry["score"] < conformal_quantile(small + large, 1 - entry["level"])  # not pooled
+        assert "Mondrian" in entry["guarantee"] and "volume <3 mL" in entry["guarantee"]
+    record = summary["conformal_calibration"]
+    assert record["stratum"] == "volume <3 mL" and record["strata"]["by"] == ["volume"]
+    assert record["strata"]["n"] == {"volume <3 mL": 20, "volume >=3 mL": 20}
+    assert record["features"]["mean_ml"] == pytest.approx(summary["volume_ml"]["mean"])
+    assert record["features"]["contrast_to_noise"] == summary["parameters"]["contrast_to_noise"]
+    assert "stratum volume <3 mL" in result.stdout
+
+
+def test_an_empty_stratum_or_a_level_a_stratum_cannot_support_is_refused(calibrated, tmp_path):
+    _, _, calibration, pet = calibrated
+    path, _, _ = two_strata(calibration, tmp_path, bins=(3.0, 10.0), small_ml=5.0)
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--calibration", path)
+    assert_refused(result, "strata.json", "this case falls in stratum 'volume <3 mL', which has no "
+                                          "calibration cases", "volume 3-10 mL, volume >=10 mL")
+    assert not out.exists() or not any(out.iterdir())
+    path, _, _ = two_strata(calibration, tmp_path)
+    result = main_cli("segment", pet, "--out", out, "--calibration", path, "--conformal-levels", "90,99")
+    assert_refused(result, "strata.json", "stratum 'volume <3 mL': 20 cases cannot calibrate level 0.99")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_small_stratum_is_refused(calibrated, tmp_path):
+    _, _, calibration, _ = calibrated
+    record = load_calibration(calibration)
+    small = r"stratum 'volume 1\.2-3 mL' has \d+ cases; each needs >= 19"
+    with pytest.raises(InputError, match="cal.toml: " + small):
+        stratify(record, strata_spec("volume", "1.2,3"), "cal.toml")
+    # a stored calibration whose stratum is too small is refused too (before any fit)
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({**record, "strata": strata_spec("volume", "1.2,3")}))
+    with pytest.raises(InputError, match="small.json: " + small):
+        plan_conformal(path, (90,), SegmentOptions(volume_draws=200), ["pet"])
+    path.write_text(json.dumps({**record, "strata": {"by": ["volume"], "bins": {}}}))
+    with pytest.raises(InputError, match="small.json: is not a vbseg calibration .its strata lack"):
+        load_calibration(path)
+
+
+def test_calibrate_refuses_a_small_stratum_and_bad_strata_options(tmp_path):
+    config = tmp_path / "two.toml"
+    config.write_text(CONFIG.replace("seeds = 10", "seeds = 1").format(model=""))
+    out = tmp_path / "calibration.json"
+    result = main_cli("calibrate", config, "--out", out, "--strata", "volume")
+    assert_refused(result, "two.toml", "stratum 'volume <5 mL' has 2 cases; each needs >= 19")
+    assert not out.exists()
+    volume = ["--strata", "volume", "--volume-bins"]
+    for options, phrases in ((["--strata", "size"], ("--strata", "none, volume, contrast")),
+                             (volume + ["5,1"], ("--volume-bins", "increasing")),
+                             (volume + ["0,5"], ("--volume-bins", "positive")),
+                             (volume + ["a"], ("--volume-bins", "comma-separated numbers")),
+                             (["--contrast-bins", "10"], ("--contrast-bins", "goes with --strata contrast"))):
+        result = main_cli("calibrate", config, "--out", out, *options)
+        assert_refused(result, *phrases)
+        assert not out.exists()
+
+
+def test_packaged_calibrations_match_the_model_code():
+    """Each packaged calibration was made by the model code of this checkout (the digest of
+    vbseg.calibration.MODEL_CODE, not of the whole package: an edit elsewhere leaves the scores
+    as they were), by the one command it records, and stays small."""
+    assert model_digest() == model_digest() and len(MODEL_CODE) >= 5
+    for name, resource in PACKAGED_CALIBRATIONS.items():
+        with calibration_file(name) as path:
+            size = path.stat().st_size
+            record = load_calibration(path)
+        assert size < 1_000_000, f"{name}: {size} bytes"
+        command = record["command"]
+        assert command.startswith("vbseg calibrate ") and f"--out vbseg/data/{resource}" in command
+        assert record["model_code"] == list(MODEL_CODE)
+        assert record["model_digest"] == model_digest(), (
+            f"{name} was made by other model code: regenerate it with `{record['command']}`")
+    plan = plan_conformal("pet-phantom", (90, 95), SegmentOptions(), ["pet"])
+    assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
+    assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
+
+
+def test_segment_with_a_packaged_calibration_by_name(calibrated, tmp_path):
+    _, _, _, pet = calibrated
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--volume-draws", 200, "--calibration", "pet-phantom",
+                      "--conformal-levels", "90")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    record = summary["conformal_calibration"]
+    assert record["path"] == "pet-phantom" and record["model_digest_matches"] is True
+    [entry] = summary["volume_ml_conformal"]
+    assert entry["stratum"] == "volume <2 mL" and entry["n"] == record["strata"]["n"]["volume <2 mL"]
+    result = main_cli("segment", pet, "--out", tmp_path / "other", "--beta", "1.0", "--calibration",
+                      "pet-phantom")
+    assert_refused(result, "pet-phantom", "option beta")

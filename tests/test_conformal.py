@@ -12,14 +12,17 @@ from scipy import stats
 
 from vbseg.conformal import (
     MIN_STRATUM_CASES,
+    bin_label,
     conformal_quantile,
     conformal_rank,
     conformal_volume_interval,
     dilate_by,
     fnr_curves,
     margin_score,
+    mondrian_groups,
     mondrian_quantiles,
     risk_control_lambda,
+    split_coverage_band,
     volume_scores,
 )
 from vbseg.errors import InputError
@@ -142,3 +145,66 @@ def test_mondrian_strata_each_need_enough_cases():
     strata[:2] = "large"
     with pytest.raises(InputError, match=f"stratum 'small' has 18 cases; each needs >= {MIN_STRATUM_CASES}"):
         mondrian_quantiles(scores, strata, 0.05)
+
+
+def test_bin_labels_are_half_open():
+    edges = (5.0, 50.0)
+    assert bin_label(4.999, edges, "volume", " mL") == "volume <5 mL"
+    assert bin_label(5.0, edges, "volume", " mL") == "volume 5-50 mL"
+    assert bin_label(49.9, edges, "volume", " mL") == "volume 5-50 mL"
+    assert bin_label(50.0, edges, "volume", " mL") == "volume >=50 mL"
+    assert bin_label(-3.0, (10,), "CNR") == "CNR <10" and bin_label(10.0, (10,), "CNR") == "CNR >=10"
+
+
+def test_mondrian_coverage_per_stratum_follows_the_beta_binomial_law():
+    """Two strata whose scores differ in scale (exchangeable within each, not across): over 300
+    splits with fresh cases, each stratum's covered count is a sum of independent
+    Beta-binomial(m, k, n + 1 - k) counts (k = ceil((n + 1) 0.9) of that stratum's n), so the
+    total must lie inside the exact central 99 % band of that sum. Pooled (non-Mondrian)
+    calibration of the same splits under-covers the wide stratum: outside its band."""
+    rng = np.random.default_rng(7)
+    alpha, splits = 0.1, 300
+    sizes = {"volume <5 mL": (19, 20, 1.0), "volume >=5 mL": (29, 20, 0.1)}  # n, m, score scale
+    covered = {name: 0 for name in sizes}
+    pooled_covered = dict(covered)
+    for _ in range(splits):
+        features, scores = [], []
+        for name, (n, m, scale) in sizes.items():
+            low, high = (0.5, 5.0) if name.endswith("<5 mL") else (5.0, 60.0)
+            features.append(rng.uniform(low, high, n + m))
+            scores.append(np.abs(rng.normal(0.0, scale, n + m)))
+        labels = [[bin_label(x, (5.0,), "volume", " mL") for x in group] for group in features]
+        assert [set(group) for group in labels] == [{name} for name in sizes]
+        calibration_strata = np.concatenate([group[:n] for group, (n, _, _) in zip(labels, sizes.values())])
+        calibration_scores = np.concatenate([s[:n] for s, (n, _, _) in zip(scores, sizes.values())])
+        quantiles = mondrian_quantiles(calibration_scores, calibration_strata, alpha)
+        pooled = conformal_quantile(calibration_scores, alpha)
+        for name, s, (n, _, _) in zip(sizes, scores, sizes.values()):
+            assert quantiles[name]["n"] == n
+            covered[name] += int(np.sum(s[n:] <= quantiles[name]["quantile"]))
+            pooled_covered[name] += int(np.sum(s[n:] <= pooled))
+    for name, (n, m, _) in sizes.items():
+        low, high = split_coverage_band(n, m, alpha, splits)
+        assert low <= covered[name] <= high, (name, covered[name], low, high)
+    assert pooled_covered["volume <5 mL"] < split_coverage_band(19, 20, alpha, splits)[0]
+
+
+def test_split_coverage_band_is_the_exact_beta_binomial_band():
+    """One split: the band is the Beta-binomial's own quantiles; 400 splits: a normal
+    approximation of the sum (mean 400 m k/(n+1), sd 37) agrees within 3 counts at each end (the
+    sum is skewed left, coverage being near 1: both ends sit about 2 counts above the normal)."""
+    k = conformal_rank(19, 0.1)  # 18
+    law = stats.betabinom(20, k, 20 - k)
+    assert split_coverage_band(19, 20, 0.1, 1) == (law.ppf(0.005), law.ppf(0.995))
+    low, high = split_coverage_band(19, 20, 0.1, 400)
+    mean, sd = 400 * law.mean(), math.sqrt(400 * law.var())
+    assert abs(low - (mean - 2.5758 * sd)) <= 3 and abs(high - (mean + 2.5758 * sd)) <= 3
+    with pytest.raises(InputError, match="18 cases cannot calibrate level 0.95"):
+        split_coverage_band(18, 5, 0.05, 10)
+
+
+def test_mondrian_groups_refuse_a_small_stratum():
+    groups = mondrian_groups(["a"] * 19 + ["b"] * 25)
+    assert list(groups) == ["a", "b"] and groups["a"].size == 19 and groups["b"][0] == 19
+    with pytest.raises(InputError, match="stratum 'b' has 18 cases; each needs >= 19"):
+        mondrian_groups(["a"] * 19 + ["b"] * 18)

@@ -18,9 +18,13 @@ from vbseg.calibration import (
     CALIBRATION_VERSION,
     LAMBDA_GRID,
     MARGIN_CONTOUR_LEVEL,
+    MODEL_CODE,
     MODEL_INTERVAL_LEVEL,
     case_scores,
     fit_identity,
+    model_digest,
+    strata_spec,
+    stratify,
 )
 from vbseg.errors import InputError
 from vbseg.experiment import LEAVE_ONE_OUT, load_experiment, segment_kwargs
@@ -49,10 +53,14 @@ def calibration_runs(config):
     return experiment.runs, variant, list(modality_sets.pop())
 
 
-def calibrate(config, out, *, command: str = "", overwrite: bool = False, progress=None) -> dict:
+def calibrate(config, out, *, strata: dict | None = None, command: str = "", overwrite: bool = False,
+              progress=None) -> dict:
     """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
-    atomically; returns it. InputError (one line) for a bad config or a case that cannot be fitted."""
+    atomically; returns it. ``strata``: the Mondrian strata (:func:`vbseg.calibration.strata_spec`;
+    default none), fixed before any fit. InputError (one line) for a bad config, a case that
+    cannot be fitted, or a non-empty stratum with fewer than 19 cases (nothing is written)."""
     out = Path(out)
+    strata = strata_spec() if strata is None else strata
     check_outputs(out.parent if str(out.parent) else ".", [out.name], [config], overwrite)
     runs, variant, modalities = calibration_runs(config)
     options = SegmentOptions(**segment_kwargs(variant))
@@ -72,9 +80,11 @@ def calibrate(config, out, *, command: str = "", overwrite: bool = False, progre
         "format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "command": command,
         "config": str(Path(config).resolve()), "config_sha256": sha256_file(config),
         "vbseg_version": __version__, "source_digest": source_digest(),
+        "model_digest": model_digest(), "model_code": list(MODEL_CODE),
         "settings": variant, **identity,
         "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
         "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
     }
+    record = stratify(record, strata, config)
     write_text_atomic(out, json.dumps(record, indent=2) + "\n")
     return record

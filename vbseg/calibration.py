@@ -16,10 +16,19 @@ adds to a result ``summary.json["volume_ml_conformal"]`` (one entry per level) a
 ``contour_crc<alpha %>.nii.gz`` and ``contour_margin<alpha %>.nii.gz``. The guarantee is marginal
 (over new cases exchangeable with the calibration cases: same population, scanner, protocol and
 model), not conditional on the case at hand.
+
+Mondrian strata (Vovk, Gammerman & Shafer 2005, ch. 4; ``vbseg calibrate --strata``): the
+cases are binned, at bin edges fixed before any case is fitted, by quantities of each case's
+own fit, which a new case has too: the model's mean volume and the fitted contrast-to-noise
+(:data:`STRATA_FEATURES`). Each non-empty stratum needs >= 19 cases
+(:data:`vbseg.conformal.MIN_STRATUM_CASES`) or the calibration is refused; a new case is scored
+against its own stratum's cases alone, which makes the coverage hold conditionally on the
+stratum (still marginal within it), and a new case whose stratum is empty is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,11 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.conformal import (
+    bin_label,
     conformal_quantile,
     conformal_volume_interval,
     dilate_by,
     fnr_curves,
     margin_score,
+    mondrian_groups,
     risk_control_lambda,
     volume_scores,
 )
@@ -54,9 +65,43 @@ DEFAULT_CONFORMAL_LEVELS = (90.0, 95.0)
 # options that change the outputs' sampling, not the fit: they may differ from the calibration's
 OUTPUT_OPTIONS = ("volume_draws",)
 HASHED_OPTIONS = ("prior", "checkpoint")
-# the stratum candidate recorded per case: the model's mean volume, binned (mL)
-VOLUME_BINS_ML = (5.0, 50.0)
-STRATUM = "all"  # this version pools every case (no Mondrian strata yet)
+# Mondrian strata (Vovk, Gammerman & Shafer 2005): quantities of a case's own fit, known for a
+# new case: name -> (its key in a case record, its label, its unit, what it is)
+STRATA_FEATURES = {
+    "volume": ("mean_ml", "volume", " mL", "the model's mean tumour volume (mL) of the case's own fit"),
+    "contrast": ("contrast_to_noise", "CNR", "",
+                 "the fitted contrast-to-noise: (tumour class mean - most frequent other class's "
+                 "mean) / that class's sd in the first image of the likelihood "
+                 "(summary.json parameters.contrast_to_noise)"),
+}
+DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,)}
+NO_STRATA = "all"  # the one stratum of a calibration without strata
+# calibrations shipped in vbseg/data/calibrations, named for --calibration NAME
+PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json"}
+# The code a calibration's scores depend on (the fit from images to a posterior, and the scores
+# themselves): its digest, recorded by ``vbseg calibrate``, is what a packaged calibration must
+# match. The whole package's digest (vbseg.population.source_digest) would change with every
+# edit of the CLI, the docs strings of the writers or this module's applying code, which leave
+# the scores as they were.
+MODEL_CODE = ("models", "inference", "methods", "fitting.py", "prepare.py", "image.py", "options.py",
+              "records.py", "posterior.py", "conformal.py")
+
+
+def model_digest() -> str:
+    """sha256 of the modules in :data:`MODEL_CODE` (paths and contents)."""
+    return source_digest(MODEL_CODE)
+
+
+@contextlib.contextmanager
+def calibration_file(name_or_path):
+    """The path of a calibration file: a packaged one by its name (:data:`PACKAGED_CALIBRATIONS`)
+    or the path as given."""
+    if str(name_or_path) in PACKAGED_CALIBRATIONS:
+        resource = resources.files("vbseg") / "data" / PACKAGED_CALIBRATIONS[str(name_or_path)]
+        with resources.as_file(resource) as path:
+            yield path
+    else:
+        yield Path(name_or_path)
 
 
 def _file_hash(value) -> str | None:
@@ -86,10 +131,62 @@ def fit_identity(options: SegmentOptions, modalities) -> dict:
     return json.loads(json.dumps(identity))
 
 
-def volume_stratum(mean_ml: float) -> str:
-    """The estimated-volume bin of a case (a Mondrian stratum candidate known at test time)."""
-    low, high = VOLUME_BINS_ML
-    return f"<{low:g} mL" if mean_ml < low else f"{low:g}-{high:g} mL" if mean_ml < high else f">={high:g} mL"
+def _edges(option: str, text, positive: bool) -> list[float]:
+    """Bin edges from "a,b,..." or a sequence: finite, strictly increasing (and > 0)."""
+    try:
+        edges = [float(x) for x in (text.split(",") if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
+        raise InputError(option, f"needs comma-separated numbers, got {text!r}") from None
+    if not edges or not all(math.isfinite(x) and (x > 0 or not positive) for x in edges) \
+            or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise InputError(option, f"needs strictly increasing finite{' positive' if positive else ''} "
+                                 f"edges, got {text!r}")
+    return edges
+
+
+def strata_spec(by="none", volume_bins_ml=None, contrast_bins=None) -> dict:
+    """The Mondrian strata of a calibration, fixed before any case is fitted: ``by`` is "none",
+    "volume", "contrast" or "volume,contrast"; each feature is cut at its bin edges (half-open
+    bins; defaults :data:`DEFAULT_STRATA_BINS`). InputError naming the option otherwise."""
+    names = [] if by in (None, "", "none") else [name.strip() for name in str(by).split(",")]
+    if any(name not in STRATA_FEATURES for name in names) or len(set(names)) != len(names):
+        raise InputError("--strata", f"must be none, volume, contrast or volume,contrast; got {by!r}")
+    given = {"volume": volume_bins_ml, "contrast": contrast_bins}
+    for name, edges in given.items():
+        if edges is not None and name not in names:
+            raise InputError(f"--{name}-bins", f"goes with --strata {name}")
+    return {"by": names,
+            "bins": {name: _edges(f"--{name}-bins", DEFAULT_STRATA_BINS[name] if given[name] is None
+                                  else given[name], positive=name == "volume") for name in names},
+            "features": {name: STRATA_FEATURES[name][3] for name in names}}
+
+
+def stratum_of(case: dict, spec: dict) -> str:
+    """The stratum of a case record (or a new case's features: ``mean_ml``, ``contrast_to_noise``)
+    under ``spec``. InputError when the model does not record a feature the strata need."""
+    parts = []
+    for name in spec["by"]:
+        key, label, unit, _ = STRATA_FEATURES[name]
+        value = case.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError("--strata", f"{name} strata need each fit's {key}, which this model does "
+                                         "not record")
+        parts.append(bin_label(value, spec["bins"][name], label, unit))
+    return ", ".join(parts) if parts else NO_STRATA
+
+
+def stratify(record: dict, spec: dict, source) -> dict:
+    """``record`` (a calibration) with ``spec`` as its strata and each case's stratum; InputError
+    naming ``source`` when a case lacks a feature or a non-empty stratum has fewer than
+    MIN_STRATUM_CASES cases (Mondrian calibration needs enough cases in each on its own)."""
+    try:
+        labels = [stratum_of(case, spec) for case in record["cases"]]
+        if spec["by"]:
+            mondrian_groups(labels)
+    except InputError as error:
+        raise InputError(source, error.problem) from None
+    return {**record, "strata": spec,
+            "cases": [{**case, "stratum": label} for case, label in zip(record["cases"], labels)]}
 
 
 def case_scores(posterior, truth, true_ml: float, spacing) -> dict:
@@ -105,7 +202,7 @@ def case_scores(posterior, truth, true_ml: float, spacing) -> dict:
         "volume_score": float(volume_scores(interval["lower"], interval["upper"], true_ml, floor_ml)),
         "fnr": [float(x) for x in fnr_curves([posterior.probability], [truth], LAMBDA_GRID)[0]],
         "margin_mm": None if math.isinf(margin) else margin,
-        "stratum_candidate": volume_stratum(interval["mean"]),
+        "contrast_to_noise": posterior.summary.get("parameters", {}).get("contrast_to_noise"),
     }
 
 
@@ -130,7 +227,23 @@ def load_calibration(path) -> dict:
         if not isinstance(case, dict) or any(key not in case for key in CASE_KEYS) \
                 or len(case["fnr"]) != len(grid):
             raise InputError(path, "is not a vbseg calibration (a case lacks its scores)")
-    return record
+    return {**record, "strata": _stored_strata(path, record.get("strata"))}
+
+
+def _stored_strata(path, strata) -> dict:
+    """A calibration's strata spec, checked as :func:`strata_spec` checks the options (absent:
+    no strata, a calibration made before they existed)."""
+    if strata is None:
+        return strata_spec()
+    try:
+        by, bins = strata["by"], strata["bins"]
+        if not isinstance(by, list) or not isinstance(bins, dict) or set(bins) != set(by):
+            raise TypeError
+        return strata_spec(",".join(by) or "none", bins.get("volume"), bins.get("contrast"))
+    except (KeyError, TypeError):
+        raise InputError(path, "is not a vbseg calibration (its strata lack \"by\" or their bins)") from None
+    except InputError as error:
+        raise InputError(path, f"strata: {error.problem}") from None
 
 
 def check_identity(path, record: dict, identity: dict) -> None:
@@ -160,64 +273,121 @@ def conformal_output_names(levels_percent) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConformalPlan:
-    """The calibrated quantities for each level (computed before any fit): the log-volume
-    quantile q, the risk-control lambda and the margin (mm; inf when some case's 50 % contour
-    was empty)."""
+class StratumCalibration:
+    """One stratum's calibrated quantities for each level: the log-volume quantile q, the
+    risk-control lambda and the margin (mm; inf when some case's 50 % contour was empty)."""
 
-    path: str
-    sha256: str
-    levels_percent: tuple
     n: int
     quantiles: tuple
     lambdas: tuple
     margins_mm: tuple
+
+
+def calibrate_stratum(cases: list[dict], lambda_grid, levels) -> StratumCalibration:
+    """The quantities of :class:`StratumCalibration` from these cases' scores (InputError when
+    they are too few for a level)."""
+    scores = [case["volume_score"] for case in cases]
+    fnr = np.asarray([case["fnr"] for case in cases], np.float64)
+    margins = [math.inf if case["margin_mm"] is None else case["margin_mm"] for case in cases]
+    alphas = [1.0 - level / 100.0 for level in levels]
+    return StratumCalibration(len(cases), tuple(conformal_quantile(scores, a) for a in alphas),
+                              tuple(risk_control_lambda(fnr, lambda_grid, a) for a in alphas),
+                              tuple(conformal_quantile(margins, a) for a in alphas))
+
+
+def _guarantees(level: float, stratum: str, n: int) -> tuple[str, str, str]:
+    """What the volume interval, the CRC contour and the margin contour each guarantee."""
+    alpha = 1.0 - level / 100.0
+    if stratum == NO_STRATA:
+        over = f"the {n} calibration cases"
+        volume = (f"split conformal on the log-volume miss of the model's {MODEL_INTERVAL_LEVEL:.0%} "
+                  f"interval: marginal coverage >= {level / 100:g} of the true volume under "
+                  f"exchangeability with {over} (not conditional on this case's size or contrast)")
+    else:
+        over = f"the {n} calibration cases of stratum {stratum!r}"
+        volume = (f"Mondrian split conformal (Vovk, Gammerman & Shafer 2005) on the log-volume miss "
+                  f"of the model's {MODEL_INTERVAL_LEVEL:.0%} interval: coverage >= {level / 100:g} "
+                  f"of the true volume conditional on the stratum ({stratum}, from this case's own "
+                  f"fit), under exchangeability with {over}")
+    return (volume, f"E[false-negative rate] <= {alpha:g} (conformal risk control over {over})",
+            f"contains the whole lesion with probability >= {level / 100:g} (calibrated margin of "
+            f"the {MARGIN_CONTOUR_LEVEL:.0%} contour over {over})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformalPlan:
+    """A calibration's quantities for each level in each of its strata (computed before any
+    fit); a new case is scored in the stratum its own fit falls in."""
+
+    path: str
+    sha256: str
+    levels_percent: tuple
+    strata: dict  # the calibration's strata spec (:func:`strata_spec`)
+    by_stratum: dict  # stratum -> StratumCalibration
     source_digest: str
+    model_digest: str = ""
 
     def output_names(self) -> list[str]:
         return conformal_output_names(self.levels_percent)
 
+    def stratum(self, features: dict) -> str:
+        """The stratum of a new case from its own fit's ``features``; InputError naming the
+        calibration when it has no cases there."""
+        try:
+            label = stratum_of(features, self.strata)
+        except InputError as error:
+            raise InputError(self.path, error.problem) from None
+        if label not in self.by_stratum:
+            raise InputError(self.path, f"this case falls in stratum {label!r}, which has no "
+                                        f"calibration cases (calibrated: {', '.join(self.by_stratum)})")
+        return label
+
     def apply(self, result, prepared):
         """``result`` (a MethodResult) with the conformal entries and contours added (its
-        sections and maps, which the method registry writes with the rest)."""
+        sections and maps, which the method registry writes with the rest); InputError when
+        the case's stratum has no calibration cases."""
         interval = credible_interval(result.volume_draws_ml, MODEL_INTERVAL_LEVEL)
+        features = {"mean_ml": interval["mean"],
+                    "contrast_to_noise": (result.parameters or {}).get("contrast_to_noise")}
+        stratum = self.stratum(features)
+        calibrated = self.by_stratum[stratum]
         floor_ml, spacing = prepared.reference.voxel_volume_ml, prepared.reference.spacing
         probability = np.asarray(result.probability, np.float64)
         contour = result.probability >= np.float32(MARGIN_CONTOUR_LEVEL)
         entries, maps = [], {}
-        for level, q, lam, margin in zip(self.levels_percent, self.quantiles, self.lambdas,
-                                         self.margins_mm):
-            alpha = 1.0 - level / 100.0
+        for level, q, lam, margin in zip(self.levels_percent, calibrated.quantiles, calibrated.lambdas,
+                                         calibrated.margins_mm):
             lower, upper = conformal_volume_interval(interval["lower"], interval["upper"], q, floor_ml)
             crc, dilated = (f"contour_{kind}{alpha_text(level)}.nii.gz" for kind in ("crc", "margin"))
             maps[crc] = (probability >= 1.0 - lam).astype(np.uint8)
             maps[dilated] = dilate_by(contour, margin, spacing).astype(np.uint8)
+            volume_text, crc_text, margin_text = _guarantees(level, stratum, calibrated.n)
             entries.append({
-                "level": level / 100.0, "lower": lower, "upper": upper, "n": self.n,
-                "stratum": STRATUM, "score": q,
-                "guarantee": (f"split conformal on the log-volume miss of the model's "
-                              f"{MODEL_INTERVAL_LEVEL:.0%} interval: marginal coverage >= {level / 100:g} "
-                              f"of the true volume under exchangeability with the {self.n} calibration "
-                              "cases (not conditional on this case's size or contrast)"),
-                "contour_crc": {"file": crc, "lambda": lam, "threshold": 1.0 - lam,
-                                "guarantee": f"E[false-negative rate] <= {alpha:g} (conformal risk "
-                                             f"control over the {self.n} calibration cases)"},
+                "level": level / 100.0, "lower": lower, "upper": upper, "n": calibrated.n,
+                "stratum": stratum, "score": q, "guarantee": volume_text,
+                "contour_crc": {"file": crc, "lambda": lam, "threshold": 1.0 - lam, "guarantee": crc_text},
                 "contour_margin": {"file": dilated, "margin_mm": None if math.isinf(margin) else margin,
-                                   "guarantee": f"contains the whole lesion with probability >= "
-                                                f"{level / 100:g} (calibrated margin of the "
-                                                f"{MARGIN_CONTOUR_LEVEL:.0%} contour)"},
+                                   "guarantee": margin_text},
             })
-        record = {"path": self.path, "sha256": self.sha256, "n": self.n,
+        record = {"path": self.path, "sha256": self.sha256,
+                  "n": sum(s.n for s in self.by_stratum.values()),
+                  "strata": {"by": self.strata["by"], "bins": self.strata["bins"],
+                             "n": {label: s.n for label, s in self.by_stratum.items()}},
+                  "stratum": stratum, "features": features,
                   "source_digest": self.source_digest,
-                  "source_digest_matches": self.source_digest == source_digest()}
+                  "source_digest_matches": self.source_digest == source_digest(),
+                  "model_digest": self.model_digest,
+                  "model_digest_matches": self.model_digest == model_digest()}
         return dataclasses.replace(
             result, maps={**result.maps, **maps},
             sections={**result.sections, "volume_ml_conformal": entries, "conformal_calibration": record})
 
 
 def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) -> ConformalPlan:
-    """Load the calibration at ``path``, check it was made with these fit options, and compute
-    each level's calibrated quantities; InputError (one line) for every refusal."""
+    """Load the calibration at ``path`` (or the packaged one of that name), check it was made
+    with these fit options, and compute each level's calibrated quantities in each stratum;
+    InputError (one line) for every refusal (a stratum with fewer than MIN_STRATUM_CASES cases,
+    a level its cases cannot support)."""
     levels = tuple(float(level) for level in levels_percent)
     if not levels or len(set(levels)) != len(levels):
         raise InputError("--conformal-levels", "needs one or more distinct levels")
@@ -225,20 +395,24 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
         if not 0.0 < level < 100.0:
             raise InputError("--conformal-levels", f"each level must be strictly between 0 and 100, "
                                                    f"got {level:g}")
-    record = load_calibration(path)
+    with calibration_file(path) as file:
+        record = load_calibration(file)
+        sha256 = sha256_file(file)
     check_identity(path, record, fit_identity(options, modalities))
+    spec = record["strata"]
     cases = record["cases"]
-    scores = [case["volume_score"] for case in cases]
-    fnr = np.asarray([case["fnr"] for case in cases], np.float64)
-    margins = [math.inf if case["margin_mm"] is None else case["margin_mm"] for case in cases]
-    quantiles, lambdas, margin_q = [], [], []
-    for level in levels:
-        alpha = 1.0 - level / 100.0
-        try:
-            quantiles.append(conformal_quantile(scores, alpha))
-            lambdas.append(risk_control_lambda(fnr, record["lambda_grid"], alpha))
-            margin_q.append(conformal_quantile(margins, alpha))
-        except InputError as error:
-            raise InputError(path, error.problem) from None
-    return ConformalPlan(str(path), sha256_file(path), levels, len(cases), tuple(quantiles),
-                         tuple(lambdas), tuple(margin_q), record.get("source_digest", ""))
+    try:
+        labels = [stratum_of(case, spec) for case in cases]
+        groups = mondrian_groups(labels) if spec["by"] else {NO_STRATA: np.arange(len(cases))}
+        by_stratum = {}
+        for label, members in groups.items():
+            try:
+                by_stratum[label] = calibrate_stratum([cases[i] for i in members], record["lambda_grid"],
+                                                      levels)
+            except InputError as error:
+                where = "" if label == NO_STRATA else f"stratum {label!r}: "
+                raise InputError(path, where + error.problem) from None
+    except InputError as error:
+        raise InputError(path, error.problem) from None
+    return ConformalPlan(str(path), sha256, levels, spec, by_stratum, record.get("source_digest", ""),
+                         record.get("model_digest", ""))

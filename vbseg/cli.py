@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vbseg import __version__
 from vbseg.calibrate import calibrate
+from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
 from vbseg.cluster import parse_cluster
 from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
@@ -171,7 +172,8 @@ def _add_segment(sub):
     p.add_argument("--intensity-lengthscale", dest="intensity_lengthscale_mm", type=float, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="a calibration from 'vbseg calibrate' made with the same fit options: adds "
+                   help="a calibration from 'vbseg calibrate' made with the same fit options, or a "
+                        f"packaged one by name ({', '.join(PACKAGED_CALIBRATIONS)}): adds "
                         "conformal volume intervals (summary.json volume_ml_conformal) and contours "
                         "with a false-negative-rate guarantee (contour_crc<alpha>.nii.gz) and a "
                         "calibrated margin (contour_margin<alpha>.nii.gz)")
@@ -186,11 +188,21 @@ def _add_calibrate(sub):
     p.add_argument("config", help="experiment config (TOML) with [phantoms] or [real] cases and one "
                                   "[model] variant")
     p.add_argument("--out", required=True, help="calibration JSON to write (for segment --calibration)")
+    p.add_argument("--strata", default="none",
+                   help="Mondrian strata from each case's own fit: none (default), volume (the model's "
+                        "mean volume), contrast (the fitted contrast-to-noise) or volume,contrast; each "
+                        "non-empty stratum needs >= 19 cases, and segment --calibration applies the "
+                        "new case's own stratum")
+    for name, unit in (("volume", "ML"), ("contrast", "CNR")):
+        default = ",".join(f"{edge:g}" for edge in DEFAULT_STRATA_BINS[name])
+        p.add_argument(f"--{name}-bins", default=None, metavar=unit,
+                       help=f"edges of the {name} strata ({unit}), comma-separated (default {default})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _run_calibrate(args) -> None:
-    record = calibrate(args.config, args.out, overwrite=args.overwrite, progress=print,
+    strata = strata_spec(args.strata, args.volume_bins, args.contrast_bins)
+    record = calibrate(args.config, args.out, strata=strata, overwrite=args.overwrite, progress=print,
                        command=shlex.join(["vbseg", *args.argv]))
     print(f"calibration of {len(record['cases'])} cases written to {args.out}")
 
@@ -398,7 +410,7 @@ def _run_segment(args) -> None:
           f"[{volume['lower']:.2f}, {volume['upper']:.2f}] mL")
     for entry in posterior.summary.get("volume_ml_conformal", []):
         print(f"conformal {entry['level']:.0%} interval [{entry['lower']:.2f}, {entry['upper']:.2f}] mL "
-              f"(n = {entry['n']} calibration cases)")
+              f"(n = {entry['n']} calibration cases, stratum {entry['stratum']})")
     print(f"compile {timings['compile']:.2f} s, run {timings['run']:.2f} s; outputs in {args.out}")
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from vbseg.errors import InputError
 
@@ -58,6 +58,24 @@ def conformal_quantile(scores, alpha: float) -> float:
     """The k-th smallest of ``scores`` (k of :func:`conformal_rank`)."""
     scores = np.sort(np.asarray(scores, np.float64))
     return float(scores[conformal_rank(scores.size, alpha) - 1])
+
+
+def split_coverage_band(n: int, m: int, alpha: float, splits: int, mass: float = 0.99) -> tuple[int, int]:
+    """The central ``mass`` band of the number of test cases covered, summed over ``splits``
+    independent random splits into n calibration and m test cases. In each split the count is
+    Beta-binomial(m, k, n + 1 - k) with k = :func:`conformal_rank` (n, alpha): exact for
+    exchangeable scores without ties, and, for random splits of one fixed set of distinct
+    scores, exact given that set (the test case's rank among the n + 1 is uniform; Vovk,
+    "Conditional validity of inductive conformal predictors", ACML 2012); ties only add
+    coverage. The splits' counts are then independent, so the sum's law is their convolution."""
+    k = conformal_rank(n, alpha)
+    pmf = stats.betabinom(m, k, n + 1 - k).pmf(np.arange(m + 1))
+    total = np.ones(1)
+    for _ in range(splits):
+        total = np.convolve(total, pmf)
+    cdf = np.cumsum(total)
+    tail = (1.0 - mass) / 2.0
+    return int(np.searchsorted(cdf, tail - 1e-12)), int(np.searchsorted(cdf, 1.0 - tail - 1e-12))
 
 
 def volume_scores(lower_ml, upper_ml, true_ml, floor_ml: float | np.ndarray) -> np.ndarray:
@@ -140,15 +158,37 @@ def dilate_by(contour, margin_mm: float, spacing_mm) -> np.ndarray:
     return ndimage.distance_transform_edt(~contour, sampling=spacing_mm) <= margin_mm + 1e-9
 
 
-def mondrian_quantiles(scores, strata, alpha: float) -> dict:
-    """{stratum: {"quantile", "n"}}: :func:`conformal_quantile` within each stratum. InputError
-    naming the stratum when it has fewer than MIN_STRATUM_CASES cases."""
-    scores, strata = np.asarray(scores, np.float64), np.asarray(strata)
-    result = {}
+def bin_label(value: float, edges, name: str, unit: str = "") -> str:
+    """The half-open bin of ``value`` among the increasing ``edges`` e_1 < ... < e_m, as text:
+    "<name> <e_1<unit>", "<name> e_j-e_j+1<unit>" or "<name> >=e_m<unit>"."""
+    edges = [float(edge) for edge in edges]
+    position = int(np.searchsorted(edges, value, side="right"))
+    if position == 0:
+        return f"{name} <{edges[0]:g}{unit}"
+    if position == len(edges):
+        return f"{name} >={edges[-1]:g}{unit}"
+    return f"{name} {edges[position - 1]:g}-{edges[position]:g}{unit}"
+
+
+def mondrian_groups(strata) -> dict:
+    """{stratum: indices of its cases} (strata sorted); InputError naming the first stratum with
+    fewer than MIN_STRATUM_CASES cases (Mondrian conformal prediction, Vovk, Gammerman & Shafer
+    2005, ch. 4: each stratum is calibrated by its own cases alone)."""
+    strata = np.asarray(strata)
+    groups = {}
     for stratum in sorted(set(strata.tolist())):
-        members = scores[strata == stratum]
+        members = np.flatnonzero(strata == stratum)
         if members.size < MIN_STRATUM_CASES:
             raise InputError("calibration", f"stratum {stratum!r} has {members.size} cases; each needs "
                                             f">= {MIN_STRATUM_CASES}")
-        result[stratum] = {"quantile": conformal_quantile(members, alpha), "n": int(members.size)}
-    return result
+        groups[stratum] = members
+    return groups
+
+
+def mondrian_quantiles(scores, strata, alpha: float) -> dict:
+    """{stratum: {"quantile", "n"}}: :func:`conformal_quantile` within each stratum of
+    :func:`mondrian_groups` (a new case is scored against its own stratum's quantile, which
+    gives coverage >= 1 - alpha conditional on the stratum)."""
+    scores = np.asarray(scores, np.float64)
+    return {stratum: {"quantile": conformal_quantile(scores[members], alpha), "n": int(members.size)}
+            for stratum, members in mondrian_groups(strata).items()}

@@ -258,12 +258,16 @@ def held_out_prior(stats, entries, names, held_out: int, modalities, *, num_tumo
                                  calibration=calibration_from_entries([entries[j] for j in others]))
 
 
-def source_digest() -> str:
+def source_digest(parts=None) -> str:
     """sha256 of every module of the installed vbseg package (paths and contents): a cached
-    result is reused only by the code that made it, not by a later version of it."""
+    result is reused only by the code that made it, not by a later version of it. ``parts``
+    (sub-folders and module files of the package) restricts it to those."""
     package = Path(__file__).resolve().parent
+    paths = package.rglob("*.py") if parts is None else (
+        path for part in parts for path in ((package / part).rglob("*.py") if (package / part).is_dir()
+                                            else [package / part]))
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted(set(paths)):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -153,6 +153,18 @@ def tumour_choice(fit_means, *, field_class=None, intensity_class=None, pet_inde
                                       "first image)")
 
 
+def contrast_to_noise(means, sds, proportions, tumour: int) -> float:
+    """(mu_t - mu_b) / sd_b in the first image of the likelihood: the tumour class's mean against
+    the most frequent other class's, in units of that class's sd. ``means`` and ``sds`` (K, M) on
+    the fit's own scale (standardised, log where log-normal), which the ratio makes free of the
+    image's units; ``proportions`` (K,). A quantity of the fit alone, known for a new case (a
+    Mondrian stratum of :mod:`vbseg.calibration`)."""
+    means, sds = np.asarray(means, np.float64), np.asarray(sds, np.float64)
+    others = [k for k in range(means.shape[0]) if k != tumour]
+    background = max(others, key=lambda k: float(proportions[k]))
+    return float((means[tumour, 0] - means[background, 0]) / sds[background, 0])
+
+
 def _inference_text(options, learn_weight, has_field) -> str:
     psf = options.psf_fwhm_mm is not None
     return ("mean-field VB (CAVI with colour-by-colour label sweeps), "
@@ -234,6 +246,8 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     parameters = {
         "class_means": means.tolist(), "class_sds": sds.tolist(),
         "class_proportions": fit.proportions[order].tolist(), "tumour_class": chosen,
+        "contrast_to_noise": contrast_to_noise(fit.means[order], fit.sds[order],
+                                               fit.proportions[order], chosen),
         "beta": vb_beta, "field_weight": fit.field_weight if has_field else None,
         "neighbour_weights": neighbour_weights(prepared.reference.spacing, options.neighbourhood).tolist(),
         "class_order": "increasing mean in the first image in the likelihood; columns follow "
