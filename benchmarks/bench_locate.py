@@ -202,6 +202,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--train-only", action="store_true",
                         help="train the fold networks (cached) and stop")
+    parser.add_argument("--runs-only", default=None, metavar="STUDIES",
+                        help="run these studies' fits (comma-separated: centred, recrop, pet_ct, pet; "
+                             "cached) and stop without a report, e.g. while the networks train")
+    parser.add_argument("--no-networks", action="store_true",
+                        help="leave out the rows that need the fold networks (cnn, locate-potts with "
+                             "the network), e.g. before they are trained; the report says so")
+    parser.add_argument("--network-studies", default="centred",
+                        help="the studies that get the network rows (default centred)")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
         print(f"bench_locate: {INDEX} not found; nothing to measure (the sarcomas are needed)")
@@ -213,8 +221,11 @@ def main(argv=None) -> int:
     prior_s = {}
     priors = {tag: [fold_prior(work / "priors", f, modalities, folds, prior_s)
                     for f in range(len(folds["folds"]))] for tag, modalities in MODALITY_SETS.items()}
+    selected = None if args.runs_only is None else args.runs_only.split(",")
     networks, network_s = [], {}
     for f, held_out in enumerate(folds["folds"]):
+        if args.no_networks or (selected is not None and not {"centred", "recrop"} & set(selected)):
+            break
         path, seconds = fold_network(work / "networks", f, held_out)
         networks.append(path)
         if seconds is not None:
@@ -235,6 +246,8 @@ def main(argv=None) -> int:
               "folds": folds["folds"], "prior_fit_s": prior_s, "network_training_s": network_s}
     sections, runs, run_s = [], 0, 0.0
     for study, (title, index, folder, tag, with_networks) in studies.items():
+        if selected is not None and study not in selected:
+            continue
         modalities = MODALITY_SETS[tag]
         records = run_config(folder / "reference", config_text(
             f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), args.jobs)
@@ -244,7 +257,7 @@ def main(argv=None) -> int:
             records += run_config(folder / f"fold{f}", config_text(
                 f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
                 prior=prior), args.jobs)
-            if not with_networks:
+            if not with_networks or args.no_networks or study not in args.network_studies.split(","):
                 continue
             for kind, models, settings in (
                     ("cnn", ["cnn"], dict(checkpoint=networks[f])),
@@ -258,6 +271,8 @@ def main(argv=None) -> int:
         entry, text = study_report(records)
         record[study] = entry
         sections.append(f"## {title}\n\n" + text)
+    if selected is not None:
+        return 0
     record["wall_s"] = time.perf_counter() - started
     avid = record["centred"]["avid"]
     cases = sorted(avid)
@@ -271,6 +286,10 @@ def main(argv=None) -> int:
             "min of fit time (sum of each run's wall time; finished runs and fold priors are reused "
             "from benchmarks/results/experiments/locate/, so regenerating the report costs "
             "seconds).\n\n")
+    if args.no_networks:
+        note = ("The rows with the fold networks were not run for this report (--no-networks).\n\n"
+                + note)
+    record["network_studies"] = [] if args.no_networks else args.network_studies.split(",")
     write_report(args.out, NAME, record, __doc__, "", note)
     print(f"wrote {Path(args.out) / (NAME + '.md')}")
     return 0
