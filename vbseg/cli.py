@@ -75,8 +75,9 @@ def _weight(text):
 
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
-    p.add_argument("images", nargs="+", help="NIfTI images or DICOM series folders (PET in SUV); "
-                                             "the first defines the output grid")
+    p.add_argument("images", nargs="+", help="image files (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
+                                             "MetaImage .mha/.mhd) or DICOM series folders (PET in "
+                                             "SUV); the first defines the output grid")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")

@@ -1,14 +1,17 @@
-"""Reading images: validated NIfTI input (and DICOM series through :mod:`vbseg.dicom`).
+"""Reading images: validated NIfTI, NRRD and MetaImage input (and DICOM series through
+:mod:`vbseg.dicom`).
 
 The image type lives in :mod:`vbseg.image` and the atomic writers in :mod:`vbseg.writing`;
 both are re-exported here, so ``from vbseg.volume import Volume, save_nifti`` keeps working.
 
 A :class:`Volume` is a 3D array plus the 4x4 voxel-to-world affine of its grid (NIfTI RAS+
-millimetres, as nibabel reports it). Everything that reads a user's file goes through
-:func:`load_volume` / :func:`load_mask` (NIfTI files; :func:`load_volume` hands a folder to the
-DICOM series reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
+millimetres, as nibabel reports it; NRRD and MetaImage grids, LPS in ITK, are converted by
+:mod:`vbseg.itk_files`). Everything that reads a user's file goes through :func:`load_volume` /
+:func:`load_mask` / :func:`load_map` (image files of any of these formats, one reader and one
+set of checks, :func:`read_image_file`; :func:`load_volume` hands a folder to the DICOM series
+reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
 :class:`~vbseg.errors.InputError` naming the file and the problem; arrays inside vbseg are
-then known to be finite, 3D and numeric. Everything that writes goes through
+then known to be finite, 3D and numeric. Outputs are NIfTI. Everything that writes goes through
 :func:`save_nifti` / :func:`write_text_atomic`: a temporary file in the target folder,
 renamed over the target only when complete, so an interrupted run never leaves a
 half-written output.
@@ -32,6 +35,7 @@ from vbseg.image import (  # noqa: F401  (re-exported: the image type and grid h
     parse_box,
     resample_onto,
 )
+from vbseg.itk_files import itk_suffix, read_itk
 from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     current_umask,
     save_nifti,
@@ -41,31 +45,61 @@ from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     write_with,
 )
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_FILE_TYPES = "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file"
 
-def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
-    """Open ``path`` with nibabel and return (image, raw array); InputError on any failure."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(path, "file not found")
-    if os.path.isdir(path):
-        raise InputError(path, "is a directory, expected a NIfTI file (.nii or .nii.gz)")
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(raw voxels, affine) of a NIfTI file through nibabel; InputError on any failure."""
     try:
         image = nib.load(path)
         dtype = image.get_data_dtype()
     except Exception as exc:  # nibabel raises many types for unreadable files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"cannot be read as a NIfTI image ({first_line})") from None
+        raise InputError(path, f"cannot be read as a NIfTI image ({_first_line(exc)})") from None
+    check_real_type(path, dtype)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:
+        raise InputError(path, f"voxel data cannot be read ({_first_line(exc)})") from None
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def check_real_type(path, dtype: np.dtype) -> None:
+    """InputError unless ``dtype`` is a real number type (integer, floating or boolean)."""
+    dtype = np.dtype(dtype)
     if dtype.fields is not None or not (
         np.issubdtype(dtype, np.integer)
         or np.issubdtype(dtype, np.floating)
         or np.issubdtype(dtype, np.bool_)
     ):
         raise InputError(path, f"voxel type {dtype} is not a real number type")
-    try:
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"voxel data cannot be read ({first_line})") from None
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(raw voxels (I, J, K), RAS+ affine) of an image file, by its suffix: NIfTI through
+    nibabel, NRRD and MetaImage through SimpleITK (:mod:`vbseg.itk_files`, LPS converted).
+
+    The same checks for every format: InputError naming ``path`` when it is missing, a folder,
+    of another type, unreadable, of a non-real voxel type, not 3D (trailing axes of length 1
+    are dropped), empty, or with a singular or non-finite affine.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(path, "file not found")
+    if os.path.isdir(path):
+        raise InputError(path, f"is a directory, expected {IMAGE_FILE_TYPES}")
+    if itk_suffix(path) is not None:
+        data, affine = read_itk(path)
+        check_real_type(path, data.dtype)
+    elif path.lower().endswith(NIFTI_SUFFIXES):
+        data, affine = _read_nifti(path)
+    else:
+        raise InputError(path, f"unknown image file type; expected {IMAGE_FILE_TYPES}")
     # Trailing singleton axes (e.g. a 4D file with one time point) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -73,14 +107,14 @@ def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage
         raise InputError(path, f"expected a 3D image, got shape {tuple(data.shape)}")
     if min(data.shape) < 1:
         raise InputError(path, f"image has an empty axis, shape {tuple(data.shape)}")
-    affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "the voxel-to-world affine is singular or not finite")
-    return image, data
+    return data, affine
 
 
 def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=None) -> Volume:
-    """Read and validate a 3D image: a NIfTI file, or a folder holding a DICOM series.
+    """Read and validate a 3D image: a NIfTI, NRRD or MetaImage file
+    (:func:`read_image_file`), or a folder holding a DICOM series.
 
     A folder goes to :func:`vbseg.dicom.load_dicom_volume` (PET in SUV, CT in HU; ``series_uid``
     picks one of several series in it; needs the ``vbseg[dicom]`` extra).
@@ -94,10 +128,10 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     if os.path.isdir(path):
         volume = load_dicom_volume(path, modality, series_uid=series_uid)
     else:
-        image, raw = _read_nifti(path)
+        raw, affine = read_image_file(path)
         data = np.asarray(raw, dtype=np.float32)
         check_values(path, data)
-        volume = Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
+        volume = Volume(data, affine, modality, os.fspath(path))
     if volume.spacing.max() > MAX_VOXEL_MM:
         sizes = " x ".join(f"{size:g}" for size in volume.spacing)
         raise InputError(path, f"voxel size {sizes} mm is over {MAX_VOXEL_MM:g} mm: the header's "
@@ -106,10 +140,9 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
 
 
 def _read_on_grid(path, reference: Volume, what: str) -> np.ndarray:
-    """A NIfTI file's voxels, which must lie on ``reference``'s grid and be finite."""
-    image, raw = _read_nifti(path)
+    """An image file's voxels, which must lie on ``reference``'s grid and be finite."""
+    raw, affine = read_image_file(path)
     path = os.fspath(path)
-    affine = np.asarray(image.affine, np.float64)
     if tuple(raw.shape) != reference.shape or not np.allclose(
         affine, reference.affine, atol=AFFINE_ATOL_MM
     ):
