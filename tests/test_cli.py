@@ -60,7 +60,7 @@ def inputs(tmp_path_factory) -> Path:
     pet = phantom.pet
     save_nifti(folder / "roi.nii.gz", np.pad(np.ones((10, 10, 10), np.uint8), 7), pet.affine)
     save_nifti(folder / "empty_roi.nii.gz", np.zeros(pet.shape, np.uint8), pet.affine)
-    save_nifti(folder / "roi_ct_grid.nii.gz", np.ones(phantom.ct.shape, np.uint8), phantom.ct.affine)
+    save_nifti(folder / "roi_ct_grid.nii.gz", np.full(phantom.ct.shape, 0.5, np.float32), phantom.ct.affine)
     nan = pet.data.copy()
     nan[3, 4, 5] = np.nan
     save_nifti(folder / "nan.nii.gz", nan, pet.affine)
@@ -146,8 +146,8 @@ def _bad_cases(i: Path, out: Path):
         ("constant", ["segment", i / "constant.nii.gz", "--out", out], "constant.nii.gz", "constant"),
         ("no overlap", ["segment", pet, i / "far_ct.nii.gz", "--modality", "pet,ct", "--out", out],
          "far_ct.nii.gz", "does not overlap"),
-        ("ROI on another grid", ["segment", pet, "--roi", i / "roi_ct_grid.nii.gz", "--out", out],
-         "roi_ct_grid.nii.gz", "grid"),
+        ("fractional ROI on another grid", ["segment", pet, "--roi", i / "roi_ct_grid.nii.gz", "--out",
+                                            out], "roi_ct_grid.nii.gz", "fractional values"),
         ("empty ROI", ["segment", pet, "--roi", i / "empty_roi.nii.gz", "--out", out],
          "empty_roi.nii.gz", "empty"),
         ("roi and box", ["segment", pet, "--roi", i / "roi.nii.gz", "--box", "0:2,0:2,0:2",

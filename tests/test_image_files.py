@@ -1,5 +1,6 @@
 """NRRD and MetaImage inputs (issue 21, item 5): read into the same Volume as NIfTI (ITK's LPS
-grid converted to RAS), with the same checks; a bad file is one line through the CLI.
+grid converted to RAS), with the same checks; a bad file is one line through the CLI; label
+masks on another grid resampled onto the first image's, and summary.json saying so.
 
 The files are written here by SimpleITK, the library that reads them, so the ground truth of
 each voxel's world position is ITK's own ``TransformIndexToPhysicalPoint``, independent of
@@ -8,13 +9,19 @@ vbseg's conversion.
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_cli import main_cli
+from test_volume import finer_grid
 
 from vbseg.errors import InputError
-from vbseg.volume import load_map, load_mask, load_volume
+from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.pipeline import segment
+from vbseg.volume import load_map, load_mask, load_volume, save_nifti
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SPACING = (0.9, 1.3, 2.5)
@@ -136,3 +143,43 @@ def test_bad_itk_file_through_the_cli_is_one_line_and_writes_nothing(bad, tmp_pa
     assert result.returncode == 2
     assert result.stderr.strip() == f"vbseg: error: {path}: 1 voxels are NaN or infinite"
     assert not (tmp_path / "out").exists()
+
+
+def itk_from_volume(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image on the grid of a RAS+ ``affine`` (LPS direction, spacing, origin)."""
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    return itk_image(data, tuple(spacing), tuple(lps[:, 3]), tuple((lps[:, :3] / spacing).ravel()))
+
+
+def test_segment_reads_itk_files_resamples_label_masks_and_writes_nifti(tmp_path):
+    """PET as NRRD, the VOI as a MetaImage label on a 2x finer grid, the reference as NRRD on
+    that grid: the outputs are NIfTI on the PET's grid and affine, summary.json says both masks
+    were resampled, and the result equals the run with the VOI on the PET's own grid."""
+    phantom = make_phantom(PhantomSpec(), seed=2)
+    pet = written(itk_from_volume(phantom.pet.data, phantom.pet.affine), tmp_path / "pet.nrrd")
+    roi = np.zeros(phantom.pet.shape, np.uint8)
+    roi[4:-4, 4:-4, 4:-4] = 1
+    fine_affine = finer_grid(phantom.pet.affine, 2)
+    twice = lambda mask: np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2)  # noqa: E731
+    fine_roi = written(itk_from_volume(twice(roi), fine_affine), tmp_path / "roi.mha")
+    fine_truth = written(itk_from_volume(twice(phantom.truth.astype(np.uint8)), fine_affine),
+                         tmp_path / "truth.nrrd")
+    on_grid_roi = save_nifti(tmp_path / "roi.nii.gz", roi, phantom.pet.affine)
+    resampled = segment([pet], tmp_path / "out", roi=fine_roi, reference_mask=fine_truth,
+                        model="threshold40")
+    plain = segment([pet], None, roi=on_grid_roi, model="threshold40")
+    np.testing.assert_array_equal(resampled.probability, plain.probability)
+    prob = nib.load(tmp_path / "out" / "prob.nii.gz")
+    assert prob.shape == phantom.pet.shape
+    np.testing.assert_allclose(prob.affine, phantom.pet.affine, atol=1e-4)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["options"]["voi_resampled"] is True
+    assert summary["resampled"][-1] == {
+        "path": fine_roi, "role": "roi", "resampled": True,
+        "method": "nearest neighbour in world coordinates", "from_shape": list(twice(roi).shape),
+        "from_spacing_mm": [2.0, 2.0, 1.5]}
+    assert summary["reference_mask"]["resampled"] is True
+    assert summary["reference_mask"]["volume_ml"] == pytest.approx(
+        phantom.truth.sum() * phantom.pet.voxel_volume_ml)
+    assert plain.summary["options"]["voi_resampled"] is False

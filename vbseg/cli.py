@@ -82,11 +82,13 @@ def _add_segment(sub):
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")
     voi = p.add_mutually_exclusive_group()
-    voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
+    voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid, or a label "
+                                   "mask on another grid (resampled onto it by nearest neighbour)")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--reference", default=None, metavar="MASK",
-                   help="reference delineation (non-zero = inside) on the first image's grid: "
-                        "drawn in overview.png, Dice of each contour in summary.json")
+                   help="reference delineation (non-zero = inside) on the first image's grid, or a "
+                        "label mask on another grid (resampled by nearest neighbour): drawn in "
+                        "overview.png, Dice of each contour in summary.json")
     p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")

@@ -139,39 +139,76 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     return volume
 
 
-def _read_on_grid(path, reference: Volume, what: str) -> np.ndarray:
-    """An image file's voxels, which must lie on ``reference``'s grid and be finite."""
-    raw, affine = read_image_file(path)
-    path = os.fspath(path)
-    if tuple(raw.shape) != reference.shape or not np.allclose(
-        affine, reference.affine, atol=AFFINE_ATOL_MM
-    ):
-        raise InputError(
-            path,
-            f"{what} grid (shape {tuple(raw.shape)}) differs from the grid of {reference.name} "
-            f"(shape {reference.shape}); it must be on the first image's grid",
-        )
-    values = np.asarray(raw)
+LABEL_RESAMPLING = "nearest neighbour in world coordinates"
+
+
+def _read_finite(path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels, affine) of an image file (:func:`read_image_file`) whose voxels are finite."""
+    values, affine = read_image_file(path)
+    values = np.asarray(values)
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
-        raise InputError(path, f"{what} holds NaN or infinite voxels")
-    return values
+        raise InputError(os.fspath(path), f"{what} holds NaN or infinite voxels")
+    return values, affine
+
+
+def _other_grid(path, shape, reference: Volume, what: str, rule: str) -> InputError:
+    return InputError(os.fspath(path), f"{what} grid (shape {tuple(shape)}) differs from the grid of "
+                                       f"{reference.name} (shape {reference.shape}); {rule}")
+
+
+def is_label(values: np.ndarray) -> bool:
+    """True for a label image: boolean or integer voxels, or floating ones that are all whole
+    numbers (masks are often stored as float)."""
+    if not np.issubdtype(values.dtype, np.floating):
+        return True
+    return bool(np.all(values == np.round(values)))
+
+
+def read_mask(path: str | os.PathLike, reference: Volume, what: str = "mask"
+              ) -> tuple[np.ndarray, dict | None]:
+    """A binary mask (non-zero = inside) on ``reference``'s grid, and how it got there.
+
+    A mask on another grid is resampled onto ``reference``'s by nearest neighbour in world
+    coordinates (:func:`~vbseg.image.resample_onto`; voxels outside its field of view are
+    outside), when it is a label image (:func:`is_label`); a mask with fractional values on
+    another grid (a probability map?) is refused: thresholding it there is the user's choice.
+
+    Returns (mask (I, J, K) bool, resampling): resampling is None on the same grid, else
+    ``{"method", "from_shape", "from_spacing_mm"}`` for summary.json.
+    Raises InputError when the file is unreadable, holds NaN, is fractional on another grid,
+    does not overlap the grid, or is empty (there).
+    """
+    values, affine = _read_finite(path, what)
+    path = os.fspath(path)
+    source = Volume(values, affine, path=path)
+    if source.same_grid(reference):
+        mask, resampling = values != 0, None
+    elif not is_label(values):
+        raise _other_grid(path, values.shape, reference, what,
+                          "only a label mask (whole-number values) is resampled onto it, and this "
+                          "one holds fractional values")
+    else:
+        on_grid, covered = resample_onto(source.with_data((values != 0).astype(np.float32)), reference,
+                                         nearest=True)
+        mask = (on_grid.data != 0) & covered
+        resampling = {"method": LABEL_RESAMPLING, "from_shape": list(source.shape),
+                      "from_spacing_mm": [round(float(s), 6) for s in source.spacing]}
+    if not mask.any():
+        where = f" on the grid of {reference.name}" if resampling else ""
+        raise InputError(path, f"{what} is empty{where} (no non-zero voxel)")
+    return mask, resampling
 
 
 def load_mask(path: str | os.PathLike, reference: Volume) -> np.ndarray:
-    """Read a binary mask (non-zero = inside) that must lie on ``reference``'s grid.
-
-    Raises InputError when the file is unreadable, on another grid (shape or affine), holds
-    NaN, or is empty.
-    """
-    mask = _read_on_grid(path, reference, "mask") != 0
-    if not mask.any():
-        raise InputError(os.fspath(path), "mask is empty (no non-zero voxel)")
-    return mask
+    """:func:`read_mask`'s mask: non-zero = inside, on ``reference``'s grid (a label mask on
+    another grid resampled by nearest neighbour)."""
+    return read_mask(path, reference)[0]
 
 
 def load_map(path: str | os.PathLike, reference: Volume, what: str = "map") -> np.ndarray:
     """Read a real-valued map (e.g. prior log-odds) on ``reference``'s grid: float32; a constant
     map is allowed. InputError when unreadable, on another grid, or not finite."""
-    return _read_on_grid(path, reference, what).astype(np.float32)
-
-
+    values, affine = _read_finite(path, what)
+    if not Volume(values, affine).same_grid(reference):
+        raise _other_grid(path, values.shape, reference, what, "it must be on the first image's grid")
+    return values.astype(np.float32)
