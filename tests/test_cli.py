@@ -10,8 +10,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -45,6 +48,20 @@ def main_cli(*args):
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1
     return types.SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def interrupted_at(stage: str, marker: Path, *args) -> tuple[int, str]:
+    """``python -m vbseg.cli ARGS`` in a subprocess, sent SIGINT once it reaches the pause point
+    ``stage`` (:func:`vbseg.result_folder.pause_point`, which touches ``marker``): (exit status,
+    stderr). The caller checks ``marker`` exists (the run got there)."""
+    env = dict(os.environ, VBSEG_TEST_PAUSE_AT=stage, VBSEG_TEST_PAUSE_FILE=str(marker))
+    process = subprocess.Popen([sys.executable, "-m", "vbseg.cli", *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not marker.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    return process.returncode, stderr
 
 
 def digest(folder: Path) -> dict:
