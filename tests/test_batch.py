@@ -170,3 +170,10 @@ def test_ctrl_c_during_a_case_leaves_the_finished_cases(cases, tmp_path):
     assert digest(out / "beta") == finished
     rows = record(out)
     assert [rows["beta"]["status"], rows["gamma"]["status"]] == ["skipped (finished before)", "not run"]
+
+
+def test_segment_without_images_or_batch_is_one_line(tmp_path):
+    result = main_cli("segment", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr == "vbseg: error: segment: needs at least one image (or --batch CASES.json)\n"
+    assert not any(tmp_path.iterdir())
