@@ -10,8 +10,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -47,6 +50,20 @@ def main_cli(*args):
     return types.SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
+def interrupted_at(stage: str, marker: Path, *args) -> tuple[int, str]:
+    """``python -m vbseg.cli ARGS`` in a subprocess, sent SIGINT once it reaches the pause point
+    ``stage`` (:func:`vbseg.result_folder.pause_point`, which touches ``marker``): (exit status,
+    stderr). The caller checks ``marker`` exists (the run got there)."""
+    env = dict(os.environ, VBSEG_TEST_PAUSE_AT=stage, VBSEG_TEST_PAUSE_FILE=str(marker))
+    process = subprocess.Popen([sys.executable, "-m", "vbseg.cli", *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not marker.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    return process.returncode, stderr
+
+
 def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
             if p.is_file()}
@@ -60,7 +77,7 @@ def inputs(tmp_path_factory) -> Path:
     pet = phantom.pet
     save_nifti(folder / "roi.nii.gz", np.pad(np.ones((10, 10, 10), np.uint8), 7), pet.affine)
     save_nifti(folder / "empty_roi.nii.gz", np.zeros(pet.shape, np.uint8), pet.affine)
-    save_nifti(folder / "roi_ct_grid.nii.gz", np.ones(phantom.ct.shape, np.uint8), phantom.ct.affine)
+    save_nifti(folder / "roi_ct_grid.nii.gz", np.full(phantom.ct.shape, 0.5, np.float32), phantom.ct.affine)
     nan = pet.data.copy()
     nan[3, 4, 5] = np.nan
     save_nifti(folder / "nan.nii.gz", nan, pet.affine)
@@ -146,8 +163,8 @@ def _bad_cases(i: Path, out: Path):
         ("constant", ["segment", i / "constant.nii.gz", "--out", out], "constant.nii.gz", "constant"),
         ("no overlap", ["segment", pet, i / "far_ct.nii.gz", "--modality", "pet,ct", "--out", out],
          "far_ct.nii.gz", "does not overlap"),
-        ("ROI on another grid", ["segment", pet, "--roi", i / "roi_ct_grid.nii.gz", "--out", out],
-         "roi_ct_grid.nii.gz", "grid"),
+        ("fractional ROI on another grid", ["segment", pet, "--roi", i / "roi_ct_grid.nii.gz", "--out",
+                                            out], "roi_ct_grid.nii.gz", "fractional values"),
         ("empty ROI", ["segment", pet, "--roi", i / "empty_roi.nii.gz", "--out", out],
          "empty_roi.nii.gz", "empty"),
         ("roi and box", ["segment", pet, "--roi", i / "roi.nii.gz", "--box", "0:2,0:2,0:2",

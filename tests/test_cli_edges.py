@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import test_cli
-from test_cli import digest, main_cli
+from test_cli import digest, interrupted_at, main_cli
 
 from vbseg.volume import save_nifti
 
@@ -135,17 +133,10 @@ def test_ctrl_c_leaves_the_previous_result_set(inputs, tmp_path, stage):
     assert first.returncode == 0, first.stderr
     before = digest(out)
     reached = tmp_path / "reached"
-    env = dict(os.environ, VBSEG_TEST_PAUSE_AT=stage, VBSEG_TEST_PAUSE_FILE=str(reached))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vbseg.cli", "segment", inputs / "pet.nii.gz", "--box",
-         "4:20,4:20,4:20", "--levels", "30", "--out", out, "--overwrite"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    while not reached.exists() and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=600)
+    status, stderr = interrupted_at(stage, reached, "segment", inputs / "pet.nii.gz", "--box",
+                                    "4:20,4:20,4:20", "--levels", "30", "--out", out, "--overwrite")
     assert reached.exists(), stderr[-600:]
-    assert process.returncode == 130 and stderr == "vbseg: interrupted\n", stderr[-600:]
+    assert status == 130 and stderr == "vbseg: interrupted\n", stderr[-600:]
     assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no .vbseg-* left
     assert digest(out) == before
 

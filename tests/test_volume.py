@@ -9,9 +9,11 @@ from vbseg.errors import InputError
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.volume import (
     Volume,
+    load_map,
     load_mask,
     load_volume,
     parse_box,
+    read_mask,
     resample_onto,
     save_nifti,
     write_with,
@@ -76,9 +78,10 @@ def test_round_trip_and_mask_grid_check(tmp_path):
     np.testing.assert_allclose(loaded.affine, phantom.pet.affine, atol=1e-5)
     mask_path = save_nifti(tmp_path / "m.nii.gz", phantom.truth.astype(np.uint8), phantom.pet.affine)
     np.testing.assert_array_equal(load_mask(mask_path, loaded), phantom.truth)
-    with pytest.raises(InputError, match="differs from the grid"):
-        load_mask(mask_path, phantom.ct)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz", "pet.nii.gz"]
+    fractional = save_nifti(tmp_path / "f.nii.gz", phantom.truth_fraction, phantom.pet.affine)
+    with pytest.raises(InputError, match="differs from the grid .* holds fractional values"):
+        load_mask(fractional, phantom.ct)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "m.nii.gz", "pet.nii.gz"]
 
 
 def test_failed_write_leaves_no_file(tmp_path):
@@ -89,3 +92,70 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_with(tmp_path / "out.json", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def finer_grid(affine: np.ndarray, factor: int) -> np.ndarray:
+    """The grid ``factor`` times finer along every axis over the same world box: coarse voxel
+    i holds fine voxels factor * i .. factor * i + factor - 1."""
+    fine = affine.copy()
+    fine[:3, :3] = affine[:3, :3] / factor
+    fine[:3, 3] = affine[:3, 3] - affine[:3, :3] @ np.full(3, (factor - 1) / (2 * factor))
+    return fine
+
+
+def test_label_mask_on_a_2x_finer_grid_gives_the_same_voi(tmp_path):
+    """Nearest neighbour in world coordinates: each coarse voxel centre falls between two fine
+    voxels of the same coarse voxel, so the VOI is exactly the coarse mask; summary.json's
+    record says it was resampled and from what grid."""
+    phantom = make_phantom(PhantomSpec(), seed=0)
+    fine = np.repeat(np.repeat(np.repeat(phantom.truth, 2, 0), 2, 1), 2, 2).astype(np.int16)
+    path = save_nifti(tmp_path / "fine.nii.gz", fine, finer_grid(phantom.pet.affine, 2))
+    mask, resampling = read_mask(path, phantom.pet)
+    np.testing.assert_array_equal(mask, phantom.truth)
+    assert resampling["method"] == "nearest neighbour in world coordinates"
+    assert resampling["from_shape"] == list(fine.shape)
+    np.testing.assert_allclose(resampling["from_spacing_mm"], phantom.pet.spacing / 2)
+    on_grid = save_nifti(tmp_path / "coarse.nii.gz", phantom.truth.astype(np.uint8), phantom.pet.affine)
+    assert read_mask(on_grid, phantom.pet)[1] is None
+
+
+def test_label_mask_on_an_offset_finer_grid_differs_only_at_the_boundary(tmp_path):
+    """A ball rasterised on a 1.5x finer grid shifted by a third of a voxel, against the same
+    ball rasterised on the image's grid: voxels that differ lie within one coarse voxel of the
+    sphere (a nearest-neighbour sample of the finer mask is off by at most half a fine voxel
+    diagonal there), and they are few."""
+    reference = make_phantom(PhantomSpec(), seed=0).pet
+    centre = reference.affine @ np.array([*(np.asarray(reference.shape) / 2 - 0.3), 1.0])
+    radius = 15.0
+    fine_affine = finer_grid(reference.affine, 1)
+    fine_affine[:3, :3] /= 1.5
+    fine_affine[:3, 3] += 1.3
+    fine_shape = tuple(int(n * 1.5) for n in reference.shape)
+
+    def ball(affine, shape):
+        index = np.indices(shape).reshape(3, -1)
+        world = affine[:3, :3] @ index + affine[:3, 3:4]
+        distance = np.linalg.norm(world - centre[:3, None], axis=0).reshape(shape)
+        return distance, distance <= radius
+
+    path = save_nifti(tmp_path / "ball.nii.gz", ball(fine_affine, fine_shape)[1].astype(np.float32),
+                      fine_affine)
+    mask = load_mask(path, reference)
+    distance, expected = ball(reference.affine, reference.shape)
+    differ = mask != expected
+    assert np.all(np.abs(distance[differ] - radius) <= reference.spacing.max())
+    assert differ.sum() <= 0.1 * expected.sum()
+
+
+def test_mask_outside_the_grid_after_resampling_and_a_map_on_another_grid_are_refused(tmp_path):
+    phantom = make_phantom(PhantomSpec(), seed=0)
+    corner = np.zeros(phantom.ct.shape, np.uint8)
+    corner[-2:, -2:, -2:] = 1
+    shifted = phantom.ct.affine.copy()
+    shifted[:3, 3] += 40.0  # the corner voxels lie outside the PET's field of view
+    path = save_nifti(tmp_path / "corner.nii.gz", corner, shifted)
+    with pytest.raises(InputError, match="corner.nii.gz: mask is empty on the grid of"):
+        load_mask(path, phantom.pet)
+    field = save_nifti(tmp_path / "field.nii.gz", np.ones(phantom.ct.shape, np.float32), phantom.ct.affine)
+    with pytest.raises(InputError, match="field.nii.gz: map grid .* must be on the first image's grid"):
+        load_map(field, phantom.pet)

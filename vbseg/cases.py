@@ -8,7 +8,8 @@ The index is a list of entries, each in one of two shapes:
 
 File names are relative to the index's folder. The reference delineation of a case is the
 label of its first (output) modality, which must lie on that image's grid. Every problem is
-an :class:`~vbseg.errors.InputError` naming the file (or option) in one line.
+an :class:`~vbseg.errors.InputError` naming the file (or option) in one line. Case names are
+unique. ``vbseg segment --batch`` reads the same index (:mod:`vbseg.batch`), labels optional.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class DelineatedCase:
     licence: str = ""  # the entry's "licence" text (attribution duties of derived artefacts)
 
 
-def _entry_modalities(index: str, entry: dict) -> dict:
-    """{modality: {"image", "label"}} for either entry shape, modality names lower-case."""
+def entry_modalities(index: str, entry: dict, *, need_label: bool = True) -> dict:
+    """{modality: {"image", "label"}} for either entry shape, modality names lower-case; without
+    ``need_label`` an entry may leave its labels out."""
     name = entry.get("case")
     if "modalities" in entry:
         table = entry["modalities"]
@@ -54,8 +56,9 @@ def _entry_modalities(index: str, entry: dict) -> dict:
         if key not in MODALITIES:
             raise InputError(index, f"case {name!r}: unknown modality {modality!r} "
                                     f"(one of {', '.join(MODALITIES)})")
-        if not isinstance(files, dict) or not files.get("image") or not files.get("label"):
-            raise InputError(index, f"case {name!r}, {key}: needs 'image' and 'label' file names")
+        if not isinstance(files, dict) or not files.get("image") or (need_label and not files.get("label")):
+            raise InputError(index, f"case {name!r}, {key}: needs 'image' and 'label' file names"
+                             if need_label else f"case {name!r}, {key}: needs an 'image' file name")
         result[key] = files
     return result
 
@@ -90,6 +93,29 @@ def check_case_files(case: DelineatedCase, all_images: dict) -> None:
                                  "of the case's images")
 
 
+def read_index(index) -> dict[str, dict]:
+    """The entries of the CASES.json ``index`` by case name, in its order; InputError naming
+    the index when it is missing, not JSON, not a list, or has an entry without a 'case' name
+    or a name twice."""
+    index = os.fspath(index)
+    try:
+        entries = json.loads(Path(index).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(index, "cases index not found") from None
+    except (OSError, ValueError) as error:
+        raise InputError(index, f"cannot read as JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(entries, list):
+        raise InputError(index, "must be a JSON list of case entries")
+    by_name = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("case"), str):
+            raise InputError(index, "every entry needs a 'case' name")
+        if entry["case"] in by_name:
+            raise InputError(index, f"case {entry['case']!r} is named twice")
+        by_name[entry["case"]] = entry
+    return by_name
+
+
 def read_cases(index, modalities, names=None, *, check_files: bool = True) -> list[DelineatedCase]:
     """The cases of ``index`` that have all of ``modalities`` (in that order).
 
@@ -107,30 +133,18 @@ def read_cases(index, modalities, names=None, *, check_files: bool = True) -> li
         if modality not in MODALITIES:
             raise InputError("--modalities",
                              f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
-    try:
-        entries = json.loads(Path(index).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(index, "cases index not found") from None
-    except (OSError, ValueError) as error:
-        raise InputError(index, f"cannot read as JSON ({str(error).splitlines()[0]})") from None
-    if not isinstance(entries, list):
-        raise InputError(index, "must be a JSON list of case entries")
+    by_name = read_index(index)
     folder = Path(index).parent
-    by_name = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("case"), str):
-            raise InputError(index, "every entry needs a 'case' name")
-        by_name[entry["case"]] = entry
     wanted = list(names) if names is not None else [
         name for name, entry in by_name.items()
         if entry.get("kind", "patient") == "patient"
-        and all(m in _entry_modalities(index, entry) for m in modalities)]
+        and all(m in entry_modalities(index, entry) for m in modalities)]
     cases = []
     for name in wanted:
         if name not in by_name:
             raise InputError(index, f"no case named {name!r}")
         entry = by_name[name]
-        table = _entry_modalities(index, entry)
+        table = entry_modalities(index, entry)
         missing = [m for m in modalities if m not in table]
         if missing:
             raise InputError(index, f"case {name!r} has no {', '.join(missing)} image")

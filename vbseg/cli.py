@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vbseg import __version__
+from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
 from vbseg.calibrate import calibrate
 from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
 from vbseg.cluster import parse_cluster
@@ -76,17 +77,25 @@ def _weight(text):
 
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
-    p.add_argument("images", nargs="+", help="NIfTI images or DICOM series folders (PET in SUV); "
-                                             "the first defines the output grid")
+    p.add_argument("images", nargs="*", help="image files (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
+                                             "MetaImage .mha/.mhd) or DICOM series folders (PET in "
+                                             "SUV); the first defines the output grid")
+    p.add_argument("--batch", default=None, metavar="CASES.json",
+                   help="segment every case of a CASES.json index instead (images, optional 'label' "
+                        "and 'roi' per case) with the same options, each into --out/<case>/; "
+                        "finished cases are skipped unless --overwrite; --out/batch.json records "
+                        "each case; exit status 1 when a case failed (docs/guide.md, Batches)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")
     voi = p.add_mutually_exclusive_group()
-    voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid")
+    voi.add_argument("--roi", help="mask (non-zero = inside) on the first image's grid, or a label "
+                                   "mask on another grid (resampled onto it by nearest neighbour)")
     voi.add_argument("--box", help="i0:i1,j0:j1,k0:k1, 0-based half-open array index ranges")
     p.add_argument("--reference", default=None, metavar="MASK",
-                   help="reference delineation (non-zero = inside) on the first image's grid: "
-                        "drawn in overview.png, Dice of each contour in summary.json")
+                   help="reference delineation (non-zero = inside) on the first image's grid, or a "
+                        "label mask on another grid (resampled by nearest neighbour): drawn in "
+                        "overview.png, Dice of each contour in summary.json")
     p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
@@ -349,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _modalities(args) -> list[str] | None:
+    return [m.strip().lower() for m in args.modality.split(",")] if args.modality else None
+
+
 def _segment_kwargs(args) -> dict:
-    modalities = [m.strip().lower() for m in args.modality.split(",")] if args.modality else None
+    modalities = _modalities(args)
     if modalities is None and any(os.path.isdir(p) for p in args.images):
         modalities = default_modalities(args.images, args.series)  # from the DICOM headers
     return dict(
@@ -384,7 +397,40 @@ def option_values(args) -> dict:
     return values
 
 
-def _run_segment(args) -> None:
+BATCH_EXCLUDES = {"--roi": "roi", "--reference": "reference", "--series": "series",
+                  "--rtstruct": "rtstruct", "--dicom-seg": "dicom_seg"}
+
+
+def _run_batch(args) -> int:
+    if args.images:
+        raise InputError("--batch", "takes no image arguments (the index names each case's images)")
+    for option, dest in BATCH_EXCLUDES.items():
+        if getattr(args, dest):
+            raise InputError(option, "does not go with --batch (a case's VOI and reference are its "
+                                     "'roi' and 'label' in the index; DICOM outputs are per run)")
+    kwargs = _segment_kwargs(args)
+    for key in ("roi", "reference_mask", "series_uid", "overwrite", "modalities"):
+        kwargs.pop(key)
+
+    def progress(case, row):
+        volume = row["volume_ml"]
+        interval = (f": {volume['mean']:.2f} mL [{volume['lower']:.2f}, {volume['upper']:.2f}]"
+                    if volume else "")
+        print(f"{case.name}: {row['status']}{interval}" + (f": {row['error']}" if row["error"] else ""))
+
+    summary = run_batch(args.batch, args.out, modalities=_modalities(args), overwrite=args.overwrite,
+                        command=shlex.join(["vbseg", *args.argv]), progress=progress, **kwargs)
+    counts = summary["counts"]
+    print(f"{len(summary['rows'])} cases: {counts[DONE]} done, {counts[SKIPPED]} finished before, "
+          f"{counts[FAILED]} failed; record: {summary['record']}")
+    return 1 if counts[FAILED] else 0
+
+
+def _run_segment(args) -> int | None:
+    if args.batch is not None:
+        return _run_batch(args)
+    if not args.images:
+        raise InputError("segment", "needs at least one image (or --batch CASES.json)")
     dicom_outputs = args.rtstruct is not None or args.dicom_seg
     if dicom_outputs or any(os.path.isdir(p) for p in args.images):
         check_dicom_outputs(args.images, args.out, rtstruct_reference=args.rtstruct,

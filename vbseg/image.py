@@ -101,7 +101,8 @@ def parse_box(text: str, shape: tuple[int, int, int]) -> tuple[slice, slice, sli
     return tuple(slices)
 
 
-def resample_onto(source: Volume, reference: Volume) -> tuple[Volume, np.ndarray]:
+def resample_onto(source: Volume, reference: Volume, *, nearest: bool = False
+                  ) -> tuple[Volume, np.ndarray]:
     """Resample ``source`` onto ``reference``'s grid through world coordinates.
 
     Each reference voxel centre is mapped to a continuous source index with
@@ -109,7 +110,9 @@ def resample_onto(source: Volume, reference: Volume) -> tuple[Volume, np.ndarray
     target along an axis (CT at 1 mm onto PET at 4 mm), it is first smoothed with a Gaussian
     of sigma ``(f - 1) / 2`` source voxels, f the down-sampling factor along that axis (the
     anti-aliasing rule of scikit-image's ``resize``), so the result approximates the mean
-    over the target voxel rather than a point sample.
+    over the target voxel rather than a point sample. With ``nearest`` (labels: a mask's
+    values must stay values it holds) each reference voxel takes the value of the source voxel
+    nearest its centre, unsmoothed.
 
     Returns:
         (resampled Volume on the reference grid, coverage): coverage is a bool array, True
@@ -124,7 +127,7 @@ def resample_onto(source: Volume, reference: Volume) -> tuple[Volume, np.ndarray
     factors = np.max(np.abs(jacobian), axis=1)
     sigmas = np.maximum(0.0, (factors - 1.0) / 2.0)
     data = source.data.astype(np.float32)
-    if np.any(sigmas > 0):
+    if not nearest and np.any(sigmas > 0):
         data = ndimage.gaussian_filter(data, sigma=sigmas, mode="nearest")
     out = np.empty(reference.shape, np.float32)
     coverage = np.empty(reference.shape, bool)
@@ -136,7 +139,8 @@ def resample_onto(source: Volume, reference: Volume) -> tuple[Volume, np.ndarray
         coords = to_source[:3, :3] @ ijk + to_source[:3, 3:4]
         inside = np.all((coords >= -0.5) & (coords <= src_shape - 0.5), axis=0)
         coverage[:, :, k] = inside.reshape(ni, nj)
-        out[:, :, k] = ndimage.map_coordinates(data, coords, order=1, mode="nearest").reshape(
+        out[:, :, k] = ndimage.map_coordinates(data, coords, order=0 if nearest else 1,
+                                               mode="nearest").reshape(
             ni, nj
         )
     if not coverage.any():

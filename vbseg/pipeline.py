@@ -23,7 +23,7 @@ from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
 from vbseg.result_folder import pause_point, result_folder
 from vbseg.trust import input_warnings
-from vbseg.volume import load_mask
+from vbseg.volume import read_mask
 
 
 def check_distinct(images) -> None:
@@ -49,7 +49,9 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         out: output directory (None: nothing is written).
         modalities: one of pet/ct/mr/other per image; default pet for the first, other after
             (with a population prior: the prior's).
-        roi: path of a mask on the first image's grid; box: "i0:i1,j0:j1,k0:k1" (half-open).
+        roi: path of a mask on the first image's grid, or a label mask on another grid
+            (resampled onto it by nearest neighbour: :func:`vbseg.volume.read_mask`; summary.json's
+            ``options.voi_resampled``); box: "i0:i1,j0:j1,k0:k1" (half-open).
         levels_percent: contour levels in percent.
         seed: seeds the volume draws (the fits themselves are deterministic).
         series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
@@ -61,8 +63,9 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             made with these fit options: adds summary.json's ``volume_ml_conformal`` and the
             contour_crc* / contour_margin* masks for each of ``conformal_levels_percent``
             (default 90, 95).
-        reference_mask: path of a reference delineation on the first image's grid: drawn in
-            the overview, and summary.json's ``reference_mask`` records each contour's Dice.
+        reference_mask: path of a reference delineation on the first image's grid (or a label
+            on another grid, resampled like ``roi``): drawn in the overview, and summary.json's
+            ``reference_mask`` records each contour's Dice and whether it was resampled.
         **options: the fields of :class:`vbseg.options.SegmentOptions` (model, num_classes, beta,
             fusion, psf_fwhm_mm, ...), documented there.
     Raises:
@@ -103,7 +106,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
         check_psf_fits(options.psf_fwhm_mm, prepared.reference)
-        mask = None if reference_mask is None else load_mask(reference_mask, prepared.reference)
+        mask, mask_resampling = (None, None) if reference_mask is None else read_mask(
+            reference_mask, prepared.reference, "reference mask")
         prepared = dataclasses.replace(
             prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
         pause_point("fit")
@@ -111,7 +115,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         if plan is not None:
             result = plan.apply(result, prepared)
         posterior = result_posterior(result, prepared, staging, levels_percent, title,
-                                     reference_mask=mask, reference_mask_path=reference_mask)
+                                     reference_mask=mask, reference_mask_path=reference_mask,
+                                     reference_mask_resampling=mask_resampling)
         if staging is not None and also_write is not None:
             also_write(posterior, staging)
     return posterior

@@ -108,7 +108,7 @@ def resolve_prior(prior) -> PopulationPrior:
 def load_training_case(case: DelineatedCase) -> TrainingCase:
     """Images on the first modality's grid (others resampled), in feature space, and its label."""
 
-    volumes, voi, channels, coverage, _ = load_inputs(list(case.images), list(case.modalities))
+    volumes, voi, channels, coverage, _, _ = load_inputs(list(case.images), list(case.modalities))
     stack = np.stack(channels, axis=-1)
     observed = np.stack(coverage, axis=-1)
     features = np.where(observed, to_features(stack, case.modalities), 0.0).astype(np.float32)

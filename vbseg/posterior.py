@@ -103,8 +103,9 @@ class Posterior:
         images: the inputs as :class:`DisplayImage` panels of the overview figure (empty: the
             first input alone).
         reference_mask: (I, J, K) bool reference delineation on the first grid, or None;
-            reference_mask_path: its file. The overview draws it and summary.json records the
-            Dice of each contour with it.
+            reference_mask_path: its file; reference_mask_resampling: how it was put on the
+            first grid (:func:`vbseg.volume.read_mask`), None when it was on it. The overview
+            draws it and summary.json records the Dice of each contour with it.
     """
 
     probability: np.ndarray
@@ -117,6 +118,7 @@ class Posterior:
     images: tuple = ()
     reference_mask: np.ndarray | None = None
     reference_mask_path: str | None = None
+    reference_mask_resampling: dict | None = None
 
     def contour(self, level: float) -> np.ndarray:
         """The region {P(tumour) >= level}, level in (0, 1); nested for increasing levels."""
@@ -159,7 +161,8 @@ class Posterior:
 
     def reference_comparison(self, levels_percent=(10, 50, 90)) -> dict:
         """Dice of each contour (and of the 50 % contour, ``dice_50``) with the reference mask,
-        and the mask's volume (mL); empty without a reference mask."""
+        the mask's volume (mL) on the first grid, and whether it was resampled onto that grid;
+        empty without a reference mask."""
         if self.reference_mask is None:
             return {}
         return {
@@ -169,6 +172,8 @@ class Posterior:
             "dice": {f"{p:g}": dice(self.contour(p / 100.0), self.reference_mask)
                      for p in levels_percent},
             "dice_50": dice(self.contour(0.5), self.reference_mask),
+            "resampled": self.reference_mask_resampling is not None,
+            **({"resampling": self.reference_mask_resampling} if self.reference_mask_resampling else {}),
         }
 
     def summary_dict(self, level: float = 0.95) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.image import Volume, parse_box, resample_onto
-from vbseg.volume import load_mask, load_volume
+from vbseg.volume import load_volume, read_mask
 
 # Crops are padded up to a multiple of this many voxels per axis (padding lies outside the VOI),
 # so nearby crop sizes share one compiled program (the Potts and GP fits).
@@ -54,13 +54,16 @@ def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
     folders holding several), put them on the first image's grid, and build the VOI.
 
     Returns (volumes, voi (bool, first grid), channels [(I, J, K) float32 per image],
-    coverage [bool per image: inside that image's field of view], resampled [bool per image]).
+    coverage [bool per image: inside that image's field of view], resampled [bool per image],
+    roi_resampling (how a label ``roi`` on another grid was put on the first, or None:
+    :func:`vbseg.volume.read_mask`)).
     """
     volumes = [load_volume(path, modality, series_uid=series_uid)
                for path, modality in zip(images, modalities)]
     reference = volumes[0]
+    roi_resampling = None
     if roi is not None:
-        voi = load_mask(roi, reference)
+        voi, roi_resampling = read_mask(roi, reference)
     elif box is not None:
         voi = np.zeros(reference.shape, bool)
         voi[parse_box(box, reference.shape)] = True
@@ -80,7 +83,7 @@ def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
         channels.append(on_grid.data)
         coverage.append(covered)
         resampled.append(True)
-    return volumes, voi, channels, coverage, resampled
+    return volumes, voi, channels, coverage, resampled, roi_resampling
 
 
 def standardise_features(data, observed):
@@ -116,14 +119,16 @@ def load_crop(images, modalities, roi=None, box=None, series_uid=None):
     """:func:`load_inputs`, then the VOI's bounding box cut out of every image.
 
     Returns (volumes, voi (first grid), bounds (slices), crop_voi, stack (x, y, z, M) float32,
-    observed (x, y, z, M) bool: inside that image's field of view and the VOI, resampled).
+    observed (x, y, z, M) bool: inside that image's field of view and the VOI, resampled,
+    roi_resampling).
     """
-    volumes, voi, channels, coverage, resampled = load_inputs(images, modalities, roi, box, series_uid)
+    volumes, voi, channels, coverage, resampled, roi_resampling = load_inputs(
+        images, modalities, roi, box, series_uid)
     bounds = voi_bounds(voi)
     crop_voi = voi[bounds]
     stack = np.stack([c[bounds] for c in channels], axis=-1).astype(np.float32)
     observed = np.stack([c[bounds] for c in coverage], axis=-1) & crop_voi[..., None]
-    return volumes, voi, bounds, crop_voi, stack, observed, resampled
+    return volumes, voi, bounds, crop_voi, stack, observed, resampled, roi_resampling
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,8 +139,9 @@ class Prepared:
     given; seed: seeds the volume draws; volumes: the loaded images; voi (I, J, K) bool on the
     first grid; bounds: its bounding box; crop_voi (x, y, z) bool; stack (x, y, z, M) float32
     and observed (x, y, z, M) bool: the crop of every image on the first grid; resampled: per
-    image, whether it was resampled onto that grid; warnings: summary.json's warnings about
-    the inputs ({code, message}; :func:`vbseg.trust.input_warnings`), before the fit's.
+    image, whether it was resampled onto that grid; roi_resampling: how a label ``roi`` on
+    another grid was put on the first (None: it was on it); warnings: summary.json's warnings
+    about the inputs ({code, message}; :func:`vbseg.trust.input_warnings`), before the fit's.
     """
 
     images: tuple[str, ...]
@@ -150,6 +156,7 @@ class Prepared:
     stack: np.ndarray
     observed: np.ndarray
     resampled: tuple[bool, ...]
+    roi_resampling: dict | None = None
     warnings: tuple[dict, ...] = ()
 
     @property
@@ -186,8 +193,8 @@ class Prepared:
 
 def prepare(images, modalities, roi=None, box=None, series_uid=None, seed: int = 0) -> Prepared:
     """:func:`load_crop` as a :class:`Prepared`."""
-    volumes, voi, bounds, crop_voi, stack, observed, resampled = load_crop(
+    volumes, voi, bounds, crop_voi, stack, observed, resampled, roi_resampling = load_crop(
         images, modalities, roi, box, series_uid)
     return Prepared(images=tuple(images), modalities=tuple(modalities), roi=roi, box=box, seed=seed,
                     volumes=tuple(volumes), voi=voi, bounds=bounds, crop_voi=crop_voi, stack=stack,
-                    observed=observed, resampled=tuple(resampled))
+                    observed=observed, resampled=tuple(resampled), roi_resampling=roi_resampling)

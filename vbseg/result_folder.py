@@ -214,7 +214,7 @@ def publish(staging: Path, out: Path, inputs, overwrite: bool) -> None:
         os.replace(staging / "summary.json", out / "summary.json")
 
 
-def _made_folders(out: Path) -> list[Path]:
+def made_folders(out: Path) -> list[Path]:
     """Create ``out`` with its missing parents; returns the folders created, deepest first."""
     missing = []
     folder = out
@@ -236,7 +236,7 @@ def result_folder(out, names, inputs, overwrite: bool):
     this call created (when still empty) are removed.
     """
     out = check_output_folder(out)
-    created = _made_folders(out)
+    created = made_folders(out)
     try:
         with held_lock(out):
             check_outputs(out, names, inputs, overwrite)

@@ -282,7 +282,7 @@ def load_deep_case(case: DelineatedCase) -> DeepTrainingCase:
     coordinates, :func:`vbseg.prepare.load_inputs`), mapped to network space exactly as
     :func:`vbseg.models.deep.network_logits` maps its inputs, and the first modality's label."""
 
-    volumes, _, channels, coverage, _ = load_inputs(list(case.images), list(case.modalities))
+    volumes, _, channels, coverage, _, _ = load_inputs(list(case.images), list(case.modalities))
     stack = np.stack(channels, axis=-1)
     observed = np.stack(coverage, axis=-1)
     tumour = np.asarray(nib.load(case.label).dataobj) > 0

@@ -1,14 +1,17 @@
-"""Reading images: validated NIfTI input (and DICOM series through :mod:`vbseg.dicom`).
+"""Reading images: validated NIfTI, NRRD and MetaImage input (and DICOM series through
+:mod:`vbseg.dicom`).
 
 The image type lives in :mod:`vbseg.image` and the atomic writers in :mod:`vbseg.writing`;
 both are re-exported here, so ``from vbseg.volume import Volume, save_nifti`` keeps working.
 
 A :class:`Volume` is a 3D array plus the 4x4 voxel-to-world affine of its grid (NIfTI RAS+
-millimetres, as nibabel reports it). Everything that reads a user's file goes through
-:func:`load_volume` / :func:`load_mask` (NIfTI files; :func:`load_volume` hands a folder to the
-DICOM series reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
+millimetres, as nibabel reports it; NRRD and MetaImage grids, LPS in ITK, are converted by
+:mod:`vbseg.itk_files`). Everything that reads a user's file goes through :func:`load_volume` /
+:func:`load_mask` / :func:`load_map` (image files of any of these formats, one reader and one
+set of checks, :func:`read_image_file`; :func:`load_volume` hands a folder to the DICOM series
+reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
 :class:`~vbseg.errors.InputError` naming the file and the problem; arrays inside vbseg are
-then known to be finite, 3D and numeric. Everything that writes goes through
+then known to be finite, 3D and numeric. Outputs are NIfTI. Everything that writes goes through
 :func:`save_nifti` / :func:`write_text_atomic`: a temporary file in the target folder,
 renamed over the target only when complete, so an interrupted run never leaves a
 half-written output.
@@ -32,6 +35,7 @@ from vbseg.image import (  # noqa: F401  (re-exported: the image type and grid h
     parse_box,
     resample_onto,
 )
+from vbseg.itk_files import itk_suffix, read_itk
 from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     current_umask,
     save_nifti,
@@ -41,31 +45,61 @@ from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     write_with,
 )
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_FILE_TYPES = "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file"
 
-def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
-    """Open ``path`` with nibabel and return (image, raw array); InputError on any failure."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(path, "file not found")
-    if os.path.isdir(path):
-        raise InputError(path, "is a directory, expected a NIfTI file (.nii or .nii.gz)")
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(raw voxels, affine) of a NIfTI file through nibabel; InputError on any failure."""
     try:
         image = nib.load(path)
         dtype = image.get_data_dtype()
     except Exception as exc:  # nibabel raises many types for unreadable files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"cannot be read as a NIfTI image ({first_line})") from None
+        raise InputError(path, f"cannot be read as a NIfTI image ({_first_line(exc)})") from None
+    check_real_type(path, dtype)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:
+        raise InputError(path, f"voxel data cannot be read ({_first_line(exc)})") from None
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def check_real_type(path, dtype: np.dtype) -> None:
+    """InputError unless ``dtype`` is a real number type (integer, floating or boolean)."""
+    dtype = np.dtype(dtype)
     if dtype.fields is not None or not (
         np.issubdtype(dtype, np.integer)
         or np.issubdtype(dtype, np.floating)
         or np.issubdtype(dtype, np.bool_)
     ):
         raise InputError(path, f"voxel type {dtype} is not a real number type")
-    try:
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"voxel data cannot be read ({first_line})") from None
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(raw voxels (I, J, K), RAS+ affine) of an image file, by its suffix: NIfTI through
+    nibabel, NRRD and MetaImage through SimpleITK (:mod:`vbseg.itk_files`, LPS converted).
+
+    The same checks for every format: InputError naming ``path`` when it is missing, a folder,
+    of another type, unreadable, of a non-real voxel type, not 3D (trailing axes of length 1
+    are dropped), empty, or with a singular or non-finite affine.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(path, "file not found")
+    if os.path.isdir(path):
+        raise InputError(path, f"is a directory, expected {IMAGE_FILE_TYPES}")
+    if itk_suffix(path) is not None:
+        data, affine = read_itk(path)
+        check_real_type(path, data.dtype)
+    elif path.lower().endswith(NIFTI_SUFFIXES):
+        data, affine = _read_nifti(path)
+    else:
+        raise InputError(path, f"unknown image file type; expected {IMAGE_FILE_TYPES}")
     # Trailing singleton axes (e.g. a 4D file with one time point) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -73,14 +107,14 @@ def _read_nifti(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage
         raise InputError(path, f"expected a 3D image, got shape {tuple(data.shape)}")
     if min(data.shape) < 1:
         raise InputError(path, f"image has an empty axis, shape {tuple(data.shape)}")
-    affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "the voxel-to-world affine is singular or not finite")
-    return image, data
+    return data, affine
 
 
 def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=None) -> Volume:
-    """Read and validate a 3D image: a NIfTI file, or a folder holding a DICOM series.
+    """Read and validate a 3D image: a NIfTI, NRRD or MetaImage file
+    (:func:`read_image_file`), or a folder holding a DICOM series.
 
     A folder goes to :func:`vbseg.dicom.load_dicom_volume` (PET in SUV, CT in HU; ``series_uid``
     picks one of several series in it; needs the ``vbseg[dicom]`` extra).
@@ -94,10 +128,10 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     if os.path.isdir(path):
         volume = load_dicom_volume(path, modality, series_uid=series_uid)
     else:
-        image, raw = _read_nifti(path)
+        raw, affine = read_image_file(path)
         data = np.asarray(raw, dtype=np.float32)
         check_values(path, data)
-        volume = Volume(data, np.asarray(image.affine, np.float64), modality, os.fspath(path))
+        volume = Volume(data, affine, modality, os.fspath(path))
     if volume.spacing.max() > MAX_VOXEL_MM:
         sizes = " x ".join(f"{size:g}" for size in volume.spacing)
         raise InputError(path, f"voxel size {sizes} mm is over {MAX_VOXEL_MM:g} mm: the header's "
@@ -105,40 +139,76 @@ def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=
     return volume
 
 
-def _read_on_grid(path, reference: Volume, what: str) -> np.ndarray:
-    """A NIfTI file's voxels, which must lie on ``reference``'s grid and be finite."""
-    image, raw = _read_nifti(path)
-    path = os.fspath(path)
-    affine = np.asarray(image.affine, np.float64)
-    if tuple(raw.shape) != reference.shape or not np.allclose(
-        affine, reference.affine, atol=AFFINE_ATOL_MM
-    ):
-        raise InputError(
-            path,
-            f"{what} grid (shape {tuple(raw.shape)}) differs from the grid of {reference.name} "
-            f"(shape {reference.shape}); it must be on the first image's grid",
-        )
-    values = np.asarray(raw)
+LABEL_RESAMPLING = "nearest neighbour in world coordinates"
+
+
+def _read_finite(path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels, affine) of an image file (:func:`read_image_file`) whose voxels are finite."""
+    values, affine = read_image_file(path)
+    values = np.asarray(values)
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
-        raise InputError(path, f"{what} holds NaN or infinite voxels")
-    return values
+        raise InputError(os.fspath(path), f"{what} holds NaN or infinite voxels")
+    return values, affine
+
+
+def _other_grid(path, shape, reference: Volume, what: str, rule: str) -> InputError:
+    return InputError(os.fspath(path), f"{what} grid (shape {tuple(shape)}) differs from the grid of "
+                                       f"{reference.name} (shape {reference.shape}); {rule}")
+
+
+def is_label(values: np.ndarray) -> bool:
+    """True for a label image: boolean or integer voxels, or floating ones that are all whole
+    numbers (masks are often stored as float)."""
+    if not np.issubdtype(values.dtype, np.floating):
+        return True
+    return bool(np.all(values == np.round(values)))
+
+
+def read_mask(path: str | os.PathLike, reference: Volume, what: str = "mask"
+              ) -> tuple[np.ndarray, dict | None]:
+    """A binary mask (non-zero = inside) on ``reference``'s grid, and how it got there.
+
+    A mask on another grid is resampled onto ``reference``'s by nearest neighbour in world
+    coordinates (:func:`~vbseg.image.resample_onto`; voxels outside its field of view are
+    outside), when it is a label image (:func:`is_label`); a mask with fractional values on
+    another grid (a probability map?) is refused: thresholding it there is the user's choice.
+
+    Returns (mask (I, J, K) bool, resampling): resampling is None on the same grid, else
+    ``{"method", "from_shape", "from_spacing_mm"}`` for summary.json.
+    Raises InputError when the file is unreadable, holds NaN, is fractional on another grid,
+    does not overlap the grid, or is empty (there).
+    """
+    values, affine = _read_finite(path, what)
+    path = os.fspath(path)
+    source = Volume(values, affine, path=path)
+    if source.same_grid(reference):
+        mask, resampling = values != 0, None
+    elif not is_label(values):
+        raise _other_grid(path, values.shape, reference, what,
+                          "only a label mask (whole-number values) is resampled onto it, and this "
+                          "one holds fractional values")
+    else:
+        on_grid, covered = resample_onto(source.with_data((values != 0).astype(np.float32)), reference,
+                                         nearest=True)
+        mask = (on_grid.data != 0) & covered
+        resampling = {"method": LABEL_RESAMPLING, "from_shape": list(source.shape),
+                      "from_spacing_mm": [round(float(s), 6) for s in source.spacing]}
+    if not mask.any():
+        where = f" on the grid of {reference.name}" if resampling else ""
+        raise InputError(path, f"{what} is empty{where} (no non-zero voxel)")
+    return mask, resampling
 
 
 def load_mask(path: str | os.PathLike, reference: Volume) -> np.ndarray:
-    """Read a binary mask (non-zero = inside) that must lie on ``reference``'s grid.
-
-    Raises InputError when the file is unreadable, on another grid (shape or affine), holds
-    NaN, or is empty.
-    """
-    mask = _read_on_grid(path, reference, "mask") != 0
-    if not mask.any():
-        raise InputError(os.fspath(path), "mask is empty (no non-zero voxel)")
-    return mask
+    """:func:`read_mask`'s mask: non-zero = inside, on ``reference``'s grid (a label mask on
+    another grid resampled by nearest neighbour)."""
+    return read_mask(path, reference)[0]
 
 
 def load_map(path: str | os.PathLike, reference: Volume, what: str = "map") -> np.ndarray:
     """Read a real-valued map (e.g. prior log-odds) on ``reference``'s grid: float32; a constant
     map is allowed. InputError when unreadable, on another grid, or not finite."""
-    return _read_on_grid(path, reference, what).astype(np.float32)
-
-
+    values, affine = _read_finite(path, what)
+    if not Volume(values, affine).same_grid(reference):
+        raise _other_grid(path, values.shape, reference, what, "it must be on the first image's grid")
+    return values.astype(np.float32)

@@ -136,12 +136,18 @@ def build_summary(result: MethodResult, prepared: Prepared) -> dict:
     """summary.json's sections (without the volume entries, which the Posterior adds): the
     method's parts, and the inputs, modalities, VOI and provenance every result records."""
     voi = prepared.voi
+    options = {**result.options, "voi": voi_text(prepared.roi, prepared.box)}
+    resampled = [{"path": p, "resampled": r} for p, r in zip(prepared.images, prepared.resampled)]
+    if prepared.roi is not None:  # the VOI mask: a label on another grid is resampled
+        options["voi_resampled"] = prepared.roi_resampling is not None
+        resampled.append({"path": prepared.roi, "role": "roi", "resampled": options["voi_resampled"],
+                          **(prepared.roi_resampling or {})})
     return {
         "model": result.model,
-        "options": {**result.options, "voi": voi_text(prepared.roi, prepared.box)},
+        "options": options,
         "parameters": result.parameters,
         "modality": list(prepared.modalities),
-        "resampled": [{"path": p, "resampled": r} for p, r in zip(prepared.images, prepared.resampled)],
+        "resampled": resampled,
         "elbo": result.elbo,
         "diagnostics": {**result.diagnostics, "voi_voxels": int(voi.sum()),
                         "voi_bounds": [[s.start, s.stop] for s in prepared.bounds]},
@@ -165,9 +171,11 @@ def display_images(prepared: Prepared) -> tuple[DisplayImage, ...]:
 
 
 def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_percent=(10, 50, 90),
-                     title: str = "", reference_mask=None, reference_mask_path=None) -> Posterior:
+                     title: str = "", reference_mask=None, reference_mask_path=None,
+                     reference_mask_resampling=None) -> Posterior:
     """The result as a Posterior, saved into ``out`` (with the method's extra maps) when given.
-    ``reference_mask``: (I, J, K) bool reference delineation (from ``reference_mask_path``)
+    ``reference_mask``: (I, J, K) bool reference delineation (from ``reference_mask_path``;
+    ``reference_mask_resampling``: how it was put on the first grid, None when it was on it)
     that the overview draws and summary.json compares the contours with."""
     posterior = saved_posterior(out, levels_percent, title, probability=result.probability,
                                 reference=prepared.reference, voi=prepared.voi,
@@ -175,7 +183,8 @@ def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_
                                 volume_method=result.volume_method, tlg_draws=result.tlg_draws,
                                 summary=build_summary(result, prepared),
                                 images=display_images(prepared), reference_mask=reference_mask,
-                                reference_mask_path=reference_mask_path)
+                                reference_mask_path=reference_mask_path,
+                                reference_mask_resampling=reference_mask_resampling)
     if out is not None:
         for name, values in result.maps.items():
             save_nifti(f"{out}/{name}", values, prepared.reference.affine)
