@@ -40,10 +40,10 @@ the separable kernel around each of them, and after the draw the residual in eac
 corrected by -h(u - v) S_v Delta_v / d_u (the windows of one colour are disjoint, so the
 scatter-add has no conflicts). The prior term gathers the neighbours' labels the same way. A
 colour then costs O(n_c K) for n_c voxels and a K-voxel kernel, a sweep O(N K) instead of
-O(colours x N x K) (e.g. 175 colours for a 6 mm PSF on 4 x 4 x 3 mm voxels). ``active``
-(X, Y, Z) restricts the draws to a subset of the ROI (the rest held at their start labels, an
-approximation the caller states); the tables then list only those voxels, at
-``max_per_colour_size`` (static, at least :func:`max_per_colour` of the subset) per colour.
+O(colours x N x K) (e.g. 175 colours for a 6 mm PSF on 4 x 4 x 3 mm voxels). The draws are
+those of the sampler with full-grid blurs per colour (the same conditionals; tested against
+enumeration), only cheaper: pv-potts's 100 draws on a 22 mm sphere's 18 x 18 x 24 crop took
+4.5 s instead of 36-75 s on 2 shared cores (``benchmarks/bench_pv.py``).
 """
 
 from __future__ import annotations
@@ -86,13 +86,6 @@ def colour_codes(shape, psf_fwhm_mm, spacing_mm) -> np.ndarray:
         + index[2] % strides[2]
 
 
-def max_per_colour(sampled, psf_fwhm_mm, spacing_mm) -> int:
-    """The most voxels of ``sampled`` (X, Y, Z bool, concrete) that one colour holds."""
-    sampled = np.asarray(sampled, bool)
-    codes = colour_codes(sampled.shape, psf_fwhm_mm, spacing_mm)
-    return int(np.bincount(codes[sampled]).max()) if sampled.any() else 1
-
-
 class LocalGrid(NamedTuple):
     """The padded flat layout of the local sweep (module doc): every axis padded by R + 1 before
     and R after (R the largest kernel radius; the extra voxel before holds the dummy entry of
@@ -128,16 +121,16 @@ def window(kernels, padded) -> tuple[np.ndarray, np.ndarray]:
     return flat.ravel(), weight.ravel().astype(np.float32)
 
 
-def colour_tables(sampled, codes, grid: LocalGrid, size: int) -> tuple[jax.Array, jax.Array]:
-    """(index (C, size) flat padded indices of the ``sampled`` voxels of each colour, the dummy
-    where a colour has fewer; valid (C, size) bool). ``size`` must be at least
-    :func:`max_per_colour` of ``sampled`` (voxels beyond it would never be drawn)."""
+def colour_tables(roi, codes, grid: LocalGrid) -> tuple[jax.Array, jax.Array]:
+    """(index (C, n) flat padded indices of the ROI voxels of each colour, the dummy where a
+    colour has fewer than n, the most voxels any colour of the grid holds; valid (C, n) bool)."""
+    size = int(np.bincount(codes.ravel()).max())
     codes_flat = jnp.asarray(codes.ravel())
-    sampled_flat = jnp.asarray(sampled).ravel()
+    roi_flat = jnp.asarray(roi).ravel()
     to_flat = jnp.asarray(grid.to_flat)
 
     def one(colour):
-        position = jnp.nonzero(sampled_flat & (codes_flat == colour), size=size, fill_value=-1)[0]
+        position = jnp.nonzero(roi_flat & (codes_flat == colour), size=size, fill_value=-1)[0]
         valid = position >= 0
         return jnp.where(valid, to_flat[position], grid.dummy), valid
 
@@ -260,8 +253,7 @@ class PsfGibbsState(NamedTuple):
 
 def psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, relative_precision,
                            external_field, *, num_classes: int, psf_fwhm_mm: tuple,
-                           spacing_mm: tuple, design=None, offset=None, active=None,
-                           max_per_colour_size: int | None = None) -> SamplingAlgorithm:
+                           spacing_mm: tuple, design=None, offset=None) -> SamplingAlgorithm:
     """Gibbs kernel for the PSF model (module docstring); arguments as for
     :func:`gibbs_hidden_potts_psf`.
 
@@ -278,11 +270,8 @@ def psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, re
                  + (0.0 if external_field is None else external_field))
     grid = local_grid(roi.shape, psf_fwhm_mm, spacing_mm, weights.shape[0])
     codes = colour_codes(roi.shape, psf_fwhm_mm, spacing_mm)
-    if max_per_colour_size is None:  # every ROI voxel: the most voxels any colour holds
-        max_per_colour_size = int(np.bincount(codes.ravel()).max())
-    sampled = roi if active is None else roi & active
     setup = LocalSweep(
-        grid, colour_tables(sampled, codes, grid, max_per_colour_size),
+        grid, colour_tables(roi, codes, grid),
         tuple(window(op.kernels, grid.padded) for op in operators),
         tuple(flat_padded(weights_obs[..., m] / op.norm, grid) for m, op in enumerate(operators)),
         tuple(flat_padded(1.0 / op.norm, grid) for op in operators),
@@ -318,12 +307,12 @@ def psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior, re
 
 
 @partial(jax.jit, static_argnames=("num_classes", "psf_fwhm_mm", "spacing_mm", "num_chains",
-                                   "num_sweeps", "burn_in", "max_per_colour_size"))
+                                   "num_sweeps", "burn_in"))
 def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prior: NormalGammaPrior,
                            relative_precision, initial_labels, count_weights, external_field=None,
-                           design=None, offset=None, active=None, *, num_classes: int,
-                           psf_fwhm_mm: tuple, spacing_mm: tuple, num_chains: int, num_sweeps: int,
-                           burn_in: int, max_per_colour_size: int | None = None) -> GibbsResult:
+                           design=None, offset=None, *, num_classes: int, psf_fwhm_mm: tuple,
+                           spacing_mm: tuple, num_chains: int, num_sweeps: int,
+                           burn_in: int) -> GibbsResult:
     """Gibbs for the PSF model with fixed beta, uniform proportions, tied precisions.
 
     Args:
@@ -345,8 +334,7 @@ def gibbs_hidden_potts_psf(key, observations, observed, roi, beta, weights, prio
     sampler = psf_hidden_potts_gibbs(observations, observed, roi, beta, weights, prior,
                                      relative_precision, external_field, num_classes=num_classes,
                                      psf_fwhm_mm=psf_fwhm_mm, spacing_mm=spacing_mm, design=design,
-                                     offset=offset, active=active,
-                                     max_per_colour_size=max_per_colour_size)
+                                     offset=offset)
 
     def summarise(state, info):
         return posterior_draw_summary(state.labels, state.mean.T, state.tau, info.label_switch,
