@@ -109,11 +109,24 @@ def run_draw(diameter, contrast, seed, folder):
             "volume_error": volume["mean"] / volume_ml - 1.0,
             "dice50": dice(p >= 0.5, truth), "ece": expected_calibration_error(p, truth),
             "compile_s": timings["compile"], "run_s": timings["run"], "wall_s": seconds,
+            **chain_record(posterior.summary["diagnostics"]),
         })
         print(f"{diameter:g} mm {contrast:g}:1 seed {seed} ({noise}, PSF {fwhm_given:g}) {name}: "
               f"{volume['mean']:.2f} [{volume['lower']:.2f}, {volume['upper']:.2f}] vs "
               f"{volume_ml:.2f} mL, {seconds:.1f} s", flush=True)
     return rows
+
+
+def _median_of(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.median(values)) if values else None
+
+
+def chain_record(diagnostics) -> dict:
+    """Split R-hat and ESS of the volume trace (pv-potts's fraction sum; None for psf_fixed,
+    whose volume draws are not a Markov chain)."""
+    chains = diagnostics.get("fraction_sum_chains") or {}
+    return {"r_hat": chains.get("r_hat"), "ess": chains.get("ess")}
 
 
 def cell_summary(rows) -> dict:
@@ -126,24 +139,30 @@ def cell_summary(rows) -> dict:
             "dice50": float(np.mean([r["dice50"] for r in rows])),
             "ece": float(np.mean([r["ece"] for r in rows])),
             "run_s_median": float(np.median([r["run_s"] for r in rows])),
+            "ess_median": _median_of(rows, "ess"), "r_hat_median": _median_of(rows, "r_hat"),
             "compile_s_median": float(np.median([r["compile_s"] for r in rows]))}
+
+
+def _chains(summary) -> str:
+    if summary["ess_median"] is None:
+        return "-"
+    return f"{summary['ess_median']:.0f} ({summary['r_hat_median']:.2f})"
 
 
 def markdown(rows, cells, total_s, args) -> str:
     lines = [f"Design: diameters {args.diameters} mm x contrasts {args.contrasts} x "
-             f"{args.seeds} seeds; {len(rows) // len(METHODS)} draws per method done (far fewer "
-             f"than the issue's >= 200: the level sampler costs 10-80 s a draw on 2 shared "
-             f"cores). Total {total_s / 60:.1f} min.", "",
+             f"{args.seeds} seeds; {len(rows) // len(METHODS)} draws per method done. "
+             f"Total {total_s / 60:.1f} min.", "",
              "| cell | method | draws | mean vol. error (sd) | 95 % coverage (k/n) | CP 95 % CI | "
-             "interval score / V | Dice50 | ECE | median run s (compile s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "interval score / V | Dice50 | ECE | median run s (compile s) | median ESS (R-hat) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (diameter, contrast, name), s in cells.items():
         lines.append(
             f"| {diameter:g} mm {contrast:g}:1 | {name} | {s['draws']} | "
             f"{s['volume_error_mean']:+.1%} ({s['volume_error_sd']:.1%}) | "
             f"{s['coverage']:.2f} ({s['covered']}/{s['draws']}) | {s['ci_low']:.2f}-{s['ci_high']:.2f} | "
             f"{s['interval_score_rel']:.3f} | {s['dice50']:.3f} | {s['ece']:.4f} | "
-            f"{s['run_s_median']:.1f} ({s['compile_s_median']:.1f}) |")
+            f"{s['run_s_median']:.1f} ({s['compile_s_median']:.1f}) | {_chains(s)} |")
     lines += ["", "Pooled over all cells:", "", "| method | draws | mean abs vol. error | coverage (k/n) "
               "| CP 95 % CI | interval score / V | Dice50 | ECE | median run s |",
               "|---|---|---|---|---|---|---|---|---|"]
