@@ -208,6 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-networks", action="store_true",
                         help="leave out the rows that need the fold networks (cnn, locate-potts with "
                              "the network), e.g. before they are trained; the report says so")
+    parser.add_argument("--no-train", action="store_true",
+                        help="use the fold networks already trained; folds without one are left out "
+                             "of the network rows (the report names them)")
     parser.add_argument("--network-studies", default="centred",
                         help="the studies that get the network rows (default centred)")
     args = parser.parse_args(argv)
@@ -226,6 +229,9 @@ def main(argv=None) -> int:
     for f, held_out in enumerate(folds["folds"]):
         if args.no_networks or (selected is not None and not {"centred", "recrop"} & set(selected)):
             break
+        if args.no_train and not (work / "networks" / f"fold{f}.eqx").is_file():
+            networks.append(None)
+            continue
         path, seconds = fold_network(work / "networks", f, held_out)
         networks.append(path)
         if seconds is not None:
@@ -257,7 +263,8 @@ def main(argv=None) -> int:
             records += run_config(folder / f"fold{f}", config_text(
                 f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
                 prior=prior), args.jobs)
-            if not with_networks or args.no_networks or study not in args.network_studies.split(","):
+            if (not with_networks or args.no_networks or networks[f] is None
+                    or study not in args.network_studies.split(",")):
                 continue
             for kind, models, settings in (
                     ("cnn", ["cnn"], dict(checkpoint=networks[f])),
@@ -290,6 +297,13 @@ def main(argv=None) -> int:
         note = ("The rows with the fold networks were not run for this report (--no-networks).\n\n"
                 + note)
     record["network_studies"] = [] if args.no_networks else args.network_studies.split(",")
+    missing = [f for f, path in enumerate(networks) if path is None]
+    record["network_folds_left_out"] = missing
+    if missing and not args.no_networks:
+        left_out = sorted(c for f in missing for c in folds["folds"][f])
+        note = (f"The fold networks of folds {', '.join(map(str, missing))} were not trained for this "
+                f"report (--no-train): the network rows cover {len(every) - len(left_out)} cases, without "
+                f"{', '.join(left_out)}; their paired differences are over those cases only.\n\n" + note)
     write_report(args.out, NAME, record, __doc__, "", note)
     print(f"wrote {Path(args.out) / (NAME + '.md')}")
     return 0
