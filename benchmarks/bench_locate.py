@@ -122,13 +122,9 @@ def recrop_index(index: Path, cases: list[str], folder: Path) -> Path:
         box = tuple(slice(max(0, int(i.min()) - int(round(low / step))),
                           min(n, int(i.max()) + 1 + int(round(high / step))))
                     for i, (low, high), step, n in zip(found, margins, spacing, truth.shape))
-        shift = image.affine @ np.array([b.start for b in box] + [0.0]) - image.affine @ np.zeros(4)
-        affine = image.affine.copy()
-        affine[:3, 3] += shift[:3]
         for key, source in (("image", image), ("label", label)):
-            data = np.asarray(source.dataobj)[box]
             path = folder / f"{name}_pet_{key}_recrop.nii.gz"
-            nib.save(nib.Nifti1Image(data, affine, source.header), path)
+            nib.save(source.slicer[box], path)  # nibabel moves the affine's origin to the box
             pet[key] = str(path)
         for modality, files in entry["modalities"].items():
             if modality != "pet":
