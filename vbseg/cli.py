@@ -212,7 +212,7 @@ def _add_calibrate(sub):
 def _run_calibrate(args) -> None:
     strata = strata_spec(args.strata, args.volume_bins, args.contrast_bins)
     record = calibrate(args.config, args.out, strata=strata, overwrite=args.overwrite, progress=print,
-                       command=shlex.join(["vbseg", *args.argv]))
+                       command=command_line(args))
     print(f"calibration of {len(record['cases'])} cases written to {args.out}")
 
 
@@ -241,7 +241,7 @@ def _run_fit_prior(args) -> None:
     prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
                       num_background=args.background_classes, overwrite=args.overwrite,
                       attribution=args.attribution, interaction=args.interaction == "matrix",
-                      progress=print, command=shlex.join(["vbseg", *args.argv]))
+                      progress=print, command=command_line(args))
     coupling = ("a K x K interaction matrix" if prior.interaction is not None
                 else f"beta {prior.beta:.2f}")
     print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); {coupling}; "
@@ -386,6 +386,11 @@ def _segment_kwargs(args) -> dict:
 OPTION_PARSERS = {"beta": _beta, "field_weight": _weight}
 
 
+def command_line(args) -> str:
+    """The command as typed (recorded in what it writes: calibrations, priors, experiments)."""
+    return shlex.join(["vbseg", *args.argv])
+
+
 def option_values(args) -> dict:
     """The :class:`~vbseg.options.SegmentOptions` fields given on the command line (each option's
     ``dest`` is its field's name; options not given keep the dataclass's defaults)."""
@@ -419,7 +424,7 @@ def _run_batch(args) -> int:
         print(f"{case.name}: {row['status']}{interval}" + (f": {row['error']}" if row["error"] else ""))
 
     summary = run_batch(args.batch, args.out, modalities=_modalities(args), overwrite=args.overwrite,
-                        command=shlex.join(["vbseg", *args.argv]), progress=progress, **kwargs)
+                        command=command_line(args), progress=progress, **kwargs)
     counts = summary["counts"]
     print(f"{len(summary['rows'])} cases: {counts[DONE]} done, {counts[SKIPPED]} finished before, "
           f"{counts[FAILED]} failed; record: {summary['record']}")
