@@ -46,6 +46,7 @@ def test_locate_then_delineate_contours_the_lesion(crop, tmp_path, locator):
     assert dice(contour, phantom.truth) > 0.9
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "locate-potts" and summary["warnings"] == []
+    assert summary["diagnostics"]["locate"]["image_outside_share"] == 0.0
     assert summary["options"]["locate"]["locator"] == locator
     assert summary["options"]["fusion"]["mode"] == "pet"
     box = summary["diagnostics"]["locate"]["box"]
@@ -111,6 +112,11 @@ def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, mon
     codes = [w["code"] for w in summary["warnings"]]
     assert "locator-image-disagree" in codes
     assert summary["diagnostics"]["locate"]["mixed"] is True
+    # the hot lesion lies outside the located box: the data-only model's region says so
+    assert "image-region-outside-locator" in codes
+    outside = summary["diagnostics"]["locate"]["image_outside_share"]
+    assert outside >= locate.IMAGE_OUTSIDE_SHARE
+    assert not phantom.truth[tuple(slice(*b) for b in summary["diagnostics"]["locate"]["box"])].any()
     assert summary["diagnostics"]["locate"]["agreement_dice"] < locate.AGREEMENT_DICE
     assert posterior.volume_method == locate.MIXTURE_METHOD
     located = 1.0 / (1.0 + np.exp(-4.0))

@@ -25,6 +25,14 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
    spans both answers, and the ``locator-image-disagree`` warning is raised. This is model
    averaging with equal weights: the locator's fit and the Potts fit share no marginal
    likelihood that could weigh them against each other.
+4. **The image's own answer outside the box.** The locator confines the delineation to its box,
+   so a hot region elsewhere (an FDG-avid lesion the locator missed, or a hot organ) would go
+   unseen. The data-only model of ``--model potts`` is therefore also fitted on the whole VOI;
+   when at least ``IMAGE_OUTSIDE_SHARE`` of its 50 % region lies outside the box, the
+   ``image-region-outside-locator`` warning names that region's volume and share. The result
+   is not changed (the two fits answer different questions: where the learned components
+   look, and what is most distinct in the image anywhere), so the warning is the signal to
+   look, or to run ``--model potts``.
 
 This is the two-stage design of coarse-to-fine segmentation (a detector proposes a region, a
 local model delineates it), with the delineation a hidden MRF whose external field is the
@@ -54,6 +62,7 @@ DEFAULT_MARGIN_MM = 20.0
 REGION_MASS_SHARE = 0.1
 LOGIT_CLIP = 8.0
 AGREEMENT_DICE = 0.5
+IMAGE_OUTSIDE_SHARE = 0.5
 MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
                   "(they disagree; each from independent voxel labels of its own map)")
 
@@ -129,6 +138,18 @@ def located_box(probability, crop_voi, spacing, margin_mm):
     return box, {"regions": int(count), "kept": int(kept.size)}
 
 
+def image_outside_box(prepared, options, bounds) -> dict:
+    """The data-only model (``--model potts``, no field) on the whole VOI: its 50 % region's
+    volume (mL) and the share of it outside ``bounds`` (slices of the first grid)."""
+    plain = potts_result(prepared, dataclasses.replace(options, model="potts"), None, None, 0.0)
+    region = plain.probability >= 0.5
+    inside = np.zeros(region.shape, bool)
+    inside[tuple(bounds)] = True
+    count = int(region.sum())
+    return {"image_region_ml": float(count * prepared.reference.voxel_volume_ml),
+            "image_outside_share": float((region & ~inside).sum() / count) if count else 0.0}
+
+
 def run_locate(prepared, options) -> MethodResult:
     """Locate, then delineate (module doc)."""
     logit, record, locate_s = locator_logit(prepared, options)
@@ -168,17 +189,27 @@ def run_locate(prepared, options) -> MethodResult:
             tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: options.volume_draws - half]])
         volume_method = MIXTURE_METHOD
     bounds = inner.bounds
+    outside = {} if field is None else image_outside_box(prepared, options, bounds)
+    if outside and outside["image_outside_share"] >= IMAGE_OUTSIDE_SHARE:
+        warnings.append({"code": "image-region-outside-locator",
+                         "message": f"{outside['image_outside_share']:.0%} of the data-only "
+                                    f"model's 50 % region ({outside['image_region_ml']:.1f} mL) "
+                                    "lies outside the located box, which was not delineated: an "
+                                    "FDG-avid lesion the locator missed, or a hot organ; check it "
+                                    "(--model potts delineates the whole VOI)"})
     run_options = {**result.options,
                    "locate": {**record, "margin_mm": margin, "region_mass_share": REGION_MASS_SHARE,
                               "logit_clip": LOGIT_CLIP, "agreement_dice": AGREEMENT_DICE,
+                              "image_outside_share": IMAGE_OUTSIDE_SHARE,
                               "rule": "delineation VOI = bounding box of the locator's regions "
                                       "(P >= 1/2) grown by the margin; locator log-odds as the "
                                       "external field, weight learned; equal mixture when the two "
-                                      "disagree"}}
+                                      "disagree; a warning when the data-only model's 50 % region "
+                                      "lies mostly outside the box"}}
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": mixed}}
+                              "mixed": mixed, **outside}}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
                                tlg_draws=tlg_draws, volume_method=volume_method,
