@@ -102,7 +102,8 @@ class SegmentOptions:
         deep-gp, a baseline or a network baseline. num_classes: K.
     beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``; "auto":
         learned by variational EM with a pseudo-likelihood step (from AUTO_BETA_START;
-        :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler.
+        :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler; with pv-potts, a
+        grid of fits weighted by exp(ELBO - log Z(beta)) (:mod:`vbseg.methods.pv_potts`).
     neighbourhood: 6 or 26 (weights by inverse distance).
     restarts: where the Potts fit's k-means restarts run: "full" (the image's grid) or "coarse"
         (a 2x2x2 coarser grid, then one full-grid fit per distinct solution;
@@ -202,10 +203,6 @@ def check_options(*, model, num_classes, beta, levels_percent, num_images, modal
     _check_fusion(fusion, model, modalities, covariance, intensity_field)
     _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler, emission,
                           covariance, external_field, intensity_field, restarts)
-    if model == "pv-potts" and beta == "auto":
-        raise InputError("--beta", "pv-potts takes a fixed beta (default 1.5 with --psf-fwhm): its "
-                                   "beta grid weighted by thermodynamic integration "
-                                   "(vbseg.inference.pv_potts) is not wired into segment yet")
     _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
                      covariance, modalities, tumour_class)
     if model in ("gp", "deep-gp"):

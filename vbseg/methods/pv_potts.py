@@ -9,9 +9,22 @@ fraction field by the level sampler from the mean-field mode
 ``fraction.nii.gz`` = E[f_v] (mean-field marginals); the volume is voxel volume x sum of
 fractions, its draws one per joint draw of the field. ``--wall-mm W`` adds a cold shell of
 W mm outside the two-class fit's lesion to the PET forward model.
+
+``--beta auto``: the partial-volume fit at each beta of ``BETA_GRID``; the fits are mixed
+with weights ∝ exp(ELBO(beta) - log Z(beta)), log Z(beta) - log Z(0) of the level prior on the
+fit's own ROI and grid by thermodynamic integration along ``PATH_STEP`` steps from 0
+(:func:`vbseg.inference.pv_potts.level_log_partition`, :func:`~vbseg.inference.pv_potts.
+beta_weights`): the probability and fraction maps are the weighted means of the fits' maps,
+and the volume draws a weighted draw from the joint draws of every fit with weight >=
+``MIN_DRAW_WEIGHT`` (each sampled from its own mean-field mode). The mean-field ELBO is a lower
+bound whose gap grows with the coupling, so the weights lean towards weaker coupling than the
+exact marginal likelihood would (Gelman & Meng 1998 for the path; the bias is the bound's).
 """
 
 from __future__ import annotations
+
+import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +34,13 @@ from vbseg.fitting import fit_potts
 from vbseg.inference.chains import chain_diagnostics
 from vbseg.inference.gibbs_psf import gibbs_hidden_potts_psf
 from vbseg.inference.meanfield_psf import fit_hidden_potts_vb_psf
-from vbseg.inference.pv_potts import fraction_summaries, levels_from_classes, wall_fraction
+from vbseg.inference.pv_potts import (
+    beta_weights,
+    fraction_summaries,
+    level_log_partition,
+    levels_from_classes,
+    wall_fraction,
+)
 from vbseg.inference.svi import compile_and_run
 from vbseg.methods.inputs import likelihood_inputs
 from vbseg.methods.potts import noise_model, tumour_choice
@@ -34,7 +53,7 @@ from vbseg.models.pv_potts import (
     level_log_prior,
     wall_offset,
 )
-from vbseg.options import default_beta, levels_for
+from vbseg.options import default_beta, fixed_beta, levels_for
 from vbseg.prepare import pad_to_bucket, standardise
 
 FRACTION_FILE = "fraction.nii.gz"
@@ -52,6 +71,14 @@ PV_DRAWS_METHOD = (
     f"level design), {PV_CHAINS} chains from the mean-field mode, {PV_BURN_IN} burn-in sweeps, "
     f"{PV_KEPT_PER_CHAIN} kept sweeps each; volume = voxel volume x sum of fractions per draw"
 )
+# --beta auto (module doc): the fits' grid, the TI path's step from 0 (its points include the
+# grid's), and the least weight whose fit is sampled for the volume draws
+BETA_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+PATH_STEP = 0.25
+MIN_DRAW_WEIGHT = 0.01
+BETA_MIXTURE_NOTE = (f"; with --beta auto, drawn at each beta of the grid with weight >= "
+                     f"{MIN_DRAW_WEIGHT:g} and mixed in proportion to the weights "
+                     "exp(ELBO - log Z(beta))")
 
 
 def _padded(likelihood, features, crop_voi, precision):
@@ -59,6 +86,49 @@ def _padded(likelihood, features, crop_voi, precision):
             jnp.asarray(pad_to_bucket(likelihood.observed, False)),
             jnp.asarray(pad_to_bucket(crop_voi, False)),
             jnp.asarray(pad_to_bucket(precision, 1.0)))
+
+
+class BetaWeighting(NamedTuple):
+    """--beta auto: the grid's weights (:class:`~vbseg.inference.pv_potts.BetaWeights`), the TI
+    path from 0 (betas, E[T | beta], log Z(beta) - log Z(0)) and the seconds it took."""
+
+    weights: np.ndarray
+    record: dict
+    seconds: float
+
+
+def weigh_betas(fits, num_levels: int, roi, weights, seed: int) -> BetaWeighting:
+    """Weights ∝ exp(ELBO - log Z(beta)) of the fits at ``BETA_GRID`` (module doc)."""
+    start = time.perf_counter()
+    path_betas = np.round(np.arange(0.0, BETA_GRID[-1] + PATH_STEP / 2, PATH_STEP), 6)
+    log_z, path = level_log_partition(path_betas, level_interaction(num_levels),
+                                      level_log_prior(num_levels), roi, weights, seed=seed)
+    at = [int(np.flatnonzero(np.isclose(path_betas, b))[0]) for b in BETA_GRID]
+    elbos = [float(np.asarray(f.elbo_trace)[int(f.num_iterations) - 1]) for f in fits]
+    result = beta_weights(BETA_GRID, elbos, log_z[at], path[at])
+    record = {"betas": list(BETA_GRID), "elbo": result.elbo.tolist(),
+              "log_partition": result.log_partition.tolist(), "weights": result.weights.tolist(),
+              "posterior_mean_beta": float(np.dot(result.weights, BETA_GRID)),
+              "path": {"betas": path_betas.tolist(), "mean_pair_statistic": path.tolist(),
+                       "log_partition": log_z.tolist()},
+              "rule": "weights ∝ exp(ELBO(beta) - (log Z(beta) - log Z(0))), uniform prior on "
+                      "the grid; log Z by thermodynamic integration (trapezoid) of the level "
+                      "prior's pair statistic simulated by checkerboard Gibbs on the fit's ROI"}
+    return BetaWeighting(result.weights, record, time.perf_counter() - start)
+
+
+def mixed_draws(pools, weights, seed: int):
+    """(volume, TLG) draws of the beta mixture: ``pools`` holds each sampled fit's (fraction
+    sum, weighted sum) draws, (C, S) each; each of the C x S mixture draws picks a fit with
+    probability ∝ its weight, then one of that fit's draws not picked before."""
+    if len(pools) == 1:
+        return pools[0][0].ravel(), pools[0][1].ravel()
+    size = pools[0][0].size
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(size, np.asarray(weights, np.float64) / np.sum(weights))
+    picks = [rng.permutation(size)[:n] for n in counts]
+    return (np.concatenate([pool[0].ravel()[pick] for pool, pick in zip(pools, picks)]),
+            np.concatenate([pool[1].ravel()[pick] for pool, pick in zip(pools, picks)]))
 
 
 def run_pv_potts(prepared, options) -> MethodResult:
@@ -70,7 +140,8 @@ def run_pv_potts(prepared, options) -> MethodResult:
     num_modalities = features.shape[-1]
     if psf is None:
         psf, precision = (0.0,) * num_modalities, np.ones(features.shape, np.float32)
-    beta = float(default_beta(options))
+    # the two-class start and a fixed-beta fit use the given beta; --beta auto starts at the default
+    beta = float(fixed_beta(options) if options.beta == "auto" else default_beta(options))
     num_levels = levels_for(options)
     spacing = tuple(float(s) for s in reference.spacing)
     first = fit_potts(features, likelihood.observed, crop_voi, reference.spacing, num_classes=2,
@@ -94,40 +165,59 @@ def run_pv_potts(prepared, options) -> MethodResult:
                           for m in likelihood.modalities], axis=-1)
     offset = None if omega is None else jnp.asarray(wall_offset(omega, num_modalities))
     weights = jnp.asarray(neighbour_weights(reference.spacing, options.neighbourhood))
-    interaction = jnp.asarray(level_interaction(num_levels, beta))
     unary = jnp.broadcast_to(jnp.asarray(level_log_prior(num_levels)), grid + (num_levels,))
     design = jnp.asarray(level_design(num_levels))
     prior = NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior()))
     statics = dict(psf_fwhm_mm=tuple(float(f) for f in psf), spacing_mm=spacing)
-    fit, fit_compile, fit_run = compile_and_run(
-        fit_hidden_potts_vb_psf, padded[:3] + (interaction, weights, prior, jnp.float32(1.0),
-                                               jnp.asarray(start), padded[3], unary, design, offset),
-        **statics)
-    count_weights = (likelihood.stack[..., 0] if prepared.pet_first
-                     else np.ones(crop_voi.shape, np.float32))
-    labels = jnp.asarray(np.argmax(np.asarray(fit.marginals), axis=-1).astype(np.int32))
-    draws, draw_compile, draw_run = compile_and_run(
-        gibbs_hidden_potts_psf,
-        (jax.random.PRNGKey(prepared.seed),) + padded[:3] + (
-            interaction, weights, prior, padded[3], labels,
-            jnp.asarray(pad_to_bucket(count_weights.astype(np.float32), 0.0)), unary, design,
-            offset),
-        num_classes=num_levels, num_chains=PV_CHAINS, num_sweeps=PV_KEPT_PER_CHAIN,
-        burn_in=PV_BURN_IN, **statics)
+    count_weights = jnp.asarray(pad_to_bucket(
+        (likelihood.stack[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)).astype(np.float32),
+        0.0))
+    betas = BETA_GRID if options.beta == "auto" else (beta,)
+    fits = [compile_and_run(fit_hidden_potts_vb_psf, padded[:3] + (
+        jnp.asarray(level_interaction(num_levels, b)), weights, prior, jnp.float32(1.0),
+        jnp.asarray(start), padded[3], unary, design, offset), **statics) for b in betas]
+    weighting = None
+    if options.beta == "auto":
+        weighting = weigh_betas([fit for fit, _, _ in fits], num_levels, np.asarray(padded[2]),
+                                np.asarray(weights), prepared.seed)
+    beta_weight = np.ones(1) if weighting is None else weighting.weights
+    drawn = []  # (index into betas, draws, compile s, run s)
+    for i, (fit, _, _) in enumerate(fits):
+        if beta_weight[i] < MIN_DRAW_WEIGHT:
+            continue
+        labels = jnp.asarray(np.argmax(np.asarray(fit.marginals), axis=-1).astype(np.int32))
+        drawn.append((i, *compile_and_run(
+            gibbs_hidden_potts_psf,
+            (jax.random.PRNGKey(prepared.seed),) + padded[:3] + (
+                jnp.asarray(level_interaction(num_levels, betas[i])), weights, prior, padded[3],
+                labels, count_weights, unary, design, offset),
+            num_classes=num_levels, num_chains=PV_CHAINS, num_sweeps=PV_KEPT_PER_CHAIN,
+            burn_in=PV_BURN_IN, **statics)))
+    top = int(np.argmax(beta_weight))
+    fit = fits[top][0]
+    counts, weighted = mixed_draws([(np.asarray(d.counts)[..., 1], np.asarray(d.weighted)[..., 1])
+                                    for _, d, _, _ in drawn],
+                                   beta_weight[[i for i, *_ in drawn]], prepared.seed)
+    draws = next(d for i, d, _, _ in drawn if i == top)
     shape = crop_voi.shape
-    marginals = np.asarray(fit.marginals)[: shape[0], : shape[1], : shape[2]]
+    marginals = sum(w * np.asarray(f.marginals)[: shape[0], : shape[1], : shape[2]]
+                    for w, (f, _, _) in zip(beta_weight, fits))
     probability, fraction = fraction_summaries(marginals)
     voxel_ml = reference.voxel_volume_ml
-    counts = np.asarray(draws.counts)[..., 1]  # (C, S) fraction sums
     emission = fit.emission
     levels = np.asarray(emission.mean).T * scales + centres  # (2, M) image units
     noise_sd = np.sqrt(np.asarray(emission.rate) / np.asarray(emission.shape)) * scales
     iterations = int(fit.num_iterations)
+    fit_compile, fit_run = (sum(f[k] for f in fits) for k in (1, 2))
+    draw_compile, draw_run = (sum(d[k] for d in drawn) for k in (2, 3))
     timings = {"compile": first.timings["compile"] + fit_compile + draw_compile,
-               "run": first.timings["run"] + fit_run + draw_run,
+               "run": first.timings["run"] + fit_run + draw_run + (weighting.seconds if weighting else 0.0),
                "pv_fit": fit_run, "pv_draws": draw_run}
+    if weighting is not None:
+        timings["beta_log_partition"] = weighting.seconds
     run_options = {
-        "fraction_levels": num_levels, "beta": beta, "neighbourhood": options.neighbourhood,
+        "fraction_levels": num_levels, "beta": "auto" if weighting else beta,
+        "neighbourhood": options.neighbourhood,
         "psf_fwhm_mm": options.psf_fwhm_mm, "wall_mm": options.wall_mm,
         "pet_noise": options.pet_noise if options.psf_fwhm_mm is not None else None,
         "mixed_weight": DEFAULT_MIXED_WEIGHT,
@@ -140,14 +230,17 @@ def run_pv_potts(prepared, options) -> MethodResult:
     }
     parameters = {
         "background_level": levels[0].tolist(), "tumour_level": levels[1].tolist(),
-        "noise_sd": noise_sd.tolist(), "beta": beta,
+        "noise_sd": noise_sd.tolist(), "beta": betas[top],
         "neighbour_weights": np.asarray(weights).tolist(),
         "units": "image units; columns follow options.fusion.images_in_likelihood",
+        "levels_note": ("the highest-weight beta's fit" if weighting else "the fit's"),
     }
     diagnostics = {
         "initial_fit": first.diagnostics,
         "converged": bool(fit.converged), "iterations": iterations,
-        "fraction_sum_chains": chain_diagnostics(counts),
+        "fraction_sum_chains": chain_diagnostics(np.asarray(draws.counts)[..., 1]),
+        "beta_weighting": None if weighting is None else {
+            **weighting.record, "sampled_betas": [betas[i] for i, *_ in drawn]},
         "fraction_sum_mean_field_voxels": float(fraction[crop_voi].sum()),
         "wall_voxels": None if omega is None else float(omega.sum()),
         "fit_grid_shape": [int(n) for n in grid],
@@ -155,9 +248,9 @@ def run_pv_potts(prepared, options) -> MethodResult:
     }
     return MethodResult(
         probability=prepared.on_grid(probability.astype(np.float32)),
-        volume_draws_ml=counts.ravel() * voxel_ml, volume_method=PV_DRAWS_METHOD,
-        tlg_draws=(np.asarray(draws.weighted)[..., 1].ravel() * voxel_ml
-                   if prepared.pet_first else None),
+        volume_draws_ml=counts * voxel_ml,
+        volume_method=PV_DRAWS_METHOD + (BETA_MIXTURE_NOTE if weighting else ""),
+        tlg_draws=weighted * voxel_ml if prepared.pet_first else None,
         model=options.model, options=run_options, parameters=parameters, diagnostics=diagnostics,
         elbo=np.asarray(fit.elbo_trace)[:iterations].tolist(), timings_s=timings,
         maps={FRACTION_FILE: prepared.on_grid(fraction.astype(np.float32))})
