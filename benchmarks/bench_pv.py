@@ -22,7 +22,11 @@ and the NEMA part (pv-potts with --wall-mm 0, 1.0, 1.5 beside the PSF Potts mode
 skips with a message when ../shared/data has no NEMA scan):
     python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_wall1.0,pv_wall1.5 \\
         --spheres 13,17,22 --out benchmarks/results/pv_nema
-Writes benchmarks/results/bench_pv.{json,md}.
+Writes benchmarks/results/bench_pv.{json,md}. ``--beta auto`` (the beta grid weighted by
+exp(ELBO - log Z)) beside both, on fewer draws (about 40 s a fit on 2 cores):
+    python -m benchmarks.bench_pv --diameters 13,22 --contrasts 4,8 --seeds 6 \\
+        --methods psf_fixed,pv_potts,pv_beta_auto --name bench_pv_beta
+which writes benchmarks/results/bench_pv_beta.{json,md}.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ SPACING = (4.0, 4.0, 3.0)
 PSF_FWHM = 6.0
 CV = 0.10
 MARGIN_MM = 24.0
-METHODS = {"psf_fixed": "potts", "pv_potts": "pv-potts"}
+# name: (model, further segment options); --methods picks them (default the first two)
+METHODS = {"psf_fixed": ("potts", {}), "pv_potts": ("pv-potts", {}),
+           "pv_beta_auto": ("pv-potts", {"beta": "auto"})}
+DEFAULT_METHODS = "psf_fixed,pv_potts"
 
 
 def non_native_phantom(diameter_mm, contrast, seed):
@@ -84,16 +91,17 @@ def non_native_phantom(diameter_mm, contrast, seed):
     return image.astype(np.float32), fraction, truth, volume_ml, noise
 
 
-def run_draw(diameter, contrast, seed, folder):
+def run_draw(diameter, contrast, seed, folder, methods):
     image, fraction, truth, volume_ml, noise = non_native_phantom(diameter, contrast, seed)
     fwhm_given = PSF_FWHM + (0.0, -1.0, 1.0)[seed % 3]
     affine = np.diag(list(SPACING) + [1.0])
     path = save_nifti(Path(folder) / f"pet_{seed}.nii.gz", image, affine)
     rows = []
-    for name, model in METHODS.items():
+    for name in methods:
+        model, extra = METHODS[name]
         start = time.perf_counter()
         posterior = vbseg.segment([path], modalities=["pet"], seed=seed, model=model,
-                                  psf_fwhm_mm=fwhm_given)
+                                  psf_fwhm_mm=fwhm_given, **extra)
         seconds = time.perf_counter() - start
         volume = posterior.volume_interval(LEVEL)
         p = posterior.probability
@@ -151,7 +159,7 @@ def _chains(summary) -> str:
 
 def markdown(rows, cells, total_s, args) -> str:
     lines = [f"Design: diameters {args.diameters} mm x contrasts {args.contrasts} x "
-             f"{args.seeds} seeds; {len(rows) // len(METHODS)} draws per method done. "
+             f"{args.seeds} seeds; {len(rows) // len(args.method_names)} draws per method done. "
              f"Total {total_s / 60:.1f} min.", "",
              "| cell | method | draws | mean vol. error (sd) | 95 % coverage (k/n) | CP 95 % CI | "
              "interval score / V | Dice50 | ECE | median run s (compile s) | median ESS (R-hat) |",
@@ -166,7 +174,7 @@ def markdown(rows, cells, total_s, args) -> str:
     lines += ["", "Pooled over all cells:", "", "| method | draws | mean abs vol. error | coverage (k/n) "
               "| CP 95 % CI | interval score / V | Dice50 | ECE | median run s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name in METHODS:
+    for name in args.method_names:
         own = [r for r in rows if r["method"] == name]
         s = cell_summary(own)
         lines.append(f"| {name} | {s['draws']} | "
@@ -183,7 +191,15 @@ def main(argv=None) -> int:
     parser.add_argument("--contrasts", default="4,8")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, from {', '.join(METHODS)} (default {DEFAULT_METHODS})")
+    parser.add_argument("--name", default="bench_pv",
+                        help="the report's name: writes NAME.json and NAME.md (default bench_pv)")
     args = parser.parse_args(argv)
+    args.method_names = args.methods.split(",")
+    unknown = sorted(set(args.method_names) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     diameters = [float(d) for d in args.diameters.split(",")]
     contrasts = [float(c) for c in args.contrasts.split(",")]
     start = time.perf_counter()
@@ -192,22 +208,22 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):  # seeds outermost: a stopped run has every cell
             for diameter in diameters:
                 for contrast in contrasts:
-                    rows += run_draw(diameter, contrast, seed, folder)
+                    rows += run_draw(diameter, contrast, seed, folder, args.method_names)
                     report(rows, diameters, contrasts, time.perf_counter() - start, args)
-    print(f"wrote {args.out / 'bench_pv.md'}")
+    print(f"wrote {args.out / (args.name + '.md')}")
     return 0
 
 
 def report(rows, diameters, contrasts, total, args) -> None:
     """Write the results so far (after every draw, so a stopped run leaves its draws)."""
     cells = {(d, c, name): cell_summary(own) for d in diameters for c in contrasts
-             for name in METHODS
+             for name in args.method_names
              if (own := [r for r in rows if r["diameter_mm"] == d and r["contrast"] == c
                          and r["method"] == name])}
     record = {"machine": machine(), "total_s": total, "rows": rows,
               "cells": [{"diameter_mm": d, "contrast": c, "method": n, **s}
                         for (d, c, n), s in cells.items()]}
-    write_report(args.out, "bench_pv", record, __doc__, markdown(rows, cells, total, args))
+    write_report(args.out, args.name, record, __doc__, markdown(rows, cells, total, args))
 
 
 if __name__ == "__main__":
