@@ -131,92 +131,124 @@ def mixed_draws(pools, weights, seed: int):
             np.concatenate([pool[1].ravel()[pick] for pool, pick in zip(pools, picks)]))
 
 
+class LevelProblem(NamedTuple):
+    """What the level fits and the level sampler share, on the bucket-padded crop: ``padded``
+    (features, observed, ROI, relative precision), the neighbour ``weights``, the level prior
+    ``unary``, the level ``design``, the Normal-Gamma ``prior``, the cold wall's ``offset`` (or
+    None), the TLG ``count_weights``, the ``start`` level marginals, ``num_levels`` and the
+    static PSF arguments ``statics``."""
+
+    padded: tuple
+    weights: jax.Array
+    unary: jax.Array
+    design: jax.Array
+    prior: NormalGammaPrior
+    offset: jax.Array | None
+    count_weights: jax.Array
+    start: np.ndarray
+    num_levels: int
+    statics: dict
+
+
+def level_fit(problem: LevelProblem, beta: float):
+    """(mean-field fit, compile s, run s) of the level model at ``beta`` from the start."""
+    return compile_and_run(fit_hidden_potts_vb_psf, problem.padded[:3] + (
+        jnp.asarray(level_interaction(problem.num_levels, beta)), problem.weights, problem.prior,
+        jnp.float32(1.0), jnp.asarray(problem.start), problem.padded[3], problem.unary,
+        problem.design, problem.offset), **problem.statics)
+
+
+def level_draws(problem: LevelProblem, beta: float, fit, seed: int):
+    """(joint draws, compile s, run s) of the level sampler at ``beta`` from ``fit``'s mode."""
+    labels = jnp.asarray(np.argmax(np.asarray(fit.marginals), axis=-1).astype(np.int32))
+    return compile_and_run(
+        gibbs_hidden_potts_psf,
+        (jax.random.PRNGKey(seed),) + problem.padded[:3] + (
+            jnp.asarray(level_interaction(problem.num_levels, beta)), problem.weights,
+            problem.prior, problem.padded[3], labels, problem.count_weights, problem.unary,
+            problem.design, problem.offset),
+        num_classes=problem.num_levels, num_chains=PV_CHAINS, num_sweeps=PV_KEPT_PER_CHAIN,
+        burn_in=PV_BURN_IN, **problem.statics)
+
+
+def level_problem(prepared, options, likelihood, features, psf, precision, start_marginals):
+    """(:class:`LevelProblem`, the cold wall's per-voxel fraction (or None)) from the two-class
+    fit's tumour marginals ``start_marginals`` (padded grid)."""
+    crop_voi, reference = prepared.crop_voi, prepared.reference
+    num_levels, num_modalities = levels_for(options), features.shape[-1]
+    spacing = tuple(float(s) for s in reference.spacing)
+    padded = _padded(likelihood, features, crop_voi, precision)
+    grid = padded[0].shape[:3]
+    omega = None
+    if options.wall_mm:
+        lesion = pad_to_bucket(start_marginals[: crop_voi.shape[0], : crop_voi.shape[1],
+                                               : crop_voi.shape[2]] >= 0.5, False)
+        shell = wall_fraction(lesion, spacing, float(options.wall_mm))
+        omega = np.stack([shell if m == "pet" else np.zeros_like(shell)
+                          for m in likelihood.modalities], axis=-1)
+    counted = likelihood.stack[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)
+    problem = LevelProblem(
+        padded=padded, weights=jnp.asarray(neighbour_weights(reference.spacing, options.neighbourhood)),
+        unary=jnp.broadcast_to(jnp.asarray(level_log_prior(num_levels)), grid + (num_levels,)),
+        design=jnp.asarray(level_design(num_levels)),
+        prior=NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior())),
+        offset=None if omega is None else jnp.asarray(wall_offset(omega, num_modalities)),
+        count_weights=jnp.asarray(pad_to_bucket(counted.astype(np.float32), 0.0)),
+        start=levels_from_classes(start_marginals, num_levels), num_levels=num_levels,
+        statics=dict(psf_fwhm_mm=tuple(float(f) for f in psf), spacing_mm=spacing))
+    return problem, omega
+
+
 def run_pv_potts(prepared, options) -> MethodResult:
     """The partial-volume fit and its joint draws on the prepared crop (module doc)."""
     likelihood = likelihood_inputs(prepared, options)
-    crop_voi, reference = prepared.crop_voi, prepared.reference
+    crop_voi = prepared.crop_voi
     features, centres, scales = standardise(likelihood.stack, likelihood.observed, likelihood.volumes)
     psf, precision = noise_model(likelihood, crop_voi, options)
-    num_modalities = features.shape[-1]
     if psf is None:
-        psf, precision = (0.0,) * num_modalities, np.ones(features.shape, np.float32)
+        psf, precision = (0.0,) * features.shape[-1], np.ones(features.shape, np.float32)
     # the two-class start and a fixed-beta fit use the given beta; --beta auto starts at the default
     beta = float(fixed_beta(options) if options.beta == "auto" else default_beta(options))
-    num_levels = levels_for(options)
-    spacing = tuple(float(s) for s in reference.spacing)
-    first = fit_potts(features, likelihood.observed, crop_voi, reference.spacing, num_classes=2,
-                      beta=beta, psf_fwhm_mm=psf if any(psf) else None,
+    first = fit_potts(features, likelihood.observed, crop_voi, prepared.reference.spacing,
+                      num_classes=2, beta=beta, psf_fwhm_mm=psf if any(psf) else None,
                       relative_precision=precision, neighbourhood=options.neighbourhood)
     pet_index = likelihood.modalities.index("pet") if "pet" in likelihood.modalities else None
     order, position, tumour_rule = tumour_choice(
         first.means, pet_index=pet_index,
         pet_image=None if pet_index is None else likelihood.columns[pet_index] + 1,
         tumour_class=options.tumour_class)
-    tumour = int(order[position])
-    start = levels_from_classes(first.marginals[..., tumour], num_levels)
-    padded = _padded(likelihood, features, crop_voi, precision)
-    grid = padded[0].shape[:3]
-    omega = None
-    if options.wall_mm:
-        lesion = pad_to_bucket(first.marginals[: crop_voi.shape[0], : crop_voi.shape[1],
-                                               : crop_voi.shape[2], tumour] >= 0.5, False)
-        shell = wall_fraction(lesion, spacing, float(options.wall_mm))
-        omega = np.stack([shell if m == "pet" else np.zeros_like(shell)
-                          for m in likelihood.modalities], axis=-1)
-    offset = None if omega is None else jnp.asarray(wall_offset(omega, num_modalities))
-    weights = jnp.asarray(neighbour_weights(reference.spacing, options.neighbourhood))
-    unary = jnp.broadcast_to(jnp.asarray(level_log_prior(num_levels)), grid + (num_levels,))
-    design = jnp.asarray(level_design(num_levels))
-    prior = NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior()))
-    statics = dict(psf_fwhm_mm=tuple(float(f) for f in psf), spacing_mm=spacing)
-    count_weights = jnp.asarray(pad_to_bucket(
-        (likelihood.stack[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)).astype(np.float32),
-        0.0))
+    problem, omega = level_problem(prepared, options, likelihood, features, psf, precision,
+                                   first.marginals[..., int(order[position])])
     betas = BETA_GRID if options.beta == "auto" else (beta,)
-    fits = [compile_and_run(fit_hidden_potts_vb_psf, padded[:3] + (
-        jnp.asarray(level_interaction(num_levels, b)), weights, prior, jnp.float32(1.0),
-        jnp.asarray(start), padded[3], unary, design, offset), **statics) for b in betas]
-    weighting = None
-    if options.beta == "auto":
-        weighting = weigh_betas([fit for fit, _, _ in fits], num_levels, np.asarray(padded[2]),
-                                np.asarray(weights), prepared.seed)
+    fits = [level_fit(problem, b) for b in betas]
+    weighting = None if options.beta != "auto" else weigh_betas(
+        [fit for fit, _, _ in fits], problem.num_levels, np.asarray(problem.padded[2]),
+        np.asarray(problem.weights), prepared.seed)
     beta_weight = np.ones(1) if weighting is None else weighting.weights
-    drawn = []  # (index into betas, draws, compile s, run s)
-    for i, (fit, _, _) in enumerate(fits):
-        if beta_weight[i] < MIN_DRAW_WEIGHT:
-            continue
-        labels = jnp.asarray(np.argmax(np.asarray(fit.marginals), axis=-1).astype(np.int32))
-        drawn.append((i, *compile_and_run(
-            gibbs_hidden_potts_psf,
-            (jax.random.PRNGKey(prepared.seed),) + padded[:3] + (
-                jnp.asarray(level_interaction(num_levels, betas[i])), weights, prior, padded[3],
-                labels, count_weights, unary, design, offset),
-            num_classes=num_levels, num_chains=PV_CHAINS, num_sweeps=PV_KEPT_PER_CHAIN,
-            burn_in=PV_BURN_IN, **statics)))
-    top = int(np.argmax(beta_weight))
-    fit = fits[top][0]
+    drawn = {i: level_draws(problem, betas[i], fits[i][0], prepared.seed)
+             for i in range(len(betas)) if beta_weight[i] >= MIN_DRAW_WEIGHT}
     counts, weighted = mixed_draws([(np.asarray(d.counts)[..., 1], np.asarray(d.weighted)[..., 1])
-                                    for _, d, _, _ in drawn],
-                                   beta_weight[[i for i, *_ in drawn]], prepared.seed)
-    draws = next(d for i, d, _, _ in drawn if i == top)
+                                    for d, _, _ in drawn.values()],
+                                   beta_weight[list(drawn)], prepared.seed)
     shape = crop_voi.shape
     marginals = sum(w * np.asarray(f.marginals)[: shape[0], : shape[1], : shape[2]]
                     for w, (f, _, _) in zip(beta_weight, fits))
+    top = int(np.argmax(beta_weight))
+    fit = fits[top][0]
     probability, fraction = fraction_summaries(marginals)
-    voxel_ml = reference.voxel_volume_ml
-    emission = fit.emission
-    levels = np.asarray(emission.mean).T * scales + centres  # (2, M) image units
-    noise_sd = np.sqrt(np.asarray(emission.rate) / np.asarray(emission.shape)) * scales
+    voxel_ml = prepared.reference.voxel_volume_ml
+    levels = np.asarray(fit.emission.mean).T * scales + centres  # (2, M) image units
+    noise_sd = np.sqrt(np.asarray(fit.emission.rate) / np.asarray(fit.emission.shape)) * scales
     iterations = int(fit.num_iterations)
     fit_compile, fit_run = (sum(f[k] for f in fits) for k in (1, 2))
-    draw_compile, draw_run = (sum(d[k] for d in drawn) for k in (2, 3))
+    draw_compile, draw_run = (sum(d[k] for d in drawn.values()) for k in (1, 2))
     timings = {"compile": first.timings["compile"] + fit_compile + draw_compile,
                "run": first.timings["run"] + fit_run + draw_run + (weighting.seconds if weighting else 0.0),
                "pv_fit": fit_run, "pv_draws": draw_run}
     if weighting is not None:
         timings["beta_log_partition"] = weighting.seconds
     run_options = {
-        "fraction_levels": num_levels, "beta": "auto" if weighting else beta,
+        "fraction_levels": problem.num_levels, "beta": "auto" if weighting else beta,
         "neighbourhood": options.neighbourhood,
         "psf_fwhm_mm": options.psf_fwhm_mm, "wall_mm": options.wall_mm,
         "pet_noise": options.pet_noise if options.psf_fwhm_mm is not None else None,
@@ -231,19 +263,19 @@ def run_pv_potts(prepared, options) -> MethodResult:
     parameters = {
         "background_level": levels[0].tolist(), "tumour_level": levels[1].tolist(),
         "noise_sd": noise_sd.tolist(), "beta": betas[top],
-        "neighbour_weights": np.asarray(weights).tolist(),
+        "neighbour_weights": np.asarray(problem.weights).tolist(),
         "units": "image units; columns follow options.fusion.images_in_likelihood",
         "levels_note": ("the highest-weight beta's fit" if weighting else "the fit's"),
     }
     diagnostics = {
         "initial_fit": first.diagnostics,
         "converged": bool(fit.converged), "iterations": iterations,
-        "fraction_sum_chains": chain_diagnostics(np.asarray(draws.counts)[..., 1]),
+        "fraction_sum_chains": chain_diagnostics(np.asarray(drawn[top][0].counts)[..., 1]),
         "beta_weighting": None if weighting is None else {
-            **weighting.record, "sampled_betas": [betas[i] for i, *_ in drawn]},
+            **weighting.record, "sampled_betas": [betas[i] for i in drawn]},
         "fraction_sum_mean_field_voxels": float(fraction[crop_voi].sum()),
         "wall_voxels": None if omega is None else float(omega.sum()),
-        "fit_grid_shape": [int(n) for n in grid],
+        "fit_grid_shape": [int(n) for n in problem.padded[0].shape[:3]],
         "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
     }
     return MethodResult(
