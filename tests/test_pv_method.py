@@ -22,7 +22,7 @@ from vbseg.methods.pv_potts import (
     PV_KEPT_PER_CHAIN,
     mixed_draws,
 )
-from vbseg.options import check_options
+from vbseg.options import SegmentOptions
 from vbseg.volume import save_nifti
 
 
@@ -98,16 +98,17 @@ def test_bad_partial_volume_options_are_one_line_exit_2(phantom_path, tmp_path, 
 
 
 def test_pv_potts_refuses_more_classes_and_other_samplers():
-    common = dict(model="pv-potts", levels_percent=(50,), num_images=1, modalities=["pet"],
-                  tumour_class=None, volume_draws=2000, beta=1.5)
+    def check(modalities=("pet",), box=None, **options):
+        SegmentOptions(model="pv-potts", volume_draws=2000, **options).check(
+            num_images=1, modalities=list(modalities), levels_percent=(50,), box=box)
+
     with pytest.raises(InputError, match="--classes"):
-        check_options(num_classes=3, **common)
+        check(num_classes=3)
     with pytest.raises(InputError, match="--sampler"):
-        check_options(num_classes=2, sampler="gibbs", **common)
-    check_options(num_classes=2, **dict(common, beta="auto"))  # the beta grid (its own test)
+        check(sampler="gibbs")
+    check(beta="auto")  # the beta grid (its own test)
     with pytest.raises(InputError, match="--wall-mm"):
-        check_options(**dict(common, modalities=["ct"], tumour_class=1), num_classes=2,
-                      wall_mm=1.0, box="0:2,0:2,0:2")
+        check(modalities=["ct"], tumour_class=1, wall_mm=1.0, box="0:2,0:2,0:2")
 
 
 def test_beta_auto_mixes_the_grid_by_elbo_minus_log_partition(phantom_path):

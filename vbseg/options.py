@@ -173,11 +173,18 @@ class SegmentOptions:
             for name, value in (("--locator", self.locator), ("--locate-margin", self.locate_margin_mm)):
                 if value is not None:
                     raise InputError(name, f"goes with --model {LOCATE_MODEL}, not {self.model}")
-        check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                         if f.name not in ("prior", "fusion", "beta", "locator", "locate_margin_mm")},
-                      beta=default_beta(self), levels_percent=levels_percent,
-                      num_images=num_images, modalities=list(modalities), roi=roi, box=box,
-                      fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
+        resolved = dataclasses.replace(
+            self, beta=default_beta(self),
+            fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
+        check_options(resolved, num_images=num_images, modalities=list(modalities),
+                      levels_percent=levels_percent, roi=roi, box=box)
+
+
+# the fields check_options reads, in the order it unpacks them
+CHECKED_FIELDS = ("model", "num_classes", "beta", "tumour_class", "volume_draws", "neighbourhood",
+                  "psf_fwhm_mm", "pet_noise", "sampler", "emission", "covariance", "dof",
+                  "checkpoint", "external_field", "field_weight", "intensity_field",
+                  "intensity_lengthscale_mm", "restarts", "fusion", "fraction_levels", "wall_mm")
 
 
 def fixed_beta(options: SegmentOptions) -> float:
@@ -190,16 +197,16 @@ def default_beta(options: SegmentOptions) -> float | str:
     return options.beta if options.beta is not None else fixed_beta(options)
 
 
-def check_options(*, model, num_classes, beta, levels_percent, num_images, modalities,
-                  tumour_class, volume_draws, neighbourhood=6, psf_fwhm_mm=None,
-                  pet_noise="poisson", sampler="vb", emission="gaussian", covariance="diagonal",
-                  dof=DEFAULT_STUDENT_DOF, roi=None, box=None, checkpoint=None,
-                  external_field=None, field_weight="auto", intensity_field=None,
-                  intensity_lengthscale_mm=None, restarts="full", fusion="joint",
-                  fraction_levels=None, wall_mm=None):
-    """Validate every option of ``segment`` that needs no file, alone and in combination;
-    InputError names the option. The model's name is checked where it is looked up
-    (:func:`vbseg.methods.get_method`)."""
+def check_options(options: SegmentOptions, *, num_images, modalities, levels_percent, roi=None,
+                  box=None) -> None:
+    """Validate every option of ``segment`` that needs no file, alone and in combination, for
+    ``num_images`` inputs named ``modalities``; ``options`` with beta and fusion resolved (as
+    :meth:`SegmentOptions.check` passes them). InputError names the option. The model's name
+    is checked where it is looked up (:func:`vbseg.methods.get_method`)."""
+    (model, num_classes, beta, tumour_class, volume_draws, neighbourhood, psf_fwhm_mm, pet_noise,
+     sampler, emission, covariance, dof, checkpoint, external_field, field_weight, intensity_field,
+     intensity_lengthscale_mm, restarts, fusion, fraction_levels, wall_mm) = (
+        getattr(options, name) for name in CHECKED_FIELDS)
     _check_fusion(fusion, model, modalities, covariance, intensity_field)
     _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler, emission,
                           covariance, external_field, intensity_field, restarts)
