@@ -130,18 +130,23 @@ def _sub_box(rng, shape, low_fraction) -> np.ndarray:
     return mask
 
 
-def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: PhantomRanges = PhantomRanges()):
-    """One synthetic patch (module doc).
+class _Scene(NamedTuple):
+    """The tissue maps of one synthetic patch before imaging: SUV, HU and MR (X, Y, Z) in image
+    units, the body and muscle masks, and the patient's muscle SUV and MR and fat MR levels."""
 
-    Returns (stack (X, Y, Z, M) float32 in image units: SUV / HU / MR units, observed
-    (X, Y, Z, M) bool, tumour (X, Y, Z) bool, valid (X, Y, Z) bool, spacing (3,) mm).
-    """
-    shape = tuple(int(n) for n in shape)
-    spacing = np.array([_uniform(rng, ranges.spacing_xy_mm)] * 2 + [_uniform(rng, ranges.spacing_z_mm)])
-    axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
-    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (X, Y, Z, 3) mm
+    suv: np.ndarray
+    hu: np.ndarray
+    mr: np.ndarray
+    inside_body: np.ndarray
+    muscle: np.ndarray
+    muscle_suv: float
+    muscle_mr: float
+    fat_mr: float
 
-    # body: an elliptic limb along z; the patch centre lies inside it
+
+def _anatomy(rng, points, shape) -> _Scene:
+    """An elliptic limb along z (fat, septa, muscle, optionally bone with a hot marrow) around
+    the patch centre, in air."""
     semi = rng.uniform(55.0, 150.0, size=2)
     angle, depth = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0.0, 0.8))
     centre = -depth * semi * np.array([np.cos(angle), np.sin(angle)])
@@ -178,8 +183,14 @@ def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: Phantom
     fat_mr = rng.uniform(750, 950)
     mr = np.where(inside_body, np.where(fat | marrow, fat_mr, muscle_mr), rng.uniform(0, 20))
     mr = np.where(cortex, rng.uniform(20, 80), mr)
+    return _Scene(suv, hu, mr, inside_body, muscle, muscle_suv, muscle_mr, fat_mr)
 
-    # distractors first, so that a lesion drawn over one stays tumour
+
+def _with_distractors(rng, scene: _Scene, points, shape, spacing, ranges) -> _Scene:
+    """Hot organs, vessels and hot muscle strips (drawn before the lesions, so that a lesion
+    drawn over one stays tumour)."""
+    suv, hu, mr = scene.suv, scene.hu, scene.mr
+    inside_body, muscle_suv = scene.inside_body, scene.muscle_suv
     for _ in range(int(rng.integers(0, ranges.max_distractors + 1))):
         at = np.r_[rng.uniform(-0.45, 0.45, size=3) * np.asarray(shape) * spacing]
         kind = rng.choice(["organ", "vessel", "hot_muscle"])
@@ -189,7 +200,7 @@ def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: Phantom
             wall = body & (rel > 0.85)
             suv = np.where(body, muscle_suv * _log_uniform(rng, (3.0, 25.0)), suv)
             hu = np.where(body, np.where(wall, rng.uniform(30, 50), rng.uniform(0, 15)), hu)
-            mr = np.where(body, np.where(wall, muscle_mr, rng.uniform(80, 200)), mr)
+            mr = np.where(body, np.where(wall, scene.muscle_mr, rng.uniform(80, 200)), mr)
         elif kind == "vessel":
             direction = np.r_[rng.normal(scale=0.4, size=2), 1.0]
             direction /= np.linalg.norm(direction)
@@ -203,9 +214,16 @@ def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: Phantom
             long_axis = rng.uniform(25.0, 60.0)
             frame = _random_rotation(rng)
             local = (points - at) @ frame / np.array([long_axis, rng.uniform(4, 9), rng.uniform(4, 9)])
-            strip = (np.linalg.norm(local, axis=-1) <= 1.0) & muscle
+            strip = (np.linalg.norm(local, axis=-1) <= 1.0) & scene.muscle
             suv = np.where(strip, muscle_suv * rng.uniform(1.5, 3.0), suv)
+    return scene._replace(suv=suv, hu=hu, mr=mr)
 
+
+def _with_lesions(rng, scene: _Scene, points, shape, spacing, ranges) -> tuple[_Scene, np.ndarray]:
+    """(the scene with 0-2 star-shaped lesions drawn in, tumour mask (X, Y, Z)): textured uptake
+    with a gradient, soft-tissue CT and MR, a necrotic core in some large ones."""
+    suv, hu, mr = scene.suv, scene.hu, scene.mr
+    muscle_suv, muscle_mr = scene.muscle_suv, scene.muscle_mr
     tumour = np.zeros(shape, bool)
     num_lesions = 0 if rng.uniform() < ranges.empty_probability else int(rng.integers(1, 3))
     for _ in range(num_lesions):
@@ -231,20 +249,27 @@ def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: Phantom
         suv = np.where(lesion, uptake, suv)
         hu = np.where(lesion, lesion_hu, hu)
         mr = np.where(lesion, lesion_mr, mr)
+    return scene._replace(suv=suv, hu=hu, mr=mr), tumour
 
+
+def _imaged(rng, scene: _Scene, shape, spacing, modalities, ranges):
+    """(stack (X, Y, Z, M) float32, observed (X, Y, Z, M), valid (X, Y, Z)): PET blurred by the
+    PSF with correlated noise, CT and MR blurred and noisy (MR with a bias field), partial
+    fields of view and padded borders at random."""
     sigma = _uniform(rng, ranges.psf_fwhm_mm) * FWHM_TO_SIGMA / spacing
-    pet_mean = ndimage.gaussian_filter(suv, sigma, mode="nearest")
+    pet_mean = ndimage.gaussian_filter(scene.suv, sigma, mode="nearest")
     noise = _smooth_field(rng, shape, rng.uniform(0.3, 1.0))
     cv = _uniform(rng, ranges.cv)
-    pet = np.maximum(pet_mean + cv * np.sqrt(np.maximum(pet_mean, 0.0) * muscle_suv) * noise, 0.0)
+    pet = np.maximum(pet_mean + cv * np.sqrt(np.maximum(pet_mean, 0.0) * scene.muscle_suv) * noise, 0.0)
     images = {"pet": pet}
     if "ct" in modalities:
-        blurred = ndimage.gaussian_filter(hu, rng.uniform(0.3, 0.6), mode="nearest")
+        blurred = ndimage.gaussian_filter(scene.hu, rng.uniform(0.3, 0.6), mode="nearest")
         images["ct"] = blurred + rng.uniform(4, 20) * rng.standard_normal(shape)
     if "mr" in modalities:
         bias = np.exp(0.1 * _smooth_field(rng, shape, 6.0))
-        blurred = ndimage.gaussian_filter(mr * bias, rng.uniform(0.3, 0.6), mode="nearest")
-        images["mr"] = np.maximum(blurred + rng.uniform(0.01, 0.04) * fat_mr * rng.standard_normal(shape), 0)
+        blurred = ndimage.gaussian_filter(scene.mr * bias, rng.uniform(0.3, 0.6), mode="nearest")
+        images["mr"] = np.maximum(
+            blurred + rng.uniform(0.01, 0.04) * scene.fat_mr * rng.standard_normal(shape), 0)
     observed = np.ones(shape + (len(modalities),), bool)
     for m, modality in enumerate(modalities):
         if modality in ("ct", "mr") and rng.uniform() < ranges.partial_fov_probability:
@@ -257,6 +282,23 @@ def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: Phantom
         valid[tuple(border)] = False
         observed &= valid[..., None]
     stack = np.stack([images[m] for m in modalities], axis=-1).astype(np.float32)
+    return stack, observed, valid
+
+
+def synthetic_patch(rng: np.random.Generator, shape, modalities, ranges: PhantomRanges = PhantomRanges()):
+    """One synthetic patch (module doc): anatomy, distractors, lesions, then imaging, each
+    drawing from ``rng`` in turn.
+
+    Returns (stack (X, Y, Z, M) float32 in image units: SUV / HU / MR units, observed
+    (X, Y, Z, M) bool, tumour (X, Y, Z) bool, valid (X, Y, Z) bool, spacing (3,) mm).
+    """
+    shape = tuple(int(n) for n in shape)
+    spacing = np.array([_uniform(rng, ranges.spacing_xy_mm)] * 2 + [_uniform(rng, ranges.spacing_z_mm)])
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (X, Y, Z, 3) mm
+    scene = _with_distractors(rng, _anatomy(rng, points, shape), points, shape, spacing, ranges)
+    scene, tumour = _with_lesions(rng, scene, points, shape, spacing, ranges)
+    stack, observed, valid = _imaged(rng, scene, shape, spacing, modalities, ranges)
     return stack, observed, tumour & valid, valid, spacing
 
 
