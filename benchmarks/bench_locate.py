@@ -247,33 +247,18 @@ def main(argv=None) -> int:
     record = {"machine": machine(), "avid_rule": f"mean SUV inside the PET GTV >= {AVID_MEAN_SUV:g}",
               "folds": folds["folds"], "prior_fit_s": prior_s, "network_training_s": network_s}
     sections, runs, run_s = [], 0, 0.0
-    for study, (title, index, folder, tag, with_networks) in studies.items():
+    for study, spec in studies.items():
         if selected is not None and study not in selected:
             continue
-        modalities = MODALITY_SETS[tag]
-        records = run_config(folder / "reference", config_text(
-            f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), args.jobs)
-        for f, held_out in enumerate(folds["folds"]):
-            cases = sorted(held_out)
-            prior = priors[tag][f]
-            records += run_config(folder / f"fold{f}", config_text(
-                f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
-                prior=prior), args.jobs)
-            if (not with_networks or args.no_networks or networks[f] is None
-                    or study not in args.network_studies.split(",")):
-                continue
-            for kind, models, settings in (
-                    ("cnn", ["cnn"], dict(checkpoint=networks[f])),
-                    ("net", ["locate-potts"], dict(locator="network", checkpoint=networks[f])),
-                    ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f], prior=prior))):
-                records += run_config(folder / f"fold{f}_{kind}", config_text(
-                    f"locate_fold{f}_{kind}_{study}", cases, models, index, modalities, **settings),
-                    args.jobs)
+        with_networks = (spec[4] and not args.no_networks
+                         and study in args.network_studies.split(","))
+        records = study_records(study, spec, folds, priors[spec[3]],
+                                networks if with_networks else None, every, args.jobs)
         runs += len(records)
         run_s += sum(r.get("wall_s", 0.0) for r in records)
         entry, text = study_report(records)
         record[study] = entry
-        sections.append(f"## {title}\n\n" + text)
+        sections.append(f"## {spec[0]}\n\n" + text)
     if selected is not None:
         return 0
     record["wall_s"] = time.perf_counter() - started
@@ -303,6 +288,31 @@ def main(argv=None) -> int:
     write_report(args.out, NAME, record, __doc__, "", note)
     print(f"wrote {Path(args.out) / (NAME + '.md')}")
     return 0
+
+
+def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], networks, every,
+                  jobs: int) -> list[dict]:
+    """Every run of one study (cached): SUV >= 2.5 and potts on all cases, then per fold potts
+    and locate-potts with the fold prior, and with ``networks`` (one checkpoint or None per
+    fold; None for the whole study leaves them out) the network rows."""
+    _, index, folder, tag, _ = spec
+    modalities = MODALITY_SETS[tag]
+    records = run_config(folder / "reference", config_text(
+        f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), jobs)
+    for f, held_out in enumerate(folds["folds"]):
+        cases = sorted(held_out)
+        records += run_config(folder / f"fold{f}", config_text(
+            f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
+            prior=priors[f]), jobs)
+        if networks is None or networks[f] is None:
+            continue
+        for kind, models, settings in (
+                ("cnn", ["cnn"], dict(checkpoint=networks[f])),
+                ("net", ["locate-potts"], dict(locator="network", checkpoint=networks[f])),
+                ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f], prior=priors[f]))):
+            records += run_config(folder / f"fold{f}_{kind}", config_text(
+                f"locate_fold{f}_{kind}_{study}", cases, models, index, modalities, **settings), jobs)
+    return records
 
 
 def study_report(records: list[dict]) -> tuple[dict, str]:

@@ -255,27 +255,9 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
     """
     if probability not in PROBABILITIES:
         raise ValueError(f"probability must be one of {PROBABILITIES}, got {probability!r}")
-    data = np.asarray(data, np.float32)
-    if data.ndim == 3:
-        data = data[None]
-    if data.ndim != 4:
-        raise ValueError(f"data must be (M, I, J, K) or (I, J, K), got shape {data.shape}")
-    stack = np.moveaxis(data, 0, -1)
+    stack, voi, seen, prior_logit = _checked_inputs(data, voxel_mask, observed, prior_logit,
+                                                    prior_logit_weight_start)
     grid_shape = stack.shape[:3]
-    voi = np.ones(grid_shape, bool) if voxel_mask is None else np.asarray(voxel_mask, bool)
-    seen = np.ones(stack.shape, bool) if observed is None else np.asarray(observed, bool)
-    seen = seen & voi[..., None]
-    if not voi.any():
-        raise ValueError("the voxel mask is empty")
-    if prior_logit is not None:
-        prior_logit = np.asarray(prior_logit, np.float32)
-        if prior_logit.shape != grid_shape:
-            raise ValueError(f"prior_logit must have the image grid's shape {grid_shape}, "
-                             f"got {prior_logit.shape}")
-        if not np.isfinite(prior_logit[voi]).all():
-            raise ValueError("prior_logit has NaN or infinite values in the voxel mask")
-        if prior_logit_weight_start is not None and not prior_logit_weight_start > 0:
-            raise ValueError(f"prior_logit_weight_start must be > 0, got {prior_logit_weight_start!r}")
     start = time.perf_counter()
     features, centres, scales = standardise_features(stack, seen)
     features, seen_p, voi_p = (pad_to_bucket(features, 0.0), pad_to_bucket(seen, False),
@@ -362,6 +344,33 @@ def fit_gp_logit(data: np.ndarray, spacing_mm, *, kernel: str = "matern32", stru
                                probability, None if weight is None else model.prior_logit_weight_scale),
         prior_logit_weight=weight,
     )
+
+
+def _checked_inputs(data, voxel_mask, observed, prior_logit, prior_logit_weight_start):
+    """(stack (I, J, K, M) float32, VOI (I, J, K), observed-and-in-VOI (I, J, K, M), prior logit
+    float32 or None) of :func:`fit_gp_logit`'s arguments; ValueError names a bad one."""
+    data = np.asarray(data, np.float32)
+    if data.ndim == 3:
+        data = data[None]
+    if data.ndim != 4:
+        raise ValueError(f"data must be (M, I, J, K) or (I, J, K), got shape {data.shape}")
+    stack = np.moveaxis(data, 0, -1)
+    grid_shape = stack.shape[:3]
+    voi = np.ones(grid_shape, bool) if voxel_mask is None else np.asarray(voxel_mask, bool)
+    seen = np.ones(stack.shape, bool) if observed is None else np.asarray(observed, bool)
+    seen = seen & voi[..., None]
+    if not voi.any():
+        raise ValueError("the voxel mask is empty")
+    if prior_logit is not None:
+        prior_logit = np.asarray(prior_logit, np.float32)
+        if prior_logit.shape != grid_shape:
+            raise ValueError(f"prior_logit must have the image grid's shape {grid_shape}, "
+                             f"got {prior_logit.shape}")
+        if not np.isfinite(prior_logit[voi]).all():
+            raise ValueError("prior_logit has NaN or infinite values in the voxel mask")
+        if prior_logit_weight_start is not None and not prior_logit_weight_start > 0:
+            raise ValueError(f"prior_logit_weight_start must be > 0, got {prior_logit_weight_start!r}")
+    return stack, voi, seen, prior_logit
 
 
 def _method_strings(kernel, structure, family, rank, hyper, num_particles, grid, num_prob_draws,
