@@ -14,6 +14,7 @@ from benchmarks import (
     bench_cluster,
     bench_cohort,
     bench_gp,
+    bench_locate_switch,
     bench_multiscale,
     bench_nema,
     bench_potts,
@@ -307,3 +308,22 @@ def test_bench_conformal_sarcoma_fold_study():
     assert summary["conformal_90"]["all"] == {"covered": 19, "cases": 20,
                                              "mean_width_ml": pytest.approx(np.mean(widths))}
     assert summary["model_95"]["all"]["covered"] == 1  # only the zero score lies inside
+
+
+def test_bench_locate_switch_chooses_inside_the_training_folds(tmp_path, capsys):
+    """The nested selection on made-up cases: the switch helps fold 1's case c, so fold 0
+    (trained on fold 1) switches, which costs its case a; it hurts a, so fold 1 (trained on
+    fold 0) does not switch, which costs c. Each fold's choice sees only the other fold.
+    Without bench_locate's cached runs the script says so and writes nothing."""
+    def case(stat, locate, prior):
+        return {"stat": None if stat is None else {"mean": stat, "median": stat},
+                "dice": {bench_locate_switch.LOCATE_MODEL: locate, bench_locate_switch.PRIOR_MODEL: prior}}
+
+    cases = {"a": case(1.0, 0.7, 0.1), "b": case(5.0, 0.8, 0.5),   # fold 0
+             "c": case(1.2, 0.0, 0.7), "d": case(None, 0.4, 0.0)}  # fold 1
+    chosen, per_fold = bench_locate_switch.nested(cases, {"folds": [["a", "b"], ["c", "d"]]})
+    assert per_fold[0]["rule"] != "no switch" and chosen["a"][0] == 0.1 and chosen["b"][0] == 0.8
+    assert per_fold[1]["rule"] == "no switch" and chosen["c"][0] == 0.0
+    assert chosen["d"][0] == 0.4  # no located region: locate-potts's abstention stands
+    assert bench_locate_switch.main(["--out", str(tmp_path)]) == 0
+    assert "not found" in capsys.readouterr().out and not any(tmp_path.iterdir())

@@ -123,19 +123,28 @@ def locator_logit(prepared, options):
     return np.where(prepared.crop_voi, logit, -LOGIT_CLIP), record, time.perf_counter() - start
 
 
-def located_box(probability, crop_voi, spacing, margin_mm):
-    """(box: slices of the crop around the kept regions grown by ``margin_mm``, or None when no
-    voxel reaches 1/2; the regions' record)."""
+def located_regions(probability, crop_voi):
+    """(mask of the kept regions: the 26-connected components of P >= 1/2 inside the VOI holding
+    at least ``REGION_MASS_SHARE`` of the largest one's mass; the record {"regions", "kept"})."""
     labels, count = ndimage.label((probability >= 0.5) & crop_voi, structure=np.ones((3, 3, 3)))
     if count == 0:
-        return None, {"regions": 0, "kept": 0}
+        return np.zeros(probability.shape, bool), {"regions": 0, "kept": 0}
     mass = ndimage.sum(probability, labels, np.arange(1, count + 1))
     kept = 1 + np.flatnonzero(mass >= REGION_MASS_SHARE * mass.max())
-    index = np.nonzero(np.isin(labels, kept))
+    return np.isin(labels, kept), {"regions": int(count), "kept": int(kept.size)}
+
+
+def located_box(probability, crop_voi, spacing, margin_mm):
+    """(box: slices of the crop around the kept regions (:func:`located_regions`) grown by
+    ``margin_mm``, or None when no voxel reaches 1/2; the regions' record)."""
+    regions, record = located_regions(probability, crop_voi)
+    if not record["regions"]:
+        return None, record
+    index = np.nonzero(regions)
     grow = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
     box = tuple(slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g))
                 for i, g, n in zip(index, grow, crop_voi.shape))
-    return box, {"regions": int(count), "kept": int(kept.size)}
+    return box, record
 
 
 def image_outside_box(prepared, options, bounds) -> dict:
