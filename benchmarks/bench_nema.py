@@ -26,7 +26,10 @@ the sphere's label. Methods (all ``vbseg.segment`` on the saved VOI mask):
 * ``threshold40``, ``threshold50``: 40 % / 50 % of the VOI's maximum (a mask; no interval);
 * ``pv_wall0``, ``pv_wall1.0``, ``pv_wall1.5`` (not run by default): the partial-volume model
   (``--model pv-potts``) at the fitted PSF, with a cold glass wall of 0, 1.0 or 1.5 mm in
-  its forward model (``--wall-mm``); run by ``benchmarks/bench_pv.py``'s NEMA part.
+  its forward model (``--wall-mm``); run by ``benchmarks/bench_pv.py``'s NEMA part;
+  ``pv_beta_auto`` (not run by default): pv-potts with ``--beta auto``, no wall, by
+  ``python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_beta_auto --out
+  benchmarks/results/pv_nema_beta``.
 
 Regenerate (65 minutes on 2 busy cores, nearly all of it ``psf_gibbs``, ~10 minutes a sphere;
 the other methods take seconds):
@@ -69,6 +72,8 @@ METHODS = {
     "pv_wall0": dict(model="pv-potts", psf=True),
     "pv_wall1.0": dict(model="pv-potts", psf=True, wall_mm=1.0),
     "pv_wall1.5": dict(model="pv-potts", psf=True, wall_mm=1.5),
+    # pv-potts with --beta auto (the beta grid weighted by exp(ELBO - log Z)), no wall
+    "pv_beta_auto": dict(model="pv-potts", psf=True, beta="auto"),
 }
 DEFAULT_METHODS = ("nopsf_vb", "nopsf_gibbs", "psf_vb", "psf_gibbs", "threshold40", "threshold50")
 
@@ -114,7 +119,7 @@ def run_sphere(nema, sphere, methods, folder, psf_fwhm) -> list[dict]:
         posterior = vbseg.segment(
             [nema["pet_path"]], modalities=["pet"], roi=voi_path, model=spec.get("model", "potts"),
             psf_fwhm_mm=psf_fwhm if spec.get("psf") else None, sampler=spec.get("sampler", "vb"),
-            wall_mm=spec.get("wall_mm"))
+            wall_mm=spec.get("wall_mm"), beta=spec.get("beta"))
         seconds = time.perf_counter() - start
         volume = posterior.volume_interval(LEVEL)
         draws = np.asarray(posterior.volume_draws_ml, np.float64)
