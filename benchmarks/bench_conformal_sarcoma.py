@@ -1,7 +1,8 @@
-"""Conformal volume intervals for the real sarcomas, out of sample on the committed 5 folds: the
-default PET+CT+MR model (hidden Potts, PET deciding; ``vbseg segment pet ct mr --modality
-pet,ct,mr``) fitted once on each of the 21 sarcomas with its PET GTV as truth (``vbseg calibrate``
-on benchmarks/configs/conformal_sarcoma.toml); for each fold of experiments/folds/sarcoma_5fold.json,
+"""Conformal volume intervals for the real sarcomas, out of sample on the committed 5 folds, for
+locate-potts (the real-sarcoma default; below) and for the default PET+CT+MR model (hidden
+Potts, PET deciding; ``vbseg segment pet ct mr --modality pet,ct,mr``) fitted once on each of
+the 21 sarcomas with its PET GTV as truth (``vbseg calibrate`` on
+benchmarks/configs/conformal_sarcoma.toml); for each fold of experiments/folds/sarcoma_5fold.json,
 the other four folds' cases calibrate (split conformal on the log-volume miss of the model's 95 %
 interval; Vovk, Gammerman & Shafer 2005; Lei et al., JASA 2018) and the held-out fold's cases
 are tested. The model learns nothing from other cases, so each fold is an honest split: its
@@ -33,7 +34,8 @@ s = miss / (log(U/L) + delta), delta = log 1.2 fixed in advance (CQR with a loca
 scale: Romano, Patterson & Candes, NeurIPS 2019; Lei et al. 2018, sec. 5.2), inverted as
 [L e^{-q w}, U e^{q w}] with w = log(U/L) + delta. It is motivated by locate-potts's intervals,
 wide where locator and image disagree and narrow elsewhere; it was not chosen, and any choice
-of it after these numbers would be selection-affected.
+of it after these numbers would be selection-affected. (The model's own out-of-fold intervals,
+bench_locate.md's 4/21, had been seen before the default was fixed; the conformal counts had not.)
 
 Regenerate (the 21 default-model fits, about 2 minutes on 2 cores, are cached in
 benchmarks/results/bench_conformal_sarcoma_calibration.json, which holds derived scores only,
@@ -239,7 +241,9 @@ def locate_markdown(record: dict) -> str:
     entry, old = record["locate"], record["summary"]
     calibration = record["locate_calibration"]
     stale = "" if calibration["model_digest_matches"] else f": regenerate it with `{calibration['command']}`"
-    lines = ["## locate-potts (PET+CT+MR, fold prior as locator)", "",
+    paragraphs = [" ".join(p.split()) for p in __doc__.split("\n\n")
+                  if p.startswith(("locate-potts (issue 22", "Scores."))]
+    lines = ["## locate-potts (PET+CT+MR, fold prior as locator)", "", *[p + "\n" for p in paragraphs],
              f"Scores: {calibration['path']} ({calibration['cases']} out-of-fold fits; model code "
              f"{'matches' if calibration['model_digest_matches'] else 'DIFFERS from'} this checkout{stale}).",
              "", *TABLE_HEAD]
