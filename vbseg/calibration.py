@@ -343,9 +343,9 @@ def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tupl
     over = f"the {n} calibration cases" + ("" if stratum == NO_STRATA else f" of stratum {stratum!r}")
     miss = f"the log-volume miss of the model's {MODEL_INTERVAL_LEVEL:.0%} interval"
     if scheme == CROSS_FIT:
-        cv = (f"cross-validation (K-fold 'CV', jackknife-style; Barber et al., Ann. Stat. 2021) over "
-              f"{over}'s out-of-fold fits (each with a prior learned without its fold), applied to "
-              "this fit with the deployed prior: no finite-sample guarantee")
+        cv = (f"cross-validation (K-fold 'CV', jackknife-style; Barber et al., Ann. Stat. 2021): the "
+              f"out-of-fold fits of {over} (each with a prior learned without its fold), applied to "
+              "this fit with the deployed prior; no finite-sample guarantee")
         return (f"{miss}: coverage of the true volume about {level / 100:g}, estimated by {cv}",
                 f"E[false-negative rate] about {alpha:g} (conformal risk control), estimated by {cv}",
                 f"contains the whole lesion with probability about {level / 100:g} (calibrated margin "
