@@ -72,9 +72,9 @@ from benchmarks.bench_fusion_default import case_of, fdg_avid, markdown_table, s
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.experiment import load_experiment
 from vbseg.experiment_runner import run_experiment
-from vbseg.folds import AVID_MEAN_SUV, load_folds, training_cases
+from vbseg.folds import AVID_MEAN_SUV, load_folds
+from vbseg.folds import fold_prior as learned_prior
 from vbseg.models.deep import load_checkpoint, save_checkpoint
-from vbseg.population import fit_prior
 from vbseg.results import load_records
 from vbseg.training import load_settings, train
 from vbseg.writing import write_text_atomic
@@ -162,10 +162,9 @@ def fold_prior(folder: Path, fold: int, modalities: list[str], folds: dict, seco
     the fitting time goes into ``seconds``)."""
     tag = "" if modalities == MODALITIES else "_".join(modalities) + "_"
     path = folder / f"{tag}fold{fold}.json"
-    if not path.is_file():
-        begin = time.perf_counter()
-        folder.mkdir(parents=True, exist_ok=True)
-        fit_prior(INDEX, modalities, path, names=training_cases(folds, fold), calibrate=False)
+    begin, cached = time.perf_counter(), path.is_file()
+    learned_prior(INDEX, folds, fold, modalities, path)
+    if not cached:
         seconds[f"{tag}fold{fold}"] = time.perf_counter() - begin
     return path
 

@@ -21,6 +21,7 @@ from benchmarks import (
     bench_pv,
     gtv_contrast,
 )
+from vbseg.conformal import volume_scores
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -306,7 +307,8 @@ def test_bench_conformal_sarcoma_fold_study():
     summary = summarise(cases, study, folds)
     widths = [row["width_ml"] for row in rows.values()]
     assert summary["conformal_90"]["all"] == {"covered": 19, "cases": 20,
-                                             "mean_width_ml": pytest.approx(np.mean(widths))}
+                                             "mean_width_ml": pytest.approx(np.mean(widths)),
+                                             "median_width_ml": pytest.approx(np.median(widths))}
     assert summary["model_95"]["all"]["covered"] == 1  # only the zero score lies inside
 
 
@@ -327,3 +329,64 @@ def test_bench_locate_switch_chooses_inside_the_training_folds(tmp_path, capsys)
     assert chosen["d"][0] == 0.4  # no located region: locate-potts's abstention stands
     assert bench_locate_switch.main(["--out", str(tmp_path)]) == 0
     assert "not found" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+def made_up_cases(rng, n: int) -> list[dict]:
+    """``n`` made-up calibration records: model intervals of random centre and log-width, true
+    volumes from one continuous law (scores exchangeable and distinct)."""
+    cases = []
+    for i in range(n):
+        centre, width = rng.uniform(10.0, 500.0), rng.uniform(0.005, 2.0)
+        lower, upper = centre * np.exp(-width / 2), centre * np.exp(width / 2)
+        true = centre * np.exp(rng.normal(0.0, 0.7))
+        cases.append({"name": f"c{i:02d}", "lower_ml": lower, "upper_ml": upper, "true_ml": true,
+                      "floor_ml": 0.001, "volume_score": float(volume_scores(lower, upper, true, 0.001))})
+    return cases
+
+
+def test_bench_conformal_sarcoma_scores_invert_exactly():
+    """For each score (log-miss, normalised) and any quantile q, the conformal interval covers
+    the true volume exactly when the case's score is <= q (up to 1e-9 in q)."""
+    from benchmarks.bench_conformal_sarcoma import SCORES
+
+    rng = np.random.default_rng(5)
+    for score, (value, interval) in SCORES.items():
+        for case in made_up_cases(rng, 200):
+            s = value(case)
+            for q in (s - 1e-6, s + 1e-6, abs(s) + rng.uniform(0, 2)):
+                lower, upper = interval(case, q)
+                assert (lower <= case["true_ml"] <= upper) == (s <= q), (score, s, q)
+
+
+def test_bench_conformal_sarcoma_leave_one_out_covers_exactly_the_rank():
+    """With n distinct scores, each case against the quantile of the other n - 1 is covered iff
+    its rank among all n is <= ceil(n (1 - alpha)): exactly that many, for either score."""
+    from benchmarks.bench_conformal_sarcoma import leave_one_out_study
+
+    rng = np.random.default_rng(6)
+    cases = made_up_cases(rng, 21)
+    folds = {"folds": [[c["name"] for c in cases[i::5]] for i in range(5)],
+             "cases": {c["name"]: {"avid": i % 3 != 0} for i, c in enumerate(cases)}}
+    for score in ("log-miss", "normalised"):
+        rows = leave_one_out_study(cases, folds, score)["rows"]
+        for level, k in (("90", 19), ("95", 20)):  # ceil(21 x 0.9), ceil(21 x 0.95)
+            assert sum(r["covered"] for r in rows if r["level"] == level) == k
+            assert {r["n_cal"] for r in rows if r["level"] == level} == {20}
+
+
+def test_bench_conformal_sarcoma_fold_study_on_exchangeable_scores():
+    """i.i.d. continuous scores in 5 folds of 4: each held-out case is covered with probability
+    exactly k/(n + 1) = 16/17 at 90 % (n = 16 other-fold scores, k = 16), so the expected count is
+    20 x 16/17; the mean over 400 repeats lies within 4 standard errors of it."""
+    from benchmarks.bench_conformal_sarcoma import fold_study
+
+    rng = np.random.default_rng(7)
+    counts = []
+    for _ in range(400):
+        cases = made_up_cases(rng, 20)
+        folds = {"folds": [[c["name"] for c in cases[i::5]] for i in range(5)],
+                 "cases": {c["name"]: {"avid": True} for c in cases}}
+        rows = fold_study(cases, folds, "normalised")["rows"]
+        counts.append(sum(r["covered"] for r in rows if r["level"] == "90"))
+    expected = 20 * 16 / 17
+    assert abs(np.mean(counts) - expected) < 4 * np.std(counts) / np.sqrt(len(counts))

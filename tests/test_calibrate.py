@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +32,8 @@ from vbseg.errors import InputError
 from vbseg.experiment import load_experiment
 from vbseg.options import SegmentOptions
 from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.population import PACKAGED_PRIORS
+from vbseg.volume import sha256_file
 
 CONFIG = """
 [phantoms]
@@ -280,3 +284,143 @@ def test_segment_with_a_packaged_calibration_by_name(calibrated, tmp_path):
     result = main_cli("segment", pet, "--out", tmp_path / "other", "--beta", "1.0", "--calibration",
                       "pet-phantom")
     assert_refused(result, "pet-phantom", "option beta")
+
+
+CROSS_FIT_CONFIG = """
+[real]
+index = "{index}"
+cases = "all"
+modalities = ["pet", "ct", "mr"]
+
+[model]
+name = "locate-potts"
+prior = "{prior}"
+volume_draws = 200
+"""
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """(folder, cases.json, folds.json, the deployed prior learned from all four cases) of a tiny
+    synthetic PET/CT/MR cohort in two folds."""
+    from vbseg.phantoms import make_cohort
+    from vbseg.population import fit_prior
+
+    folder = tmp_path_factory.mktemp("cohort")
+    index = make_cohort(folder / "cases", 4, seed=3, shape=(16, 16, 10))
+    folds = folder / "folds.json"
+    folds.write_text(json.dumps({"folds": [["syn00", "syn02"], ["syn01", "syn03"]],
+                                 "cases": {f"syn0{i}": {"avid": True} for i in range(4)}}))
+    deployed = folder / "deployed.json"
+    fit_prior(index, ["pet", "ct", "mr"], deployed, calibrate=False)
+    return folder, index, folds, deployed
+
+
+def cross_fit_config(folder: Path, index: Path, prior: Path) -> Path:
+    path = folder / f"cross_{prior.stem}.toml"
+    path.write_text(CROSS_FIT_CONFIG.format(index=index, prior=prior))
+    return path
+
+
+def test_cross_fitted_calibration_fits_each_case_with_its_folds_prior(cohort, tmp_path):
+    """Each case is scored by a fit with the prior of its fold (learned from the other fold
+    only), the record keeps every fold prior's hash and the deployed prior's, says it is a
+    cross-validation calibration, and applies with the deployed prior only."""
+    folder, index, folds, deployed = cohort
+    out, priors = tmp_path / "cal.json", tmp_path / "priors"
+    result = main_cli("calibrate", cross_fit_config(folder, index, deployed), "--folds", folds,
+                      "--fold-priors", priors, "--out", out)
+    assert result.returncode == 0, result.stderr
+    record = load_calibration(out)
+    assert record["scheme"] == "cross-fit" and "not split conformal" in record["guarantee"]
+    assert "no finite-sample guarantee" in record["guarantee"]
+    entry = record["cross_fit"]
+    assert entry["fold_of"] == {"syn00": 0, "syn01": 1, "syn02": 0, "syn03": 1}
+    for fold, held_out in enumerate([["syn00", "syn02"], ["syn01", "syn03"]]):
+        prior = json.loads((priors / f"fold{fold}.json").read_text())
+        assert not set(prior["cases"]) & set(held_out) and len(prior["cases"]) == 2
+        assert entry["fold_priors"][fold]["sha256"] == sha256_file(priors / f"fold{fold}.json")
+        assert entry["fold_priors"][fold]["held_out"] == held_out
+    assert record["files"]["prior"] == sha256_file(deployed)
+    assert entry["deployed_prior"]["cases"] == ["syn00", "syn01", "syn02", "syn03"]
+    assert [case["fold"] for case in record["cases"]] == [0, 1, 0, 1]
+    options = SegmentOptions(model="locate-potts", prior=str(deployed))
+    with pytest.raises(InputError, match="4 cases cannot calibrate level 0.9"):
+        plan_conformal(out, (90,), options, ["pet", "ct", "mr"])
+    with pytest.raises(InputError, match="the prior file's sha256"):
+        plan_conformal(out, (50,), SegmentOptions(model="locate-potts", prior=str(priors / "fold0.json")),
+                       ["pet", "ct", "mr"])
+    plan = plan_conformal(out, (50,), options, ["pet", "ct", "mr"])
+    assert plan.scheme == "cross-fit" and plan.by_stratum["all"].n == 4
+
+
+def test_a_cross_fitted_calibration_refuses_priors_that_do_not_fit_the_folds(cohort, tmp_path):
+    """One line, exit 2, nothing written: --folds without --fold-priors, a deployed prior
+    learned from other cases than the folds', and a fold prior that saw its held-out cases."""
+    folder, index, folds, deployed = cohort
+    config = cross_fit_config(folder, index, deployed)
+    out = tmp_path / "cal.json"
+    assert_refused(main_cli("calibrate", config, "--folds", folds, "--out", out), "--fold-priors")
+    priors = tmp_path / "priors"
+    priors.mkdir()
+    (priors / "fold0.json").write_text(deployed.read_text())  # learned from every case
+    assert_refused(main_cli("calibrate", config, "--folds", folds, "--fold-priors", priors, "--out", out),
+                   "fold0.json", "is not fold 0's prior")
+    partial = folder / "partial.json"
+    from vbseg.population import fit_prior
+
+    fit_prior(index, ["pet", "ct", "mr"], partial, names=["syn01", "syn03"], calibrate=False)
+    assert_refused(main_cli("calibrate", cross_fit_config(folder, index, partial), "--folds", folds,
+                            "--fold-priors", tmp_path / "other", "--out", out),
+                   "deployed prior was learned from 2 cases")
+    assert not out.exists()
+
+
+def test_the_sarcoma_calibration_is_cross_fitted_and_keeps_its_priors_hashes():
+    """The packaged sarcoma calibration: out-of-fold scores of 21 cases in 5 folds, each fold
+    prior's hash recorded with the packaged prior's (the one a new case must use), its
+    guarantee a cross-validation one, the data's attribution kept (no accuracy is asserted)."""
+    with calibration_file("sarcoma") as path:
+        record = load_calibration(path)
+    entry = record["cross_fit"]
+    assert record["scheme"] == "cross-fit" and "not split conformal" in record["guarantee"]
+    assert entry["k"] == 5 and len(entry["fold_priors"]) == 5 and len(record["cases"]) == 21
+    held_out = [name for fold in entry["fold_priors"] for name in fold["held_out"]]
+    assert sorted(held_out) == sorted(c["name"] for c in record["cases"]) == entry["deployed_prior"]["cases"]
+    assert all(len(fold["sha256"]) == 64 for fold in entry["fold_priors"])
+    assert all(case["fold"] == entry["fold_of"][case["name"]] for case in record["cases"])
+    with resources.as_file(resources.files("vbseg") / "data" / PACKAGED_PRIORS["sarcoma"]) as prior:
+        assert record["files"]["prior"] == sha256_file(prior)
+    assert "CC BY 3.0" in record["attribution"] and "Vallieres" in record["attribution"]
+    modalities = ["pet", "ct", "mr"]
+    for given in ({}, {"locator": "prior"}, {"prior": "sarcoma"}):
+        options = SegmentOptions(model="locate-potts", **given)
+        plan = plan_conformal("sarcoma", (90, 95), options, modalities)
+        assert plan.scheme == "cross-fit" and plan.by_stratum["all"].n == 21
+
+
+def test_segment_with_the_sarcoma_calibration_on_a_phantom_crop(tmp_path):
+    """``--calibration sarcoma`` with locate-potts and the packaged prior on a body-phantom crop
+    adds the conformal outputs with the cross-validation guarantee; another prior (the same
+    numbers, another file) is refused in one line, exit 2, before any fit."""
+    from vbseg.body_phantom import make_body_phantom
+
+    make_body_phantom(seed=4).save(tmp_path)
+    images = [tmp_path / f"{m}.nii.gz" for m in ("pet", "ct", "mr")]
+    out = tmp_path / "out"
+    result = main_cli("segment", *images, "--modality", "pet,ct,mr", "--model", "locate-potts",
+                      "--volume-draws", 200, "--calibration", "sarcoma", "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conformal_calibration"]["scheme"] == "cross-fit"
+    assert summary["conformal_calibration"]["model_digest_matches"] is True
+    for entry in summary["volume_ml_conformal"]:
+        assert entry["n"] == 21 and "no finite-sample guarantee" in entry["guarantee"]
+        assert 0 < entry["lower"] <= entry["upper"] and entry["contour_crc"]["file"] in os.listdir(out)
+    with resources.as_file(resources.files("vbseg") / "data" / PACKAGED_PRIORS["sarcoma"]) as prior:
+        other = tmp_path / "other_prior.json"
+        other.write_text(prior.read_text() + "\n")
+    result = main_cli("segment", *images, "--modality", "pet,ct,mr", "--model", "locate-potts", "--prior",
+                      other, "--calibration", "sarcoma", "--out", tmp_path / "refused")
+    assert_refused(result, "sarcoma", "the prior file's sha256")
+    assert not (tmp_path / "refused").exists()

@@ -49,6 +49,7 @@ from vbseg.conformal import (
     volume_scores,
 )
 from vbseg.errors import InputError
+from vbseg.methods.locate import default_locator
 from vbseg.options import SegmentOptions, default_beta, default_fusion
 from vbseg.population import PACKAGED_PRIORS, source_digest
 from vbseg.posterior import credible_interval
@@ -77,7 +78,12 @@ STRATA_FEATURES = {
 DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,)}
 NO_STRATA = "all"  # the one stratum of a calibration without strata
 # calibrations shipped in vbseg/data/calibrations, named for --calibration NAME
-PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json"}
+PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json",
+                         "sarcoma": "calibrations/sarcoma.json"}
+# How a calibration's scores were made (its "scheme"): SPLIT, every case fitted by the one model
+# that a new case is fitted by; CROSS_FIT, each case fitted by its fold's model (a prior learned
+# without its fold) while a new case is fitted by the model learned from every case
+SPLIT, CROSS_FIT = "split", "cross-fit"
 # The code a calibration's scores depend on (the fit from images to a posterior, and the scores
 # themselves): its digest, recorded by ``vbseg calibrate``, is what a packaged calibration must
 # match. The whole package's digest (vbseg.population.source_digest) would change with every
@@ -118,14 +124,46 @@ def _file_hash(value) -> str | None:
     return sha256_file(value)
 
 
+def scheme_guarantee(scheme: str) -> str:
+    """What a calibration of ``scheme`` (:data:`SPLIT`, :data:`CROSS_FIT`) guarantees a new case."""
+    if scheme == SPLIT:
+        return ("split conformal: every calibration case was fitted by the model a new case is "
+                "fitted by, so the levels hold marginally (>= the level, over new cases exchangeable "
+                "with the calibration cases; Vovk et al. 2005; Lei et al. 2018)")
+    if scheme == CROSS_FIT:
+        return ("cross-validation calibration of the procedure, not split conformal: each case's "
+                "scores come from a fit with the prior learned without its fold (out-of-fold "
+                "scores), while a new case is fitted with the deployed prior learned from all the "
+                "cases. Applying the out-of-fold scores to the deployed model is the K-fold "
+                "'CV' (jackknife-style) interval of Barber, Candes, Ramdas & Tibshirani (Ann. Stat. "
+                "2021): about the level in practice when the deployed prior behaves like the fold "
+                "priors, with no finite-sample guarantee (that needs CV+, which fits a new case "
+                "with every fold's prior and guarantees only >= 1 - 2 alpha - "
+                "min(2(1 - 1/K)/(n/K + 1), (1 - K/n)/(K + 1)))")
+    raise InputError("calibration", f"unknown scheme {scheme!r} (this vbseg knows {SPLIT}, {CROSS_FIT})")
+
+
+def effective_prior(options: SegmentOptions, modalities):
+    """The prior a fit uses: ``--prior``, or the packaged one locate-potts locates with when no
+    prior is given (so a calibration made with ``prior = "sarcoma"`` matches a run without
+    ``--prior``, and a run with another prior does not)."""
+    if options.prior is not None or options.model != "locate-potts":
+        return options.prior
+    return "sarcoma" if default_locator(options, modalities) in ("prior", "both") else None
+
+
 def fit_identity(options: SegmentOptions, modalities) -> dict:
     """What a calibration is valid for: the modalities, every fit option (defaults resolved;
-    the external field as given or not) and the sha256 of the prior and checkpoint."""
+    the external field as given or not) and the sha256 of the prior and checkpoint (the prior a
+    locate-potts fit locates with when none is given: :func:`effective_prior`)."""
+    options = dataclasses.replace(options, prior=effective_prior(options, modalities))
     fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
               if f.name not in OUTPUT_OPTIONS + HASHED_OPTIONS}
     fields["beta"] = default_beta(options)
     fields["fusion"] = options.fusion or default_fusion(options.model, modalities, options.covariance)
     fields["external_field"] = options.external_field is not None
+    if options.model == "locate-potts":
+        fields["locator"] = default_locator(options, modalities)
     identity = {"modalities": list(modalities), "options": fields,
                 "files": {name: _file_hash(getattr(options, name)) for name in HASHED_OPTIONS}}
     return json.loads(json.dumps(identity))
@@ -227,7 +265,10 @@ def load_calibration(path) -> dict:
         if not isinstance(case, dict) or any(key not in case for key in CASE_KEYS) \
                 or len(case["fnr"]) != len(grid):
             raise InputError(path, "is not a vbseg calibration (a case lacks its scores)")
-    return {**record, "strata": _stored_strata(path, record.get("strata"))}
+    scheme = record.get("scheme", SPLIT)  # absent: made before cross-fitted calibrations existed
+    if scheme not in (SPLIT, CROSS_FIT):
+        raise InputError(path, f"calibration scheme {scheme!r}; this vbseg reads {SPLIT} and {CROSS_FIT}")
+    return {**record, "scheme": scheme, "strata": _stored_strata(path, record.get("strata"))}
 
 
 def _stored_strata(path, strata) -> dict:
@@ -295,20 +336,27 @@ def calibrate_stratum(cases: list[dict], lambda_grid, levels) -> StratumCalibrat
                               tuple(conformal_quantile(margins, a) for a in alphas))
 
 
-def _guarantees(level: float, stratum: str, n: int) -> tuple[str, str, str]:
-    """What the volume interval, the CRC contour and the margin contour each guarantee."""
+def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tuple[str, str, str]:
+    """What the volume interval, the CRC contour and the margin contour each guarantee (for a
+    cross-fitted calibration: what each estimates, with no finite-sample guarantee)."""
     alpha = 1.0 - level / 100.0
+    over = f"the {n} calibration cases" + ("" if stratum == NO_STRATA else f" of stratum {stratum!r}")
+    miss = f"the log-volume miss of the model's {MODEL_INTERVAL_LEVEL:.0%} interval"
+    if scheme == CROSS_FIT:
+        cv = (f"cross-validation (K-fold 'CV', jackknife-style; Barber et al., Ann. Stat. 2021): the "
+              f"out-of-fold fits of {over} (each with a prior learned without its fold), applied to "
+              "this fit with the deployed prior; no finite-sample guarantee")
+        return (f"{miss}: coverage of the true volume about {level / 100:g}, estimated by {cv}",
+                f"E[false-negative rate] about {alpha:g} (conformal risk control), estimated by {cv}",
+                f"contains the whole lesion with probability about {level / 100:g} (calibrated margin "
+                f"of the {MARGIN_CONTOUR_LEVEL:.0%} contour), estimated by {cv}")
     if stratum == NO_STRATA:
-        over = f"the {n} calibration cases"
-        volume = (f"split conformal on the log-volume miss of the model's {MODEL_INTERVAL_LEVEL:.0%} "
-                  f"interval: marginal coverage >= {level / 100:g} of the true volume under "
-                  f"exchangeability with {over} (not conditional on this case's size or contrast)")
+        volume = (f"split conformal on {miss}: marginal coverage >= {level / 100:g} of the true volume "
+                  f"under exchangeability with {over} (not conditional on this case's size or contrast)")
     else:
-        over = f"the {n} calibration cases of stratum {stratum!r}"
-        volume = (f"Mondrian split conformal (Vovk, Gammerman & Shafer 2005) on the log-volume miss "
-                  f"of the model's {MODEL_INTERVAL_LEVEL:.0%} interval: coverage >= {level / 100:g} "
-                  f"of the true volume conditional on the stratum ({stratum}, from this case's own "
-                  f"fit), under exchangeability with {over}")
+        volume = (f"Mondrian split conformal (Vovk, Gammerman & Shafer 2005) on {miss}: coverage >= "
+                  f"{level / 100:g} of the true volume conditional on the stratum ({stratum}, from this "
+                  f"case's own fit), under exchangeability with {over}")
     return (volume, f"E[false-negative rate] <= {alpha:g} (conformal risk control over {over})",
             f"contains the whole lesion with probability >= {level / 100:g} (calibrated margin of "
             f"the {MARGIN_CONTOUR_LEVEL:.0%} contour over {over})")
@@ -326,6 +374,7 @@ class ConformalPlan:
     by_stratum: dict  # stratum -> StratumCalibration
     source_digest: str
     model_digest: str = ""
+    scheme: str = SPLIT  # SPLIT or CROSS_FIT (:func:`scheme_guarantee`)
 
     def output_names(self) -> list[str]:
         return conformal_output_names(self.levels_percent)
@@ -361,7 +410,7 @@ class ConformalPlan:
             crc, dilated = (f"contour_{kind}{alpha_text(level)}.nii.gz" for kind in ("crc", "margin"))
             maps[crc] = (probability >= 1.0 - lam).astype(np.uint8)
             maps[dilated] = dilate_by(contour, margin, spacing).astype(np.uint8)
-            volume_text, crc_text, margin_text = _guarantees(level, stratum, calibrated.n)
+            volume_text, crc_text, margin_text = _guarantees(level, stratum, calibrated.n, self.scheme)
             entries.append({
                 "level": level / 100.0, "lower": lower, "upper": upper, "n": calibrated.n,
                 "stratum": stratum, "score": q, "guarantee": volume_text,
@@ -373,7 +422,8 @@ class ConformalPlan:
                   "n": sum(s.n for s in self.by_stratum.values()),
                   "strata": {"by": self.strata["by"], "bins": self.strata["bins"],
                              "n": {label: s.n for label, s in self.by_stratum.items()}},
-                  "stratum": stratum, "features": features,
+                  "stratum": stratum, "features": features, "scheme": self.scheme,
+                  "guarantee": scheme_guarantee(self.scheme),
                   "source_digest": self.source_digest,
                   "source_digest_matches": self.source_digest == source_digest(),
                   "model_digest": self.model_digest,
@@ -415,4 +465,4 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
     except InputError as error:
         raise InputError(path, error.problem) from None
     return ConformalPlan(str(path), sha256, levels, spec, by_stratum, record.get("source_digest", ""),
-                         record.get("model_digest", ""))
+                         record.get("model_digest", ""), record["scheme"])

@@ -206,13 +206,20 @@ def _add_calibrate(sub):
         default = ",".join(f"{edge:g}" for edge in DEFAULT_STRATA_BINS[name])
         p.add_argument(f"--{name}-bins", default=None, metavar=unit,
                        help=f"edges of the {name} strata ({unit}), comma-separated (default {default})")
+    p.add_argument("--folds", default=None, metavar="FILE",
+                   help="cross-fitted calibration over these folds (python -m vbseg.folds): each case is "
+                        "fitted with a prior learned without its fold in place of the config's [model] "
+                        "prior, which must be the deployed prior learned from every case; the result is "
+                        "a cross-validation calibration, not split conformal (its guarantee says so)")
+    p.add_argument("--fold-priors", dest="fold_priors", default=None, metavar="DIR",
+                   help="with --folds: the folder of the fold priors fold<k>.json (fitted when absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _run_calibrate(args) -> None:
     strata = strata_spec(args.strata, args.volume_bins, args.contrast_bins)
     record = calibrate(args.config, args.out, strata=strata, overwrite=args.overwrite, progress=print,
-                       command=command_line(args))
+                       command=command_line(args), folds=args.folds, fold_priors=args.fold_priors)
     print(f"calibration of {len(record['cases'])} cases written to {args.out}")
 
 

@@ -127,6 +127,7 @@ class Experiment:
     name: str
     path: Path
     runs: tuple[Run, ...]
+    index: Path | None = None  # the [real] cases index, resolved (None without real cases)
 
 
 def _number(value, kind):
@@ -185,13 +186,20 @@ def _phantom_cases(path, table) -> list[dict]:
     return cases
 
 
-def _real_cases(path, table) -> list[dict]:
-    _unknown(path, "real", table, REAL_KEYS)
+def _real_index(path, table) -> Path:
+    """The [real] table's cases index, resolved against the config's folder; InputError when
+    it is not given or not there."""
     if "index" not in table:
         raise InputError(path, "[real] index: required (a cases.json)")
     index_path = (path.parent / check_scalar(path, "[real] index", table["index"], str)).resolve()
     if not index_path.is_file():
         raise InputError(path, f"[real] index: {index_path} not found")
+    return index_path
+
+
+def _real_cases(path, table) -> list[dict]:
+    _unknown(path, "real", table, REAL_KEYS)
+    index_path = _real_index(path, table)
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as error:
@@ -309,7 +317,8 @@ def load_experiment(path) -> Experiment:
     _attach_cohorts(path, cases, any(v.get("prior") == LEAVE_ONE_OUT for v in variants))
     for variant in variants:
         _check_variant(path, variant, cases)
-    return Experiment(name, path, tuple(Run(case, variant) for case in cases for variant in variants))
+    return Experiment(name, path, tuple(Run(case, variant) for case in cases for variant in variants),
+                      _real_index(path, config["real"]) if "real" in config else None)
 
 
 def segment_kwargs(variant: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 
 from vbseg.cases import read_cases
 from vbseg.errors import InputError
+from vbseg.population import fit_prior, resolve_prior
 from vbseg.writing import write_text_atomic
 
 AVID_MEAN_SUV = 2.0
@@ -85,6 +86,25 @@ def load_folds(path) -> dict:
 def training_cases(record: dict, fold: int) -> list[str]:
     """The cases a model for held-out fold ``fold`` may learn from: every other fold's."""
     return sorted(name for i, names in enumerate(record["folds"]) if i != fold for name in names)
+
+
+def fold_prior(index, record: dict, fold: int, modalities, path, *, command: str = "") -> Path:
+    """The population prior for held-out fold ``fold`` at ``path``: ``vbseg fit-prior``'s model
+    learned from :func:`training_cases` only (without the leave-one-out volume calibration, which
+    the locator does not use), fitted and written when ``path`` is absent (``command`` recorded
+    in it). InputError naming ``path`` when a file there was learned from other cases (one that
+    saw a held-out case) or other modalities."""
+    path = Path(path)
+    names = training_cases(record, fold)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fit_prior(index, modalities, path, names=names, calibrate=False, command=command)
+    prior = resolve_prior(path)
+    if sorted(prior.cases) != names or list(prior.modalities) != [m.lower() for m in modalities]:
+        raise InputError(path, f"is not fold {fold}'s prior: learned from {len(prior.cases)} cases on "
+                               f"{','.join(prior.modalities)}, fold {fold} trains on {len(names)} on "
+                               f"{','.join(modalities)} (delete it to refit)")
+    return path
 
 
 def check_folds(record: dict, index) -> None:
