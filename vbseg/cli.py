@@ -78,8 +78,9 @@ def _weight(text):
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
     p.add_argument("images", nargs="*", help="image files (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
-                                             "MetaImage .mha/.mhd) or DICOM series folders (PET in "
-                                             "SUV); the first defines the output grid")
+                                             "MetaImage .mha/.mhd, MGH .mgz/.mgh, Analyze .hdr/.img) "
+                                             "or DICOM series folders (PET in SUV); the first "
+                                             "defines the output grid")
     p.add_argument("--batch", default=None, metavar="CASES.json",
                    help="segment every case of a CASES.json index instead (images, optional 'label' "
                         "and 'roi' per case) with the same options, each into --out/<case>/; "

@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
 
 from vbseg.cases import DelineatedCase, read_cases
@@ -57,6 +56,7 @@ from vbseg.models.volume_error import (
     calibration_from_entries,
 )
 from vbseg.prepare import bucket_shape, load_inputs, pad_to_shape
+from vbseg.volume import read_image_grid, read_label
 from vbseg.writing import write_with
 
 DEFAULT_TUMOUR_CLASSES = 2
@@ -112,7 +112,7 @@ def load_training_case(case: DelineatedCase) -> TrainingCase:
     stack = np.stack(channels, axis=-1)
     observed = np.stack(coverage, axis=-1)
     features = np.where(observed, to_features(stack, case.modalities), 0.0).astype(np.float32)
-    tumour = np.asarray(nib.load(case.label).dataobj) > 0
+    tumour, _ = read_label(case.label)
     if not tumour.any():
         raise InputError(case.label, f"case {case.name}: label is empty")
     reference = volumes[0]
@@ -341,7 +341,7 @@ class LeaveOneOutCohort:
 
         def compute():
             stats = [self.statistics(other) for other in self.names]
-            shape = bucket_shape(nib.load(self.cases[j].label).shape[:3], BULK_BUCKET)
+            shape = bucket_shape(read_image_grid(self.cases[j].label)[0], BULK_BUCKET)
             return calibration_entry_from_others(
                 load_training_case(self.cases[j]), shape, stats[:j] + stats[j + 1:],
                 self.names[:j] + self.names[j + 1:], self.modalities, num_tumour=self.num_tumour,
