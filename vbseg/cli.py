@@ -18,24 +18,33 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vbseg import __version__
-from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
-from vbseg.calibrate import calibrate
-from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
-from vbseg.cluster import parse_cluster
-from vbseg.compilation_cache import enable_compilation_cache
-from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
-from vbseg.errors import InputError, VbsegError
-from vbseg.experiment import default_output, load_experiment
-from vbseg.experiment_runner import parse_shard, run_experiment
-from vbseg.methods import method_names
-from vbseg.metrics import dice, expected_calibration_error
-from vbseg.models.volume_error import describe
-from vbseg.options import SegmentOptions, check_seed
-from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
-from vbseg.pipeline import segment
-from vbseg.population import fit_prior
-from vbseg.result_folder import check_output_folder, check_outputs
-from vbseg.training import train_from_config
+from vbseg.interrupts import pause_point, report_interrupted
+
+# JAX and the models load here, the first seconds of every command: Ctrl-C then is one line and
+# exit status 130 like Ctrl-C later (vbseg/__init__.py loads nothing heavy, so nothing before
+# this block takes long).
+try:
+    from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
+    from vbseg.calibrate import calibrate
+    from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
+    from vbseg.cluster import parse_cluster
+    from vbseg.compilation_cache import enable_compilation_cache
+    from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
+    from vbseg.errors import InputError, VbsegError
+    from vbseg.experiment import default_output, load_experiment
+    from vbseg.experiment_runner import parse_shard, run_experiment
+    from vbseg.methods import method_names
+    from vbseg.metrics import dice, expected_calibration_error
+    from vbseg.models.volume_error import describe
+    from vbseg.options import SegmentOptions, check_seed
+    from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
+    from vbseg.pipeline import segment
+    from vbseg.population import fit_prior
+    from vbseg.result_folder import check_output_folder, check_outputs
+    from vbseg.training import train_from_config
+    pause_point("import")
+except KeyboardInterrupt:
+    sys.exit(report_interrupted())
 
 DEMO_DIR = "demo_out"
 HELP_EPILOG = ("A bad file, option or output path is reported in one line, 'vbseg: error: <path or "
@@ -547,8 +556,7 @@ def main(argv=None) -> int:
         print(f"vbseg: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the writers have removed their partial files on the way out
-        print("vbseg: interrupted", file=sys.stderr)
-        return 130
+        return report_interrupted()
     return status or 0
 
 

@@ -16,12 +16,13 @@ import os
 
 from vbseg.calibration import DEFAULT_CONFORMAL_LEVELS, plan_conformal
 from vbseg.errors import InputError
+from vbseg.interrupts import pause_point
 from vbseg.methods import get_method, result_posterior
 from vbseg.methods.prior import check_prior_options
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
 from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
-from vbseg.result_folder import pause_point, result_folder
+from vbseg.result_folder import result_folder
 from vbseg.trust import input_warnings
 from vbseg.volume import read_mask
 

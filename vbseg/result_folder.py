@@ -24,9 +24,9 @@ find the same stale lock at the same instant can both take it: the check is not 
 lock from another host (a shared file system) or one that cannot be read is never judged
 stale: the message says to remove it when no run is writing.
 
-Test hook: with ``VBSEG_TEST_PAUSE_AT=<stage>`` ("fit": before the method runs, "publish":
-before the files are moved into place) the run touches ``$VBSEG_TEST_PAUSE_FILE`` (when set)
-and sleeps there, so a test can interrupt it at a known point. Unset, it does nothing.
+Ctrl-C is held back for the final renames and the removal of the lock
+(:func:`vbseg.interrupts.interrupts_held`); the test hook that pauses a run at "publish" is
+:func:`vbseg.interrupts.pause_point`.
 """
 
 from __future__ import annotations
@@ -35,23 +35,18 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from vbseg.errors import OutputError
 from vbseg.inference.intensity_field import INTENSITY_FILE
+from vbseg.interrupts import interrupts_held, pause_point
 from vbseg.posterior import output_names
 from vbseg.result_files import RTSTRUCT_NAME, SEG_NAME
 
 LOCK_NAME = ".vbseg.lock"
 STAGING_PREFIX = ".vbseg-partial-"
-PAUSE_STAGE_ENV = "VBSEG_TEST_PAUSE_AT"
-PAUSE_FILE_ENV = "VBSEG_TEST_PAUSE_FILE"
-PAUSE_S = 600.0
 
 
 def _name_limits(existing: Path) -> tuple[int, int]:
@@ -107,16 +102,6 @@ def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
             raise OutputError(target, "already exists (use --overwrite to replace it)")
 
 
-def pause_point(stage: str) -> None:
-    """The test hook of the module doc: inert unless $VBSEG_TEST_PAUSE_AT names ``stage``."""
-    if os.environ.get(PAUSE_STAGE_ENV) != stage:
-        return
-    marker = os.environ.get(PAUSE_FILE_ENV)
-    if marker:
-        Path(marker).touch()
-    time.sleep(PAUSE_S)
-
-
 def lock_owner_gone(text: str) -> bool:
     """True when the lock's "PID HOST" names a process of this host that no longer runs."""
     try:
@@ -163,23 +148,6 @@ def held_lock(folder):
     finally:
         with interrupts_held():  # a second Ctrl-C must not leave the lock behind
             path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """Ctrl-C waits until the block is done (then raises as usual): a handful of renames
-    either all happen or none. Only the main thread receives signals, so elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, None)
 
 
 def result_set_names(folder: Path) -> set[str]:
