@@ -93,8 +93,10 @@ def _add_segment(sub):
     p.add_argument("--batch", default=None, metavar="CASES.json",
                    help="segment every case of a CASES.json index instead (images, optional 'label' "
                         "and 'roi' per case) with the same options, each into --out/<case>/; "
-                        "finished cases are skipped unless --overwrite; --out/batch.json records "
-                        "each case; exit status 1 when a case failed (docs/guide.md, Batches)")
+                        "every case is checked before the first fit (exit 2, one line per bad "
+                        "case); finished cases are skipped unless --overwrite; --out/batch.json "
+                        "records each case; exit status 1 when a case failed while it ran "
+                        "(docs/guide.md, Batches)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")
@@ -552,8 +554,9 @@ def main(argv=None) -> int:
                     "convert": _run_convert,
                     "fit-prior": _run_fit_prior, "train": _run_train}
         status = commands[args.command](args)
-    except VbsegError as error:
-        print(f"vbseg: error: {error}", file=sys.stderr)
+    except VbsegError as error:  # one line per problem (several only from InputErrors)
+        for line in str(error).splitlines():
+            print(f"vbseg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the writers have removed their partial files on the way out
         return report_interrupted()
