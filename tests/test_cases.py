@@ -82,6 +82,7 @@ def test_fit_prior_and_an_experiment_from_an_index_of_other_formats(indexes, tmp
                       "--cases", "syn00,syn01", "--background-classes", "2")
     assert result.returncode == 0, result.stderr
     assert load_prior(out).cases == ["syn00", "syn01"]
+    assert [p.name for p in tmp_path.iterdir()] == ["prior.json"]  # no temporary file, no lock
     config = tmp_path / "real.toml"
     config.write_text(f'[real]\nindex = "{index}"\nmodalities = ["pet", "ct"]\n[model]\nname = "gmm"\n')
     result = main_cli("experiment", config, "--out", tmp_path / "experiment")

@@ -26,7 +26,6 @@ the finished cases stay as they are. The batch holds ``DIR``'s lock (one batch p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -38,7 +37,7 @@ from vbseg.cases import entry_modalities, read_index
 from vbseg.errors import InputError, InputErrors, OutputError, VbsegError
 from vbseg.image import MODALITIES
 from vbseg.pipeline import NOT_PLANNED, plan_segment, segment
-from vbseg.result_folder import check_output_folder, check_outputs, held_lock, made_folders
+from vbseg.result_folder import check_output_folder, check_outputs, locked_folder
 from vbseg.volume import read_image_grid
 from vbseg.writing import write_text_atomic
 
@@ -179,27 +178,20 @@ def run_batch(index, out, *, modalities=None, overwrite: bool = False, command: 
     check_cases(cases, out, overwrite, segment_options)
     rows = [{"case": case.name, "status": NOT_RUN, "out": str(out / case.name), "volume_ml": None,
              "error": None} for case in cases]
-    created = made_folders(out)
-    try:
-        with held_lock(out):
-            try:
-                for case, row in zip(cases, rows):
-                    run_case(case, row, out / case.name, overwrite, segment_options)
-                    write_record(out, index, command, rows)
-                    if progress is not None:
-                        progress(case, row)
-            except InputError:  # an option's: a folder this run made is left empty, so removed
-                if not created or any(row["status"] in (DONE, SKIPPED) for row in rows):
-                    write_record(out, index, command, rows)
-                raise
-            except KeyboardInterrupt:
+    with locked_folder(out) as (out, created):
+        try:
+            for case, row in zip(cases, rows):
+                run_case(case, row, out / case.name, overwrite, segment_options)
                 write_record(out, index, command, rows)
-                raise
-    except BaseException:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
-        raise
+                if progress is not None:
+                    progress(case, row)
+        except InputError:  # an option's: a folder this run made is left empty, so removed
+            if not created or any(row["status"] in (DONE, SKIPPED) for row in rows):
+                write_record(out, index, command, rows)
+            raise
+        except KeyboardInterrupt:
+            write_record(out, index, command, rows)
+            raise
     return {"counts": status_counts(rows), "rows": rows, "record": out / BATCH_RECORD}
 
 

@@ -27,11 +27,11 @@ from vbseg.calibration import (
     stratify,
 )
 from vbseg.errors import InputError
-from vbseg.experiment import LEAVE_ONE_OUT, load_experiment, segment_kwargs
+from vbseg.experiment import LEAVE_ONE_OUT, input_files, load_experiment, segment_kwargs
 from vbseg.experiment_task import fit_case
 from vbseg.options import SegmentOptions
 from vbseg.population import source_digest
-from vbseg.result_folder import check_outputs
+from vbseg.result_folder import output_files
 from vbseg.volume import sha256_file, write_text_atomic
 
 
@@ -56,15 +56,24 @@ def calibration_runs(config):
 def calibrate(config, out, *, strata: dict | None = None, command: str = "", overwrite: bool = False,
               progress=None) -> dict:
     """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
-    atomically; returns it. ``strata``: the Mondrian strata (:func:`vbseg.calibration.strata_spec`;
-    default none), fixed before any fit. InputError (one line) for a bad config, a case that
+    (checked, locked and staged beside it: :func:`vbseg.result_folder.output_files`); returns
+    it. ``strata``: the Mondrian strata (:func:`vbseg.calibration.strata_spec`; default none),
+    fixed before any fit. InputError (one line) for a bad config, a case that
     cannot be fitted, or a non-empty stratum with fewer than 19 cases (nothing is written)."""
     out = Path(out)
     strata = strata_spec() if strata is None else strata
-    check_outputs(out.parent if str(out.parent) else ".", [out.name], [config], overwrite)
     runs, variant, modalities = calibration_runs(config)
     options = SegmentOptions(**segment_kwargs(variant))
     identity = fit_identity(options, modalities)
+    with output_files([out], [config, *input_files(runs)], overwrite) as staging:
+        record = calibration_record(config, runs, variant, identity, strata, command, progress)
+        write_text_atomic(staging / out.name, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def calibration_record(config, runs, variant, identity: dict, strata: dict, command: str,
+                       progress=None) -> dict:
+    """Fit every run's case and return the calibration record (:func:`calibrate`)."""
     cases = []
     for number, run in enumerate(runs, start=1):
         if progress is not None:
@@ -85,6 +94,4 @@ def calibrate(config, out, *, strata: dict | None = None, command: str = "", ove
         "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
         "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
     }
-    record = stratify(record, strata, config)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
-    return record
+    return stratify(record, strata, config)

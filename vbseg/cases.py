@@ -85,6 +85,11 @@ def check_case_files(case: DelineatedCase, all_images: dict) -> None:
                                  "of the case's images")
 
 
+def case_files(cases) -> list[str]:
+    """Every file the cases are read from: their images and reference labels."""
+    return [path for case in cases for path in (*case.images, case.label)]
+
+
 def read_index(index) -> dict[str, dict]:
     """The entries of the CASES.json ``index`` by case name, in its order; InputError naming
     the index when it is missing, not JSON, not a list, or has an entry without a 'case' name

@@ -361,3 +361,14 @@ def default_output(config_path) -> Path:
     return Path("results") / Path(config_path).stem
 
 
+def input_files(runs) -> set[str]:
+    """Every file the runs read: real cases' images, labels and index; prior and checkpoint
+    files of the variants (phantoms are generated)."""
+    files = set()
+    for run in runs:
+        case = run.case
+        if case["kind"] == "real":
+            files.update([*case["images"], case["label"], *([case["index"]] if "index" in case else [])])
+        files.update(str(run.variant[key]) for key in PATH_KEYS
+                     if key in run.variant and Path(str(run.variant[key])).is_absolute())
+    return files

@@ -7,9 +7,8 @@ models, so that Ctrl-C in those first seconds is reported like Ctrl-C at any lat
 Test hook: with ``VBSEG_TEST_PAUSE_AT=<stage>`` the run touches ``$VBSEG_TEST_PAUSE_FILE``
 (when set) on reaching ``pause_point(<stage>)`` and sleeps there, so a test can interrupt it at
 a known point. The stages: "import" (the command line's module, while its imports load),
-"fit" (before a segmentation's method runs), "publish" (before a result set's files are moved
-into place) and "write" (before single-file outputs, a prior, a calibration or a checkpoint, are
-moved into place). Unset, it does nothing.
+"fit" (before a segmentation's method runs) and "publish" (before a result set's files, or a
+prior, calibration or checkpoint, are moved into place). Unset, it does nothing.
 """
 
 from __future__ import annotations
