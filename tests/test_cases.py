@@ -93,8 +93,9 @@ def test_fit_prior_and_an_experiment_from_an_index_of_other_formats(indexes, tmp
     assert statuses == ["ok"] * 3
 
 
+@pytest.mark.parametrize("command", ["fit-prior", "experiment"])
 @pytest.mark.parametrize("problem", ["file not found", "unknown image file type"])
-def test_a_missing_or_unsupported_file_in_an_index_is_one_line(indexes, tmp_path, problem):
+def test_a_missing_or_unsupported_file_in_an_index_is_one_line(indexes, tmp_path, problem, command):
     _, index = indexes
     entries = json.loads(index.read_text())
     for entry in entries:  # the edited index lives elsewhere: absolute file names
@@ -106,9 +107,14 @@ def test_a_missing_or_unsupported_file_in_an_index_is_one_line(indexes, tmp_path
     entries[1]["modalities"]["ct"]["image"] = str(bad)
     edited = tmp_path / "cases.json"
     edited.write_text(json.dumps(entries))
+    config = tmp_path / "real.toml"
+    config.write_text(f'[real]\nindex = "{edited}"\nmodalities = ["pet", "ct"]\n[model]\nname = "gmm"\n')
     before = digest(tmp_path)
-    result = main_cli("fit-prior", edited, "--modalities", "pet,ct", "--out", tmp_path / "prior.json")
+    args = (["fit-prior", edited, "--modalities", "pet,ct", "--out", tmp_path / "prior.json"]
+            if command == "fit-prior" else ["experiment", config, "--out", tmp_path / "out"])
+    result = main_cli(*args)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"vbseg: error: {bad}: ") and problem in result.stderr
     assert "Traceback" not in result.stderr and digest(tmp_path) == before
-    assert not (tmp_path / "prior.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["cases.json", "real.toml"] + (["scan.png"] if problem != "file not found" else []))
