@@ -1,7 +1,9 @@
 """``vbseg segment --batch CASES.json`` (issue 21, item 5): one output folder per case, a
-failed case recorded and the batch going on, exit status 1 when a case failed, finished cases
-skipped on a re-run (unless --overwrite), Ctrl-C leaving the finished cases as they were, and
-problems with the index or the options as one line with exit status 2, nothing written.
+case that fails while it runs recorded and the batch going on, exit status 1 when a case
+failed, finished cases skipped on a re-run (unless --overwrite), Ctrl-C leaving the finished
+cases as they were, problems with the index or the options as one line with exit status 2,
+nothing written, and cases that cannot run (a missing file, a modality they lack, an option
+that does not suit their images) refused before the first fit, one line each.
 
 Small phantoms and the ``gmm`` baseline (a probabilistic method without a JIT compilation), so
 the batch machinery, not a model, is what takes the time.
@@ -26,9 +28,9 @@ RESULT_SET = {"prob.nii.gz", "contour_10.nii.gz", "contour_50.nii.gz", "contour_
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    """An index of four cases: 'alpha' (PET + CT, a label), 'beta' (one PET image in the
-    single-modality shape, a VOI mask), 'lost' (its PET file is missing) and 'nan' (a PET with
-    a NaN voxel)."""
+    """An index of three cases: 'alpha' (PET + CT, a label), 'beta' (one PET image in the
+    single-modality shape, a VOI mask) and 'nan' (a PET with a NaN voxel, found only when its
+    voxels are read)."""
     folder = tmp_path_factory.mktemp("cases")
     entries = []
     for name, seed in (("alpha", 1), ("beta", 2)):
@@ -47,7 +49,6 @@ def cases(tmp_path_factory):
             "pet": {"image": "alpha_pet.nii.gz", "label": "alpha_label.nii.gz"},
             "ct": {"image": "alpha_ct.nii.gz"}}},
         {"case": "beta", "modality": "PET", "image": "beta_pet.nii.gz", "roi": "beta_roi.nii.gz"},
-        {"case": "lost", "modality": "PET", "image": "lost_pet.nii.gz"},
         {"case": "nan", "modality": "PET", "image": "nan_pet.nii.gz"},
     ]
     (folder / "cases.json").write_text(json.dumps(entries))
@@ -65,8 +66,7 @@ def test_batch_one_folder_per_case_failures_recorded_resume_and_overwrite(cases,
     assert first.returncode == 1, first.stderr
     assert sorted(p.name for p in out.iterdir()) == ["alpha", "batch.json", "beta"]
     rows = record(out)
-    assert [row["status"] for row in rows.values()] == ["done", "done", "failed", "failed"]
-    assert rows["lost"]["error"] == f"{cases / 'lost_pet.nii.gz'}: file not found"
+    assert [row["status"] for row in rows.values()] == ["done", "done", "failed"]
     assert rows["nan"]["error"] == f"{cases / 'nan_pet.nii.gz'}: 1 voxels are NaN or infinite"
     for name in ("alpha", "beta"):
         assert {p.name for p in (out / name).iterdir()} == RESULT_SET
@@ -79,7 +79,7 @@ def test_batch_one_folder_per_case_failures_recorded_resume_and_overwrite(cases,
     assert alpha["modality"] == ["pet", "ct"] and "dice_50" in alpha["reference_mask"]
     assert beta["modality"] == ["pet"] and beta["options"]["voi"] == "roi"
     assert "reference_mask" not in beta
-    assert "alpha: done: " in first.stdout and "4 cases: 2 done, 0 finished before, 2 failed" in first.stdout
+    assert "alpha: done: " in first.stdout and "3 cases: 2 done, 0 finished before, 1 failed" in first.stdout
     assert digest(cases) == before
 
     finished = {name: digest(out / name) for name in ("alpha", "beta")}
@@ -90,12 +90,16 @@ def test_batch_one_folder_per_case_failures_recorded_resume_and_overwrite(cases,
     assert rows["alpha"]["volume_ml"]["mean"] == pytest.approx(alpha["volume_ml"]["mean"])
     assert {name: digest(out / name) for name in ("alpha", "beta")} == finished
 
+    kept = digest(out)
     only_pet_ct = main_cli("segment", "--batch", cases / "cases.json", *MODEL, "--modality", "pet,ct",
                            "--levels", "30", "--overwrite", "--out", out)
-    assert only_pet_ct.returncode == 1
-    rows = record(out)
-    assert rows["alpha"]["status"] == "done"
-    assert rows["beta"]["error"] == f"case beta has no ct image in {cases / 'cases.json'}"
+    assert only_pet_ct.returncode == 2 and only_pet_ct.stderr.splitlines() == [
+        f"vbseg: error: {cases / 'cases.json'}: case {name}: has no ct image" for name in ("beta", "nan")]
+    assert digest(out) == kept and {name: digest(out / name) for name in ("alpha", "beta")} == finished
+    relevelled = main_cli("segment", "--batch", cases / "cases.json", *MODEL, "--levels", "30",
+                          "--overwrite", "--out", out)
+    assert relevelled.returncode == 1
+    assert [row["status"] for row in record(out).values()] == ["done", "done", "failed"]
     assert "contour_30.nii.gz" in {p.name for p in (out / "alpha").iterdir()}
 
 
@@ -146,6 +150,32 @@ def test_bad_batch_is_one_line_exit_2_nothing_written(cases, tmp_path, name):
     assert lines[0].startswith(f"vbseg: error: {index if subject == 'INDEX' else subject}: ")
     assert problem in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if entries is None else ["index.json"])
+
+
+def test_cases_that_cannot_run_are_refused_before_any_fit_one_line_each(cases, tmp_path):
+    """A missing PET file, a missing VOI mask and a CT-only case for a PET method (an option
+    check that depends on the case's modalities) after a good case: exit 2, one line per bad case
+    naming the file or option and the case, nothing written (the good case did not run)."""
+    good = json.loads((cases / "cases.json").read_text())[0]
+    for files in good["modalities"].values():
+        files.update({key: str(cases / name) for key, name in files.items()})
+    entries = [good,
+               {"case": "lost", "modality": "PET", "image": "lost_pet.nii.gz"},
+               {"case": "noroi", "modality": "PET", "image": str(cases / "beta_pet.nii.gz"),
+                "roi": "lost_roi.nii.gz"},
+               {"case": "ctonly", "modality": "CT", "image": str(cases / "alpha_ct.nii.gz")}]
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps(entries))
+    before = digest(cases)
+    result = main_cli("segment", "--batch", index, *MODEL, "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[:2] == [f"vbseg: error: {tmp_path / 'lost_pet.nii.gz'}: case lost: file not found",
+                         f"vbseg: error: {tmp_path / 'lost_roi.nii.gz'}: case noroi: file not found"]
+    assert lines[2:] == ["vbseg: error: --model: case ctonly: gmm is a PET method, and no image is PET"]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]
+    assert digest(cases) == before
 
 
 def test_ctrl_c_during_a_case_leaves_the_finished_cases(cases, tmp_path):

@@ -50,12 +50,13 @@ def main_cli(*args):
     return types.SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
-def interrupted_at(stage: str, marker: Path, *args) -> tuple[int, str]:
-    """``python -m vbseg.cli ARGS`` in a subprocess, sent SIGINT once it reaches the pause point
-    ``stage`` (:func:`vbseg.result_folder.pause_point`, which touches ``marker``): (exit status,
-    stderr). The caller checks ``marker`` exists (the run got there)."""
+def interrupted_at(stage: str, marker: Path, *args, launcher=("-m", "vbseg.cli")) -> tuple[int, str]:
+    """``python -m vbseg.cli ARGS`` (or ``python LAUNCHER ARGS``) in a subprocess, sent SIGINT
+    once it reaches the pause point ``stage`` (:func:`vbseg.interrupts.pause_point`, which
+    touches ``marker``): (exit status, stderr). The caller checks ``marker`` exists (the run got
+    there)."""
     env = dict(os.environ, VBSEG_TEST_PAUSE_AT=stage, VBSEG_TEST_PAUSE_FILE=str(marker))
-    process = subprocess.Popen([sys.executable, "-m", "vbseg.cli", *map(str, args)],
+    process = subprocess.Popen([sys.executable, *launcher, *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     while not marker.exists() and process.poll() is None:
         time.sleep(0.05)

@@ -141,6 +141,28 @@ def test_ctrl_c_leaves_the_previous_result_set(inputs, tmp_path, stage):
     assert digest(out) == before
 
 
+# what the `vbseg` console script pip writes runs
+CONSOLE_SCRIPT = ("-c", "import sys; from vbseg.cli import main; sys.exit(main())")
+
+
+@pytest.mark.parametrize("launcher", [("-m", "vbseg.cli"), CONSOLE_SCRIPT],
+                         ids=["python -m vbseg.cli", "console script"])
+def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path, launcher):
+    """SIGINT while vbseg.cli's imports (JAX, the models) load: exit 130 and one line, no
+    traceback, nothing written; and importing the package itself loads no JAX, so no longer
+    stretch of the start is outside that handler."""
+    reached = tmp_path / "reached"
+    status, stderr = interrupted_at("import", reached, "phantom", "--out", tmp_path / "out",
+                                    launcher=launcher)
+    assert reached.exists(), stderr[-600:]
+    assert status == 130 and stderr == "vbseg: interrupted\n", stderr[-600:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reached"]
+    light = subprocess.run([sys.executable, "-c", "import sys, vbseg, vbseg.interrupts; "
+                            "print(sorted({'jax', 'numpy', 'vbseg.pipeline'} & set(sys.modules)))"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "[]"
+
+
 def test_version_and_the_whole_description_in_help():
     from importlib.metadata import version
 

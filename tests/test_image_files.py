@@ -111,7 +111,7 @@ def bad_files(folder) -> dict:
                "expected a 3D image"),
         "constant": (written(itk_image(np.ones((4, 4, 4), np.int16)), folder / "c.mhd"), "constant"),
         "vector": (written(vector, folder / "rgb.nrrd"), "2 values per voxel"),
-        "zero voxel size": (zero_spacing_header(folder), "spacing from [1, 1, 1] to [0, 1, 1]"),
+        "zero voxel size": (zero_spacing_header(folder), "affine is singular"),
         "kilometre voxels": (written(itk_image(ramp(), spacing=(1e5, 1e5, 1e5)), folder / "km.nrrd"),
                              "voxel size"),
         "garbage": (str(folder / "garbage.nrrd"), "cannot be read as a NRRD image"),
@@ -183,3 +183,44 @@ def test_segment_reads_itk_files_resamples_label_masks_and_writes_nifti(tmp_path
     assert summary["reference_mask"]["volume_ml"] == pytest.approx(
         phantom.truth.sum() * phantom.pet.voxel_volume_ml)
     assert plain.summary["options"]["voi_resampled"] is False
+
+
+def test_mgh_and_analyze_files_read_through_nibabel_with_the_same_checks(tmp_path):
+    """MGH (.mgz) and Analyze (.hdr/.img, either name) read as nibabel reads them: the voxels
+    and nibabel's affine (Analyze 7.5 stores no orientation: nibabel's radiological default);
+    MGH keeps the whole affine. A NaN voxel, a missing half of a pair and a 2D image are one
+    line naming the file; a .mgz goes through the command line like a NIfTI file."""
+    values = ramp()
+    affine = np.array([[0.0, -1.5, 0.0, 12.0], [2.0, 0.0, 0.0, -7.5], [0.0, 0.0, 3.0, 4.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    nib.save(nib.MGHImage(values, affine), tmp_path / "image.mgz")
+    nib.save(nib.AnalyzeImage(values, np.diag([-2.0, 1.5, 3.0, 1.0])), tmp_path / "image.hdr")
+    mgh = load_volume(tmp_path / "image.mgz", "ct")
+    np.testing.assert_array_equal(mgh.data, values)
+    np.testing.assert_allclose(mgh.affine, affine, atol=1e-5)
+    for name in ("image.hdr", "image.img"):
+        analyze = load_volume(tmp_path / name)
+        np.testing.assert_array_equal(analyze.data, values)
+        np.testing.assert_allclose(analyze.affine, nib.load(tmp_path / "image.hdr").affine)
+        np.testing.assert_allclose(analyze.spacing, [2.0, 1.5, 3.0])
+    nan = values.copy()
+    nan[1, 2, 3] = np.nan
+    nib.save(nib.MGHImage(nan, affine), tmp_path / "nan.mgz")
+    nib.save(nib.AnalyzeImage(values[:, :, 0], np.eye(4)), tmp_path / "flat.hdr")
+    nib.save(nib.AnalyzeImage(values, np.eye(4)), tmp_path / "half.hdr")
+    (tmp_path / "half.img").unlink()
+    for name, problem in (("nan.mgz", "1 voxels are NaN or infinite"),
+                          ("flat.hdr", "expected a 3D image, got shape (7, 5)"),
+                          ("half.hdr", "cannot be read as an Analyze image")):
+        with pytest.raises(InputError) as caught:
+            load_volume(tmp_path / name)
+        text = str(caught.value)
+        assert text.startswith(str(tmp_path / name)) and problem in text and "\n" not in text
+    result = main_cli("segment", tmp_path / "nan.mgz", "--out", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr == (
+        f"vbseg: error: {tmp_path / 'nan.mgz'}: 1 voxels are NaN or infinite\n")
+    phantom = make_phantom(PhantomSpec(), seed=3)
+    nib.save(nib.MGHImage(phantom.pet.data, phantom.pet.affine), tmp_path / "pet.mgz")
+    result = main_cli("segment", tmp_path / "pet.mgz", "--model", "threshold40", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert nib.load(tmp_path / "out" / "prob.nii.gz").shape == phantom.pet.shape

@@ -9,19 +9,23 @@ entry is taken, whatever its ``kind``. The images of a case are its modalities i
 ``--modality`` gives (the same for every case), or else all of them in the order pet, ct, mr,
 other; the first defines the case's output grid, as in ``segment``.
 
-Each case runs :func:`vbseg.pipeline.segment`, so its result set is written whole or not at all
+Before the first fit, every case that will run is checked as ``segment`` checks its inputs
+before reading a voxel (:func:`check_cases`): it has the modalities asked for, its files exist
+and their headers read as 3D images, the options suit its modalities, its outputs may be
+written. Any problem refuses the whole batch, nothing written: one line per bad case (an error
+every case shares, such as a bad option, once). Each case then runs
+:func:`vbseg.pipeline.segment`, so its result set is written whole or not at all
 (:mod:`vbseg.result_folder`). A case is finished when ``DIR/<case>/summary.json`` exists (it is
 the last file moved into place); a re-run skips finished cases unless ``overwrite``. A case that
-fails (a missing or bad file, a modality it lacks) records its one-line error and the batch goes
-on; an error in an option (its subject is ``--...``) would fail every case alike, so it stops
-the batch. ``DIR/batch.json`` records every case (status, output folder, volume and interval,
+fails while it runs (voxels that are NaN, a constant image) records its one-line error and the
+batch goes on; an error in an option (its subject is ``--...``) would fail every case alike, so
+it stops the batch. ``DIR/batch.json`` records every case (status, output folder, volume and interval,
 error), rewritten atomically after each case; Ctrl-C stops the batch after recording it, and
 the finished cases stay as they are. The batch holds ``DIR``'s lock (one batch per folder).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -30,10 +34,11 @@ import traceback
 from pathlib import Path
 
 from vbseg.cases import entry_modalities, read_index
-from vbseg.errors import InputError, OutputError, VbsegError
+from vbseg.errors import InputError, InputErrors, OutputError, VbsegError
 from vbseg.image import MODALITIES
-from vbseg.pipeline import segment
-from vbseg.result_folder import check_output_folder, held_lock, made_folders
+from vbseg.pipeline import NOT_PLANNED, plan_segment, segment
+from vbseg.result_folder import check_output_folder, check_outputs, locked_folder
+from vbseg.volume import read_image_grid
 from vbseg.writing import write_text_atomic
 
 BATCH_RECORD = "batch.json"
@@ -51,7 +56,7 @@ class BatchCase:
     modalities: tuple[str, ...] = ()
     roi: str | None = None
     reference: str | None = None
-    problem: str | None = None
+    problem: InputError | None = None
 
 
 def check_case_name(index: str, name: str) -> None:
@@ -81,8 +86,8 @@ def read_batch(index, modalities=None) -> list[BatchCase]:
         order = list(modalities) if modalities else [m for m in MODALITIES if m in table]
         missing = [m for m in order if m not in table]
         if missing:
-            cases.append(BatchCase(name, problem=f"case {name} has no {', '.join(missing)} image in "
-                                                 f"{index}"))
+            cases.append(BatchCase(name, problem=InputError(index, f"has no {', '.join(missing)} "
+                                                                  "image")))
             continue
         label = table[order[0]].get("label")
         cases.append(BatchCase(name, tuple(str(folder / table[m]["image"]) for m in order), tuple(order),
@@ -91,6 +96,48 @@ def read_batch(index, modalities=None) -> list[BatchCase]:
     if not cases:
         raise InputError(index, "holds no case")
     return cases
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / "summary.json").is_file()
+
+
+def check_case(case: BatchCase, folder: Path, overwrite: bool, segment_options: dict) -> None:
+    """What ``segment`` checks before reading a voxel, for one case into ``folder``
+    (:func:`vbseg.pipeline.plan_segment`, the outputs), and that its files exist and their
+    headers read as 3D images (:func:`vbseg.volume.read_image_grid`; a DICOM folder is read
+    when the case runs); InputError naming the file or option."""
+    if case.problem is not None:
+        raise case.problem
+    for path in (*case.images, case.roi, case.reference):
+        if path is not None and not os.path.isdir(path):
+            read_image_grid(path)
+    plan = plan_segment(case.images, modalities=list(case.modalities), roi=case.roi,
+                        reference_mask=case.reference,
+                        **{key: value for key, value in segment_options.items() if key not in NOT_PLANNED})
+    check_outputs(folder, plan.outputs, plan.inputs, overwrite)
+
+
+def check_cases(cases: list[BatchCase], out: Path, overwrite: bool, segment_options: dict) -> None:
+    """:func:`check_case` for every case that will run (not those finished, without
+    ``overwrite``); raises the problems of all of them together: the one error when every
+    case checked has the same (a bad option), else :class:`~vbseg.errors.InputErrors`, one
+    line per bad case naming it."""
+    checked, problems = 0, []
+    for case in cases:
+        if not overwrite and is_finished(out / case.name):
+            continue
+        checked += 1
+        try:
+            check_case(case, out / case.name, overwrite, segment_options)
+        except InputError as error:
+            problems.append((case.name, error))
+    if not problems:
+        return
+    if len(problems) == checked and len({str(error) for _, error in problems}) == 1:
+        raise problems[0][1]
+    raise InputErrors([InputError(error.subject, f"case {name}: {error.problem}")
+                       for name, error in problems])
 
 
 def finished_volume(folder: Path) -> dict | None:
@@ -120,36 +167,31 @@ def run_batch(index, out, *, modalities=None, overwrite: bool = False, command: 
     ``reference_mask`` or ``modalities``, which are the cases'). ``progress(case, row)`` is
     called after each case. Returns the batch record's counts and rows.
 
-    Raises InputError for a problem with the index, ``out`` or an option (the first case it
-    fails; the cases before it stay finished), before or between cases; KeyboardInterrupt after
-    recording the cases not run.
+    Raises InputError for a problem with the index, ``out`` or an option, and InputErrors for
+    cases that cannot run (:func:`check_cases`), before any case runs (an option found wrong
+    only while a case runs stops the batch there; the cases before it stay finished);
+    KeyboardInterrupt after recording the cases not run.
     """
     index = os.fspath(index)
     cases = read_batch(index, modalities)
     out = check_output_folder(out)
+    check_cases(cases, out, overwrite, segment_options)
     rows = [{"case": case.name, "status": NOT_RUN, "out": str(out / case.name), "volume_ml": None,
              "error": None} for case in cases]
-    created = made_folders(out)
-    try:
-        with held_lock(out):
-            try:
-                for case, row in zip(cases, rows):
-                    run_case(case, row, out / case.name, overwrite, segment_options)
-                    write_record(out, index, command, rows)
-                    if progress is not None:
-                        progress(case, row)
-            except InputError:  # an option's: a folder this run made is left empty, so removed
-                if not created or any(row["status"] in (DONE, SKIPPED) for row in rows):
-                    write_record(out, index, command, rows)
-                raise
-            except KeyboardInterrupt:
+    with locked_folder(out) as (out, created):
+        try:
+            for case, row in zip(cases, rows):
+                run_case(case, row, out / case.name, overwrite, segment_options)
                 write_record(out, index, command, rows)
-                raise
-    except BaseException:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
-        raise
+                if progress is not None:
+                    progress(case, row)
+        except InputError:  # an option's: a folder this run made is left empty, so removed
+            if not created or any(row["status"] in (DONE, SKIPPED) for row in rows):
+                write_record(out, index, command, rows)
+            raise
+        except KeyboardInterrupt:
+            write_record(out, index, command, rows)
+            raise
     return {"counts": status_counts(rows), "rows": rows, "record": out / BATCH_RECORD}
 
 
@@ -157,11 +199,8 @@ def run_case(case: BatchCase, row: dict, folder: Path, overwrite: bool, segment_
     """Run one case (or skip it when finished), filling in its ``row``; an error in an option
     is raised (it would fail every case), any other error is the case's (an unexpected one with
     its traceback)."""
-    if not overwrite and (folder / "summary.json").is_file():
+    if not overwrite and is_finished(folder):
         row.update(status=SKIPPED, volume_ml=finished_volume(folder))
-        return
-    if case.problem is not None:
-        row.update(status=FAILED, error=case.problem)
         return
     started = time.perf_counter()
     try:

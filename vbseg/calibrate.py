@@ -32,12 +32,12 @@ from vbseg.calibration import (
 )
 from vbseg.cases import read_cases
 from vbseg.errors import InputError
-from vbseg.experiment import LEAVE_ONE_OUT, load_experiment, segment_kwargs
+from vbseg.experiment import LEAVE_ONE_OUT, input_files, load_experiment, segment_kwargs
 from vbseg.experiment_task import fit_case
 from vbseg.folds import fold_prior, load_folds
 from vbseg.options import SegmentOptions
 from vbseg.population import resolve_prior, source_digest
-from vbseg.result_folder import check_outputs
+from vbseg.result_folder import output_files
 from vbseg.volume import sha256_file, write_text_atomic
 
 
@@ -114,24 +114,34 @@ def cross_fit_runs(config, runs, variant, modalities, index, folds_path, prior_f
 def calibrate(config, out, *, strata: dict | None = None, command: str = "", overwrite: bool = False,
               progress=None, folds=None, fold_priors=None) -> dict:
     """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
-    atomically; returns it. ``strata``: the Mondrian strata (:func:`vbseg.calibration.strata_spec`;
-    default none), fixed before any fit. ``folds`` (a folds JSON, :mod:`vbseg.folds`) with
-    ``fold_priors`` (a folder): a cross-fitted calibration (:func:`cross_fit_runs`): each case's
-    scores come from a fit with its fold's prior, the identity (and the prior hash a new case
-    must match) is the config's deployed prior's. InputError (one line) for a bad config, a case
-    that cannot be fitted, or a non-empty stratum with fewer than 19 cases (nothing is written)."""
+    (checked, locked and staged beside it: :func:`vbseg.result_folder.output_files`); returns
+    it. ``strata``: the Mondrian strata (:func:`vbseg.calibration.strata_spec`; default none),
+    fixed before any fit. ``folds`` (a folds JSON, :mod:`vbseg.folds`) with ``fold_priors`` (a
+    folder): a cross-fitted calibration (:func:`cross_fit_runs`): each case's scores come from a
+    fit with its fold's prior, the identity (and the prior hash a new case must match) is the
+    config's deployed prior's. InputError (one line) for a bad config, a case that cannot be
+    fitted, or a non-empty stratum with fewer than 19 cases (nothing is written)."""
     out = Path(out)
     strata = strata_spec() if strata is None else strata
     if (folds is None) != (fold_priors is None):
         raise InputError("--folds", "and --fold-priors go together")
-    check_outputs(out.parent if str(out.parent) else ".", [out.name], [config], overwrite)
     runs, variant, modalities, index = calibration_runs(config)
     options = SegmentOptions(**segment_kwargs(variant))
     identity = fit_identity(options, modalities)
-    cross_fit = None
-    if folds is not None:
-        runs, cross_fit = cross_fit_runs(config, runs, variant, modalities, index, folds, fold_priors,
-                                         command, progress)
+    with output_files([out], [config, *input_files(runs)], overwrite) as staging:
+        cross_fit = None
+        if folds is not None:
+            runs, cross_fit = cross_fit_runs(config, runs, variant, modalities, index, folds,
+                                             fold_priors, command, progress)
+        record = calibration_record(config, runs, variant, identity, strata, command, progress,
+                                    index=index, cross_fit=cross_fit)
+        write_text_atomic(staging / out.name, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def calibration_record(config, runs, variant, identity: dict, strata: dict, command: str,
+                       progress=None, *, index=None, cross_fit=None) -> dict:
+    """Fit every run's case and return the calibration record (:func:`calibrate`)."""
     cases = []
     for number, run in enumerate(runs, start=1):
         if progress is not None:
@@ -156,6 +166,4 @@ def calibrate(config, out, *, strata: dict | None = None, command: str = "", ove
         "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
         "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
     }
-    record = stratify(record, strata, config)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
-    return record
+    return stratify(record, strata, config)

@@ -6,7 +6,9 @@ The index is a list of entries, each in one of two shapes:
   each modality's label on that modality's own grid;
 * ``{"case": NAME, "modality": "CT", "image": FILE, "label": FILE}`` (one image).
 
-File names are relative to the index's folder. The reference delineation of a case is the
+File names are relative to the index's folder; a file may be of any format
+:func:`vbseg.volume.read_image_file` reads (NIfTI, NRRD, MetaImage, MGH, Analyze), and every
+image and label of the index is read through :mod:`vbseg.volume`. The reference delineation of a case is the
 label of its first (output) modality, which must lie on that image's grid. Every problem is
 an :class:`~vbseg.errors.InputError` naming the file (or option) in one line. Case names are
 unique. ``vbseg segment --batch`` reads the same index (:mod:`vbseg.batch`), labels optional.
@@ -19,11 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.image import AFFINE_ATOL_MM, MODALITIES
+from vbseg.volume import read_image_grid
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,6 @@ def entry_modalities(index: str, entry: dict, *, need_label: bool = True) -> dic
     return result
 
 
-def _grid(path: str):
-    try:
-        header = nib.load(path)
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except Exception as error:  # nibabel raises several types for unreadable files
-        raise InputError(path, f"cannot read as NIfTI ({str(error).splitlines()[0]})") from None
-    return tuple(header.shape[:3]), np.asarray(header.affine, np.float64)
-
-
 def _same_grid(a, b) -> bool:
     return a[0] == b[0] and np.allclose(a[1], b[1], atol=AFFINE_ATOL_MM)
 
@@ -80,17 +72,22 @@ def _same_grid(a, b) -> bool:
 def check_case_files(case: DelineatedCase, all_images: dict) -> None:
     """Every file exists and reads; the label lies on the first image's grid (else the error
     says which image's grid, if any, it matches)."""
-    grids = {path: _grid(path) for path in case.images}
-    label_grid = _grid(case.label)
+    grids = {path: read_image_grid(path) for path in case.images}
+    label_grid = read_image_grid(case.label)
     if _same_grid(label_grid, grids[case.images[0]]):
         return
     others = {m: p for m, p in all_images.items() if p != case.images[0]}
-    matching = [m for m, p in others.items() if _same_grid(label_grid, _grid(p))]
+    matching = [m for m, p in others.items() if _same_grid(label_grid, read_image_grid(p))]
     if matching:
         raise InputError(case.label, f"case {case.name}: label is on the {matching[0]} grid, not on "
                                      f"the grid of the first modality ({case.modalities[0]})")
     raise InputError(case.label, f"case {case.name}: label grid (shape {label_grid[0]}) matches none "
                                  "of the case's images")
+
+
+def case_files(cases) -> list[str]:
+    """Every file the cases are read from: their images and reference labels."""
+    return [path for case in cases for path in (*case.images, case.label)]
 
 
 def read_index(index) -> dict[str, dict]:

@@ -18,24 +18,33 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vbseg import __version__
-from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
-from vbseg.calibrate import calibrate
-from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
-from vbseg.cluster import parse_cluster
-from vbseg.compilation_cache import enable_compilation_cache
-from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
-from vbseg.errors import InputError, VbsegError
-from vbseg.experiment import default_output, load_experiment
-from vbseg.experiment_runner import parse_shard, run_experiment
-from vbseg.methods import method_names
-from vbseg.metrics import dice, expected_calibration_error
-from vbseg.models.volume_error import describe
-from vbseg.options import SegmentOptions, check_seed
-from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
-from vbseg.pipeline import segment
-from vbseg.population import fit_prior
-from vbseg.result_folder import check_output_folder, check_outputs
-from vbseg.training import train_from_config
+from vbseg.interrupts import pause_point, report_interrupted
+
+# JAX and the models load here, the first seconds of every command: Ctrl-C then is one line and
+# exit status 130 like Ctrl-C later (vbseg/__init__.py loads nothing heavy, so nothing before
+# this block takes long).
+try:
+    from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
+    from vbseg.calibrate import calibrate
+    from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
+    from vbseg.cluster import parse_cluster
+    from vbseg.compilation_cache import enable_compilation_cache
+    from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
+    from vbseg.errors import InputError, VbsegError
+    from vbseg.experiment import default_output, load_experiment
+    from vbseg.experiment_runner import parse_shard, run_experiment
+    from vbseg.methods import method_names
+    from vbseg.metrics import dice, expected_calibration_error
+    from vbseg.models.volume_error import describe
+    from vbseg.options import SegmentOptions, check_seed
+    from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
+    from vbseg.pipeline import segment
+    from vbseg.population import fit_prior
+    from vbseg.result_folder import check_output_folder, check_outputs
+    from vbseg.training import train_from_config
+    pause_point("import")
+except KeyboardInterrupt:
+    sys.exit(report_interrupted())
 
 DEMO_DIR = "demo_out"
 HELP_EPILOG = ("A bad file, option or output path is reported in one line, 'vbseg: error: <path or "
@@ -78,13 +87,16 @@ def _weight(text):
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
     p.add_argument("images", nargs="*", help="image files (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
-                                             "MetaImage .mha/.mhd) or DICOM series folders (PET in "
-                                             "SUV); the first defines the output grid")
+                                             "MetaImage .mha/.mhd, MGH .mgz/.mgh, Analyze .hdr/.img) "
+                                             "or DICOM series folders (PET in SUV); the first "
+                                             "defines the output grid")
     p.add_argument("--batch", default=None, metavar="CASES.json",
                    help="segment every case of a CASES.json index instead (images, optional 'label' "
                         "and 'roi' per case) with the same options, each into --out/<case>/; "
-                        "finished cases are skipped unless --overwrite; --out/batch.json records "
-                        "each case; exit status 1 when a case failed (docs/guide.md, Batches)")
+                        "every case is checked before the first fit (exit 2, one line per bad "
+                        "case); finished cases are skipped unless --overwrite; --out/batch.json "
+                        "records each case; exit status 1 when a case failed while it ran "
+                        "(docs/guide.md, Batches)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modality", help="one per image, comma-separated: pet, ct, mr, other "
                                       "(default: pet for the first image, other for the rest)")
@@ -549,12 +561,12 @@ def main(argv=None) -> int:
                     "convert": _run_convert,
                     "fit-prior": _run_fit_prior, "train": _run_train}
         status = commands[args.command](args)
-    except VbsegError as error:
-        print(f"vbseg: error: {error}", file=sys.stderr)
+    except VbsegError as error:  # one line per problem (several only from InputErrors)
+        for line in str(error).splitlines():
+            print(f"vbseg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the writers have removed their partial files on the way out
-        print("vbseg: interrupted", file=sys.stderr)
-        return 130
+        return report_interrupted()
     return status or 0
 
 

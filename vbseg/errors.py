@@ -29,3 +29,13 @@ class InputError(VbsegError, ValueError):
 
 class OutputError(InputError):
     """An output path that must not be written (exists without --overwrite, or is an input)."""
+
+
+class InputErrors(VbsegError):
+    """Several input problems found together (the cases of ``segment --batch``, all checked
+    before the first fit): ``str(error)`` is one line per problem, each a
+    :class:`InputError`'s."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(error) for error in self.errors))

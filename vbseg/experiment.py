@@ -58,6 +58,7 @@ from vbseg.methods import get_method
 from vbseg.models.volume_error import MIN_CALIBRATION_CASES
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions
 from vbseg.population import PACKAGED_PRIORS, resolve_prior
+from vbseg.volume import read_image_grid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -233,6 +234,11 @@ def _real_cases_for(path, table, index_path, by_name, modalities, tag) -> list[d
             raise InputError(path, f"[real] cases: {name!r} has no {', '.join(missing)} image")
         images = [str(index_path.parent / available[m]["image"]) for m in modalities]
         label = str(index_path.parent / available[modalities[0]]["label"])
+        for file in (*images, label):  # exists, and its header reads as a 3D image
+            try:
+                read_image_grid(file)
+            except InputError as error:
+                raise InputError(error.subject, f"[real] case {name!r}: {error.problem}") from None
         cases.append({"kind": "real", "name": f"{name}_{'+'.join(modalities)}" if tag else name,
                       "images": images, "modalities": modalities, "label": label, "seed": 0,
                       "index": str(index_path), "index_case": name})
@@ -370,3 +376,14 @@ def default_output(config_path) -> Path:
     return Path("results") / Path(config_path).stem
 
 
+def input_files(runs) -> set[str]:
+    """Every file the runs read: real cases' images, labels and index; prior and checkpoint
+    files of the variants (phantoms are generated)."""
+    files = set()
+    for run in runs:
+        case = run.case
+        if case["kind"] == "real":
+            files.update([*case["images"], case["label"], *([case["index"]] if "index" in case else [])])
+        files.update(str(run.variant[key]) for key in PATH_KEYS
+                     if key in run.variant and Path(str(run.variant[key])).is_absolute())
+    return files

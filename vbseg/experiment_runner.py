@@ -11,21 +11,26 @@ folders with :mod:`vbseg.results` at the end, also after a failure or Ctrl-C.
 (0-based), for job arrays without an engine: N independent invocations (one per array task)
 cover every run exactly once, each skipping what is finished, and any of them (or a last
 plain one) rebuilds the full tables.
+
+A sweep holds a lock in its output folder (:func:`vbseg.result_folder.locked_folder`), one per
+shard (:func:`lock_name`): a second invocation of the same sweep (or shard) into the same folder
+is refused with one line while the first runs; different shards run side by side. The tables
+are never written over one of the sweep's inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from tqdm import tqdm
 
 from vbseg.cluster import ClusterSpec, cluster_client, run_on_cluster
 from vbseg.errors import InputError
-from vbseg.experiment import PATH_KEYS, Experiment, Run
+from vbseg.experiment import Experiment, Run, input_files
 from vbseg.experiment_task import is_finished, plan_tasks, tidy_staging
 from vbseg.local_pool import run_in_processes, run_serially
-from vbseg.results import write_tables
+from vbseg.result_folder import LOCK_NAME, check_outputs, locked_folder
+from vbseg.results import TABLES, write_tables
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -48,17 +53,9 @@ def shard_runs(runs, shard: tuple[int, int] | None) -> list[Run]:
     return [run for position, run in enumerate(runs) if position % count == index]
 
 
-def input_files(runs) -> set[str]:
-    """Every file the runs read: real cases' images, labels and index; prior and checkpoint
-    files of the variants (phantoms are generated)."""
-    files = set()
-    for run in runs:
-        case = run.case
-        if case["kind"] == "real":
-            files.update([*case["images"], case["label"], *([case["index"]] if "index" in case else [])])
-        files.update(str(run.variant[key]) for key in PATH_KEYS
-                     if key in run.variant and Path(str(run.variant[key])).is_absolute())
-    return files
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock of a sweep (``.vbseg.lock``) or of its shard I/N (``.vbseg-shard-I-of-N.lock``)."""
+    return LOCK_NAME if shard is None else f".vbseg-shard-{shard[0]}-of-{shard[1]}.lock"
 
 
 def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: ClusterSpec | None = None,
@@ -70,18 +67,18 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: Clust
     over the runs fitted now: compile time, and compile plus run time). ``jobs`` > 1 runs tasks
     in that many spawned processes (JAX does not survive fork); ``cluster`` on a Dask cluster.
     """
-    out = Path(out)
     runs = shard_runs(experiment.runs, shard)
-    todo = [run for run in runs if not is_finished(out, run)]
-    skipped = len(runs) - len(todo)
-    tasks = plan_tasks(todo, out)
     failed, compile_s, fit_s = 0, 0.0, 0.0
     with contextlib.ExitStack() as stack:
+        out, _ = stack.enter_context(locked_folder(out, lock_name(shard)))
+        check_outputs(out, TABLES, [experiment.path, *input_files(experiment.runs)], overwrite=True)
+        todo = [run for run in runs if not is_finished(out, run)]
+        skipped = len(runs) - len(todo)
+        tasks = plan_tasks(todo, out)
         if cluster is not None:
             client = stack.enter_context(cluster_client(cluster, out, input_files(todo)))
             records = run_on_cluster(client, tasks, out)
         else:
-            out.mkdir(parents=True, exist_ok=True)
             records = run_serially(tasks, out) if jobs <= 1 else run_in_processes(tasks, out, jobs)
         bar = stack.enter_context(tqdm(total=len(runs), initial=skipped, unit="run", disable=not progress,
                                        desc=experiment.name, dynamic_ncols=True))

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
 from vbseg.errors import InputError
 from vbseg.experiment import LEAVE_ONE_OUT, Run, result_path, segment_kwargs
+from vbseg.image import Volume
 from vbseg.metrics import (
     brier_score,
     crps_from_draws,
@@ -49,6 +49,7 @@ from vbseg.pipeline import segment
 from vbseg.population import LeaveOneOutCohort
 from vbseg.posterior import Posterior
 from vbseg.result_folder import lock_owner_gone
+from vbseg.volume import read_label
 from vbseg.writing import write_text_atomic
 
 STAGING = ".staging"
@@ -86,9 +87,8 @@ def _case_inputs(run: Run, out: Path):
             phantom.save(pet.parent)
         return ([str(pet)], ["pet"], phantom.truth, phantom.truth_fraction, phantom.volume_ml,
                 phantom.pet.spacing)
-    label = nib.load(case["label"])
-    truth = np.asarray(label.dataobj) > 0
-    spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
+    truth, affine = read_label(case["label"])
+    spacing = tuple(float(s) for s in Volume(truth, affine).spacing)
     return (case["images"], case["modalities"], truth, None,
             float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
 

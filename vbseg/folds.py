@@ -17,12 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from vbseg.cases import read_cases
 from vbseg.errors import InputError
 from vbseg.population import fit_prior, resolve_prior
+from vbseg.volume import read_image_file, read_label
 from vbseg.writing import write_text_atomic
 
 AVID_MEAN_SUV = 2.0
@@ -32,8 +32,8 @@ DEFAULT_SEED = 20261204
 
 def mean_gtv_suv(pet_path, label_path) -> float:
     """Mean PET value inside the label (the GTV on the PET grid)."""
-    image = np.asarray(nib.load(pet_path).dataobj, np.float64)
-    label = np.asarray(nib.load(label_path).dataobj) > 0
+    image = np.asarray(read_image_file(pet_path)[0], np.float64)
+    label, _ = read_label(label_path)
     if not label.any():
         raise InputError(label_path, "is empty: no GTV to measure the uptake in")
     return float(image[label].mean())

@@ -57,23 +57,35 @@ def ras_affine(direction, spacing, origin) -> np.ndarray:
     return affine
 
 
-def read_itk(path) -> tuple[np.ndarray, np.ndarray]:
-    """(voxels indexed (i, j, ...), RAS+ affine) of a NRRD or MetaImage file; InputError naming
-    ``path`` when it cannot be read or holds several values per voxel (a vector image; complex
-    voxels are two values in these formats)."""
+def itk_reader(path) -> tuple[sitk.ImageFileReader, tuple[int, ...], np.ndarray]:
+    """(a reader with the header read, grid shape (i, j, ...), RAS+ affine) of a NRRD or
+    MetaImage file, its voxels not read yet (``reader.Execute()`` reads them); InputError naming
+    ``path`` when the header cannot be read or the file holds several values per voxel (a
+    vector image; complex voxels are two values in these formats)."""
     path = os.fspath(path)
     io_name, format_name = ITK_FORMATS[itk_suffix(path)]
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io_name)  # by the suffix: ITK would otherwise try every reader it has
     reader.SetFileName(path)
     try:
-        image = reader.Execute()
+        reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputError(path, f"cannot be read as a {format_name} image "
                                f"({itk_error_text(error)})") from None
-    components = image.GetNumberOfComponentsPerPixel()
+    components = reader.GetNumberOfComponents()
     if components != 1:
         raise InputError(path, f"holds {components} values per voxel (a vector or colour image); "
                                "expected one")
-    data = sitk.GetArrayFromImage(image).T  # a copy: a view would outlive `image`
-    return data, ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+    shape = tuple(int(size) for size in reader.GetSize())
+    return reader, shape, ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+
+
+def read_itk_voxels(path, reader: sitk.ImageFileReader) -> np.ndarray:
+    """The voxels (indexed (i, j, ...)) of the file whose header ``reader`` read
+    (:func:`itk_reader`); InputError naming ``path`` when they cannot be read."""
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(os.fspath(path), f"cannot be read as a {ITK_FORMATS[itk_suffix(path)][1]} "
+                                          f"image ({itk_error_text(error)})") from None
+    return sitk.GetArrayFromImage(image).T  # a copy: a view would outlive `image`

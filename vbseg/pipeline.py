@@ -14,14 +14,15 @@ import contextlib
 import dataclasses
 import os
 
-from vbseg.calibration import DEFAULT_CONFORMAL_LEVELS, plan_conformal
+from vbseg.calibration import DEFAULT_CONFORMAL_LEVELS, ConformalPlan, plan_conformal
 from vbseg.errors import InputError
-from vbseg.methods import get_method, result_posterior
+from vbseg.interrupts import pause_point
+from vbseg.methods import Method, get_method, result_posterior
 from vbseg.methods.prior import check_prior_options
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
 from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
-from vbseg.result_folder import pause_point, result_folder
+from vbseg.result_folder import result_folder
 from vbseg.trust import input_warnings
 from vbseg.volume import read_mask
 
@@ -35,6 +36,61 @@ def check_distinct(images) -> None:
         if real in seen:
             raise InputError(path, f"is given twice (images {seen[real]} and {number})")
         seen[real] = number
+
+
+# the arguments of segment that do not enter its plan (plan_segment)
+NOT_PLANNED = ("out", "overwrite", "title", "also_write", "series_uid")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    """What :func:`segment` settles before reading a voxel: the method, its options, one
+    modality per image, the conformal plan (or None), the contour levels, the file names of the
+    result set and the files it reads (which it never writes)."""
+
+    method: Method
+    options: SegmentOptions
+    modalities: list
+    conformal: ConformalPlan | None
+    levels_percent: tuple
+    outputs: list
+    inputs: list
+
+
+def plan_segment(images, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
+                 seed: int = 0, reference_mask=None, calibration=None, conformal_levels_percent=None,
+                 **options) -> SegmentPlan:
+    """Every check of :func:`segment` (same arguments) that needs no voxel: the options alone
+    and for these modalities, the method's own, the calibration; InputError naming the option
+    or file. ``segment --batch`` runs it for every case before the first fit."""
+    images = [os.fspath(p) for p in images]
+    if not images:
+        raise InputError("segment", "needs at least one image")
+    check_distinct(images)
+    check_seed(seed)
+    options = SegmentOptions(**options)
+    levels_percent = tuple(float(level) for level in levels_percent)
+    method = get_method(options.model)
+    if options.prior is not None and not method.takes_prior:
+        method = get_method("prior")
+        modalities = check_prior_options(options, len(images), modalities, levels_percent, roi, box)
+    else:
+        modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
+        method.check_inputs(modalities)
+        options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
+                      roi=roi, box=box)
+        if method.check_options is not None:
+            method.check_options(options, modalities)
+    plan = None
+    if calibration is not None:
+        plan = plan_conformal(os.fspath(calibration), conformal_levels_percent or DEFAULT_CONFORMAL_LEVELS,
+                              options, modalities)
+    elif conformal_levels_percent is not None:
+        raise InputError("--conformal-levels", "goes with --calibration")
+    outputs = output_names(levels_percent) + method.extra_outputs(options) + (
+        plan.output_names() if plan else [])
+    inputs = images + [os.fspath(p) for p in (roi, reference_mask) if p is not None]
+    return SegmentPlan(method, options, modalities, plan, levels_percent, outputs, inputs)
 
 
 def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
@@ -71,38 +127,18 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     Raises:
         InputError naming the file or option for every problem with the input.
     """
+    plan = plan_segment(images, modalities=modalities, roi=roi, box=box, levels_percent=levels_percent,
+                        seed=seed, reference_mask=reference_mask, calibration=calibration,
+                        conformal_levels_percent=conformal_levels_percent, **options)
     images = [os.fspath(p) for p in images]
-    if not images:
-        raise InputError("segment", "needs at least one image")
-    check_distinct(images)
-    check_seed(seed)
-    options = SegmentOptions(**options)
-    levels_percent = tuple(float(level) for level in levels_percent)
     roi = os.fspath(roi) if roi is not None else None
     reference_mask = os.fspath(reference_mask) if reference_mask is not None else None
-    method = get_method(options.model)
-    if options.prior is not None and not method.takes_prior:
-        method = get_method("prior")
-        modalities = check_prior_options(options, len(images), modalities, levels_percent, roi, box)
-    else:
-        modalities = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
-        method.check_inputs(modalities)
-        options.check(num_images=len(images), modalities=modalities, levels_percent=levels_percent,
-                      roi=roi, box=box)
-        if method.check_options is not None:
-            method.check_options(options, modalities)
-    plan = None
-    if calibration is not None:
-        plan = plan_conformal(os.fspath(calibration), conformal_levels_percent or DEFAULT_CONFORMAL_LEVELS,
-                              options, modalities)
-    elif conformal_levels_percent is not None:
-        raise InputError("--conformal-levels", "goes with --calibration")
-    extra_outputs = method.extra_outputs(options) + (plan.output_names() if plan else [])
+    method, options, modalities, levels_percent = (plan.method, plan.options, plan.modalities,
+                                                   plan.levels_percent)
     if out is None:
         folder = contextlib.nullcontext(None)
     else:
-        folder = result_folder(out, output_names(levels_percent) + extra_outputs,
-                               images + [p for p in (roi, reference_mask) if p], overwrite)
+        folder = result_folder(out, plan.outputs, plan.inputs, overwrite)
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
         check_psf_fits(options.psf_fwhm_mm, prepared.reference)
@@ -112,8 +148,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
         pause_point("fit")
         result = method.run(prepared, options)
-        if plan is not None:
-            result = plan.apply(result, prepared)
+        if plan.conformal is not None:
+            result = plan.conformal.apply(result, prepared)
         posterior = result_posterior(result, prepared, staging, levels_percent, title,
                                      reference_mask=mask, reference_mask_path=reference_mask,
                                      reference_mask_resampling=mask_resampling)

@@ -18,6 +18,7 @@ is not changed by it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,11 +30,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
 
-from vbseg.cases import DelineatedCase, read_cases
-from vbseg.errors import InputError, OutputError
+from vbseg.cases import DelineatedCase, case_files, read_cases
+from vbseg.errors import InputError
 from vbseg.inference.empirical_bayes import (
     FORBIDDEN,
     SPREAD_FLOOR_SD,
@@ -57,6 +57,8 @@ from vbseg.models.volume_error import (
     calibration_from_entries,
 )
 from vbseg.prepare import bucket_shape, load_inputs, pad_to_shape
+from vbseg.result_folder import output_files
+from vbseg.volume import read_image_grid, read_label
 from vbseg.writing import write_with
 
 DEFAULT_TUMOUR_CLASSES = 2
@@ -112,7 +114,7 @@ def load_training_case(case: DelineatedCase) -> TrainingCase:
     stack = np.stack(channels, axis=-1)
     observed = np.stack(coverage, axis=-1)
     features = np.where(observed, to_features(stack, case.modalities), 0.0).astype(np.float32)
-    tumour = np.asarray(nib.load(case.label).dataobj) > 0
+    tumour, _ = read_label(case.label)
     if not tumour.any():
         raise InputError(case.label, f"case {case.name}: label is empty")
     reference = volumes[0]
@@ -341,7 +343,7 @@ class LeaveOneOutCohort:
 
         def compute():
             stats = [self.statistics(other) for other in self.names]
-            shape = bucket_shape(nib.load(self.cases[j].label).shape[:3], BULK_BUCKET)
+            shape = bucket_shape(read_image_grid(self.cases[j].label)[0], BULK_BUCKET)
             return calibration_entry_from_others(
                 load_training_case(self.cases[j]), shape, stats[:j] + stats[j + 1:],
                 self.names[:j] + self.names[j + 1:], self.modalities, num_tumour=self.num_tumour,
@@ -399,28 +401,32 @@ def fit_population_prior(training: list[TrainingCase], modalities, *,
 def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUMOUR_CLASSES,
               num_background=DEFAULT_BACKGROUND_CLASSES, overwrite=False, calibrate=True,
               attribution="", progress=None, interaction=False, command="") -> PopulationPrior:
-    """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (atomically);
-    ``interaction``: learn a K x K class-interaction matrix in place of one beta; ``command``:
-    the command line recorded in the prior (beside the digest of its training list and
-    settings, :func:`vbseg.models.cohort.training_digest`)."""
-    if out is not None and os.path.exists(out) and not overwrite:
-        raise OutputError(out, "already exists (use --overwrite to replace it)")
+    """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (None: not
+    written) through :func:`vbseg.result_folder.output_files`: checked (not an input, not
+    existing without ``overwrite``) and locked before the first fit, staged beside it and moved
+    into place when complete; ``interaction``: learn a K x K class-interaction matrix in place
+    of one beta; ``command``: the command line recorded in the prior (beside the digest of its
+    training list and settings, :func:`vbseg.models.cohort.training_digest`)."""
     if not (isinstance(num_tumour, int) and num_tumour >= 1 and isinstance(num_background, int)
             and num_background >= 1 and num_tumour + num_background <= 8):
         raise InputError("--classes", "needs >= 1 tumour and >= 1 background class, at most 8 in all")
     cases = read_cases(index, modalities, names)
     to_features(np.zeros((1, len(modalities)), np.float32), [m.lower() for m in modalities])
-    training = [load_training_case(case) for case in cases]
-    prior = fit_population_prior(training, [m.lower() for m in modalities], num_tumour=num_tumour,
-                                 num_background=num_background, calibrate=calibrate,
-                                 case_index=os.path.basename(os.fspath(index)), progress=progress,
-                                 interaction=interaction)
-    prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
-    prior.command = command
-    prior.training_digest = training_digest(prior.cases, prior.modalities, num_tumour, num_background,
-                                            interaction, prior.volume_calibration is not None)
-    if out is not None:
-        prior.save(out)
+    written = (contextlib.nullcontext(None) if out is None
+               else output_files([out], [index, *case_files(cases)], overwrite))
+    with written as staging:
+        training = [load_training_case(case) for case in cases]
+        prior = fit_population_prior(training, [m.lower() for m in modalities], num_tumour=num_tumour,
+                                     num_background=num_background, calibrate=calibrate,
+                                     case_index=os.path.basename(os.fspath(index)), progress=progress,
+                                     interaction=interaction)
+        prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
+        prior.command = command
+        prior.training_digest = training_digest(prior.cases, prior.modalities, num_tumour,
+                                                num_background, interaction,
+                                                prior.volume_calibration is not None)
+        if staging is not None:
+            prior.save(staging / Path(out).name)
     return prior
 
 

@@ -1,4 +1,5 @@
-"""The output folder of one ``segment`` run: checked, locked, written whole or not at all.
+"""Output folders and files: checked, locked, written whole or not at all (``segment`` and its
+batches, and ``experiment``, ``fit-prior``, ``train``, ``calibrate``).
 
 :func:`check_output_folder` and :func:`check_outputs` refuse, before any work, a folder that
 cannot be one (empty name, dangling symbolic link, a file, not writable, a name longer than the
@@ -24,9 +25,19 @@ find the same stale lock at the same instant can both take it: the check is not 
 lock from another host (a shared file system) or one that cannot be read is never judged
 stale: the message says to remove it when no run is writing.
 
-Test hook: with ``VBSEG_TEST_PAUSE_AT=<stage>`` ("fit": before the method runs, "publish":
-before the files are moved into place) the run touches ``$VBSEG_TEST_PAUSE_FILE`` (when set)
-and sleeps there, so a test can interrupt it at a known point. Unset, it does nothing.
+The other commands that write files use the same code. ``fit-prior``, ``train`` and
+``calibrate`` write one or two files (a prior, a checkpoint and its JSON, a calibration):
+:func:`output_files` stages them in a temporary folder beside their destination and moves them
+into place together, under a lock of their own, ``.<file name>.vbseg.lock``, so two runs writing
+one file are refused while runs writing other files in the same folder go on. ``experiment``
+holds its output folder's lock for the whole sweep (:func:`locked_folder`; each shard of
+``--shard`` its own, ``.vbseg-shard-I-of-N.lock``, since shards share the folder by design); its
+runs are staged one by one (:mod:`vbseg.experiment_task`). ``segment --batch`` holds ``--out``'s
+lock while its cases run.
+
+Ctrl-C is held back for the final renames and the removal of the lock
+(:func:`vbseg.interrupts.interrupts_held`); the test hook that pauses a run at "publish" is
+:func:`vbseg.interrupts.pause_point`.
 """
 
 from __future__ import annotations
@@ -35,23 +46,19 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from vbseg.errors import OutputError
 from vbseg.inference.intensity_field import INTENSITY_FILE
+from vbseg.interrupts import interrupts_held, pause_point
 from vbseg.posterior import output_names
 from vbseg.result_files import RTSTRUCT_NAME, SEG_NAME
 
 LOCK_NAME = ".vbseg.lock"
+LOCK_SUFFIX = ".vbseg.lock"
 STAGING_PREFIX = ".vbseg-partial-"
-PAUSE_STAGE_ENV = "VBSEG_TEST_PAUSE_AT"
-PAUSE_FILE_ENV = "VBSEG_TEST_PAUSE_FILE"
-PAUSE_S = 600.0
 
 
 def _name_limits(existing: Path) -> tuple[int, int]:
@@ -107,16 +114,6 @@ def check_outputs(out_dir, names, input_paths, overwrite: bool) -> None:
             raise OutputError(target, "already exists (use --overwrite to replace it)")
 
 
-def pause_point(stage: str) -> None:
-    """The test hook of the module doc: inert unless $VBSEG_TEST_PAUSE_AT names ``stage``."""
-    if os.environ.get(PAUSE_STAGE_ENV) != stage:
-        return
-    marker = os.environ.get(PAUSE_FILE_ENV)
-    if marker:
-        Path(marker).touch()
-    time.sleep(PAUSE_S)
-
-
 def lock_owner_gone(text: str) -> bool:
     """True when the lock's "PID HOST" names a process of this host that no longer runs."""
     try:
@@ -136,9 +133,10 @@ def lock_owner_gone(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def held_lock(folder):
-    """Hold ``folder/.vbseg.lock`` for the block (module doc: who holds it, when it is stale)."""
-    path = Path(folder) / LOCK_NAME
+def held_lock(folder, name: str = LOCK_NAME):
+    """Hold ``folder/<name>`` (default ``.vbseg.lock``) for the block (module doc: who holds it,
+    when it is stale)."""
+    path = Path(folder) / name
     for attempt in range(2):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -165,23 +163,6 @@ def held_lock(folder):
             path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def interrupts_held():
-    """Ctrl-C waits until the block is done (then raises as usual): a handful of renames
-    either all happen or none. Only the main thread receives signals, so elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, None)
-
-
 def result_set_names(folder: Path) -> set[str]:
     """The names of the files a previous run may have written into ``folder``: the fixed ones,
     the contours of the levels its summary.json records and the conformal contours it names."""
@@ -197,11 +178,12 @@ def result_set_names(folder: Path) -> set[str]:
     return names
 
 
-def publish(staging: Path, out: Path, inputs, overwrite: bool) -> None:
+def publish(staging: Path, out: Path, inputs, overwrite: bool, previous_set=result_set_names) -> None:
     """Move every file of ``staging`` into ``out``, summary.json last; with ``overwrite``,
-    remove the previous result set's files this run did not write (never an input)."""
+    remove the previous result set's files (``previous_set(out)``; None: no set) this run did
+    not write (never an input)."""
     staged = sorted(p.name for p in staging.iterdir())
-    stale = result_set_names(out) - set(staged) if overwrite else set()
+    stale = previous_set(out) - set(staged) if overwrite and previous_set is not None else set()
     kept = {os.path.realpath(p) for p in inputs}
     for name in staged:
         if name != "summary.json":
@@ -226,31 +208,62 @@ def made_folders(out: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def result_folder(out, names, inputs, overwrite: bool):
-    """Yield a temporary folder inside ``out`` to write a result set into (module doc).
-
-    Checks first that ``out`` can be a folder and that ``names`` (the files this run writes)
-    may be written there (:func:`check_outputs`: not an input, not existing
-    without ``overwrite``); takes the lock; on success moves the files into place
-    (:func:`publish`). On any error or Ctrl-C the temporary folder, the lock, and the folders
-    this call created (when still empty) are removed.
-    """
+def locked_folder(out, lock_name: str = LOCK_NAME):
+    """Check ``out`` (:func:`check_output_folder`), create it with its missing parents and hold
+    its lock ``lock_name`` for the block; yields (out, the folders created, deepest first). On
+    an error or Ctrl-C the lock goes, and so do the folders created when still empty."""
     out = check_output_folder(out)
     created = made_folders(out)
     try:
-        with held_lock(out):
-            check_outputs(out, names, inputs, overwrite)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-            try:
-                yield staging
-                pause_point("publish")
-                with interrupts_held():
-                    publish(staging, out, inputs, overwrite)
-            finally:
-                with interrupts_held():  # nor the temporary folder
-                    shutil.rmtree(staging, ignore_errors=True)
+        with held_lock(out, lock_name):
+            yield out, created
     except BaseException:
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
         raise
+
+
+@contextlib.contextmanager
+def result_folder(out, names, inputs, overwrite: bool, *, lock_name: str = LOCK_NAME,
+                  previous_set=result_set_names):
+    """Yield a temporary folder inside ``out`` to write a result set into (module doc).
+
+    Checks first that ``out`` can be a folder and that ``names`` (the files this run writes)
+    may be written there (:func:`check_outputs`: not an input, not existing
+    without ``overwrite``); takes the lock ``lock_name``; on success moves the files into place
+    (:func:`publish`; ``previous_set``: the previous set's files that ``overwrite`` removes).
+    On any error or Ctrl-C the temporary folder, the lock, and the folders this call created
+    (when still empty) are removed.
+    """
+    with locked_folder(out, lock_name) as (out, _):
+        check_outputs(out, names, inputs, overwrite)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+        try:
+            yield staging
+            pause_point("publish")
+            with interrupts_held():
+                publish(staging, out, inputs, overwrite, previous_set)
+        finally:
+            with interrupts_held():  # nor the temporary folder
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_lock_name(path) -> str:
+    """The lock of one output file: ``.<its name>.vbseg.lock`` beside it."""
+    return f".{Path(path).name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_files(paths, inputs, overwrite: bool):
+    """Yield a temporary folder to write the files ``paths`` (all in one folder) into, each
+    under its own name; moved into place together when the block ends without an error (module
+    doc: the lock is the first file's, :func:`file_lock_name`). Refused before the block when
+    one is an input or exists without ``overwrite``."""
+    paths = [Path(path) for path in paths]
+    folder = paths[0].parent
+    if any(path.parent != folder for path in paths):
+        raise ValueError(f"output files in several folders: {paths}")
+    with result_folder(folder, [path.name for path in paths], inputs, overwrite,
+                       lock_name=file_lock_name(paths[0]), previous_set=None) as staging:
+        yield staging

@@ -45,6 +45,9 @@ def _cell(value):
     return str(value)
 
 
+TABLES = ("results.csv", "results.md")  # what write_tables writes into the output folder
+
+
 def write_tables(experiment: Experiment, out) -> Path:
     """results.csv and results.md rebuilt from the run folders (atomic writes)."""
     out = Path(out)
@@ -54,7 +57,7 @@ def write_tables(experiment: Experiment, out) -> Path:
     writer.writerow(COLUMNS)
     for row in rows:
         writer.writerow([_cell(row[c]) for c in COLUMNS])
-    write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / TABLES[0], buffer.getvalue())
     shown = [c for c in COLUMNS if c != "error"]
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
@@ -67,8 +70,8 @@ def write_tables(experiment: Experiment, out) -> Path:
     failures = [r for r in rows if r["status"] == "failed"]
     if failures:
         lines += ["", "Failures:", ""] + [f"- {r['case']} ({r['variant']}): {r['error']}" for r in failures]
-    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
-    return out / "results.csv"
+    write_text_atomic(out / TABLES[1], "\n".join(lines) + "\n")
+    return out / TABLES[0]
 
 
 def _value(row, column) -> float:

@@ -32,7 +32,7 @@ import optax
 
 from vbseg import __version__
 from vbseg.cases import read_cases
-from vbseg.errors import InputError, OutputError
+from vbseg.errors import InputError
 from vbseg.metrics import dice
 from vbseg.models.deep import (
     CHECKPOINT_FORMAT,
@@ -45,6 +45,7 @@ from vbseg.models.deep import (
     padded_input,
     save_checkpoint,
 )
+from vbseg.result_folder import output_files
 from vbseg.training_config import TrainSettings, check_settings, load_settings
 from vbseg.training_data import (
     DeepTrainingCase,
@@ -285,15 +286,25 @@ def default_output(config_path) -> Path:
 
 
 def train_from_config(path, out=None, *, overwrite=False, progress=None) -> Path:
-    """``vbseg train``: read and check the config, train, evaluate, save (atomically); returns
-    the checkpoint's path (``out``, default results/<config stem>.eqx)."""
+    """``vbseg train``: read and check the config, train, evaluate, save; returns the
+    checkpoint's path (``out``, default results/<config stem>.eqx). The two files (``out`` and
+    its .json) are checked (not an input, not existing without ``overwrite``) and locked before
+    training, and staged beside ``out`` to be moved into place together
+    (:func:`vbseg.result_folder.output_files`)."""
     settings = load_settings(path)
     out = Path(out) if out is not None else default_output(path)
-    for target in (out, out.with_suffix(".json")):
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")
     if out.suffix == ".json":
         raise InputError(out, "the checkpoint's weights need a name not ending in .json (use .eqx)")
+    inputs = [path, *([settings.cases] if settings.cases is not None else [])]
+    with output_files([out, out.with_suffix(".json")], inputs, overwrite) as staging:
+        checkpoint = trained_checkpoint(settings, path, out, progress)
+        save_checkpoint(staging / out.name, checkpoint)
+    return out
+
+
+def trained_checkpoint(settings: TrainSettings, path, out: Path, progress=None) -> DeepCheckpoint:
+    """Train and evaluate as :func:`train_from_config` does; the checkpoint records ``path``
+    (the config) and its destination ``out``."""
     started = time.perf_counter()
     real_cases = real_training_cases(settings, progress)
     load_s = time.perf_counter() - started
@@ -307,8 +318,7 @@ def train_from_config(path, out=None, *, overwrite=False, progress=None) -> Path
     meta = {**checkpoint.meta, "evaluation": evaluation,
             "config": {"path": os.fspath(path), "text": Path(path).read_text(encoding="utf-8")},
             "command": f"vbseg train {os.fspath(path)} --out {os.fspath(out)}"}
-    save_checkpoint(out, DeepCheckpoint(checkpoint.models, meta, os.fspath(out)))
-    return out
+    return DeepCheckpoint(checkpoint.models, meta, os.fspath(out))
 
 
 __all__ = ["TrainSettings", "check_settings", "evaluate", "load_settings", "real_training_cases",

@@ -44,7 +44,6 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -52,6 +51,7 @@ from vbseg.cases import DelineatedCase
 from vbseg.errors import InputError
 from vbseg.models.deep import network_inputs
 from vbseg.prepare import load_inputs
+from vbseg.volume import read_label
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -327,7 +327,7 @@ def load_deep_case(case: DelineatedCase) -> DeepTrainingCase:
     volumes, _, channels, coverage, _, _ = load_inputs(list(case.images), list(case.modalities))
     stack = np.stack(channels, axis=-1)
     observed = np.stack(coverage, axis=-1)
-    tumour = np.asarray(nib.load(case.label).dataobj) > 0
+    tumour, _ = read_label(case.label)
     if not tumour.any():
         raise InputError(case.label, f"case {case.name}: label is empty")
     return DeepTrainingCase(case.name, network_inputs(stack, observed, case.modalities), tumour,

@@ -1,5 +1,5 @@
-"""Reading images: validated NIfTI, NRRD and MetaImage input (and DICOM series through
-:mod:`vbseg.dicom`).
+"""Reading images: validated NIfTI, NRRD, MetaImage, MGH and Analyze input (and DICOM series
+through :mod:`vbseg.dicom`).
 
 The image type lives in :mod:`vbseg.image` and the atomic writers in :mod:`vbseg.writing`;
 both are re-exported here, so ``from vbseg.volume import Volume, save_nifti`` keeps working.
@@ -7,9 +7,11 @@ both are re-exported here, so ``from vbseg.volume import Volume, save_nifti`` ke
 A :class:`Volume` is a 3D array plus the 4x4 voxel-to-world affine of its grid (NIfTI RAS+
 millimetres, as nibabel reports it; NRRD and MetaImage grids, LPS in ITK, are converted by
 :mod:`vbseg.itk_files`). Everything that reads a user's file goes through :func:`load_volume` /
-:func:`load_mask` / :func:`load_map` (image files of any of these formats, one reader and one
-set of checks, :func:`read_image_file`; :func:`load_volume` hands a folder to the DICOM series
-reader, :mod:`vbseg.dicom`), which check the file once at the edge and raise
+:func:`load_mask` / :func:`load_map` / :func:`read_label` / :func:`read_image_grid` (image files
+of any of these formats, one reader and one set of checks, :func:`read_image_file`; case
+indexes, training, priors and experiments read through them too; :func:`load_volume` hands a
+folder to the DICOM series reader, :mod:`vbseg.dicom`), which check the file once at the edge
+and raise
 :class:`~vbseg.errors.InputError` naming the file and the problem; arrays inside vbseg are
 then known to be finite, 3D and numeric. Outputs are NIfTI. Everything that writes goes through
 :func:`save_nifti` / :func:`write_text_atomic`: a temporary file in the target folder,
@@ -35,7 +37,7 @@ from vbseg.image import (  # noqa: F401  (re-exported: the image type and grid h
     parse_box,
     resample_onto,
 )
-from vbseg.itk_files import itk_suffix, read_itk
+from vbseg.itk_files import itk_reader, itk_suffix, read_itk_voxels
 from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     current_umask,
     save_nifti,
@@ -45,8 +47,13 @@ from vbseg.writing import (  # noqa: F401  (re-exported: the atomic writers)
     write_with,
 )
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-IMAGE_FILE_TYPES = "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file"
+# suffix (lower case) -> the format's name in messages, for the formats nibabel reads. Analyze
+# 7.5 stores no orientation: nibabel gives its grid the radiological (x flipped) convention
+# (a NIfTI pair, .hdr/.img with the NIfTI magic, keeps its own orientation).
+NIBABEL_FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".mgz": "MGH", ".mgh": "MGH",
+                   ".hdr": "Analyze", ".img": "Analyze"}
+IMAGE_FILE_TYPES = ("a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
+                    "MGH (.mgz, .mgh) or Analyze (.hdr/.img) file")
 
 
 def _first_line(error: Exception) -> str:
@@ -54,19 +61,10 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(raw voxels, affine) of a NIfTI file through nibabel; InputError on any failure."""
-    try:
-        image = nib.load(path)
-        dtype = image.get_data_dtype()
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        raise InputError(path, f"cannot be read as a NIfTI image ({_first_line(exc)})") from None
-    check_real_type(path, dtype)
-    try:
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:
-        raise InputError(path, f"voxel data cannot be read ({_first_line(exc)})") from None
-    return data, np.asarray(image.affine, dtype=np.float64)
+def nibabel_format(path) -> str | None:
+    """The name of the nibabel format ``path``'s suffix (any case) names, or None."""
+    name = os.fspath(path).lower()
+    return next((fmt for suffix, fmt in NIBABEL_FORMATS.items() if name.endswith(suffix)), None)
 
 
 def check_real_type(path, dtype: np.dtype) -> None:
@@ -80,36 +78,91 @@ def check_real_type(path, dtype: np.dtype) -> None:
         raise InputError(path, f"voxel type {dtype} is not a real number type")
 
 
+def _open_image(path: str):
+    """(grid shape, affine, read_voxels) of an image file, its header read (voxels not yet):
+    nibabel for NIfTI, MGH and Analyze, SimpleITK for NRRD and MetaImage; InputError naming
+    ``path`` when it is missing, a folder, of another type or unreadable."""
+    if not os.path.exists(path):
+        raise InputError(path, "file not found")
+    if os.path.isdir(path):
+        raise InputError(path, f"is a directory, expected {IMAGE_FILE_TYPES}")
+    if itk_suffix(path) is not None:
+        reader, shape, affine = itk_reader(path)
+
+        def read_voxels():
+            data = read_itk_voxels(path, reader)
+            check_real_type(path, data.dtype)
+            return data
+        return shape, affine, read_voxels
+    format_name = nibabel_format(path)
+    if format_name is None:
+        raise InputError(path, f"unknown image file type; expected {IMAGE_FILE_TYPES}")
+    article = "an" if format_name[0] in "AM" else "a"  # "an MGH", "an Analyze", "a NIfTI"
+
+    def unreadable(exc: Exception) -> InputError:
+        return InputError(path, f"cannot be read as {article} {format_name} image ({_first_line(exc)})")
+    try:
+        image = nib.load(path)
+        dtype = image.get_data_dtype()
+        shape = tuple(int(size) for size in image.shape)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise unreadable(exc) from None
+    check_real_type(path, dtype)
+
+    def read_voxels():
+        try:
+            return np.asanyarray(image.dataobj)
+        except Exception as exc:  # the data file of a pair can be missing or short
+            raise unreadable(exc) from None
+    return shape, affine, read_voxels
+
+
+def _grid_shape(path: str, shape, affine) -> tuple[int, int, int]:
+    """The 3D grid of a file's header (trailing axes of length 1, e.g. a 4D file with one time
+    point, carry no information and are dropped); InputError when it is not 3D, has an empty
+    axis, or a singular or non-finite affine."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3D image, got shape {shape}")
+    if min(shape) < 1:
+        raise InputError(path, f"image has an empty axis, shape {shape}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "the voxel-to-world affine is singular or not finite")
+    return shape
+
+
+def read_image_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(grid shape (I, J, K), RAS+ affine) of an image file from its header alone, with the
+    checks of :func:`read_image_file` that need no voxel (for checking many files before any
+    work: case indexes, batches)."""
+    path = os.fspath(path)
+    shape, affine, _ = _open_image(path)
+    return _grid_shape(path, shape, affine), affine
+
+
 def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(raw voxels (I, J, K), RAS+ affine) of an image file, by its suffix: NIfTI through
-    nibabel, NRRD and MetaImage through SimpleITK (:mod:`vbseg.itk_files`, LPS converted).
+    """(raw voxels (I, J, K), RAS+ affine) of an image file, by its suffix: NIfTI, MGH and
+    Analyze through nibabel, NRRD and MetaImage through SimpleITK (:mod:`vbseg.itk_files`, LPS
+    converted).
 
     The same checks for every format: InputError naming ``path`` when it is missing, a folder,
     of another type, unreadable, of a non-real voxel type, not 3D (trailing axes of length 1
     are dropped), empty, or with a singular or non-finite affine.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(path, "file not found")
-    if os.path.isdir(path):
-        raise InputError(path, f"is a directory, expected {IMAGE_FILE_TYPES}")
-    if itk_suffix(path) is not None:
-        data, affine = read_itk(path)
-        check_real_type(path, data.dtype)
-    elif path.lower().endswith(NIFTI_SUFFIXES):
-        data, affine = _read_nifti(path)
-    else:
-        raise InputError(path, f"unknown image file type; expected {IMAGE_FILE_TYPES}")
-    # Trailing singleton axes (e.g. a 4D file with one time point) carry no information.
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D image, got shape {tuple(data.shape)}")
-    if min(data.shape) < 1:
-        raise InputError(path, f"image has an empty axis, shape {tuple(data.shape)}")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(path, "the voxel-to-world affine is singular or not finite")
-    return data, affine
+    shape, affine, read_voxels = _open_image(path)
+    shape = _grid_shape(path, shape, affine)
+    return np.asarray(read_voxels()).reshape(shape), affine
+
+
+def read_label(path: str | os.PathLike, what: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """(mask (I, J, K) bool, affine) of a delineation file of any supported format: voxels > 0
+    are inside; InputError naming ``path`` when it cannot be read or holds NaN."""
+    values, affine = _read_finite(path, what)
+    return values > 0, affine
 
 
 def load_volume(path: str | os.PathLike, modality: str = "other", *, series_uid=None) -> Volume:
