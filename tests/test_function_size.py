@@ -22,9 +22,6 @@ JIT = ("a jax.jit kernel or the wrapper that passes its arguments through: array
        "in one object would hide which arguments are traced and which recompile")
 # "path::function": why it may exceed a limit
 REASONS: dict[str, str] = {
-    "vbseg/cli.py::_add_segment": "the segment subcommand's argparse declarations, one "
-                                  "add_argument per option in the order --help shows them: a "
-                                  "list, not logic",
     "vbseg/fitting.py::fit_potts": "the one numerical entry to the hidden Potts VB fits for the "
                                    "methods, benchmarks and tests: the model's settings as "
                                    "keywords with their documented defaults",

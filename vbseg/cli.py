@@ -86,6 +86,13 @@ def _weight(text):
 
 def _add_segment(sub):
     p = sub.add_parser("segment", help="segment one image or a co-registered stack")
+    for add in (_segment_inputs, _segment_model, _segment_seed_and_dicom, _segment_learned,
+                _segment_calibration):
+        add(p)  # in this order: the order --help lists them
+
+
+def _segment_inputs(p):
+    """The images, the batch index, the output folder, the modalities, the VOI and a reference."""
     p.add_argument("images", nargs="*", help="image files (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
                                              "MetaImage .mha/.mhd, MGH .mgz/.mgh, Analyze .hdr/.img) "
                                              "or DICOM series folders (PET in SUV); the first "
@@ -108,6 +115,9 @@ def _add_segment(sub):
                    help="reference delineation (non-zero = inside) on the first image's grid, or a "
                         "label mask on another grid (resampled by nearest neighbour): drawn in "
                         "overview.png, Dice of each contour in summary.json")
+
+def _segment_model(p):
+    """The model and its fit settings (SegmentOptions fields)."""
     p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
@@ -157,6 +167,9 @@ def _add_segment(sub):
                         "(a covariance across modalities; images must cover the whole VOI)")
     p.add_argument("--dof", dest="dof", type=float,
                    help="Student-t degrees of freedom with --emission student (default 4)")
+
+def _segment_seed_and_dicom(p):
+    """The seed and the DICOM inputs and outputs."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--series", action="append", default=None, metavar="UID",
                    help="Series Instance UID to read from a DICOM folder holding several series "
@@ -167,6 +180,9 @@ def _add_segment(sub):
     p.add_argument("--dicom-seg", action="store_true",
                    help="write prob_seg.dcm, a FRACTIONAL/PROBABILITY DICOM SEG of P(tumour) on the "
                         "first input's series (or on --rtstruct's when the first input is NIfTI)")
+
+def _segment_learned(p):
+    """What was learned from other cases: a population prior, a network, a locator, a map."""
     p.add_argument("--prior", dest="prior",
                    help="population prior learned from delineated cases (a JSON from vbseg fit-prior, "
                         "or 'sarcoma' for the packaged PET+CT+MR soft-tissue sarcoma prior)")
@@ -192,6 +208,9 @@ def _add_segment(sub):
                         "intensity_field.nii.gz")
     p.add_argument("--intensity-lengthscale", dest="intensity_lengthscale_mm", type=float, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
+
+def _segment_calibration(p):
+    """Conformal calibration and --overwrite."""
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="a calibration from 'vbseg calibrate' made with the same fit options, or a "
                         f"packaged one by name ({', '.join(PACKAGED_CALIBRATIONS)}): adds "
@@ -201,7 +220,6 @@ def _add_segment(sub):
     p.add_argument("--conformal-levels", default=None, metavar="PERCENT",
                    help="levels of the conformal outputs in percent, comma-separated (default 90,95)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-
 
 def _add_calibrate(sub):
     p = sub.add_parser("calibrate", help="conformal calibration of one model variant over cases "
