@@ -23,7 +23,7 @@ skips with a message when ../shared/data has no NEMA scan):
     python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_wall1.0,pv_wall1.5 \\
         --spheres 13,17,22 --out benchmarks/results/pv_nema
 Writes benchmarks/results/bench_pv.{json,md}. ``--beta auto`` (the beta grid weighted by
-exp(ELBO - log Z)) beside both, on fewer draws (about 40 s a fit on 2 cores):
+exp(ELBO - log Z)) beside both, on fewer draws (50-120 s a fit on 2 busy cores):
     python -m benchmarks.bench_pv --diameters 13,22 --contrasts 4,8 --seeds 6 \\
         --methods psf_fixed,pv_potts,pv_beta_auto --name bench_pv_beta
 which writes benchmarks/results/bench_pv_beta.{json,md}.
