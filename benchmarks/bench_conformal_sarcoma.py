@@ -1,6 +1,6 @@
 """Conformal volume intervals for the real sarcomas, out of sample on the committed 5 folds, for
-locate-potts (the real-sarcoma default; below) and for the default PET+CT+MR model (hidden
-Potts, PET deciding; ``vbseg segment pet ct mr --modality pet,ct,mr``) fitted once on each of
+locate-potts (the model the README recommends for sarcomas on PET/CT/MR; below) and for the
+default PET+CT+MR model (hidden Potts, PET deciding; ``vbseg segment pet ct mr --modality pet,ct,mr``) fitted once on each of
 the 21 sarcomas with its PET GTV as truth (``vbseg calibrate`` on
 benchmarks/configs/conformal_sarcoma.toml); for each fold of experiments/folds/sarcoma_5fold.json,
 the other four folds' cases calibrate (split conformal on the log-volume miss of the model's 95 %
@@ -11,8 +11,8 @@ calibration cases). The folds' calibration sets overlap, so the k/21 total is a 
 summary (as in CV+, Barber, Candes, Ramdas & Tibshirani, Ann. Stat. 2021), not one split's
 exact law. With n <= 17 the 95 % level (which needs n >= 19) is refused in every fold.
 
-locate-potts (issue 22's real-sarcoma default). The same study for ``--model locate-potts``
-(PET+CT+MR, a population prior as locator), whose prior is learned from cases, so every case's
+locate-potts (recommended for sarcomas; not the default model). The same study for
+``--model locate-potts`` (PET+CT+MR, a population prior as locator), whose prior is learned from cases, so every case's
 score must come from a fit whose prior never saw it: the scores are those of the packaged
 cross-fitted calibration ``vbseg/data/calibrations/sarcoma.json`` (``vbseg calibrate --folds``:
 each case fitted with its fold's prior, learned from the other four folds). Per fold the other
