@@ -1,31 +1,31 @@
 """Conformal volume intervals for the real sarcomas, out of sample on the committed 5 folds, for
 locate-potts (the model the README recommends for sarcomas on PET/CT/MR; below) and for the
-default PET+CT+MR model (hidden Potts, PET deciding; ``vbseg segment pet ct mr --modality pet,ct,mr``) fitted once on each of
-the 21 sarcomas with its PET GTV as truth (``vbseg calibrate`` on
-benchmarks/configs/conformal_sarcoma.toml); for each fold of experiments/folds/sarcoma_5fold.json,
-the other four folds' cases calibrate (split conformal on the log-volume miss of the model's 95 %
-interval; Vovk, Gammerman & Shafer 2005; Lei et al., JASA 2018) and the held-out fold's cases
-are tested. The model learns nothing from other cases, so each fold is an honest split: its
-held-out cases are covered with probability >= k/(n+1) under exchangeability (n = 16 or 17
-calibration cases). The folds' calibration sets overlap, so the k/21 total is a CV-style
-summary (as in CV+, Barber, Candes, Ramdas & Tibshirani, Ann. Stat. 2021), not one split's
-exact law. With n <= 17 the 95 % level (which needs n >= 19) is refused in every fold.
+default PET+CT+MR model (hidden Potts, PET deciding; ``vbseg segment pet ct mr --modality
+pet,ct,mr``) fitted once on each of the 21 sarcomas with its PET GTV as truth (``vbseg calibrate``
+on benchmarks/configs/conformal_sarcoma.toml); for each fold of
+experiments/folds/sarcoma_5fold.json, the other four folds' cases calibrate (split conformal on
+the log-volume miss of the model's 95 % interval; Vovk, Gammerman & Shafer 2005; Lei et al., JASA
+2018) and the held-out fold's cases are tested. The model learns nothing from other cases, so each
+fold is an honest split: its held-out cases are covered with probability >= k/(n+1) under
+exchangeability (n = 16 or 17 calibration cases). The folds' calibration sets overlap, so the k/21
+total is a CV-style summary (as in CV+, Barber, Candes, Ramdas & Tibshirani, Ann. Stat. 2021), not
+one split's exact law. With n <= 17 the 95 % level (which needs n >= 19) is refused in every fold.
 
-locate-potts (recommended for sarcomas; not the default model). The same study for
-``--model locate-potts`` (PET+CT+MR, a population prior as locator), whose prior is learned from cases, so every case's
-score must come from a fit whose prior never saw it: the scores are those of the packaged
-cross-fitted calibration ``vbseg/data/calibrations/sarcoma.json`` (``vbseg calibrate --folds``:
-each case fitted with its fold's prior, learned from the other four folds). Per fold the other
-folds' out-of-fold scores calibrate and the held-out fold is tested, as above. Besides, an
-all-cohort leave-one-out summary: each case against the quantile of the other 20 out-of-fold
+locate-potts (recommended for sarcomas; not the default model). The same study for ``--model
+locate-potts`` (PET+CT+MR, a population prior as locator), whose prior is learned from cases, so
+every case's score must come from a fit whose prior never saw it: the scores are those of the
+packaged cross-fitted calibration ``vbseg/data/calibrations/sarcoma.json`` (``vbseg calibrate
+--folds``: each case fitted with its fold's prior, learned from the other four folds). Per fold
+the other folds' out-of-fold scores calibrate and the held-out fold is tested, as above. Besides,
+an all-cohort leave-one-out summary: each case against the quantile of the other 20 out-of-fold
 scores (n = 20, so 95 % is defined). That is what the packaged calibration does for a new case
-(all 21 scores), but on the cohort its count says nothing: with distinct scores exactly
-ceil(21 (1 - alpha)) cases are covered, by construction; only its widths inform. Neither count
-has a finite-sample guarantee: the folds' scores come from different priors, each learned from
-cases of the other folds (the CV / jackknife-style setting of Barber, Candes, Ramdas &
-Tibshirani, Ann. Stat. 2021; their CV+, which fits each test case with every fold's prior,
-guarantees only 1 - 2 alpha - min(2(1 - 1/K)/(n/K + 1), (1 - K/n)/(K + 1)), 0.67 at 90 % with
-n = 21, K = 5, and needs a nested fit on the cohort itself, not run here).
+(all 21 scores), but on the cohort its count says nothing: with distinct scores exactly ceil(21
+(1-alpha)) cases are covered, by construction; only its widths inform. Neither count has a
+finite-sample guarantee: the folds' scores come from different priors, each learned from cases of
+the other folds (the CV / jackknife-style setting of Barber, Candes, Ramdas & Tibshirani, Ann.
+Stat. 2021; their CV+, which fits each test case with every fold's prior, guarantees only 1 - 2
+alpha - min(2(1 - 1/K)/(n/K + 1), (1 - K/n)/(K + 1)), 0.67 at 90 % with n = 21, K = 5, and needs a
+nested fit on the cohort itself, not run here).
 
 Scores. The default score, fixed before this study's coverage was seen, is the log-volume miss
 of the model's 95 % interval (what ``--calibration`` applies). A normalised score is reported
