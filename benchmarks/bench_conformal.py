@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.calibrate import calibrate
@@ -321,8 +322,6 @@ volume_draws = 500
 
 def clopper_pearson(k: int, n: int) -> list[float]:
     """The exact (Clopper-Pearson) 95 % CI of a binomial proportion k/n."""
-    from scipy.stats import binomtest
-
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
     return [float(ci.low), float(ci.high)]
 
