@@ -18,6 +18,11 @@ random splits compared with ceil((n+1)(1-alpha))/(n+1)"); disjoint calibration a
 Regenerate (seconds from the cached calibration, benchmarks/results/bench_conformal_calibration.json;
 delete it to refit the 72 phantoms, about 1 minute on 2 cores):
     python -m benchmarks.bench_conformal
+
+``--psf``: the packaged calibration pet-phantom-psf (the PSF model over scanner FWHM 4-8 mm,
+benchmarks/configs/conformal_phantoms_psf.toml) applied out of sample (:data:`PSF_DOC`), report
+bench_conformal_psf.md:
+    python -m benchmarks.bench_conformal --psf
 """
 
 from __future__ import annotations
@@ -30,10 +35,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.calibrate import calibrate
-from vbseg.calibration import load_calibration, strata_spec, stratum_of
+from vbseg.calibration import (
+    calibrate_stratum,
+    calibration_file,
+    load_calibration,
+    psf_range,
+    strata_spec,
+    stratum_of,
+)
 from vbseg.conformal import (
     MIN_STRATUM_CASES,
     conformal_quantile,
@@ -274,13 +287,145 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+PSF_DOC = """Out-of-sample coverage of the packaged calibration pet-phantom-psf (the PSF model given each
+case's scanner FWHM, calibrated on 90 phantoms over FWHM 4-8 mm, seed 0, Mondrian volume strata
+at 2 mL): new phantoms of the same spheres and contrasts with other noise draws (seeds 1-3) at
+FWHMs between the calibration's (4.5-7.5 mm, within the range; 216 cases) and, seeds 1-2, at 10
+mm (outside it, 36 cases: the shift that `vbseg segment --calibration pet-phantom-psf` refuses),
+each fitted with the PSF model given its true FWHM and scored in its own stratum against every
+calibration case of that stratum. Pooled coverage of the conformal 90 % and 95 % intervals with
+its exact Clopper-Pearson 95 % CI, against the value exchangeable cases would have (the mean
+over the test cases of k/(n+1), k = ceil((n+1)(1-alpha)) of their stratum's n), the model's own
+95 % interval for comparison, and the median width relative to the true volume V (all spheres;
+the issue's target spheres >= 13 mm at >= 4:1, target <= 25 %; target coverage of the 95 %
+interval 0.92-0.98). The test cases are fitted once and cached in
+benchmarks/results/bench_conformal_psf_<within|shift>.json (delete them to refit)."""
+PSF_CONFIG = Path(__file__).resolve().parent / "configs" / "conformal_phantoms_psf.toml"
+PSF_TESTS = {"within": ([4.5, 5.5, 6.5, 7.5], [1, 2, 3]), "shift": ([10.0], [1, 2])}
+PSF_REGENERATE = "python -m benchmarks.bench_conformal --psf"
+PSF_TEST_CONFIG = """[experiment]
+name = "conformal_phantoms_psf_{name}"
+description = "bench_conformal --psf test cases ({name})"
+
+[phantoms]
+diameters_mm = [10, 13, 17, 22, 28, 37]
+contrast = [2.0, 4.0, 8.0]
+cv = 0.10
+psf_fwhm_mm = {fwhms}
+seeds = {seeds}
+
+[model]
+psf_fwhm_mm = "phantom"
+volume_draws = 500
+"""
+
+
+def clopper_pearson(k: int, n: int) -> list[float]:
+    """The exact (Clopper-Pearson) 95 % CI of a binomial proportion k/n."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def psf_coverage(calibration: dict, cases: list[dict]) -> dict:
+    """Each test case scored in its own stratum of ``calibration`` (the stratum's calibrated
+    log-volume quantile at each level): pooled coverage with its Clopper-Pearson CI, coverage by
+    FWHM, and the median width / V of all cases and of the target spheres."""
+    spec = calibration["strata"]
+    strata = {}
+    for case in calibration["cases"]:
+        strata.setdefault(case["stratum"], []).append(case)
+    fitted = {label: calibrate_stratum(members, calibration["lambda_grid"], [100 * x for x in LEVELS])
+              for label, members in strata.items()}
+    labels = [stratum_of(case, spec) for case in cases]
+    score = np.array([case["volume_score"] for case in cases])
+    fwhm = np.array([case["case"]["spec"]["psf_fwhm_mm"] for case in cases])
+    model_hits = int(np.sum(score <= 0))
+    record = {"n": len(cases), "strata": {label: labels.count(label) for label in sorted(set(labels))},
+              "model_95": {"covered": model_hits, "coverage": model_hits / len(cases),
+                           "ci95": clopper_pearson(model_hits, len(cases))}}
+    for index, level in enumerate(LEVELS):
+        quantiles = np.array([fitted[label].quantiles[index] for label in labels])
+        hit = score <= quantiles
+        widths = np.concatenate([relative_widths([case], q) for case, q in zip(cases, quantiles)])
+        target = np.array([in_target(case) for case in cases])
+        exact = np.mean([conformal_rank(fitted[label].n, 1.0 - level) / (fitted[label].n + 1)
+                         for label in labels])
+        record[f"conformal_{round(level * 100)}"] = {
+            "covered": int(hit.sum()), "coverage": float(hit.mean()), "exact": float(exact),
+            "ci95": clopper_pearson(int(hit.sum()), len(cases)),
+            "coverage_by_fwhm": {f"{f:g}": float(hit[fwhm == f].mean()) for f in np.unique(fwhm)},
+            "median_width_rel": float(np.median(widths)),
+            "target_median_width_rel": float(np.median(widths[target])), "target_n": int(target.sum())}
+    return record
+
+
+def psf_markdown(record: dict) -> str:
+    calibration = record["calibration"]
+    low, high = calibration["psf_fwhm_mm_range"]
+    lines = [f"Calibration: {calibration['name']} ({calibration['n']} cases, FWHM {low:g}-{high:g} mm, "
+             f"strata {calibration['strata']}).", "",
+             "| test set | FWHM (mm) | seeds | n | interval | covered | coverage (95 % CI) | exact if "
+             "exchangeable | by FWHM | median width / V | target spheres: median width / V (n) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, test in record["tests"].items():
+        result = test["result"]
+        head = f"| {name} | {', '.join(f'{f:g}' for f in test['fwhm_mm'])} | {test['seeds']} | {result['n']} "
+        own = result["model_95"]
+        lines.append(f"{head}| model's own 95 % | {own['covered']} | {own['coverage']:.3f} "
+                     f"({own['ci95'][0]:.3f}-{own['ci95'][1]:.3f}) | | | | |")
+        for level in LEVELS:
+            row = result[f"conformal_{round(level * 100)}"]
+            by = ", ".join(f"{f}: {v:.2f}" for f, v in row["coverage_by_fwhm"].items())
+            lines.append(f"{head}| conformal {level:.0%} | {row['covered']} | {row['coverage']:.3f} "
+                         f"({row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}) | {row['exact']:.3f} | {by} | "
+                         f"{row['median_width_rel']:.3f} | {row['target_median_width_rel']:.3f} "
+                         f"({row['target_n']}) |")
+    within = record["tests"]["within"]["result"]["conformal_95"]
+    met_cov = 0.92 <= within["coverage"] <= 0.98
+    met_width = within["target_median_width_rel"] <= TARGET["max_width_rel"]
+    lines += ["", f"Issue's phantom target within the range: 95 % coverage in 0.92-0.98: "
+              f"**{'met' if met_cov else 'not met'}** ({within['coverage']:.3f}); median width <= 25 % of V "
+              f"for spheres >= 13 mm at >= 4:1: **{'met' if met_width else 'not met'}** "
+              f"({within['target_median_width_rel']:.3f}).", ""]
+    return "\n".join(lines)
+
+
+def psf_main(out: Path) -> int:
+    """bench_conformal --psf: :data:`PSF_DOC`."""
+    started = time.perf_counter()
+    with calibration_file("pet-phantom-psf") as path:
+        calibration = load_calibration(path)
+    tests = {}
+    for name, (fwhms, seeds) in PSF_TESTS.items():
+        cached = out / f"{NAME}_psf_{name}.json"
+        if not cached.exists():
+            config = out / f"{NAME}_psf_{name}.toml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(PSF_TEST_CONFIG.format(name=name, fwhms=fwhms, seeds=seeds))
+            calibrate(config, cached, progress=print, command=f"{PSF_REGENERATE} ({name})")
+        cases = load_calibration(cached)["cases"]
+        tests[name] = {"fwhm_mm": fwhms, "seeds": seeds, "result": psf_coverage(calibration, cases)}
+    record = {"machine": machine(), "wall_s": time.perf_counter() - started, "target": TARGET,
+              "calibration": {"name": "pet-phantom-psf", "n": len(calibration["cases"]),
+                              "psf_fwhm_mm_range": psf_range("pet-phantom-psf", calibration),
+                              "strata": calibration["strata"]["bins"]},
+              "tests": tests}
+    write_report(out, f"{NAME}_psf", record, PSF_DOC, psf_markdown(record),
+                 note=f"Regenerate: `{PSF_REGENERATE}`\n\n")
+    print(json.dumps(tests, indent=1)[:3000])
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--n-cal", type=int, default=36, help="calibration cases per split")
     parser.add_argument("--splits", type=int, default=SPLITS)
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--psf", action="store_true", help="the pet-phantom-psf calibration out of sample")
     args = parser.parse_args(argv)
+    if args.psf:
+        return psf_main(Path(args.out))
     started = time.perf_counter()
     cached = Path(args.out) / f"{NAME}_calibration.json"
     calibration = cached_calibration(cached, args.config, f"{REGENERATE} --config {args.config}")

@@ -285,6 +285,36 @@ def test_bench_conformal_mondrian_study_on_exchangeable_scores():
     assert set(small["refused"]) == {"volume <2 mL", "volume >=2 mL"}
 
 
+def test_bench_conformal_psf_coverage_against_exact_answers():
+    """psf_coverage on made-up scores: 19 calibration cases scoring 0.01..0.19 (one stratum)
+    give the 90 % quantile 0.18 (rank ceil(20 * 0.9) = 18) and the 95 % one 0.19 (rank 19); test
+    cases scoring 0.17, 0.185 and 0.2 are covered 1 and 2 times; each width / V is e^q - e^-q
+    for a zero-width model interval at V; the Clopper-Pearson bounds of 0/10 and 10/10 are
+    1 - 0.025^(1/10) and 0.025^(1/10) (tolerance 1e-9)."""
+    from benchmarks.bench_conformal import clopper_pearson, psf_coverage
+    from vbseg.calibration import strata_spec, stratify
+
+    def case(score, fwhm, diameter=17.0):
+        return {"name": f"c{score}", "volume_score": score, "lower_ml": 1.0, "upper_ml": 1.0, "true_ml": 1.0,
+                "floor_ml": 0.001, "mean_ml": 1.0, "fnr": [1.0, 0.0], "margin_mm": 1.0,
+                "case": {"spec": {"diameters_mm": diameter, "contrast": 4.0, "psf_fwhm_mm": fwhm}}}
+
+    calibration = stratify({"lambda_grid": [0.0, 1.0], "cases": [case(i / 100, 4.0) for i in range(1, 20)]},
+                           strata_spec(), "test")
+    result = psf_coverage(calibration, [case(0.17, 5.0), case(0.185, 5.0), case(0.2, 7.0, diameter=10.0)])
+    assert result["n"] == 3 and result["model_95"]["covered"] == 0
+    for level, q, covered, by_fwhm in ((90, 0.18, 1, {"5": 0.5, "7": 0.0}),
+                                       (95, 0.19, 2, {"5": 1.0, "7": 0.0})):
+        row = result[f"conformal_{level}"]
+        assert row["covered"] == covered and row["coverage_by_fwhm"] == by_fwhm
+        assert row["exact"] == pytest.approx((18 if level == 90 else 19) / 20, abs=1e-12)
+        assert row["median_width_rel"] == pytest.approx(np.exp(q) - np.exp(-q), abs=1e-9)
+        assert row["target_n"] == 2  # the 17 mm spheres at 4:1, not the 10 mm one
+        assert row["ci95"] == pytest.approx(clopper_pearson(covered, 3), abs=1e-12)
+    assert clopper_pearson(0, 10) == pytest.approx([0.0, 1 - 0.025 ** 0.1], abs=1e-9)
+    assert clopper_pearson(10, 10) == pytest.approx([0.025 ** 0.1, 1.0], abs=1e-9)
+
+
 def test_bench_conformal_sarcoma_fold_study():
     """Made-up scores on made-up folds: each held-out case is scored with the quantile of the
     other folds' cases (the largest when n <= 17 at 90 %), and 95 % is refused for n < 19."""

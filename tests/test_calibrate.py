@@ -29,8 +29,8 @@ from vbseg.calibration import (
 )
 from vbseg.conformal import conformal_quantile
 from vbseg.errors import InputError
-from vbseg.experiment import load_experiment
-from vbseg.options import SegmentOptions
+from vbseg.experiment import load_experiment, segment_kwargs
+from vbseg.options import SegmentOptions, default_beta
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.population import PACKAGED_PRIORS
 from vbseg.volume import sha256_file
@@ -424,3 +424,117 @@ def test_segment_with_the_sarcoma_calibration_on_a_phantom_crop(tmp_path):
                       other, "--calibration", "sarcoma", "--out", tmp_path / "refused")
     assert_refused(result, "sarcoma", "the prior file's sha256")
     assert not (tmp_path / "refused").exists()
+
+
+PSF_CONFIG = """
+[phantoms]
+diameters_mm = [10]
+contrast = 4.0
+psf_fwhm_mm = {fwhms}
+seeds = {seeds}
+
+[model]
+psf_fwhm_mm = {model}
+volume_draws = 200
+"""
+
+
+def psf_config(folder: Path, fwhms="[5.0, 7.0]", seeds="[3, 4]", model='"phantom"', name="psf.toml") -> Path:
+    path = folder / name
+    path.write_text(PSF_CONFIG.format(fwhms=fwhms, seeds=seeds, model=model))
+    return path
+
+
+def test_psf_phantom_setting_fits_each_case_with_its_own_fwhm(tmp_path):
+    experiment = load_experiment(psf_config(tmp_path))
+    assert [(run.case["spec"]["psf_fwhm_mm"], run.case["seed"]) for run in experiment.runs] == \
+        [(5.0, 3), (5.0, 4), (7.0, 3), (7.0, 4)]
+    for run in experiment.runs:
+        assert run.variant == {"psf_fwhm_mm": "phantom", "volume_draws": 200}
+        assert segment_kwargs(run.variant, run.case) == {"psf_fwhm_mm": run.case["spec"]["psf_fwhm_mm"],
+                                                         "volume_draws": 200}
+    assert segment_kwargs({"psf_fwhm_mm": 0}) == {"psf_fwhm_mm": None}
+    # without [phantoms] psf_fwhm_mm a phantom has the PhantomSpec default
+    plain = load_experiment(write_config(tmp_path, "plain.toml", 'psf_fwhm_mm = "phantom"'))
+    assert {segment_kwargs(run.variant, run.case)["psf_fwhm_mm"] for run in plain.runs} == {6.0}
+
+
+def test_psf_config_errors_are_one_line(tmp_path):
+    index = tmp_path / "cases.json"
+    index.write_text(json.dumps([{"case": "p1", "kind": "patient",
+                                  "modalities": {"pet": {"image": "p1.nii.gz", "label": "l1.nii.gz"}}}]))
+    real = tmp_path / "real.toml"
+    real.write_text(f'[real]\nindex = "{index}"\n\n[model]\npsf_fwhm_mm = "phantom"\n')
+    for config, phrases in (
+            (psf_config(tmp_path, model='"nominal"', name="a.toml"),
+             ("a.toml", "[model] psf_fwhm_mm: expected a number or \"phantom\"", "'nominal'")),
+            (psf_config(tmp_path, fwhms="[0.0, 6.0]", name="b.toml"),
+             ("b.toml", "[phantoms] psf_fwhm_mm: must be > 0 with [model] psf_fwhm_mm = \"phantom\"",
+              "got 0")),
+            (real, ("real.toml", "psf_fwhm_mm = \"phantom\": needs phantom cases only", "not p1")),
+            (psf_config(tmp_path, seeds="[1, 1]", name="c.toml"),
+             ("c.toml", "[phantoms] seeds: a list needs distinct seeds >= 0", "[1, 1]")),
+            (psf_config(tmp_path, seeds="[-1]", name="d.toml"), ("d.toml", "distinct seeds >= 0")),
+            (psf_config(tmp_path, seeds="0", name="e.toml"), ("e.toml", "[phantoms] seeds: must be >= 1")),
+            (psf_config(tmp_path, seeds='["x"]', name="f.toml"),
+             ("f.toml", "[phantoms] seeds: expected int"))):
+        out = tmp_path / "calibration.json"
+        assert_refused(main_cli("calibrate", config, "--out", out), *phrases)
+        assert not out.exists()
+
+
+def test_calibrate_over_a_psf_range_records_the_range(tmp_path):
+    config = psf_config(tmp_path)
+    out = tmp_path / "psf.json"
+    result = main_cli("calibrate", config, "--out", out)
+    assert result.returncode == 0, result.stderr
+    record = load_calibration(out)
+    assert record == json.loads(out.read_text())
+    assert record["psf_fwhm_mm_range"] == [5.0, 7.0] and record["psf_fwhm_mm_values"] == [5.0, 7.0]
+    assert record["options"]["psf_fwhm_mm"] == "phantom" and record["settings"]["psf_fwhm_mm"] == "phantom"
+    assert record["options"]["beta"] == default_beta(SegmentOptions(psf_fwhm_mm=6.0))
+    assert [(c["case"]["spec"]["psf_fwhm_mm"], c["case"]["seed"]) for c in record["cases"]] == \
+        [(5.0, 3), (5.0, 4), (7.0, 3), (7.0, 4)]
+    # a record with psf_fwhm_mm = "phantom" and no (or a bad) range is not a calibration
+    for bounds in (None, [7.0, 5.0], [0.0, 5.0], ["a", 5.0], [5.0]):
+        broken = {**record, "psf_fwhm_mm_range": bounds}
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps(broken))
+        with pytest.raises(InputError, match="broken.json: is not a vbseg calibration .psf_fwhm_mm = "
+                                             "\"phantom\" needs psf_fwhm_mm_range"):
+            load_calibration(path)
+
+
+def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(calibrated, tmp_path):
+    _, _, _, pet = calibrated
+    with calibration_file("pet-phantom-psf") as path:
+        record = load_calibration(path)
+    assert record["psf_fwhm_mm_range"] == [4.0, 8.0] and record["options"]["psf_fwhm_mm"] == "phantom"
+    assert record["command"] == ("vbseg calibrate benchmarks/configs/conformal_phantoms_psf.toml --strata "
+                                 "volume --volume-bins 2 --out vbseg/data/calibrations/pet-phantom-psf.json "
+                                 "--overwrite")
+    plan = plan_conformal("pet-phantom-psf", (90, 95), SegmentOptions(psf_fwhm_mm=4.0), ["pet"])
+    assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
+    assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
+    in_range = "calibrated for --psf-fwhm 4-8 mm (each case fitted with its scanner's FWHM), this run has "
+    for refused, phrases in (((), (in_range + "no --psf-fwhm",)),
+                             (("--psf-fwhm", "8.5"), (in_range + "--psf-fwhm 8.5",)),
+                             (("--psf-fwhm", "3.9"), (in_range + "--psf-fwhm 3.9",)),
+                             (("--psf-fwhm", "6", "--beta", "0.5"), ("option beta",))):
+        out = tmp_path / "refused"
+        result = main_cli("segment", pet, "--out", out, *refused, "--calibration", "pet-phantom-psf")
+        assert_refused(result, "pet-phantom-psf", *phrases)
+        assert not out.exists() or not any(out.iterdir())
+    # the calibration without a PSF term refuses --psf-fwhm as before
+    result = main_cli("segment", pet, "--out", tmp_path / "plain", "--psf-fwhm", "6", "--beta", "0.5",
+                      "--calibration", "pet-phantom")
+    assert_refused(result, "pet-phantom", "option psf_fwhm_mm = None, this run has 6.0")
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--psf-fwhm", "6.5", "--volume-draws", 200,
+                      "--calibration", "pet-phantom-psf", "--conformal-levels", "90")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    [entry] = summary["volume_ml_conformal"]
+    assert summary["conformal_calibration"]["path"] == "pet-phantom-psf"
+    assert entry["n"] == summary["conformal_calibration"]["strata"]["n"][entry["stratum"]]
+    assert entry["lower"] < summary["volume_ml"]["lower"] or entry["score"] <= 0

@@ -22,6 +22,7 @@ from vbseg.calibration import (
     MARGIN_CONTOUR_LEVEL,
     MODEL_CODE,
     MODEL_INTERVAL_LEVEL,
+    PHANTOM_PSF,
     SPLIT,
     case_scores,
     fit_identity,
@@ -32,7 +33,13 @@ from vbseg.calibration import (
 )
 from vbseg.cases import read_cases
 from vbseg.errors import InputError
-from vbseg.experiment import LEAVE_ONE_OUT, input_files, load_experiment, segment_kwargs
+from vbseg.experiment import (
+    LEAVE_ONE_OUT,
+    input_files,
+    load_experiment,
+    phantom_psf_mm,
+    segment_kwargs,
+)
 from vbseg.experiment_task import fit_case
 from vbseg.folds import fold_prior, load_folds
 from vbseg.options import SegmentOptions
@@ -57,6 +64,15 @@ def calibration_runs(config):
     if len(modality_sets) > 1:
         raise InputError(config, "cases have different modalities; a calibration is of one set")
     return experiment.runs, variant, list(modality_sets.pop()), experiment.index
+
+
+def psf_entries(runs, variant) -> dict:
+    """With ``[model] psf_fwhm_mm = "phantom"``: the FWHM range (mm) of the cases' scanner PSFs and
+    their values, which the record states and a new case's --psf-fwhm must lie in; else none."""
+    if variant.get("psf_fwhm_mm") != PHANTOM_PSF:
+        return {}
+    values = sorted({phantom_psf_mm(run.case) for run in runs})
+    return {"psf_fwhm_mm_range": [values[0], values[-1]], "psf_fwhm_mm_values": values}
 
 
 def attribution(runs, index) -> str:
@@ -161,7 +177,8 @@ def calibration_record(config, runs, variant, identity: dict, strata: dict, comm
         "config": str(Path(config).resolve()), "config_sha256": sha256_file(config),
         "vbseg_version": __version__, "source_digest": source_digest(),
         "model_digest": model_digest(), "model_code": list(MODEL_CODE),
-        "settings": variant, **identity, "scheme": scheme, "guarantee": scheme_guarantee(scheme),
+        "settings": variant, **identity, **psf_entries(runs, variant), "scheme": scheme,
+        "guarantee": scheme_guarantee(scheme),
         **({} if cross_fit is None else {"cross_fit": cross_fit}), "attribution": attribution(runs, index),
         "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
         "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,

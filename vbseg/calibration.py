@@ -79,7 +79,12 @@ DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,)}
 NO_STRATA = "all"  # the one stratum of a calibration without strata
 # calibrations shipped in vbseg/data/calibrations, named for --calibration NAME
 PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json",
+                         "pet-phantom-psf": "calibrations/pet-phantom-psf.json",
                          "sarcoma": "calibrations/sarcoma.json"}
+# [model] psf_fwhm_mm = "phantom" (vbseg.experiment): each phantom case is fitted with the PSF
+# model given its own scanner FWHM; its calibration records options.psf_fwhm_mm = "phantom" and
+# the FWHM range of its cases ("psf_fwhm_mm_range"), and a new case's --psf-fwhm must lie in it
+PHANTOM_PSF = "phantom"
 # How a calibration's scores were made (its "scheme"): SPLIT, every case fitted by the one model
 # that a new case is fitted by; CROSS_FIT, each case fitted by its fold's model (a prior learned
 # without its fold) while a new case is fitted by the model learned from every case
@@ -268,6 +273,7 @@ def load_calibration(path) -> dict:
     scheme = record.get("scheme", SPLIT)  # absent: made before cross-fitted calibrations existed
     if scheme not in (SPLIT, CROSS_FIT):
         raise InputError(path, f"calibration scheme {scheme!r}; this vbseg reads {SPLIT} and {CROSS_FIT}")
+    psf_range(path, record)
     return {**record, "scheme": scheme, "strata": _stored_strata(path, record.get("strata"))}
 
 
@@ -287,11 +293,34 @@ def _stored_strata(path, strata) -> dict:
         raise InputError(path, f"strata: {error.problem}") from None
 
 
+def psf_range(path, record: dict) -> list[float] | None:
+    """The FWHM range (mm) of a calibration over phantoms of several scanner PSFs
+    (options.psf_fwhm_mm = PHANTOM_PSF); None for any other. InputError when it lacks the range."""
+    if record.get("options", {}).get("psf_fwhm_mm") != PHANTOM_PSF:
+        return None
+    bounds = record.get("psf_fwhm_mm_range")
+    if not (isinstance(bounds, list) and len(bounds) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                    for x in bounds) and bounds[0] <= bounds[1]):
+        raise InputError(path, f"is not a vbseg calibration (psf_fwhm_mm = \"{PHANTOM_PSF}\" needs "
+                               "psf_fwhm_mm_range: [lowest, highest] mm > 0)")
+    return [float(x) for x in bounds]
+
+
 def check_identity(path, record: dict, identity: dict) -> None:
-    """InputError naming the first fit option, modality set or file hash that differs."""
+    """InputError naming the first fit option, modality set or file hash that differs (for a
+    calibration over a PSF range: --psf-fwhm outside it)."""
     if record.get("modalities") != identity["modalities"]:
         raise InputError(path, f"calibrated for modalities {record.get('modalities')}, this run has "
                                f"{identity['modalities']}")
+    bounds = psf_range(path, record)
+    if bounds is not None:
+        value = identity["options"]["psf_fwhm_mm"]
+        if value is None or not bounds[0] <= value <= bounds[1]:
+            given = "no --psf-fwhm" if value is None else f"--psf-fwhm {value:g}"
+            raise InputError(path, f"calibrated for --psf-fwhm {bounds[0]:g}-{bounds[1]:g} mm (each "
+                                   f"case fitted with its scanner's FWHM), this run has {given}")
+        identity = {**identity, "options": {**identity["options"], "psf_fwhm_mm": PHANTOM_PSF}}
     for group in ("options", "files"):
         calibrated = record.get(group, {})
         for key, value in identity[group].items():

@@ -13,7 +13,8 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     contrast = [2.0, 4.0]
     cv = [0.1]
     psf_fwhm_mm = 6.0
-    seeds = 3                         # noise draws per configuration (seeds 0..n-1)
+    seeds = 3                         # noise draws per configuration (seeds 0..n-1), or a list
+                                      # of seeds: [4, 5] (draws disjoint from seeds = 4's)
 
     [real]                            # cases from an index such as ../shared/data/cases.json
     index = "../../shared/data/cases.json"   # relative to the config file
@@ -24,7 +25,8 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     [model]                           # settings of vbseg.segment (see `vbseg segment --help`)
     name = "potts"
     beta = [0.5, 1.5, "auto"]
-    psf_fwhm_mm = [0, 6.0]            # 0: no PSF term
+    psf_fwhm_mm = [0, 6.0]            # 0: no PSF term; "phantom": each phantom case is fitted
+                                      # with its own [phantoms] psf_fwhm_mm (phantoms only)
     tumour_class = 1                  # cases without PET: which class (by mean in image 1) is tumour
     prior = "leave-one-out"           # or a prior JSON / "sarcoma": population priors; "leave-one-out"
                                       # learns each real case's prior from the experiment's other
@@ -53,10 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vbseg import __version__
+from vbseg.calibration import PHANTOM_PSF
 from vbseg.errors import InputError
 from vbseg.methods import get_method
 from vbseg.models.volume_error import MIN_CALIBRATION_CASES
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions
+from vbseg.phantoms import PhantomSpec
 from vbseg.population import PACKAGED_PRIORS, resolve_prior
 from vbseg.volume import read_image_grid
 
@@ -68,7 +72,7 @@ else:  # pragma: no cover
 SECTIONS = {"experiment", "phantoms", "real", "model", "sweep"}
 EXPERIMENT_KEYS = {"name": str, "description": str}
 PHANTOM_KEYS = {"diameters_mm": float, "contrast": float, "cv": float, "psf_fwhm_mm": float,
-                "noise": str, "seeds": int}
+                "noise": str, "seeds": (int, list)}
 REAL_KEYS = {"index": str, "cases": (str, list), "modalities": list, "kind": str}
 # config keys that name a SegmentOptions field differently
 KEY_ALIASES = {"model": "name", "num_classes": "classes"}
@@ -166,20 +170,32 @@ def _unknown(path, section, table, allowed):
             raise InputError(path, f"[{section}] {key}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
+def _phantom_seeds(path, value) -> list[int]:
+    """[phantoms] seeds: n (the noise draws 0..n-1) or a list of distinct seeds >= 0 (draws
+    disjoint from another config's)."""
+    if isinstance(value, list):
+        seeds = _axis(path, "[phantoms] seeds", value, int)
+        if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            raise InputError(path, f"[phantoms] seeds: a list needs distinct seeds >= 0, got {value!r}")
+        return seeds
+    count = check_scalar(path, "[phantoms] seeds", value, int)
+    if count < 1:
+        raise InputError(path, f"[phantoms] seeds: must be >= 1, got {count}")
+    return list(range(count))
+
+
 def _phantom_cases(path, table) -> list[dict]:
     _unknown(path, "phantoms", table, PHANTOM_KEYS)
     axes = {key: _axis(path, f"[phantoms] {key}", table[key], PHANTOM_KEYS[key])
             for key in ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise") if key in table}
     if "diameters_mm" not in axes:
         raise InputError(path, "[phantoms] diameters_mm: required")
-    seeds = check_scalar(path, "[phantoms] seeds", table.get("seeds", 1), int)
-    if seeds < 1:
-        raise InputError(path, f"[phantoms] seeds: must be >= 1, got {seeds}")
+    seeds = _phantom_seeds(path, table.get("seeds", 1))
     cases = []
     names = list(axes)
     for values in itertools.product(*axes.values()):
         spec = dict(zip(names, values))
-        for seed in range(seeds):
+        for seed in seeds:
             tag = "_".join(f"{k.split('_')[0]}{v:g}" if isinstance(v, float) else f"{k}{v}"
                            for k, v in spec.items())
             cases.append({"kind": "phantom", "name": f"phantom_{tag}_s{seed}", "spec": spec,
@@ -245,9 +261,21 @@ def _real_cases_for(path, table, index_path, by_name, modalities, tag) -> list[d
     return cases
 
 
+def _model_axis(path, key, value) -> list:
+    """A [model] setting's values; psf_fwhm_mm may also be PHANTOM_PSF (each phantom's own)."""
+    if key == "psf_fwhm_mm":
+        values = _axis(path, f"[model] {key}", value, (float, str))
+        for item in values:
+            if isinstance(item, str) and item != PHANTOM_PSF:
+                raise InputError(path, f"[model] psf_fwhm_mm: expected a number or \"{PHANTOM_PSF}\" "
+                                       f"(each phantom fitted with its own PSF), got {item!r}")
+        return values
+    return _axis(path, f"[model] {key}", value, MODEL_KEYS[key][1])
+
+
 def _variants(path, model, mode) -> list[dict]:
     _unknown(path, "model", model, MODEL_KEYS)
-    axes = {key: _axis(path, f"[model] {key}", value, MODEL_KEYS[key][1]) for key, value in model.items()}
+    axes = {key: _model_axis(path, key, value) for key, value in model.items()}
     for value in axes.get("beta", []):
         if isinstance(value, str) and value != "auto":
             raise InputError(path, f"[model] beta: expected a number or 'auto', got {value!r}")
@@ -327,9 +355,18 @@ def load_experiment(path) -> Experiment:
                       _real_index(path, config["real"]) if "real" in config else None)
 
 
-def segment_kwargs(variant: dict) -> dict:
-    """A variant's settings as ``vbseg.segment`` keywords (psf_fwhm_mm = 0 means no PSF term)."""
+def phantom_psf_mm(case: dict) -> float:
+    """The scanner PSF FWHM (mm) a phantom case was made with ([phantoms] psf_fwhm_mm or the
+    PhantomSpec default)."""
+    return float(case["spec"].get("psf_fwhm_mm", PhantomSpec.psf_fwhm_mm))
+
+
+def segment_kwargs(variant: dict, case: dict | None = None) -> dict:
+    """A variant's settings as ``vbseg.segment`` keywords (psf_fwhm_mm = 0 means no PSF term;
+    ``psf_fwhm_mm = "phantom"`` becomes ``case``'s own PSF, or stays as it is without a case)."""
     kwargs = {MODEL_KEYS[k][0]: v for k, v in variant.items()}
+    if kwargs.get("psf_fwhm_mm") == PHANTOM_PSF and case is not None:
+        kwargs["psf_fwhm_mm"] = phantom_psf_mm(case)
     if kwargs.get("psf_fwhm_mm") == 0:
         kwargs["psf_fwhm_mm"] = None
     return kwargs
@@ -338,6 +375,9 @@ def segment_kwargs(variant: dict) -> dict:
 def _check_variant(path, variant, cases):
     """Option values are checked by the same validation as ``vbseg segment`` (no files read)."""
     kwargs = segment_kwargs(variant)
+    if kwargs.get("psf_fwhm_mm") == PHANTOM_PSF:
+        _check_phantom_psf(path, cases)
+        kwargs["psf_fwhm_mm"] = phantom_psf_mm(cases[0])
     if "prior" in kwargs and kwargs.get("restarts", "full") != "full":
         raise InputError(path, "[model] restarts: does not apply with a prior (its fit starts "
                                "from the prior's classes, not k-means)")
@@ -364,6 +404,17 @@ def _check_variant(path, variant, cases):
                                            levels_percent=DEFAULT_LEVELS)
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
+
+
+def _check_phantom_psf(path, cases) -> None:
+    """[model] psf_fwhm_mm = "phantom" needs phantom cases only, each made with a PSF > 0."""
+    for case in cases:
+        if case["kind"] != "phantom":
+            raise InputError(path, f"[model] psf_fwhm_mm = \"{PHANTOM_PSF}\": needs phantom cases only "
+                                   f"(each fitted with its own scanner PSF), not {case['name']}")
+        if phantom_psf_mm(case) <= 0:
+            raise InputError(path, f"[phantoms] psf_fwhm_mm: must be > 0 with [model] psf_fwhm_mm = "
+                                   f"\"{PHANTOM_PSF}\" (the PSF model), got {phantom_psf_mm(case):g}")
 
 
 # --- where runs write -----------------------------------------------------------------------

@@ -115,7 +115,7 @@ def fit_case(run: Run, folder: Path, out: Path | None, experiment_out: Path | No
     outputs into ``out`` (None: none written); ``experiment_out`` holds the leave-one-out
     priors' cache."""
     images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, Path(folder))
-    kwargs = segment_kwargs(run.variant)
+    kwargs = segment_kwargs(run.variant, run.case)
     if kwargs.get("prior") == LEAVE_ONE_OUT:
         kwargs["prior"] = cohort(run.case, experiment_out).prior(run.case["index_case"])
     posterior = segment(images, out, modalities=modalities, seed=run.case["seed"], overwrite=True,
