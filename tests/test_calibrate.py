@@ -463,6 +463,8 @@ def test_psf_config_errors_are_one_line(tmp_path):
     index = tmp_path / "cases.json"
     index.write_text(json.dumps([{"case": "p1", "kind": "patient",
                                   "modalities": {"pet": {"image": "p1.nii.gz", "label": "l1.nii.gz"}}}]))
+    for name in ("p1.nii.gz", "l1.nii.gz"):  # real files: the index's files are checked first
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / name)
     real = tmp_path / "real.toml"
     real.write_text(f'[real]\nindex = "{index}"\n\n[model]\npsf_fwhm_mm = "phantom"\n')
     for config, phrases in (
