@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from test_cli import interrupted_at, main_cli
 
+from vbseg.errors import OutputError
 from vbseg.phantoms import make_cohort
+from vbseg.result_folder import output_files
 
 SWEEP = """
 [phantoms]
@@ -151,3 +153,18 @@ def test_ctrl_c_during_a_sweep_leaves_no_partial_run_and_it_resumes(configs, tmp
     assert result.returncode == 0, result.stderr
     records = [json.loads(p.read_text()) for p in out.glob("runs/*/result.json")]
     assert [r["status"] for r in records] == ["ok", "ok"] and hidden_files(out) == []
+
+
+def test_an_output_file_name_near_the_limit_gets_a_short_lock_and_one_over_it_one_line(tmp_path):
+    """An output name of 250 bytes is allowed, but ``.<name>.vbseg.lock`` would not be (262 >
+    255): the lock takes a hashed name, the file lands, nothing else is left. A name over the
+    limit is refused with OutputError before anything is written (it was an OSError)."""
+    long_name = "a" * 245 + ".json"
+    with output_files([tmp_path / long_name], [], False) as staging:
+        (staging / long_name).write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long_name]
+    too_long = "b" * 300 + ".json"
+    with pytest.raises(OutputError, match="longer than the file system allows"):
+        with output_files([tmp_path / too_long], [], False):
+            raise AssertionError("the block must not run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long_name]

@@ -43,6 +43,7 @@ Ctrl-C is held back for the final renames and the removal of the lock
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,18 @@ def _name_limits(existing: Path) -> tuple[int, int]:
     return limits[0], limits[1]
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists; OutputError for a dangling symbolic link on
+    the way."""
+    existing = path
+    # os.path's tests, not Path's: they answer False for a name too long instead of raising
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):
+            raise OutputError(existing, "is a dangling symbolic link (its target does not exist)")
+        existing = existing.parent
+    return existing
+
+
 def check_output_folder(out_dir) -> Path:
     """Refuse an output folder that is empty (""), a dangling symbolic link (or lies under one),
     a file (or lies under one), not writable, or a name longer than the file system allows;
@@ -79,12 +92,7 @@ def check_output_folder(out_dir) -> Path:
     if os.fspath(out_dir) == "":
         raise OutputError("--out", "is empty; name an output folder")
     out = Path(out_dir)
-    existing = out
-    # os.path's tests, not Path's: they answer False for a name too long instead of raising
-    while not os.path.exists(existing) and existing != existing.parent:
-        if os.path.islink(existing):
-            raise OutputError(existing, "is a dangling symbolic link (its target does not exist)")
-        existing = existing.parent
+    existing = existing_ancestor(out)
     name_max, path_max = _name_limits(existing)
     longest = max(len(os.fsencode(part)) for part in out.parts)
     if longest > name_max:
@@ -249,9 +257,14 @@ def result_folder(out, names, inputs, overwrite: bool, *, lock_name: str = LOCK_
                 shutil.rmtree(staging, ignore_errors=True)
 
 
-def file_lock_name(path) -> str:
-    """The lock of one output file: ``.<its name>.vbseg.lock`` beside it."""
-    return f".{Path(path).name}{LOCK_SUFFIX}"
+def file_lock_name(path, name_max: int = 255) -> str:
+    """The lock of one output file: ``.<its name>.vbseg.lock`` beside it, or, when that would be
+    longer than ``name_max`` bytes, ``.<sha256 of its name, 16 hex>.vbseg.lock``."""
+    name = Path(path).name
+    lock = f".{name}{LOCK_SUFFIX}"
+    if len(os.fsencode(lock)) <= name_max:
+        return lock
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}{LOCK_SUFFIX}"
 
 
 @contextlib.contextmanager
@@ -264,6 +277,11 @@ def output_files(paths, inputs, overwrite: bool):
     folder = paths[0].parent
     if any(path.parent != folder for path in paths):
         raise ValueError(f"output files in several folders: {paths}")
+    name_max = _name_limits(existing_ancestor(folder))[0]
+    for path in paths:
+        if len(os.fsencode(path.name)) > name_max:
+            raise OutputError(path, f"the file name is longer than the file system allows "
+                                    f"({len(os.fsencode(path.name))} bytes, at most {name_max})")
     with result_folder(folder, [path.name for path in paths], inputs, overwrite,
-                       lock_name=file_lock_name(paths[0]), previous_set=None) as staging:
+                       lock_name=file_lock_name(paths[0], name_max), previous_set=None) as staging:
         yield staging
