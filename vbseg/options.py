@@ -180,13 +180,6 @@ class SegmentOptions:
                       levels_percent=levels_percent, roi=roi, box=box)
 
 
-# the fields check_options reads, in the order it unpacks them
-CHECKED_FIELDS = ("model", "num_classes", "beta", "tumour_class", "volume_draws", "neighbourhood",
-                  "psf_fwhm_mm", "pet_noise", "sampler", "emission", "covariance", "dof",
-                  "checkpoint", "external_field", "field_weight", "intensity_field",
-                  "intensity_lengthscale_mm", "restarts", "fusion", "fraction_levels", "wall_mm")
-
-
 def fixed_beta(options: SegmentOptions) -> float:
     """The default fixed coupling: DEFAULT_BETA, or DEFAULT_BETA_PSF with a PSF."""
     return DEFAULT_BETA if options.psf_fwhm_mm is None else DEFAULT_BETA_PSF
@@ -203,32 +196,27 @@ def check_options(options: SegmentOptions, *, num_images, modalities, levels_per
     ``num_images`` inputs named ``modalities``; ``options`` with beta and fusion resolved (as
     :meth:`SegmentOptions.check` passes them). InputError names the option. The model's name
     is checked where it is looked up (:func:`vbseg.methods.get_method`)."""
-    (model, num_classes, beta, tumour_class, volume_draws, neighbourhood, psf_fwhm_mm, pet_noise,
-     sampler, emission, covariance, dof, checkpoint, external_field, field_weight, intensity_field,
-     intensity_lengthscale_mm, restarts, fusion, fraction_levels, wall_mm) = (
-        getattr(options, name) for name in CHECKED_FIELDS)
-    _check_fusion(fusion, model, modalities, covariance, intensity_field)
-    _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler, emission,
-                          covariance, external_field, intensity_field, restarts)
-    _check_intensity(model, intensity_field, intensity_lengthscale_mm, psf_fwhm_mm, sampler, emission,
-                     covariance, modalities, tumour_class)
-    if model in ("gp", "deep-gp"):
-        _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance)
-    _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight)
-    if not isinstance(num_classes, int) or not 2 <= num_classes <= 8:
-        raise InputError("--classes", f"must be an integer from 2 to 8, got {num_classes!r}")
+    _check_fusion(options, modalities)
+    _check_partial_volume(options, modalities)
+    _check_intensity(options, modalities)
+    if options.model in ("gp", "deep-gp"):
+        _check_gp(options, modalities)
+    _check_field(options, modalities)
+    if not isinstance(options.num_classes, int) or not 2 <= options.num_classes <= 8:
+        raise InputError("--classes", f"must be an integer from 2 to 8, got {options.num_classes!r}")
+    beta = options.beta
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
-        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {beta!r}")
-    if restarts not in RESTARTS:
-        raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {restarts!r}")
-    if restarts == "coarse" and model not in ("potts", "deep-potts"):
+        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {options.beta!r}")
+    if options.restarts not in RESTARTS:
+        raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {options.restarts!r}")
+    if options.restarts == "coarse" and options.model not in ("potts", "deep-potts"):
         raise InputError("--restarts", f"coarse restarts are for the hidden Potts fit (potts, "
-                                       f"deep-potts), not --model {model}")
-    if restarts == "coarse" and intensity_field is not None:
+                                       f"deep-potts), not --model {options.model}")
+    if options.restarts == "coarse" and options.intensity_field is not None:
         raise InputError("--restarts", "coarse restarts do not go with --intensity-field (its GP "
                                        "field lives on the image's grid)")
-    if neighbourhood not in NEIGHBOURHOODS:
-        raise InputError("--neighbourhood", f"must be 6 or 26, got {neighbourhood!r}")
+    if options.neighbourhood not in NEIGHBOURHOODS:
+        raise InputError("--neighbourhood", f"must be 6 or 26, got {options.neighbourhood!r}")
     if not levels_percent:
         raise InputError("--levels", "needs at least one level")
     for level in levels_percent:
@@ -246,44 +234,47 @@ def check_options(options: SegmentOptions, *, num_images, modalities, levels_per
             raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
     if "pet" not in modalities and roi is None and box is None:
         raise InputError("--roi/--box", NO_PET_NO_VOI)
-    if "pet" not in modalities and tumour_class is None:
+    if "pet" not in modalities and options.tumour_class is None:
         raise InputError(
             "--tumour-class",
             "required without a PET image: classes are numbered 0..K-1 by increasing mean in the "
-            f"first image; say which is tumour (e.g. --tumour-class {num_classes - 1} for the brightest)",
+            f"first image; say which is tumour (e.g. --tumour-class {options.num_classes - 1} for the "
+            "brightest)",
         )
-    if tumour_class is not None and not 0 <= tumour_class < num_classes:
-        raise InputError("--tumour-class", f"must be in 0..{num_classes - 1}, got {tumour_class}")
-    if not isinstance(volume_draws, int) or not 100 <= volume_draws <= MAX_VOLUME_DRAWS:
+    if options.tumour_class is not None and not 0 <= options.tumour_class < options.num_classes:
+        raise InputError("--tumour-class", f"must be in 0..{options.num_classes - 1}, "
+                                           f"got {options.tumour_class}")
+    if not isinstance(options.volume_draws, int) or not 100 <= options.volume_draws <= MAX_VOLUME_DRAWS:
         raise InputError("--volume-draws", f"must be an integer from 100 to {MAX_VOLUME_DRAWS}, "
-                                           f"got {volume_draws!r}")
+                                           f"got {options.volume_draws!r}")
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
-    if psf_fwhm_mm is not None:
-        if not np.isfinite(psf_fwhm_mm) or psf_fwhm_mm < 0:
-            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {psf_fwhm_mm!r}")
+    if options.psf_fwhm_mm is not None:
+        if not np.isfinite(options.psf_fwhm_mm) or options.psf_fwhm_mm < 0:
+            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {options.psf_fwhm_mm!r}")
         if "pet" not in modalities:
             raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
-    if sampler not in SAMPLERS:
-        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if pet_noise not in PET_NOISE_MODELS:
-        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, got {pet_noise!r}")
-    _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler)
+    if options.sampler not in SAMPLERS:
+        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}")
+    if options.pet_noise not in PET_NOISE_MODELS:
+        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, "
+                                        f"got {options.pet_noise!r}")
+    _check_emission(options, modalities)
 
 
-def _check_fusion(fusion, model, modalities, covariance, intensity_field):
-    if fusion not in FUSIONS:
-        raise InputError("--fusion", f"must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-    if fusion == "pet" and "pet" not in modalities:
+def _check_fusion(options, modalities):
+    if options.fusion not in FUSIONS:
+        raise InputError("--fusion", f"must be one of {', '.join(FUSIONS)}, got {options.fusion!r}")
+    if options.fusion == "pet" and "pet" not in modalities:
         raise InputError("--fusion", "pet needs a PET image, and no image is PET")
-    if fusion == "pet" and model not in FUSION_MODELS:
+    if options.fusion == "pet" and options.model not in FUSION_MODELS:
         raise InputError("--fusion", f"chooses the images of the label models and baselines, not of "
-                                     f"--model {model}")
-    if fusion == "pet" and intensity_field is not None and modalities[0] != "pet":
+                                     f"--model {options.model}")
+    if options.fusion == "pet" and options.intensity_field is not None and modalities[0] != "pet":
         raise InputError("--intensity-field", "is fitted on the first image, which --fusion pet leaves "
                                               "out of the likelihood (PET is not first); add --fusion "
                                               "joint or put PET first")
-    if fusion == "pet" and covariance == "full" and modalities.count("pet") < 2:
+    if options.fusion == "pet" and options.covariance == "full" and modalities.count("pet") < 2:
         raise InputError("--covariance", "full models how several images covary, and with --fusion pet "
                                          "only PET enters the likelihood (add --fusion joint)")
 
@@ -293,126 +284,134 @@ def levels_for(options: SegmentOptions) -> int:
     return DEFAULT_FRACTION_LEVELS if options.fraction_levels is None else options.fraction_levels
 
 
-def _check_partial_volume(model, fraction_levels, wall_mm, modalities, num_classes, sampler,
-                          emission, covariance, external_field, intensity_field, restarts):
+def _check_partial_volume(options, modalities):
     """--fraction-levels and --wall-mm belong to pv-potts, a two-class Gaussian model that draws
     its own joint samples (:mod:`vbseg.methods.pv_potts`)."""
-    if fraction_levels is not None:
-        if model != "pv-potts":
-            raise InputError("--fraction-levels", f"goes with --model pv-potts, not {model} (contour "
+    if options.fraction_levels is not None:
+        if options.model != "pv-potts":
+            raise InputError("--fraction-levels", f"goes with --model pv-potts, not {options.model} (contour "
                                                   "levels are --levels)")
-        if (isinstance(fraction_levels, bool) or not isinstance(fraction_levels, (int, np.integer))
-                or not 2 <= fraction_levels <= MAX_FRACTION_LEVELS):
+        levels = options.fraction_levels
+        if (isinstance(levels, bool) or not isinstance(levels, (int, np.integer))
+                or not 2 <= levels <= MAX_FRACTION_LEVELS):
             raise InputError("--fraction-levels", f"must be an integer from 2 to "
-                                                  f"{MAX_FRACTION_LEVELS}, got {fraction_levels!r}")
-    if wall_mm is not None:
-        if model != "pv-potts":
+                                                  f"{MAX_FRACTION_LEVELS}, got {options.fraction_levels!r}")
+    if options.wall_mm is not None:
+        if options.model != "pv-potts":
             raise InputError("--wall-mm", f"goes with --model pv-potts (a cold shell in its PET "
-                                          f"forward model), not {model}")
-        if (isinstance(wall_mm, bool) or not isinstance(wall_mm, (int, float, np.floating))
-                or not np.isfinite(wall_mm) or wall_mm < 0):
-            raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {wall_mm!r}")
+                                          f"forward model), not {options.model}")
+        if (isinstance(options.wall_mm, bool) or not isinstance(options.wall_mm, (int, float, np.floating))
+                or not np.isfinite(options.wall_mm) or options.wall_mm < 0):
+            raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {options.wall_mm!r}")
         if "pet" not in modalities:
             raise InputError("--wall-mm", "is a cold shell in the PET forward model, and no image is PET")
-    if model != "pv-potts":
+    if options.model != "pv-potts":
         return
-    if num_classes != 2:
-        raise InputError("--classes", f"pv-potts is a two-class (tumour fraction) model, got {num_classes}")
-    for flag, given in (("--sampler", sampler != "vb"), ("--emission", emission != "gaussian"),
-                        ("--covariance", covariance != "diagonal"),
-                        ("--external-field", external_field is not None),
-                        ("--intensity-field", intensity_field is not None),
-                        ("--restarts", restarts != "full")):
+    if options.num_classes != 2:
+        raise InputError("--classes", f"pv-potts is a two-class (tumour fraction) model, "
+                                      f"got {options.num_classes}")
+    for flag, given in (("--sampler", options.sampler != "vb"),
+                        ("--emission", options.emission != "gaussian"),
+                        ("--covariance", options.covariance != "diagonal"),
+                        ("--external-field", options.external_field is not None),
+                        ("--intensity-field", options.intensity_field is not None),
+                        ("--restarts", options.restarts != "full")):
         if given:
             raise InputError(flag, "does not apply to --model pv-potts (Gaussian diagonal emissions; "
                                    "its volume draws come from its own sampler)")
 
 
-def _check_field(model, modalities, tumour_class, checkpoint, external_field, field_weight):
-    if checkpoint is not None and model not in DEEP_MODELS + (LOCATE_MODEL,):
+def _check_field(options, modalities):
+    if options.checkpoint is not None and options.model not in DEEP_MODELS + (LOCATE_MODEL,):
         raise InputError("--checkpoint", f"goes with a deep model ({', '.join(DEEP_MODELS)}), "
-                                         f"not {model}")
-    if external_field is not None and model not in ("potts", "gp"):
-        raise InputError("--external-field", f"goes with --model potts or gp, not {model} (the "
+                                         f"not {options.model}")
+    if options.external_field is not None and options.model not in ("potts", "gp"):
+        raise InputError("--external-field", f"goes with --model potts or gp, not {options.model} (the "
                                              "deep models take the network's logits)")
-    if model in DEEP_MODELS and modalities[0] != "pet":
-        raise InputError("--model", f"{model} needs the first image to be PET (the networks take "
+    if options.model in DEEP_MODELS and modalities[0] != "pet":
+        raise InputError("--model", f"{options.model} needs the first image to be PET (the networks take "
                                     "pet; pet,ct; pet,ct,mr)")
-    uses_field = model in FIELD_MODELS or external_field is not None
-    if uses_field and modalities[0] != "pet" and tumour_class is None:
+    uses_field = options.model in FIELD_MODELS or options.external_field is not None
+    if uses_field and modalities[0] != "pet" and options.tumour_class is None:
         raise InputError("--tumour-class", "a prior log-odds map without a PET first image needs "
                                            "--tumour-class: the class that carries the map")
-    if field_weight != "auto" and (isinstance(field_weight, str) or not np.isfinite(field_weight)
-                                   or field_weight < 0):
-        raise InputError("--field-weight", f"must be 'auto' or a finite number >= 0, got {field_weight!r}")
-    if model == "deep-gp" and field_weight != "auto":
+    weight = options.field_weight
+    if weight != "auto" and (isinstance(weight, str) or not np.isfinite(weight) or weight < 0):
+        raise InputError("--field-weight", f"must be 'auto' or a finite number >= 0, "
+                                           f"got {options.field_weight!r}")
+    if options.model == "deep-gp" and options.field_weight != "auto":
         raise InputError("--field-weight", "the GP fit learns the weight; a fixed weight applies "
                                            "to Potts models")
 
 
-def _check_intensity(model, intensity_field, lengthscale_mm, psf_fwhm_mm, sampler, emission,
-                     covariance, modalities, tumour_class):
+def _check_intensity(options, modalities):
     """The GP intensity field lives in the PSF-free mean-field fit with Gaussian diagonal
     emissions (:mod:`vbseg.inference.intensity_field`)."""
-    if intensity_field is None:
-        if lengthscale_mm is not None:
+    if options.intensity_field is None:
+        if options.intensity_lengthscale_mm is not None:
             raise InputError("--intensity-lengthscale", "goes with --intensity-field")
         return
-    if intensity_field not in INTENSITY_FIELDS:
+    if options.intensity_field not in INTENSITY_FIELDS:
         raise InputError("--intensity-field", f"must be one of {', '.join(INTENSITY_FIELDS)}, "
-                                              f"got {intensity_field!r}")
-    if model not in ("potts", "deep-potts"):
-        raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {model}")
-    if lengthscale_mm is not None and (not isinstance(lengthscale_mm, (int, float))
-                                       or isinstance(lengthscale_mm, bool)
-                                       or not np.isfinite(lengthscale_mm) or lengthscale_mm <= 0):
-        raise InputError("--intensity-lengthscale", f"must be a number of mm > 0, got {lengthscale_mm!r}")
-    for flag, used in (("--psf-fwhm", psf_fwhm_mm is not None), ("--sampler gibbs", sampler == "gibbs"),
-                       ("--emission student", emission == "student"),
-                       ("--covariance full", covariance != "diagonal")):
+                                              f"got {options.intensity_field!r}")
+    if options.model not in ("potts", "deep-potts"):
+        raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {options.model}")
+    lengthscale = options.intensity_lengthscale_mm
+    if lengthscale is not None and (not isinstance(lengthscale, (int, float)) or isinstance(lengthscale, bool)
+                                    or not np.isfinite(lengthscale) or lengthscale <= 0):
+        raise InputError("--intensity-lengthscale", f"must be a number of mm > 0, got {lengthscale!r}")
+    for flag, used in (("--psf-fwhm", options.psf_fwhm_mm is not None),
+                       ("--sampler gibbs", options.sampler == "gibbs"),
+                       ("--emission student", options.emission == "student"),
+                       ("--covariance full", options.covariance != "diagonal")):
         if used:
             raise InputError("--intensity-field", f"cannot be combined with {flag}: the field is fitted "
                                                   "in the PSF-free mean-field model with Gaussian "
                                                   "(or log-normal PET) diagonal emissions")
-    if intensity_field == "tumour" and modalities[0] != "pet" and tumour_class is None:
+    if options.intensity_field == "tumour" and modalities[0] != "pet" and options.tumour_class is None:
         raise InputError("--intensity-field", "tumour needs PET as the first image (the hottest class "
                                               "is tumour) or --tumour-class")
 
 
-def _check_gp(modalities, num_classes, psf_fwhm_mm, sampler, emission, covariance):
+def _check_gp(options, modalities):
     """The GP logit field is a two-class model whose tumour class is the hotter one in image 1."""
     if not modalities or modalities[0] != "pet":
         raise InputError("--model", "gp needs PET as the first image (its tumour class is the hotter one)")
-    if num_classes != 2:
-        raise InputError("--classes", f"gp is a two-class model (tumour / background), got {num_classes}")
-    for flag, given in (("--psf-fwhm", psf_fwhm_mm is not None), ("--sampler", sampler != "vb"),
-                        ("--emission", emission != "gaussian"), ("--covariance", covariance != "diagonal")):
+    if options.num_classes != 2:
+        raise InputError("--classes", f"gp is a two-class model (tumour / background), "
+                                      f"got {options.num_classes}")
+    for flag, given in (("--psf-fwhm", options.psf_fwhm_mm is not None),
+                        ("--sampler", options.sampler != "vb"),
+                        ("--emission", options.emission != "gaussian"),
+                        ("--covariance", options.covariance != "diagonal")):
         if given:
             raise InputError(flag, "applies to --model potts; gp has Gaussian diagonal emissions, "
                                    "no PSF term and its own variational fit")
 
 
-def _check_emission(emission, covariance, dof, modalities, psf_fwhm_mm, sampler):
-    if emission not in EMISSION_OPTIONS:
-        raise InputError("--emission", f"must be one of {', '.join(EMISSION_OPTIONS)}, got {emission!r}")
-    if covariance not in COVARIANCES:
-        raise InputError("--covariance", f"must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
-    if not np.isfinite(dof) or dof <= 0:
-        raise InputError("--dof", f"must be a finite number > 0, got {dof!r}")
-    if emission == "student" and covariance == "full":
+def _check_emission(options, modalities):
+    if options.emission not in EMISSION_OPTIONS:
+        raise InputError("--emission", f"must be one of {', '.join(EMISSION_OPTIONS)}, "
+                                       f"got {options.emission!r}")
+    if options.covariance not in COVARIANCES:
+        raise InputError("--covariance", f"must be one of {', '.join(COVARIANCES)}, "
+                                         f"got {options.covariance!r}")
+    if not np.isfinite(options.dof) or options.dof <= 0:
+        raise InputError("--dof", f"must be a finite number > 0, got {options.dof!r}")
+    if options.emission == "student" and options.covariance == "full":
         raise InputError("--covariance", "full covariance is Gaussian; it cannot be combined "
                                          "with --emission student")
-    if emission == "lognormal" and "pet" not in modalities:
+    if options.emission == "lognormal" and "pet" not in modalities:
         raise InputError("--emission", "lognormal applies to PET images, and no image is PET")
-    if covariance == "full" and len(modalities) < 2:
+    if options.covariance == "full" and len(modalities) < 2:
         raise InputError("--covariance", "full needs two or more images (it models how they covary)")
-    if emission != "gaussian" or covariance != "diagonal":
-        chosen = f"--emission {emission}" if emission != "gaussian" else "--covariance full"
-        if psf_fwhm_mm is not None:
+    if options.emission != "gaussian" or options.covariance != "diagonal":
+        chosen = f"--emission {options.emission}" if options.emission != "gaussian" else "--covariance full"
+        if options.psf_fwhm_mm is not None:
             raise InputError("--psf-fwhm", f"the PSF likelihood is Gaussian in linear units; it "
                                            f"cannot be combined with {chosen} yet")
         # log-normal PET is the Gaussian model on log PET, which the Gaussian sampler draws
-        if sampler == "gibbs" and covariance == "full":
+        if options.sampler == "gibbs" and options.covariance == "full":
             raise InputError("--sampler", "gibbs samples diagonal-covariance models; it cannot be "
                                           "combined with --covariance full yet")
 
