@@ -116,6 +116,7 @@ def _segment_inputs(p):
                         "label mask on another grid (resampled by nearest neighbour): drawn in "
                         "overview.png, Dice of each contour in summary.json")
 
+
 def _segment_model(p):
     """The model and its fit settings (SegmentOptions fields)."""
     p.add_argument("--model", dest="model",
@@ -168,6 +169,7 @@ def _segment_model(p):
     p.add_argument("--dof", dest="dof", type=float,
                    help="Student-t degrees of freedom with --emission student (default 4)")
 
+
 def _segment_seed_and_dicom(p):
     """The seed and the DICOM inputs and outputs."""
     p.add_argument("--seed", type=int, default=0)
@@ -180,6 +182,7 @@ def _segment_seed_and_dicom(p):
     p.add_argument("--dicom-seg", action="store_true",
                    help="write prob_seg.dcm, a FRACTIONAL/PROBABILITY DICOM SEG of P(tumour) on the "
                         "first input's series (or on --rtstruct's when the first input is NIfTI)")
+
 
 def _segment_learned(p):
     """What was learned from other cases: a population prior, a network, a locator, a map."""
@@ -208,6 +211,7 @@ def _segment_learned(p):
                         "intensity_field.nii.gz")
     p.add_argument("--intensity-lengthscale", dest="intensity_lengthscale_mm", type=float, metavar="MM",
                    help="its length-scale in mm (default 60; keep it well above the lesion size)")
+
 
 def _segment_calibration(p):
     """Conformal calibration and --overwrite."""
