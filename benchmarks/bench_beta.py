@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine
-from vbseg.inference import beta as beta_estimation
 from vbseg.inference.chains import chain_diagnostics
-from vbseg.inference.gibbs import sample_potts_prior
-from vbseg.inference.meanfield import fit_hidden_potts_vb
-from vbseg.models.potts import NormalGammaPrior, neighbour_weights, potts_statistic
-from vbseg.volume import write_text_atomic
+from vbseg.io.volume import write_text_atomic
+from vbseg.potts import beta as beta_estimation
+from vbseg.potts.gibbs import sample_potts_prior
+from vbseg.potts.meanfield import fit_hidden_potts_vb
+from vbseg.potts.model import NormalGammaPrior, neighbour_weights, potts_statistic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BETAS = {2: (0.1, 0.2, 0.3, 0.4, 0.45), 3: (0.1, 0.2, 0.3, 0.4, 0.5, 0.55)}

@@ -17,7 +17,7 @@ Methods (each a ``vbseg.segment`` call on the saved PET):
 * ``nopsf_gibbs``: the same model sampled by checkerboard Gibbs from the VB start (whole
   label-field draws), on every ``--gibbs-every``-th draw;
 * ``psf_gibbs``: the PSF model (as ``psf_fixed``) sampled by the PSF-aware Gibbs sampler
-  (:mod:`vbseg.inference.gibbs_psf`: labels, class means and noise precisions drawn jointly,
+  (:mod:`vbseg.potts.gibbs_psf`: labels, class means and noise precisions drawn jointly,
   so the interval carries the trade-off between a lesion's size and its uptake that the
   mean-field factorisation drops), on the same draws as ``nopsf_gibbs``. Not in the default
   ``--methods`` (about 2 minutes per draw on 2 cores: 175 colours per sweep); its subset study
@@ -45,8 +45,8 @@ from scipy.stats import binomtest
 
 import vbseg
 from benchmarks.common import machine
+from vbseg.io.volume import save_nifti, write_text_atomic
 from vbseg.metrics import brier_score, dice, expected_calibration_error, interval_score, reliability
-from vbseg.volume import save_nifti, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIAMETERS = (10.0, 13.0, 17.0, 22.0, 28.0, 37.0)

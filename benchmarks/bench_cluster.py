@@ -22,10 +22,10 @@ from pathlib import Path
 import distributed
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.cluster import cluster_task, local_cluster, parse_cluster
-from vbseg.experiment import load_experiment
-from vbseg.experiment_runner import run_experiment
-from vbseg.results import load_records
+from vbseg.experiment.cluster import cluster_task, local_cluster, parse_cluster
+from vbseg.experiment.config import load_experiment
+from vbseg.experiment.results import load_records
+from vbseg.experiment.runner import run_experiment
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODES = (("--jobs 1", {"jobs": 1}), ("--jobs 2", {"jobs": 2}),

@@ -1,10 +1,10 @@
 """Population priors out of sample: leave-one-out over the delineated sarcomas.
 
-For each held-out case the population prior (vbseg.models.cohort; empirical Bayes,
-vbseg.inference.empirical_bayes) is learned from the other cases only — class statistics and
+For each held-out case the population prior (vbseg.cohort.model; empirical Bayes,
+vbseg.cohort.empirical_bayes) is learned from the other cases only — class statistics and
 beta (their constrained per-case fits use each case alone, so they are computed once) — and
 the held-out case is contoured with it through ``vbseg.segment(..., prior=...)``. The prior's
-volume-error model (vbseg.models.volume_error: located-or-missed mixture) uses the other
+volume-error model (vbseg.cohort.volume_error: located-or-missed mixture) uses the other
 cases' entries from one leave-one-out pass (case j contoured with the prior pooled from all
 but j: its volume, Dice, located or missed). Those priors include the held-out case as one of
 14 training cases, a small leak into the interval only (not into Dice or the probability
@@ -54,22 +54,22 @@ import numpy as np
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.cases import read_cases
-from vbseg.compilation_cache import enable_compilation_cache
-from vbseg.metrics import (
-    bootstrap_mean_ci,
-    dice,
-    expected_calibration_error,
-    interval_score,
-    surface_metrics,
-)
-from vbseg.population import (
+from vbseg.cohort.population import (
     DEFAULT_BACKGROUND_CLASSES,
     DEFAULT_TUMOUR_CLASSES,
     case_statistics,
     held_out_prior,
     leave_one_out_entries,
     load_training_case,
+)
+from vbseg.compilation_cache import enable_compilation_cache
+from vbseg.io.cases import read_cases
+from vbseg.metrics import (
+    bootstrap_mean_ci,
+    dice,
+    expected_calibration_error,
+    interval_score,
+    surface_metrics,
 )
 
 SHARED_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "cases.json"

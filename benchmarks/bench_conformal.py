@@ -38,8 +38,8 @@ import numpy as np
 from scipy.stats import binomtest
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.calibrate import calibrate
-from vbseg.calibration import (
+from vbseg.calibration.calibrate import calibrate
+from vbseg.calibration.calibration_file import (
     calibrate_stratum,
     calibration_file,
     load_calibration,
@@ -47,7 +47,7 @@ from vbseg.calibration import (
     strata_spec,
     stratum_of,
 )
-from vbseg.conformal import (
+from vbseg.calibration.conformal import (
     MIN_STRATUM_CASES,
     conformal_quantile,
     conformal_rank,

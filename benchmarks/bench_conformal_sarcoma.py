@@ -58,10 +58,10 @@ import numpy as np
 
 from benchmarks.bench_conformal import cached_calibration
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.calibration import CROSS_FIT, calibration_file, load_calibration, model_digest
-from vbseg.conformal import conformal_quantile, conformal_rank, conformal_volume_interval
+from vbseg.calibration.calibration_file import CROSS_FIT, calibration_file, load_calibration, model_digest
+from vbseg.calibration.conformal import conformal_quantile, conformal_rank, conformal_volume_interval
 from vbseg.errors import InputError
-from vbseg.folds import load_folds, training_cases
+from vbseg.experiment.folds import load_folds, training_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "benchmarks" / "configs" / "conformal_sarcoma.toml"

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment
-from vbseg.experiment_runner import run_experiment
-from vbseg.folds import AVID_MEAN_SUV, mean_gtv_suv
+from vbseg.experiment.config import load_experiment
+from vbseg.experiment.folds import AVID_MEAN_SUV, mean_gtv_suv
+from vbseg.experiment.results import load_records
+from vbseg.experiment.runner import run_experiment
 from vbseg.metrics import bootstrap_mean_ci
-from vbseg.results import load_records
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 NAME = "fusion_default"
@@ -40,7 +40,7 @@ RESAMPLES = 10_000
 
 
 def fdg_avid(index_path: Path, case: str) -> bool:
-    """Mean SUV inside the PET GTV >= AVID_MEAN_SUV (the split of vbseg.folds)."""
+    """Mean SUV inside the PET GTV >= AVID_MEAN_SUV (the split of vbseg.experiment.folds)."""
     entry = next(e for e in json.loads(index_path.read_text()) if e.get("case") == case)
     pet = entry["modalities"]["pet"]
     return mean_gtv_suv(index_path.parent / pet["image"], index_path.parent / pet["label"]) >= AVID_MEAN_SUV

@@ -43,14 +43,15 @@ import scipy.linalg
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.inference import gp_fit, gp_start
+from vbseg.gp import fit as gp_fit
+from vbseg.gp import start as gp_start
+from vbseg.gp.kernels import cholesky, stationary_kernel
+from vbseg.gp.model import FieldPrior, GPLogitModel, GridGP
 from vbseg.inference.svi import compile_and_run, fit_svi, steps_to_converge
+from vbseg.io.volume import save_nifti
 from vbseg.metrics import dice, expected_calibration_error
-from vbseg.models.gp import FieldPrior, GPLogitModel, GridGP
-from vbseg.models.gp_kernels import cholesky, stationary_kernel
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.prepare import standardise_features
-from vbseg.volume import save_nifti
 
 KERNEL = "matern32"
 CHUNK = 25
@@ -75,7 +76,7 @@ class DenseCovariance(eqx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class DenseGrid:
-    """Stands in for :class:`~vbseg.models.gp.GridGP` in the model: builds the dense factor."""
+    """Stands in for :class:`~vbseg.gp.model.GridGP` in the model: builds the dense factor."""
 
     grid_shape: tuple
     spacing_mm: tuple

@@ -3,7 +3,7 @@ is, with hidden Potts saying where its boundary lies (``--model locate-potts``),
 alone and SUV >= 2.5 on the real sarcomas?
 
 Folds: the committed ``experiments/folds/sarcoma_5fold.json`` (5 folds by case, stratified by
-FDG avidity, seeded; :mod:`vbseg.folds`). Every learned part is retrained per fold on the other
+FDG avidity, seeded; :mod:`vbseg.experiment.folds`). Every learned part is retrained per fold on the other
 four folds' cases only: a population prior (``vbseg fit-prior``'s model: 2 tumour + 4 background
 classes, empirical Bayes) on each modality set, and the PET + CT + MR 3D U-Net of
 ``experiments/train_pet_ct_mr.toml`` (synthetic patches, then fine-tuning mixed with the
@@ -17,7 +17,7 @@ Methods:
   which would cost 17 more fits per fold);
 * ``locate-potts (fold prior)``: the fold's prior locates, hidden Potts (PET decides, K = 2)
   delineates in a box 20 mm around the located regions with the prior's log-odds as the field,
-  its weight learned (:mod:`vbseg.methods.locate`);
+  its weight learned (:mod:`vbseg.potts.locate`);
 * PET + CT + MR only: ``cnn (fold network)``, the fold's network alone; ``locate-potts (fold
   network)``, the network as the locator; ``locate-potts (fold prior + network)``, both (the
   mean of their log-odds).
@@ -26,7 +26,7 @@ Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below); P
 PET alone on the shared crops (the prior learned on those images only).
 
 Scored on the PET grid against ``<case>_pet_label`` (an empty contour scores Dice 0 and HD95 the
-VOI diagonal) by the experiment runner (vbseg.experiment_runner); FDG-avid and faint cases
+VOI diagonal) by the experiment runner (vbseg.experiment.runner); FDG-avid and faint cases
 apart; paired percentile bootstrap by case (10,000 resamples, seed 0) against SUV >= 2.5 and
 against locate-potts.
 
@@ -70,14 +70,14 @@ import numpy as np
 
 from benchmarks.bench_fusion_default import case_of, fdg_avid, markdown_table, summarise
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment
-from vbseg.experiment_runner import run_experiment
-from vbseg.folds import AVID_MEAN_SUV, load_folds
-from vbseg.folds import fold_prior as learned_prior
-from vbseg.models.deep import load_checkpoint, save_checkpoint
-from vbseg.results import load_records
-from vbseg.training import load_settings, train
-from vbseg.writing import write_text_atomic
+from vbseg.deep.model import load_checkpoint, save_checkpoint
+from vbseg.deep.training import load_settings, train
+from vbseg.experiment.config import load_experiment
+from vbseg.experiment.folds import AVID_MEAN_SUV, load_folds
+from vbseg.experiment.folds import fold_prior as learned_prior
+from vbseg.experiment.results import load_records
+from vbseg.experiment.runner import run_experiment
+from vbseg.io.writing import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = (ROOT / "../shared/data/cases.json").resolve()

@@ -33,8 +33,8 @@ import numpy as np
 from benchmarks.bench_fusion_default import fdg_avid
 from benchmarks.bench_locate import FOLDS, INDEX
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.folds import load_folds
-from vbseg.methods.locate import located_regions
+from vbseg.experiment.folds import load_folds
+from vbseg.potts.locate import located_regions
 
 NAME = "bench_locate_switch"
 THRESHOLDS = (1.5, 2.0, 2.5, 3.0)

@@ -2,7 +2,7 @@
 
 With ``multiscale=True`` (``vbseg segment --restarts coarse``) ``fit_hidden_potts_vb`` runs its
 k-means restarts on a 2 x 2 x 2 coarser grid and continues one fine fit per distinct coarse
-solution (:mod:`vbseg.inference.multiscale`). The risk is a mode the coarse grid cannot see
+solution (:mod:`vbseg.potts.multiscale`). The risk is a mode the coarse grid cannot see
 (a lesion of about one coarse voxel) or one it favours that the full grid does not. For
 PET/CT phantoms over lesion sizes (10-37 mm spheres, a six-sphere NEMA-like ring and an
 irregular lesion with a necrotic core), contrasts 2:1-8:1 and noise CV 10-20 % (4 x 4 x 3 mm
@@ -31,9 +31,9 @@ import numpy as np
 from benchmarks.bench_potts import phantom_features, timed_runs
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.compilation_cache import enable_compilation_cache
-from vbseg.inference.meanfield import fit_hidden_potts_vb
 from vbseg.metrics import dice
-from vbseg.models.potts import DEFAULT_PRIOR, neighbour_weights
+from vbseg.potts.meanfield import fit_hidden_potts_vb
+from vbseg.potts.model import DEFAULT_PRIOR, neighbour_weights
 
 NUM_CLASSES = 3
 # two fits found the same solution when their 50 % tumour contours overlap at least this much

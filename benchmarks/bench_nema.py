@@ -53,8 +53,8 @@ import numpy as np
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
+from vbseg.io.volume import save_nifti
 from vbseg.metrics import dice, interval_score
-from vbseg.volume import save_nifti
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEVEL = 0.95

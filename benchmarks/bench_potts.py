@@ -6,7 +6,7 @@ resampled onto it; K = 3 classes, two modalities), measures on this machine:
 * VB (``fit_hidden_potts_vb``: 3 restarts, run to convergence): compile time and run time
   (median of ``--repeats`` runs), iterations; from ``--coarse-from`` (128) voxels per side on,
   also the opt-in restarts on a 2 x 2 x 2 coarser grid with one full-grid fit per distinct
-  coarse solution (vbseg.inference.multiscale; ``segment --restarts coarse``): run time, the
+  coarse solution (vbseg.potts.multiscale; ``segment --restarts coarse``): run time, the
   ratio, and its best ELBO minus the full-grid fit's (whether the two find the same solution
   over many phantoms: bench_multiscale);
 * the same mean-field algorithm written in NumPy (checkerboard sweeps, tied Normal-Gamma and
@@ -32,11 +32,11 @@ import numpy as np
 from scipy.special import digamma, gammaln, softmax
 
 from benchmarks.common import machine, write_report
-from vbseg.inference.gibbs import gibbs_hidden_potts
-from vbseg.inference.meanfield import fit_hidden_potts_vb, kmeans_labels, restart_levels
-from vbseg.models.potts import DEFAULT_PRIOR, NormalGammaPrior, neighbour_weights
+from vbseg.io.volume import resample_onto
 from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.volume import resample_onto
+from vbseg.potts.gibbs import gibbs_hidden_potts
+from vbseg.potts.meanfield import fit_hidden_potts_vb, kmeans_labels, restart_levels
+from vbseg.potts.model import DEFAULT_PRIOR, NormalGammaPrior, neighbour_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 3

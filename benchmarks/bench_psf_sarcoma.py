@@ -23,9 +23,9 @@ from pathlib import Path
 
 from benchmarks.bench_fusion_default import case_of, fdg_avid, markdown_table, summarise
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.experiment import load_experiment
-from vbseg.experiment_runner import run_experiment
-from vbseg.results import load_records
+from vbseg.experiment.config import load_experiment
+from vbseg.experiment.results import load_records
+from vbseg.experiment.runner import run_experiment
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "psf_sarcoma.toml"
 NAME = "psf_sarcoma"

@@ -42,9 +42,9 @@ from scipy.stats import binomtest
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
+from vbseg.io.volume import save_nifti
 from vbseg.metrics import dice, expected_calibration_error, interval_score
-from vbseg.models.psf import FWHM_TO_SIGMA
-from vbseg.volume import save_nifti
+from vbseg.potts.psf import FWHM_TO_SIGMA
 
 LEVEL = 0.95
 SUPERSAMPLE = 4

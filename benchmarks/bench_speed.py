@@ -24,8 +24,8 @@ from pathlib import Path
 
 import vbseg
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.baselines import BASELINES
-from vbseg.volume import save_nifti
+from vbseg.baselines.classic import BASELINES
+from vbseg.io.volume import save_nifti
 
 # name -> segment() keywords
 METHODS = {"potts": dict(model="potts"), "potts_psf": dict(model="potts", psf_fwhm_mm=6.0)}

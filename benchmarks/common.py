@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-from vbseg.volume import write_text_atomic
+from vbseg.io.volume import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

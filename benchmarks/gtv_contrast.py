@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.cases import read_cases
+from vbseg.io.cases import read_cases
 
 SHARED_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "cases.json"
 MODALITIES = ("pet", "ct", "mr")

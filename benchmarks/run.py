@@ -10,7 +10,7 @@ Runs, in one go and on one machine:
    contrasts, two noise draws each (exact truth, and the partial-volume fraction for calibration);
 4. ``benchmarks/bench_speed.py``: fit time against the number of voxels per method.
 
-Experiments go through the resumable runner (``vbseg.experiment``): an interrupted report run
+Experiments go through the resumable runner (``vbseg.experiment.config``): an interrupted report run
 resumes where it stopped. Each experiment's outputs land in ``results/experiments/<name>/``
 (``runs/`` holds the per-run folders and is not committed; ``results.csv``, ``results.md`` and
 ``records.json``, the full per-run records with reliability-bin sums that the paper figures
@@ -37,11 +37,11 @@ import numpy as np
 
 from benchmarks import bench_speed
 from benchmarks.common import RESULTS, machine
-from vbseg.experiment import load_experiment, tomllib
-from vbseg.experiment_runner import run_experiment
+from vbseg.experiment.config import load_experiment, tomllib
+from vbseg.experiment.results import load_records, variant_summary, write_tables
+from vbseg.experiment.runner import run_experiment
+from vbseg.io.volume import write_text_atomic
 from vbseg.metrics import bootstrap_mean_ci, calibration_error_of_bins, pooled_reliability
-from vbseg.results import load_records, variant_summary, write_tables
-from vbseg.volume import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"

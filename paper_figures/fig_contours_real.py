@@ -21,9 +21,9 @@ import numpy as np
 from scipy import ndimage
 
 from paper_figures.common import ROOT, MissingResults, figure_arguments, records, save
-from vbseg.orientation import to_ras
+from vbseg.io.orientation import to_ras
+from vbseg.io.volume import Volume, load_volume, resample_onto
 from vbseg.overview import LEVEL_COLOURS
-from vbseg.volume import Volume, load_volume, resample_onto
 
 LEVELS = (10, 50, 90)
 WINDOWS = {"pet": ("gray_r", (0.0, None)), "ct": ("gray", (-160.0, 240.0)), "mr": ("gray", (None, None))}

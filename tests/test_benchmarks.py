@@ -21,7 +21,7 @@ from benchmarks import (
     bench_pv,
     gtv_contrast,
 )
-from vbseg.conformal import volume_scores
+from vbseg.calibration.conformal import volume_scores
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -264,7 +264,7 @@ def test_bench_conformal_mondrian_study_on_exchangeable_scores():
     every stratum's tie-broken count lies in its exact 99 % band, the widths are reported for
     the target spheres only, and a strata choice that leaves a stratum too small is refused."""
     from benchmarks.bench_conformal import mondrian_study
-    from vbseg.calibration import strata_spec
+    from vbseg.calibration.calibration_file import strata_spec
 
     rng = np.random.default_rng(5)
     cases = []
@@ -292,7 +292,7 @@ def test_bench_conformal_psf_coverage_against_exact_answers():
     for a zero-width model interval at V; the Clopper-Pearson bounds of 0/10 and 10/10 are
     1 - 0.025^(1/10) and 0.025^(1/10) (tolerance 1e-9)."""
     from benchmarks.bench_conformal import clopper_pearson, psf_coverage
-    from vbseg.calibration import strata_spec, stratify
+    from vbseg.calibration.calibration_file import strata_spec, stratify
 
     def case(score, fwhm, diameter=17.0):
         return {"name": f"c{score}", "volume_score": score, "lower_ml": 1.0, "upper_ml": 1.0, "true_ml": 1.0,

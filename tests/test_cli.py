@@ -22,8 +22,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vbseg.io.volume import save_nifti
 from vbseg.phantoms import PhantomSpec, make_phantom
-from vbseg.volume import save_nifti
 
 BOX = "2:20,2:20,2:20"  # a volume of interest on the CT's grid (CT or MR alone needs one)
 OUTPUTS = ["prob.nii.gz", "contour_10.nii.gz", "contour_50.nii.gz", "contour_90.nii.gz",

@@ -17,10 +17,10 @@ import sys
 
 import numpy as np
 import pytest
-import test_cli
-from test_cli import digest, interrupted_at, main_cli
 
-from vbseg.volume import save_nifti
+from tests import test_cli
+from tests.test_cli import digest, interrupted_at, main_cli
+from vbseg.io.volume import save_nifti
 
 inputs = test_cli.inputs  # the fixture of the images and bad files, shared with test_cli
 RESULT_FILES = {"prob.nii.gz", "summary.json", "overview.png"}
@@ -114,7 +114,7 @@ def test_outputs_follow_the_umask(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
-    from vbseg.result_folder import LOCK_NAME, held_lock
+    from vbseg.io.result_folder import LOCK_NAME, held_lock
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True)
@@ -177,7 +177,7 @@ def test_version_and_the_whole_description_in_help():
 def test_overwrite_never_removes_an_input(tmp_path):
     """A stale contour of the previous result set that this run reads (say, as its --roi)
     stays; the other stale one goes, summary.json is replaced."""
-    from vbseg.result_folder import publish
+    from vbseg.io.result_folder import publish
 
     out, staging = tmp_path / "out", tmp_path / "out" / ".vbseg-partial-x"
     staging.mkdir(parents=True)

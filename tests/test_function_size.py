@@ -22,30 +22,30 @@ JIT = ("a jax.jit kernel or the wrapper that passes its arguments through: array
        "in one object would hide which arguments are traced and which recompile")
 # "path::function": why it may exceed a limit
 REASONS: dict[str, str] = {
-    "vbseg/fitting.py::fit_potts": "the one numerical entry to the hidden Potts VB fits for the "
+    "vbseg/potts/fitting.py::fit_potts": "the one numerical entry to the hidden Potts VB fits for the "
                                    "methods, benchmarks and tests: the model's settings as "
                                    "keywords with their documented defaults",
-    "vbseg/fitting.py::sample_potts": "the Gibbs counterpart of fit_potts, with the same keywords",
-    "vbseg/inference/exact.py::exact_collapsed_marginals": "the enumeration reference: every "
+    "vbseg/potts/fitting.py::sample_potts": "the Gibbs counterpart of fit_potts, with the same keywords",
+    "vbseg/potts/exact.py::exact_collapsed_marginals": "the enumeration reference: every "
                                                            "model parameter explicit, as the "
                                                            "samplers it checks take them",
-    "vbseg/inference/gibbs.py::gibbs_student_label_marginals": JIT,
-    "vbseg/inference/gibbs.py::gibbs_hidden_potts": JIT,
-    "vbseg/inference/gibbs_psf.py::psf_hidden_potts_gibbs": JIT,
-    "vbseg/inference/gibbs_psf.py::gibbs_hidden_potts_psf": JIT,
-    "vbseg/inference/gp_fit.py::_fit_program": JIT,
-    "vbseg/inference/gp_fit.py::_draw_program": JIT,
-    "vbseg/inference/gp_fit.py::fit_gp_logit": "the GP field fit's settings (kernel, structure, "
+    "vbseg/potts/gibbs.py::gibbs_student_label_marginals": JIT,
+    "vbseg/potts/gibbs.py::gibbs_hidden_potts": JIT,
+    "vbseg/potts/gibbs_psf.py::psf_hidden_potts_gibbs": JIT,
+    "vbseg/potts/gibbs_psf.py::gibbs_hidden_potts_psf": JIT,
+    "vbseg/gp/fit.py::_fit_program": JIT,
+    "vbseg/gp/fit.py::_draw_program": JIT,
+    "vbseg/gp/fit.py::fit_gp_logit": "the GP field fit's settings (kernel, structure, "
                                                "family, SVI, draws, priors) as keywords with "
                                                "their documented defaults",
-    "vbseg/inference/gp_fit.py::_method_strings": "puts each setting of fit_gp_logit into words "
+    "vbseg/gp/fit.py::_method_strings": "puts each setting of fit_gp_logit into words "
                                                   "for summary.json, as the fit received them",
-    "vbseg/inference/meanfield.py::coordinate_ascent": JIT,
-    "vbseg/inference/meanfield.py::_fit_one_start": JIT,
-    "vbseg/inference/meanfield.py::fit_hidden_potts_vb": JIT,
-    "vbseg/inference/meanfield_psf.py::fit_hidden_potts_vb_psf": JIT,
+    "vbseg/potts/meanfield.py::coordinate_ascent": JIT,
+    "vbseg/potts/meanfield.py::_fit_one_start": JIT,
+    "vbseg/potts/meanfield.py::fit_hidden_potts_vb": JIT,
+    "vbseg/potts/meanfield_psf.py::fit_hidden_potts_vb_psf": JIT,
     "vbseg/inference/svi.py::fit_svi": JIT,
-    "vbseg/models/potts.py::hidden_potts_model": "the NumPyro program: each observed array and "
+    "vbseg/potts/model.py::hidden_potts_model": "the NumPyro program: each observed array and "
                                                  "hyperparameter an argument, as numpyro's "
                                                  "inference utilities call it",
     "vbseg/pipeline.py::segment": "the public vbseg.segment: the inputs and outputs plus the "

@@ -8,7 +8,7 @@ Three rules keep the package layered (DESIGN.md, "Layout"; the architecture issu
 * **No private name across modules.** ``from vbseg.a import _b`` (or ``vbseg.a._b``) couples a
   caller to a helper its owner may change freely; a helper another module needs is public.
   A private name belongs to the module (or package) that defines it, and to that package's
-  own modules (``vbseg.dicom._deps`` is shared by ``vbseg.dicom.*`` only).
+  own modules (``vbseg.io.dicom._deps`` is shared by ``vbseg.io.dicom.*`` only).
 * **Imports inside functions only for optional extras,** each listed below with its reason, so
   that a deferred import is a decision, not a workaround for a cycle.
 """
@@ -58,7 +58,7 @@ class ImportSite:
 
 
 def module_name(path: Path) -> str:
-    """``vbseg/inference/meanfield.py`` -> ``vbseg.inference.meanfield``; a package's
+    """``vbseg/potts/meanfield.py`` -> ``vbseg.potts.meanfield``; a package's
     ``__init__.py`` is the package itself."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -289,11 +289,11 @@ def compare_with_known(found: dict, known: dict, what: str) -> None:
 
 
 def test_scanner_sees_the_package():
-    assert "vbseg.inference.meanfield" in MODULES and "vbseg.dicom" in MODULES
+    assert "vbseg.potts.meanfield" in MODULES and "vbseg.io.dicom" in MODULES
     assert strongly_connected_components({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
-    assert private_owner("vbseg.dicom._deps.require") == "vbseg.dicom"
-    assert not crosses_privacy("vbseg.dicom.series", "vbseg.dicom._deps.require")
-    assert crosses_privacy("vbseg.inference.svi", "vbseg.fitting._compile_and_run")
+    assert private_owner("vbseg.io.dicom._deps.require") == "vbseg.io.dicom"
+    assert not crosses_privacy("vbseg.io.dicom.series", "vbseg.io.dicom._deps.require")
+    assert crosses_privacy("vbseg.inference.svi", "vbseg.potts.fitting._compile_and_run")
 
 
 def test_no_import_cycles_among_vbseg_modules():

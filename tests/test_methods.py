@@ -1,6 +1,6 @@
 """The method registry (vbseg.methods): every way of segmenting is one registered method with
 one signature, listed for the CLI and the experiment runner; one summary.json builder; the
-README's worked example of adding a method (vbseg/methods/eanm41.py)."""
+README's worked example of adding a method (vbseg/baselines/eanm41.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 import vbseg
 from tests.test_cli import main_cli
-from vbseg.baselines import BASELINES
-from vbseg.deep_segment import NETWORK_BASELINES
+from vbseg.baselines.classic import BASELINES
+from vbseg.deep.segment import NETWORK_BASELINES
 from vbseg.errors import InputError
 from vbseg.methods import Method, MethodResult, build_summary, get_method, method_names, register
 from vbseg.methods.registry import REGISTRY
@@ -41,7 +41,7 @@ def test_cli_model_help_and_experiment_names_come_from_the_registry(tmp_path):
     result = main_cli("segment", "--help")
     for name in ("potts", "gp", "graphcut", "eanm41", "random_walker"):  # argparse wraps at hyphens
         assert name in result.stdout
-    from vbseg.experiment import load_experiment
+    from vbseg.experiment.config import load_experiment
 
     config = tmp_path / "c.toml"
     config.write_text('[phantoms]\ndiameters_mm = [17]\nseeds = 1\n[model]\nname = ["eanm41", "nope"]\n')
@@ -81,7 +81,7 @@ def test_one_summary_builder_records_inputs_voi_and_provenance(phantom_paths):
 
 def test_a_method_registered_by_a_new_module_runs_through_segment(phantom_paths, tmp_path):
     """What a contributor's module does: register, and segment() finds it by name."""
-    from vbseg.methods.baselines import map_result
+    from vbseg.baselines.method import map_result
 
     def run_half_max(prepared, options):
         pet = prepared.stack[..., 0]
@@ -99,7 +99,7 @@ def test_a_method_registered_by_a_new_module_runs_through_segment(phantom_paths,
 
 
 def test_the_readme_example_is_the_shipped_module():
-    """README's 'Extending vbseg' code is vbseg/methods/eanm41.py line for line (not a copy
+    """README's 'Extending vbseg' code is vbseg/baselines/eanm41.py line for line (not a copy
     that can drift)."""
     from pathlib import Path
 
@@ -107,6 +107,6 @@ def test_the_readme_example_is_the_shipped_module():
     readme = (root / "README.md").read_text()
     section = readme.split("## Extending vbseg", 1)[1]
     block = section.split("```python\n", 1)[1].split("```", 1)[0]
-    module = (root / "vbseg" / "methods" / "eanm41.py").read_text()
+    module = (root / "vbseg" / "baselines" / "eanm41.py").read_text()
     lines = [line for line in block.splitlines() if line.strip()]
     assert len(lines) >= 10 and all(line in module for line in lines)

@@ -70,7 +70,7 @@ def test_every_option_is_listed_once_and_reaches_the_cli_and_the_configs():
     import dataclasses
 
     from vbseg.cli import build_parser, option_values
-    from vbseg.experiment import MODEL_KEYS
+    from vbseg.experiment.config import MODEL_KEYS
     from vbseg.options import SegmentOptions
 
     names = {field.name for field in dataclasses.fields(SegmentOptions)}

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from vbseg.io.volume import Volume
 from vbseg.posterior import DisplayImage, Posterior
 from vbseg.readouts import contour_readouts, sphere_kernel, suv_peak, suvmean_draws
-from vbseg.volume import Volume
 
 SPACING = np.array([4.0, 4.0, 4.0])
 VOXEL_ML = 0.064

@@ -18,14 +18,14 @@ _EXPORTS = {
     "InputError": "vbseg.errors",
     "OutputError": "vbseg.errors",
     "VbsegError": "vbseg.errors",
-    "Volume": "vbseg.image",
+    "Volume": "vbseg.io.image",
     "Phantom": "vbseg.phantoms",
     "PhantomSpec": "vbseg.phantoms",
     "make_phantom": "vbseg.phantoms",
     "segment": "vbseg.pipeline",
     "Posterior": "vbseg.posterior",
-    "load_mask": "vbseg.volume",
-    "load_volume": "vbseg.volume",
+    "load_mask": "vbseg.io.volume",
+    "load_volume": "vbseg.io.volume",
 }
 
 __all__ = ["InputError", "OutputError", "Phantom", "PhantomSpec", "Posterior", "VbsegError", "Volume",
@@ -33,11 +33,11 @@ __all__ = ["InputError", "OutputError", "Phantom", "PhantomSpec", "Posterior", "
 
 if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from vbseg.errors import InputError, OutputError, VbsegError
-    from vbseg.image import Volume
+    from vbseg.io.image import Volume
+    from vbseg.io.volume import load_mask, load_volume
     from vbseg.phantoms import Phantom, PhantomSpec, make_phantom
     from vbseg.pipeline import segment
     from vbseg.posterior import Posterior
-    from vbseg.volume import load_mask, load_volume
 
 
 def __getattr__(name: str):

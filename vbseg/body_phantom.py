@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from vbseg.io.writing import save_nifti
 from vbseg.phantoms import FWHM_TO_SIGMA
-from vbseg.writing import save_nifti
 
 # (PET SUV, CT HU, T1 MR a.u.) of each tissue
 TISSUES = {

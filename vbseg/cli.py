@@ -24,24 +24,29 @@ from vbseg.interrupts import pause_point, report_interrupted
 # exit status 130 like Ctrl-C later (vbseg/__init__.py loads nothing heavy, so nothing before
 # this block takes long).
 try:
-    from vbseg.batch import DONE, FAILED, SKIPPED, run_batch
-    from vbseg.calibrate import calibrate
-    from vbseg.calibration import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
-    from vbseg.cluster import parse_cluster
+    from vbseg.calibration.calibrate import calibrate
+    from vbseg.calibration.calibration_file import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
+    from vbseg.cohort.population import fit_prior
+    from vbseg.cohort.volume_error import describe
     from vbseg.compilation_cache import enable_compilation_cache
-    from vbseg.dicom import check_dicom_outputs, convert_rtstruct, default_modalities, write_posterior_dicom
+    from vbseg.deep.training import train_from_config
     from vbseg.errors import InputError, VbsegError
-    from vbseg.experiment import default_output, load_experiment
-    from vbseg.experiment_runner import parse_shard, run_experiment
+    from vbseg.experiment.batch import DONE, FAILED, SKIPPED, run_batch
+    from vbseg.experiment.cluster import parse_cluster
+    from vbseg.experiment.config import default_output, load_experiment
+    from vbseg.experiment.runner import parse_shard, run_experiment
+    from vbseg.io.dicom import (
+        check_dicom_outputs,
+        convert_rtstruct,
+        default_modalities,
+        write_posterior_dicom,
+    )
+    from vbseg.io.result_folder import check_output_folder, check_outputs
     from vbseg.methods import method_names
     from vbseg.metrics import dice, expected_calibration_error
-    from vbseg.models.volume_error import describe
     from vbseg.options import SegmentOptions, check_seed
     from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
     from vbseg.pipeline import segment
-    from vbseg.population import fit_prior
-    from vbseg.result_folder import check_output_folder, check_outputs
-    from vbseg.training import train_from_config
     pause_point("import")
 except KeyboardInterrupt:
     sys.exit(report_interrupted())
@@ -241,10 +246,11 @@ def _add_calibrate(sub):
         p.add_argument(f"--{name}-bins", default=None, metavar=unit,
                        help=f"edges of the {name} strata ({unit}), comma-separated (default {default})")
     p.add_argument("--folds", default=None, metavar="FILE",
-                   help="cross-fitted calibration over these folds (python -m vbseg.folds): each case is "
-                        "fitted with a prior learned without its fold in place of the config's [model] "
-                        "prior, which must be the deployed prior learned from every case; the result is "
-                        "a cross-validation calibration, not split conformal (its guarantee says so)")
+                   help="cross-fitted calibration over these folds (python -m vbseg.experiment.folds): each "
+                        "case is fitted with a prior learned without its fold in place of the config's "
+                        "[model] prior, which must be the deployed prior learned from every case; the "
+                        "result is a cross-validation calibration, not split conformal (its guarantee "
+                        "says so)")
     p.add_argument("--fold-priors", dest="fold_priors", default=None, metavar="DIR",
                    help="with --folds: the folder of the fold priors fold<k>.json (fitted when absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -330,7 +336,7 @@ def _add_demo(sub):
 
 def _add_experiment(sub):
     p = sub.add_parser("experiment", help="run a TOML config: model variants x cases, resumable")
-    p.add_argument("config", help="experiment config (TOML; see vbseg/experiment.py)")
+    p.add_argument("config", help="experiment config (TOML; see vbseg/experiment/config.py)")
     p.add_argument("--out", default=None, help="output folder (default results/<config name>)")
     p.add_argument("--jobs", type=int, default=1, help="cases run in parallel processes here, no "
                                                        "Dask needed (default 1)")
@@ -364,7 +370,8 @@ def _run_experiment(args) -> int:
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train the 3D U-Net (deep prior) from a TOML config")
-    p.add_argument("config", help="training config (TOML; see vbseg/training.py, experiments/train_*.toml)")
+    p.add_argument("config", help="training config (TOML; see vbseg/deep/training.py, "
+                                  "experiments/train_*.toml)")
     p.add_argument("--out", default=None, help="checkpoint to write, PATH.eqx plus PATH.json "
                                                "(default results/<config name>.eqx)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")

@@ -1,6 +1,6 @@
 """The options of ``vbseg segment``: their defaults, and one validation of all of them (alone
 and in combination) that runs before any file is read (the output folder's checks are in
-:mod:`vbseg.result_folder`). Every problem is an InputError naming the option."""
+:mod:`vbseg.io.result_folder`). Every problem is an InputError naming the option."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import dataclasses
 
 import numpy as np
 
-from vbseg.baselines import BASELINES
-from vbseg.deep_segment import DEEP_MODELS, FIELD_MODELS
+from vbseg.baselines.classic import BASELINES
+from vbseg.deep.segment import DEEP_MODELS, FIELD_MODELS
 from vbseg.errors import InputError
-from vbseg.image import MODALITIES
-from vbseg.inference.beta import BETA_MAX
-from vbseg.inference.emissions import DEFAULT_STUDENT_DOF
-from vbseg.models.potts import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
-from vbseg.models.pv_potts import DEFAULT_FRACTION_LEVELS
+from vbseg.io.image import MODALITIES
 from vbseg.posterior import output_names
+from vbseg.potts.beta import BETA_MAX
+from vbseg.potts.emission_updates import DEFAULT_STUDENT_DOF
+from vbseg.potts.model import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
+from vbseg.pv_potts.model import DEFAULT_FRACTION_LEVELS
 
 # the Potts couplings used when none is given live beside the Potts model
 DEFAULT_BETA, DEFAULT_BETA_PSF = DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF
 # --beta auto: where the learned-beta fit starts. Below the critical coupling of the
 # 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
-# ordered state that the beta step would then confirm (see tests/test_beta.py).
+# ordered state that the beta step would then confirm (see tests/potts/test_beta.py).
 AUTO_BETA_START = 0.1
 EMISSION_OPTIONS = ("gaussian", "student", "lognormal")
 COVARIANCES = ("diagonal", "full")
@@ -43,10 +43,10 @@ PET_NOISE_MODELS = ("poisson", "constant")
 SAMPLERS = ("vb", "gibbs")
 # --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
 # "coarse" on a 2x2x2 coarser grid first, one full-grid fit per distinct solution
-# (vbseg.inference.multiscale; faster, but can end in other modes: bench_multiscale)
+# (vbseg.potts.multiscale; faster, but can end in other modes: bench_multiscale)
 RESTARTS = {"full": False, "coarse": True}
 # --intensity-field: which classes' first-modality mean carries a GP field
-# (vbseg.inference.intensity_field): every class (a bias field) or the tumour class
+# (vbseg.potts.intensity_field): every class (a bias field) or the tumour class
 INTENSITY_FIELDS = ("all", "tumour")
 # --fusion: which images enter the label model's likelihood. "pet": PET alone decides tumour and
 # background, the other images are loaded, checked and resampled but not modelled; "joint": every
@@ -56,7 +56,7 @@ INTENSITY_FIELDS = ("all", "tumour")
 # (sts001: 5.5 L against a 366 mL GTV; benchmarks/results/fusion_default.md). Without PET every
 # image enters (nothing else can decide). The models whose likelihood this chooses:
 FUSIONS = ("pet", "joint")
-# locate, then delineate (vbseg.methods.locate): a locator's map as the Potts model's field
+# locate, then delineate (vbseg.potts.locate): a locator's map as the Potts model's field
 LOCATE_MODEL = "locate-potts"
 FUSION_MODELS = ("potts", "pv-potts", "gp", LOCATE_MODEL) + FIELD_MODELS + BASELINES
 FUSION_PET_TEXT = (
@@ -102,16 +102,16 @@ class SegmentOptions:
         deep-gp, a baseline or a network baseline. num_classes: K.
     beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``; "auto":
         learned by variational EM with a pseudo-likelihood step (from AUTO_BETA_START;
-        :mod:`vbseg.inference.beta`), then kept for the PSF fit or sampler; with pv-potts, a
-        grid of fits weighted by exp(ELBO - log Z(beta)) (:mod:`vbseg.methods.pv_potts`).
+        :mod:`vbseg.potts.beta`), then kept for the PSF fit or sampler; with pv-potts, a
+        grid of fits weighted by exp(ELBO - log Z(beta)) (:mod:`vbseg.pv_potts.method`).
     neighbourhood: 6 or 26 (weights by inverse distance).
     restarts: where the Potts fit's k-means restarts run: "full" (the image's grid) or "coarse"
         (a 2x2x2 coarser grid, then one full-grid fit per distinct solution;
-        :mod:`vbseg.inference.multiscale`: faster on large grids, but it can end in another mode).
+        :mod:`vbseg.potts.multiscale`: faster on large grids, but it can end in another mode).
     tumour_class: class index that is tumour (required without PET).
     volume_draws: number of posterior volume draws.
     psf_fwhm_mm: the PET scanner's PSF FWHM in mm: PET images get the PSF-blurred likelihood
-        (:mod:`vbseg.inference.meanfield_psf`) and ``pet_noise`` says how PET noise varies:
+        (:mod:`vbseg.potts.meanfield_psf`) and ``pet_noise`` says how PET noise varies:
         "poisson" (variance proportional to the local mean) or "constant".
     sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
         (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
@@ -120,21 +120,21 @@ class SegmentOptions:
         (PET on the log scale); covariance: "diagonal" or "full" (a full covariance per class
         across the images; every image must cover the whole VOI).
     prior: a population prior (JSON path, "sarcoma" for the packaged one, or a
-        :class:`~vbseg.models.cohort.PopulationPrior`): the hidden Potts model with the prior's
-        classes, class priors and beta (:mod:`vbseg.population`).
+        :class:`~vbseg.cohort.model.PopulationPrior`): the hidden Potts model with the prior's
+        classes, class priors and beta (:mod:`vbseg.cohort.population`).
     checkpoint: the network of the deep models; default: the packaged one for the inputs.
     external_field: path of a prior log-odds map (NIfTI on the first image's grid) for potts or
         gp, added to the tumour class's prior with weight ``field_weight`` ("auto": learned).
     intensity_field: "all" or "tumour": a smooth GP field added to the first image's mean of
-        every class or of the tumour class (:mod:`vbseg.inference.intensity_field`), length-scale
+        every class or of the tumour class (:mod:`vbseg.potts.intensity_field`), length-scale
         ``intensity_lengthscale_mm`` (default 60 mm); saved as intensity_field.nii.gz.
     fusion: which images enter the label model's likelihood: "pet" or "joint"; None:
         :func:`default_fusion` (FUSION_PET_TEXT says why).
     locator, locate_margin_mm: the locator of ``locate-potts`` ("prior", "network" or "both";
         None: the prior when one is given or packaged for the inputs, else the network) and
-        the margin around its regions (None: 20 mm); :mod:`vbseg.methods.locate`.
+        the margin around its regions (None: 20 mm); :mod:`vbseg.potts.locate`.
     fraction_levels: pv-potts's number of tumour-fraction levels L (None: DEFAULT_FRACTION_LEVELS
-        with pv-potts; :mod:`vbseg.models.pv_potts`).
+        with pv-potts; :mod:`vbseg.pv_potts.model`).
     wall_mm: pv-potts: a cold shell of this thickness (mm) around the lesion in the PET forward
         model (NEMA IEC sphere walls; None: none).
     """
@@ -286,7 +286,7 @@ def levels_for(options: SegmentOptions) -> int:
 
 def _check_partial_volume(options, modalities):
     """--fraction-levels and --wall-mm belong to pv-potts, a two-class Gaussian model that draws
-    its own joint samples (:mod:`vbseg.methods.pv_potts`)."""
+    its own joint samples (:mod:`vbseg.pv_potts.method`)."""
     if options.fraction_levels is not None:
         if options.model != "pv-potts":
             raise InputError("--fraction-levels", f"goes with --model pv-potts, not {options.model} (contour "
@@ -346,7 +346,7 @@ def _check_field(options, modalities):
 
 def _check_intensity(options, modalities):
     """The GP intensity field lives in the PSF-free mean-field fit with Gaussian diagonal
-    emissions (:mod:`vbseg.inference.intensity_field`)."""
+    emissions (:mod:`vbseg.potts.intensity_field`)."""
     if options.intensity_field is None:
         if options.intensity_lengthscale_mm is not None:
             raise InputError("--intensity-lengthscale", "goes with --intensity-field")

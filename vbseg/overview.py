@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from vbseg.display_image import DisplayImage  # noqa: E402
-from vbseg.orientation import to_ras  # noqa: E402
+from vbseg.io.display_image import DisplayImage  # noqa: E402
+from vbseg.io.orientation import to_ras  # noqa: E402
 from vbseg.readouts import largest_region  # noqa: E402
 
 LEVEL_COLOURS = ("#00b0f0", "#ff8c00", "#e00000", "#2ca02c", "#9467bd", "#8c564b")

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from vbseg.image import Volume
-from vbseg.writing import save_nifti
+from vbseg.io.image import Volume
+from vbseg.io.writing import save_nifti
 
 NEMA_DIAMETERS_MM = (10.0, 13.0, 17.0, 22.0, 28.0, 37.0)
 NEMA_RING_RADIUS_MM = 57.2
@@ -300,7 +300,7 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> Phantom
     )
 
 
-# A known population for cohort tests (vbseg.models.cohort): four classes (tumour rim,
+# A known population for cohort tests (vbseg.cohort.model): four classes (tumour rim,
 # tumour core, fat, muscle) x (PET, CT, MR), in the cohort feature space (log SUV, HU / 100,
 # MR / 100). Each synthetic patient draws its class means around these with sd COHORT_SPREAD_SD.
 COHORT_MEANS = np.array([[1.8, 0.4, 3.0],     # tumour rim: SUV ~6, 40 HU, MR 300

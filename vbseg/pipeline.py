@@ -14,17 +14,17 @@ import contextlib
 import dataclasses
 import os
 
-from vbseg.calibration import DEFAULT_CONFORMAL_LEVELS, ConformalPlan, plan_conformal
+from vbseg.calibration.calibration_file import DEFAULT_CONFORMAL_LEVELS, ConformalPlan, plan_conformal
+from vbseg.cohort.method import check_prior_options
 from vbseg.errors import InputError
 from vbseg.interrupts import pause_point
+from vbseg.io.result_folder import result_folder
+from vbseg.io.volume import read_mask
 from vbseg.methods import Method, get_method, result_posterior
-from vbseg.methods.prior import check_prior_options
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
 from vbseg.posterior import Posterior, output_names
 from vbseg.prepare import prepare
-from vbseg.result_folder import result_folder
 from vbseg.trust import input_warnings
-from vbseg.volume import read_mask
 
 
 def check_distinct(images) -> None:
@@ -100,25 +100,25 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     """Segment one image or a co-registered stack; write the outputs into ``out`` if given.
 
     Args:
-        images: paths of NIfTI files or DICOM series folders (:mod:`vbseg.dicom`; PET in SUV);
+        images: paths of NIfTI files or DICOM series folders (:mod:`vbseg.io.dicom`; PET in SUV);
             the first defines the output grid, others are resampled onto it.
         out: output directory (None: nothing is written).
         modalities: one of pet/ct/mr/other per image; default pet for the first, other after
             (with a population prior: the prior's).
         roi: path of a mask on the first image's grid, or a label mask on another grid
-            (resampled onto it by nearest neighbour: :func:`vbseg.volume.read_mask`; summary.json's
+            (resampled onto it by nearest neighbour: :func:`vbseg.io.volume.read_mask`; summary.json's
             ``options.voi_resampled``); box: "i0:i1,j0:j1,k0:k1" (half-open).
         levels_percent: contour levels in percent.
         seed: seeds the volume draws (the fits themselves are deterministic).
         series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
         overwrite: replace the existing result set in ``out`` (its files this run does not
-            write are removed: :mod:`vbseg.result_folder`); title: the overview figure's title.
+            write are removed: :mod:`vbseg.io.result_folder`); title: the overview figure's title.
         also_write: ``also_write(posterior, folder)`` writes further files of the result set
             into ``folder`` (the CLI's DICOM outputs), before they all move into ``out``.
-        calibration: path of a calibration JSON (``vbseg calibrate``; :mod:`vbseg.calibration`)
-            made with these fit options: adds summary.json's ``volume_ml_conformal`` and the
-            contour_crc* / contour_margin* masks for each of ``conformal_levels_percent``
-            (default 90, 95).
+        calibration: path of a calibration JSON (``vbseg calibrate``;
+            :mod:`vbseg.calibration.calibration_file`) made with these fit options: adds
+            summary.json's ``volume_ml_conformal`` and the contour_crc* / contour_margin* masks
+            for each of ``conformal_levels_percent`` (default 90, 95).
         reference_mask: path of a reference delineation on the first image's grid (or a label
             on another grid, resampled like ``roi``): drawn in the overview, and summary.json's
             ``reference_mask`` records each contour's Dice and whether it was resampled.

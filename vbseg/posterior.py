@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vbseg.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
-from vbseg.image import Volume
+from vbseg.io.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
+from vbseg.io.image import Volume
+from vbseg.io.writing import save_nifti, sha256_file, write_text_atomic, write_with
 from vbseg.metrics import dice
 from vbseg.readouts import (
     POSTERIOR_NOTE,
@@ -29,7 +30,6 @@ from vbseg.readouts import (
     suvmean_draws,
 )
 from vbseg.trust import fit_warnings
-from vbseg.writing import save_nifti, sha256_file, write_text_atomic, write_with
 
 INDEPENDENT_DRAWS_METHOD = (
     "posterior draws of independent voxel labels from the mean-field marginals q_v "
@@ -104,7 +104,7 @@ class Posterior:
             first input alone).
         reference_mask: (I, J, K) bool reference delineation on the first grid, or None;
             reference_mask_path: its file; reference_mask_resampling: how it was put on the
-            first grid (:func:`vbseg.volume.read_mask`), None when it was on it. The overview
+            first grid (:func:`vbseg.io.volume.read_mask`), None when it was on it. The overview
             draws it and summary.json records the Dice of each contour with it.
     """
 

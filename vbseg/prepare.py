@@ -3,7 +3,7 @@ through world coordinates, the volume of interest built and cut out, each modali
 standardised. Every method of :mod:`vbseg.methods` starts from one :class:`Prepared`.
 
 The first image defines the output grid; the others are resampled onto it
-(:func:`vbseg.volume.resample_onto`); voxels outside an image's field of view are unobserved for
+(:func:`vbseg.io.volume.resample_onto`); voxels outside an image's field of view are unobserved for
 that image. The VOI is a mask (``roi``), a box of array index ranges (``box``) or the whole
 image; its bounding box is the crop a model is fitted on.
 """
@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 
 from vbseg.errors import InputError
-from vbseg.image import Volume, parse_box, resample_onto
-from vbseg.volume import load_volume, read_mask
+from vbseg.io.image import Volume, parse_box, resample_onto
+from vbseg.io.volume import load_volume, read_mask
 
 # Crops are padded up to a multiple of this many voxels per axis (padding lies outside the VOI),
 # so nearby crop sizes share one compiled program (the Potts and GP fits).
@@ -56,7 +56,7 @@ def load_inputs(images, modalities, roi=None, box=None, series_uid=None):
     Returns (volumes, voi (bool, first grid), channels [(I, J, K) float32 per image],
     coverage [bool per image: inside that image's field of view], resampled [bool per image],
     roi_resampling (how a label ``roi`` on another grid was put on the first, or None:
-    :func:`vbseg.volume.read_mask`)).
+    :func:`vbseg.io.volume.read_mask`)).
     """
     volumes = [load_volume(path, modality, series_uid=series_uid)
                for path, modality in zip(images, modalities)]

@@ -10,8 +10,8 @@ from importlib import metadata
 
 import numpy as np
 
+from vbseg.io.writing import sha256_file
 from vbseg.posterior import independent_label_draws
-from vbseg.writing import sha256_file
 
 PACKAGES = ("vbseg", "jax", "jaxlib", "numpyro", "numpy", "nibabel", "scipy", "matplotlib")
 

@@ -23,7 +23,7 @@ The checks read only the posterior and its record, so every model gets them:
   bound, so the data did not determine it (read from the fit's diagnostics, or from those of
   the first fit when a PSF fit or a sampler followed it).
 * ``learned-beta-rejected``: ``--beta auto`` was checked against the fit at the fixed default
-  beta and failed (``diagnostics.learned_beta``, :func:`vbseg.fitting.learned_or_fixed`), so
+  beta and failed (``diagnostics.learned_beta``, :func:`vbseg.potts.fitting.learned_or_fixed`), so
   the result is the fixed-beta fit's.
 
 Before the fit, :func:`input_warnings` adds what is implausible but not certainly wrong in the
@@ -79,7 +79,7 @@ def class_separation(means, sds, tumour_class: int) -> float | None:
 
 def input_warnings(levels_percent, volumes) -> list[dict]:
     """The input warnings of the module doc, for contour ``levels_percent`` and the loaded
-    ``volumes`` (:class:`vbseg.volume.Volume`)."""
+    ``volumes`` (:class:`vbseg.io.volume.Volume`)."""
     warnings = [_warning("level-below-1", f"contour level {level:g} is read as {level:g} % "
                                           f"(P(tumour) >= {level / 100:g}); for {level * 100:g} % "
                                           f"write {level * 100:g}")

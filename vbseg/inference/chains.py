@@ -8,10 +8,10 @@ a sampler is a :class:`SamplingAlgorithm`, a pair of pure functions
                                               target invariant; Info: what the sweep saw)
 
 with the model's fixed inputs (observations, coupling, weights, ROI) closed over. The kernels
-live with their samplers: checkerboard Gibbs (:mod:`vbseg.inference.gibbs`), Gibbs for the
-PSF model (:mod:`vbseg.inference.gibbs_psf`), Swendsen-Wang
-(:mod:`vbseg.inference.swendsen_wang`) and the Potts prior with random proportions
-(:mod:`vbseg.inference.potts_prior`). This module runs any of them: :func:`run_chain` scans
+live with their samplers: checkerboard Gibbs (:mod:`vbseg.potts.gibbs`), Gibbs for the
+PSF model (:mod:`vbseg.potts.gibbs_psf`), Swendsen-Wang
+(:mod:`vbseg.potts.swendsen_wang`) and the Potts prior with random proportions
+(:mod:`vbseg.potts.prior_sampler`). This module runs any of them: :func:`run_chain` scans
 ``step`` over an explicit array of sweep keys under ``jax.lax.scan`` (one compiled sweep body
 for burn-in and kept sweeps alike), and after each sweep calls a summary function
 

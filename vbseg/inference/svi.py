@@ -1,7 +1,7 @@
 """Stochastic variational inference for models with whitened Gaussian fields (optax, one jit).
 
 A model (a NumPyro program) has *field* sites, whitened latent fields with a standard normal
-prior eps ~ N(0, I) (the GP fields of :mod:`vbseg.models.gp`), and *hyper* sites, every other
+prior eps ~ N(0, I) (the GP fields of :mod:`vbseg.gp.model`), and *hyper* sites, every other
 latent site (length-scales, amplitudes, means, class parameters), continuous. The variational
 family is
 

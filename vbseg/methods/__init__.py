@@ -1,8 +1,10 @@
-"""Every way of segmenting, one module per family, each registering its methods
-(:mod:`vbseg.methods.registry`): :mod:`~vbseg.methods.potts` (potts, deep-potts),
-:mod:`~vbseg.methods.gp` (gp, deep-gp), :mod:`~vbseg.methods.baselines` (the baselines and the
-deep-uncertainty baselines), :mod:`~vbseg.methods.prior` (the population prior). A new method
-is a new module here that calls :func:`register`."""
+"""The method registry (:mod:`vbseg.methods.registry`) and what the label models share
+(:mod:`vbseg.methods.inputs`). The methods live with their model families and register
+themselves: :mod:`~vbseg.potts.method` (potts, deep-potts), :mod:`~vbseg.potts.locate`
+(locate-potts), :mod:`~vbseg.pv_potts.method` (pv-potts), :mod:`~vbseg.gp.method` (gp, deep-gp),
+:mod:`~vbseg.baselines.method` (the baselines and the deep-uncertainty baselines),
+:mod:`~vbseg.baselines.eanm41`, :mod:`~vbseg.cohort.method` (the population prior). A new method
+is a new module in its family's folder that calls :func:`register`."""
 
 from vbseg.methods.registry import (
     Method,

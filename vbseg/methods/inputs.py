@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from vbseg.deep_segment import FIELD_MODELS, map_prior_logit, network_prior_logit
+from vbseg.deep.segment import FIELD_MODELS, map_prior_logit, network_prior_logit
 from vbseg.options import FUSION_JOINT_TEXT, FUSION_PET_TEXT, default_fusion, fusion_columns
 from vbseg.prepare import Prepared
 

@@ -8,14 +8,15 @@ summary.json that are the method's own (options, parameters, diagnostics, ELBO, 
 modalities, the VOI, provenance), and :func:`result_posterior` the one place that turns a
 result into a :class:`~vbseg.posterior.Posterior`.
 
-Methods register themselves: each module of the :mod:`vbseg.methods` package calls
-:func:`register` when imported, and :func:`load_methods` imports every module of the package,
-so a new method is one new module there (plus its test). A method of one's own outside the
-package is a module that calls :func:`register`, named in ``$VBSEG_METHODS`` (comma-separated
-importable modules): :func:`load_methods` imports those too, in every process that looks a
-method up, so spawned ``--jobs`` processes and Dask workers (which inherit or are given the
-variable) know it as well. The CLI's ``--model`` choices and the experiment runner's model names
-come from :func:`method_names`.
+Methods register themselves: a module of a model family (:data:`METHOD_FAMILIES`:
+``vbseg/potts/``, ``vbseg/baselines/``, ...) calls :func:`register` when imported, and
+:func:`load_methods` imports every module of those packages, so a new method is one new module
+in its family (plus its test). A method of one's own outside the package is a module that
+calls :func:`register`, named in ``$VBSEG_METHODS`` (comma-separated importable modules):
+:func:`load_methods` imports those too, in every process that looks a method up, so spawned
+``--jobs`` processes and Dask workers (which inherit or are given the variable) know it as well.
+The CLI's ``--model`` choices and the experiment runner's model names come from
+:func:`method_names`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import Callable
 import numpy as np
 
 from vbseg.errors import InputError
+from vbseg.io.writing import save_nifti
 from vbseg.posterior import DisplayImage, Posterior, saved_posterior
 from vbseg.prepare import Prepared
 from vbseg.records import provenance, voi_text
-from vbseg.writing import save_nifti
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,12 +104,19 @@ def register(method: Method) -> Method:
 METHODS_ENV = "VBSEG_METHODS"
 
 
+# The model families whose modules register vbseg's own methods: every module of each is
+# imported (a new method in a family is one new module there; a method of your own goes in
+# $VBSEG_METHODS instead)
+METHOD_FAMILIES = ("vbseg.potts", "vbseg.pv_potts", "vbseg.gp", "vbseg.baselines", "vbseg.cohort")
+
+
 def load_methods() -> dict[str, Method]:
-    """Import every module of :mod:`vbseg.methods` and of ``$VBSEG_METHODS`` (each registers
-    its methods); the registry."""
-    package = importlib.import_module("vbseg.methods")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"vbseg.methods.{module.name}")
+    """Import every module of the packages in :data:`METHOD_FAMILIES` and of ``$VBSEG_METHODS``
+    (each registers its methods); the registry."""
+    for family in METHOD_FAMILIES:
+        package = importlib.import_module(family)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{family}.{module.name}")
     for name in filter(None, (n.strip() for n in os.environ.get(METHODS_ENV, "").split(","))):
         try:
             importlib.import_module(name)
