@@ -178,6 +178,7 @@ def test_overwrite_never_removes_an_input(tmp_path):
     """A stale contour of the previous result set that this run reads (say, as its --roi)
     stays; the other stale one goes, summary.json is replaced."""
     from vbseg.io.result_folder import publish
+    from vbseg.posterior import result_set_names
 
     out, staging = tmp_path / "out", tmp_path / "out" / ".vbseg-partial-x"
     staging.mkdir(parents=True)
@@ -186,7 +187,7 @@ def test_overwrite_never_removes_an_input(tmp_path):
         (out / name).write_text("previous")
     (staging / "summary.json").write_text("{}")
     (staging / "contour_50.nii.gz").write_text("new")
-    publish(staging, out, inputs=[out / "contour_90.nii.gz"], overwrite=True)
+    publish(staging, out, inputs=[out / "contour_90.nii.gz"], overwrite=True, previous_set=result_set_names)
     assert sorted(p.name for p in out.iterdir()) == [
         ".vbseg-partial-x", "contour_50.nii.gz", "contour_90.nii.gz", "summary.json"]
     assert (out / "summary.json").read_text() == "{}"

@@ -309,3 +309,27 @@ def test_imports_inside_functions_only_for_optional_extras():
     compare_with_known(deferred_imports(), KNOWN_DEFERRED_IMPORTS,
                        "imports inside functions without a stated reason (move them to the top "
                        "of the module, or state why in DEFERRED_IMPORT_REASONS)")
+
+
+# What vbseg/io (I/O at the bottom) may import from vbseg: itself, the error types and the
+# standard-library-only Ctrl-C helpers. A model, a method, the posterior or the CLI above it
+# would make reading a file depend on the models.
+IO_PACKAGE = "vbseg.io"
+IO_MAY_IMPORT = ("vbseg.io", "vbseg.errors", "vbseg.interrupts")
+
+
+def layer_violations(package: str, allowed: tuple[str, ...]) -> list[str]:
+    """``importer -> target`` for every import by a module of ``package`` of a vbseg module
+    outside ``allowed`` (each a module or a package prefix)."""
+    graph = vbseg_import_graph()
+    return sorted(f"{importer} -> {target}" for importer, targets in graph.items()
+                  if importer == package or importer.startswith(package + ".")
+                  for target in targets
+                  if not any(target == a or target.startswith(a + ".") for a in allowed))
+
+
+def test_io_imports_nothing_above_it():
+    assert layer_violations("vbseg.demo_layer", ()) == []  # an absent package has no imports
+    assert "vbseg.posterior -> vbseg.io.image" in layer_violations("vbseg.posterior", ("vbseg.metrics",))
+    violations = layer_violations(IO_PACKAGE, IO_MAY_IMPORT)
+    assert not violations, f"vbseg/io imports from above it: {violations}"

@@ -22,7 +22,7 @@ from vbseg.io.result_folder import result_folder
 from vbseg.io.volume import read_mask
 from vbseg.methods import Method, get_method, result_posterior
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
-from vbseg.posterior import Posterior, output_names
+from vbseg.posterior import Posterior, output_names, result_set_names
 from vbseg.prepare import prepare
 from vbseg.trust import input_warnings
 
@@ -138,7 +138,7 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
     if out is None:
         folder = contextlib.nullcontext(None)
     else:
-        folder = result_folder(out, plan.outputs, plan.inputs, overwrite)
+        folder = result_folder(out, plan.outputs, plan.inputs, overwrite, previous_set=result_set_names)
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
         check_psf_fits(options.psf_fwhm_mm, prepared.reference)

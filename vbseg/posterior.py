@@ -20,8 +20,10 @@ import numpy as np
 
 from vbseg.io.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
 from vbseg.io.image import Volume
+from vbseg.io.result_files import RTSTRUCT_NAME, SEG_NAME
 from vbseg.io.writing import save_nifti, sha256_file, write_text_atomic, write_with
 from vbseg.metrics import dice
+from vbseg.potts.intensity_field import INTENSITY_FILE
 from vbseg.readouts import (
     POSTERIOR_NOTE,
     READOUT_UNITS,
@@ -86,6 +88,21 @@ def output_names(levels_percent) -> list[str]:
         + [f"contour_{level:g}.nii.gz" for level in levels_percent]
         + ["summary.json", "overview.png"]
     )
+
+
+def result_set_names(folder: Path) -> set[str]:
+    """The names of the files a previous run may have written into ``folder``: the fixed ones,
+    the contours of the levels its summary.json records and the conformal contours it names."""
+    names = set(output_names([])) | {INTENSITY_FILE, RTSTRUCT_NAME, SEG_NAME}
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        names.update(output_names([float(level) for level in summary["levels_percent"]]))
+        # the conformal contours (vbseg.calibration.calibration_file) it names
+        names.update(entry[kind]["file"] for entry in summary.get("volume_ml_conformal", [])
+                     for kind in ("contour_crc", "contour_margin"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable previous summary: its contours are unknown, so none is removed
+    return names
 
 
 @dataclasses.dataclass(eq=False)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -53,9 +52,6 @@ from pathlib import Path
 
 from vbseg.errors import OutputError
 from vbseg.interrupts import interrupts_held, pause_point
-from vbseg.io.result_files import RTSTRUCT_NAME, SEG_NAME
-from vbseg.posterior import output_names
-from vbseg.potts.intensity_field import INTENSITY_FILE
 
 LOCK_NAME = ".vbseg.lock"
 LOCK_SUFFIX = ".vbseg.lock"
@@ -171,22 +167,7 @@ def held_lock(folder, name: str = LOCK_NAME):
             path.unlink(missing_ok=True)
 
 
-def result_set_names(folder: Path) -> set[str]:
-    """The names of the files a previous run may have written into ``folder``: the fixed ones,
-    the contours of the levels its summary.json records and the conformal contours it names."""
-    names = set(output_names([])) | {INTENSITY_FILE, RTSTRUCT_NAME, SEG_NAME}
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        names.update(output_names([float(level) for level in summary["levels_percent"]]))
-        # the conformal contours (vbseg.calibration.calibration_file) it names
-        names.update(entry[kind]["file"] for entry in summary.get("volume_ml_conformal", [])
-                     for kind in ("contour_crc", "contour_margin"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no readable previous summary: its contours are unknown, so none is removed
-    return names
-
-
-def publish(staging: Path, out: Path, inputs, overwrite: bool, previous_set=result_set_names) -> None:
+def publish(staging: Path, out: Path, inputs, overwrite: bool, previous_set=None) -> None:
     """Move every file of ``staging`` into ``out``, summary.json last; with ``overwrite``,
     remove the previous result set's files (``previous_set(out)``; None: no set) this run did
     not write (never an input)."""
@@ -234,13 +215,14 @@ def locked_folder(out, lock_name: str = LOCK_NAME):
 
 @contextlib.contextmanager
 def result_folder(out, names, inputs, overwrite: bool, *, lock_name: str = LOCK_NAME,
-                  previous_set=result_set_names):
+                  previous_set=None):
     """Yield a temporary folder inside ``out`` to write a result set into (module doc).
 
     Checks first that ``out`` can be a folder and that ``names`` (the files this run writes)
     may be written there (:func:`check_outputs`: not an input, not existing
     without ``overwrite``); takes the lock ``lock_name``; on success moves the files into place
-    (:func:`publish`; ``previous_set``: the previous set's files that ``overwrite`` removes).
+    (:func:`publish`; ``previous_set(out)``: the previous set's files that ``overwrite``
+    removes, e.g. :func:`vbseg.posterior.result_set_names`; None: none).
     On any error or Ctrl-C the temporary folder, the lock, and the folders this call created
     (when still empty) are removed.
     """
