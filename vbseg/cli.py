@@ -26,6 +26,7 @@ from vbseg.interrupts import pause_point, report_interrupted
 try:
     from vbseg.calibration.calibrate import calibrate
     from vbseg.calibration.calibration_file import DEFAULT_STRATA_BINS, PACKAGED_CALIBRATIONS, strata_spec
+    from vbseg.cohort.method_error import CALIBRATED_METHODS, check_calibrate_methods, method_calibrations
     from vbseg.cohort.population import fit_prior
     from vbseg.cohort.volume_error import describe
     from vbseg.compilation_cache import enable_compilation_cache
@@ -279,20 +280,36 @@ def _add_fit_prior(sub):
                         "K x K class-interaction matrix (matrix)")
     p.add_argument("--attribution", default="", help="credit line stored in the prior (default: the cases' "
                                                     "'licence' entries in CASES.json)")
+    p.add_argument("--calibrate-method", dest="calibrate_methods", action="append", default=[],
+                   metavar="METHOD", help="also learn the volume error of this method with the prior "
+                                          "(each training case segmented by it with the prior learned "
+                                          "from the others; its own intervals then carry it): "
+                                          f"{', '.join(CALIBRATED_METHODS)}; may be repeated")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _run_fit_prior(args) -> None:
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
     modalities = [m.strip().lower() for m in args.modalities.split(",") if m.strip()]
-    prior = fit_prior(args.cases, modalities, args.out, names=names, num_tumour=args.tumour_classes,
-                      num_background=args.background_classes, overwrite=args.overwrite,
-                      attribution=args.attribution, interaction=args.interaction == "matrix",
-                      progress=print, command=command_line(args))
+    methods = check_calibrate_methods(args.calibrate_methods)
+    interaction = args.interaction == "matrix"
+
+    def method_errors(cases, training, stats):
+        return method_calibrations(methods, cases, training, stats, modalities,
+                                   num_tumour=args.tumour_classes, interaction=interaction,
+                                   progress=print)
+
+    prior = fit_prior(args.cases, modalities, args.out, names=names,
+                      classes=(args.tumour_classes, args.background_classes), overwrite=args.overwrite,
+                      attribution=args.attribution, interaction=interaction,
+                      progress=print, command=command_line(args),
+                      method_errors=method_errors if methods else None)
     coupling = ("a K x K interaction matrix" if prior.interaction is not None
                 else f"beta {prior.beta:.2f}")
     print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); {coupling}; "
           f"{describe(prior.volume_calibration)}; written to {args.out}")
+    for method, calibration in prior.method_calibrations.items():
+        print(f"{method}: {describe(calibration)}")
 
 
 def _add_convert(sub):

@@ -192,7 +192,10 @@ def test_packaged_sarcoma_prior_matches_its_recorded_command():
     num_background = len(prior.class_names) - prior.num_tumour
     assert prior.training_digest == training_digest(prior.cases, prior.modalities, prior.num_tumour,
                                                     num_background, prior.interaction is not None,
-                                                    prior.volume_calibration is not None)
+                                                    prior.volume_calibration is not None,
+                                                    sorted(prior.method_calibrations))
+    learned = {words[i + 1] for i, word in enumerate(words) if word == "--calibrate-method"}
+    assert learned == set(prior.method_calibrations)  # the methods' volume errors, as the command
     assert prior.num_tumour == 2 and num_background == 4  # fit-prior's defaults, as the command
 
 

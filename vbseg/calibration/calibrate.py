@@ -31,6 +31,7 @@ from vbseg.calibration.calibration_file import (
     strata_spec,
     stratify,
 )
+from vbseg.cohort.method_error import method_calibrations
 from vbseg.cohort.population import resolve_prior, source_digest
 from vbseg.errors import InputError
 from vbseg.experiment.config import (
@@ -106,12 +107,22 @@ def cross_fit_runs(config, runs, variant, modalities, index, folds_path, prior_f
         raise InputError(config, f"--folds: the deployed prior was learned from {len(deployed.cases)} cases, "
                                  f"not the folds' {len(record['cases'])}: the folds do not describe it")
     fold_of = {name: fold for fold, members in enumerate(record["folds"]) for name in members}
+    # a deployed prior that carries methods' volume errors needs fold priors that carry theirs,
+    # learned inside each fold, or the cases' scores would not be the deployed model's
+    methods = sorted(deployed.method_calibrations)
+
+    def method_errors(cases, training, statistics):
+        return method_calibrations(methods, cases, training, statistics, modalities,
+                                   num_tumour=deployed.num_tumour,
+                                   interaction=deployed.interaction is not None, progress=progress)
+
     priors = []
     for fold in range(len(record["folds"])):
         if progress is not None:
             progress(f"fold {fold} prior")
         path = fold_prior(index, record, fold, modalities, Path(prior_folder) / f"fold{fold}.json",
-                          command=f"{command} (fold {fold}'s prior)")
+                          command=f"{command} (fold {fold}'s prior)",
+                          method_errors=method_errors if methods else None, methods=methods)
         learned = resolve_prior(path)
         if (learned.num_tumour, len(learned.class_names)) != (deployed.num_tumour, len(deployed.class_names)):
             raise InputError(path, "has other classes than the deployed prior (fit both with the same "

@@ -116,6 +116,9 @@ class PopulationPrior:
         neighbourhood: 6 or 26.
         volume_calibration: None or the located-or-missed volume-error mixture learned by
             leave-one-out over the training cases (:mod:`vbseg.cohort.volume_error`).
+        method_calibrations: the same mixture for other methods that use this prior, by method
+            name (e.g. "locate-potts"): each training case segmented by that method with the
+            prior pooled from the other cases (``vbseg fit-prior --calibrate-method``).
         cases: names of the training cases; case_index: the CASES.json they came from.
         spread_scale: multiplies spread_var when the prior is used (sensitivity analyses).
         interaction: None (the Potts coupling ``beta`` between equal labels) or the (K, K)
@@ -148,6 +151,7 @@ class PopulationPrior:
     interaction: np.ndarray | None = None
     command: str = ""
     training_digest: str = ""
+    method_calibrations: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.modalities = [str(m) for m in self.modalities]
@@ -172,6 +176,10 @@ class PopulationPrior:
         if not self.transforms:
             self.transforms = {m: TRANSFORMS[m] for m in self.modalities if m in TRANSFORMS}
         check_calibration(self.volume_calibration)
+        if not isinstance(self.method_calibrations, dict):
+            raise ValueError("method_calibrations: expected an object of method name -> calibration")
+        for calibration in self.method_calibrations.values():
+            check_calibration(calibration)
 
     @property
     def num_classes(self) -> int:
@@ -214,8 +222,9 @@ class PopulationPrior:
         record = {"format": PRIOR_FORMAT}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "interaction" and value is None:
-                continue  # a Potts prior's record reads the same in vbseg versions without J
+            if (field.name == "interaction" and value is None) or (field.name == "method_calibrations"
+                                                                   and not value):
+                continue  # a record without them reads the same in vbseg versions without them
             record[field.name] = value.tolist() if isinstance(value, np.ndarray) else value
         return record
 
@@ -238,13 +247,16 @@ class PopulationPrior:
 
 
 def training_digest(cases, modalities, num_tumour: int, num_background: int, interaction: bool,
-                    calibrated: bool) -> str:
+                    calibrated: bool, calibrated_methods=()) -> str:
     """sha256 of what a prior was learned from and how: its case names (sorted), modalities,
-    class counts, coupling and whether it carries a volume calibration."""
-    payload = json.dumps({"cases": sorted(cases), "modalities": list(modalities),
-                          "num_tumour": num_tumour, "num_background": num_background,
-                          "interaction": bool(interaction), "calibrated": bool(calibrated)},
-                         sort_keys=True)
+    class counts, coupling, whether it carries a volume calibration and for which other methods
+    (the key is left out when none, so older priors keep their digest)."""
+    settings = {"cases": sorted(cases), "modalities": list(modalities), "num_tumour": num_tumour,
+                "num_background": num_background, "interaction": bool(interaction),
+                "calibrated": bool(calibrated)}
+    if calibrated_methods:
+        settings["calibrated_methods"] = sorted(calibrated_methods)
+    payload = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -398,15 +398,21 @@ def fit_population_prior(training: list[TrainingCase], modalities, *,
                                  calibration=calibration)
 
 
-def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUMOUR_CLASSES,
-              num_background=DEFAULT_BACKGROUND_CLASSES, overwrite=False, calibrate=True,
-              attribution="", progress=None, interaction=False, command="") -> PopulationPrior:
+def fit_prior(index, modalities, out=None, *, names=None,
+              classes=(DEFAULT_TUMOUR_CLASSES, DEFAULT_BACKGROUND_CLASSES), overwrite=False, calibrate=True,
+              attribution="", progress=None, interaction=False, command="",
+              method_errors=None) -> PopulationPrior:
     """``vbseg fit-prior``: read CASES.json, learn the prior, write it to ``out`` (None: not
     written) through :func:`vbseg.io.result_folder.output_files`: checked (not an input, not
     existing without ``overwrite``) and locked before the first fit, staged beside it and moved
-    into place when complete; ``interaction``: learn a K x K class-interaction matrix in place
-    of one beta; ``command``: the command line recorded in the prior (beside the digest of its
-    training list and settings, :func:`vbseg.cohort.model.training_digest`)."""
+    into place when complete; ``classes``: (tumour, background) class counts; ``interaction``:
+    learn a K x K class-interaction matrix in place of one beta; ``command``: the command line
+    recorded in the prior (beside the digest of its training list and settings,
+    :func:`vbseg.cohort.model.training_digest`); ``method_errors``: None or
+    ``method_errors(cases, training, stats)`` -> {method: volume calibration}, stored in the
+    prior's ``method_calibrations`` (:func:`vbseg.cohort.method_error.method_calibrations`, which
+    segments through the pipeline and so is passed in rather than imported here)."""
+    num_tumour, num_background = classes
     if not (isinstance(num_tumour, int) and num_tumour >= 1 and isinstance(num_background, int)
             and num_background >= 1 and num_tumour + num_background <= 8):
         raise InputError("--classes", "needs >= 1 tumour and >= 1 background class, at most 8 in all")
@@ -416,15 +422,21 @@ def fit_prior(index, modalities, out=None, *, names=None, num_tumour=DEFAULT_TUM
                else output_files([out], [index, *case_files(cases)], overwrite))
     with written as staging:
         training = [load_training_case(case) for case in cases]
-        prior = fit_population_prior(training, [m.lower() for m in modalities], num_tumour=num_tumour,
+        modalities = [m.lower() for m in modalities]
+        statistics = case_statistics(training, modalities, num_tumour=num_tumour,
+                                     num_background=num_background)
+        prior = fit_population_prior(training, modalities, num_tumour=num_tumour,
                                      num_background=num_background, calibrate=calibrate,
                                      case_index=os.path.basename(os.fspath(index)), progress=progress,
-                                     interaction=interaction)
+                                     interaction=interaction, statistics=statistics)
+        if method_errors is not None:
+            prior.method_calibrations = method_errors(cases, training, statistics[0])
         prior.attribution = attribution or "; ".join(sorted({c.licence for c in cases if c.licence}))
         prior.command = command
         prior.training_digest = training_digest(prior.cases, prior.modalities, num_tumour,
                                                 num_background, interaction,
-                                                prior.volume_calibration is not None)
+                                                prior.volume_calibration is not None,
+                                                sorted(prior.method_calibrations))
         if staging is not None:
             prior.save(staging / Path(out).name)
     return prior

@@ -19,6 +19,15 @@ modelled as a two-component mixture, each component a posterior predictive:
   image is PET, is that volume times a draw of the manual GTVs' SUVmean from the same
   log-normal predictive over the training cases.
 
+The located component may instead be a regression (``located_model="regression"``, what
+``vbseg fit-prior --calibrate-method`` learns for a method other than the prior): the normal
+linear model log V = a + b log V_model + e from the n_L located cases, whose posterior
+predictive under the Jeffreys prior p(a, b, sigma) ~ 1/sigma is
+a + b x + s sqrt(1 + x' (X'X)^-1 x) t_(n_L - 2) with x = (1, log V_model) (Gelman et al.,
+Bayesian Data Analysis, 3rd ed., section 14.2). A slope below 1 says the method's volume
+errors shrink toward the cohort's typical volume (large model volumes too large, small ones too
+small), which a fixed ratio cannot express.
+
 A new scan whose own 50 % contour is empty is a miss by definition (Dice 0): every draw comes
 from the population. For any other scan the miss probability is the posterior predictive of a
 Beta(1, 1) prior on the miss rate among scans with a non-empty contour: with k misses among the
@@ -38,6 +47,9 @@ LOCATED_DICE = 0.2
 MIN_CALIBRATION_CASES = 3
 # fewer located residuals than this: no located component (every draw from the population)
 MIN_LOCATED_CASES = 3
+# the regression's located component needs two more than its two coefficients
+MIN_REGRESSION_CASES = 4
+LOCATED_MODELS = ("ratio", "regression")
 DEFINITION = (f"held-out case located when its 50 % contour has Dice >= {LOCATED_DICE:g} with the "
               "manual GTV; located: r = log(V_manual / V_model), V_model = sum of P(tumour) x voxel "
               "volume, case contoured with the prior pooled from the other training cases; missed: "
@@ -71,9 +83,27 @@ def _log_normal_predictive(values) -> dict:
     return {"mean": float(logs.mean()), "sd": float(logs.std(ddof=1)), "n": int(logs.size)}
 
 
-def calibration_from_entries(entries: list[dict]) -> dict | None:
+def _located_regression(located: list[dict]) -> dict:
+    """Least squares of log manual on (1, log model) volume over the located entries, with what
+    the posterior predictive needs: coefficients, residual scale s, (X'X)^-1, dof n - 2."""
+    x = np.log(np.asarray([e["model_ml"] for e in located], np.float64))
+    y = np.log(np.asarray([e["manual_ml"] for e in located], np.float64))
+    design = np.stack([np.ones_like(x), x], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residuals = y - design @ coefficients
+    dof = x.size - 2
+    return {"model": "regression", "intercept": float(coefficients[0]), "slope": float(coefficients[1]),
+            "scale": float(np.sqrt(residuals @ residuals / dof)), "dof": int(dof),
+            "xtx_inv": np.linalg.inv(design.T @ design).tolist(), "n": int(x.size)}
+
+
+def calibration_from_entries(entries: list[dict], located_model: str = "ratio") -> dict | None:
     """The mixture's parameters from per-case entries (:func:`calibration_entry`); None with
-    fewer than ``MIN_CALIBRATION_CASES`` cases."""
+    fewer than ``MIN_CALIBRATION_CASES`` cases. ``located_model``: "ratio" (a fixed log-ratio)
+    or "regression" (module doc); the regression needs ``MIN_REGRESSION_CASES`` located cases
+    and a model volume that varies, else the located component is absent."""
+    if located_model not in LOCATED_MODELS:
+        raise ValueError(f"located_model must be one of {LOCATED_MODELS}, got {located_model!r}")
     if len(entries) < MIN_CALIBRATION_CASES:
         return None
     n = len(entries)
@@ -86,7 +116,11 @@ def calibration_from_entries(entries: list[dict]) -> dict | None:
                    "miss_probability": (missed_with_contour + 1) / (len(with_contour) + 2), "located": None,
                    "manual_log_volume": _log_normal_predictive([e["manual_ml"] for e in entries]),
                    "manual_log_suv_mean": None, "entries": list(entries), "definition": DEFINITION}
-    if len(located) >= MIN_LOCATED_CASES:
+    model_volumes = {round(np.log(e["model_ml"]), 9) for e in located if e["model_ml"] > 0}
+    if located_model == "regression":
+        if len(located) >= MIN_REGRESSION_CASES and len(model_volumes) >= 2:
+            calibration["located"] = _located_regression(located)
+    elif len(located) >= MIN_LOCATED_CASES:
         residuals = [np.log(e["manual_ml"] / e["model_ml"]) for e in located]
         calibration["located"] = {"log_ratio_mean": float(np.mean(residuals)),
                                   "log_ratio_sd": float(np.std(residuals, ddof=1)), "n": len(located)}
@@ -112,7 +146,10 @@ def describe(calibration) -> str:
             f"{calibration['miss_probability']:.2f} for a scan with a contour)")
     located = calibration["located"]
     if located is None:
-        return text + f"; fewer than {MIN_LOCATED_CASES} located: volumes from the training cases"
+        return text + "; too few located cases: volumes from the training cases"
+    if located.get("model") == "regression":
+        return text + (f"; located: log V = {located['intercept']:+.2f} + {located['slope']:.2f} log V_model "
+                       f"+- {located['scale']:.2f} (n = {located['n']})")
     return text + (f"; located log-ratio {located['log_ratio_mean']:+.2f} +- {located['log_ratio_sd']:.2f} "
                    f"(n = {located['n']})")
 
@@ -121,6 +158,22 @@ def _predictive_draws(rng, predictive: dict, size) -> np.ndarray:
     n = predictive["n"]
     t = rng.standard_t(n - 1, size=size)
     return np.exp(predictive["mean"] + predictive["sd"] * np.sqrt(1 + 1 / n) * t)
+
+
+def _located_factor(rng, located: dict, volume_draws) -> np.ndarray:
+    """Per draw, the predicted manual volume over the model's (the located component)."""
+    size = volume_draws.shape
+    if located.get("model") != "regression":
+        predictive = {"mean": located["log_ratio_mean"], "sd": located["log_ratio_sd"], "n": located["n"]}
+        return _predictive_draws(rng, predictive, size)
+    # a draw of 0 mL (no voxel labelled) is floored at 1 uL before the log
+    log_model = np.log(np.maximum(volume_draws, 1e-3))
+    xtx_inv = np.asarray(located["xtx_inv"], np.float64)
+    leverage = xtx_inv[0, 0] + 2 * xtx_inv[0, 1] * log_model + xtx_inv[1, 1] * log_model**2
+    t = rng.standard_t(located["dof"], size=size)
+    log_manual = (located["intercept"] + located["slope"] * log_model
+                  + located["scale"] * np.sqrt(1 + leverage) * t)
+    return np.exp(log_manual - log_model)
 
 
 def calibrated_draws(volume_draws, tlg_draws, calibration, seed, contour_empty: bool):
@@ -136,9 +189,7 @@ def calibrated_draws(volume_draws, tlg_draws, calibration, seed, contour_empty: 
     volumes = volume_draws.copy()
     tlg = None if tlg_draws is None else np.asarray(tlg_draws, np.float64).copy()
     if calibration["located"] is not None:
-        located = calibration["located"]
-        predictive = {"mean": located["log_ratio_mean"], "sd": located["log_ratio_sd"], "n": located["n"]}
-        factor = _predictive_draws(rng, predictive, size)
+        factor = _located_factor(rng, calibration["located"], volume_draws)
         volumes = np.where(miss, volumes, volumes * factor)
         if tlg is not None:
             tlg = np.where(miss, tlg, tlg * factor)

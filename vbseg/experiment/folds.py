@@ -90,22 +90,29 @@ def training_cases(record: dict, fold: int) -> list[str]:
     return sorted(name for i, names in enumerate(record["folds"]) if i != fold for name in names)
 
 
-def fold_prior(index, record: dict, fold: int, modalities, path, *, command: str = "") -> Path:
+def fold_prior(index, record: dict, fold: int, modalities, path, *, command: str = "",
+               method_errors=None, methods=()) -> Path:
     """The population prior for held-out fold ``fold`` at ``path``: ``vbseg fit-prior``'s model
     learned from :func:`training_cases` only (without the leave-one-out volume calibration, which
     the locator does not use), fitted and written when ``path`` is absent (``command`` recorded
-    in it). InputError naming ``path`` when a file there was learned from other cases (one that
-    saw a held-out case) or other modalities."""
+    in it). ``method_errors`` (see :func:`vbseg.cohort.population.fit_prior`) adds the volume
+    error of ``methods``, learned by leave-one-out over the training cases only. InputError
+    naming ``path`` when a file there was learned from other cases (one that saw a held-out
+    case), on other modalities, or without those methods' volume errors."""
     path = Path(path)
     names = training_cases(record, fold)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fit_prior(index, modalities, path, names=names, calibrate=False, command=command)
+        fit_prior(index, modalities, path, names=names, calibrate=False, command=command,
+                  method_errors=method_errors)
     prior = resolve_prior(path)
     if sorted(prior.cases) != names or list(prior.modalities) != [m.lower() for m in modalities]:
         raise InputError(path, f"is not fold {fold}'s prior: learned from {len(prior.cases)} cases on "
                                f"{','.join(prior.modalities)}, fold {fold} trains on {len(names)} on "
                                f"{','.join(modalities)} (delete it to refit)")
+    missing = [m for m in methods if m not in prior.method_calibrations]
+    if missing:
+        raise InputError(path, f"has no volume error of {', '.join(missing)} (delete it to refit)")
     return path
 
 

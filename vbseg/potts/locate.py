@@ -34,6 +34,14 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
    look, and what is most distinct in the image anywhere), so the warning is the signal to
    look, or to run ``--model potts``.
 
+5. **Its volume error.** When the prior that locates carries a volume error learned for
+   locate-potts (``method_calibrations["locate-potts"]``: each of its training cases segmented
+   by locate-potts with the prior learned from the others, ``vbseg fit-prior
+   --calibrate-method locate-potts``; :mod:`vbseg.cohort.method_error`), the volume draws are
+   put through it (:func:`vbseg.cohort.volume_error.calibrated_draws`): the interval then
+   carries the between-patient error of the method on delineated cases, not only the spread
+   of one fit. The probability map is not changed.
+
 This is the two-stage design of coarse-to-fine segmentation (a detector proposes a region, a
 local model delineates it), with the delineation a hidden MRF whose external field is the
 detector's output (cf. the CNN-plus-CRF pipelines of Kamnitsas et al., Med Image Anal 2017).
@@ -49,6 +57,7 @@ from scipy import ndimage
 
 from vbseg.cohort.method import prior_crop_probability, prior_subject
 from vbseg.cohort.population import resolve_prior
+from vbseg.cohort.volume_error import calibrated_draws, describe
 from vbseg.deep import model as deep
 from vbseg.deep.segment import load_network
 from vbseg.errors import InputError
@@ -63,6 +72,10 @@ REGION_MASS_SHARE = 0.1
 LOGIT_CLIP = 8.0
 AGREEMENT_DICE = 0.5
 IMAGE_OUTSIDE_SHARE = 0.5
+CALIBRATED_METHOD = ("{draws}, then the between-patient volume error of locate-potts learned by "
+                     "leave-one-out over the prior's training cases (vbseg.cohort.method_error: a "
+                     "miss draws from the training cases' manual volumes, a located case from the "
+                     "regression of log manual on log model volume)")
 MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
                   "(they disagree; each from independent voxel labels of its own map)")
 
@@ -98,6 +111,30 @@ def check_locate_options(options, modalities) -> None:
                                is not None else "--locator")
     if locator in ("network", "both"):
         load_network(options.checkpoint, modalities)
+
+
+def locating_prior(options, modalities):
+    """The population prior the locator uses, or None (``--locator network``)."""
+    if default_locator(options, modalities) not in ("prior", "both"):
+        return None
+    return resolve_prior("sarcoma" if options.prior is None else options.prior)
+
+
+def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
+    """(volume draws, TLG draws, volume-method suffix or None, the record) after the locating
+    prior's locate-potts volume error, when it has one (module doc, step 5)."""
+    prior = locating_prior(options, prepared.modalities)
+    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
+    if calibration is None:
+        return volume_draws, tlg_draws, None
+    volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
+                                            contour_empty=not bool((probability >= 0.5).any()))
+    record = {"description": describe(calibration), "missed_draw_fraction": missed,
+              "uncalibrated_volume_ml": {"mean": float(np.mean(volume_draws)),
+                                         "lower_95": float(np.quantile(volume_draws, 0.025)),
+                                         "upper_95": float(np.quantile(volume_draws, 0.975))},
+              **{k: v for k, v in calibration.items() if k != "entries"}}
+    return volumes.astype(np.float32), tlg, record
 
 
 def locator_logit(prepared, options):
@@ -197,6 +234,10 @@ def run_locate(prepared, options) -> MethodResult:
         if tlg_draws is not None:
             tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: options.volume_draws - half]])
         volume_method = MIXTURE_METHOD
+    volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
+                                                                volume_draws, tlg_draws)
+    if volume_error is not None:
+        volume_method = CALIBRATED_METHOD.format(draws=volume_method)
     bounds = inner.bounds
     outside = {} if field is None else image_outside_box(prepared, options, bounds)
     if outside and outside["image_outside_share"] >= IMAGE_OUTSIDE_SHARE:
@@ -218,7 +259,8 @@ def run_locate(prepared, options) -> MethodResult:
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": mixed, **outside}}
+                              "mixed": mixed, **outside},
+                   **({"volume_error": volume_error} if volume_error is not None else {})}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
                                tlg_draws=tlg_draws, volume_method=volume_method,
