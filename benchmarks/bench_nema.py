@@ -49,7 +49,8 @@ benchmarks/configs/conformal_nema_matched.toml is matched to this one scan (its 
 image-estimated contrast and background noise; not its sphere labels) and segments each phantom
 sphere as ``run_sphere`` segments a NEMA sphere (spherical VOI of radius + 15 mm, psf_vb's
 options): a check of one scanner/reconstruction on the scan its nuisance parameters came from,
-not an independent test. Regenerate (about 1 + 1 minutes on 2 busy cores):
+not an independent test. ``--voi-margin M`` changes the VOI (radius + M mm) to see how much the
+scan's volumes depend on it. Regenerate (about 1 + 1 minutes on 2 busy cores):
     vbseg calibrate benchmarks/configs/conformal_nema_matched.toml --strata volume --volume-bins 2 \\
         --out benchmarks/results/nema_matched_calibration.json --overwrite
     python -m benchmarks.bench_nema --methods psf_vb \\
@@ -68,6 +69,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 import vbseg
 from benchmarks.bench_conformal import clopper_pearson
@@ -126,6 +128,43 @@ def load_nema(shared: Path) -> dict | None:
             "fraction": np.asarray(nib.load(paths["truth_fraction"]).dataobj, np.float64)}
 
 
+def image_noise(nema) -> dict:
+    """The background noise of the scan, from its image alone (what conformal_nema_matched.toml
+    was set from): voxels >= 20 mm beyond every sphere, >= 45 mm from the ring axis (outside the
+    lung insert), within 40 mm of the ring plane, whose 7-voxel local mean is within 25 % of the
+    fitted background, eroded by 4 voxels; their COV and the correlation of neighbours at lags
+    1-2 along each axis; and the COV in the 37 mm sphere's core (>= 6 mm inside its wall)."""
+    image = np.asarray(nib.load(nema["pet_path"]).dataobj, np.float64)
+    fitted, world = nema["case"]["fitted"], nema["world"]
+    offset = world - np.asarray(fitted["ring_centre_ras_mm"])
+    normal = np.asarray(fitted["ring_normal_ras"])
+    axial = offset @ normal
+    radial = np.linalg.norm(offset - axial[..., None] * normal, axis=-1)
+    background = (radial > 45) & (np.abs(axial) < 40) & (
+        np.abs(ndimage.uniform_filter(image, 7) / fitted["background"] - 1) < 0.25)
+    for sphere in nema["case"]["spheres"]:
+        distance = np.linalg.norm(world - np.asarray(sphere["centre_ras_mm"]), axis=-1)
+        background &= distance > sphere["inner_diameter_mm"] / 2 + 20
+    background = ndimage.binary_erosion(background, iterations=4)
+    correlation = {}
+    for axis in range(3):
+        for lag in (1, 2):
+            ahead, behind = [slice(None)] * 3, [slice(None)] * 3
+            ahead[axis], behind[axis] = slice(lag, None), slice(0, -lag)
+            both = background[tuple(ahead)] & background[tuple(behind)]
+            pair = np.corrcoef(image[tuple(ahead)][both], image[tuple(behind)][both])[0, 1]
+            correlation[f"axis{axis}_lag{lag}"] = float(pair)
+    largest = max(nema["case"]["spheres"], key=lambda sphere: sphere["inner_diameter_mm"])
+    core = image[np.linalg.norm(world - np.asarray(largest["centre_ras_mm"]), axis=-1)
+                 < largest["inner_diameter_mm"] / 2 - 6]
+    values = image[background]
+    return {"background_voxels": int(background.sum()), "background_mean": float(values.mean()),
+            "background_cov": float(values.std() / values.mean()), "correlation": correlation,
+            "core_mean_over_background": float(core.mean() / values.mean()),
+            "core_cov": float(core.std() / core.mean()),
+            "core_sd_over_background_sd": float(core.std() / values.std())}
+
+
 def conformal_columns(posterior, true_ml: float) -> dict:
     """The conformal volume intervals of a fit made with a calibration, by level: bounds,
     whether each covers ``true_ml``, width / true volume, and the stratum and its n."""
@@ -139,10 +178,11 @@ def conformal_columns(posterior, true_ml: float) -> dict:
     return columns
 
 
-def run_sphere(nema, sphere, methods, folder, psf_fwhm, calibration=None) -> list[dict]:
+def run_sphere(nema, sphere, methods, folder, psf_fwhm, calibration=None,
+               voi_margin_mm=VOI_MARGIN_MM) -> list[dict]:
     radius = sphere["inner_diameter_mm"] / 2
     distance = np.linalg.norm(nema["world"] - np.asarray(sphere["centre_ras_mm"]), axis=-1)
-    voi = distance <= radius + VOI_MARGIN_MM
+    voi = distance <= radius + voi_margin_mm
     voi_path = save_nifti(Path(folder) / f"voi_{sphere['label']}.nii.gz", voi.astype(np.uint8),
                           nema["affine"])
     voxel_ml = float(np.prod(nema["spacing"])) / 1000
@@ -295,12 +335,25 @@ def conformal_markdown(rows, methods, calibration, total_s) -> str:
     return "\n".join(lines) + "\n"
 
 
+def noise_markdown(noise) -> str:
+    lags = ", ".join(f"{'xyz'[a]} {noise['correlation'][f'axis{a}_lag1']:+.2f} / "
+                     f"{noise['correlation'][f'axis{a}_lag2']:+.2f}" for a in range(3))
+    return ("The scan's noise, from its image alone (`image_noise`; what the matched config was set "
+            f"from): background COV {noise['background_cov']:.3f} over {noise['background_voxels']} "
+            f"voxels (mean {noise['background_mean']:.0f}); neighbour correlation at lag 1 / 2: {lags}; "
+            f"37 mm sphere core: mean {noise['core_mean_over_background']:.1f} x background, COV "
+            f"{noise['core_cov']:.3f}, sd {noise['core_sd_over_background_sd']:.1f} x the background's "
+            "(Poisson noise: sd ratio sqrt(mean ratio); Gaussian noise of a fixed CV: the mean ratio).\n\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
     parser.add_argument("--spheres", default="10,13,17,22,28,37", help="inner diameters in mm")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--voi-margin", type=float, default=VOI_MARGIN_MM,
+                        help="each sphere's VOI: radius + this many mm (default %(default)g)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="a vbseg calibration JSON: fit the methods with it and report the conformal "
                              "volume intervals per sphere (bench_nema_conformal.{json,md})")
@@ -323,19 +376,22 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for sphere in spheres:
-            rows += run_sphere(nema, sphere, methods, folder, psf_fwhm, args.calibration)
+            rows += run_sphere(nema, sphere, methods, folder, psf_fwhm, args.calibration, args.voi_margin)
     total = time.perf_counter() - start
-    record = {"machine": machine(), "psf_fwhm_mm": psf_fwhm, "voi_margin_mm": VOI_MARGIN_MM,
+    record = {"machine": machine(), "psf_fwhm_mm": psf_fwhm, "voi_margin_mm": args.voi_margin,
               "truth_margin_mm": TRUTH_MARGIN_MM, "level": LEVEL, "total_s": total, "rows": rows}
     if args.calibration is None:
         name, table = "bench_nema", markdown(rows, methods, psf_fwhm, total)
     else:
         name = "bench_nema_conformal"
         record["calibration"] = calibration_summary(args.calibration)
-        if record["calibration"]["voi_margin_mm"] != [VOI_MARGIN_MM]:
+        record["image_noise"] = image_noise(nema)
+        if record["calibration"]["voi_margin_mm"] != [args.voi_margin]:
             print(f"bench_nema: note: the calibration's phantoms were fitted with VOI margins "
-                  f"{record['calibration']['voi_margin_mm']} mm, the spheres here with {VOI_MARGIN_MM:g} mm")
-        table = conformal_markdown(rows, methods, record["calibration"], total)
+                  f"{record['calibration']['voi_margin_mm']} mm, the spheres here with "
+                  f"{args.voi_margin:g} mm")
+        table = conformal_markdown(rows, methods, record["calibration"], total) + noise_markdown(
+            record["image_noise"])
     write_report(args.out, name, record, __doc__, table)
     print(f"wrote {args.out / (name + '.md')}")
     return 0

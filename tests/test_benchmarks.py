@@ -155,6 +155,9 @@ def test_bench_nema_conformal_smoke(tmp_path, shared_data):
         assert interval["width_rel"] > 0 and interval["n"] >= 19
     assert row["conformal95"]["upper_ml"] >= row["conformal90"]["upper_ml"]
     assert record["calibration"]["voi_margin_mm"] == [bench_nema.VOI_MARGIN_MM]
+    # the scan's background noise the matched config was set from (COV about 0.35, nearly white)
+    noise = record["image_noise"]
+    assert 0.3 < noise["background_cov"] < 0.45 and abs(noise["correlation"]["axis0_lag1"]) < 0.3
     assert sum(s["n"] for s in record["calibration"]["strata"].values()) == record["calibration"]["n"]
     table = (tmp_path / "bench_nema_conformal.md").read_text()
     assert "| 17 mm |" in table and "Clopper-Pearson" in table
