@@ -139,6 +139,30 @@ def test_bench_nema_smoke(tmp_path, shared_data):
     assert "| 17 mm |" in (tmp_path / "bench_nema.md").read_text()
 
 
+def test_bench_nema_conformal_smoke(tmp_path, shared_data):
+    """--calibration: the psf_vb fit of one sphere gains the conformal 90 % / 95 % intervals of
+    the committed matched calibration (benchmarks/results/nema_matched_calibration.json)."""
+    calibration = bench_nema.RESULTS / "nema_matched_calibration.json"
+    if bench_nema.load_nema(shared_data) is None or not calibration.is_file():
+        pytest.skip("the NEMA scan nema1 or the matched calibration is absent")
+    assert bench_nema.main(["--shared", str(shared_data), "--spheres", "17", "--methods", "psf_vb",
+                            "--calibration", str(calibration), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench_nema_conformal.json").read_text())
+    (row,) = record["rows"]
+    for key in ("conformal90", "conformal95"):
+        interval = row[key]
+        assert interval["lower_ml"] <= row["lower_ml"] and interval["upper_ml"] >= row["upper_ml"]
+        assert interval["width_rel"] > 0 and interval["n"] >= 19
+    assert row["conformal95"]["upper_ml"] >= row["conformal90"]["upper_ml"]
+    assert record["calibration"]["voi_margin_mm"] == [bench_nema.VOI_MARGIN_MM]
+    # the scan's background noise the matched config was set from (COV about 0.35, nearly white)
+    noise = record["image_noise"]
+    assert 0.3 < noise["background_cov"] < 0.45 and abs(noise["correlation"]["axis0_lag1"]) < 0.3
+    assert sum(s["n"] for s in record["calibration"]["strata"].values()) == record["calibration"]["n"]
+    table = (tmp_path / "bench_nema_conformal.md").read_text()
+    assert "| 17 mm |" in table and "Clopper-Pearson" in table
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     """`python -m benchmarks.run --quick` once for the report and figure smoke tests."""

@@ -300,6 +300,30 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> Phantom
     )
 
 
+def world_coordinates(affine, shape) -> np.ndarray:
+    """(X, Y, Z, 3) world millimetre coordinates of every voxel centre of a grid."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+
+
+def spherical_voi(affine, shape, centre_mm, radius_mm: float) -> np.ndarray:
+    """The voxels of a grid whose centre lies within ``radius_mm`` of ``centre_mm`` (world mm)."""
+    offset = world_coordinates(affine, shape) - np.asarray(centre_mm, float)
+    return np.linalg.norm(offset, axis=-1) <= radius_mm
+
+
+def lesion_voi(phantom: Phantom, margin_mm: float) -> np.ndarray:
+    """A spherical VOI around each lesion of ``phantom`` on its PET grid: the voxels whose centre
+    lies within the lesion's nominal radius (diameter / 2) + ``margin_mm`` of its centre, as a
+    user draws a VOI around one lesion (benchmarks/bench_nema.py: radius + 15 mm). A margin
+    beyond the grid's own (24 mm; :func:`default_shape`) is cut off by the grid."""
+    lesions = _make_lesions(phantom.spec, np.random.default_rng(phantom.seed))
+    voi = np.zeros(phantom.pet.data.shape, bool)
+    for lesion in lesions:
+        voi |= spherical_voi(phantom.pet.affine, voi.shape, lesion.centre, lesion.radius + margin_mm)
+    return voi
+
+
 # A known population for cohort tests (vbseg.cohort.model): four classes (tumour rim,
 # tumour core, fat, muscle) x (PET, CT, MR), in the cohort feature space (log SUV, HU / 100,
 # MR / 100). Each synthetic patient draws its class means around these with sd COHORT_SPREAD_SD.

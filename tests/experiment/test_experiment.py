@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vbseg.errors import InputError
@@ -74,6 +75,17 @@ BAD = [
     ("missing index", "[real]\nindex = \"nowhere/cases.json\"", "not found"),
     ("not TOML", "[phantoms\ndiameters_mm = 22", "is not valid TOML"),
     ("empty list", "[phantoms]\ndiameters_mm = []", "an empty list"),
+    ("spacing not a list", P + "spacing_mm = 2.0", "[phantoms] spacing_mm: expected a list of 3 numbers"),
+    ("spacing of two", P + "spacing_mm = [2.0, 2.0]", "[phantoms] spacing_mm: expected a list of 3 numbers"),
+    ("spacing zero", P + "spacing_mm = [2.0, 0, 2.0]", "[phantoms] spacing_mm: each voxel size must be"),
+    ("spacing word", P + "spacing_mm = [2.0, \"x\", 2.0]", "[phantoms] spacing_mm: expected float"),
+    ("spacing inf", P + "spacing_mm = [2.0, inf, 2.0]", "[phantoms] spacing_mm: each voxel size must be"),
+    ("noise fwhm negative", P + "noise_fwhm_mm = [0, -1.0]", "[phantoms] noise_fwhm_mm: must be finite"),
+    ("noise fwhm word", P + "noise_fwhm_mm = \"wide\"", "[phantoms] noise_fwhm_mm: expected float"),
+    ("noise fwhm poisson", P + "noise = \"poisson\"\nnoise_fwhm_mm = 3.0",
+     "[phantoms] noise_fwhm_mm: correlates Gaussian noise only"),
+    ("voi margin zero", P + "voi_margin_mm = 0", "[phantoms] voi_margin_mm: must be a finite number > 0"),
+    ("voi margin list", P + "voi_margin_mm = [10, 15]", "[phantoms] voi_margin_mm: expected float"),
     ("missing prior", P + "[model]\nprior = \"nowhere.json\"", "[model] prior: "),
     ("missing checkpoint", P + "[model]\nname = \"deep-potts\"\ncheckpoint = \"net.eqx\"",
      "[model] checkpoint: "),
@@ -87,6 +99,33 @@ def test_every_bad_config_names_the_file_and_the_key(tmp_path, name, text, probl
         load_experiment(path)
     message = str(caught.value)
     assert message.startswith(str(path)) and problem in message and "\n" not in message
+
+
+def test_phantom_grid_noise_kernel_and_voi(tmp_path):
+    """[phantoms] spacing_mm puts every phantom on that grid, noise_fwhm_mm is an axis and
+    voi_margin_mm fits each sphere in a spherical VOI of its radius + the margin; all three
+    show in the case names, and a config without them keeps its names."""
+    from vbseg.experiment.task import _case_inputs
+
+    path = _write(tmp_path, "[phantoms]\ndiameters_mm = 10\nnoise_fwhm_mm = [0, 3.5]\n"
+                            "spacing_mm = [2.5, 2.0, 3]\nvoi_margin_mm = 6\n")
+    runs = load_experiment(path).runs
+    assert [r.case["name"] for r in runs] == [
+        f"phantom_diameters10_nfwhm{f}_sp2.5x2x3_voi6_s0" for f in ("0", "3.5")]
+    assert [r.case["spec"]["noise_fwhm_mm"] for r in runs] == [0.0, 3.5]
+    images, _, truth, _, true_ml, spacing, roi = _case_inputs(runs[1], tmp_path / "out")
+    assert spacing == pytest.approx((2.5, 2.0, 3.0)) and true_ml == pytest.approx(0.5236, abs=1e-4)
+    import nibabel as nib
+
+    voi = np.asarray(nib.load(roi).dataobj).astype(bool)
+    assert voi.shape == truth.shape == nib.load(images[0]).shape and truth.any()
+    assert np.all(voi[truth]) and 0 < voi.sum() < voi.size  # the sphere inside, a ball not the grid
+    ball_ml = voi.sum() * 2.5 * 2.0 * 3.0 / 1000
+    assert ball_ml == pytest.approx(4 / 3 * np.pi * 11**3 / 1000, rel=0.1)  # radius 5 + 6 mm
+    plain = load_experiment(_write(tmp_path, "[phantoms]\ndiameters_mm = 10\n", "plain.toml")).runs
+    assert [r.case["name"] for r in plain] == ["phantom_diameters10_s0"]
+    assert _case_inputs(plain[0], tmp_path / "out")[-1] is None  # no VOI: the whole grid
+    assert _case_inputs(plain[0], tmp_path / "out")[5] == pytest.approx((4.0, 4.0, 3.0))
 
 
 def test_bad_config_through_the_cli_is_one_line(tmp_path):

@@ -13,6 +13,11 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     contrast = [2.0, 4.0]
     cv = [0.1]
     psf_fwhm_mm = 6.0
+    noise = "gaussian"                # or "poisson" (counts scaled so the background CV is cv)
+    noise_fwhm_mm = [0, 4.0]          # FWHM of the kernel correlating Gaussian noise (0: white)
+    spacing_mm = [4.0, 4.0, 3.0]      # one PET voxel size (mm), not an axis; the default
+    voi_margin_mm = 15.0              # optional, not an axis: fit each sphere in a spherical VOI
+                                      # of its radius + this margin (default: the whole grid)
     seeds = 3                         # noise draws per configuration (seeds 0..n-1), or a list
                                       # of seeds: [4, 5] (draws disjoint from seeds = 4's)
 
@@ -50,6 +55,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +78,12 @@ else:  # pragma: no cover
 SECTIONS = {"experiment", "phantoms", "real", "model", "sweep"}
 EXPERIMENT_KEYS = {"name": str, "description": str}
 PHANTOM_KEYS = {"diameters_mm": float, "contrast": float, "cv": float, "psf_fwhm_mm": float,
-                "noise": str, "seeds": (int, list)}
+                "noise": str, "noise_fwhm_mm": float, "seeds": (int, list), "spacing_mm": list,
+                "voi_margin_mm": float}
+# the [phantoms] keys that are case axes (each value a case), in the order of the case names' tags
+PHANTOM_AXES = ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise", "noise_fwhm_mm")
+# case-name tags of the axes whose key's first word is not its tag ("noise" is the noise model's)
+PHANTOM_TAGS = {"noise_fwhm_mm": "nfwhm"}
 REAL_KEYS = {"index": str, "cases": (str, list), "modalities": list, "kind": str}
 # config keys that name a SegmentOptions field differently
 KEY_ALIASES = {"model": "name", "num_classes": "classes"}
@@ -184,22 +195,58 @@ def _phantom_seeds(path, value) -> list[int]:
     return list(range(count))
 
 
+def _phantom_spacing(path, value) -> list[float]:
+    """[phantoms] spacing_mm: one PET voxel size, three finite numbers > 0 (not an axis)."""
+    key = "[phantoms] spacing_mm"
+    if not isinstance(value, list) or len(value) != 3:
+        raise InputError(path, f"{key}: expected a list of 3 numbers (mm along the array axes), "
+                               f"got {value!r}")
+    spacing = [check_scalar(path, key, v, float) for v in value]
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise InputError(path, f"{key}: each voxel size must be a finite number > 0, got {value!r}")
+    return spacing
+
+
+def _phantom_extras(path, table) -> tuple[dict, dict, str]:
+    """The [phantoms] keys that are not axes: (spec entries, case entries, case-name suffix).
+    Absent keys add nothing, so a config without them keeps its case names and run ids."""
+    spec, case, suffix = {}, {}, ""
+    if "spacing_mm" in table:
+        spec["spacing_mm"] = _phantom_spacing(path, table["spacing_mm"])
+        suffix += "_sp" + "x".join(f"{v:g}" for v in spec["spacing_mm"])
+    if "voi_margin_mm" in table:
+        margin = check_scalar(path, "[phantoms] voi_margin_mm", table["voi_margin_mm"], float)
+        if not (math.isfinite(margin) and margin > 0):
+            raise InputError(path, f"[phantoms] voi_margin_mm: must be a finite number > 0, got {margin!r}")
+        case["voi_margin_mm"] = margin
+        suffix += f"_voi{margin:g}"
+    return spec, case, suffix
+
+
 def _phantom_cases(path, table) -> list[dict]:
     _unknown(path, "phantoms", table, PHANTOM_KEYS)
     axes = {key: _axis(path, f"[phantoms] {key}", table[key], PHANTOM_KEYS[key])
-            for key in ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise") if key in table}
+            for key in PHANTOM_AXES if key in table}
     if "diameters_mm" not in axes:
         raise InputError(path, "[phantoms] diameters_mm: required")
+    bad = [v for v in axes.get("noise_fwhm_mm", []) if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise InputError(path, f"[phantoms] noise_fwhm_mm: must be finite numbers >= 0 (0: white noise), "
+                               f"got {bad[0]!r}")
+    if any(axes.get("noise_fwhm_mm", [0.0])) and "poisson" in axes.get("noise", []):
+        raise InputError(path, "[phantoms] noise_fwhm_mm: correlates Gaussian noise only; noise = "
+                               "\"poisson\" is white (use noise_fwhm_mm = 0 with it)")
     seeds = _phantom_seeds(path, table.get("seeds", 1))
+    extra_spec, extra_case, suffix = _phantom_extras(path, table)
     cases = []
     names = list(axes)
     for values in itertools.product(*axes.values()):
         spec = dict(zip(names, values))
+        tag = "_".join(f"{PHANTOM_TAGS.get(k, k.split('_')[0])}{v:g}" if isinstance(v, float)
+                       else f"{k}{v}" for k, v in spec.items()) + suffix
         for seed in seeds:
-            tag = "_".join(f"{k.split('_')[0]}{v:g}" if isinstance(v, float) else f"{k}{v}"
-                           for k, v in spec.items())
-            cases.append({"kind": "phantom", "name": f"phantom_{tag}_s{seed}", "spec": spec,
-                          "seed": seed})
+            cases.append({"kind": "phantom", "name": f"phantom_{tag}_s{seed}",
+                          "spec": {**spec, **extra_spec}, "seed": seed, **extra_case})
     return cases
 
 

@@ -37,7 +37,7 @@ from vbseg.experiment.config import LEAVE_ONE_OUT, Run, result_path, segment_kwa
 from vbseg.io.image import Volume
 from vbseg.io.result_folder import lock_owner_gone
 from vbseg.io.volume import read_label
-from vbseg.io.writing import write_text_atomic
+from vbseg.io.writing import save_nifti, write_text_atomic
 from vbseg.metrics import (
     brier_score,
     crps_from_draws,
@@ -48,7 +48,7 @@ from vbseg.metrics import (
     surface_metrics,
     voi_diagonal_mm,
 )
-from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.phantoms import PhantomSpec, lesion_voi, make_phantom
 from vbseg.pipeline import segment
 from vbseg.posterior import Posterior
 
@@ -70,27 +70,39 @@ def is_finished(out: Path, run: Run) -> bool:
 
 
 def _case_inputs(run: Run, out: Path):
-    """(image paths, modalities, truth mask, truth fraction or None, true volume mL, spacing).
+    """(image paths, modalities, truth mask, truth fraction or None, true volume mL, spacing,
+    VOI mask path or None).
 
     Phantoms also give the exact partial-volume fraction of each voxel inside a lesion, against
     which their calibration is measured; real cases have only the manual mask. A phantom's
     images are written once per case under ``out/phantoms/<case>`` (every variant reads the
-    same deterministic files; summary.json names them).
+    same deterministic files; summary.json names them), with ``voi.nii.gz`` when the case has a
+    ``voi_margin_mm`` ([phantoms] voi_margin_mm: the fit sees a spherical VOI of the lesion's
+    radius + that margin, :func:`vbseg.phantoms.lesion_voi`; without it, the whole grid).
     """
     case = run.case
     if case["kind"] == "phantom":
         spec = dict(case["spec"])
+        if "spacing_mm" in spec:
+            spec["spacing_mm"] = tuple(spec["spacing_mm"])
         phantom = make_phantom(PhantomSpec(diameters_mm=(spec.pop("diameters_mm"),), **spec),
                                seed=case["seed"])
         pet = out / PHANTOMS / case["name"] / "pet.nii.gz"
         if not pet.is_file():  # written atomically, the same bytes by whoever writes it
             phantom.save(pet.parent)
+        voi = None
+        if case.get("voi_margin_mm") is not None:
+            voi = pet.parent / "voi.nii.gz"
+            if not voi.is_file():
+                save_nifti(voi, lesion_voi(phantom, case["voi_margin_mm"]).astype(np.uint8),
+                           phantom.pet.affine)
+            voi = str(voi)
         return ([str(pet)], ["pet"], phantom.truth, phantom.truth_fraction, phantom.volume_ml,
-                phantom.pet.spacing)
+                phantom.pet.spacing, voi)
     truth, affine = read_label(case["label"])
     spacing = tuple(float(s) for s in Volume(truth, affine).spacing)
     return (case["images"], case["modalities"], truth, None,
-            float(truth.sum() * np.prod(spacing) / 1000.0), spacing)
+            float(truth.sum() * np.prod(spacing) / 1000.0), spacing, None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,12 +126,12 @@ def fit_case(run: Run, folder: Path, out: Path | None, experiment_out: Path | No
     """Fit one (case, variant): phantom inputs are written under ``folder`` (once per case), the
     outputs into ``out`` (None: none written); ``experiment_out`` holds the leave-one-out
     priors' cache."""
-    images, modalities, truth, fraction, true_ml, spacing = _case_inputs(run, Path(folder))
+    images, modalities, truth, fraction, true_ml, spacing, roi = _case_inputs(run, Path(folder))
     kwargs = segment_kwargs(run.variant, run.case)
     if kwargs.get("prior") == LEAVE_ONE_OUT:
         kwargs["prior"] = cohort(run.case, experiment_out).prior(run.case["index_case"])
-    posterior = segment(images, out, modalities=modalities, seed=run.case["seed"], overwrite=True,
-                        title=run.case["name"], **kwargs)
+    posterior = segment(images, out, modalities=modalities, roi=roi, seed=run.case["seed"],
+                        overwrite=True, title=run.case["name"], **kwargs)
     if posterior.probability.shape != truth.shape:
         raise InputError(run.case.get("label", "truth"), "is not on the first image's grid")
     return CaseFit(posterior, truth, fraction, true_ml, spacing)
