@@ -272,6 +272,12 @@ def test_bench_conformal_split_study_on_exchangeable_scores():
     assert abs(row["covered_mean"] - row["exact"]) < 4 * row["covered_sd_over_splits"] / np.sqrt(400) + 0.01
     assert study["model_95"]["covered"] == pytest.approx(np.mean([c["volume_score"] <= 0 for c in cases]))
     assert study["risk_control"]["mean_fnr"] <= 0.1 + 0.02
+    # FNR(lambda) = 0.5 - lambda + u, u ~ U(0, 0.1): the test cases' mean reaches 0.1 from lambda
+    # 0.45 on, so the oracle on this grid is 0.5; the calibrated lambda-hat needs 0.481 (n = 29)
+    risk = study["risk_control"]
+    assert risk["lambda_oracle_mean"] == pytest.approx(0.5, abs=0.01)
+    assert risk["lambda_hat_mean"] == pytest.approx(0.5, abs=0.01) and risk["share_at_least_oracle"] >= 0.95
+    assert risk["lambda_excess_mean"] == pytest.approx(risk["lambda_hat_mean"] - risk["lambda_oracle_mean"])
     assert set(row["covered_by_diameter"]) == {"10", "11"}
 
 
