@@ -291,7 +291,7 @@ def _add_fit_prior(sub):
 def _run_fit_prior(args) -> None:
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
     modalities = [m.strip().lower() for m in args.modalities.split(",") if m.strip()]
-    methods = check_calibrate_methods(args.calibrate_methods)
+    methods = check_calibrate_methods(args.calibrate_methods, modalities)
     interaction = args.interaction == "matrix"
 
     def method_errors(cases, training, stats):
@@ -308,8 +308,8 @@ def _run_fit_prior(args) -> None:
                 else f"beta {prior.beta:.2f}")
     print(f"prior from {len(prior.cases)} cases ({', '.join(prior.cases)}); {coupling}; "
           f"{describe(prior.volume_calibration)}; written to {args.out}")
-    for method, calibration in prior.method_calibrations.items():
-        print(f"{method}: {describe(calibration)}")
+    for method in methods:  # none when too few cases: its draws then stay the model's own
+        print(f"{method}: {describe(prior.method_calibrations.get(method))}")
 
 
 def _add_convert(sub):

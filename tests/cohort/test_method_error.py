@@ -124,6 +124,10 @@ def test_calibrate_method_names_what_it_can_learn(tmp_path, cohort, capsys):
                  "--calibrate-method", "gp"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--calibrate-method" in err and "locate-potts" in err
+    assert main(["fit-prior", str(index), "--modalities", "ct,mr", "--out", str(tmp_path / "p.json"),
+                 "--calibrate-method", "locate-potts"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calibrate-method" in err and "no pet" in err
     assert not (tmp_path / "p.json").exists()
 
 

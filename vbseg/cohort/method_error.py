@@ -26,6 +26,7 @@ from vbseg.cohort.population import TrainingCase, prior_from_statistics
 from vbseg.cohort.volume_error import calibration_entry, calibration_from_entries
 from vbseg.errors import InputError
 from vbseg.io.cases import DelineatedCase
+from vbseg.methods.registry import get_method
 from vbseg.pipeline import segment
 
 # Methods whose volume error fit-prior can learn: they take a prior and use it as it is
@@ -33,13 +34,17 @@ CALIBRATED_METHODS = ("locate-potts",)
 LOCATED_MODEL = "regression"
 
 
-def check_calibrate_methods(methods) -> list[str]:
-    """The methods of ``--calibrate-method``; InputError naming the option for any other."""
+def check_calibrate_methods(methods, modalities) -> list[str]:
+    """The methods of ``--calibrate-method``; InputError naming the option for any other, or for
+    one that cannot run on ``modalities`` (checked before any fit)."""
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in CALIBRATED_METHODS]
     if unknown:
         raise InputError("--calibrate-method", f"cannot learn the volume error of {', '.join(unknown)} "
                                                f"(available: {', '.join(CALIBRATED_METHODS)})")
+    for method in methods:
+        if get_method(method).needs_pet and "pet" not in modalities:
+            raise InputError("--calibrate-method", f"{method} is a PET method, and --modalities has no pet")
     return methods
 
 
