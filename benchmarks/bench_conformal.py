@@ -445,7 +445,7 @@ Gaussian noise of CV 0.10, seed 0, Mondrian volume strata at 2 mL) when the test
 from that cohort on purpose in voxel size, noise level or noise kind, the shifts a physicist's
 scanner brings: the same spheres (10-37 mm) and contrasts (2:1, 4:1, 8:1) at FWHM 5, 6 and 7 mm
 (inside the calibrated range, where `vbseg segment --calibration pet-phantom-psf` accepts them),
-noise seeds 1-2, 108 cases per shift, each fitted like the calibration cases (the PSF model given
+noise seeds 1-4, 216 cases per shift, each fitted like the calibration cases (the PSF model given
 its true FWHM, the whole phantom grid, no VOI) and scored in its own stratum against every
 calibration case of that stratum. Per shift: pooled coverage of the conformal 90 % and 95 %
 intervals with the exact Clopper-Pearson 95 % CI, the value exchangeable cases would have, the
@@ -456,7 +456,7 @@ the nominal level. The "none" row is a control drawn like the cohort (other seed
 are fitted once and cached in benchmarks/results/bench_conformal_psf_shift_<name>.json (with the
 config that made them beside it; delete them to refit)."""
 SHIFT_REGENERATE = "python -m benchmarks.bench_conformal --shift"
-SHIFT_FWHMS, SHIFT_SEEDS = [5.0, 6.0, 7.0], [1, 2]
+SHIFT_FWHMS, SHIFT_SEEDS = [5.0, 6.0, 7.0], [1, 2, 3, 4]
 # name: (what differs from the calibration cohort, the test set's CV, its further [phantoms] lines);
 # the 4 x 4 x 3 mm sets first, the 2 mm grids (about 8x the voxels) last
 SHIFT_TESTS = {
@@ -470,6 +470,9 @@ SHIFT_TESTS = {
     "voxel2": ("voxels 2 x 2 x 2 mm", "0.10", "spacing_mm = [2.0, 2.0, 2.0]\n"),
     "voxel_nema1": ("voxels 2.083 x 2.083 x 2.78 mm (nema1-like)", "0.10",
                     "spacing_mm = [2.083, 2.083, 2.78]\n"),
+    "nema1_poisson035": ("all three, like the scan nema1: voxels 2.083 x 2.083 x 2.78 mm, Poisson noise of "
+                         "background CV 0.35", "0.35",
+                         'noise = "poisson"\nspacing_mm = [2.083, 2.083, 2.78]\n'),
 }
 
 

@@ -373,8 +373,9 @@ def test_bench_conformal_shift_smoke(tmp_path, monkeypatch):
             name=name, option="--shift", cv=cv, fwhms=bench_conformal.SHIFT_FWHMS,
             seeds=bench_conformal.SHIFT_SEEDS, extra=extra))
         runs = load_experiment(config).runs
-        assert len(runs) == 108 and runs[0].case["spec"]["cv"] == float(cv)
+        assert len(runs) == 54 * len(bench_conformal.SHIFT_SEEDS) and runs[0].case["spec"]["cv"] == float(cv)
     assert runs[0].case["spec"]["spacing_mm"] == [2.083, 2.083, 2.78]
+    assert runs[0].case["spec"]["noise"] == "poisson"
     results = bench_conformal.Path(bench_conformal.__file__).parent / "results"
     for name, (fwhms, seeds) in bench_conformal.PSF_TESTS.items():
         assert bench_conformal.PSF_TEST_CONFIG.format(name=name, option="--psf", cv="0.10", fwhms=fwhms,
