@@ -345,6 +345,7 @@ def psf_coverage(calibration: dict, cases: list[dict]) -> dict:
     score = np.array([case["volume_score"] for case in cases])
     fwhm = np.array([case["case"]["spec"]["psf_fwhm_mm"] for case in cases])
     diameter = np.array([case["case"]["spec"]["diameters_mm"] for case in cases])
+    above = np.array([case["true_ml"] > max(case["upper_ml"], case["floor_ml"]) for case in cases])
     model_hits = int(np.sum(score <= 0))
     record = {"n": len(cases), "strata": {label: labels.count(label) for label in sorted(set(labels))},
               "model_95": {"covered": model_hits, "coverage": model_hits / len(cases),
@@ -360,6 +361,7 @@ def psf_coverage(calibration: dict, cases: list[dict]) -> dict:
             "covered": int(hit.sum()), "coverage": float(hit.mean()), "exact": float(exact),
             "ci95": clopper_pearson(int(hit.sum()), len(cases)),
             "coverage_by_fwhm": {f"{f:g}": float(hit[fwhm == f].mean()) for f in np.unique(fwhm)},
+            "missed_true_above": int(np.sum(~hit & above)),
             "coverage_by_diameter": {f"{d:g}": [int(hit[diameter == d].sum()), int(np.sum(diameter == d))]
                                      for d in np.unique(diameter)},
             "median_width_rel": float(np.median(widths)),
@@ -492,15 +494,18 @@ def shift_markdown(record: dict) -> str:
              f"{record['seeds']}.", "",
              "| shift | differs from the calibration cohort in | n | model's own 95 % | conformal 90 % "
              "(95 % CI) | 90 % guarantee | conformal 95 % (95 % CI) | 95 % guarantee | exact if exchangeable "
-             "90 / 95 | median width / V 90 / 95 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "90 / 95 | median width / V 90 / 95 | 90 % misses: true V above / below |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, test in record["tests"].items():
         result = test["result"]
         rows = [result[f"conformal_{round(level * 100)}"] for level in LEVELS]
+        misses = result["n"] - rows[0]["covered"]
         cells = [f"{r['coverage']:.3f} ({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}) | {guarantee_text(r, level)}"
                  for r, level in zip(rows, LEVELS)]
         lines.append(f"| {name} | {test['differs']} | {result['n']} | {result['model_95']['coverage']:.3f} | "
                      f"{cells[0]} | {cells[1]} | {rows[0]['exact']:.3f} / {rows[1]['exact']:.3f} | "
-                     f"{rows[0]['median_width_rel']:.3f} / {rows[1]['median_width_rel']:.3f} |")
+                     f"{rows[0]['median_width_rel']:.3f} / {rows[1]['median_width_rel']:.3f} | "
+                     f"{rows[0]['missed_true_above']} / {misses - rows[0]['missed_true_above']} |")
     diameters = list(next(iter(record["tests"].values()))["result"]["conformal_90"]["coverage_by_diameter"])
     lines += ["", "Coverage by sphere diameter (covered / n):", "",
               "| shift | interval | " + " | ".join(f"{d} mm" for d in diameters) + " |",

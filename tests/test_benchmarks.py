@@ -366,6 +366,7 @@ def test_bench_conformal_shift_smoke(tmp_path, monkeypatch):
     table = (tmp_path / "bench_conformal_psf_shift_noise.md").read_text()
     assert "| cv035 | CV 0.35 | 10 | 0.000 | 0.000 (0.000-0.308) | broken |" in table
     assert "| none | conformal 95% | 5/5 | 5/5 |" in table
+    assert table.count("| 0 / 0 |") == 1 and "| 0 / 10 |" in table  # the misses: true V below the interval
     assert "python -m benchmarks.bench_conformal --shift" in table
     for name, (_, cv, extra) in bench_conformal.SHIFT_TESTS.items():
         config = tmp_path / f"{name}.toml"
