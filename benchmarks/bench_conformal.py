@@ -25,8 +25,8 @@ bench_conformal_psf.md:
     python -m benchmarks.bench_conformal --psf
 
 ``--shift``: the same calibration on test phantoms that differ from its cohort in voxel size, noise
-level or noise kind (:data:`SHIFT_DOC`), report bench_conformal_psf_shift_noise.md (about 25
-minutes on 2 cores from nothing, seconds from the cached fits):
+level or noise kind (:data:`SHIFT_DOC`), report bench_conformal_psf_shift_noise.md (2,160 fits:
+about 50 minutes in one process on 2 cores from nothing, seconds from the cached fits):
     python -m benchmarks.bench_conformal --shift
 """
 
@@ -448,13 +448,15 @@ from that cohort on purpose in voxel size, noise level or noise kind, the shifts
 scanner brings: the same spheres (10-37 mm) and contrasts (2:1, 4:1, 8:1) at FWHM 5, 6 and 7 mm
 (inside the calibrated range, where `vbseg segment --calibration pet-phantom-psf` accepts them),
 noise seeds 1-4, 216 cases per shift, each fitted like the calibration cases (the PSF model given
-its true FWHM, the whole phantom grid, no VOI) and scored in its own stratum against every
+its true FWHM, the whole phantom grid, no VOI; the grid is sized to the sphere plus 24 mm, so
+its extent in mm is about the same on every voxel size) and scored in its own stratum against every
 calibration case of that stratum. Per shift: pooled coverage of the conformal 90 % and 95 %
 intervals with the exact Clopper-Pearson 95 % CI, the value exchangeable cases would have, the
 model's own 95 % interval, the median width relative to the true volume V, and coverage by sphere
 diameter. The conformal guarantee holds only for test cases exchangeable with the calibration
 cases, which these shifts violate on purpose; "broken" below means the CI's upper end is under
-the nominal level. The "none" row is a control drawn like the cohort (other seeds). Test cases
+the nominal level. The "none" row is a control drawn like the cohort (other seeds); the sets share
+seeds, so the Gaussian ones at CV 0.05-0.35 are one noise pattern scaled. Test cases
 are fitted once and cached in benchmarks/results/bench_conformal_psf_shift_<name>.json (with the
 config that made them beside it; delete them to refit)."""
 SHIFT_REGENERATE = "python -m benchmarks.bench_conformal --shift"
