@@ -345,6 +345,51 @@ def test_bench_conformal_psf_coverage_against_exact_answers():
     assert clopper_pearson(10, 10) == pytest.approx([0.025 ** 0.1, 1.0], abs=1e-9)
 
 
+def test_bench_conformal_shift_smoke(tmp_path, monkeypatch):
+    """--shift on made-up fitted cases (the fits replaced): each set scored against the packaged
+    pet-phantom-psf; a set that is never covered is reported broken at both levels with its
+    count per diameter, one always covered holds; the test configs load as the intended shifts
+    and the --psf configs are written exactly as the committed ones."""
+    from benchmarks import bench_conformal
+    from vbseg.experiment.config import load_experiment
+
+    def case(score, diameter, mean_ml):
+        return {"name": f"c{diameter}", "volume_score": score, "lower_ml": 1.0, "upper_ml": 1.0,
+                "true_ml": 1.0, "floor_ml": 0.048, "mean_ml": mean_ml, "fnr": [1.0, 0.0], "margin_mm": 1.0,
+                "case": {"spec": {"diameters_mm": diameter, "contrast": 4.0, "psf_fwhm_mm": 6.0}}}
+
+    made_up = {"shift_none": [case(-1.0, 10.0, 0.5), case(-1.0, 22.0, 5.0)] * 5,
+               "shift_cv035": [case(5.0, 10.0, 0.5), case(5.0, 22.0, 5.0)] * 5}
+    monkeypatch.setattr(bench_conformal, "psf_test_cases", lambda out, name, *args: made_up[name])
+    assert bench_conformal.main(["--shift", "none", "cv035", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench_conformal_psf_shift_noise.json").read_text())
+    assert list(record["tests"]) == ["none", "cv035"]
+    for name, covered in (("none", 10), ("cv035", 0)):
+        for level in (90, 95):
+            row = record["tests"][name]["result"][f"conformal_{level}"]
+            assert row["covered"] == covered and row["coverage_by_diameter"] == {"10": [covered // 2, 5],
+                                                                                   "22": [covered // 2, 5]}
+    table = (tmp_path / "bench_conformal_psf_shift_noise.md").read_text()
+    assert "| cv035 | CV 0.35 | 10 | 0.000 | 0.000 (0.000-0.308) | broken |" in table
+    assert "| none | conformal 95% | 5/5 | 5/5 |" in table
+    assert table.count("| 0 / 0 |") == 1 and "| 0 / 10 |" in table  # the misses: true V below the interval
+    assert "python -m benchmarks.bench_conformal --shift" in table
+    for name, (_, cv, extra) in bench_conformal.SHIFT_TESTS.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(bench_conformal.PSF_TEST_CONFIG.format(
+            name=name, option="--shift", cv=cv, fwhms=bench_conformal.SHIFT_FWHMS,
+            seeds=bench_conformal.SHIFT_SEEDS, extra=extra))
+        runs = load_experiment(config).runs
+        assert len(runs) == 54 * len(bench_conformal.SHIFT_SEEDS) and runs[0].case["spec"]["cv"] == float(cv)
+    assert runs[0].case["spec"]["spacing_mm"] == [2.083, 2.083, 2.78]
+    assert runs[0].case["spec"]["noise"] == "poisson"
+    results = bench_conformal.Path(bench_conformal.__file__).parent / "results"
+    for name, (fwhms, seeds) in bench_conformal.PSF_TESTS.items():
+        assert bench_conformal.PSF_TEST_CONFIG.format(name=name, option="--psf", cv="0.10", fwhms=fwhms,
+                                                      seeds=seeds, extra="") == \
+            (results / f"bench_conformal_psf_{name}.toml").read_text()
+
+
 def test_bench_conformal_sarcoma_fold_study():
     """Made-up scores on made-up folds: each held-out case is scored with the quantile of the
     other folds' cases (the largest when n <= 17 at 90 %), and 95 % is refused for n < 19."""
