@@ -116,6 +116,15 @@ def test_fit_prior_learns_the_locate_potts_error_and_locate_potts_applies_it(tmp
     assert record["n"] == 5 and "locate-potts" in summaries["calibrated"]["volume_ml"]["method"]
     assert record["uncalibrated_volume_ml"]["mean"] == pytest.approx(
         summaries["plain"]["volume_ml"]["mean"], rel=1e-4)
+    assert "volume-error-not-applied" not in [w["code"] for w in summaries["calibrated"]["warnings"]]
+    # other settings than the error was learned with: not applied, and said
+    other = tmp_path / "other"
+    assert main(["segment", *images, "--modality", "pet,ct,mr", "--model", "locate-potts",
+                 "--prior", str(calibrated), "--locate-margin", "30", "--out", str(other)]) == 0
+    summary = json.loads((other / "summary.json").read_text())
+    assert "volume-error-not-applied" in [w["code"] for w in summary["warnings"]]
+    assert summary["diagnostics"]["volume_error"] == {"applied": False}
+    assert "locate-potts" not in summary["volume_ml"]["method"]
 
 
 def test_calibrate_method_names_what_it_can_learn(tmp_path, cohort, capsys):

@@ -40,7 +40,10 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
    --calibrate-method locate-potts``; :mod:`vbseg.cohort.method_error`), the volume draws are
    put through it (:func:`vbseg.cohort.volume_error.calibrated_draws`): the interval then
    carries the between-patient error of the method on delineated cases, not only the spread
-   of one fit. The probability map is not changed.
+   of one fit. The probability map is not changed. The error was learned with locate-potts's
+   default settings and the prior as locator; with any other setting (``--locator both``,
+   ``--fusion joint``, another margin, ...) it is not applied, and the warning
+   ``volume-error-not-applied`` says so.
 
 This is the two-stage design of coarse-to-fine segmentation (a detector proposes a region, a
 local model delineates it), with the delineation a hidden MRF whose external field is the
@@ -63,6 +66,7 @@ from vbseg.deep.segment import load_network
 from vbseg.errors import InputError
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.metrics import dice
+from vbseg.options import DEFAULT_VOLUME_DRAWS, SegmentOptions, default_beta, default_fusion
 from vbseg.potts.method import potts_result
 from vbseg.records import independent_draws
 
@@ -120,16 +124,29 @@ def locating_prior(options, modalities):
     return resolve_prior("sarcoma" if options.prior is None else options.prior)
 
 
+def learned_settings(options, modalities) -> SegmentOptions:
+    """``options`` with what a learned volume error does not depend on set aside (the prior
+    itself, the network, the number of draws) and every default resolved."""
+    return dataclasses.replace(
+        options, prior=None, checkpoint=None, volume_draws=DEFAULT_VOLUME_DRAWS, beta=default_beta(options),
+        fusion=options.fusion or default_fusion(options.model, modalities, options.covariance),
+        locator=default_locator(options, modalities))
+
+
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
-    """(volume draws, TLG draws, volume-method suffix or None, the record) after the locating
-    prior's locate-potts volume error, when it has one (module doc, step 5)."""
+    """(volume draws, TLG draws, the record or None) after the locating prior's locate-potts
+    volume error, when it has one and this run's settings are those it was learned with (module
+    doc, step 5); otherwise the draws as they were and, when it has one, a record saying why."""
     prior = locating_prior(options, prepared.modalities)
     calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
     if calibration is None:
         return volume_draws, tlg_draws, None
+    learned = learned_settings(SegmentOptions(model="locate-potts", locator="prior"), prepared.modalities)
+    if learned_settings(options, prepared.modalities) != learned:
+        return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
                                             contour_empty=not bool((probability >= 0.5).any()))
-    record = {"description": describe(calibration), "missed_draw_fraction": missed,
+    record = {"applied": True, "description": describe(calibration), "missed_draw_fraction": missed,
               "uncalibrated_volume_ml": {"mean": float(np.mean(volume_draws)),
                                          "lower_95": float(np.quantile(volume_draws, 0.025)),
                                          "upper_95": float(np.quantile(volume_draws, 0.975))},
@@ -236,8 +253,14 @@ def run_locate(prepared, options) -> MethodResult:
         volume_method = MIXTURE_METHOD
     volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
                                                                 volume_draws, tlg_draws)
-    if volume_error is not None:
+    if volume_error is not None and volume_error["applied"]:
         volume_method = CALIBRATED_METHOD.format(draws=volume_method)
+    elif volume_error is not None:
+        warnings.append({"code": "volume-error-not-applied",
+                         "message": "the prior carries locate-potts's volume error, learned with its "
+                                    "default settings and the prior as locator; these settings differ, "
+                                    "so the volume interval is one fit's spread, far too narrow for "
+                                    "real scans (vbseg fit-prior --calibrate-method learns it anew)"})
     bounds = inner.bounds
     outside = {} if field is None else image_outside_box(prepared, options, bounds)
     if outside and outside["image_outside_share"] >= IMAGE_OUTSIDE_SHARE:
