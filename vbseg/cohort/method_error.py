@@ -20,10 +20,8 @@ benchmark), nothing of the held-out fold enters either.
 
 from __future__ import annotations
 
-import numpy as np
-
-from vbseg.cohort.population import TrainingCase, prior_from_statistics
-from vbseg.cohort.volume_error import calibration_entry, calibration_from_entries
+from vbseg.cohort.population import TrainingCase, held_out_entry, prior_from_statistics
+from vbseg.cohort.volume_error import calibration_from_entries
 from vbseg.errors import InputError
 from vbseg.io.cases import DelineatedCase
 from vbseg.methods.registry import get_method
@@ -56,14 +54,8 @@ def method_entry(method: str, case: DelineatedCase, training: TrainingCase, prio
         raise ValueError(f"case {case.name} is in the prior's training cases: its entry would be in sample")
     posterior = segment(list(case.images), modalities=list(case.modalities), model=method, prior=prior,
                         volume_draws=200)
-    # PET features are log(max(SUV, 0.1)): exp gives SUV back inside any GTV
-    suv = np.exp(training.features[..., 0]) if case.modalities[0] == "pet" else None
-    entry = calibration_entry(case.name, posterior.probability, training.tumour, training.voxel_ml, suv)
-    if progress:
-        verdict = "located" if entry["located"] else "missed"
-        progress(f"{method} calibration {case.name}: manual {entry['manual_ml']:.1f} mL, model "
-                 f"{entry['model_ml']:.1f} mL, Dice {entry['dice50']:.2f} ({verdict})")
-    return entry
+    return held_out_entry(training, posterior.probability, list(case.modalities), progress,
+                          f"{method} calibration")
 
 
 def method_calibrations(methods, cases: list[DelineatedCase], training: list[TrainingCase], stats,

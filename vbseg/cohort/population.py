@@ -236,12 +236,18 @@ def calibration_entry_from_others(case: TrainingCase, shape, other_stats, other_
                                      neighbourhood=neighbourhood, interaction=interaction)
     probability, _ = tumour_probability(held_out, case.features, case.observed, case.roi,
                                         case.spacing, pad_shape=shape)
+    return held_out_entry(case, probability, modalities, progress)
+
+
+def held_out_entry(case: TrainingCase, probability, modalities, progress=None, label="calibration") -> dict:
+    """``case``'s :func:`~vbseg.cohort.volume_error.calibration_entry` from a probability map (on
+    its first grid) made without it, said in one ``progress`` line starting with ``label``."""
     # PET features are log(max(SUV, 0.1)): exp gives SUV back inside any GTV
     suv = np.exp(case.features[..., 0]) if modalities[0] == "pet" else None
     entry = calibration_entry(case.name, probability, case.tumour, case.voxel_ml, suv)
     if progress:
         verdict = "located" if entry["located"] else "missed"
-        progress(f"calibration {case.name}: manual {entry['manual_ml']:.1f} mL, model "
+        progress(f"{label} {case.name}: manual {entry['manual_ml']:.1f} mL, model "
                  f"{entry['model_ml']:.1f} mL, Dice {entry['dice50']:.2f} ({verdict})")
     return entry
 

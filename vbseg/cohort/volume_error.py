@@ -116,8 +116,8 @@ def calibration_from_entries(entries: list[dict], located_model: str = "ratio") 
                    "miss_probability": (missed_with_contour + 1) / (len(with_contour) + 2), "located": None,
                    "manual_log_volume": _log_normal_predictive([e["manual_ml"] for e in entries]),
                    "manual_log_suv_mean": None, "entries": list(entries), "definition": DEFINITION}
-    model_volumes = {round(np.log(e["model_ml"]), 9) for e in located if e["model_ml"] > 0}
     if located_model == "regression":
+        model_volumes = {round(np.log(e["model_ml"]), 9) for e in located if e["model_ml"] > 0}
         if len(located) >= MIN_REGRESSION_CASES and len(model_volumes) >= 2:
             calibration["located"] = _located_regression(located)
     elif len(located) >= MIN_LOCATED_CASES:
