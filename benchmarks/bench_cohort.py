@@ -62,7 +62,6 @@ from vbseg.cohort.population import (
     leave_one_out_entries,
     load_training_case,
 )
-from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.io.cases import read_cases
 from vbseg.metrics import (
     bootstrap_mean_ci,
@@ -71,6 +70,7 @@ from vbseg.metrics import (
     interval_score,
     surface_metrics,
 )
+from vbseg.runtime import enable_compilation_cache
 
 SHARED_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "cases.json"
 SARCOMAS = tuple(f"sts{n}" for n in ("001 002 003 004 012 014 018 023 024 026 028 031 032 034 "

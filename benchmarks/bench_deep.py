@@ -45,7 +45,6 @@ import numpy as np
 import vbseg
 from benchmarks.bench_cohort import SHARED_INDEX, score
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.deep.model import load_checkpoint, save_checkpoint
 from vbseg.deep.training import load_settings, train
 from vbseg.deep.training_data import load_deep_case
@@ -53,6 +52,7 @@ from vbseg.io.cases import read_cases
 from vbseg.io.volume import write_text_atomic
 from vbseg.metrics import bootstrap_mean_ci, brier_score
 from vbseg.phantoms import PhantomSpec, make_phantom
+from vbseg.runtime import enable_compilation_cache
 
 METHODS = ("kspc", "cnn", "mc-dropout", "cnn-ensemble", "potts", "gp", "deep-potts", "deep-gp")
 NETWORK_METHODS = ("cnn", "mc-dropout", "cnn-ensemble", "deep-potts", "deep-gp")

@@ -47,11 +47,12 @@ from vbseg.gp import fit as gp_fit
 from vbseg.gp import start as gp_start
 from vbseg.gp.kernels import cholesky, stationary_kernel
 from vbseg.gp.model import FieldPrior, GPLogitModel, GridGP
-from vbseg.inference.svi import compile_and_run, fit_svi, steps_to_converge
+from vbseg.inference.svi import fit_svi, steps_to_converge
 from vbseg.io.volume import save_nifti
 from vbseg.metrics import dice, expected_calibration_error
 from vbseg.phantoms import PhantomSpec, make_phantom
 from vbseg.prepare import standardise_features
+from vbseg.runtime import compile_and_run
 
 KERNEL = "matern32"
 CHUNK = 25

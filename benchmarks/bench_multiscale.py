@@ -30,10 +30,10 @@ import numpy as np
 
 from benchmarks.bench_potts import phantom_features, timed_runs
 from benchmarks.common import RESULTS, machine, write_report
-from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.metrics import dice
 from vbseg.potts.meanfield import fit_hidden_potts_vb
 from vbseg.potts.model import DEFAULT_PRIOR, neighbour_weights
+from vbseg.runtime import enable_compilation_cache
 
 NUM_CLASSES = 3
 # two fits found the same solution when their 50 % tumour contours overlap at least this much

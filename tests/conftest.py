@@ -19,7 +19,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     os.environ["VBSEG_JAX_CACHE"] = str(Path(os.environ["VBSEG_JAX_CACHE"]) / WORKER)
 
-from vbseg.compilation_cache import enable_compilation_cache  # noqa: E402
+from vbseg.runtime import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache(os.environ["VBSEG_JAX_CACHE"])
 

@@ -49,8 +49,8 @@ REASONS: dict[str, str] = {
                                                  "hyperparameter an argument, as numpyro's "
                                                  "inference utilities call it",
     "vbseg/pipeline.py::segment": "the public vbseg.segment: the inputs and outputs plus the "
-                                  "SegmentOptions fields as keywords, as the command line "
-                                  "exposes them",
+                                  "option keywords (vbseg.options.OPTION_KEYWORDS) as the "
+                                  "command line exposes them",
 }
 
 

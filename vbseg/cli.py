@@ -10,7 +10,6 @@ is an :class:`~vbseg.errors.VbsegError` and is reported as one line,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
@@ -29,7 +28,6 @@ try:
     from vbseg.cohort.method_error import CALIBRATED_METHODS, check_calibrate_methods, method_calibrations
     from vbseg.cohort.population import fit_prior
     from vbseg.cohort.volume_error import describe
-    from vbseg.compilation_cache import enable_compilation_cache
     from vbseg.deep.training import train_from_config
     from vbseg.errors import InputError, VbsegError
     from vbseg.experiment.batch import DONE, FAILED, SKIPPED, run_batch
@@ -45,9 +43,10 @@ try:
     from vbseg.io.result_folder import check_output_folder, check_outputs
     from vbseg.methods import method_names
     from vbseg.metrics import dice, expected_calibration_error
-    from vbseg.options import SegmentOptions, check_seed
+    from vbseg.options import OPTION_KEYWORDS, check_seed
     from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
     from vbseg.pipeline import segment
+    from vbseg.runtime import enable_compilation_cache
     pause_point("import")
 except KeyboardInterrupt:
     sys.exit(report_interrupted())
@@ -124,7 +123,7 @@ def _segment_inputs(p):
 
 
 def _segment_model(p):
-    """The model and its fit settings (SegmentOptions fields)."""
+    """The model and its fit settings (options of vbseg.options.OPTION_KEYWORDS, dest = keyword)."""
     p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
@@ -447,7 +446,7 @@ def _segment_kwargs(args) -> dict:
     )
 
 
-# the options whose text needs reading before it is a SegmentOptions value
+# the options whose text needs reading before it is an option value
 OPTION_PARSERS = {"beta": _beta, "field_weight": _weight}
 
 
@@ -457,13 +456,13 @@ def command_line(args) -> str:
 
 
 def option_values(args) -> dict:
-    """The :class:`~vbseg.options.SegmentOptions` fields given on the command line (each option's
-    ``dest`` is its field's name; options not given keep the dataclass's defaults)."""
+    """The options (:data:`vbseg.options.OPTION_KEYWORDS`) given on the command line, by keyword
+    (each option's ``dest`` is its keyword; options not given keep their defaults)."""
     values = {}
-    for field in dataclasses.fields(SegmentOptions):
-        value = getattr(args, field.name, None)
+    for keyword in OPTION_KEYWORDS:
+        value = getattr(args, keyword, None)
         if value is not None:
-            values[field.name] = OPTION_PARSERS.get(field.name, lambda text: text)(value)
+            values[keyword] = OPTION_PARSERS.get(keyword, lambda text: text)(value)
     return values
 
 

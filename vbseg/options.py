@@ -1,6 +1,17 @@
-"""The options of ``vbseg segment``: their defaults, and one validation of all of them (alone
-and in combination) that runs before any file is read (the output folder's checks are in
-:mod:`vbseg.io.result_folder`). Every problem is an InputError naming the option."""
+"""The options of ``vbseg segment``, typed by concern: :class:`ModelOptions` (what the model is),
+:class:`FitOptions` (how its posterior is computed) and :class:`OutputOptions` (what is drawn
+from it), together a :class:`SegmentOptions`. The defaults of a model family live beside its
+model (the Potts coupling in :mod:`vbseg.potts.model`, the learned-beta start in
+:mod:`vbseg.potts.beta`, the fraction levels in :mod:`vbseg.pv_potts.model`, ...); this module
+names them once, keyword by keyword, and validates every option (alone and in combination)
+before any file is read (the output folder's checks are in :mod:`vbseg.io.result_folder`).
+Every problem is an InputError naming the option.
+
+The command line and experiment configs name options by flat keywords (``model``,
+``num_classes``, ``sampler``, ``volume_draws``, ...): :data:`OPTION_KEYWORDS` maps each to its
+concern and field, and :meth:`SegmentOptions.from_values` builds the typed options from them.
+A calibration (:mod:`vbseg.calibration.calibration_file`) is valid for the model and fit
+options it was made with; the output options may differ."""
 
 from __future__ import annotations
 
@@ -13,24 +24,16 @@ from vbseg.deep.segment import DEEP_MODELS, FIELD_MODELS
 from vbseg.errors import InputError
 from vbseg.io.image import MODALITIES
 from vbseg.posterior import output_names
-from vbseg.potts.beta import BETA_MAX
 from vbseg.potts.emission_updates import DEFAULT_STUDENT_DOF
-from vbseg.potts.model import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS
-from vbseg.pv_potts.model import DEFAULT_FRACTION_LEVELS
+from vbseg.potts.emissions import COVARIANCES, EMISSION_OPTIONS
+from vbseg.potts.intensity_field import INTENSITY_FIELDS
+from vbseg.potts.model import DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF, NEIGHBOURHOODS, SAMPLERS
+from vbseg.potts.multiscale import RESTARTS
+from vbseg.potts.psf import PET_NOISE_MODELS
+from vbseg.pv_potts.model import DEFAULT_FRACTION_LEVELS, MAX_FRACTION_LEVELS
 
 # the Potts couplings used when none is given live beside the Potts model
 DEFAULT_BETA, DEFAULT_BETA_PSF = DEFAULT_POTTS_BETA, DEFAULT_POTTS_BETA_PSF
-# --beta auto: where the learned-beta fit starts. Below the critical coupling of the
-# 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
-# ordered state that the beta step would then confirm (see tests/potts/test_beta.py).
-AUTO_BETA_START = 0.1
-EMISSION_OPTIONS = ("gaussian", "student", "lognormal")
-COVARIANCES = ("diagonal", "full")
-BETA_LEARNED_TEXT = (
-    f"beta learned (uniform prior on [0, {BETA_MAX:g}]; variational EM from beta = "
-    f"{AUTO_BETA_START:g}, restarts at that value, then a mean-field pseudo-likelihood step "
-    "after each parameter update, Celeux, Forbes & Peyrard 2003)"
-)
 DEFAULT_LEVELS = (10, 50, 90)
 DEFAULT_VOLUME_DRAWS = 2000
 # More draws than this do not sharpen a 95 % interval further (its Monte Carlo error at 2000
@@ -39,15 +42,6 @@ DEFAULT_VOLUME_DRAWS = 2000
 MAX_VOLUME_DRAWS = 100_000
 # Seeds go to jax.random.PRNGKey, which takes an unsigned 32-bit integer.
 SEED_LIMIT = 2**32
-PET_NOISE_MODELS = ("poisson", "constant")
-SAMPLERS = ("vb", "gibbs")
-# --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
-# "coarse" on a 2x2x2 coarser grid first, one full-grid fit per distinct solution
-# (vbseg.potts.multiscale; faster, but can end in other modes: bench_multiscale)
-RESTARTS = {"full": False, "coarse": True}
-# --intensity-field: which classes' first-modality mean carries a GP field
-# (vbseg.potts.intensity_field): every class (a bias field) or the tumour class
-INTENSITY_FIELDS = ("all", "tumour")
 # --fusion: which images enter the label model's likelihood. "pet": PET alone decides tumour and
 # background, the other images are loaded, checked and resampled but not modelled; "joint": every
 # image enters one class split. With PET and other images the default is "pet": a joint class split
@@ -66,9 +60,6 @@ FUSION_PET_TEXT = (
     "--fusion joint puts every image in the likelihood"
 )
 FUSION_JOINT_TEXT = "every image enters the likelihood of one class split"
-# --fraction-levels: the partial-volume model's number of fraction levels L (phi = k / (L - 1));
-# its cost grows with L only in elementwise terms (the blurs act on the two design columns)
-MAX_FRACTION_LEVELS = 33
 
 
 NO_PET_NO_VOI = (
@@ -86,6 +77,11 @@ def default_fusion(model: str, modalities, covariance: str = "diagonal") -> str:
     return "pet" if pet_decides and covariance != "full" else "joint"
 
 
+def model_fusion(model: "ModelOptions", modalities) -> str:
+    """The fusion a fit of ``model`` uses: the given one, else :func:`default_fusion`."""
+    return model.fusion or default_fusion(model.name, modalities, model.covariance)
+
+
 def fusion_columns(fusion: str, modalities) -> list[int]:
     """Indices of the images that enter the likelihood under ``fusion``."""
     if fusion == "pet":
@@ -94,28 +90,21 @@ def fusion_columns(fusion: str, modalities) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SegmentOptions:
-    """The options that choose and configure the model of ``vbseg.segment`` / ``vbseg segment``
-    (the images, VOI, output folder, levels and seed are arguments of their own).
+class ModelOptions:
+    """What the model is: the method and the settings that change its posterior.
 
-    model: a registered method (:func:`vbseg.methods.method_names`): potts, gp, deep-potts,
-        deep-gp, a baseline or a network baseline. num_classes: K.
+    name: a registered method (:func:`vbseg.methods.method_names`; keyword ``model``): potts,
+        gp, deep-potts, deep-gp, locate-potts, pv-potts, a baseline or a network baseline.
+    num_classes: K.
     beta: Potts coupling; None: DEFAULT_BETA, or DEFAULT_BETA_PSF with ``psf_fwhm_mm``; "auto":
-        learned by variational EM with a pseudo-likelihood step (from AUTO_BETA_START;
-        :mod:`vbseg.potts.beta`), then kept for the PSF fit or sampler; with pv-potts, a
-        grid of fits weighted by exp(ELBO - log Z(beta)) (:mod:`vbseg.pv_potts.method`).
+        learned by variational EM with a pseudo-likelihood step (from
+        :data:`vbseg.potts.beta.AUTO_BETA_START`), then kept for the PSF fit or sampler; with
+        pv-potts, a grid of fits weighted by exp(ELBO - log Z(beta)) (:mod:`vbseg.pv_potts.method`).
     neighbourhood: 6 or 26 (weights by inverse distance).
-    restarts: where the Potts fit's k-means restarts run: "full" (the image's grid) or "coarse"
-        (a 2x2x2 coarser grid, then one full-grid fit per distinct solution;
-        :mod:`vbseg.potts.multiscale`: faster on large grids, but it can end in another mode).
     tumour_class: class index that is tumour (required without PET).
-    volume_draws: number of posterior volume draws.
     psf_fwhm_mm: the PET scanner's PSF FWHM in mm: PET images get the PSF-blurred likelihood
         (:mod:`vbseg.potts.meanfield_psf`) and ``pet_noise`` says how PET noise varies:
         "poisson" (variance proportional to the local mean) or "constant".
-    sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
-        (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
-        draws of the whole label field).
     emission: "gaussian", "student" (Student-t with ``dof`` degrees of freedom) or "lognormal"
         (PET on the log scale); covariance: "diagonal" or "full" (a full covariance per class
         across the images; every image must cover the whole VOI).
@@ -139,16 +128,13 @@ class SegmentOptions:
         model (NEMA IEC sphere walls; None: none).
     """
 
-    model: str = "potts"
+    name: str = dataclasses.field(default="potts", metadata={"keyword": "model"})
     num_classes: int = 2
     beta: float | str | None = None
     neighbourhood: int = 6
-    restarts: str = "full"
     tumour_class: int | None = None
-    volume_draws: int = DEFAULT_VOLUME_DRAWS
     psf_fwhm_mm: float | None = None
     pet_noise: str = "poisson"
-    sampler: str = "vb"
     emission: str = "gaussian"
     covariance: str = "diagonal"
     dof: float = DEFAULT_STUDENT_DOF
@@ -164,30 +150,123 @@ class SegmentOptions:
     fraction_levels: int | None = None
     wall_mm: float | None = None
 
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How the model's posterior is computed.
+
+    sampler: "vb" (mean-field marginals; volume draws from independent voxels) or "gibbs"
+        (checkerboard Gibbs from the VB solution: marginals and volume draws from posterior
+        draws of the whole label field).
+    restarts: where the Potts fit's k-means restarts run: "full" (the image's grid) or "coarse"
+        (a 2x2x2 coarser grid, then one full-grid fit per distinct solution;
+        :mod:`vbseg.potts.multiscale`: faster on large grids, but it can end in another mode).
+    """
+
+    sampler: str = "vb"
+    restarts: str = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """What is drawn from the posterior (a calibration holds whatever these are).
+
+    volume_draws: number of posterior volume draws.
+    """
+
+    volume_draws: int = DEFAULT_VOLUME_DRAWS
+
+
+# the concerns of SegmentOptions: attribute -> its dataclass
+CONCERNS = {"model": ModelOptions, "fit": FitOptions, "outputs": OutputOptions}
+
+
+def _keyword_map() -> dict:
+    """keyword -> (concern, field) for every field of every concern (the field's name, or its
+    metadata's "keyword"); each keyword once."""
+    keywords = {}
+    for concern, kind in CONCERNS.items():
+        for field in dataclasses.fields(kind):
+            keyword = field.metadata.get("keyword", field.name)
+            assert keyword not in keywords, f"option keyword {keyword!r} named twice"
+            keywords[keyword] = (concern, field)
+    return keywords
+
+
+# The one list of the options: keyword (vbseg segment's option dest, segment()'s keyword, the
+# experiment config's [model] key up to KEY_ALIASES there) -> (concern, dataclasses.Field).
+OPTION_KEYWORDS = _keyword_map()
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentOptions:
+    """The options that choose and configure the method of ``vbseg.segment`` / ``vbseg segment``,
+    by concern (the images, VOI, output folder, levels and seed are arguments of their own).
+    Build them from flat keywords with :meth:`from_values`."""
+
+    model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    fit: FitOptions = dataclasses.field(default_factory=FitOptions)
+    outputs: OutputOptions = dataclasses.field(default_factory=OutputOptions)
+
+    def __post_init__(self):
+        for concern, kind in CONCERNS.items():
+            if not isinstance(getattr(self, concern), kind):
+                raise TypeError(f"SegmentOptions.{concern} must be a {kind.__name__} (flat keywords "
+                                f"go through SegmentOptions.from_values), got {getattr(self, concern)!r}")
+
+    @classmethod
+    def from_values(cls, **values) -> "SegmentOptions":
+        """The options from flat keywords (:data:`OPTION_KEYWORDS`); the rest keep their
+        defaults. TypeError for a keyword that is no option."""
+        return cls().replace(**values)
+
+    def replace(self, **values) -> "SegmentOptions":
+        """A copy with the flat keywords ``values`` replaced, each in its concern."""
+        unknown = sorted(set(values) - set(OPTION_KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(OPTION_KEYWORDS)})")
+        changes = {}
+        for keyword, value in values.items():
+            concern, field = OPTION_KEYWORDS[keyword]
+            changes.setdefault(concern, {})[field.name] = value
+        return dataclasses.replace(self, **{concern: dataclasses.replace(getattr(self, concern), **fields)
+                                            for concern, fields in changes.items()})
+
+    def values(self, concerns=tuple(CONCERNS)) -> dict:
+        """The flat keyword -> value of the options of ``concerns``."""
+        return {keyword: getattr(getattr(self, concern), field.name)
+                for keyword, (concern, field) in OPTION_KEYWORDS.items() if concern in concerns}
+
     def check(self, *, num_images, modalities, levels_percent, roi=None, box=None) -> None:
         """:func:`check_options` on these options for ``num_images`` inputs named ``modalities``
         (fusion and beta at their defaults where None). The options of one method alone
         (``locator``, ``locate_margin_mm``) are refused here for the other methods and checked
         by their method (:attr:`vbseg.methods.registry.Method.check_options`)."""
-        if self.model != LOCATE_MODEL:
-            for name, value in (("--locator", self.locator), ("--locate-margin", self.locate_margin_mm)):
+        model = self.model
+        if model.name != LOCATE_MODEL:
+            for name, value in (("--locator", model.locator), ("--locate-margin", model.locate_margin_mm)):
                 if value is not None:
-                    raise InputError(name, f"goes with --model {LOCATE_MODEL}, not {self.model}")
-        resolved = dataclasses.replace(
-            self, beta=default_beta(self),
-            fusion=self.fusion or default_fusion(self.model, modalities, self.covariance))
+                    raise InputError(name, f"goes with --model {LOCATE_MODEL}, not {model.name}")
+        resolved = dataclasses.replace(self, model=dataclasses.replace(
+            model, beta=default_beta(model),
+            fusion=model_fusion(model, modalities)))
         check_options(resolved, num_images=num_images, modalities=list(modalities),
                       levels_percent=levels_percent, roi=roi, box=box)
 
 
-def fixed_beta(options: SegmentOptions) -> float:
+def fixed_beta(model: ModelOptions) -> float:
     """The default fixed coupling: DEFAULT_BETA, or DEFAULT_BETA_PSF with a PSF."""
-    return DEFAULT_BETA if options.psf_fwhm_mm is None else DEFAULT_BETA_PSF
+    return DEFAULT_BETA if model.psf_fwhm_mm is None else DEFAULT_BETA_PSF
 
 
-def default_beta(options: SegmentOptions) -> float | str:
+def default_beta(model: ModelOptions) -> float | str:
     """The coupling a fit uses: the given one ("auto" or a number), else :func:`fixed_beta`."""
-    return options.beta if options.beta is not None else fixed_beta(options)
+    return model.beta if model.beta is not None else fixed_beta(model)
+
+
+def levels_for(model: ModelOptions) -> int:
+    """pv-potts's number of fraction levels: the given one, else DEFAULT_FRACTION_LEVELS."""
+    return DEFAULT_FRACTION_LEVELS if model.fraction_levels is None else model.fraction_levels
 
 
 def check_options(options: SegmentOptions, *, num_images, modalities, levels_percent, roi=None,
@@ -196,27 +275,79 @@ def check_options(options: SegmentOptions, *, num_images, modalities, levels_per
     ``num_images`` inputs named ``modalities``; ``options`` with beta and fusion resolved (as
     :meth:`SegmentOptions.check` passes them). InputError names the option. The model's name
     is checked where it is looked up (:func:`vbseg.methods.get_method`)."""
-    _check_fusion(options, modalities)
-    _check_partial_volume(options, modalities)
-    _check_intensity(options, modalities)
-    if options.model in ("gp", "deep-gp"):
-        _check_gp(options, modalities)
-    _check_field(options, modalities)
-    if not isinstance(options.num_classes, int) or not 2 <= options.num_classes <= 8:
-        raise InputError("--classes", f"must be an integer from 2 to 8, got {options.num_classes!r}")
-    beta = options.beta
+    model = options.model
+    _check_model(model, modalities)
+    _check_fit(options.fit, model)
+    _check_levels(levels_percent)
+    _check_inputs(model, num_images, modalities, roi, box)
+    _check_outputs(options.outputs)
+
+
+def _check_model(model: ModelOptions, modalities) -> None:
+    """The model options, alone and against the images."""
+    _check_fusion(model, modalities)
+    _check_partial_volume(model, modalities)
+    _check_intensity(model, modalities)
+    if model.name in ("gp", "deep-gp"):
+        _check_gp(model, modalities)
+    _check_field(model, modalities)
+    if not isinstance(model.num_classes, int) or not 2 <= model.num_classes <= 8:
+        raise InputError("--classes", f"must be an integer from 2 to 8, got {model.num_classes!r}")
+    beta = model.beta
     if beta != "auto" and (isinstance(beta, str) or not np.isfinite(beta) or beta < 0):
-        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {options.beta!r}")
-    if options.restarts not in RESTARTS:
-        raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {options.restarts!r}")
-    if options.restarts == "coarse" and options.model not in ("potts", "deep-potts"):
+        raise InputError("--beta", f"must be 'auto' or a finite number >= 0, got {model.beta!r}")
+    if model.neighbourhood not in NEIGHBOURHOODS:
+        raise InputError("--neighbourhood", f"must be 6 or 26, got {model.neighbourhood!r}")
+    if model.tumour_class is not None and not 0 <= model.tumour_class < model.num_classes:
+        raise InputError("--tumour-class", f"must be in 0..{model.num_classes - 1}, "
+                                           f"got {model.tumour_class}")
+    if model.psf_fwhm_mm is not None:
+        if not np.isfinite(model.psf_fwhm_mm) or model.psf_fwhm_mm < 0:
+            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {model.psf_fwhm_mm!r}")
+        if "pet" not in modalities:
+            raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
+    if model.pet_noise not in PET_NOISE_MODELS:
+        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, "
+                                        f"got {model.pet_noise!r}")
+    _check_emission(model, modalities)
+
+
+def _check_fit(fit: FitOptions, model: ModelOptions) -> None:
+    """The fit options, alone and against the model they fit."""
+    if fit.restarts not in RESTARTS:
+        raise InputError("--restarts", f"must be one of {', '.join(RESTARTS)}, got {fit.restarts!r}")
+    if fit.sampler not in SAMPLERS:
+        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {fit.sampler!r}")
+    if model.name == "pv-potts":
+        for flag, given in (("--sampler", fit.sampler != "vb"), ("--restarts", fit.restarts != "full")):
+            if given:
+                raise InputError(flag, "does not apply to --model pv-potts (Gaussian diagonal emissions; "
+                                       "its volume draws come from its own sampler)")
+    if model.name in ("gp", "deep-gp") and fit.sampler != "vb":
+        raise InputError("--sampler", "applies to --model potts; gp has Gaussian diagonal emissions, "
+                                      "no PSF term and its own variational fit")
+    if fit.restarts == "coarse" and model.name not in ("potts", "deep-potts"):
         raise InputError("--restarts", f"coarse restarts are for the hidden Potts fit (potts, "
-                                       f"deep-potts), not --model {options.model}")
-    if options.restarts == "coarse" and options.intensity_field is not None:
+                                       f"deep-potts), not --model {model.name}")
+    if fit.restarts == "coarse" and model.intensity_field is not None:
         raise InputError("--restarts", "coarse restarts do not go with --intensity-field (its GP "
                                        "field lives on the image's grid)")
-    if options.neighbourhood not in NEIGHBOURHOODS:
-        raise InputError("--neighbourhood", f"must be 6 or 26, got {options.neighbourhood!r}")
+    if fit.sampler == "gibbs" and model.intensity_field is not None:
+        raise InputError("--intensity-field", f"cannot be combined with --sampler gibbs: {INTENSITY_FIT}")
+    # log-normal PET is the Gaussian model on log PET, which the Gaussian sampler draws
+    if fit.sampler == "gibbs" and model.covariance == "full":
+        raise InputError("--sampler", "gibbs samples diagonal-covariance models; it cannot be "
+                                      "combined with --covariance full yet")
+
+
+def _check_outputs(outputs: OutputOptions) -> None:
+    draws = outputs.volume_draws
+    if isinstance(draws, bool) or not isinstance(draws, int) or not 100 <= draws <= MAX_VOLUME_DRAWS:
+        raise InputError("--volume-draws", f"must be an integer from 100 to {MAX_VOLUME_DRAWS}, "
+                                           f"got {outputs.volume_draws!r}")
+
+
+def _check_levels(levels_percent) -> None:
     if not levels_percent:
         raise InputError("--levels", "needs at least one level")
     for level in levels_percent:
@@ -225,6 +356,10 @@ def check_options(options: SegmentOptions, *, num_images, modalities, levels_per
     names = output_names(levels_percent)
     if len(set(levels_percent)) != len(levels_percent) or len(set(names)) != len(names):
         raise InputError("--levels", "levels must be distinct (two levels give the same file name)")
+
+
+def _check_inputs(model: ModelOptions, num_images, modalities, roi, box) -> None:
+    """The modalities against the images, and what a run without PET needs."""
     if len(modalities) != num_images:
         raise InputError(
             "--modality", f"names {len(modalities)} modalities for {num_images} images (one each)"
@@ -234,186 +369,159 @@ def check_options(options: SegmentOptions, *, num_images, modalities, levels_per
             raise InputError("--modality", f"unknown modality {name!r} (one of {', '.join(MODALITIES)})")
     if "pet" not in modalities and roi is None and box is None:
         raise InputError("--roi/--box", NO_PET_NO_VOI)
-    if "pet" not in modalities and options.tumour_class is None:
+    if "pet" not in modalities and model.tumour_class is None:
         raise InputError(
             "--tumour-class",
             "required without a PET image: classes are numbered 0..K-1 by increasing mean in the "
-            f"first image; say which is tumour (e.g. --tumour-class {options.num_classes - 1} for the "
+            f"first image; say which is tumour (e.g. --tumour-class {model.num_classes - 1} for the "
             "brightest)",
         )
-    if options.tumour_class is not None and not 0 <= options.tumour_class < options.num_classes:
-        raise InputError("--tumour-class", f"must be in 0..{options.num_classes - 1}, "
-                                           f"got {options.tumour_class}")
-    if not isinstance(options.volume_draws, int) or not 100 <= options.volume_draws <= MAX_VOLUME_DRAWS:
-        raise InputError("--volume-draws", f"must be an integer from 100 to {MAX_VOLUME_DRAWS}, "
-                                           f"got {options.volume_draws!r}")
     if roi is not None and box is not None:
         raise InputError("--roi", "give either --roi or --box, not both")
-    if options.psf_fwhm_mm is not None:
-        if not np.isfinite(options.psf_fwhm_mm) or options.psf_fwhm_mm < 0:
-            raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {options.psf_fwhm_mm!r}")
-        if "pet" not in modalities:
-            raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
-    if options.sampler not in SAMPLERS:
-        raise InputError("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}")
-    if options.pet_noise not in PET_NOISE_MODELS:
-        raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, "
-                                        f"got {options.pet_noise!r}")
-    _check_emission(options, modalities)
 
 
-def _check_fusion(options, modalities):
-    if options.fusion not in FUSIONS:
-        raise InputError("--fusion", f"must be one of {', '.join(FUSIONS)}, got {options.fusion!r}")
-    if options.fusion == "pet" and "pet" not in modalities:
+def _check_fusion(model: ModelOptions, modalities):
+    if model.fusion not in FUSIONS:
+        raise InputError("--fusion", f"must be one of {', '.join(FUSIONS)}, got {model.fusion!r}")
+    if model.fusion == "pet" and "pet" not in modalities:
         raise InputError("--fusion", "pet needs a PET image, and no image is PET")
-    if options.fusion == "pet" and options.model not in FUSION_MODELS:
+    if model.fusion == "pet" and model.name not in FUSION_MODELS:
         raise InputError("--fusion", f"chooses the images of the label models and baselines, not of "
-                                     f"--model {options.model}")
-    if options.fusion == "pet" and options.intensity_field is not None and modalities[0] != "pet":
+                                     f"--model {model.name}")
+    if model.fusion == "pet" and model.intensity_field is not None and modalities[0] != "pet":
         raise InputError("--intensity-field", "is fitted on the first image, which --fusion pet leaves "
                                               "out of the likelihood (PET is not first); add --fusion "
                                               "joint or put PET first")
-    if options.fusion == "pet" and options.covariance == "full" and modalities.count("pet") < 2:
+    if model.fusion == "pet" and model.covariance == "full" and modalities.count("pet") < 2:
         raise InputError("--covariance", "full models how several images covary, and with --fusion pet "
                                          "only PET enters the likelihood (add --fusion joint)")
 
 
-def levels_for(options: SegmentOptions) -> int:
-    """pv-potts's number of fraction levels: the given one, else DEFAULT_FRACTION_LEVELS."""
-    return DEFAULT_FRACTION_LEVELS if options.fraction_levels is None else options.fraction_levels
-
-
-def _check_partial_volume(options, modalities):
+def _check_partial_volume(model: ModelOptions, modalities):
     """--fraction-levels and --wall-mm belong to pv-potts, a two-class Gaussian model that draws
     its own joint samples (:mod:`vbseg.pv_potts.method`)."""
-    if options.fraction_levels is not None:
-        if options.model != "pv-potts":
-            raise InputError("--fraction-levels", f"goes with --model pv-potts, not {options.model} (contour "
+    if model.fraction_levels is not None:
+        if model.name != "pv-potts":
+            raise InputError("--fraction-levels", f"goes with --model pv-potts, not {model.name} (contour "
                                                   "levels are --levels)")
-        levels = options.fraction_levels
+        levels = model.fraction_levels
         if (isinstance(levels, bool) or not isinstance(levels, (int, np.integer))
                 or not 2 <= levels <= MAX_FRACTION_LEVELS):
             raise InputError("--fraction-levels", f"must be an integer from 2 to "
-                                                  f"{MAX_FRACTION_LEVELS}, got {options.fraction_levels!r}")
-    if options.wall_mm is not None:
-        if options.model != "pv-potts":
+                                                  f"{MAX_FRACTION_LEVELS}, got {model.fraction_levels!r}")
+    if model.wall_mm is not None:
+        if model.name != "pv-potts":
             raise InputError("--wall-mm", f"goes with --model pv-potts (a cold shell in its PET "
-                                          f"forward model), not {options.model}")
-        if (isinstance(options.wall_mm, bool) or not isinstance(options.wall_mm, (int, float, np.floating))
-                or not np.isfinite(options.wall_mm) or options.wall_mm < 0):
-            raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {options.wall_mm!r}")
+                                          f"forward model), not {model.name}")
+        if (isinstance(model.wall_mm, bool) or not isinstance(model.wall_mm, (int, float, np.floating))
+                or not np.isfinite(model.wall_mm) or model.wall_mm < 0):
+            raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {model.wall_mm!r}")
         if "pet" not in modalities:
             raise InputError("--wall-mm", "is a cold shell in the PET forward model, and no image is PET")
-    if options.model != "pv-potts":
+    if model.name != "pv-potts":
         return
-    if options.num_classes != 2:
+    if model.num_classes != 2:
         raise InputError("--classes", f"pv-potts is a two-class (tumour fraction) model, "
-                                      f"got {options.num_classes}")
-    for flag, given in (("--sampler", options.sampler != "vb"),
-                        ("--emission", options.emission != "gaussian"),
-                        ("--covariance", options.covariance != "diagonal"),
-                        ("--external-field", options.external_field is not None),
-                        ("--intensity-field", options.intensity_field is not None),
-                        ("--restarts", options.restarts != "full")):
+                                      f"got {model.num_classes}")
+    for flag, given in (("--emission", model.emission != "gaussian"),
+                        ("--covariance", model.covariance != "diagonal"),
+                        ("--external-field", model.external_field is not None),
+                        ("--intensity-field", model.intensity_field is not None)):
         if given:
             raise InputError(flag, "does not apply to --model pv-potts (Gaussian diagonal emissions; "
                                    "its volume draws come from its own sampler)")
 
 
-def _check_field(options, modalities):
-    if options.checkpoint is not None and options.model not in DEEP_MODELS + (LOCATE_MODEL,):
+def _check_field(model: ModelOptions, modalities):
+    if model.checkpoint is not None and model.name not in DEEP_MODELS + (LOCATE_MODEL,):
         raise InputError("--checkpoint", f"goes with a deep model ({', '.join(DEEP_MODELS)}), "
-                                         f"not {options.model}")
-    if options.external_field is not None and options.model not in ("potts", "gp"):
-        raise InputError("--external-field", f"goes with --model potts or gp, not {options.model} (the "
+                                         f"not {model.name}")
+    if model.external_field is not None and model.name not in ("potts", "gp"):
+        raise InputError("--external-field", f"goes with --model potts or gp, not {model.name} (the "
                                              "deep models take the network's logits)")
-    if options.model in DEEP_MODELS and modalities[0] != "pet":
-        raise InputError("--model", f"{options.model} needs the first image to be PET (the networks take "
+    if model.name in DEEP_MODELS and modalities[0] != "pet":
+        raise InputError("--model", f"{model.name} needs the first image to be PET (the networks take "
                                     "pet; pet,ct; pet,ct,mr)")
-    uses_field = options.model in FIELD_MODELS or options.external_field is not None
-    if uses_field and modalities[0] != "pet" and options.tumour_class is None:
+    uses_field = model.name in FIELD_MODELS or model.external_field is not None
+    if uses_field and modalities[0] != "pet" and model.tumour_class is None:
         raise InputError("--tumour-class", "a prior log-odds map without a PET first image needs "
                                            "--tumour-class: the class that carries the map")
-    weight = options.field_weight
+    weight = model.field_weight
     if weight != "auto" and (isinstance(weight, str) or not np.isfinite(weight) or weight < 0):
         raise InputError("--field-weight", f"must be 'auto' or a finite number >= 0, "
-                                           f"got {options.field_weight!r}")
-    if options.model == "deep-gp" and options.field_weight != "auto":
+                                           f"got {model.field_weight!r}")
+    if model.name == "deep-gp" and model.field_weight != "auto":
         raise InputError("--field-weight", "the GP fit learns the weight; a fixed weight applies "
                                            "to Potts models")
 
 
-def _check_intensity(options, modalities):
+# why the GP intensity field refuses the options below (:mod:`vbseg.potts.intensity_field`)
+INTENSITY_FIT = ("the field is fitted in the PSF-free mean-field model with Gaussian (or log-normal "
+                 "PET) diagonal emissions")
+
+
+def _check_intensity(model: ModelOptions, modalities):
     """The GP intensity field lives in the PSF-free mean-field fit with Gaussian diagonal
     emissions (:mod:`vbseg.potts.intensity_field`)."""
-    if options.intensity_field is None:
-        if options.intensity_lengthscale_mm is not None:
+    if model.intensity_field is None:
+        if model.intensity_lengthscale_mm is not None:
             raise InputError("--intensity-lengthscale", "goes with --intensity-field")
         return
-    if options.intensity_field not in INTENSITY_FIELDS:
+    if model.intensity_field not in INTENSITY_FIELDS:
         raise InputError("--intensity-field", f"must be one of {', '.join(INTENSITY_FIELDS)}, "
-                                              f"got {options.intensity_field!r}")
-    if options.model not in ("potts", "deep-potts"):
-        raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {options.model}")
-    lengthscale = options.intensity_lengthscale_mm
+                                              f"got {model.intensity_field!r}")
+    if model.name not in ("potts", "deep-potts"):
+        raise InputError("--intensity-field", f"goes with --model potts or deep-potts, not {model.name}")
+    lengthscale = model.intensity_lengthscale_mm
     if lengthscale is not None and (not isinstance(lengthscale, (int, float)) or isinstance(lengthscale, bool)
                                     or not np.isfinite(lengthscale) or lengthscale <= 0):
         raise InputError("--intensity-lengthscale", f"must be a number of mm > 0, got {lengthscale!r}")
-    for flag, used in (("--psf-fwhm", options.psf_fwhm_mm is not None),
-                       ("--sampler gibbs", options.sampler == "gibbs"),
-                       ("--emission student", options.emission == "student"),
-                       ("--covariance full", options.covariance != "diagonal")):
+    for flag, used in (("--psf-fwhm", model.psf_fwhm_mm is not None),
+                       ("--emission student", model.emission == "student"),
+                       ("--covariance full", model.covariance != "diagonal")):
         if used:
-            raise InputError("--intensity-field", f"cannot be combined with {flag}: the field is fitted "
-                                                  "in the PSF-free mean-field model with Gaussian "
-                                                  "(or log-normal PET) diagonal emissions")
-    if options.intensity_field == "tumour" and modalities[0] != "pet" and options.tumour_class is None:
+            raise InputError("--intensity-field", f"cannot be combined with {flag}: {INTENSITY_FIT}")
+    if model.intensity_field == "tumour" and modalities[0] != "pet" and model.tumour_class is None:
         raise InputError("--intensity-field", "tumour needs PET as the first image (the hottest class "
                                               "is tumour) or --tumour-class")
 
 
-def _check_gp(options, modalities):
+def _check_gp(model: ModelOptions, modalities):
     """The GP logit field is a two-class model whose tumour class is the hotter one in image 1."""
     if not modalities or modalities[0] != "pet":
         raise InputError("--model", "gp needs PET as the first image (its tumour class is the hotter one)")
-    if options.num_classes != 2:
+    if model.num_classes != 2:
         raise InputError("--classes", f"gp is a two-class model (tumour / background), "
-                                      f"got {options.num_classes}")
-    for flag, given in (("--psf-fwhm", options.psf_fwhm_mm is not None),
-                        ("--sampler", options.sampler != "vb"),
-                        ("--emission", options.emission != "gaussian"),
-                        ("--covariance", options.covariance != "diagonal")):
+                                      f"got {model.num_classes}")
+    for flag, given in (("--psf-fwhm", model.psf_fwhm_mm is not None),
+                        ("--emission", model.emission != "gaussian"),
+                        ("--covariance", model.covariance != "diagonal")):
         if given:
             raise InputError(flag, "applies to --model potts; gp has Gaussian diagonal emissions, "
                                    "no PSF term and its own variational fit")
 
 
-def _check_emission(options, modalities):
-    if options.emission not in EMISSION_OPTIONS:
+def _check_emission(model: ModelOptions, modalities):
+    if model.emission not in EMISSION_OPTIONS:
         raise InputError("--emission", f"must be one of {', '.join(EMISSION_OPTIONS)}, "
-                                       f"got {options.emission!r}")
-    if options.covariance not in COVARIANCES:
+                                       f"got {model.emission!r}")
+    if model.covariance not in COVARIANCES:
         raise InputError("--covariance", f"must be one of {', '.join(COVARIANCES)}, "
-                                         f"got {options.covariance!r}")
-    if not np.isfinite(options.dof) or options.dof <= 0:
-        raise InputError("--dof", f"must be a finite number > 0, got {options.dof!r}")
-    if options.emission == "student" and options.covariance == "full":
+                                         f"got {model.covariance!r}")
+    if not np.isfinite(model.dof) or model.dof <= 0:
+        raise InputError("--dof", f"must be a finite number > 0, got {model.dof!r}")
+    if model.emission == "student" and model.covariance == "full":
         raise InputError("--covariance", "full covariance is Gaussian; it cannot be combined "
                                          "with --emission student")
-    if options.emission == "lognormal" and "pet" not in modalities:
+    if model.emission == "lognormal" and "pet" not in modalities:
         raise InputError("--emission", "lognormal applies to PET images, and no image is PET")
-    if options.covariance == "full" and len(modalities) < 2:
+    if model.covariance == "full" and len(modalities) < 2:
         raise InputError("--covariance", "full needs two or more images (it models how they covary)")
-    if options.emission != "gaussian" or options.covariance != "diagonal":
-        chosen = f"--emission {options.emission}" if options.emission != "gaussian" else "--covariance full"
-        if options.psf_fwhm_mm is not None:
+    if model.emission != "gaussian" or model.covariance != "diagonal":
+        chosen = f"--emission {model.emission}" if model.emission != "gaussian" else "--covariance full"
+        if model.psf_fwhm_mm is not None:
             raise InputError("--psf-fwhm", f"the PSF likelihood is Gaussian in linear units; it "
                                            f"cannot be combined with {chosen} yet")
-        # log-normal PET is the Gaussian model on log PET, which the Gaussian sampler draws
-        if options.sampler == "gibbs" and options.covariance == "full":
-            raise InputError("--sampler", "gibbs samples diagonal-covariance models; it cannot be "
-                                          "combined with --covariance full yet")
 
 
 def check_seed(seed, option: str = "--seed") -> None:

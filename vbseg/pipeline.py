@@ -68,10 +68,10 @@ def plan_segment(images, *, modalities=None, roi=None, box=None, levels_percent=
         raise InputError("segment", "needs at least one image")
     check_distinct(images)
     check_seed(seed)
-    options = SegmentOptions(**options)
+    options = SegmentOptions.from_values(**options)
     levels_percent = tuple(float(level) for level in levels_percent)
-    method = get_method(options.model)
-    if options.prior is not None and not method.takes_prior:
+    method = get_method(options.model.name)
+    if options.model.prior is not None and not method.takes_prior:
         method = get_method("prior")
         modalities = check_prior_options(options, len(images), modalities, levels_percent, roi, box)
     else:
@@ -141,7 +141,7 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         folder = result_folder(out, plan.outputs, plan.inputs, overwrite, previous_set=result_set_names)
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
-        check_psf_fits(options.psf_fwhm_mm, prepared.reference)
+        check_psf_fits(options.model.psf_fwhm_mm, prepared.reference)
         mask, mask_resampling = (None, None) if reference_mask is None else read_mask(
             reference_mask, prepared.reference, "reference mask")
         prepared = dataclasses.replace(

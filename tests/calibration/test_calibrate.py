@@ -128,7 +128,7 @@ def test_calibration_file_round_trip(calibrated):
         assert np.all(np.diff(case["fnr"]) <= 0)
     assert record["strata"] == {"by": [], "bins": {}, "features": {}}
     assert all(case["stratum"] == "all" and case["contrast_to_noise"] > 0 for case in record["cases"])
-    plan = plan_conformal(calibration, (80, 90), SegmentOptions(volume_draws=500), ["pet"])
+    plan = plan_conformal(calibration, (80, 90), SegmentOptions.from_values(volume_draws=500), ["pet"])
     pooled = plan.by_stratum["all"]
     assert list(plan.by_stratum) == ["all"] and pooled.n == 20 and pooled.quantiles[0] <= pooled.quantiles[1]
 
@@ -226,7 +226,7 @@ def test_a_small_stratum_is_refused(calibrated, tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps({**record, "strata": strata_spec("volume", "1.2,3")}))
     with pytest.raises(InputError, match="small.json: " + small):
-        plan_conformal(path, (90,), SegmentOptions(volume_draws=200), ["pet"])
+        plan_conformal(path, (90,), SegmentOptions.from_values(volume_draws=200), ["pet"])
     path.write_text(json.dumps({**record, "strata": {"by": ["volume"], "bins": {}}}))
     with pytest.raises(InputError, match="small.json: is not a vbseg calibration .its strata lack"):
         load_calibration(path)
@@ -348,12 +348,12 @@ def test_cross_fitted_calibration_fits_each_case_with_its_folds_prior(cohort, tm
     assert record["files"]["prior"] == sha256_file(deployed)
     assert entry["deployed_prior"]["cases"] == ["syn00", "syn01", "syn02", "syn03"]
     assert [case["fold"] for case in record["cases"]] == [0, 1, 0, 1]
-    options = SegmentOptions(model="locate-potts", prior=str(deployed))
+    options = SegmentOptions.from_values(model="locate-potts", prior=str(deployed))
     with pytest.raises(InputError, match="4 cases cannot calibrate level 0.9"):
         plan_conformal(out, (90,), options, ["pet", "ct", "mr"])
     with pytest.raises(InputError, match="the prior file's sha256"):
-        plan_conformal(out, (50,), SegmentOptions(model="locate-potts", prior=str(priors / "fold0.json")),
-                       ["pet", "ct", "mr"])
+        fold_options = SegmentOptions.from_values(model="locate-potts", prior=str(priors / "fold0.json"))
+        plan_conformal(out, (50,), fold_options, ["pet", "ct", "mr"])
     plan = plan_conformal(out, (50,), options, ["pet", "ct", "mr"])
     assert plan.scheme == "cross-fit" and plan.by_stratum["all"].n == 4
 
@@ -398,7 +398,7 @@ def test_the_sarcoma_calibration_is_cross_fitted_and_keeps_its_priors_hashes():
     assert "CC BY 3.0" in record["attribution"] and "Vallieres" in record["attribution"]
     modalities = ["pet", "ct", "mr"]
     for given in ({}, {"locator": "prior"}, {"prior": "sarcoma"}):
-        options = SegmentOptions(model="locate-potts", **given)
+        options = SegmentOptions.from_values(model="locate-potts", **given)
         plan = plan_conformal("sarcoma", (90, 95), options, modalities)
         assert plan.scheme == "cross-fit" and plan.by_stratum["all"].n == 21
 
@@ -498,7 +498,7 @@ def test_calibrate_over_a_psf_range_records_the_range(tmp_path):
     assert record == json.loads(out.read_text())
     assert record["psf_fwhm_mm_range"] == [5.0, 7.0] and record["psf_fwhm_mm_values"] == [5.0, 7.0]
     assert record["options"]["psf_fwhm_mm"] == "phantom" and record["settings"]["psf_fwhm_mm"] == "phantom"
-    assert record["options"]["beta"] == default_beta(SegmentOptions(psf_fwhm_mm=6.0))
+    assert record["options"]["beta"] == default_beta(SegmentOptions.from_values(psf_fwhm_mm=6.0).model)
     assert [(c["case"]["spec"]["psf_fwhm_mm"], c["case"]["seed"]) for c in record["cases"]] == \
         [(5.0, 3), (5.0, 4), (7.0, 3), (7.0, 4)]
     # a record with psf_fwhm_mm = "phantom" and no (or a bad) range is not a calibration
@@ -519,7 +519,7 @@ def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(
     assert record["command"] == ("vbseg calibrate benchmarks/configs/conformal_phantoms_psf.toml --strata "
                                  "volume --volume-bins 2 --out vbseg/data/calibrations/pet-phantom-psf.json "
                                  "--overwrite")
-    plan = plan_conformal("pet-phantom-psf", (90, 95), SegmentOptions(psf_fwhm_mm=4.0), ["pet"])
+    plan = plan_conformal("pet-phantom-psf", (90, 95), SegmentOptions.from_values(psf_fwhm_mm=4.0), ["pet"])
     assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
     assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
     in_range = "calibrated for --psf-fwhm 4-8 mm (each case fitted with its scanner's FWHM), this run has "

@@ -99,7 +99,7 @@ def test_bad_partial_volume_options_are_one_line_exit_2(phantom_path, tmp_path, 
 
 def test_pv_potts_refuses_more_classes_and_other_samplers():
     def check(modalities=("pet",), box=None, **options):
-        SegmentOptions(model="pv-potts", volume_draws=2000, **options).check(
+        SegmentOptions.from_values(model="pv-potts", volume_draws=2000, **options).check(
             num_images=1, modalities=list(modalities), levels_percent=(50,), box=box)
 
     with pytest.raises(InputError, match="--classes"):

@@ -35,10 +35,10 @@ def map_result(prepared, options, crop_map, kind: str, parameters: dict, run_s: 
     ``extra_options``: more entries for summary.json's options (e.g. the fusion record)."""
     probability = prepared.on_grid(crop_map)
     volume_draws_ml, tlg_draws = independent_draws(probability, prepared.reference, prepared.pet_first,
-                                                   prepared.seed, options.volume_draws)
+                                                   prepared.seed, options.outputs.volume_draws)
     return MethodResult(probability=probability, volume_draws_ml=volume_draws_ml,
-                        volume_method=MAP_KIND_METHODS[kind], tlg_draws=tlg_draws, model=options.model,
-                        options={"baseline": options.model, "volume_draws": options.volume_draws,
+                        volume_method=MAP_KIND_METHODS[kind], tlg_draws=tlg_draws, model=options.model.name,
+                        options={"baseline": options.model.name, "volume_draws": options.outputs.volume_draws,
                                  "map": kind, **(extra_options or {})},
                         parameters=parameters, diagnostics={}, elbo=None,
                         timings_s={"compile": 0.0, "run": run_s})
@@ -50,7 +50,7 @@ def run_baseline(prepared, options) -> MethodResult:
     and graphcut, cannot split body from air instead of tumour from tissue)."""
     start = time.perf_counter()
     likelihood = likelihood_inputs(prepared, options)
-    crop_map, kind, parameters = baseline_map(options.model, likelihood.stack, likelihood.observed,
+    crop_map, kind, parameters = baseline_map(options.model.name, likelihood.stack, likelihood.observed,
                                               prepared.crop_voi, list(likelihood.modalities),
                                               prepared.reference.spacing)
     return map_result(prepared, options, crop_map, kind, parameters, time.perf_counter() - start,
@@ -60,12 +60,12 @@ def run_baseline(prepared, options) -> MethodResult:
 def run_network_baseline(prepared, options) -> MethodResult:
     """cnn, mc-dropout or cnn-ensemble (:func:`vbseg.deep.segment.network_baseline`)."""
     probability, volume_draws_ml, tlg_draws, parts = network_baseline(
-        options.model, options.checkpoint, prepared.stack, prepared.observed, prepared.crop_voi,
-        list(prepared.modalities), prepared.seed, options.volume_draws, prepared.reference,
+        options.model.name, options.model.checkpoint, prepared.stack, prepared.observed, prepared.crop_voi,
+        list(prepared.modalities), prepared.seed, options.outputs.volume_draws, prepared.reference,
         prepared.bounds)
     return MethodResult(probability=probability, volume_draws_ml=volume_draws_ml,
-                        volume_method=parts["method"], tlg_draws=tlg_draws, model=options.model,
-                        options={"baseline": options.model, "volume_draws": options.volume_draws,
+                        volume_method=parts["method"], tlg_draws=tlg_draws, model=options.model.name,
+                        options={"baseline": options.model.name, "volume_draws": options.outputs.volume_draws,
                                  "map": "probability",
                                  "network_timing": "run includes the first call's compile"},
                         parameters=parts["parameters"], diagnostics={}, elbo=None,

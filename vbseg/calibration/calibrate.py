@@ -153,7 +153,7 @@ def calibrate(config, out, *, strata: dict | None = None, command: str = "", ove
     if (folds is None) != (fold_priors is None):
         raise InputError("--folds", "and --fold-priors go together")
     runs, variant, modalities, index = calibration_runs(config)
-    options = SegmentOptions(**segment_kwargs(variant))
+    options = SegmentOptions.from_values(**segment_kwargs(variant))
     identity = fit_identity(options, modalities)
     with output_files([out], [config, *input_files(runs)], overwrite) as staging:
         cross_fit = None

@@ -51,7 +51,7 @@ from vbseg.calibration.conformal import (
 from vbseg.cohort.population import PACKAGED_PRIORS, source_digest
 from vbseg.errors import InputError
 from vbseg.io.volume import sha256_file
-from vbseg.options import SegmentOptions, default_beta, default_fusion
+from vbseg.options import SegmentOptions, default_beta, model_fusion
 from vbseg.posterior import credible_interval
 from vbseg.potts.locate import default_locator
 
@@ -63,8 +63,9 @@ MODEL_INTERVAL_LEVEL = 0.95
 LAMBDA_GRID = np.round(np.linspace(0.0, 1.0, 201), 6)
 MARGIN_CONTOUR_LEVEL = 0.5
 DEFAULT_CONFORMAL_LEVELS = (90.0, 95.0)
-# options that change the outputs' sampling, not the fit: they may differ from the calibration's
-OUTPUT_OPTIONS = ("volume_draws",)
+# A calibration holds for the model and fit options it was made with (SegmentOptions.model and
+# .fit); the output options (SegmentOptions.outputs: the draws) change how the posterior is
+# summarised, not the fit, and may differ. The files of these model options enter by sha256:
 HASHED_OPTIONS = ("prior", "checkpoint")
 # Mondrian strata (Vovk, Gammerman & Shafer 2005): quantities of a case's own fit, known for a
 # new case: name -> (its key in a case record, its label, its unit, what it is)
@@ -153,8 +154,8 @@ def effective_prior(options: SegmentOptions, modalities):
     """The prior a fit uses: ``--prior``, or the packaged one locate-potts locates with when no
     prior is given (so a calibration made with ``prior = "sarcoma"`` matches a run without
     ``--prior``, and a run with another prior does not)."""
-    if options.prior is not None or options.model != "locate-potts":
-        return options.prior
+    if options.model.prior is not None or options.model.name != "locate-potts":
+        return options.model.prior
     return "sarcoma" if default_locator(options, modalities) in ("prior", "both") else None
 
 
@@ -162,16 +163,16 @@ def fit_identity(options: SegmentOptions, modalities) -> dict:
     """What a calibration is valid for: the modalities, every fit option (defaults resolved;
     the external field as given or not) and the sha256 of the prior and checkpoint (the prior a
     locate-potts fit locates with when none is given: :func:`effective_prior`)."""
-    options = dataclasses.replace(options, prior=effective_prior(options, modalities))
-    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-              if f.name not in OUTPUT_OPTIONS + HASHED_OPTIONS}
-    fields["beta"] = default_beta(options)
-    fields["fusion"] = options.fusion or default_fusion(options.model, modalities, options.covariance)
-    fields["external_field"] = options.external_field is not None
-    if options.model == "locate-potts":
+    options = options.replace(prior=effective_prior(options, modalities))
+    fields = {keyword: value for keyword, value in options.values(("model", "fit")).items()
+              if keyword not in HASHED_OPTIONS}
+    fields["beta"] = default_beta(options.model)
+    fields["fusion"] = model_fusion(options.model, modalities)
+    fields["external_field"] = options.model.external_field is not None
+    if options.model.name == "locate-potts":
         fields["locator"] = default_locator(options, modalities)
     identity = {"modalities": list(modalities), "options": fields,
-                "files": {name: _file_hash(getattr(options, name)) for name in HASHED_OPTIONS}}
+                "files": {name: _file_hash(getattr(options.model, name)) for name in HASHED_OPTIONS}}
     return json.loads(json.dumps(identity))
 
 

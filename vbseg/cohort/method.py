@@ -33,19 +33,19 @@ def prior_subject(prior) -> tuple[str, str]:
 def check_prior_options(options, num_images: int, modalities, levels_percent, roi, box) -> list[str]:
     """Validate the options of a fit with a population prior; returns the inputs' modalities
     (the prior's when none are given). InputError names the option or the prior's file."""
-    if options.intensity_field is not None or options.intensity_lengthscale_mm is not None:
+    if options.model.intensity_field is not None or options.model.intensity_lengthscale_mm is not None:
         raise InputError("--intensity-field", "does not apply with --prior (the population "
                                               "prior's classes carry no intensity field)")
-    if options.restarts != "full":
+    if options.fit.restarts != "full":
         raise InputError("--restarts", "does not apply with --prior (the population prior's "
                                        "fit starts from the prior's classes, not k-means)")
-    if options.fusion is not None:
+    if options.model.fusion is not None:
         raise InputError("--fusion", "does not apply with --prior (the prior's classes are learned "
                                      "on all of its modalities together)")
-    _, subject = prior_subject(options.prior)
-    prior = resolve_prior(options.prior)
-    if options.model != "potts":
-        raise InputError("--prior", f"applies to the potts model, not {options.model!r}")
+    _, subject = prior_subject(options.model.prior)
+    prior = resolve_prior(options.model.prior)
+    if options.model.name != "potts":
+        raise InputError("--prior", f"applies to the potts model, not {options.model.name!r}")
     if modalities is None:
         if num_images != len(prior.modalities):
             raise InputError(subject, f"this prior was learned on {'+'.join(prior.modalities)} "
@@ -59,7 +59,7 @@ def check_prior_options(options, num_images: int, modalities, levels_percent, ro
         raise InputError("--roi", "give either --roi or --box, not both")
     if not levels_percent or not all(0 < level < 100 for level in levels_percent):
         raise InputError("--levels", "each level must be strictly between 0 and 100")
-    volume_draws = options.volume_draws
+    volume_draws = options.outputs.volume_draws
     if not isinstance(volume_draws, int) or volume_draws < 100:
         raise InputError("--volume-draws", f"must be an integer >= 100, got {volume_draws!r}")
     return list(modalities)
@@ -76,12 +76,12 @@ def prior_crop_probability(prepared, prior: PopulationPrior):
 
 def run_prior(prepared, options) -> MethodResult:
     """The population prior's fit on the prepared crop (module doc)."""
-    source, _ = prior_subject(options.prior)
-    prior = resolve_prior(options.prior)
+    source, _ = prior_subject(options.model.prior)
+    prior = resolve_prior(options.model.prior)
     crop_probability, record = prior_crop_probability(prepared, prior)
     probability = prepared.on_grid(crop_probability)
     raw_volumes, raw_tlg = independent_draws(probability, prepared.reference, prepared.pet_first,
-                                             prepared.seed, options.volume_draws)
+                                             prepared.seed, options.outputs.volume_draws)
     volume_draws_ml, tlg_draws, missed_fraction = calibrated_draws(
         raw_volumes, raw_tlg, prior.volume_calibration, prepared.seed,
         contour_empty=not (probability >= 0.5).any())
@@ -100,7 +100,7 @@ def run_prior(prepared, options) -> MethodResult:
                      "predictive assignment; beta (or the interaction matrix) fixed at the "
                      "population value",
         "tumour_rule": f"P(tumour) = sum of the marginals of the first {prior.num_tumour} classes",
-        "volume_draws": options.volume_draws,
+        "volume_draws": options.outputs.volume_draws,
     }
     calibration = prior.volume_calibration
     parameters = {

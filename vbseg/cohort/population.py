@@ -53,13 +53,13 @@ from vbseg.cohort.volume_error import (
     calibration_from_entries,
 )
 from vbseg.errors import InputError
-from vbseg.inference.svi import compile_and_run
 from vbseg.io.cases import DelineatedCase, case_files, read_cases
 from vbseg.io.result_folder import output_files
 from vbseg.io.volume import read_image_grid, read_label
 from vbseg.io.writing import write_with
 from vbseg.potts.model import neighbour_weights
 from vbseg.prepare import bucket_shape, load_inputs, pad_to_shape
+from vbseg.runtime import compile_and_run
 
 DEFAULT_TUMOUR_CLASSES = 2
 DEFAULT_BACKGROUND_CLASSES = 4

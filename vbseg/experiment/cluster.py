@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Iterator
 
 from vbseg.cohort.population import source_digest
-from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.errors import InputError
 from vbseg.experiment.task import Task, describe_error, record_failure
+from vbseg.runtime import enable_compilation_cache
 
 SPECS = "local:N, local:gpus, tcp://HOST:PORT, scheduler-file:PATH, env or slurm:N"
 ADDRESS_ENV = "DASK_SCHEDULER_ADDRESS"

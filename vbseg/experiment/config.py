@@ -51,7 +51,6 @@ the run folders at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -67,7 +66,7 @@ from vbseg.cohort.volume_error import MIN_CALIBRATION_CASES
 from vbseg.errors import InputError
 from vbseg.io.volume import read_image_grid
 from vbseg.methods import get_method
-from vbseg.options import DEFAULT_LEVELS, SegmentOptions
+from vbseg.options import DEFAULT_LEVELS, OPTION_KEYWORDS, SegmentOptions
 from vbseg.phantoms import PhantomSpec
 
 if sys.version_info >= (3, 11):
@@ -85,20 +84,20 @@ PHANTOM_AXES = ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise", "noise
 # case-name tags of the axes whose key's first word is not its tag ("noise" is the noise model's)
 PHANTOM_TAGS = {"noise_fwhm_mm": "nfwhm"}
 REAL_KEYS = {"index": str, "cases": (str, list), "modalities": list, "kind": str}
-# config keys that name a SegmentOptions field differently
+# config keys that name an option (its keyword) differently
 KEY_ALIASES = {"model": "name", "num_classes": "classes"}
 # the scalar types a field's annotation names ("object": a path or a packaged name)
 ANNOTATION_TYPES = {"str": str, "int": int, "float": float, "object": str}
 
 
 def _model_keys() -> dict:
-    """model settings, one per :class:`~vbseg.options.SegmentOptions` field: config key ->
-    (the segment() keyword, the scalar type(s) it takes)."""
+    """model settings, one per option (:data:`vbseg.options.OPTION_KEYWORDS`, every concern's
+    fields): config key -> (the segment() keyword, the scalar type(s) it takes)."""
     keys = {}
-    for field in dataclasses.fields(SegmentOptions):
+    for keyword, (_, field) in OPTION_KEYWORDS.items():
         kinds = tuple(ANNOTATION_TYPES[word] for word in str(field.type).replace(" ", "").split("|")
                       if word != "None")
-        keys[KEY_ALIASES.get(field.name, field.name)] = (field.name, kinds[0] if len(kinds) == 1 else kinds)
+        keys[KEY_ALIASES.get(keyword, keyword)] = (keyword, kinds[0] if len(kinds) == 1 else kinds)
     return keys
 
 
@@ -447,8 +446,8 @@ def _check_variant(path, variant, cases):
     for modalities in {tuple(case.get("modalities", ["pet"])) for case in cases}:
         try:
             get_method(kwargs.get("model", "potts")).check_inputs(modalities)
-            SegmentOptions(**kwargs).check(num_images=len(modalities), modalities=list(modalities),
-                                           levels_percent=DEFAULT_LEVELS)
+            SegmentOptions.from_values(**kwargs).check(
+                num_images=len(modalities), modalities=list(modalities), levels_percent=DEFAULT_LEVELS)
         except InputError as error:
             raise InputError(path, f"[model] {error}") from None
 

@@ -17,8 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Iterator
 
-from vbseg.compilation_cache import enable_compilation_cache
 from vbseg.experiment.task import Task, describe_error, record_failure
+from vbseg.runtime import enable_compilation_cache
 
 # a task whose process died this many times is recorded as failed (Dask's default
 # allowed-failures is 3 retries: the fourth death fails the task)

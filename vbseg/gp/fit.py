@@ -62,13 +62,13 @@ from vbseg.gp.model import (
 )
 from vbseg.gp.start import PRIOR_LOGIT_SITE, start_values
 from vbseg.inference.svi import (
-    compile_and_run,
     fit_svi,
     guide_draw,
     guide_location,
     model_sites,
 )
 from vbseg.prepare import pad_to_bucket, standardise_features
+from vbseg.runtime import compile_and_run
 
 FIELD_SITES = ("field_eps",)
 INTENSITY_SITES = ("field_eps", "intensity_eps")

@@ -42,9 +42,9 @@ def run_gp(prepared, options) -> MethodResult:
     likelihood = likelihood_inputs(prepared, options)
     fit, parameters = gp_fit_parts(likelihood.stack, likelihood.observed, prepared.crop_voi,
                                    prepared.reference.spacing, prepared.pet_first, prepared.seed,
-                                   options.volume_draws, prior_logit)
+                                   options.outputs.volume_draws, prior_logit)
     voxel_ml = prepared.reference.voxel_volume_ml
-    run_options = {"volume_draws": options.volume_draws, "kernel": "matern32", "structure": "fft",
+    run_options = {"volume_draws": options.outputs.volume_draws, "kernel": "matern32", "structure": "fft",
                    "family": "meanfield", "fusion": likelihood.record}
     if prior_logit is not None:
         run_options.update(prior_log_odds=field_record, field_weight=(
@@ -56,7 +56,7 @@ def run_gp(prepared, options) -> MethodResult:
         volume_method=method.get("volume", "field draws from q, then labels"),
         tlg_draws=(None if fit.weighted_draws is None
                    else np.asarray(fit.weighted_draws, np.float64) * voxel_ml),
-        model=options.model, options=run_options, parameters=parameters,
+        model=options.model.name, options=run_options, parameters=parameters,
         diagnostics=dict(fit.diagnostics), elbo=np.asarray(fit.elbo_trace).tolist(),
         timings_s=dict(fit.timings), sections={"gp": method})
 

@@ -37,13 +37,11 @@ the previous chunk's by less than ``tol`` x ``scale`` nats (``scale``: e.g. the 
 voxels, so ``tol`` is per voxel), after ``min_steps``, or at ``max_steps``. Optimisers: "adam"
 (learning rate a traced argument, so changing it does not recompile) or "lbfgs" (optax's
 L-BFGS with a zoom line search; for deterministic objectives, i.e. the cubature estimator).
-:func:`compile_and_run` times compilation apart from the run.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from typing import NamedTuple
 
@@ -409,17 +407,6 @@ def model_sites(model, model_args, values, names) -> dict:
     """The values of sites ``names`` (e.g. deterministic ones) with latent sites at ``values``."""
     trace = handlers.trace(handlers.substitute(model, data=values)).get_trace(*model_args)
     return {name: trace[name]["value"] for name in names}
-
-
-def compile_and_run(function, args, **static):
-    """(result, compile seconds, run seconds): ``function.lower(*args, **static).compile()``
-    timed apart from one blocking run of the compiled program."""
-    start = time.perf_counter()
-    compiled = function.lower(*args, **static).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = jax.block_until_ready(compiled(*args))
-    return result, compile_s, time.perf_counter() - start
 
 
 def steps_to_converge(elbo_trace, tolerance_nats: float, window: int = 25) -> int | None:

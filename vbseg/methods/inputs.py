@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from vbseg.deep.segment import FIELD_MODELS, map_prior_logit, network_prior_logit
-from vbseg.options import FUSION_JOINT_TEXT, FUSION_PET_TEXT, default_fusion, fusion_columns
+from vbseg.options import FUSION_JOINT_TEXT, FUSION_PET_TEXT, fusion_columns, model_fusion
 from vbseg.prepare import Prepared
 
 
@@ -28,11 +28,10 @@ class LikelihoodInputs:
 
 
 def likelihood_inputs(prepared: Prepared, options) -> LikelihoodInputs:
-    """The inputs' columns that ``options.fusion`` (default: :func:`vbseg.options.default_fusion`)
-    puts in the likelihood."""
-    given = options.fusion is not None
-    fusion = options.fusion if given else default_fusion(options.model, prepared.modalities,
-                                                         options.covariance)
+    """The inputs' columns that ``options.model.fusion`` (default:
+    :func:`vbseg.options.default_fusion`) puts in the likelihood."""
+    given = options.model.fusion is not None
+    fusion = model_fusion(options.model, prepared.modalities)
     columns = tuple(fusion_columns(fusion, prepared.modalities))
     record = {"mode": fusion, "chosen": "given" if given else "default",
               "images_in_likelihood": [prepared.images[m] for m in columns],
@@ -48,10 +47,10 @@ def prior_log_odds(prepared: Prepared, options):
     """(prior logit (x, y, z) or None, where it came from (a dict) or None, network seconds):
     the network's logits for the deep models (the network sees every input), else the
     ``--external-field`` map cut to the crop, else nothing."""
-    if options.model in FIELD_MODELS:
-        return network_prior_logit(options.checkpoint, prepared.stack, prepared.observed,
+    if options.model.name in FIELD_MODELS:
+        return network_prior_logit(options.model.checkpoint, prepared.stack, prepared.observed,
                                    prepared.modalities)
-    if options.external_field is not None:
-        logit, record = map_prior_logit(options.external_field, prepared.reference, prepared.bounds)
+    if options.model.external_field is not None:
+        logit, record = map_prior_logit(options.model.external_field, prepared.reference, prepared.bounds)
         return logit, record, 0.0
     return None, None, 0.0

@@ -77,6 +77,15 @@ from vbseg.potts.prior_sampler import potts_prior_kernel
 BETA_MAX = 3.0
 # Upper end of the external field's weight gamma (uniform prior on [0, FIELD_WEIGHT_MAX]).
 FIELD_WEIGHT_MAX = 5.0
+# --beta auto: where the learned-beta fit starts. Below the critical coupling of the
+# 6-neighbourhood Potts model (~0.44 for K = 2), so the restarts cannot lock onto a one-class
+# ordered state that the beta step would then confirm (see tests/potts/test_beta.py).
+AUTO_BETA_START = 0.1
+BETA_LEARNED_TEXT = (
+    f"beta learned (uniform prior on [0, {BETA_MAX:g}]; variational EM from beta = "
+    f"{AUTO_BETA_START:g}, restarts at that value, then a mean-field pseudo-likelihood step "
+    "after each parameter update, Celeux, Forbes & Peyrard 2003)"
+)
 
 
 def pseudo_log_likelihood(beta, labels, prior_unary, weights, roi) -> jax.Array:

@@ -29,6 +29,9 @@ import numpy as np
 # PET values at or below this fraction of the VOI median are raised to it before the log
 # (reconstructions put exact zeros and small negative values in cold regions).
 LOG_FLOOR_FRACTION = 0.01
+# --emission and --covariance: the class-conditional densities of the label models
+EMISSION_OPTIONS = ("gaussian", "student", "lognormal")
+COVARIANCES = ("diagonal", "full")
 
 
 def log_transform_pet(stack: np.ndarray, observed: np.ndarray, log_flags) -> tuple[np.ndarray, int]:

@@ -12,7 +12,6 @@ import numpy as np
 from scipy import ndimage
 
 from vbseg.inference.chains import chain_diagnostics
-from vbseg.inference.svi import compile_and_run as _compile_and_run
 from vbseg.potts.beta import BETA_MAX, FIELD_WEIGHT_MAX
 from vbseg.potts.emission_updates import DEFAULT_STUDENT_DOF, NormalWishart
 from vbseg.potts.gibbs import gibbs_hidden_potts
@@ -21,6 +20,7 @@ from vbseg.potts.meanfield import fit_hidden_potts_vb
 from vbseg.potts.meanfield_psf import fit_hidden_potts_vb_psf
 from vbseg.potts.model import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.prepare import SHAPE_BUCKET, pad_to_bucket  # noqa: F401  (SHAPE_BUCKET re-exported)
+from vbseg.runtime import compile_and_run as _compile_and_run
 
 
 class FitOutcome(NamedTuple):

@@ -60,6 +60,9 @@ DEFAULT_LENGTHSCALE_MM = 60.0
 DEFAULT_AMPLITUDE = 0.5
 DEFAULT_CG_ITERATIONS = 6
 INTENSITY_FILE = "intensity_field.nii.gz"  # what vbseg segment --intensity-field writes
+# --intensity-field: which classes' first-modality mean carries the GP field: every class (a
+# bias field) or the tumour class
+INTENSITY_FIELDS = ("all", "tumour")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,7 @@ from vbseg.deep.segment import load_network
 from vbseg.errors import InputError
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.metrics import dice
-from vbseg.options import DEFAULT_VOLUME_DRAWS, SegmentOptions, default_beta, default_fusion
+from vbseg.options import DEFAULT_VOLUME_DRAWS, SegmentOptions, default_beta, model_fusion
 from vbseg.potts.method import potts_result
 from vbseg.records import independent_draws
 
@@ -87,9 +87,9 @@ MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's v
 def default_locator(options, modalities) -> str:
     """``--locator`` when not given: the prior when one is given or the packaged one is for
     these modalities, else the network."""
-    if options.locator is not None:
-        return options.locator
-    if options.prior is not None:
+    if options.model.locator is not None:
+        return options.model.locator
+    if options.model.prior is not None:
         return "prior"
     packaged = resolve_prior("sarcoma")
     return "prior" if list(modalities) == list(packaged.modalities) else "network"
@@ -101,35 +101,35 @@ def check_locate_options(options, modalities) -> None:
     locator = default_locator(options, modalities)
     if locator not in LOCATORS:
         raise InputError("--locator", f"must be one of {', '.join(LOCATORS)}, got {locator!r}")
-    margin = options.locate_margin_mm
+    margin = options.model.locate_margin_mm
     if margin is not None and not (np.isfinite(margin) and 0 <= margin <= 200):
         raise InputError("--locate-margin", f"must be a number of mm from 0 to 200, got {margin!r}")
-    if options.external_field is not None:
+    if options.model.external_field is not None:
         raise InputError("--external-field", "does not go with locate-potts (its locator gives the "
                                              "external field)")
-    if locator == "network" and options.prior is not None:
+    if locator == "network" and options.model.prior is not None:
         raise InputError("--prior", "is a locator: give --locator prior or both, not network")
     if locator in ("prior", "both"):
-        prior = resolve_prior("sarcoma" if options.prior is None else options.prior)
-        prior.check_modalities(modalities, prior_subject(options.prior)[1] if options.prior
+        prior = resolve_prior("sarcoma" if options.model.prior is None else options.model.prior)
+        prior.check_modalities(modalities, prior_subject(options.model.prior)[1] if options.model.prior
                                is not None else "--locator")
     if locator in ("network", "both"):
-        load_network(options.checkpoint, modalities)
+        load_network(options.model.checkpoint, modalities)
 
 
 def locating_prior(options, modalities):
     """The population prior the locator uses, or None (``--locator network``)."""
     if default_locator(options, modalities) not in ("prior", "both"):
         return None
-    return resolve_prior("sarcoma" if options.prior is None else options.prior)
+    return resolve_prior("sarcoma" if options.model.prior is None else options.model.prior)
 
 
 def learned_settings(options, modalities) -> SegmentOptions:
     """``options`` with what a learned volume error does not depend on set aside (the prior
     itself, the network, the number of draws) and every default resolved."""
-    return dataclasses.replace(
-        options, prior=None, checkpoint=None, volume_draws=DEFAULT_VOLUME_DRAWS, beta=default_beta(options),
-        fusion=options.fusion or default_fusion(options.model, modalities, options.covariance),
+    return options.replace(
+        prior=None, checkpoint=None, volume_draws=DEFAULT_VOLUME_DRAWS, beta=default_beta(options.model),
+        fusion=model_fusion(options.model, modalities),
         locator=default_locator(options, modalities))
 
 
@@ -141,7 +141,8 @@ def method_volume_error(prepared, options, probability, volume_draws, tlg_draws)
     calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
     if calibration is None:
         return volume_draws, tlg_draws, None
-    learned = learned_settings(SegmentOptions(model="locate-potts", locator="prior"), prepared.modalities)
+    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
+                               prepared.modalities)
     if learned_settings(options, prepared.modalities) != learned:
         return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
@@ -160,15 +161,15 @@ def locator_logit(prepared, options):
     start = time.perf_counter()
     logits, record = [], {"locator": locator}
     if locator in ("prior", "both"):
-        prior = resolve_prior("sarcoma" if options.prior is None else options.prior)
+        prior = resolve_prior("sarcoma" if options.model.prior is None else options.model.prior)
         probability, fit = prior_crop_probability(prepared, prior)
         clipped = np.clip(probability, 1e-6, 1 - 1e-6)
         logits.append(np.log(clipped) - np.log1p(-clipped))
-        record["prior"] = {"source": prior_subject(options.prior)[0] if options.prior is not None
+        record["prior"] = {"source": prior_subject(options.model.prior)[0] if options.model.prior is not None
                            else "packaged sarcoma prior", "cases": prior.cases,
                            "converged": fit["converged"]}
     if locator in ("network", "both"):
-        network, path = load_network(options.checkpoint, prepared.modalities)
+        network, path = load_network(options.model.checkpoint, prepared.modalities)
         logits.append(deep.network_logits(network, prepared.stack, prepared.observed,
                                           list(prepared.modalities)))
         record["network"] = {"checkpoint": path, "members": len(network.models),
@@ -204,7 +205,7 @@ def located_box(probability, crop_voi, spacing, margin_mm):
 def image_outside_box(prepared, options, bounds) -> dict:
     """The data-only model (``--model potts``, no field) on the whole VOI: its 50 % region's
     volume (mL) and the share of it outside ``bounds`` (slices of the first grid)."""
-    plain = potts_result(prepared, dataclasses.replace(options, model="potts"), None, None, 0.0)
+    plain = potts_result(prepared, options.replace(model="potts"), None, None, 0.0)
     region = plain.probability >= 0.5
     inside = np.zeros(region.shape, bool)
     inside[tuple(bounds)] = True
@@ -217,7 +218,8 @@ def run_locate(prepared, options) -> MethodResult:
     """Locate, then delineate (module doc)."""
     logit, record, locate_s = locator_logit(prepared, options)
     located = 1.0 / (1.0 + np.exp(-logit))
-    margin = DEFAULT_MARGIN_MM if options.locate_margin_mm is None else float(options.locate_margin_mm)
+    margin = options.model.locate_margin_mm
+    margin = DEFAULT_MARGIN_MM if margin is None else float(margin)
     box, regions = located_box(located, prepared.crop_voi, prepared.reference.spacing, margin)
     warnings, field = [], None
     if box is None:
@@ -229,7 +231,7 @@ def run_locate(prepared, options) -> MethodResult:
         field = np.clip(logit[box], -LOGIT_CLIP, LOGIT_CLIP)
     regions["kept_mass_ml"] = float(located[box].sum() * prepared.reference.voxel_volume_ml)
     inner = prepared.within(box)
-    result = potts_result(inner, dataclasses.replace(options, model="potts"), field,
+    result = potts_result(inner, options.replace(model="potts"), field,
                           {"source": "locator", **record}, locate_s)
     located_full = prepared.on_grid(located)
     agreement = dice(result.probability >= 0.5, located_full >= 0.5)
@@ -244,12 +246,13 @@ def run_locate(prepared, options) -> MethodResult:
                                     "interval carry both answers"})
         probability = (0.5 * (result.probability + located_full)).astype(np.float32)
         loc_volumes, loc_tlg = independent_draws(located_full, prepared.reference, prepared.pet_first,
-                                                 prepared.seed + 1, options.volume_draws)
-        half = options.volume_draws // 2
+                                                 prepared.seed + 1, options.outputs.volume_draws)
+        half = options.outputs.volume_draws // 2
         volume_draws = np.concatenate([result.volume_draws_ml[:half],
-                                       loc_volumes[: options.volume_draws - half]])
+                                       loc_volumes[: options.outputs.volume_draws - half]])
         if tlg_draws is not None:
-            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: options.volume_draws - half]])
+            draws = options.outputs.volume_draws
+            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: draws - half]])
         volume_method = MIXTURE_METHOD
     volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
                                                                 volume_draws, tlg_draws)

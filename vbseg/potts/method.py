@@ -22,8 +22,9 @@ from vbseg.deep.segment import tumour_field
 from vbseg.errors import InputError
 from vbseg.methods.inputs import likelihood_inputs, prior_log_odds
 from vbseg.methods.registry import Method, MethodResult, register
-from vbseg.options import AUTO_BETA_START, BETA_LEARNED_TEXT, RESTARTS, default_beta, fixed_beta
+from vbseg.options import default_beta, fixed_beta
 from vbseg.posterior import INDEPENDENT_DRAWS_METHOD
+from vbseg.potts.beta import AUTO_BETA_START, BETA_LEARNED_TEXT
 from vbseg.potts.emissions import describe_emission, log_transform_pet
 from vbseg.potts.fitting import (
     GIBBS_BURN_IN,
@@ -36,6 +37,7 @@ from vbseg.potts.fitting import (
 )
 from vbseg.potts.intensity_field import DEFAULT_LENGTHSCALE_MM, INTENSITY_FILE, IntensityFieldSpec
 from vbseg.potts.model import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
+from vbseg.potts.multiscale import RESTARTS
 from vbseg.prepare import standardise
 from vbseg.records import independent_draws
 
@@ -53,11 +55,11 @@ GIBBS_DRAWS_METHOD = (
 
 def noise_model(likelihood, crop_voi, options):
     """(PSF FWHM per image or None, relative precision (x, y, z, M') or None)."""
-    if options.psf_fwhm_mm is None:
+    if options.model.psf_fwhm_mm is None:
         return None, None
-    psf = tuple(options.psf_fwhm_mm if m == "pet" else 0.0 for m in likelihood.modalities)
+    psf = tuple(options.model.psf_fwhm_mm if m == "pet" else 0.0 for m in likelihood.modalities)
     precision = np.ones(likelihood.stack.shape, np.float32)
-    if options.pet_noise == "poisson":
+    if options.model.pet_noise == "poisson":
         for m, modality in enumerate(likelihood.modalities):
             if modality == "pet":
                 precision[..., m] = pet_relative_precision(likelihood.stack[..., m], crop_voi)
@@ -70,8 +72,9 @@ def _fit(prepared, options, likelihood, features, prior_logit):
     the VB fit, the learned-beta check's record or None, whether a prior log-odds map entered).
     With --beta auto the fit is checked against the one at the fixed default beta and falls
     back to it when the learned beta fails (:func:`vbseg.potts.fitting.learned_or_fixed`)."""
-    reference, num_classes, tumour_class = prepared.reference, options.num_classes, options.tumour_class
-    beta = default_beta(options)
+    model = options.model
+    reference, num_classes, tumour_class = prepared.reference, model.num_classes, model.tumour_class
+    beta = default_beta(options.model)
     learn_beta = beta == "auto"
     psf, precision = noise_model(likelihood, prepared.crop_voi, options)
     field, field_class = None, None
@@ -80,50 +83,50 @@ def _fit(prepared, options, likelihood, features, prior_logit):
         # --tumour-class says which); the field's class stays the tumour class
         field_class = num_classes - 1 if tumour_class is None else int(tumour_class)
         field = tumour_field(prior_logit, num_classes, field_class)
-    learn_weight = field is not None and options.field_weight == "auto"
+    learn_weight = field is not None and options.model.field_weight == "auto"
     intensity = None
-    if options.intensity_field is not None:
+    if options.model.intensity_field is not None:
         tumour_in_fit = num_classes - 1 if tumour_class is None else int(tumour_class)
         intensity = IntensityFieldSpec(
-            classes=tuple(range(num_classes)) if options.intensity_field == "all" else (tumour_in_fit,),
+            classes=tuple(range(num_classes)) if options.model.intensity_field == "all" else (tumour_in_fit,),
             spacing_mm=reference.spacing,
-            lengthscale_mm=options.intensity_lengthscale_mm or DEFAULT_LENGTHSCALE_MM)
-    emission, covariance = options.emission, options.covariance
+            lengthscale_mm=options.model.intensity_lengthscale_mm or DEFAULT_LENGTHSCALE_MM)
+    emission, covariance = options.model.emission, options.model.covariance
     arguments = dict(features=features, observed=likelihood.observed, voi=prepared.crop_voi,
                      spacing=reference.spacing, num_classes=num_classes,
                      beta=AUTO_BETA_START if learn_beta else beta, psf_fwhm_mm=psf,
-                     relative_precision=precision, neighbourhood=options.neighbourhood,
+                     relative_precision=precision, neighbourhood=options.model.neighbourhood,
                      beta_estimator="pl" if learn_beta else "fixed",
                      emission="full" if covariance == "full" else
-                     ("student" if emission == "student" else "gaussian"), dof=options.dof,
+                     ("student" if emission == "student" else "gaussian"), dof=options.model.dof,
                      external_field=field, learn_field_weight=learn_weight,
-                     field_weight=0.0 if learn_weight or field is None else float(options.field_weight),
-                     intensity=intensity, multiscale=RESTARTS[options.restarts])
+                     field_weight=0.0 if learn_weight or field is None else float(options.model.field_weight),
+                     intensity=intensity, multiscale=RESTARTS[options.fit.restarts])
     fit = fit_potts(**arguments)
     pet_index = likelihood.modalities.index("pet") if "pet" in likelihood.modalities else None
     rules = dict(field_class=field_class,
-                 intensity_class=intensity.classes[0] if options.intensity_field == "tumour" else None,
+                 intensity_class=intensity.classes[0] if options.model.intensity_field == "tumour" else None,
                  pet_index=pet_index,
                  pet_image=None if pet_index is None else likelihood.columns[pet_index] + 1,
                  tumour_class=tumour_class)
     learned_beta_record = None
     if learn_beta:  # checked against the fit at the fixed default beta (learned_or_fixed)
-        fixed = fit_potts(**dict(arguments, beta=fixed_beta(options), beta_estimator="fixed"))
+        fixed = fit_potts(**dict(arguments, beta=fixed_beta(options.model), beta_estimator="fixed"))
         volumes = []
         for candidate in (fit, fixed):
             order, position, _ = tumour_choice(candidate.means, **rules)
             volumes.append(tumour_voxels(candidate, int(order[position]), prepared.crop_voi))
-        fit, learned_beta_record = learned_or_fixed(fit, fixed, *volumes, fixed_beta(options))
+        fit, learned_beta_record = learned_or_fixed(fit, fixed, *volumes, fixed_beta(options.model))
     vb_beta = fit.beta
-    if options.sampler == "gibbs":
+    if options.fit.sampler == "gibbs":
         count_weights = (likelihood.stack[..., 0] if prepared.pet_first
                          else np.ones(prepared.crop_voi.shape, np.float32))
         fit = sample_potts(fit, features, likelihood.observed, prepared.crop_voi, reference.spacing,
                            count_weights, num_classes=num_classes, beta=vb_beta, seed=prepared.seed,
-                           num_draws=options.volume_draws, neighbourhood=options.neighbourhood,
+                           num_draws=options.outputs.volume_draws, neighbourhood=options.model.neighbourhood,
                            psf_fwhm_mm=psf, relative_precision=precision,
                            emission="student" if emission == "student" else "gaussian",
-                           dof=options.dof,
+                           dof=options.model.dof,
                            external_field=None if field is None else fit.field_weight * field)
     return fit, rules, intensity, learn_weight, vb_beta, learned_beta_record, field is not None
 
@@ -166,23 +169,23 @@ def contrast_to_noise(means, sds, proportions, tumour: int) -> float:
 
 
 def _inference_text(options, learn_weight, has_field) -> str:
-    psf = options.psf_fwhm_mm is not None
+    psf = options.model.psf_fwhm_mm is not None
     return ("mean-field VB (CAVI with colour-by-colour label sweeps), "
-            + (BETA_LEARNED_TEXT if default_beta(options) == "auto" else "beta fixed")
+            + (BETA_LEARNED_TEXT if default_beta(options.model) == "auto" else "beta fixed")
             + ("; then the PSF model by mean-field VB from that solution (damped "
                "checkerboard sweeps)" if psf else "")
             + ("; then Gibbs from that solution (probabilities and volumes from "
                "its draws; the PSF model's own sampler with --psf-fwhm)"
-               if options.sampler == "gibbs" else "")
+               if options.fit.sampler == "gibbs" else "")
             + ("" if not has_field else "; " + (FIELD_LEARNED_TEXT if learn_weight
                                                 else "external field weight fixed")))
 
 
 def _emission_text(options) -> str:
-    text = describe_emission(options.emission, options.covariance, options.dof)
-    if options.psf_fwhm_mm is not None:
-        variance = "proportional to the local mean" if options.pet_noise == "poisson" else "constant"
-        text += (f"; PET mean blurred by a Gaussian PSF of FWHM {options.psf_fwhm_mm:g} mm, PET "
+    text = describe_emission(options.model.emission, options.model.covariance, options.model.dof)
+    if options.model.psf_fwhm_mm is not None:
+        variance = "proportional to the local mean" if options.model.pet_noise == "poisson" else "constant"
+        text += (f"; PET mean blurred by a Gaussian PSF of FWHM {options.model.psf_fwhm_mm:g} mm, PET "
                  f"noise variance {variance}, class proportions uniform")
     return text
 
@@ -198,12 +201,12 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     summary.json; ``network_s``: the seconds it took, recorded when a network made it)."""
     likelihood = likelihood_inputs(prepared, options)
     crop_voi = prepared.crop_voi
-    if options.covariance == "full":
+    if options.model.covariance == "full":
         for m, volume in enumerate(likelihood.volumes):
             if not likelihood.observed[..., m][crop_voi].all():
                 raise InputError(volume.name, "does not cover the whole volume of interest, which "
                                               "--covariance full needs (crop the VOI or use diagonal)")
-    log_flags = tuple(options.emission == "lognormal" and m == "pet" for m in likelihood.modalities)
+    log_flags = tuple(options.model.emission == "lognormal" and m == "pet" for m in likelihood.modalities)
     model_stack, floored = log_transform_pet(likelihood.stack, likelihood.observed, log_flags)
     features, centres, scales = standardise(model_stack, likelihood.observed, likelihood.volumes)
     fit, rules, intensity, learn_weight, vb_beta, learned_beta_record, has_field = _fit(
@@ -227,21 +230,21 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     else:
         volume_draws_ml, tlg_draws = independent_draws(probability, prepared.reference,
                                                        prepared.pet_first, prepared.seed,
-                                                       options.volume_draws)
+                                                       options.outputs.volume_draws)
         volume_method = INDEPENDENT_DRAWS_METHOD
-    beta = default_beta(options)
+    beta = default_beta(options.model)
     run_options = {
-        "classes": options.num_classes, "beta": beta if beta == "auto" else float(beta),
-        "neighbourhood": options.neighbourhood, "restarts": options.restarts,
-        "emission": _emission_text(options), "psf_fwhm_mm": options.psf_fwhm_mm,
-        "pet_noise": options.pet_noise if options.psf_fwhm_mm is not None else None,
+        "classes": options.model.num_classes, "beta": beta if beta == "auto" else float(beta),
+        "neighbourhood": options.model.neighbourhood, "restarts": options.fit.restarts,
+        "emission": _emission_text(options), "psf_fwhm_mm": options.model.psf_fwhm_mm,
+        "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
         "prior": dict(NormalGammaPrior()._asdict(), proportions_concentration=DEFAULT_CONCENTRATION,
                       units="standardised features: (y - median) / sd over the VOI"),
         "inference": _inference_text(options, learn_weight, has_field),
         "prior_log_odds": field_record,
-        "field_weight": options.field_weight if has_field else None,
-        "sampler": options.sampler, "tumour_rule": tumour_rule, "fusion": likelihood.record,
-        "volume_draws": options.volume_draws,
+        "field_weight": options.model.field_weight if has_field else None,
+        "sampler": options.fit.sampler, "tumour_rule": tumour_rule, "fusion": likelihood.record,
+        "volume_draws": options.outputs.volume_draws,
     }
     parameters = {
         "class_means": means.tolist(), "class_sds": sds.tolist(),
@@ -249,7 +252,8 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
         "contrast_to_noise": contrast_to_noise(fit.means[order], fit.sds[order],
                                                fit.proportions[order], chosen),
         "beta": vb_beta, "field_weight": fit.field_weight if has_field else None,
-        "neighbour_weights": neighbour_weights(prepared.reference.spacing, options.neighbourhood).tolist(),
+        "neighbour_weights": neighbour_weights(prepared.reference.spacing,
+                                               options.model.neighbourhood).tolist(),
         "class_order": "increasing mean in the first image in the likelihood; columns follow "
                        "options.fusion.images_in_likelihood",
         "units": ("image units; for log-normal (PET) columns the class mean is exp(mean of "
@@ -266,7 +270,7 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     maps = {}
     if intensity is not None:
         field_map = prepared.on_grid(fit.intensity[: shape[0], : shape[1], : shape[2]] * scales[0])
-        run_options["intensity_field"] = intensity.describe(options.intensity_field, scales[0],
+        run_options["intensity_field"] = intensity.describe(options.model.intensity_field, scales[0],
                                                             log_flags[0])
         values = field_map[prepared.voi]
         parameters["intensity_field"] = {
@@ -276,13 +280,13 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
         maps[INTENSITY_FILE] = field_map
     return MethodResult(probability=probability, volume_draws_ml=volume_draws_ml,
                         volume_method=volume_method, tlg_draws=tlg_draws if prepared.pet_first else None,
-                        model=options.model, options=run_options, parameters=parameters,
+                        model=options.model.name, options=run_options, parameters=parameters,
                         diagnostics=diagnostics, elbo=fit.elbo.tolist() if fit.elbo is not None else None,
                         timings_s=fit.timings, maps=maps)
 
 
 def _intensity_output(options) -> list[str]:
-    return [INTENSITY_FILE] if options.intensity_field is not None else []
+    return [INTENSITY_FILE] if options.model.intensity_field is not None else []
 
 
 register(Method("potts", run_potts, "hidden Potts MRF fitted by mean-field VB (the default)",

@@ -70,6 +70,9 @@ NEIGHBOURHOODS = (6, 26)
 # >= 13 mm; the PSF-free model changes little between 0.5 and 2.0 on phantoms (see README).
 DEFAULT_POTTS_BETA = 0.5
 DEFAULT_POTTS_BETA_PSF = 1.5
+# --sampler: "vb" (mean-field marginals, volume draws from independent voxels) or "gibbs"
+# (checkerboard Gibbs from the VB solution: draws of the whole label field)
+SAMPLERS = ("vb", "gibbs")
 
 
 def neighbour_offsets(neighbourhood: int = 6) -> tuple[tuple[int, int, int], ...]:

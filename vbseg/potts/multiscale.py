@@ -53,6 +53,10 @@ BLOCK = 2
 # while choosing them; tests/potts/test_multiscale.py holds the K = 2 volume within 1 %).
 FINE_TOL_FACTOR = 0.1
 FINE_MIN_ITER = 10
+# --restarts: where the Potts fit's k-means restarts run: "full" on the crop's grid (default),
+# "coarse" on a 2x2x2 coarser grid first, one full-grid fit per distinct solution (this module;
+# faster, but can end in other modes: bench_multiscale). Name -> multiscale or not.
+RESTARTS = {"full": False, "coarse": True}
 
 
 def _blocks(x: jax.Array, fill) -> jax.Array:

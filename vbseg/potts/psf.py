@@ -26,6 +26,9 @@ import numpy as np
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 TRUNCATE_SIGMAS = 3.0
+# --pet-noise: how the PET noise of the PSF likelihood varies: variance proportional to the
+# local mean ("poisson") or constant
+PET_NOISE_MODELS = ("poisson", "constant")
 
 
 def gaussian_kernels(fwhm_mm: float, spacing_mm) -> tuple[np.ndarray, ...]:

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vbseg.inference.chains import chain_diagnostics
-from vbseg.inference.svi import compile_and_run
 from vbseg.methods.inputs import likelihood_inputs
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.options import default_beta, fixed_beta, levels_for
@@ -55,6 +54,7 @@ from vbseg.pv_potts.model import (
     level_log_prior,
     wall_offset,
 )
+from vbseg.runtime import compile_and_run
 
 FRACTION_FILE = "fraction.nii.gz"
 # Joint draws: independent chains from the mean-field mode, vectorised, a short burn-in (the
@@ -175,20 +175,20 @@ def level_problem(prepared, options, likelihood, features, psf, precision, start
     """(:class:`LevelProblem`, the cold wall's per-voxel fraction (or None)) from the two-class
     fit's tumour marginals ``start_marginals`` (padded grid)."""
     crop_voi, reference = prepared.crop_voi, prepared.reference
-    num_levels, num_modalities = levels_for(options), features.shape[-1]
+    num_levels, num_modalities = levels_for(options.model), features.shape[-1]
     spacing = tuple(float(s) for s in reference.spacing)
     padded = _padded(likelihood, features, crop_voi, precision)
     grid = padded[0].shape[:3]
     omega = None
-    if options.wall_mm:
+    if options.model.wall_mm:
         lesion = pad_to_bucket(start_marginals[: crop_voi.shape[0], : crop_voi.shape[1],
                                                : crop_voi.shape[2]] >= 0.5, False)
-        shell = wall_fraction(lesion, spacing, float(options.wall_mm))
+        shell = wall_fraction(lesion, spacing, float(options.model.wall_mm))
         omega = np.stack([shell if m == "pet" else np.zeros_like(shell)
                           for m in likelihood.modalities], axis=-1)
     counted = likelihood.stack[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)
     problem = LevelProblem(
-        padded=padded, weights=jnp.asarray(neighbour_weights(reference.spacing, options.neighbourhood)),
+        padded=padded, weights=jnp.asarray(neighbour_weights(reference.spacing, options.model.neighbourhood)),
         unary=jnp.broadcast_to(jnp.asarray(level_log_prior(num_levels)), grid + (num_levels,)),
         design=jnp.asarray(level_design(num_levels)),
         prior=NormalGammaPrior(*(jnp.float32(p) for p in NormalGammaPrior())),
@@ -208,20 +208,20 @@ def run_pv_potts(prepared, options) -> MethodResult:
     if psf is None:
         psf, precision = (0.0,) * features.shape[-1], np.ones(features.shape, np.float32)
     # the two-class start and a fixed-beta fit use the given beta; --beta auto starts at the default
-    beta = float(fixed_beta(options) if options.beta == "auto" else default_beta(options))
+    beta = float(fixed_beta(options.model) if options.model.beta == "auto" else default_beta(options.model))
     first = fit_potts(features, likelihood.observed, crop_voi, prepared.reference.spacing,
                       num_classes=2, beta=beta, psf_fwhm_mm=psf if any(psf) else None,
-                      relative_precision=precision, neighbourhood=options.neighbourhood)
+                      relative_precision=precision, neighbourhood=options.model.neighbourhood)
     pet_index = likelihood.modalities.index("pet") if "pet" in likelihood.modalities else None
     order, position, tumour_rule = tumour_choice(
         first.means, pet_index=pet_index,
         pet_image=None if pet_index is None else likelihood.columns[pet_index] + 1,
-        tumour_class=options.tumour_class)
+        tumour_class=options.model.tumour_class)
     problem, omega = level_problem(prepared, options, likelihood, features, psf, precision,
                                    first.marginals[..., int(order[position])])
-    betas = BETA_GRID if options.beta == "auto" else (beta,)
+    betas = BETA_GRID if options.model.beta == "auto" else (beta,)
     fits = [level_fit(problem, b) for b in betas]
-    weighting = None if options.beta != "auto" else weigh_betas(
+    weighting = None if options.model.beta != "auto" else weigh_betas(
         [fit for fit, _, _ in fits], problem.num_levels, np.asarray(problem.padded[2]),
         np.asarray(problem.weights), prepared.seed)
     beta_weight = np.ones(1) if weighting is None else weighting.weights
@@ -249,9 +249,9 @@ def run_pv_potts(prepared, options) -> MethodResult:
         timings["beta_log_partition"] = weighting.seconds
     run_options = {
         "fraction_levels": problem.num_levels, "beta": "auto" if weighting else beta,
-        "neighbourhood": options.neighbourhood,
-        "psf_fwhm_mm": options.psf_fwhm_mm, "wall_mm": options.wall_mm,
-        "pet_noise": options.pet_noise if options.psf_fwhm_mm is not None else None,
+        "neighbourhood": options.model.neighbourhood,
+        "psf_fwhm_mm": options.model.psf_fwhm_mm, "wall_mm": options.model.wall_mm,
+        "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
         "mixed_weight": DEFAULT_MIXED_WEIGHT,
         "prior": dict(NormalGammaPrior()._asdict(),
                       units="standardised features: (y - median) / sd over the VOI"),
@@ -283,7 +283,7 @@ def run_pv_potts(prepared, options) -> MethodResult:
         volume_draws_ml=counts * voxel_ml,
         volume_method=PV_DRAWS_METHOD + (BETA_MIXTURE_NOTE if weighting else ""),
         tlg_draws=weighted * voxel_ml if prepared.pet_first else None,
-        model=options.model, options=run_options, parameters=parameters, diagnostics=diagnostics,
+        model=options.model.name, options=run_options, parameters=parameters, diagnostics=diagnostics,
         elbo=np.asarray(fit.elbo_trace)[:iterations].tolist(), timings_s=timings,
         maps={FRACTION_FILE: prepared.on_grid(fraction.astype(np.float32))})
 

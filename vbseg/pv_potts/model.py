@@ -53,6 +53,9 @@ from vbseg.potts.model import DEFAULT_PRIOR, NormalGammaPrior, coupling_field, n
 from vbseg.potts.psf import blur_operator
 
 DEFAULT_FRACTION_LEVELS = 9
+# --fraction-levels: at most this many levels L (phi = k / (L - 1)); the cost grows with L only
+# in elementwise terms (the blurs act on the two design columns)
+MAX_FRACTION_LEVELS = 33
 # rho: the mixed levels together weigh 1 % of a pure level. The volume sums fractions over
 # the whole VOI, so small fractions that noise lends to background voxels add up: with
 # rho = 1 (mixed levels as likely as a pure one) a 13 mm sphere (1.15 mL, 4:1, CV 10 %, 6 mm PSF,
