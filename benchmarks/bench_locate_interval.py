@@ -19,28 +19,13 @@ look at bench_locate's out-of-fold volumes (not nested) had shown that a regress
 narrower intervals than a fixed ratio, so that choice is selection-affected (the report says
 so). The probability maps, and so Dice, are those of bench_locate's locate-potts runs.
 
-The same leave-one-out runs teach each fold prior the locator's weight in locate-potts's
-mixture when locator and delineation disagree (:mod:`vbseg.cohort.disagreement`: per stratum of
-the mean PET inside the locator's region, the rule of succession over the training cases where
-the two disagreed). That rule was added after bench_locate had shown, on these cases, two faint
-cases (sts026, sts050) where the equal mixture lost the locator's better answer: its design is
-selection-affected; its weights are learned inside the folds. Its effect is measured by an
-ablation: the held-out cases are segmented twice with each fold prior, once as it is and once
-with its weights removed (w = 1/2, the previous rule), so the two differ in the weights alone.
-Measured (this commit): learned weights minus equal weights, Dice -0.01 [-0.02, -0.00] over all
-21 (avid -0.01, faint -0.01); the strata did not separate the cases where the locator was right
-(the locator's region is faint both when it points at a faint lesion and when it points at the
-wrong tissue), and with 0-5 disagreements per stratum and fold the weights stayed within
-0.25-0.75. The rule was therefore not adopted (reverted in the next commit).
+Reported, FDG-avid and faint cases apart: coverage of the 95 % interval (count and exact
+Clopper-Pearson 95 % interval), mean and median width, interval score, against the plain
+locate-potts interval (the same fold priors without the volume error; bench_locate's runs) and
+SUV >= 2.5 for Dice.
 
-Reported, FDG-avid and faint cases apart: Dice against SUV >= 2.5 and against the equal-weight
-ablation (paired percentile bootstrap by case, 10,000 resamples), and for the 95 % interval its
-coverage (count and exact Clopper-Pearson 95 % interval), mean and median width, interval
-score, against the plain locate-potts interval (fold priors without the volume error;
-bench_locate's runs).
-
-Regenerate (about 20 minutes on 2 cores: 5 x 16-17 leave-one-out segmentations, cached per
-fold under benchmarks/results/experiments/locate_interval/priors/, and 2 x 21 held-out ones):
+Regenerate (about 15 minutes on 2 cores: 5 x 16-17 leave-one-out segmentations, cached per
+fold under benchmarks/results/experiments/locate_interval/priors/, and 21 held-out ones):
     python -m benchmarks.bench_locate_interval
 Writes benchmarks/results/bench_locate_interval.{json,md}. Without ../shared/data it says so
 and exits 0.
@@ -56,11 +41,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from benchmarks.bench_fusion_default import case_of, fdg_avid, markdown_table, summarise
+from benchmarks.bench_fusion_default import case_of, fdg_avid
 from benchmarks.bench_locate import FOLDS, INDEX, MODALITIES, config_text, run_config
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.cohort.method_error import method_calibrations
-from vbseg.cohort.model import PopulationPrior, load_prior
+from vbseg.cohort.model import load_prior
 from vbseg.cohort.volume_error import describe
 from vbseg.experiment.folds import fold_prior, load_folds
 
@@ -69,9 +54,6 @@ LOCATE = RESULTS / "experiments" / "locate"
 FOLDER = RESULTS / "experiments" / "locate_interval"
 METHOD = "locate-potts"
 LEVEL = 0.95
-PLAIN = METHOD + " (fold prior)"
-EQUAL = METHOD + " (fold prior + volume error, equal weights)"
-LEARNED = METHOD + " (fold prior + volume error + learned weights)"
 
 
 def calibrated_prior(folds: dict, fold: int, seconds: dict) -> Path:
@@ -88,26 +70,6 @@ def calibrated_prior(folds: dict, fold: int, seconds: dict) -> Path:
     if not cached:
         seconds[f"fold{fold}"] = time.perf_counter() - begin
     return path
-
-
-def equal_weight_prior(path: Path) -> Path:
-    """The fold prior at ``path`` with its learned disagreement weights removed (locate-potts
-    then mixes with w = 1/2), beside it."""
-    prior = load_prior(path)
-    calibrations = {method: {k: v for k, v in calibration.items() if k != "disagreement"}
-                    for method, calibration in prior.method_calibrations.items()}
-    equal = path.with_name(path.stem + "_equal.json")
-    PopulationPrior.from_dict({**prior.to_dict(), "method_calibrations": calibrations}).save(equal)
-    return equal
-
-
-def describe_weights(prior: PopulationPrior) -> str:
-    weights = prior.method_calibrations[METHOD].get("disagreement")
-    if weights is None:
-        return "no disagreement weights"
-    return "; ".join(f"{stratum}: locator won {row['locator_wins']:g} of {row['disagreements']} "
-                     f"disagreements ({', '.join(row['cases']) or 'none'}), w = {row['weight']:.2f}"
-                     for stratum, row in weights["strata"].items())
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -140,10 +102,7 @@ def group_summary(rows: dict, cases: list[str]) -> dict:
 
 def report(results: dict) -> str:
     lines = ["Regenerate: `python -m benchmarks.bench_locate_interval` (module docstring: design, "
-             "nesting, what is selection-affected).", "", "## Dice against SUV >= 2.5", "",
-             markdown_table(results["dice"], "suv2.5"), "## Dice: learned weights against equal weights", "",
-             markdown_table(results["dice_against_equal"], EQUAL, "equal weights"),
-             "## The 95 % volume interval", "",
+             "nesting, what is selection-affected).", "",
              "| interval | cases | covers | coverage [Clopper-Pearson 95 %] | mean width mL | "
              "median width mL | mean interval score mL | Dice50 |", "|---|---|---|---|---|---|---|---|"]
     for method, groups in results["summary"].items():
@@ -162,16 +121,10 @@ def report(results: dict) -> str:
             row = results["per_case"][method][case]
             mark = "*" if row["covered"] else ""
             cells.append(f"[{row['vol_lower_ml']:.0f}, {row['vol_upper_ml']:.0f}]{mark}")
-        manual = results["per_case"][PLAIN][case]["vol_true_ml"]
+        manual = results["per_case"][METHOD + " (fold prior)"][case]["vol_true_ml"]
         lines.append(f"| {case} | {'yes' if results['avid'][case] else 'no'} | {manual:.0f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Dice50 per case:", "", "| case | avid | " + " | ".join(results["dice_per_case"]) + " |",
-              "|---|---|" + "---|" * len(results["dice_per_case"])]
-    for case in sorted(results["avid"]):
-        lines.append(f"| {case} | {'yes' if results['avid'][case] else 'no'} | "
-                     + " | ".join(f"{rows[case]:.2f}" for rows in results["dice_per_case"].values()) + " |")
-    lines += ["", "Learned volume errors and disagreement weights per fold (located: log V = a + b "
-              "log V_model + s t):", ""]
+    lines += ["", "Learned volume errors per fold (located: log V = a + b log V_model + s t):", ""]
     for fold, text in results["fold_errors"].items():
         lines.append(f"* fold {fold}: {text}")
     return "\n".join(lines) + "\n"
@@ -186,39 +139,26 @@ def main(argv=None) -> int:
         return 0
     folds = load_folds(FOLDS)
     seconds: dict = {}
-    plain, equal, calibrated, fold_errors = [], [], [], {}
+    plain, calibrated, fold_errors = [], [], {}
     for f, held_out in enumerate(folds["folds"]):
         path = calibrated_prior(folds, f, seconds)
-        prior = load_prior(path)
-        fold_errors[f] = describe(prior.method_calibrations[METHOD]) + "; " + describe_weights(prior)
+        fold_errors[f] = describe(load_prior(path).method_calibrations[METHOD])
         cases = sorted(held_out)
         plain += [r for r in run_config(LOCATE / f"fold{f}", config_text(
             f"locate_fold{f}_centred", cases, ["potts", METHOD], prior=LOCATE / "priors" / f"fold{f}.json"),
             args.jobs) if r.get("settings", {}).get("name") == METHOD]
-        equal += run_config(FOLDER / f"fold{f}_equal", config_text(
-            f"locate_interval_fold{f}_equal", cases, [METHOD], prior=equal_weight_prior(path)), args.jobs)
         calibrated += run_config(FOLDER / f"fold{f}", config_text(
             f"locate_interval_fold{f}", cases, [METHOD], prior=path), args.jobs)
-    every = sorted(case_of(r) for r in plain)
-    reference = [r for r in run_config(LOCATE / "reference", config_text(
-        "locate_reference_centred", every, ["suv2.5", "potts"]), args.jobs)
-        if r.get("settings", {}).get("name") == "suv2.5"]
-    avid = {case: fdg_avid(INDEX, case) for case in every}
-    arms = {"suv2.5": reference, PLAIN: plain, EQUAL: equal, LEARNED: calibrated}
-    labelled = [{**r, "arm": arm} for arm, records in arms.items() for r in records]
-    dice = summarise(labelled, avid, "suv2.5", name_of=lambda r: r["arm"])
-    dice_against_equal = summarise(labelled, avid, EQUAL, name_of=lambda r: r["arm"])
-    per_case = {PLAIN: interval_rows(plain), EQUAL: interval_rows(equal), LEARNED: interval_rows(calibrated)}
+    avid = {case: fdg_avid(INDEX, case) for case in sorted(case_of(r) for r in plain)}
+    per_case = {METHOD + " (fold prior)": interval_rows(plain),
+                METHOD + " (fold prior + its volume error)": interval_rows(calibrated)}
     groups = {"all": sorted(avid), "avid": sorted(c for c in avid if avid[c]),
               "faint": sorted(c for c in avid if not avid[c])}
     summary = {method: {g: group_summary(rows, cases) for g, cases in groups.items()}
                for method, rows in per_case.items()}
     results = {"machine": machine(), "level": LEVEL, "folds": folds["folds"], "avid": avid,
                "prior_fit_s": seconds, "fold_errors": {str(k): v for k, v in fold_errors.items()},
-               "summary": summary, "per_case": per_case, "dice": dice,
-               "dice_against_equal": dice_against_equal,
-               "dice_per_case": {arm: {case_of(r): r["dice50"] for r in records if r.get("status") == "ok"}
-                                 for arm, records in arms.items()}}
+               "summary": summary, "per_case": per_case}
     write_report(RESULTS, NAME, results, __doc__, report(results))
     print(report(results))
     return 0

@@ -13,13 +13,6 @@ log model volume (``located_model="regression"``). The result is stored in the p
 ``method_calibrations[method]`` and applied by that method to its volume draws, so its own 95 %
 interval carries the error it makes on delineated cases, not only its within-scan spread.
 
-The same runs teach locate-potts how far to trust its locator when the locator and the
-delineation disagree (:mod:`vbseg.cohort.disagreement`): each run writes both answers, and a
-case where they disagreed counts as a win for the answer closer to the manual GTV. The weights
-from every case's record are stored with the volume error (``"disagreement"``); case j's own
-entry uses the weights of the other cases' records, so its probability map (the mixture, when
-they disagreed) and hence its volume entry are what locate-potts with those weights gives.
-
 Case j's entry uses a prior that never saw case j; the mixture for a new scan uses every
 training case's entry (none of them saw the new scan). Nested inside an evaluation fold (the
 benchmark), nothing of the held-out fold enters either.
@@ -27,24 +20,12 @@ benchmark), nothing of the held-out fold enters either.
 
 from __future__ import annotations
 
-import numpy as np
-
-from vbseg.cohort.disagreement import (
-    DELINEATION_FILE,
-    LOCATOR_FILE,
-    disagreement_record,
-    disagreement_weights,
-    held_out_weights,
-    locator_weight,
-)
 from vbseg.cohort.population import TrainingCase, held_out_entry, prior_from_statistics
 from vbseg.cohort.volume_error import calibration_from_entries
 from vbseg.errors import InputError
 from vbseg.io.cases import DelineatedCase
-from vbseg.methods.registry import MethodResult, get_method
-from vbseg.metrics import dice
-from vbseg.pipeline import plan_segment
-from vbseg.prepare import prepare
+from vbseg.methods.registry import get_method
+from vbseg.pipeline import segment
 
 # Methods whose volume error fit-prior can learn: they take a prior and use it as it is
 CALIBRATED_METHODS = ("locate-potts",)
@@ -65,34 +46,16 @@ def check_calibrate_methods(methods, modalities) -> list[str]:
     return methods
 
 
-def held_out_run(method: str, case: DelineatedCase, prior) -> MethodResult:
-    """``case`` segmented by ``method`` with ``prior`` (which must not have seen it), as
-    ``vbseg.segment`` runs it (its checks, no VOI), with the method's extra maps."""
+def method_entry(method: str, case: DelineatedCase, training: TrainingCase, prior, *,
+                 progress=None) -> dict:
+    """``case`` segmented by ``method`` with ``prior`` (which must not have seen it): its
+    :func:`~vbseg.cohort.volume_error.calibration_entry`."""
     if case.name in prior.cases:
         raise ValueError(f"case {case.name} is in the prior's training cases: its entry would be in sample")
-    plan = plan_segment(list(case.images), modalities=list(case.modalities), model=method, prior=prior,
+    posterior = segment(list(case.images), modalities=list(case.modalities), model=method, prior=prior,
                         volume_draws=200)
-    return plan.method.run(prepare(list(case.images), plan.modalities), plan.options)
-
-
-def run_record(case: DelineatedCase, training: TrainingCase, result: MethodResult) -> dict | None:
-    """The disagreement record of a run that wrote both answers (locate-potts), else None."""
-    if LOCATOR_FILE not in result.maps:
-        return None
-    locate = result.diagnostics["locate"]
-    return disagreement_record(case.name, mixed=locate["mixed"], stratum=locate["stratum"],
-                               dice_locator=dice(result.maps[LOCATOR_FILE] >= 0.5, training.tumour),
-                               dice_delineation=dice(result.maps[DELINEATION_FILE] >= 0.5, training.tumour))
-
-
-def reweighted(result: MethodResult, record, weights) -> np.ndarray:
-    """The run's probability map with the locator weighted as ``weights`` say (unchanged where
-    the two answers agreed or nothing was recorded)."""
-    if record is None or not record["mixed"]:
-        return result.probability
-    weight, _ = locator_weight(weights, record["stratum"])
-    mixture = weight * result.maps[LOCATOR_FILE] + (1.0 - weight) * result.maps[DELINEATION_FILE]
-    return mixture.astype(np.float32)
+    return held_out_entry(training, posterior.probability, list(case.modalities), progress,
+                          f"{method} calibration")
 
 
 def method_calibrations(methods, cases: list[DelineatedCase], training: list[TrainingCase], stats,
@@ -104,21 +67,11 @@ def method_calibrations(methods, cases: list[DelineatedCase], training: list[Tra
     names = [c.name for c in cases]
     calibrations = {}
     for method in methods:
-        runs = []
-        for j, case in enumerate(cases):
+        entries = []
+        for j, (case, train) in enumerate(zip(cases, training)):
             held_out = prior_from_statistics(list(stats[:j]) + list(stats[j + 1:]), names[:j] + names[j + 1:],
                                              modalities, num_tumour=num_tumour, neighbourhood=neighbourhood,
                                              interaction=interaction)
-            runs.append(held_out_run(method, case, held_out))
-        records = [run_record(case, train, run) for case, train, run in zip(cases, training, runs)]
-        learns_weights = all(record is not None for record in records)
-        entries = []
-        for j, (case, train, run, record) in enumerate(zip(cases, training, runs, records)):
-            weights = held_out_weights(records, j) if learns_weights else None
-            entries.append(held_out_entry(train, reweighted(run, record, weights), list(case.modalities),
-                                          progress, f"{method} calibration"))
-        calibration = calibration_from_entries(entries, located_model=LOCATED_MODEL)
-        if calibration is not None and learns_weights:
-            calibration["disagreement"] = disagreement_weights(records)
-        calibrations[method] = calibration
+            entries.append(method_entry(method, case, train, held_out, progress=progress))
+        calibrations[method] = calibration_from_entries(entries, located_model=LOCATED_MODEL)
     return {m: c for m, c in calibrations.items() if c is not None}

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vbseg.cohort.disagreement import AVID_MEAN_SUV
 from vbseg.cohort.population import fit_prior, resolve_prior
 from vbseg.errors import InputError
 from vbseg.io.cases import read_cases
 from vbseg.io.volume import read_image_file, read_label
 from vbseg.io.writing import write_text_atomic
 
+AVID_MEAN_SUV = 2.0
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 20261204
 

@@ -20,17 +20,11 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
 3. **Disagreement.** When the locator found a region and the delineation's 50 % region and
    the locator's overlap with Dice below ``AGREEMENT_DICE`` (an image region the locator
    rejects, or a located region without image support), vbseg does not pick one: the result
-   is the mixture w P_locator + (1 - w) P_delineation of the two posteriors (probability map,
-   and volume draws in those shares, each from its own model), so the probabilities fall where
-   they disagree and the volume interval spans both answers, and the
-   ``locator-image-disagree`` warning is raised. The locator's fit and the Potts fit share no
-   marginal likelihood that could weigh them against each other, so w is what out-of-sample
-   experience says: when the locating prior carries it (``vbseg fit-prior --calibrate-method
-   locate-potts``) and this run's settings are those it was learned with, w is learned from the
-   training cases where the two disagreed, per stratum of the mean PET inside the locator's
-   region (:mod:`vbseg.cohort.disagreement`); otherwise w = 1/2. Both answers are written
-   beside ``prob.nii.gz``: ``locator.nii.gz`` (the locator's P(tumour)) and
-   ``delineation.nii.gz`` (the delineation alone).
+   is the equal-weight mixture of the two posteriors (probability map and volume draws, each
+   from its own model), so the probabilities fall where they disagree and the volume interval
+   spans both answers, and the ``locator-image-disagree`` warning is raised. This is model
+   averaging with equal weights: the locator's fit and the Potts fit share no marginal
+   likelihood that could weigh them against each other.
 4. **The image's own answer outside the box.** The locator confines the delineation to its box,
    so a hot region elsewhere (an FDG-avid lesion the locator missed, or a hot organ) would go
    unseen. The data-only model of ``--model potts`` is therefore also fitted on the whole VOI;
@@ -64,7 +58,6 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from vbseg.cohort.disagreement import DELINEATION_FILE, LOCATOR_FILE, located_stratum, locator_weight
 from vbseg.cohort.method import prior_crop_probability, prior_subject
 from vbseg.cohort.population import resolve_prior
 from vbseg.cohort.volume_error import calibrated_draws, describe
@@ -87,8 +80,8 @@ CALIBRATED_METHOD = ("{draws}, then the between-patient volume error of locate-p
                      "leave-one-out over the prior's training cases (vbseg.cohort.method_error: a "
                      "miss draws from the training cases' manual volumes, a located case from the "
                      "regression of log manual on log model volume)")
-MIXTURE_METHOD = ("mixture of the delineation's and the locator's volume draws, {share:.0%} from the "
-                  "locator (they disagree; each from independent voxel labels of its own map)")
+MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
+                  "(they disagree; each from independent voxel labels of its own map)")
 
 
 def default_locator(options, modalities) -> str:
@@ -140,26 +133,17 @@ def learned_settings(options, modalities) -> SegmentOptions:
         locator=default_locator(options, modalities))
 
 
-def learned_calibration(prepared, options):
-    """(the locating prior's learned locate-potts calibration, or None; whether this run's
-    settings are those it was learned with: the defaults, the prior as locator)."""
-    prior = locating_prior(options, prepared.modalities)
-    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
-    if calibration is None:
-        return None, False
-    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
-                               prepared.modalities)
-    return calibration, learned_settings(options, prepared.modalities) == learned
-
-
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
     """(volume draws, TLG draws, the record or None) after the locating prior's locate-potts
     volume error, when it has one and this run's settings are those it was learned with (module
     doc, step 5); otherwise the draws as they were and, when it has one, a record saying why."""
-    calibration, applies = learned_calibration(prepared, options)
+    prior = locating_prior(options, prepared.modalities)
+    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
     if calibration is None:
         return volume_draws, tlg_draws, None
-    if not applies:
+    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
+                               prepared.modalities)
+    if learned_settings(options, prepared.modalities) != learned:
         return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
                                             contour_empty=not bool((probability >= 0.5).any()))
@@ -167,7 +151,7 @@ def method_volume_error(prepared, options, probability, volume_draws, tlg_draws)
               "uncalibrated_volume_ml": {"mean": float(np.mean(volume_draws)),
                                          "lower_95": float(np.quantile(volume_draws, 0.025)),
                                          "upper_95": float(np.quantile(volume_draws, 0.975))},
-              **{k: v for k, v in calibration.items() if k not in ("entries", "disagreement")}}
+              **{k: v for k, v in calibration.items() if k != "entries"}}
     return volumes.astype(np.float32), tlg, record
 
 
@@ -207,34 +191,15 @@ def located_regions(probability, crop_voi):
 
 def located_box(probability, crop_voi, spacing, margin_mm):
     """(box: slices of the crop around the kept regions (:func:`located_regions`) grown by
-    ``margin_mm``, or None when no voxel reaches 1/2; the regions' record; their mask)."""
+    ``margin_mm``, or None when no voxel reaches 1/2; the regions' record)."""
     regions, record = located_regions(probability, crop_voi)
     if not record["regions"]:
-        return None, record, regions
+        return None, record
     index = np.nonzero(regions)
     grow = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
     box = tuple(slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g))
                 for i, g, n in zip(index, grow, crop_voi.shape))
-    return box, record, regions
-
-
-def locator_share(prepared, options, regions) -> tuple[float, dict]:
-    """(w, record): the locator's weight in the mixture when it and the delineation disagree
-    (:mod:`vbseg.cohort.disagreement`): learned for the stratum of the mean PET inside the
-    locator's ``regions`` when the locating prior carries it and this run's settings are those
-    it was learned with, else 1/2."""
-    pet = None
-    if "pet" in prepared.modalities:
-        m = prepared.modalities.index("pet")
-        pet, regions = prepared.stack[..., m], regions & prepared.observed[..., m]
-    stratum = located_stratum(pet, regions)
-    calibration, applies = learned_calibration(prepared, options)
-    weights = calibration.get("disagreement") if calibration is not None and applies else None
-    weight, why = locator_weight(weights, stratum)
-    record = {"stratum": stratum, "locator_weight": weight, "weight_rule": why}
-    if stratum is not None:
-        record["located_pet_mean"] = float(np.mean(pet[regions]))
-    return weight, record
+    return box, record
 
 
 def image_outside_box(prepared, options, bounds) -> dict:
@@ -255,7 +220,7 @@ def run_locate(prepared, options) -> MethodResult:
     located = 1.0 / (1.0 + np.exp(-logit))
     margin = options.model.locate_margin_mm
     margin = DEFAULT_MARGIN_MM if margin is None else float(margin)
-    box, regions, region_mask = located_box(located, prepared.crop_voi, prepared.reference.spacing, margin)
+    box, regions = located_box(located, prepared.crop_voi, prepared.reference.spacing, margin)
     warnings, field = [], None
     if box is None:
         warnings.append({"code": "locator-found-nothing",
@@ -273,23 +238,22 @@ def run_locate(prepared, options) -> MethodResult:
     probability, volume_draws, tlg_draws = result.probability, result.volume_draws_ml, result.tlg_draws
     volume_method = result.volume_method
     mixed = field is not None and agreement < AGREEMENT_DICE  # a locator with no region abstains
-    weight, weight_record = locator_share(prepared, options, region_mask)
     if mixed:
         warnings.append({"code": "locator-image-disagree",
                          "message": f"the delineation and the locator overlap with Dice "
                                     f"{agreement:.2f} (< {AGREEMENT_DICE:g}); the result is their "
-                                    f"mixture, {weight:.0%} the locator's "
-                                    f"({weight_record['weight_rule']}), so probabilities and the "
-                                    "volume interval carry both answers"})
-        probability = (weight * located_full + (1.0 - weight) * result.probability).astype(np.float32)
-        draws = options.outputs.volume_draws
+                                    "equal-weight mixture, so probabilities and the volume "
+                                    "interval carry both answers"})
+        probability = (0.5 * (result.probability + located_full)).astype(np.float32)
         loc_volumes, loc_tlg = independent_draws(located_full, prepared.reference, prepared.pet_first,
-                                                 prepared.seed + 1, draws)
-        own = int(draws * (1.0 - weight))
-        volume_draws = np.concatenate([result.volume_draws_ml[:own], loc_volumes[: draws - own]])
+                                                 prepared.seed + 1, options.outputs.volume_draws)
+        half = options.outputs.volume_draws // 2
+        volume_draws = np.concatenate([result.volume_draws_ml[:half],
+                                       loc_volumes[: options.outputs.volume_draws - half]])
         if tlg_draws is not None:
-            tlg_draws = np.concatenate([result.tlg_draws[:own], loc_tlg[: draws - own]])
-        volume_method = MIXTURE_METHOD.format(share=(draws - own) / draws)
+            draws = options.outputs.volume_draws
+            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: draws - half]])
+        volume_method = MIXTURE_METHOD
     volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
                                                                 volume_draws, tlg_draws)
     if volume_error is not None and volume_error["applied"]:
@@ -315,26 +279,22 @@ def run_locate(prepared, options) -> MethodResult:
                               "image_outside_share": IMAGE_OUTSIDE_SHARE,
                               "rule": "delineation VOI = bounding box of the locator's regions "
                                       "(P >= 1/2) grown by the margin; locator log-odds as the "
-                                      "external field, weight learned; when the two disagree, their "
-                                      "mixture (the locator's weight learned by leave-one-out over "
-                                      "the prior's training cases, else 1/2); a warning when the "
-                                      "data-only model's 50 % region lies mostly outside the box"}}
+                                      "external field, weight learned; equal mixture when the two "
+                                      "disagree; a warning when the data-only model's 50 % region "
+                                      "lies mostly outside the box"}}
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": mixed, **weight_record, **outside},
+                              "mixed": mixed, **outside},
                    **({"volume_error": volume_error} if volume_error is not None else {})}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
-    maps = {**result.maps, LOCATOR_FILE: located_full.astype(np.float32),
-            DELINEATION_FILE: result.probability}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
                                tlg_draws=tlg_draws, volume_method=volume_method,
                                model="locate-potts", options=run_options, diagnostics=diagnostics,
-                               sections=sections, maps=maps)
+                               sections=sections)
 
 
 register(Method("locate-potts", run_locate,
                 "locate, then delineate: a population prior and/or network locates the lesion, "
                 "hidden Potts delineates it with their log-odds as the field", rank=3,
-                needs_pet=True, check_options=check_locate_options, takes_prior=True,
-                extra_outputs=lambda options: [LOCATOR_FILE, DELINEATION_FILE]))
+                needs_pet=True, check_options=check_locate_options, takes_prior=True))
