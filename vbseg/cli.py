@@ -237,11 +237,12 @@ def _add_calibrate(sub):
                                   "[model] variant")
     p.add_argument("--out", required=True, help="calibration JSON to write (for segment --calibration)")
     p.add_argument("--strata", default="none",
-                   help="Mondrian strata from each case's own fit: none (default), volume (the model's "
-                        "mean volume), contrast (the fitted contrast-to-noise) or volume,contrast; each "
-                        "non-empty stratum needs >= 19 cases, and segment --calibration applies the "
-                        "new case's own stratum")
-    for name, unit in (("volume", "ML"), ("contrast", "CNR")):
+                   help="Mondrian strata from each case's own fit: none (default), or one or more "
+                        "of volume (the model's mean volume), contrast (the fitted contrast-to-noise) "
+                        "and psf (the --psf-fwhm it was fitted with), comma-separated (e.g. "
+                        "volume,psf); each non-empty stratum needs >= 19 cases, and segment "
+                        "--calibration applies the new case's own stratum")
+    for name, unit in (("volume", "ML"), ("contrast", "CNR"), ("psf", "MM")):
         default = ",".join(f"{edge:g}" for edge in DEFAULT_STRATA_BINS[name])
         p.add_argument(f"--{name}-bins", default=None, metavar=unit,
                        help=f"edges of the {name} strata ({unit}), comma-separated (default {default})")
@@ -257,7 +258,7 @@ def _add_calibrate(sub):
 
 
 def _run_calibrate(args) -> None:
-    strata = strata_spec(args.strata, args.volume_bins, args.contrast_bins)
+    strata = strata_spec(args.strata, args.volume_bins, args.contrast_bins, args.psf_bins)
     record = calibrate(args.config, args.out, strata=strata, overwrite=args.overwrite, progress=print,
                        command=command_line(args), folds=args.folds, fold_priors=args.fold_priors)
     print(f"calibration of {len(record['cases'])} cases written to {args.out}")

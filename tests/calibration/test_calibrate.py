@@ -26,6 +26,7 @@ from vbseg.calibration.calibration_file import (
     plan_conformal,
     strata_spec,
     stratify,
+    stratum_of,
 )
 from vbseg.calibration.conformal import conformal_quantile
 from vbseg.cohort.population import PACKAGED_PRIORS
@@ -240,7 +241,10 @@ def test_calibrate_refuses_a_small_stratum_and_bad_strata_options(tmp_path):
     assert_refused(result, "two.toml", "stratum 'volume <5 mL' has 2 cases; each needs >= 19")
     assert not out.exists()
     volume = ["--strata", "volume", "--volume-bins"]
-    for options, phrases in ((["--strata", "size"], ("--strata", "none, volume, contrast")),
+    for options, phrases in ((["--strata", "size"], ("--strata", "volume, contrast, psf")),
+                             (["--strata", "psf,psf"], ("--strata", "distinct")),
+                             (["--psf-bins", "6"], ("--psf-bins", "goes with --strata psf")),
+                             (["--strata", "psf", "--psf-bins", "0"], ("--psf-bins", "positive")),
                              (volume + ["5,1"], ("--volume-bins", "increasing")),
                              (volume + ["0,5"], ("--volume-bins", "positive")),
                              (volume + ["a"], ("--volume-bins", "comma-separated numbers")),
@@ -248,6 +252,17 @@ def test_calibrate_refuses_a_small_stratum_and_bad_strata_options(tmp_path):
         result = main_cli("calibrate", config, "--out", out, *options)
         assert_refused(result, *phrases)
         assert not out.exists()
+
+
+def test_psf_strata_bin_the_fwhm_each_case_was_fitted_with():
+    spec = strata_spec("volume,psf", "2", None, "5,7")
+    assert spec["by"] == ["volume", "psf"] and spec["bins"]["psf"] == [5.0, 7.0]
+    labels = [stratum_of({"mean_ml": 1.0, "psf_fwhm_mm": fwhm}, spec) for fwhm in (4.0, 5.0, 6.9, 7.0)]
+    assert labels == ["volume <2 mL, FWHM <5 mm", "volume <2 mL, FWHM 5-7 mm", "volume <2 mL, FWHM 5-7 mm",
+                      "volume <2 mL, FWHM >=7 mm"]
+    # a model fitted without a PSF term records no FWHM: psf strata cannot be formed
+    with pytest.raises(InputError, match="psf strata need each fit's psf_fwhm_mm"):
+        stratum_of({"mean_ml": 1.0, "psf_fwhm_mm": None}, spec)
 
 
 def test_packaged_calibrations_match_the_model_code():
@@ -501,6 +516,8 @@ def test_calibrate_over_a_psf_range_records_the_range(tmp_path):
     assert record["options"]["beta"] == default_beta(SegmentOptions.from_values(psf_fwhm_mm=6.0).model)
     assert [(c["case"]["spec"]["psf_fwhm_mm"], c["case"]["seed"]) for c in record["cases"]] == \
         [(5.0, 3), (5.0, 4), (7.0, 3), (7.0, 4)]
+    # each case records the FWHM it was fitted with (the feature of --strata psf)
+    assert [c["psf_fwhm_mm"] for c in record["cases"]] == [5.0, 5.0, 7.0, 7.0]
     # a record with psf_fwhm_mm = "phantom" and no (or a bad) range is not a calibration
     for bounds in (None, [7.0, 5.0], [0.0, 5.0], ["a", 5.0], [5.0]):
         broken = {**record, "psf_fwhm_mm_range": bounds}
@@ -542,5 +559,6 @@ def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(
     summary = json.loads((out / "summary.json").read_text())
     [entry] = summary["volume_ml_conformal"]
     assert summary["conformal_calibration"]["path"] == "pet-phantom-psf"
+    assert summary["conformal_calibration"]["features"]["psf_fwhm_mm"] == 6.5  # what psf strata bin
     assert entry["n"] == summary["conformal_calibration"]["strata"]["n"][entry["stratum"]]
     assert entry["lower"] < summary["volume_ml"]["lower"] or entry["score"] <= 0

@@ -20,7 +20,7 @@ model), not conditional on the case at hand.
 Mondrian strata (Vovk, Gammerman & Shafer 2005, ch. 4; ``vbseg calibrate --strata``): the
 cases are binned, at bin edges fixed before any case is fitted, by quantities of each case's
 own fit, which a new case has too: the model's mean volume and the fitted contrast-to-noise
-(:data:`STRATA_FEATURES`). Each non-empty stratum needs >= 19 cases
+and the PSF FWHM it was fitted with (:data:`STRATA_FEATURES`). Each non-empty stratum needs >= 19 cases
 (:data:`vbseg.calibration.conformal.MIN_STRATUM_CASES`) or the calibration is refused; a new case is scored
 against its own stratum's cases alone, which makes the coverage hold conditionally on the
 stratum (still marginal within it), and a new case whose stratum is empty is refused.
@@ -75,8 +75,11 @@ STRATA_FEATURES = {
                  "the fitted contrast-to-noise: (tumour class mean - most frequent other class's "
                  "mean) / that class's sd in the first image of the likelihood "
                  "(summary.json parameters.contrast_to_noise)"),
+    "psf": ("psf_fwhm_mm", "FWHM", " mm",
+            "the scanner PSF FWHM (mm) the case was fitted with (--psf-fwhm; summary.json "
+            "options.psf_fwhm_mm): a setting, so a new case's stratum is known before its fit"),
 }
-DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,)}
+DEFAULT_STRATA_BINS = {"volume": (5.0, 50.0), "contrast": (10.0,), "psf": (6.0,)}
 NO_STRATA = "all"  # the one stratum of a calibration without strata
 # calibrations shipped in vbseg/data/calibrations, named for --calibration NAME
 PACKAGED_CALIBRATIONS = {"pet-phantom": "calibrations/pet-phantom.json",
@@ -189,26 +192,28 @@ def _edges(option: str, text, positive: bool) -> list[float]:
     return edges
 
 
-def strata_spec(by="none", volume_bins_ml=None, contrast_bins=None) -> dict:
-    """The Mondrian strata of a calibration, fixed before any case is fitted: ``by`` is "none",
-    "volume", "contrast" or "volume,contrast"; each feature is cut at its bin edges (half-open
-    bins; defaults :data:`DEFAULT_STRATA_BINS`). InputError naming the option otherwise."""
+def strata_spec(by="none", volume_bins_ml=None, contrast_bins=None, psf_bins_mm=None) -> dict:
+    """The Mondrian strata of a calibration, fixed before any case is fitted: ``by`` is "none"
+    or a comma-separated list of distinct features (volume, contrast, psf); each feature is cut
+    at its bin edges (half-open bins; defaults :data:`DEFAULT_STRATA_BINS`). InputError naming
+    the option otherwise."""
     names = [] if by in (None, "", "none") else [name.strip() for name in str(by).split(",")]
     if any(name not in STRATA_FEATURES for name in names) or len(set(names)) != len(names):
-        raise InputError("--strata", f"must be none, volume, contrast or volume,contrast; got {by!r}")
-    given = {"volume": volume_bins_ml, "contrast": contrast_bins}
+        raise InputError("--strata", f"must be none or distinct features among "
+                                     f"{', '.join(STRATA_FEATURES)} (e.g. volume,psf); got {by!r}")
+    given = {"volume": volume_bins_ml, "contrast": contrast_bins, "psf": psf_bins_mm}
     for name, edges in given.items():
         if edges is not None and name not in names:
             raise InputError(f"--{name}-bins", f"goes with --strata {name}")
     return {"by": names,
             "bins": {name: _edges(f"--{name}-bins", DEFAULT_STRATA_BINS[name] if given[name] is None
-                                  else given[name], positive=name == "volume") for name in names},
+                                  else given[name], positive=name in ("volume", "psf")) for name in names},
             "features": {name: STRATA_FEATURES[name][3] for name in names}}
 
 
 def stratum_of(case: dict, spec: dict) -> str:
-    """The stratum of a case record (or a new case's features: ``mean_ml``, ``contrast_to_noise``)
-    under ``spec``. InputError when the model does not record a feature the strata need."""
+    """The stratum of a case record (or a new case's features: ``mean_ml``, ``contrast_to_noise``,
+    ``psf_fwhm_mm``) under ``spec``. InputError when the model does not record a feature the strata need."""
     parts = []
     for name in spec["by"]:
         key, label, unit, _ = STRATA_FEATURES[name]
@@ -248,6 +253,7 @@ def case_scores(posterior, truth, true_ml: float, spacing) -> dict:
         "fnr": [float(x) for x in fnr_curves([posterior.probability], [truth], LAMBDA_GRID)[0]],
         "margin_mm": None if math.isinf(margin) else margin,
         "contrast_to_noise": posterior.summary.get("parameters", {}).get("contrast_to_noise"),
+        "psf_fwhm_mm": posterior.summary.get("options", {}).get("psf_fwhm_mm"),
     }
 
 
@@ -288,7 +294,7 @@ def _stored_strata(path, strata) -> dict:
         by, bins = strata["by"], strata["bins"]
         if not isinstance(by, list) or not isinstance(bins, dict) or set(bins) != set(by):
             raise TypeError
-        return strata_spec(",".join(by) or "none", bins.get("volume"), bins.get("contrast"))
+        return strata_spec(",".join(by) or "none", bins.get("volume"), bins.get("contrast"), bins.get("psf"))
     except (KeyError, TypeError):
         raise InputError(path, "is not a vbseg calibration (its strata lack \"by\" or their bins)") from None
     except InputError as error:
@@ -428,7 +434,8 @@ class ConformalPlan:
         the case's stratum has no calibration cases."""
         interval = credible_interval(result.volume_draws_ml, MODEL_INTERVAL_LEVEL)
         features = {"mean_ml": interval["mean"],
-                    "contrast_to_noise": (result.parameters or {}).get("contrast_to_noise")}
+                    "contrast_to_noise": (result.parameters or {}).get("contrast_to_noise"),
+                    "psf_fwhm_mm": (result.options or {}).get("psf_fwhm_mm")}
         stratum = self.stratum(features)
         calibrated = self.by_stratum[stratum]
         floor_ml, spacing = prepared.reference.voxel_volume_ml, prepared.reference.spacing
