@@ -59,6 +59,7 @@ from vbseg.calibration.conformal import (
     risk_control_lambda,
     split_coverage_band,
 )
+from vbseg.errors import InputError
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "conformal_phantoms.toml"
 NAME = "bench_conformal"
@@ -314,17 +315,19 @@ def markdown(record: dict) -> str:
 
 
 PSF_DOC = """Out-of-sample coverage of the packaged calibration pet-phantom-psf (the PSF model given each
-case's scanner FWHM, calibrated on 90 phantoms over FWHM 4-8 mm, seed 0, Mondrian volume strata
-at 2 mL): new phantoms of the same spheres and contrasts with other noise draws (seeds 1-3) at
-FWHMs between the calibration's (4.5-7.5 mm, within the range; 216 cases) and, seeds 1-2, at 10
-mm (outside it, 36 cases: the shift that `vbseg segment --calibration pet-phantom-psf` refuses),
-each fitted with the PSF model given its true FWHM and scored in its own stratum against every
-calibration case of that stratum. Pooled coverage of the conformal 90 % and 95 % intervals with
-its exact Clopper-Pearson 95 % CI, against the value exchangeable cases would have (the mean
-over the test cases of k/(n+1), k = ceil((n+1)(1-alpha)) of their stratum's n), the model's own
-95 % interval for comparison, and the median width relative to the true volume V (all spheres;
-the issue's target spheres >= 13 mm at >= 4:1, target <= 25 %; target coverage of the 95 %
-interval 0.92-0.98). The test cases are fitted once and cached in
+case's scanner FWHM, calibrated on 180 phantoms over FWHM 4-8 mm, seeds 0 and 5, Mondrian strata by
+the model's volume at 2 and 30 mL and by the fitted FWHM at 6 mm): new phantoms of the same spheres
+and contrasts with other noise draws (seeds 1-3) at FWHMs between the calibration's (4.5-7.5 mm,
+within the range; 216 cases) and, seeds 1-2, at 10 mm (outside it, 36 cases: the shift that `vbseg
+segment --calibration pet-phantom-psf` refuses), each fitted with the PSF model given its true FWHM
+and scored in its own stratum against every calibration case of that stratum; a case whose stratum
+has too few calibration cases for the levels (a fit above 30 mL: the tumour class on the background)
+is refused, as `vbseg segment` refuses it, and counted apart ("+k refused"). Pooled coverage of the
+conformal 90 % and 95 % intervals with its exact Clopper-Pearson 95 % CI, against the value
+exchangeable cases would have (the mean over the test cases of k/(n+1), k = ceil((n+1)(1-alpha)) of
+their stratum's n), the model's own 95 % interval for comparison, and the median width relative to
+the true volume V (all spheres; the issue's target spheres >= 13 mm at >= 4:1, target <= 25 %;
+target coverage of the 95 % interval 0.92-0.98). The test cases are fitted once and cached in
 benchmarks/results/bench_conformal_psf_<within|shift>.json (delete them to refit)."""
 PSF_CONFIG = Path(__file__).resolve().parent / "configs" / "conformal_phantoms_psf.toml"
 PSF_TESTS = {"within": ([4.5, 5.5, 6.5, 7.5], [1, 2, 3]), "shift": ([10.0], [1, 2])}
@@ -355,20 +358,35 @@ def clopper_pearson(k: int, n: int) -> list[float]:
 def psf_coverage(calibration: dict, cases: list[dict]) -> dict:
     """Each test case scored in its own stratum of ``calibration`` (the stratum's calibrated
     log-volume quantile at each level): pooled coverage with its Clopper-Pearson CI, coverage by
-    FWHM, and the median width / V of all cases and of the target spheres."""
+    FWHM, and the median width / V of all cases and of the target spheres. A case whose stratum
+    has too few calibration cases for the levels (or none) is refused, as ``vbseg segment``
+    refuses it: counted apart, and the rest scored."""
     spec = calibration["strata"]
+    # Cases fitted before calibrations recorded each fit's FWHM (the psf strata's feature) lack
+    # it; every test config fits a phantom given its own scanner's FWHM ([model] psf_fwhm_mm =
+    # "phantom"), so the FWHM it was fitted with is its spec's.
+    cases = [{**case, "psf_fwhm_mm": case.get("psf_fwhm_mm", case["case"]["spec"]["psf_fwhm_mm"])}
+             for case in cases]
     strata = {}
     for case in calibration["cases"]:
         strata.setdefault(case["stratum"], []).append(case)
-    fitted = {label: calibrate_stratum(members, calibration["lambda_grid"], [100 * x for x in LEVELS])
-              for label, members in strata.items()}
-    labels = [stratum_of(case, spec) for case in cases]
+    fitted = {}
+    for label, members in strata.items():
+        try:
+            fitted[label] = calibrate_stratum(members, calibration["lambda_grid"], [100 * x for x in LEVELS])
+        except InputError:
+            continue  # too few for a level: a case that falls here is refused
+    every = [stratum_of(case, spec) for case in cases]
+    refused = [label for label in every if label not in fitted]
+    cases = [case for case, label in zip(cases, every) if label in fitted]
+    labels = [label for label in every if label in fitted]
     score = np.array([case["volume_score"] for case in cases])
     fwhm = np.array([case["case"]["spec"]["psf_fwhm_mm"] for case in cases])
     diameter = np.array([case["case"]["spec"]["diameters_mm"] for case in cases])
     above = np.array([case["true_ml"] > max(case["upper_ml"], case["floor_ml"]) for case in cases])
     model_hits = int(np.sum(score <= 0))
     record = {"n": len(cases), "strata": {label: labels.count(label) for label in sorted(set(labels))},
+              "refused": {label: refused.count(label) for label in sorted(set(refused))},
               "model_95": {"covered": model_hits, "coverage": model_hits / len(cases),
                            "ci95": clopper_pearson(model_hits, len(cases))}}
     for index, level in enumerate(LEVELS):
@@ -400,7 +418,9 @@ def psf_markdown(record: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, test in record["tests"].items():
         result = test["result"]
-        head = f"| {name} | {', '.join(f'{f:g}' for f in test['fwhm_mm'])} | {test['seeds']} | {result['n']} "
+        refused = sum(result.get("refused", {}).values())
+        count = f"{result['n']}" + (f" (+{refused} refused)" if refused else "")
+        head = f"| {name} | {', '.join(f'{f:g}' for f in test['fwhm_mm'])} | {test['seeds']} | {count} "
         own = result["model_95"]
         lines.append(f"{head}| model's own 95 % | {own['covered']} | {own['coverage']:.3f} "
                      f"({own['ci95'][0]:.3f}-{own['ci95'][1]:.3f}) | | | | |")
@@ -434,11 +454,7 @@ def psf_test_cases(out: Path, name: str, fwhms, seeds, command: str, option: str
         config.write_text(PSF_TEST_CONFIG.format(name=name, option=option, cv=cv, fwhms=fwhms, seeds=seeds,
                                                  extra=extra))
         calibrate(config, cached, progress=print, command=f"{command} ({name})")
-    # Cases fitted before calibrations recorded each fit's FWHM (the psf strata's feature) lack
-    # it; every test config fits a phantom given its own scanner's FWHM ([model] psf_fwhm_mm =
-    # "phantom"), so the FWHM it was fitted with is its spec's.
-    return [{**case, "psf_fwhm_mm": case.get("psf_fwhm_mm", case["case"]["spec"]["psf_fwhm_mm"])}
-            for case in load_calibration(cached)["cases"]]
+    return load_calibration(cached)["cases"]
 
 
 def psf_calibration() -> tuple[dict, dict]:
@@ -467,8 +483,9 @@ def psf_main(out: Path) -> int:
 
 
 SHIFT_DOC = """Out-of-sample coverage of the packaged calibration pet-phantom-psf (the PSF model given each
-case's scanner FWHM, calibrated on 90 phantoms over FWHM 4-8 mm: 4 x 4 x 3 mm voxels, white
-Gaussian noise of CV 0.10, seed 0, Mondrian volume strata at 2 mL) when the test phantoms differ
+case's scanner FWHM, calibrated on 180 phantoms over FWHM 4-8 mm: 4 x 4 x 3 mm voxels, white
+Gaussian noise of CV 0.10, seeds 0 and 5, Mondrian strata by volume at 2 and 30 mL and by FWHM at
+6 mm; a case in a stratum too small for the levels is refused and counted apart) when the test phantoms differ
 from that cohort on purpose in voxel size, noise level or noise kind, the shifts a physicist's
 scanner brings: the same spheres (10-37 mm) and contrasts (2:1, 4:1, 8:1) at FWHM 5, 6 and 7 mm
 (inside the calibrated range, where `vbseg segment --calibration pet-phantom-psf` accepts them),
@@ -529,7 +546,9 @@ def shift_markdown(record: dict) -> str:
         misses = result["n"] - rows[0]["covered"]
         cells = [f"{r['coverage']:.3f} ({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}) | {guarantee_text(r, level)}"
                  for r, level in zip(rows, LEVELS)]
-        lines.append(f"| {name} | {test['differs']} | {result['n']} | {result['model_95']['coverage']:.3f} | "
+        refused = sum(result.get("refused", {}).values())
+        count = f"{result['n']}" + (f" (+{refused} refused)" if refused else "")
+        lines.append(f"| {name} | {test['differs']} | {count} | {result['model_95']['coverage']:.3f} | "
                      f"{cells[0]} | {cells[1]} | {rows[0]['exact']:.3f} / {rows[1]['exact']:.3f} | "
                      f"{rows[0]['median_width_rel']:.3f} / {rows[1]['median_width_rel']:.3f} | "
                      f"{rows[0]['missed_true_above']} / {misses - rows[0]['missed_true_above']} |")

@@ -217,13 +217,37 @@ def test_an_empty_stratum_or_a_level_a_stratum_cannot_support_is_refused(calibra
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_small_stratum_is_refused(calibrated, tmp_path):
+def test_a_small_stratum_is_kept_and_refused_when_a_case_falls_in_it(calibrated, tmp_path):
+    """Strata of 20 cases (< 3 mL) and 5 (>= 3 mL): the calibration is accepted; a case in the
+    large stratum is scored as usual (and the summary names the small stratum as refused), a
+    case in the small one is refused in one line naming the stratum and why."""
+    _, _, calibration, pet = calibrated
+    record = json.loads(calibration.read_text())
+    large = [dict(case, name=case["name"] + "_large", mean_ml=20.0) for case in record["cases"][:5]]
+    stratified = stratify({**record, "cases": record["cases"] + large}, strata_spec("volume", "3"), "test")
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(stratified))
+    plan = plan_conformal(path, (90, 95), SegmentOptions.from_values(volume_draws=300), ["pet"])
+    assert list(plan.by_stratum) == ["volume <3 mL"]
+    assert plan.refused == {"volume >=3 mL": "5 cases cannot calibrate level 0.9: that needs at least 9"}
+    with pytest.raises(InputError, match=r"few.json: this case falls in stratum 'volume >=3 mL', whose "
+                                         r"5 cases cannot calibrate level 0.9"):
+        plan.stratum({"mean_ml": 20.0})
+    out = tmp_path / "seg"
+    result = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--calibration", path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conformal_calibration"]["stratum"] == "volume <3 mL"
+    assert summary["conformal_calibration"]["strata"]["refused"] == plan.refused
+
+
+def test_strata_that_are_all_small_are_refused(calibrated, tmp_path):
     _, _, calibration, _ = calibrated
     record = load_calibration(calibration)
-    small = r"stratum 'volume 1\.2-3 mL' has \d+ cases; each needs >= 19"
+    small = r"no stratum has >= 19 cases \(the largest, 'volume [^']+ mL', has \d+\)"
     with pytest.raises(InputError, match="cal.toml: " + small):
         stratify(record, strata_spec("volume", "1.2,3"), "cal.toml")
-    # a stored calibration whose stratum is too small is refused too (before any fit)
+    # a stored calibration whose strata are all too small is refused too (before any fit)
     path = tmp_path / "small.json"
     path.write_text(json.dumps({**record, "strata": strata_spec("volume", "1.2,3")}))
     with pytest.raises(InputError, match="small.json: " + small):
@@ -238,7 +262,7 @@ def test_calibrate_refuses_a_small_stratum_and_bad_strata_options(tmp_path):
     config.write_text(CONFIG.replace("seeds = 10", "seeds = 1").format(model=""))
     out = tmp_path / "calibration.json"
     result = main_cli("calibrate", config, "--out", out, "--strata", "volume")
-    assert_refused(result, "two.toml", "stratum 'volume <5 mL' has 2 cases; each needs >= 19")
+    assert_refused(result, "two.toml", "no stratum has >= 19 cases (the largest, 'volume <5 mL', has 2)")
     assert not out.exists()
     volume = ["--strata", "volume", "--volume-bins"]
     for options, phrases in ((["--strata", "size"], ("--strata", "volume, contrast, psf")),
@@ -534,11 +558,15 @@ def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(
         record = load_calibration(path)
     assert record["psf_fwhm_mm_range"] == [4.0, 8.0] and record["options"]["psf_fwhm_mm"] == "phantom"
     assert record["command"] == ("vbseg calibrate benchmarks/configs/conformal_phantoms_psf.toml --strata "
-                                 "volume --volume-bins 2 --out vbseg/data/calibrations/pet-phantom-psf.json "
-                                 "--overwrite")
+                                 "volume,psf --volume-bins 2,30 --psf-bins 6 --out "
+                                 "vbseg/data/calibrations/pet-phantom-psf.json --overwrite")
     plan = plan_conformal("pet-phantom-psf", (90, 95), SegmentOptions.from_values(psf_fwhm_mm=4.0), ["pet"])
-    assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
+    # every lesion-sized stratum (< 30 mL) by FWHM is usable; fits above any lesion of the cohort
+    # (the tumour class on the background) are too few and refused when a case falls there
+    assert set(plan.by_stratum) == {f"volume {v}, FWHM {f}6 mm" for v in ("<2 mL", "2-30 mL")
+                                    for f in ("<", ">=")}
     assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
+    assert all(label.startswith("volume >=30 mL") for label in plan.refused)
     in_range = "calibrated for --psf-fwhm 4-8 mm (each case fitted with its scanner's FWHM), this run has "
     for refused, phrases in (((), (in_range + "no --psf-fwhm",)),
                              (("--psf-fwhm", "8.5"), (in_range + "--psf-fwhm 8.5",)),
@@ -560,5 +588,6 @@ def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(
     [entry] = summary["volume_ml_conformal"]
     assert summary["conformal_calibration"]["path"] == "pet-phantom-psf"
     assert summary["conformal_calibration"]["features"]["psf_fwhm_mm"] == 6.5  # what psf strata bin
+    assert entry["stratum"].endswith("FWHM >=6 mm")
     assert entry["n"] == summary["conformal_calibration"]["strata"]["n"][entry["stratum"]]
     assert entry["lower"] < summary["volume_ml"]["lower"] or entry["score"] <= 0

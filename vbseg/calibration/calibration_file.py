@@ -18,12 +18,16 @@ adds to a result ``summary.json["volume_ml_conformal"]`` (one entry per level) a
 model), not conditional on the case at hand.
 
 Mondrian strata (Vovk, Gammerman & Shafer 2005, ch. 4; ``vbseg calibrate --strata``): the
-cases are binned, at bin edges fixed before any case is fitted, by quantities of each case's
-own fit, which a new case has too: the model's mean volume and the fitted contrast-to-noise
-and the PSF FWHM it was fitted with (:data:`STRATA_FEATURES`). Each non-empty stratum needs >= 19 cases
-(:data:`vbseg.calibration.conformal.MIN_STRATUM_CASES`) or the calibration is refused; a new case is scored
-against its own stratum's cases alone, which makes the coverage hold conditionally on the
-stratum (still marginal within it), and a new case whose stratum is empty is refused.
+cases are binned, at bin edges fixed before any case is fitted, by quantities a new case has
+too: the model's mean volume and the fitted contrast-to-noise of each case's own fit, and the
+PSF FWHM it was fitted with (:data:`STRATA_FEATURES`). A new case is scored against its own
+stratum's cases alone, which makes the coverage hold conditionally on the stratum (still
+marginal within it). A stratum needs at least 1/alpha - 1 cases for level 1 - alpha (19 for
+95 %): a calibration is refused unless one stratum has
+:data:`vbseg.calibration.conformal.MIN_STRATUM_CASES` (19); smaller strata are kept, and a new
+case whose stratum cannot support a level (or is empty) is refused when it is applied. A stratum
+of few cases can be what isolates the rare fits that fail outright (e.g. volumes above any lesion
+of the cohort) from the others.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from vbseg.calibration.conformal import (
+    MIN_STRATUM_CASES,
     bin_label,
     conformal_quantile,
     conformal_volume_interval,
     dilate_by,
     fnr_curves,
     margin_score,
-    mondrian_groups,
     risk_control_lambda,
     volume_scores,
 )
@@ -225,14 +229,25 @@ def stratum_of(case: dict, spec: dict) -> str:
     return ", ".join(parts) if parts else NO_STRATA
 
 
+def strata_groups(labels) -> dict:
+    """{stratum: indices of its cases} (strata sorted); InputError unless one stratum has
+    MIN_STRATUM_CASES cases (a smaller one is refused when a case falls in it: ConformalPlan)."""
+    labels = np.asarray(labels)
+    groups = {label: np.flatnonzero(labels == label) for label in sorted(set(labels.tolist()))}
+    largest = max(groups, key=lambda label: groups[label].size)
+    if groups[largest].size < MIN_STRATUM_CASES:
+        raise InputError("calibration", f"no stratum has >= {MIN_STRATUM_CASES} cases (the largest, "
+                                        f"{largest!r}, has {groups[largest].size})")
+    return groups
+
+
 def stratify(record: dict, spec: dict, source) -> dict:
     """``record`` (a calibration) with ``spec`` as its strata and each case's stratum; InputError
-    naming ``source`` when a case lacks a feature or a non-empty stratum has fewer than
-    MIN_STRATUM_CASES cases (Mondrian calibration needs enough cases in each on its own)."""
+    naming ``source`` when a case lacks a feature or no stratum has MIN_STRATUM_CASES cases."""
     try:
         labels = [stratum_of(case, spec) for case in record["cases"]]
         if spec["by"]:
-            mondrian_groups(labels)
+            strata_groups(labels)
     except InputError as error:
         raise InputError(source, error.problem) from None
     return {**record, "strata": spec,
@@ -412,6 +427,7 @@ class ConformalPlan:
     source_digest: str
     model_digest: str = ""
     scheme: str = SPLIT  # SPLIT or CROSS_FIT (:func:`scheme_guarantee`)
+    refused: dict = dataclasses.field(default_factory=dict)  # stratum -> why it cannot be applied
 
     def output_names(self) -> list[str]:
         return conformal_output_names(self.levels_percent)
@@ -423,6 +439,9 @@ class ConformalPlan:
             label = stratum_of(features, self.strata)
         except InputError as error:
             raise InputError(self.path, error.problem) from None
+        if label in self.refused:
+            raise InputError(self.path, f"this case falls in stratum {label!r}, whose "
+                                        f"{self.refused[label]}")
         if label not in self.by_stratum:
             raise InputError(self.path, f"this case falls in stratum {label!r}, which has no "
                                         f"calibration cases (calibrated: {', '.join(self.by_stratum)})")
@@ -459,7 +478,8 @@ class ConformalPlan:
         record = {"path": self.path, "sha256": self.sha256,
                   "n": sum(s.n for s in self.by_stratum.values()),
                   "strata": {"by": self.strata["by"], "bins": self.strata["bins"],
-                             "n": {label: s.n for label, s in self.by_stratum.items()}},
+                             "n": {label: s.n for label, s in self.by_stratum.items()},
+                             "refused": dict(self.refused)},
                   "stratum": stratum, "features": features, "scheme": self.scheme,
                   "guarantee": scheme_guarantee(self.scheme),
                   "source_digest": self.source_digest,
@@ -474,8 +494,9 @@ class ConformalPlan:
 def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) -> ConformalPlan:
     """Load the calibration at ``path`` (or the packaged one of that name), check it was made
     with these fit options, and compute each level's calibrated quantities in each stratum;
-    InputError (one line) for every refusal (a stratum with fewer than MIN_STRATUM_CASES cases,
-    a level its cases cannot support)."""
+    InputError (one line) for every refusal (no stratum with MIN_STRATUM_CASES cases, a level no
+    stratum's cases can support). A stratum too small for a level is kept in ``refused``: a new
+    case that falls in it is refused when the plan is applied."""
     levels = tuple(float(level) for level in levels_percent)
     if not levels or len(set(levels)) != len(levels):
         raise InputError("--conformal-levels", "needs one or more distinct levels")
@@ -491,16 +512,18 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
     cases = record["cases"]
     try:
         labels = [stratum_of(case, spec) for case in cases]
-        groups = mondrian_groups(labels) if spec["by"] else {NO_STRATA: np.arange(len(cases))}
-        by_stratum = {}
+        groups = strata_groups(labels) if spec["by"] else {NO_STRATA: np.arange(len(cases))}
+        by_stratum, refused = {}, {}
         for label, members in groups.items():
             try:
                 by_stratum[label] = calibrate_stratum([cases[i] for i in members], record["lambda_grid"],
                                                       levels)
             except InputError as error:
-                where = "" if label == NO_STRATA else f"stratum {label!r}: "
-                raise InputError(path, where + error.problem) from None
+                refused[label] = error.problem
+        if not by_stratum:
+            label = next(iter(refused))
+            raise InputError(path, ("" if label == NO_STRATA else f"stratum {label!r}: ") + refused[label])
     except InputError as error:
         raise InputError(path, error.problem) from None
     return ConformalPlan(str(path), sha256, levels, spec, by_stratum, record.get("source_digest", ""),
-                         record.get("model_digest", ""), record["scheme"])
+                         record.get("model_digest", ""), record["scheme"], refused)
