@@ -55,6 +55,32 @@ def test_lesion_contrast_and_ct_on_its_own_grid():
                                centroid(phantom.ct, ct_lesion), atol=0.5)
 
 
+def test_a_cold_wall_is_a_shell_without_activity_outside_the_truth():
+    """wall_mm: the voxels wholly inside the shell have no activity, the sphere and the rest of
+    the background are unchanged, and the truth (volume, fraction, mask) is the sphere's inside."""
+    base = dict(diameters_mm=(22.0,), psf_fwhm_mm=0.0, cv=0.0, contrast=4.0, spacing_mm=(1.0, 1.0, 1.0))
+    plain = make_phantom(PhantomSpec(**base), seed=0)
+    walled = make_phantom(PhantomSpec(**base, wall_mm=3.0), seed=0)
+    np.testing.assert_array_equal(plain.truth, walled.truth)
+    np.testing.assert_array_equal(plain.truth_fraction, walled.truth_fraction)
+    assert walled.volume_ml == plain.volume_ml
+    centres = np.stack(np.meshgrid(*[np.arange(n) for n in walled.truth.shape], indexing="ij"), -1)
+    world = centres @ walled.pet.affine[:3, :3].T + walled.pet.affine[:3, 3]
+    radius = np.linalg.norm(world, axis=-1)  # the sphere is centred on the world origin
+    # a voxel (1 mm, half-diagonal 0.87 mm) whose centre lies 0.9-2.1 mm outside the 11 mm surface
+    # is wholly inside the 3 mm shell
+    shell = (radius >= 11.0 + 0.9) & (radius <= 11.0 + 2.1)
+    assert shell.sum() > 100 and np.all(walled.pet.data[shell] == 0.0)
+    far = radius > 11.0 + 3.0 + 0.9
+    np.testing.assert_array_equal(walled.pet.data[far], plain.pet.data[far])
+    np.testing.assert_array_equal(walled.pet.data[walled.truth_fraction == 1],
+                                  plain.pet.data[plain.truth_fraction == 1])
+    with pytest.raises(ValueError, match="wall_mm"):
+        PhantomSpec(wall_mm=-1.0)
+    with pytest.raises(ValueError, match="spheres only"):
+        PhantomSpec(kind="heterogeneous", wall_mm=1.0)
+
+
 def test_heterogeneous_lesion_has_cold_core_inside_truth():
     spec = PhantomSpec(kind="heterogeneous", diameters_mm=(40.0,), psf_fwhm_mm=0.0, cv=0.0)
     phantom = make_phantom(spec, seed=2)

@@ -64,6 +64,9 @@ class PhantomSpec:
             core (inside this fraction of the boundary radius) has uptake ``necrotic_uptake``
             x background; the rim's contrast varies linearly by +-``gradient`` across it.
         supersample: sub-voxel samples per axis for fractions and voxel means.
+        wall_mm: spheres only: a cold shell of this thickness (mm) just outside each sphere, with
+            no activity (the glass wall of a NEMA IEC sphere, about 1 mm). The truth is the
+            sphere's inside, as on the real phantom, whose stated volumes are the inner ones.
     """
 
     kind: str = "spheres"
@@ -84,6 +87,7 @@ class PhantomSpec:
     necrotic_uptake: float = 1.3
     gradient: float = 0.3
     supersample: int = 5
+    wall_mm: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("spheres", "heterogeneous"):
@@ -93,13 +97,15 @@ class PhantomSpec:
         if not self.diameters_mm or min(self.diameters_mm) <= 0:
             raise ValueError("diameters_mm must be positive")
         numbers = (self.contrast, self.background_suv, self.cv, self.psf_fwhm_mm, self.noise_fwhm_mm,
-                   *self.diameters_mm, *self.spacing_mm)
+                   self.wall_mm, *self.diameters_mm, *self.spacing_mm)
         if not all(math.isfinite(x) for x in numbers):
             raise ValueError("phantom settings must be finite numbers")
         if self.contrast <= 0 or self.cv < 0 or self.psf_fwhm_mm < 0 or self.background_suv <= 0:
             raise ValueError("contrast and background must be > 0, cv and psf_fwhm_mm >= 0")
         if self.noise == "poisson" and self.cv <= 0:
             raise ValueError("poisson noise needs cv > 0")
+        if self.wall_mm < 0 or (self.wall_mm > 0 and self.kind != "spheres"):
+            raise ValueError(f"wall_mm must be >= 0, and is for spheres only, got {self.wall_mm!r}")
         if max(self.diameters_mm) > 200:
             raise ValueError("lesion diameters above 200 mm are not supported")
 
@@ -181,7 +187,8 @@ def _uptake_ratio(spec: PhantomSpec, lesion: _Lesion, points: np.ndarray, gradie
     dist, rel = lesion.polar(points)
     inside = rel <= 1.0
     if spec.kind == "spheres":
-        return inside, np.where(inside, spec.contrast, 1.0)
+        wall = ~inside & (dist <= lesion.radius + spec.wall_mm)  # empty when wall_mm is 0
+        return inside, np.where(inside, spec.contrast, np.where(wall, 0.0, 1.0))
     along = ((points - lesion.centre) @ gradient_dir) / max(lesion.max_radius(), 1e-9)
     rim = spec.contrast * (1.0 + spec.gradient * np.clip(along, -1.0, 1.0))
     core = rel <= spec.necrotic_radius_fraction
@@ -208,7 +215,7 @@ def _rasterise(spec, lesions, gradient_dir, affine, shape):
     offsets = (np.arange(s) + 0.5) / s - 0.5
     inv = np.linalg.inv(affine)
     for lesion in lesions:
-        reach = lesion.max_radius() + 2.0 * float(np.max(np.abs(affine[:3, :3])))
+        reach = lesion.max_radius() + spec.wall_mm + 2.0 * float(np.max(np.abs(affine[:3, :3])))
         corners = np.array(
             [[lesion.centre[0] + a, lesion.centre[1] + b, lesion.centre[2] + c, 1.0]
              for a in (-reach, reach) for b in (-reach, reach) for c in (-reach, reach)]

@@ -86,6 +86,8 @@ BAD = [
      "[phantoms] noise_fwhm_mm: correlates Gaussian noise only"),
     ("voi margin zero", P + "voi_margin_mm = 0", "[phantoms] voi_margin_mm: must be a finite number > 0"),
     ("voi margin list", P + "voi_margin_mm = [10, 15]", "[phantoms] voi_margin_mm: expected float"),
+    ("wall negative", P + "wall_mm = -1.0", "[phantoms] wall_mm: must be a finite number >= 0"),
+    ("wall list", P + "wall_mm = [1.0, 1.5]", "[phantoms] wall_mm: expected float"),
     ("missing prior", P + "[model]\nprior = \"nowhere.json\"", "[model] prior: "),
     ("missing checkpoint", P + "[model]\nname = \"deep-potts\"\ncheckpoint = \"net.eqx\"",
      "[model] checkpoint: "),

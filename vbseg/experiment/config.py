@@ -18,6 +18,8 @@ axis, and the runs are every (case, variant) pair, the variants being the produc
     spacing_mm = [4.0, 4.0, 3.0]      # one PET voxel size (mm), not an axis; the default
     voi_margin_mm = 15.0              # optional, not an axis: fit each sphere in a spherical VOI
                                       # of its radius + this margin (default: the whole grid)
+    wall_mm = 1.0                     # optional, not an axis: a cold shell (no activity) of this
+                                      # thickness outside each sphere (NEMA glass; default 0)
     seeds = 3                         # noise draws per configuration (seeds 0..n-1), or a list
                                       # of seeds: [4, 5] (draws disjoint from seeds = 4's)
 
@@ -78,7 +80,7 @@ SECTIONS = {"experiment", "phantoms", "real", "model", "sweep"}
 EXPERIMENT_KEYS = {"name": str, "description": str}
 PHANTOM_KEYS = {"diameters_mm": float, "contrast": float, "cv": float, "psf_fwhm_mm": float,
                 "noise": str, "noise_fwhm_mm": float, "seeds": (int, list), "spacing_mm": list,
-                "voi_margin_mm": float}
+                "voi_margin_mm": float, "wall_mm": float}
 # the [phantoms] keys that are case axes (each value a case), in the order of the case names' tags
 PHANTOM_AXES = ("diameters_mm", "contrast", "cv", "psf_fwhm_mm", "noise", "noise_fwhm_mm")
 # case-name tags of the axes whose key's first word is not its tag ("noise" is the noise model's)
@@ -213,6 +215,12 @@ def _phantom_extras(path, table) -> tuple[dict, dict, str]:
     if "spacing_mm" in table:
         spec["spacing_mm"] = _phantom_spacing(path, table["spacing_mm"])
         suffix += "_sp" + "x".join(f"{v:g}" for v in spec["spacing_mm"])
+    if "wall_mm" in table:
+        wall = check_scalar(path, "[phantoms] wall_mm", table["wall_mm"], float)
+        if not (math.isfinite(wall) and wall >= 0):
+            raise InputError(path, f"[phantoms] wall_mm: must be a finite number >= 0, got {wall!r}")
+        spec["wall_mm"] = wall
+        suffix += f"_wall{wall:g}"
     if "voi_margin_mm" in table:
         margin = check_scalar(path, "[phantoms] voi_margin_mm", table["voi_margin_mm"], float)
         if not (math.isfinite(margin) and margin > 0):
