@@ -50,6 +50,7 @@ from vbseg.calibration.conformal import (
     fnr_curves,
     margin_score,
     risk_control_lambda,
+    strata_indices,
     volume_scores,
 )
 from vbseg.cohort.population import PACKAGED_PRIORS, source_digest
@@ -232,8 +233,7 @@ def stratum_of(case: dict, spec: dict) -> str:
 def strata_groups(labels) -> dict:
     """{stratum: indices of its cases} (strata sorted); InputError unless one stratum has
     MIN_STRATUM_CASES cases (a smaller one is refused when a case falls in it: ConformalPlan)."""
-    labels = np.asarray(labels)
-    groups = {label: np.flatnonzero(labels == label) for label in sorted(set(labels.tolist()))}
+    groups = strata_indices(labels)
     largest = max(groups, key=lambda label: groups[label].size)
     if groups[largest].size < MIN_STRATUM_CASES:
         raise InputError("calibration", f"no stratum has >= {MIN_STRATUM_CASES} cases (the largest, "

@@ -170,18 +170,21 @@ def bin_label(value: float, edges, name: str, unit: str = "") -> str:
     return f"{name} {edges[position - 1]:g}-{edges[position]:g}{unit}"
 
 
-def mondrian_groups(strata) -> dict:
-    """{stratum: indices of its cases} (strata sorted); InputError naming the first stratum with
-    fewer than MIN_STRATUM_CASES cases (Mondrian conformal prediction, Vovk, Gammerman & Shafer
-    2005, ch. 4: each stratum is calibrated by its own cases alone)."""
+def strata_indices(strata) -> dict:
+    """{stratum: indices of its cases}, strata sorted."""
     strata = np.asarray(strata)
-    groups = {}
-    for stratum in sorted(set(strata.tolist())):
-        members = np.flatnonzero(strata == stratum)
+    return {stratum: np.flatnonzero(strata == stratum) for stratum in sorted(set(strata.tolist()))}
+
+
+def mondrian_groups(strata) -> dict:
+    """:func:`strata_indices`; InputError naming the first stratum with fewer than
+    MIN_STRATUM_CASES cases (Mondrian conformal prediction, Vovk, Gammerman & Shafer 2005, ch. 4:
+    each stratum is calibrated by its own cases alone)."""
+    groups = strata_indices(strata)
+    for stratum, members in groups.items():
         if members.size < MIN_STRATUM_CASES:
             raise InputError("calibration", f"stratum {stratum!r} has {members.size} cases; each needs "
                                             f">= {MIN_STRATUM_CASES}")
-        groups[stratum] = members
     return groups
 
 

@@ -66,7 +66,7 @@ from vbseg.deep.segment import load_network
 from vbseg.errors import InputError
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.metrics import dice
-from vbseg.options import DEFAULT_VOLUME_DRAWS, SegmentOptions, default_beta, model_fusion
+from vbseg.options import SegmentOptions, default_beta, model_fusion
 from vbseg.potts.method import potts_result
 from vbseg.records import independent_draws
 
@@ -124,13 +124,14 @@ def locating_prior(options, modalities):
     return resolve_prior("sarcoma" if options.model.prior is None else options.model.prior)
 
 
-def learned_settings(options, modalities) -> SegmentOptions:
-    """``options`` with what a learned volume error does not depend on set aside (the prior
-    itself, the network, the number of draws) and every default resolved."""
-    return options.replace(
-        prior=None, checkpoint=None, volume_draws=DEFAULT_VOLUME_DRAWS, beta=default_beta(options.model),
-        fusion=model_fusion(options.model, modalities),
-        locator=default_locator(options, modalities))
+def learned_settings(options, modalities) -> tuple:
+    """(model options, fit options) of ``options`` with what a learned volume error does not
+    depend on set aside (the prior itself, the network) and every default resolved; the output
+    options (the number of draws) are not among them."""
+    resolved = options.replace(
+        prior=None, checkpoint=None, beta=default_beta(options.model),
+        fusion=model_fusion(options.model, modalities), locator=default_locator(options, modalities))
+    return resolved.model, resolved.fit
 
 
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
