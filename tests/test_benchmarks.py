@@ -21,7 +21,7 @@ from benchmarks import (
     bench_pv,
     gtv_contrast,
 )
-from vbseg.calibration.conformal import volume_scores
+from vbseg.calibration.conformal import split_coverage_band, volume_scores
 
 
 def test_bench_potts_smoke(tmp_path):
@@ -265,19 +265,36 @@ def test_bench_conformal_split_study_on_exchangeable_scores():
         score = max(np.log(lower) - np.log(true), np.log(true) - np.log(upper))
         cases.append({"volume_score": score, "lower_ml": lower, "upper_ml": upper, "true_ml": true,
                       "floor_ml": 0.01, "fnr": list(np.clip(0.5 - lambdas + rng.uniform(0, 0.1), 0, 1)),
+                      "stretch": list(1.0 + 2.0 * lambdas), "fnr_margin": [0.5, 0.2, 0.0, 0.0],
+                      "stretch_margin": [1.0, 1.5, 2.0, 50.0],
                       "margin_mm": float(rng.uniform(0, 5)), "case": {"spec": {"diameters_mm": 10 + i % 2}}})
-    study = split_study(cases, lambdas, n_cal=29, splits=400)
+    families = {"threshold": lambdas, "margin": [0.0, 1.0, 2.0, np.inf]}
+    study = split_study(cases, families, n_cal=29, splits=400)
     row = study["conformal_90"]
     assert row["exact"] == pytest.approx(27 / 30)
     assert abs(row["covered_mean"] - row["exact"]) < 4 * row["covered_sd_over_splits"] / np.sqrt(400) + 0.01
     assert study["model_95"]["covered"] == pytest.approx(np.mean([c["volume_score"] <= 0 for c in cases]))
-    assert study["risk_control"]["mean_fnr"] <= 0.1 + 0.02
+    risk = study["risk_control"]["threshold"]["0.1"]
+    assert risk["mean_fnr"] <= 0.1 + 2 * risk["mean_fnr_mc_se"] + 0.01
     # FNR(lambda) = 0.5 - lambda + u, u ~ U(0, 0.1): the test cases' mean reaches 0.1 from lambda
-    # 0.45 on, so the oracle on this grid is 0.5; the calibrated lambda-hat needs 0.481 (n = 29)
-    risk = study["risk_control"]
-    assert risk["lambda_oracle_mean"] == pytest.approx(0.5, abs=0.01)
-    assert risk["lambda_hat_mean"] == pytest.approx(0.5, abs=0.01) and risk["share_at_least_oracle"] >= 0.95
-    assert risk["lambda_excess_mean"] == pytest.approx(risk["lambda_hat_mean"] - risk["lambda_oracle_mean"])
+    # 0.45 on, so the oracle on this grid is 0.5; the calibrated lambda-hat needs 0.481 (n = 29),
+    # so both contours have the stretch 1 + 2 x 0.5 = 2
+    assert risk["oracle_parameter_median"] == pytest.approx(0.5, abs=0.01)
+    assert risk["parameter_median"] == pytest.approx(0.5, abs=0.01)
+    assert risk["stretch_ratio"] == pytest.approx(1.0, abs=0.02) and risk["whole_map_share"] == 0.0
+    # alpha 0.05: at 0.5 the adjusted risk is 29/30 E[u] + 1/30 ~ 0.08 > 0.05, at 0.6 every FNR is
+    # 0 (u < 0.1): lambda-hat 0.6 in every split, no case misses a voxel, the stretch is 2.2
+    tight = study["risk_control"]["threshold"]["0.05"]
+    assert tight["parameter_median"] == pytest.approx(0.6) and tight["mean_fnr"] == 0.0
+    assert tight["fnr_cases"] == {"zero": 1.0, "median": 0.0, "q90": 0.0, "max": 0.0}
+    assert tight["stretch_mean"] == pytest.approx(2.2) and tight["oracle_stretch_mean"] <= 2.2 + 1e-9
+    # the dilation family, FNR 0.5, 0.2, 0, 0 at 0, 1, 2 mm and the whole map for every case: the
+    # adjusted risk at 1 mm is 29/30 x 0.2 + 1/30 > 0.1, at 2 mm 1/30 <= 0.05: 2 mm, as the oracle
+    for alpha in ("0.1", "0.05"):
+        dilation = study["risk_control"]["margin"][alpha]
+        assert dilation["parameter_median"] == 2.0 and dilation["oracle_parameter_median"] == 2.0
+        assert dilation["mean_fnr"] == 0.0 and dilation["stretch_mean"] == 2.0
+        assert dilation["stretch_ratio"] == 1.0
     assert set(row["covered_by_diameter"]) == {"10", "11"}
 
 
@@ -315,23 +332,38 @@ def test_bench_conformal_mondrian_study_on_exchangeable_scores():
     assert set(small["refused"]) == {"volume <2 mL", "volume >=2 mL"}
 
 
-def test_bench_conformal_psf_coverage_against_exact_answers():
-    """psf_coverage on made-up scores: 19 calibration cases scoring 0.01..0.19 (one stratum)
+def test_bench_conformal_stratified_coverage_against_exact_answers():
+    """stratified_coverage on made-up scores: 19 calibration cases scoring 0.01..0.19 (one stratum)
     give the 90 % quantile 0.18 (rank ceil(20 * 0.9) = 18) and the 95 % one 0.19 (rank 19); test
     cases scoring 0.17, 0.185 and 0.2 are covered 1 and 2 times; each width / V is e^q - e^-q
     for a zero-width model interval at V; the Clopper-Pearson bounds of 0/10 and 10/10 are
     1 - 0.025^(1/10) and 0.025^(1/10) (tolerance 1e-9)."""
-    from benchmarks.bench_conformal import clopper_pearson, psf_coverage
+    from benchmarks.bench_conformal import clopper_pearson, stratified_coverage
     from vbseg.calibration.calibration_file import strata_spec, stratify
 
     def case(score, fwhm, diameter=17.0):
         return {"name": f"c{score}", "volume_score": score, "lower_ml": 1.0, "upper_ml": 1.0, "true_ml": 1.0,
-                "floor_ml": 0.001, "mean_ml": 1.0, "fnr": [1.0, 0.0], "margin_mm": 1.0,
+                "floor_ml": 0.001, "mean_ml": 1.0, "fnr": [1.0, 0.0], "stretch": [0.5, 3.0],
+                "fnr_margin": [0.5, 0.0, 0.0], "stretch_margin": [1.0, 1.4, 9.0], "margin_mm": 1.0,
                 "case": {"spec": {"diameters_mm": diameter, "contrast": 4.0, "psf_fwhm_mm": fwhm}}}
 
-    calibration = stratify({"lambda_grid": [0.0, 1.0], "cases": [case(i / 100, 4.0) for i in range(1, 20)]},
-                           strata_spec(), "test")
-    result = psf_coverage(calibration, [case(0.17, 5.0), case(0.185, 5.0), case(0.2, 7.0, diameter=10.0)])
+    cases = [case(i / 100, 4.0) for i in range(1, 20)]
+    grids = {"lambda_grid": [0.0, 1.0], "risk_margin_grid_mm": [0.0, 3.0]}
+    calibration = stratify({**grids, "cases": cases}, strata_spec(), "test")
+    tests = [case(0.17, 5.0), case(0.185, 5.0), case(0.2, 7.0, diameter=10.0)]
+    result = stratified_coverage(calibration, tests, risk=True)
+    # every FNR curve is (1, 0) on the grid (0, 1): with 19 cases the adjusted risk is 19/20 + 1/20
+    # = 1 at lambda 0 and 1/20 = 0.05 at lambda 1, so lambda-hat is 1 at both alphas, as is the oracle
+    # the dilation curve (0.5, 0, 0) at 0 mm, 3 mm and the whole map: 19/20 x 0.5 + 1/20 = 0.525 at
+    # 0 mm, 1/20 at 3 mm: the 3 mm dilation at both alphas, as the oracle
+    for alpha in ("0.1", "0.05"):
+        risk = result["risk_control"]["threshold"][alpha]
+        assert risk["parameter_median"] == 1.0 and risk["oracle_parameter_median"] == 1.0
+        assert risk["mean_fnr"] == 0.0 and risk["stretch_mean"] == 3.0 and risk["stretch_ratio"] == 1.0
+        assert risk["whole_map_share"] == 1.0
+        dilation = result["risk_control"]["margin"][alpha]
+        assert dilation["parameter_median"] == 3.0 and dilation["whole_map_share"] == 0.0
+        assert dilation["stretch_mean"] == pytest.approx(1.4, abs=1e-12) and dilation["stretch_ratio"] == 1.0
     assert result["n"] == 3 and result["model_95"]["covered"] == 0
     for level, q, covered, by_fwhm in ((90, 0.18, 1, {"5": 0.5, "7": 0.0}),
                                        (95, 0.19, 2, {"5": 1.0, "7": 0.0})):
@@ -341,6 +373,10 @@ def test_bench_conformal_psf_coverage_against_exact_answers():
         assert row["median_width_rel"] == pytest.approx(np.exp(q) - np.exp(-q), abs=1e-9)
         assert row["target_n"] == 2  # the 17 mm spheres at 4:1, not the 10 mm one
         assert row["ci95"] == pytest.approx(clopper_pearson(covered, 3), abs=1e-12)
+        assert row["coverage_by_contrast"] == {"4": [covered, 3]} and "coverage_by_cv" not in row
+        band = list(split_coverage_band(19, 3, 1 - level / 100, 1))
+        assert row["strata"] == {"all": {"n_cal": 19, "n_test": 3, "covered": covered, "band": band,
+                                         "in_band": band[0] <= covered <= band[1]}}
     assert clopper_pearson(0, 10) == pytest.approx([0.0, 1 - 0.025 ** 0.1], abs=1e-9)
     assert clopper_pearson(10, 10) == pytest.approx([0.025 ** 0.1, 1.0], abs=1e-9)
 
@@ -495,3 +531,17 @@ def test_bench_conformal_sarcoma_fold_study_on_exchangeable_scores():
         counts.append(sum(r["covered"] for r in rows if r["level"] == "90"))
     expected = 20 * 16 / 17
     assert abs(np.mean(counts) - expected) < 4 * np.std(counts) / np.sqrt(len(counts))
+
+
+def test_bench_conformal_test_phantoms_are_the_calibration_design_at_other_seeds(tmp_path):
+    from benchmarks.bench_conformal import CONFIG, default_test_config
+    from vbseg.experiment.config import load_experiment
+
+    config = tmp_path / "test.toml"
+    config.write_text(default_test_config())
+    test, calibration = load_experiment(config), load_experiment(CONFIG)
+    assert len(test.runs) >= 1000 and len(calibration.runs) >= 500
+    specs = {json.dumps(run.case["spec"], sort_keys=True) for run in calibration.runs}
+    assert {json.dumps(run.case["spec"], sort_keys=True) for run in test.runs} == specs
+    assert not {run.case["seed"] for run in test.runs} & {run.case["seed"] for run in calibration.runs}
+    assert test.runs[0].variant == calibration.runs[0].variant

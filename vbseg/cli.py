@@ -224,8 +224,9 @@ def _segment_calibration(p):
                    help="a calibration from 'vbseg calibrate' made with the same fit options, or a "
                         f"packaged one by name ({', '.join(PACKAGED_CALIBRATIONS)}): adds "
                         "conformal volume intervals (summary.json volume_ml_conformal) and contours "
-                        "with a false-negative-rate guarantee (contour_crc<alpha>.nii.gz) and a "
-                        "calibrated margin (contour_margin<alpha>.nii.gz)")
+                        "with a false-negative-rate guarantee (contour_crc<alpha>.nii.gz, a "
+                        "probability level; contour_crcmargin<alpha>.nii.gz, a dilation) and a "
+                        "calibrated margin that contains the lesion (contour_margin<alpha>.nii.gz)")
     p.add_argument("--conformal-levels", default=None, metavar="PERCENT",
                    help="levels of the conformal outputs in percent, comma-separated (default 90,95)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

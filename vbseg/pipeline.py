@@ -117,8 +117,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             into ``folder`` (the CLI's DICOM outputs), before they all move into ``out``.
         calibration: path of a calibration JSON (``vbseg calibrate``;
             :mod:`vbseg.calibration.calibration_file`) made with these fit options: adds
-            summary.json's ``volume_ml_conformal`` and the contour_crc* / contour_margin* masks
-            for each of ``conformal_levels_percent`` (default 90, 95).
+            summary.json's ``volume_ml_conformal`` and the contour_crc*, contour_crcmargin* and
+            contour_margin* masks for each of ``conformal_levels_percent`` (default 90, 95).
         reference_mask: path of a reference delineation on the first image's grid (or a label
             on another grid, resampled like ``roi``): drawn in the overview, and summary.json's
             ``reference_mask`` records each contour's Dice and whether it was resampled.

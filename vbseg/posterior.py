@@ -99,7 +99,7 @@ def result_set_names(folder: Path) -> set[str]:
         names.update(output_names([float(level) for level in summary["levels_percent"]]))
         # the conformal contours (vbseg.calibration.calibration_file) it names
         names.update(entry[kind]["file"] for entry in summary.get("volume_ml_conformal", [])
-                     for kind in ("contour_crc", "contour_margin"))
+                     for kind in ("contour_crc", "contour_margin", "contour_crc_margin") if kind in entry)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable previous summary: its contours are unknown, so none is removed
     return names

@@ -21,14 +21,16 @@ from vbseg.calibration.calibration_file import (
     MODEL_CODE,
     PACKAGED_CALIBRATIONS,
     calibration_file,
+    expand_runs,
     load_calibration,
     model_digest,
     plan_conformal,
+    run_lengths,
     strata_spec,
     stratify,
     stratum_of,
 )
-from vbseg.calibration.conformal import conformal_quantile
+from vbseg.calibration.conformal import conformal_quantile, dilate_by, risk_control_margin
 from vbseg.cohort.population import PACKAGED_PRIORS
 from vbseg.errors import InputError
 from vbseg.experiment.config import load_experiment, segment_kwargs
@@ -103,6 +105,15 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
         np.testing.assert_array_equal(crc, probability.astype(np.float64) >= threshold)
         margin = np.asarray(nib.load(out / f"contour_margin{alpha}.nii.gz").dataobj) > 0
         assert (margin >= contour50).all() and margin.sum() > contour50.sum()
+        # risk control over the dilations of the 50 % contour: the calibrated distance, written
+        dilation = entry["contour_crc_margin"]
+        assert dilation["file"] == f"contour_crcmargin{alpha}.nii.gz" and "dilations" in dilation["guarantee"]
+        losses = [case["fnr_margin"] for case in load_calibration(calibration)["cases"]]
+        expected = risk_control_margin(losses, record["risk_margin_grid_mm"], 1 - entry["level"])
+        assert dilation["margin_mm"] == expected and math.isfinite(expected)
+        written = np.asarray(nib.load(out / dilation["file"]).dataobj) > 0
+        np.testing.assert_array_equal(written, dilate_by(contour50, expected, (4.0, 4.0, 3.0)))
+    assert entries[1]["contour_crc_margin"]["margin_mm"] >= entries[0]["contour_crc_margin"]["margin_mm"]
     # a smaller miscoverage needs a lower (or equal) probability threshold
     assert entries[1]["contour_crc"]["threshold"] <= entries[0]["contour_crc"]["threshold"]
     assert summary["conformal_calibration"]["source_digest_matches"] is True
@@ -118,7 +129,19 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
 def test_calibration_file_round_trip(calibrated):
     _, config, calibration, _ = calibrated
     record = load_calibration(calibration)
-    assert record == json.loads(calibration.read_text())
+    stored = json.loads(calibration.read_text())
+    assert {**record, "cases": None} == {**stored, "cases": None}
+    # the file holds voxel counts as [value, repeats] runs; loading adds the rates, exactly
+    # count / true voxels
+    rates = {"fnr": "missed_voxels", "stretch": "contour_voxels", "fnr_margin": "margin_missed_voxels",
+             "stretch_margin": "margin_contour_voxels"}
+    for case, raw in zip(record["cases"], stored["cases"]):
+        assert not set(rates) & set(raw)
+        assert case == {**raw, **{rate: [c / raw["truth_voxels"] for c in expand_runs(raw[counts])]
+                                  for rate, counts in rates.items()}}
+        assert len(case["fnr_margin"]) == len(record["risk_margin_grid_mm"]) + 1
+        assert case["fnr_margin"][-1] == 0.0 and np.all(np.diff(case["fnr_margin"]) <= 0)
+        assert np.all(np.diff(case["stretch_margin"]) >= 0) and np.all(np.diff(case["stretch"]) >= 0)
     names = [run.case["name"] for run in load_experiment(config).runs]
     assert [case["name"] for case in record["cases"]] == names
     assert record["command"].startswith("vbseg calibrate ") and record["lambda_grid"] == LAMBDA_GRID.tolist()
@@ -132,6 +155,32 @@ def test_calibration_file_round_trip(calibrated):
     plan = plan_conformal(calibration, (80, 90), SegmentOptions.from_values(volume_draws=500), ["pet"])
     pooled = plan.by_stratum["all"]
     assert list(plan.by_stratum) == ["all"] and pooled.n == 20 and pooled.quantiles[0] <= pooled.quantiles[1]
+    assert pooled.risk_margins_mm[0] <= pooled.risk_margins_mm[1]
+    assert "contour_crcmargin20.nii.gz" in plan.output_names()
+
+
+def test_a_calibration_with_rates_only_still_applies(calibrated, tmp_path):
+    """A calibration written before the risk curves were stored as counts (its cases carry the
+    FNR rates, no dilation curve) gives the same threshold contours and no crcmargin contour."""
+    _, _, calibration, _ = calibrated
+    stored = json.loads(calibration.read_text())
+    for case in stored["cases"]:
+        case["fnr"] = [c / case["truth_voxels"] for c in expand_runs(case["missed_voxels"])]
+        for key in ("truth_voxels", "missed_voxels", "contour_voxels", "margin_missed_voxels",
+                    "margin_contour_voxels"):
+            del case[key]
+    del stored["risk_margin_grid_mm"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(stored))
+    options = SegmentOptions.from_values(volume_draws=500)
+    plan, new = (plan_conformal(path, (90, 95), options, ["pet"]) for path in (old, calibration))
+    assert plan.by_stratum["all"].risk_margins_mm is None
+    assert plan.by_stratum["all"].lambdas == new.by_stratum["all"].lambdas
+    assert not any("crcmargin" in name for name in plan.output_names())
+    stored["cases"][0]["missed_voxels"] = [1, 2]  # counts without the true voxels: refused
+    old.write_text(json.dumps(stored))
+    with pytest.raises(InputError, match="risk counts are malformed"):
+        load_calibration(old)
 
 
 def test_other_fit_options_are_refused(calibrated, tmp_path):
@@ -302,15 +351,17 @@ def test_packaged_calibrations_match_the_model_code():
         with calibration_file(name) as path:
             size = path.stat().st_size
             record = load_calibration(path)
-        assert size < 1_000_000, f"{name}: {size} bytes"
+        assert size < 1_500_000, f"{name}: {size} bytes"  # pet-phantom: 540 cases, the issue's n_cal
         command = record["command"]
         assert command.startswith("vbseg calibrate ") and f"--out vbseg/data/{resource}" in command
         assert record["model_code"] == list(MODEL_CODE)
         assert record["model_digest"] == model_digest(), (
             f"{name} was made by other model code: regenerate it with `{record['command']}`")
     plan = plan_conformal("pet-phantom", (90, 95), SegmentOptions(), ["pet"])
-    assert set(plan.by_stratum) == {"volume <2 mL", "volume >=2 mL"}
+    strata = {f"volume {v}, CNR {c}" for v in ("<2 mL", ">=2 mL") for c in ("<10", ">=10")}
+    assert set(plan.by_stratum) == strata
     assert all(stratum.n >= 19 for stratum in plan.by_stratum.values())
+    assert sum(stratum.n for stratum in plan.by_stratum.values()) >= 500  # the issue's n_cal
 
 
 def test_segment_with_a_packaged_calibration_by_name(calibrated, tmp_path):
@@ -323,7 +374,8 @@ def test_segment_with_a_packaged_calibration_by_name(calibrated, tmp_path):
     record = summary["conformal_calibration"]
     assert record["path"] == "pet-phantom" and record["model_digest_matches"] is True
     [entry] = summary["volume_ml_conformal"]
-    assert entry["stratum"] == "volume <2 mL" and entry["n"] == record["strata"]["n"]["volume <2 mL"]
+    assert entry["stratum"].startswith("volume <2 mL, CNR ")
+    assert entry["n"] == record["strata"]["n"][entry["stratum"]]
     result = main_cli("segment", pet, "--out", tmp_path / "other", "--beta", "1.0", "--calibration",
                       "pet-phantom")
     assert_refused(result, "pet-phantom", "option beta")
@@ -534,7 +586,7 @@ def test_calibrate_over_a_psf_range_records_the_range(tmp_path):
     result = main_cli("calibrate", config, "--out", out)
     assert result.returncode == 0, result.stderr
     record = load_calibration(out)
-    assert record == json.loads(out.read_text())
+    assert {**record, "cases": None} == {**json.loads(out.read_text()), "cases": None}
     assert record["psf_fwhm_mm_range"] == [5.0, 7.0] and record["psf_fwhm_mm_values"] == [5.0, 7.0]
     assert record["options"]["psf_fwhm_mm"] == "phantom" and record["settings"]["psf_fwhm_mm"] == "phantom"
     assert record["options"]["beta"] == default_beta(SegmentOptions.from_values(psf_fwhm_mm=6.0).model)
@@ -591,3 +643,21 @@ def test_the_psf_calibration_accepts_a_fwhm_within_its_range_and_refuses_others(
     assert entry["stratum"].endswith("FWHM >=6 mm")
     assert entry["n"] == summary["conformal_calibration"]["strata"]["n"][entry["stratum"]]
     assert entry["lower"] < summary["volume_ml"]["lower"] or entry["score"] <= 0
+
+
+def test_calibration_json_joins_number_lists_and_leaves_strings():
+    from vbseg.calibration.calibrate import calibration_json
+
+    record = {"counts": [1, 20, 300], "rates": [0.5, -2.5e-05, 1e+20], "names": ["a", "b"], "empty": [],
+              "runs": [[5, 3], [2, 1]], "mixed": [["s", 1]], "command": "vbseg calibrate x --bins [1,2]"}
+    text = calibration_json(record)
+    assert json.loads(text) == record
+    assert '"counts": [1, 20, 300]' in text and '"rates": [0.5, -2.5e-05, 1e+20]' in text
+    assert '"runs": [[5, 3], [2, 1]]' in text and '"s",\n' in text
+    assert '"vbseg calibrate x --bins [1,2]"' in text and '"a",\n' in text
+
+
+def test_run_lengths_round_trip():
+    for counts in ([5, 5, 5, 3, 3, 0], [1], [0, 1, 2, 3], [7, 7]):
+        assert expand_runs(run_lengths(counts)) == counts
+    assert run_lengths([5, 5, 5, 3, 3, 0]) == [[5, 3], [3, 2], [0, 1]]

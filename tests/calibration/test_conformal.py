@@ -18,11 +18,14 @@ from vbseg.calibration.conformal import (
     conformal_volume_interval,
     dilate_by,
     fnr_curves,
+    margin_counts,
     margin_score,
     mondrian_groups,
     mondrian_quantiles,
     risk_control_lambda,
+    risk_control_margin,
     split_coverage_band,
+    threshold_counts,
     volume_scores,
 )
 from vbseg.errors import InputError
@@ -86,6 +89,48 @@ def test_fnr_curves_count_missed_true_voxels():
     curves = fnr_curves([probability], [truth], [0.0, 0.06, 0.41, 0.71, 1.0])
     # contour {p >= 1 - lambda}: lambda 0.06 -> {0.95, 0.9}; 0.41 -> adds 0.6; 0.71 -> adds 0.3
     np.testing.assert_allclose(curves[0], [1.0, 2 / 3, 1 / 3, 0.0, 0.0])
+
+
+def test_threshold_counts_count_missed_voxels_and_the_contour():
+    probability = np.array([[0.95, 0.6], [0.3, 0.05], [0.9, 0.0]])
+    truth = np.array([[True, True], [True, False], [False, False]])
+    missed, contour = threshold_counts(probability, truth, [0.0, 0.06, 0.11, 0.41, 0.71, 0.96, 1.0])
+    # contour {p >= 1 - lambda} over every voxel: none at lambda 0 (no p is 1), {0.95} at 0.06,
+    # + 0.9 at 0.11, + 0.6 at 0.41, + 0.3 at 0.71, + 0.05 at 0.96, all six at 1; of the three true
+    # voxels (0.95, 0.6, 0.3) the contour misses 3, 2, 2, 1, 0, 0, 0
+    np.testing.assert_array_equal(contour, [0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(missed, [3, 2, 2, 1, 0, 0, 0])
+    with pytest.raises(InputError, match="empty truth"):
+        threshold_counts(probability, np.zeros_like(truth), [0.5])
+
+
+def test_margin_counts_follow_the_dilations_written():
+    """On a 1 x 1 x 12 row with 2 mm voxels, the 50 % contour at voxel 0, the truth voxels 0-3:
+    dilating by d mm reaches voxel floor(d / 2) (dilate_by, checked), so at 0, 1, 2, 5 and 6 mm
+    the contour misses 3, 3, 2, 1, 0 true voxels and holds 1, 1, 2, 3, 4 voxels; the last member
+    is the whole row (0 missed, 12 voxels); an empty contour dilates to nothing."""
+    contour = np.zeros((1, 1, 12), bool)
+    contour[0, 0, 0] = True
+    truth = np.zeros_like(contour)
+    truth[0, 0, :4] = True
+    grid, spacing = [0.0, 1.0, 2.0, 5.0, 6.0], (1.0, 1.0, 2.0)
+    missed, size = margin_counts(contour, truth, spacing, grid)
+    np.testing.assert_array_equal(missed, [3, 3, 2, 1, 0, 0])
+    np.testing.assert_array_equal(size, [1, 1, 2, 3, 4, 12])
+    for d, expected in zip(grid, size):
+        assert dilate_by(contour, d, spacing).sum() == expected
+    missed, size = margin_counts(np.zeros_like(contour), truth, spacing, grid)
+    np.testing.assert_array_equal(missed, [4, 4, 4, 4, 4, 0])
+    np.testing.assert_array_equal(size, [0, 0, 0, 0, 0, 12])
+
+
+def test_risk_control_margin_picks_the_smallest_dilation():
+    """Losses over 3 distances and the whole map: 19 cases with FNR 1, 0.5, 0.04, 0 and one with
+    1, 1, 1, 0: at alpha 0.1 the adjusted risk 20/21 mean + 1/21 is 1, 0.55, 0.13, 0.05 -> the whole
+    map (inf); at alpha 0.2 the 4 mm member (index 2: 20/21 x 0.088 + 1/21 = 0.131)."""
+    losses = np.array([[1.0, 0.5, 0.04, 0.0]] * 19 + [[1.0, 1.0, 1.0, 0.0]])
+    assert risk_control_margin(losses, [0.0, 2.0, 4.0], 0.1) == math.inf
+    assert risk_control_margin(losses, [0.0, 2.0, 4.0], 0.2) == 4.0
 
 
 def test_risk_control_bounds_the_mean_false_negative_rate():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vbseg.calibration.calibration_file import (
     MODEL_CODE,
     MODEL_INTERVAL_LEVEL,
     PHANTOM_PSF,
+    RISK_MARGIN_GRID_MM,
     SPLIT,
     case_scores,
     fit_identity,
@@ -138,6 +140,20 @@ def cross_fit_runs(config, runs, variant, modalities, index, folds_path, prior_f
     return fitted, entry
 
 
+def calibration_json(record: dict) -> str:
+    """``record`` as indented JSON with each list of numbers, and each list of such lists, on one
+    line (a case's risk curves hold hundreds of counts: one per line would triple the file).
+    Only a list laid out over lines is joined, and a JSON string holds no raw line break, so no
+    string is touched."""
+    def join(match) -> str:
+        return "[" + ", ".join(part.strip() for part in match.group(1).split(",\n")) + "]"
+
+    number = r"-?[\d.eE+-]+"
+    row = r"\[[-\d.eE+, ]*\]"  # a list of numbers already on one line (e.g. a curve's [value, repeats])
+    text = re.sub(rf"\[\n\s*({number}(?:,\n\s*{number})*)\n\s*\]", join, json.dumps(record, indent=2))
+    return re.sub(rf"\[\n\s*({row}(?:,\n\s*{row})*)\n\s*\]", join, text) + "\n"
+
+
 def calibrate(config, out, *, strata: dict | None = None, command: str = "", overwrite: bool = False,
               progress=None, folds=None, fold_priors=None) -> dict:
     """Fit every case of ``config`` (one model variant) and write the calibration JSON to ``out``
@@ -162,7 +178,7 @@ def calibrate(config, out, *, strata: dict | None = None, command: str = "", ove
                                              fold_priors, command, progress)
         record = calibration_record(config, runs, variant, identity, strata, command, progress,
                                     index=index, cross_fit=cross_fit)
-        write_text_atomic(staging / out.name, json.dumps(record, indent=2) + "\n")
+        write_text_atomic(staging / out.name, calibration_json(record))
     return record
 
 
@@ -192,6 +208,7 @@ def calibration_record(config, runs, variant, identity: dict, strata: dict, comm
         "guarantee": scheme_guarantee(scheme),
         **({} if cross_fit is None else {"cross_fit": cross_fit}), "attribution": attribution(runs, index),
         "model_interval_level": MODEL_INTERVAL_LEVEL, "lambda_grid": LAMBDA_GRID.tolist(),
+        "risk_margin_grid_mm": RISK_MARGIN_GRID_MM.tolist(),
         "margin_contour_level": MARGIN_CONTOUR_LEVEL, "cases": cases,
     }
     return stratify(record, strata, config)

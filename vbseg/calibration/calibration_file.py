@@ -47,10 +47,12 @@ from vbseg.calibration.conformal import (
     conformal_quantile,
     conformal_volume_interval,
     dilate_by,
-    fnr_curves,
+    margin_counts,
     margin_score,
     risk_control_lambda,
+    risk_control_margin,
     strata_indices,
+    threshold_counts,
     volume_scores,
 )
 from vbseg.cohort.population import PACKAGED_PRIORS, source_digest
@@ -66,6 +68,9 @@ CALIBRATION_VERSION = 1
 MODEL_INTERVAL_LEVEL = 0.95
 # lambda of the contours {p >= 1 - lambda} scored for risk control
 LAMBDA_GRID = np.round(np.linspace(0.0, 1.0, 201), 6)
+# the dilation family's distances (mm) for risk control by a margin, in half-millimetre steps
+# (finer than any voxel); after 60 mm its last member is the whole map
+RISK_MARGIN_GRID_MM = np.round(np.arange(0.0, 60.0 + 1e-9, 0.5), 6)
 MARGIN_CONTOUR_LEVEL = 0.5
 DEFAULT_CONFORMAL_LEVELS = (90.0, 95.0)
 # A calibration holds for the model and fit options it was made with (SegmentOptions.model and
@@ -265,11 +270,49 @@ def case_scores(posterior, truth, true_ml: float, spacing) -> dict:
         "lower_ml": interval["lower"], "upper_ml": interval["upper"], "mean_ml": interval["mean"],
         "true_ml": float(true_ml), "floor_ml": floor_ml,
         "volume_score": float(volume_scores(interval["lower"], interval["upper"], true_ml, floor_ml)),
-        "fnr": [float(x) for x in fnr_curves([posterior.probability], [truth], LAMBDA_GRID)[0]],
+        **curve_counts(posterior.probability, contour, truth, spacing),
         "margin_mm": None if math.isinf(margin) else margin,
         "contrast_to_noise": posterior.summary.get("parameters", {}).get("contrast_to_noise"),
         "psf_fwhm_mm": posterior.summary.get("options", {}).get("psf_fwhm_mm"),
     }
+
+
+def curve_counts(probability, contour, truth, spacing) -> dict:
+    """A case's risk curves as voxel counts (exact and compact; :func:`with_curves` turns them
+    into rates): the true voxels and, over the threshold family {p >= 1 - lambda} of
+    LAMBDA_GRID and over the dilation family of the 50 % ``contour`` by RISK_MARGIN_GRID_MM (then
+    the whole map), the true voxels each member misses and its size."""
+    missed, size = threshold_counts(probability, truth, LAMBDA_GRID)
+    margin_missed, margin_size = margin_counts(contour, truth, spacing, RISK_MARGIN_GRID_MM)
+    return {"truth_voxels": int(np.asarray(truth, bool).sum()), "missed_voxels": run_lengths(missed),
+            "contour_voxels": run_lengths(size), "margin_missed_voxels": run_lengths(margin_missed),
+            "margin_contour_voxels": run_lengths(margin_size)}
+
+
+def run_lengths(counts) -> list[list[int]]:
+    """A step curve of counts as [value, repeats] runs (a mean-field map's threshold curve holds
+    about 15 distinct values over the 201 lambdas)."""
+    values = np.asarray(counts, np.int64)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    return [[int(values[i]), int(n)] for i, n in zip(starts, np.diff(np.r_[starts, values.size]))]
+
+
+def expand_runs(runs) -> list[int]:
+    """The counts of :func:`run_lengths` runs, one per grid point."""
+    return [int(value) for value, repeats in runs for _ in range(int(repeats))]
+
+
+def with_curves(case: dict) -> dict:
+    """``case`` with its rates from the stored count runs: ``fnr`` and ``stretch`` (contour size over
+    the truth's) over LAMBDA_GRID, ``fnr_margin`` and ``stretch_margin`` over the dilation
+    family; a case stored before counts (rates only) as it is."""
+    if "missed_voxels" not in case:
+        return case
+    n = case["truth_voxels"]
+    stored = {"fnr": "missed_voxels", "stretch": "contour_voxels", "fnr_margin": "margin_missed_voxels",
+              "stretch_margin": "margin_contour_voxels"}
+    return {**case, **{rate: [count / n for count in expand_runs(case[counts])]
+                       for rate, counts in stored.items() if counts in case}}
 
 
 CASE_KEYS = ("name", "lower_ml", "upper_ml", "true_ml", "floor_ml", "volume_score", "fnr", "margin_mm")
@@ -289,15 +332,24 @@ def load_calibration(path) -> dict:
     cases, grid = record.get("cases"), record.get("lambda_grid")
     if not isinstance(cases, list) or not cases or not isinstance(grid, list):
         raise InputError(path, "is not a vbseg calibration (no cases or no lambda grid)")
+    margin_grid = record.get("risk_margin_grid_mm")
+    try:
+        cases = [with_curves(case) for case in cases]
+    except (TypeError, KeyError, ValueError, ZeroDivisionError):
+        raise InputError(path, "is not a vbseg calibration (a case's risk counts are malformed)") from None
     for case in cases:
         if not isinstance(case, dict) or any(key not in case for key in CASE_KEYS) \
                 or len(case["fnr"]) != len(grid):
             raise InputError(path, "is not a vbseg calibration (a case lacks its scores)")
+        if "fnr_margin" in case and (not isinstance(margin_grid, list)
+                                     or len(case["fnr_margin"]) != len(margin_grid) + 1):
+            raise InputError(path, "is not a vbseg calibration (a case's margin risk curve does not "
+                                   "match risk_margin_grid_mm)")
     scheme = record.get("scheme", SPLIT)  # absent: made before cross-fitted calibrations existed
     if scheme not in (SPLIT, CROSS_FIT):
         raise InputError(path, f"calibration scheme {scheme!r}; this vbseg reads {SPLIT} and {CROSS_FIT}")
     psf_range(path, record)
-    return {**record, "scheme": scheme, "strata": _stored_strata(path, record.get("strata"))}
+    return {**record, "cases": cases, "scheme": scheme, "strata": _stored_strata(path, record.get("strata"))}
 
 
 def _stored_strata(path, strata) -> dict:
@@ -359,38 +411,53 @@ def alpha_text(level_percent: float) -> str:
     return f"{100.0 - level_percent:g}"
 
 
-def conformal_output_names(levels_percent) -> list[str]:
-    """The contour files a calibration adds for these levels (percent)."""
-    return [f"contour_{kind}{alpha_text(level)}.nii.gz" for level in levels_percent
-            for kind in ("crc", "margin")]
+CONTOUR_KINDS = ("crc", "margin", "crcmargin")  # file-name kinds, as in contour_<kind><alpha %>
+# summary.json's key for each kind's entry in volume_ml_conformal
+CONTOUR_ENTRIES = dict(zip(CONTOUR_KINDS, ("contour_crc", "contour_margin", "contour_crc_margin")))
+
+
+def conformal_output_names(levels_percent, kinds=CONTOUR_KINDS) -> list[str]:
+    """The contour files a calibration adds for these levels (percent): each of ``kinds`` (a
+    calibration made before the dilation family's counts has no "crcmargin")."""
+    return [f"contour_{kind}{alpha_text(level)}.nii.gz" for level in levels_percent for kind in kinds]
 
 
 @dataclasses.dataclass(frozen=True)
 class StratumCalibration:
     """One stratum's calibrated quantities for each level: the log-volume quantile q, the
-    risk-control lambda and the margin (mm; inf when some case's 50 % contour was empty)."""
+    risk-control lambda, the margin (mm; inf when some case's 50 % contour was empty) and the
+    risk-control margin of the dilation family (mm, inf for the whole map; None for a
+    calibration made before that family's counts were stored)."""
 
     n: int
     quantiles: tuple
     lambdas: tuple
     margins_mm: tuple
+    risk_margins_mm: tuple | None = None
 
 
-def calibrate_stratum(cases: list[dict], lambda_grid, levels) -> StratumCalibration:
+def calibrate_stratum(cases: list[dict], lambda_grid, levels, margin_grid_mm=None) -> StratumCalibration:
     """The quantities of :class:`StratumCalibration` from these cases' scores (InputError when
-    they are too few for a level)."""
+    they are too few for a level); the risk-control margins when ``margin_grid_mm`` (the
+    calibration's risk_margin_grid_mm) is given and every case has its dilation curve."""
     scores = [case["volume_score"] for case in cases]
     fnr = np.asarray([case["fnr"] for case in cases], np.float64)
     margins = [math.inf if case["margin_mm"] is None else case["margin_mm"] for case in cases]
     alphas = [1.0 - level / 100.0 for level in levels]
-    return StratumCalibration(len(cases), tuple(conformal_quantile(scores, a) for a in alphas),
-                              tuple(risk_control_lambda(fnr, lambda_grid, a) for a in alphas),
-                              tuple(conformal_quantile(margins, a) for a in alphas))
+    calibrated = StratumCalibration(len(cases), tuple(conformal_quantile(scores, a) for a in alphas),
+                                    tuple(risk_control_lambda(fnr, lambda_grid, a) for a in alphas),
+                                    tuple(conformal_quantile(margins, a) for a in alphas))
+    if margin_grid_mm is None or not all("fnr_margin" in case for case in cases):
+        return calibrated
+    losses = np.asarray([case["fnr_margin"] for case in cases], np.float64)
+    return dataclasses.replace(calibrated, risk_margins_mm=tuple(
+        risk_control_margin(losses, margin_grid_mm, a) for a in alphas))
 
 
-def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tuple[str, str, str]:
-    """What the volume interval, the CRC contour and the margin contour each guarantee (for a
-    cross-fitted calibration: what each estimates, with no finite-sample guarantee)."""
+def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tuple[str, str, str, str]:
+    """What the volume interval, the CRC contour, the margin contour and the CRC margin contour
+    each guarantee (for a cross-fitted calibration: what each estimates, with no finite-sample
+    guarantee)."""
     alpha = 1.0 - level / 100.0
     over = f"the {n} calibration cases" + ("" if stratum == NO_STRATA else f" of stratum {stratum!r}")
     miss = f"the log-volume miss of the model's {MODEL_INTERVAL_LEVEL:.0%} interval"
@@ -401,6 +468,8 @@ def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tupl
         return (f"{miss}: coverage of the true volume about {level / 100:g}, estimated by {cv}",
                 f"E[false-negative rate] about {alpha:g} (conformal risk control), estimated by {cv}",
                 f"contains the whole lesion with probability about {level / 100:g} (calibrated margin "
+                f"of the {MARGIN_CONTOUR_LEVEL:.0%} contour), estimated by {cv}",
+                f"E[false-negative rate] about {alpha:g} (conformal risk control over the dilations "
                 f"of the {MARGIN_CONTOUR_LEVEL:.0%} contour), estimated by {cv}")
     if stratum == NO_STRATA:
         volume = (f"split conformal on {miss}: marginal coverage >= {level / 100:g} of the true volume "
@@ -411,7 +480,14 @@ def _guarantees(level: float, stratum: str, n: int, scheme: str = SPLIT) -> tupl
                   f"case's own fit), under exchangeability with {over}")
     return (volume, f"E[false-negative rate] <= {alpha:g} (conformal risk control over {over})",
             f"contains the whole lesion with probability >= {level / 100:g} (calibrated margin of "
-            f"the {MARGIN_CONTOUR_LEVEL:.0%} contour over {over})")
+            f"the {MARGIN_CONTOUR_LEVEL:.0%} contour over {over})",
+            f"E[false-negative rate] <= {alpha:g} (conformal risk control over the dilations of the "
+            f"{MARGIN_CONTOUR_LEVEL:.0%} contour, over {over})")
+
+
+def _margin_entry(margin_mm: float) -> dict:
+    """A dilated contour's margin for summary.json (None for the whole map)."""
+    return {"margin_mm": None if math.isinf(margin_mm) else margin_mm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +506,8 @@ class ConformalPlan:
     refused: dict = dataclasses.field(default_factory=dict)  # stratum -> why it cannot be applied
 
     def output_names(self) -> list[str]:
-        return conformal_output_names(self.levels_percent)
+        dilation = next(iter(self.by_stratum.values())).risk_margins_mm is not None  # all or none
+        return conformal_output_names(self.levels_percent, CONTOUR_KINDS if dilation else CONTOUR_KINDS[:2])
 
     def stratum(self, features: dict) -> str:
         """The stratum of a new case from its own fit's ``features``; InputError naming the
@@ -461,20 +538,24 @@ class ConformalPlan:
         probability = np.asarray(result.probability, np.float64)
         contour = result.probability >= np.float32(MARGIN_CONTOUR_LEVEL)
         entries, maps = [], {}
-        for level, q, lam, margin in zip(self.levels_percent, calibrated.quantiles, calibrated.lambdas,
-                                         calibrated.margins_mm):
+        risk_margins = calibrated.risk_margins_mm or (None,) * len(self.levels_percent)
+        for level, q, lam, margin, risk_margin in zip(self.levels_percent, calibrated.quantiles,
+                                                      calibrated.lambdas, calibrated.margins_mm,
+                                                      risk_margins):
             lower, upper = conformal_volume_interval(interval["lower"], interval["upper"], q, floor_ml)
-            crc, dilated = (f"contour_{kind}{alpha_text(level)}.nii.gz" for kind in ("crc", "margin"))
-            maps[crc] = (probability >= 1.0 - lam).astype(np.uint8)
-            maps[dilated] = dilate_by(contour, margin, spacing).astype(np.uint8)
-            volume_text, crc_text, margin_text = _guarantees(level, stratum, calibrated.n, self.scheme)
-            entries.append({
-                "level": level / 100.0, "lower": lower, "upper": upper, "n": calibrated.n,
-                "stratum": stratum, "score": q, "guarantee": volume_text,
-                "contour_crc": {"file": crc, "lambda": lam, "threshold": 1.0 - lam, "guarantee": crc_text},
-                "contour_margin": {"file": dilated, "margin_mm": None if math.isinf(margin) else margin,
-                                   "guarantee": margin_text},
-            })
+            names = {kind: f"contour_{kind}{alpha_text(level)}.nii.gz" for kind in CONTOUR_KINDS}
+            texts = dict(zip(("volume", *CONTOUR_KINDS),
+                             _guarantees(level, stratum, calibrated.n, self.scheme)))
+            contours = {"crc": ((probability >= 1.0 - lam), {"lambda": lam, "threshold": 1.0 - lam}),
+                        "margin": (dilate_by(contour, margin, spacing), _margin_entry(margin))}
+            if risk_margin is not None:
+                contours["crcmargin"] = (dilate_by(contour, risk_margin, spacing), _margin_entry(risk_margin))
+            entry = {"level": level / 100.0, "lower": lower, "upper": upper, "n": calibrated.n,
+                     "stratum": stratum, "score": q, "guarantee": texts["volume"]}
+            for kind, (mask, values) in contours.items():
+                maps[names[kind]] = mask.astype(np.uint8)
+                entry[CONTOUR_ENTRIES[kind]] = {"file": names[kind], **values, "guarantee": texts[kind]}
+            entries.append(entry)
         record = {"path": self.path, "sha256": self.sha256,
                   "n": sum(s.n for s in self.by_stratum.values()),
                   "strata": {"by": self.strata["by"], "bins": self.strata["bins"],
@@ -517,7 +598,7 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
         for label, members in groups.items():
             try:
                 by_stratum[label] = calibrate_stratum([cases[i] for i in members], record["lambda_grid"],
-                                                      levels)
+                                                      levels, record.get("risk_margin_grid_mm"))
             except InputError as error:
                 refused[label] = error.problem
         if not by_stratum:
@@ -525,5 +606,7 @@ def plan_conformal(path, levels_percent, options: SegmentOptions, modalities) ->
             raise InputError(path, ("" if label == NO_STRATA else f"stratum {label!r}: ") + refused[label])
     except InputError as error:
         raise InputError(path, error.problem) from None
+    if any(s.risk_margins_mm is None for s in by_stratum.values()):  # all or none write crcmargin
+        by_stratum = {label: dataclasses.replace(s, risk_margins_mm=None) for label, s in by_stratum.items()}
     return ConformalPlan(str(path), sha256, levels, spec, by_stratum, record.get("source_digest", ""),
                          record.get("model_digest", ""), record["scheme"], refused)

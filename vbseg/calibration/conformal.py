@@ -19,6 +19,11 @@ exchangeable (same population, same model and settings). Three quantities:
   FNR_i(lambda) = |truth_i minus C(lambda)| / |truth_i| shrinks, bounded by B = 1. The chosen
   lambda = inf{lambda : n/(n+1) mean_i FNR_i(lambda) + B/(n+1) <= alpha} gives
   E[FNR] <= alpha for a new case. It needs B/(n+1) <= alpha, i.e. n >= 1/alpha - 1.
+  The same rule over a second nested family, the 50 % contour dilated by d mm (then the whole
+  map), controls the FNR with a margin instead of a probability level: a mean-field map is
+  nearly binary, so {p >= 1 - lambda} jumps from the 50 % contour to most of the map within a
+  few grid steps, while the dilation grows the contour by mm (both are measured, with their
+  stretch |C| / |truth| against the oracle's, in ``benchmarks/bench_conformal.py``).
 * **Calibrated margin** (Mossina & Friedrich, MICCAI 2025): the score of case i is the
   largest distance (mm, Euclidean on the anisotropic grid) from a true voxel to the model's
   50 % contour; dilating a new case's contour by the split-conformal quantile of those scores
@@ -103,19 +108,50 @@ def conformal_volume_interval(lower_ml: float, upper_ml: float, quantile: float,
     return low, high
 
 
+def threshold_counts(probability, truth, lambdas) -> tuple[np.ndarray, np.ndarray]:
+    """(missed, contour) int arrays over the increasing grid ``lambdas``: the true voxels outside
+    C(lambda) = {p >= 1 - lambda}, and the voxels of C(lambda) over the whole map (as
+    ``contour_crc`` is written). FNR(lambda) = missed / |truth|; the contour's stretch (what a
+    lower FNR costs) = contour / |truth|. InputError for an empty truth mask (FNR undefined)."""
+    values, truth = np.asarray(probability, np.float64), np.asarray(truth, bool)
+    if not truth.any():
+        raise InputError("calibration", "a calibration case has an empty truth mask (FNR undefined)")
+    thresholds = 1.0 - np.asarray(lambdas, np.float64)
+    # a true voxel with P = p is missed while p < 1 - lambda (the contour's own comparison)
+    missed = np.searchsorted(np.sort(values[truth]), thresholds, side="left")
+    contour = values.size - np.searchsorted(np.sort(values.ravel()), thresholds, side="left")
+    return missed, contour
+
+
 def fnr_curves(probabilities, truths, lambdas) -> np.ndarray:
     """(n, L) FNR_i(lambda) = |truth_i minus {p_i >= 1 - lambda}| / |truth_i| for each case's
     probability map and (non-empty) truth mask, at each lambda of the increasing grid ``lambdas``."""
-    lambdas = np.asarray(lambdas, np.float64)
-    curves = []
-    for probability, truth in zip(probabilities, truths):
-        inside = np.asarray(probability, np.float64)[np.asarray(truth, bool)]
-        if inside.size == 0:
-            raise InputError("calibration", "a calibration case has an empty truth mask (FNR undefined)")
-        # a true voxel with P = p is missed while p < 1 - lambda (the contour's own comparison)
-        counts = np.searchsorted(np.sort(inside), 1.0 - lambdas, side="left")
-        curves.append(counts / inside.size)
-    return np.asarray(curves)
+    return np.asarray([threshold_counts(probability, truth, lambdas)[0] / np.asarray(truth, bool).sum()
+                       for probability, truth in zip(probabilities, truths)])
+
+
+def margin_counts(contour, truth, spacing_mm, grid_mm) -> tuple[np.ndarray, np.ndarray]:
+    """(missed, contour) int arrays over the dilation family of the 50 % contour: for each
+    distance d of the increasing ``grid_mm``, C(d) = every voxel within d mm of ``contour``
+    (:func:`dilate_by`), then, as the family's last member, the whole map (FNR 0). An empty
+    contour dilates to nothing. Counted as :func:`threshold_counts` counts."""
+    contour, truth = np.asarray(contour, bool), np.asarray(truth, bool)
+    if not truth.any():
+        raise InputError("calibration", "a calibration case has an empty truth mask (FNR undefined)")
+    distance = (ndimage.distance_transform_edt(~contour, sampling=spacing_mm) if contour.any()
+                else np.full(contour.shape, np.inf))
+    edges = np.asarray(grid_mm, np.float64) + 1e-9  # dilate_by's comparison
+    inside_truth = np.searchsorted(np.sort(distance[truth]), edges, side="right")
+    inside = np.searchsorted(np.sort(distance.ravel()), edges, side="right")
+    return (np.append(truth.sum() - inside_truth, 0), np.append(inside, contour.size))
+
+
+def risk_control_margin(losses, grid_mm, alpha: float) -> float:
+    """The smallest member of the dilation family (:func:`margin_counts`; ``losses`` (n, D + 1)
+    over the D distances of ``grid_mm`` and the whole map) that controls the risk as
+    :func:`risk_control_lambda` does: its distance in mm, inf for the whole map."""
+    index = int(risk_control_lambda(losses, np.arange(len(grid_mm) + 1), alpha))
+    return float(grid_mm[index]) if index < len(grid_mm) else math.inf
 
 
 def risk_control_lambda(losses, lambdas, alpha: float, bound: float = 1.0) -> float:
