@@ -183,6 +183,30 @@ def test_a_calibration_with_rates_only_still_applies(calibrated, tmp_path):
         load_calibration(old)
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda case, record: case.update(missed_voxels=[[1, 10**30]]), "cover"),  # would never expand
+    (lambda case, record: case.update(missed_voxels=[[1, 200], [0, 2]]), "cover 202 grid points"),
+    (lambda case, record: case.update(missed_voxels=[[1, 1.5e308]]), "non-negative integers"),
+    (lambda case, record: case.update(contour_voxels=[[-1, 201]]), "non-negative integers"),
+    (lambda case, record: case.update(missed_voxels=[[case["truth_voxels"] + 1, 201]]), "exceeds"),
+    (lambda case, record: case.update(truth_voxels=0), "positive integer"),
+    (lambda case, record: record.pop("risk_margin_grid_mm"), "without risk_margin_grid_mm"),
+    (lambda case, record: record.update(risk_margin_grid_mm=["a", None]), "risk_margin_grid_mm must be"),
+    (lambda case, record: record.update(risk_margin_grid_mm=[1.0, 0.5]), "risk_margin_grid_mm must be"),
+])
+def test_malformed_risk_counts_are_refused_in_one_line(calibrated, tmp_path, edit, problem):
+    _, _, calibration, pet = calibrated
+    record = json.loads(calibration.read_text())
+    edit(record["cases"][0], record)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=problem):
+        load_calibration(bad)
+    result = main_cli("segment", pet, "--out", tmp_path / "seg", "--calibration", bad)
+    assert_refused(result, "bad.json", "is not a vbseg calibration")
+    assert not (tmp_path / "seg").exists()
+
+
 def test_other_fit_options_are_refused(calibrated, tmp_path):
     _, _, calibration, pet = calibrated
     out = tmp_path / "seg"

@@ -297,22 +297,61 @@ def run_lengths(counts) -> list[list[int]]:
     return [[int(values[i]), int(n)] for i, n in zip(starts, np.diff(np.r_[starts, values.size]))]
 
 
-def expand_runs(runs) -> list[int]:
-    """The counts of :func:`run_lengths` runs, one per grid point."""
-    return [int(value) for value, repeats in runs for _ in range(int(repeats))]
+def expand_runs(runs, length: int | None = None) -> list[int]:
+    """The counts of :func:`run_lengths` runs, one per grid point; ValueError unless each run is
+    [count >= 0, repeats >= 1] (integers) and, ``length`` given, the repeats add up to it."""
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(runs, list) or not all(
+            isinstance(run, list) and len(run) == 2 and whole(run[0]) and whole(run[1])
+            and run[0] >= 0 and run[1] >= 1 for run in runs):
+        raise ValueError("runs must be [count, repeats] pairs of non-negative integers")
+    if length is not None and sum(run[1] for run in runs) != length:
+        raise ValueError(f"runs cover {sum(run[1] for run in runs)} grid points, not {length}")
+    return [value for value, repeats in runs for _ in range(repeats)]
 
 
-def with_curves(case: dict) -> dict:
+# the stored count runs of a case, the rate each gives, and the grid it spans ("lambda": the
+# lambda grid; "margin": the dilation grid and the whole map)
+COUNT_CURVES = {"missed_voxels": ("fnr", "lambda"), "contour_voxels": ("stretch", "lambda"),
+                "margin_missed_voxels": ("fnr_margin", "margin"),
+                "margin_contour_voxels": ("stretch_margin", "margin")}
+
+
+def with_curves(case: dict, lengths: dict) -> dict:
     """``case`` with its rates from the stored count runs: ``fnr`` and ``stretch`` (contour size over
     the truth's) over LAMBDA_GRID, ``fnr_margin`` and ``stretch_margin`` over the dilation
-    family; a case stored before counts (rates only) as it is."""
-    if "missed_voxels" not in case:
+    family (``lengths``: the points of the "lambda" and "margin" grids); a case stored before
+    counts (rates only) as it is. ValueError for counts that cannot be a case's."""
+    if not isinstance(case, dict) or "missed_voxels" not in case:
         return case
-    n = case["truth_voxels"]
-    stored = {"fnr": "missed_voxels", "stretch": "contour_voxels", "fnr_margin": "margin_missed_voxels",
-              "stretch_margin": "margin_contour_voxels"}
-    return {**case, **{rate: [count / n for count in expand_runs(case[counts])]
-                       for rate, counts in stored.items() if counts in case}}
+    n = case.get("truth_voxels")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError("truth_voxels must be a positive integer")
+    rates = {}
+    for key, (rate, grid) in COUNT_CURVES.items():
+        if key in case:
+            if lengths[grid] is None:
+                raise ValueError(f"{key} without risk_margin_grid_mm")
+            counts = expand_runs(case[key], lengths[grid])
+            if key.endswith("missed_voxels") and max(counts) > n:
+                raise ValueError(f"{key} exceeds truth_voxels")
+            rates[rate] = [count / n for count in counts]
+    return {**case, **rates}
+
+
+def _margin_grid(path, grid) -> int | None:
+    """The number of members of a calibration's dilation family (its distances and the whole
+    map), None without one; InputError unless the distances are finite, >= 0 and increasing."""
+    if grid is None:
+        return None
+    if not (isinstance(grid, list) and grid and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+            for x in grid) and all(b > a for a, b in zip(grid, grid[1:]))):
+        raise InputError(path, "is not a vbseg calibration (risk_margin_grid_mm must be increasing "
+                               "distances >= 0 in mm)")
+    return len(grid) + 1
 
 
 CASE_KEYS = ("name", "lower_ml", "upper_ml", "true_ml", "floor_ml", "volume_score", "fnr", "margin_mm")
@@ -332,19 +371,16 @@ def load_calibration(path) -> dict:
     cases, grid = record.get("cases"), record.get("lambda_grid")
     if not isinstance(cases, list) or not cases or not isinstance(grid, list):
         raise InputError(path, "is not a vbseg calibration (no cases or no lambda grid)")
-    margin_grid = record.get("risk_margin_grid_mm")
+    lengths = {"lambda": len(grid), "margin": _margin_grid(path, record.get("risk_margin_grid_mm"))}
     try:
-        cases = [with_curves(case) for case in cases]
-    except (TypeError, KeyError, ValueError, ZeroDivisionError):
-        raise InputError(path, "is not a vbseg calibration (a case's risk counts are malformed)") from None
+        cases = [with_curves(case, lengths) for case in cases]
+    except (TypeError, KeyError, ValueError) as error:
+        raise InputError(path, f"is not a vbseg calibration (a case's risk counts are malformed: "
+                               f"{error})") from None
     for case in cases:
         if not isinstance(case, dict) or any(key not in case for key in CASE_KEYS) \
                 or len(case["fnr"]) != len(grid):
             raise InputError(path, "is not a vbseg calibration (a case lacks its scores)")
-        if "fnr_margin" in case and (not isinstance(margin_grid, list)
-                                     or len(case["fnr_margin"]) != len(margin_grid) + 1):
-            raise InputError(path, "is not a vbseg calibration (a case's margin risk curve does not "
-                                   "match risk_margin_grid_mm)")
     scheme = record.get("scheme", SPLIT)  # absent: made before cross-fitted calibrations existed
     if scheme not in (SPLIT, CROSS_FIT):
         raise InputError(path, f"calibration scheme {scheme!r}; this vbseg reads {SPLIT} and {CROSS_FIT}")
