@@ -528,7 +528,25 @@ def _run_segment(args) -> int | None:
     for entry in posterior.summary.get("volume_ml_conformal", []):
         print(f"conformal {entry['level']:.0%} interval [{entry['lower']:.2f}, {entry['upper']:.2f}] mL "
               f"(n = {entry['n']} calibration cases, stratum {entry['stratum']})")
+        print("  " + "; ".join(_conformal_contour_text(entry)))
     print(f"compile {timings['compile']:.2f} s, run {timings['run']:.2f} s; outputs in {args.out}")
+
+
+def _conformal_contour_text(entry) -> list[str]:
+    """One phrase per conformal contour of a volume_ml_conformal entry: its file and what it is."""
+    alpha = f"{1 - entry['level']:.2g}"
+
+    def dilation(margin_mm):
+        return "the whole map" if margin_mm is None else f"the 50 % contour + {margin_mm:g} mm"
+
+    texts = [f"{entry['contour_crc']['file']}: P >= {entry['contour_crc']['threshold']:.3g} "
+             f"(E[FNR] <= {alpha})"]
+    if "contour_crc_margin" in entry:
+        texts.append(f"{entry['contour_crc_margin']['file']}: "
+                     f"{dilation(entry['contour_crc_margin']['margin_mm'])} (E[FNR] <= {alpha})")
+    texts.append(f"{entry['contour_margin']['file']}: {dilation(entry['contour_margin']['margin_mm'])} "
+                 f"(contains the lesion: {entry['level']:.0%})")
+    return texts
 
 
 def _phantom_spec(args):

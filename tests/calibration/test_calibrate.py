@@ -119,6 +119,11 @@ def test_calibrate_then_segment_adds_conformal_outputs(calibrated, tmp_path):
     assert summary["conformal_calibration"]["source_digest_matches"] is True
     assert summary["conformal_calibration"]["model_digest_matches"] is True
     assert "conformal 95% interval" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if "contour_crcmargin5.nii.gz" in line]
+    assert len(lines) == 1
+    dilation = entries[1]["contour_crc_margin"]["margin_mm"]
+    assert f"contour_crcmargin5.nii.gz: the 50 % contour + {dilation:g} mm (E[FNR] <= 0.05)" in lines[0]
+    assert f"contour_crc5.nii.gz: P >= {entries[1]['contour_crc']['threshold']:.3g}" in lines[0]
     # --overwrite without the calibration: its contours go with the rest of the old result set
     again = main_cli("segment", pet, "--out", out, "--volume-draws", 300, "--overwrite")
     assert again.returncode == 0, again.stderr
