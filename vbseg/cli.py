@@ -539,8 +539,9 @@ def _conformal_contour_text(entry) -> list[str]:
     def dilation(margin_mm):
         return "the whole map" if margin_mm is None else f"the 50 % contour + {margin_mm:g} mm"
 
-    texts = [f"{entry['contour_crc']['file']}: P >= {entry['contour_crc']['threshold']:.3g} "
-             f"(E[FNR] <= {alpha})"]
+    threshold = entry["contour_crc"]["threshold"]
+    texts = [f"{entry['contour_crc']['file']}: P >= {threshold:.3g}"
+             f"{' (the whole map)' if threshold <= 0 else ''} (E[FNR] <= {alpha})"]
     if "contour_crc_margin" in entry:
         texts.append(f"{entry['contour_crc_margin']['file']}: "
                      f"{dilation(entry['contour_crc_margin']['margin_mm'])} (E[FNR] <= {alpha})")
