@@ -67,7 +67,7 @@ from vbseg.calibration.conformal import (
     MIN_STRATUM_CASES,
     conformal_quantile,
     conformal_rank,
-    risk_control_lambda,
+    risk_control_index,
     split_coverage_band,
 )
 from vbseg.errors import InputError
@@ -150,7 +150,7 @@ def split_study(cases: list[dict], values: dict, n_cal: int, splits: int, seed: 
         cal, test = order[:n_cal], order[n_cal:]
         for (family, alpha), found in outcomes.items():
             fnr, stretch = curves[family]
-            found.append(risk_outcome(calibrated_index(fnr[cal], alpha), fnr[test], stretch[test], alpha))
+            found.append(risk_outcome(risk_control_index(fnr[cal], alpha), fnr[test], stretch[test], alpha))
         q = conformal_quantile(margin[cal], 1.0 - LEVELS[0]) if np.isfinite(margin[cal]).sum() else math.inf
         contained.append(np.mean(margin[test] <= q))
     record["risk_control"] = {family: {f"{a:g}": risk_summary(outcomes[family, a], a, values[family])
@@ -197,11 +197,6 @@ def risk_outcome(index, fnr, stretch, alpha: float, oracle_groups=None) -> dict:
     rows = np.arange(fnr.shape[0])
     return {"at": at, "oracle_at": oracle, "fnr": fnr[rows, at], "oracle_fnr": fnr[rows, oracle],
             "stretch": stretch[rows, at], "oracle_stretch": stretch[rows, oracle]}
-
-
-def calibrated_index(losses, alpha: float) -> int:
-    """The member risk control picks from calibration ``losses`` (n, members)."""
-    return int(risk_control_lambda(losses, np.arange(losses.shape[1]), alpha))
 
 
 def risk_summary(outcomes: list[dict], alpha: float, values) -> dict:

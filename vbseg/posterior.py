@@ -98,8 +98,8 @@ def result_set_names(folder: Path) -> set[str]:
         summary = json.loads((folder / "summary.json").read_text())
         names.update(output_names([float(level) for level in summary["levels_percent"]]))
         # the conformal contours (vbseg.calibration.calibration_file) it names
-        names.update(entry[kind]["file"] for entry in summary.get("volume_ml_conformal", [])
-                     for kind in ("contour_crc", "contour_margin", "contour_crc_margin") if kind in entry)
+        names.update(value["file"] for entry in summary.get("volume_ml_conformal", [])
+                     for value in entry.values() if isinstance(value, dict) and "file" in value)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable previous summary: its contours are unknown, so none is removed
     return names

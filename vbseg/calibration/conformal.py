@@ -108,19 +108,25 @@ def conformal_volume_interval(lower_ml: float, upper_ml: float, quantile: float,
     return low, high
 
 
-def threshold_counts(probability, truth, lambdas) -> tuple[np.ndarray, np.ndarray]:
-    """(missed, contour) int arrays over the increasing grid ``lambdas``: the true voxels outside
-    C(lambda) = {p >= 1 - lambda}, and the voxels of C(lambda) over the whole map (as
-    ``contour_crc`` is written). FNR(lambda) = missed / |truth|; the contour's stretch (what a
-    lower FNR costs) = contour / |truth|. InputError for an empty truth mask (FNR undefined)."""
-    values, truth = np.asarray(probability, np.float64), np.asarray(truth, bool)
+def _nested_counts(score, truth, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """(missed, contour) int arrays for the contours C(t) = {score >= t} at each of
+    ``thresholds`` (decreasing thresholds give growing, nested contours): the true voxels
+    outside C(t) and the voxels of C(t) over the whole map. InputError for an empty truth mask."""
+    score, truth = np.asarray(score, np.float64), np.asarray(truth, bool)
     if not truth.any():
         raise InputError("calibration", "a calibration case has an empty truth mask (FNR undefined)")
-    thresholds = 1.0 - np.asarray(lambdas, np.float64)
-    # a true voxel with P = p is missed while p < 1 - lambda (the contour's own comparison)
-    missed = np.searchsorted(np.sort(values[truth]), thresholds, side="left")
-    contour = values.size - np.searchsorted(np.sort(values.ravel()), thresholds, side="left")
-    return missed, contour
+    thresholds = np.asarray(thresholds, np.float64)
+    missed = np.searchsorted(np.sort(score[truth]), thresholds, side="left")
+    return missed, score.size - np.searchsorted(np.sort(score.ravel()), thresholds, side="left")
+
+
+def threshold_counts(probability, truth, lambdas) -> tuple[np.ndarray, np.ndarray]:
+    """(missed, contour) int arrays over the increasing grid ``lambdas``: the true voxels outside
+    C(lambda) = {p >= 1 - lambda} (a true voxel with P = p is missed while p < 1 - lambda, the
+    contour's own comparison), and the voxels of C(lambda) over the whole map (as
+    ``contour_crc`` is written). FNR(lambda) = missed / |truth|; the contour's stretch (what a
+    lower FNR costs) = contour / |truth|. InputError for an empty truth mask (FNR undefined)."""
+    return _nested_counts(probability, truth, 1.0 - np.asarray(lambdas, np.float64))
 
 
 def fnr_curves(probabilities, truths, lambdas) -> np.ndarray:
@@ -133,24 +139,28 @@ def fnr_curves(probabilities, truths, lambdas) -> np.ndarray:
 def margin_counts(contour, truth, spacing_mm, grid_mm) -> tuple[np.ndarray, np.ndarray]:
     """(missed, contour) int arrays over the dilation family of the 50 % contour: for each
     distance d of the increasing ``grid_mm``, C(d) = every voxel within d mm of ``contour``
-    (:func:`dilate_by`), then, as the family's last member, the whole map (FNR 0). An empty
-    contour dilates to nothing. Counted as :func:`threshold_counts` counts."""
-    contour, truth = np.asarray(contour, bool), np.asarray(truth, bool)
-    if not truth.any():
-        raise InputError("calibration", "a calibration case has an empty truth mask (FNR undefined)")
+    (:func:`dilate_by`: distance <= d, i.e. -distance >= -d), then, as the family's last member,
+    the whole map (FNR 0). An empty contour dilates to nothing. Counted as
+    :func:`threshold_counts` counts."""
+    contour = np.asarray(contour, bool)
     distance = (ndimage.distance_transform_edt(~contour, sampling=spacing_mm) if contour.any()
                 else np.full(contour.shape, np.inf))
-    edges = np.asarray(grid_mm, np.float64) + 1e-9  # dilate_by's comparison
-    inside_truth = np.searchsorted(np.sort(distance[truth]), edges, side="right")
-    inside = np.searchsorted(np.sort(distance.ravel()), edges, side="right")
-    return (np.append(truth.sum() - inside_truth, 0), np.append(inside, contour.size))
+    missed, inside = _nested_counts(-distance, truth, -(np.asarray(grid_mm, np.float64) + 1e-9))
+    return np.append(missed, 0), np.append(inside, contour.size)
+
+
+def risk_control_index(losses, alpha: float) -> int:
+    """The index of the smallest member of a nested family that controls the risk, from the
+    calibration ``losses`` (n, members) over the family (:func:`risk_control_lambda`)."""
+    losses = np.asarray(losses, np.float64)
+    return int(risk_control_lambda(losses, np.arange(losses.shape[1]), alpha))
 
 
 def risk_control_margin(losses, grid_mm, alpha: float) -> float:
     """The smallest member of the dilation family (:func:`margin_counts`; ``losses`` (n, D + 1)
-    over the D distances of ``grid_mm`` and the whole map) that controls the risk as
-    :func:`risk_control_lambda` does: its distance in mm, inf for the whole map."""
-    index = int(risk_control_lambda(losses, np.arange(len(grid_mm) + 1), alpha))
+    over the D distances of ``grid_mm`` and the whole map) that controls the risk: its distance
+    in mm, inf for the whole map."""
+    index = risk_control_index(losses, alpha)
     return float(grid_mm[index]) if index < len(grid_mm) else math.inf
 
 
