@@ -545,3 +545,33 @@ def test_bench_conformal_test_phantoms_are_the_calibration_design_at_other_seeds
     assert {json.dumps(run.case["spec"], sort_keys=True) for run in test.runs} == specs
     assert not {run.case["seed"] for run in test.runs} & {run.case["seed"] for run in calibration.runs}
     assert test.runs[0].variant == calibration.runs[0].variant
+
+
+def test_bench_conformal_sarcoma_risk_fold_study():
+    """Made-up FNR curves on made-up folds (20 cases, 7 faint): the dilation family's curve is
+    (0.2, 0, 0) for avid and (0.5, 0.05, 0) for faint cases over 0 mm, 2 mm and the whole map.
+    Each fold's 16 calibration cases hold f <= 7 faint ones: at 2 mm the adjusted risk
+    (0.05 f + 1) / 17 <= 0.1, at 0 mm it is above, so every fold takes 2 mm and the held-out
+    faint cases miss 5 %. The threshold curve (1, 0) takes lambda 1 (stretch 50); alpha 0.05
+    needs 19 cases and is refused in every fold."""
+    from benchmarks.bench_conformal_sarcoma import risk_fold_study
+
+    names = [f"c{i:02d}" for i in range(20)]
+    folds = {"folds": [names[i::5] for i in range(5)],
+             "cases": {name: {"avid": i % 3 != 0} for i, name in enumerate(names)}}
+    cases = [{"name": name, "fnr": [1.0, 0.0], "stretch": [1.0, 50.0],
+              "fnr_margin": [0.2, 0.0, 0.0] if folds["cases"][name]["avid"] else [0.5, 0.05, 0.0],
+              "stretch_margin": [1.0, 1.5, 40.0]} for name in names]
+    study = risk_fold_study({"cases": cases, "lambda_grid": [0.0, 1.0], "risk_margin_grid_mm": [0.0, 2.0]},
+                            folds)
+    dilation = study["margin/90"]
+    assert {row["parameter"] for row in dilation["rows"]} == {2.0} and len(dilation["rows"]) == 20
+    assert dilation["summary"]["avid"]["mean_fnr"] == 0.0
+    assert dilation["summary"]["faint"]["mean_fnr"] == pytest.approx(0.05)
+    assert dilation["summary"]["all"]["mean_fnr"] == pytest.approx(0.05 * 7 / 20)
+    assert dilation["summary"]["all"]["median_stretch"] == 1.5
+    threshold = study["threshold/90"]
+    assert {row["parameter"] for row in threshold["rows"]} == {1.0}
+    assert threshold["summary"]["all"] == {"cases": 20, "mean_fnr": 0.0, "median_stretch": 50.0}
+    for key in ("threshold/95", "margin/95"):
+        assert not study[key]["rows"] and len(study[key]["refused"]) == 5
