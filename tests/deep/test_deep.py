@@ -213,6 +213,30 @@ def test_packaged_checkpoints_load_and_match_their_modalities(modalities):
 
 
 @pytest.mark.parametrize("stem", ["train_pet", "train_pet_ct", "train_pet_ct_mr"])
+def test_packaged_checkpoints_saw_every_shared_case_their_config_names(stem):
+    """Each packaged checkpoint was trained on the real cases its config takes from the shared
+    index today (every patient case with its modalities, none excluded): a case added to the
+    index and not to the checkpoint fails here until the recorded command is rerun."""
+    from pathlib import Path
+
+    from vbseg.deep.model import load_checkpoint, packaged_checkpoint
+    from vbseg.deep.training import load_settings
+    from vbseg.io.cases import read_cases
+
+    root = Path(__file__).resolve().parents[2]
+    settings = load_settings(root / "experiments" / f"{stem}.toml")
+    if settings.cases is None or not Path(settings.cases).is_file():
+        pytest.skip(f"{settings.cases}: the shared cases index is absent, so the training list "
+                    "cannot be checked")
+    expected = [c.name for c in read_cases(settings.cases, settings.modalities, settings.train_cases,
+                                           check_files=False)
+                if c.name not in settings.exclude_cases]
+    meta = load_checkpoint(packaged_checkpoint(settings.modalities)).meta
+    assert meta["real_cases"] == expected
+    assert len(expected) == 21 and not settings.exclude_cases
+
+
+@pytest.mark.parametrize("stem", ["train_pet", "train_pet_ct", "train_pet_ct_mr"])
 def test_shipped_training_configs_parse_and_match_their_checkpoints(stem):
     """Each packaged checkpoint records the settings of the config that remakes it."""
     from pathlib import Path
