@@ -18,12 +18,15 @@ Methods:
 * ``locate-potts (fold prior)``: the fold's prior locates, hidden Potts (PET decides, K = 2)
   delineates in a box 20 mm around the located regions with the prior's log-odds as the field,
   its weight learned (:mod:`vbseg.potts.locate`);
-* PET + CT + MR only: ``cnn (fold network)``, the fold's network alone; ``locate-potts (fold
-  network)``, the network as the locator; ``locate-potts (fold prior + network)``, both (the
-  mean of their log-odds).
+* PET + CT + MR only: ``cnn (fold network)``, the fold's network alone; ``deep-potts (fold
+  network)``, hidden Potts on the whole crop with the network's logits as the field (the
+  coarse-to-fine model as it was before locate-potts); ``locate-potts (fold network)``, the
+  network as the locator; ``locate-potts (fold prior + network)``, both (the mean of their
+  log-odds); and ``potts K = 3`` (three classes, the tumour the hottest; nothing learned).
 
-Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below); PET + CT and
-PET alone on the shared crops (the prior learned on those images only).
+Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below), each with every
+row above; PET + CT and PET alone on the shared crops (the prior learned on those images only;
+no network rows: fold networks were trained for PET + CT + MR only).
 
 Scored on the PET grid against ``<case>_pet_label`` (an empty contour scores Dice 0 and HD95 the
 VOI diagonal) by the experiment runner (vbseg.experiment.runner); FDG-avid and faint cases
@@ -94,6 +97,8 @@ def method_name(record: dict) -> str:
     learned = [part for key, part in (("prior", "prior"), ("checkpoint", "network")) if key in settings]
     if name == "potts" and learned == ["prior"]:
         return "prior (fold)"
+    if "classes" in settings:
+        name = f"{name} K = {settings['classes']}"
     return f"{name} (fold {' + '.join(learned)})" if learned else name
 
 
@@ -176,7 +181,8 @@ def config_text(name: str, cases: list[str], models: list[str], index: Path = IN
     lines = ["[experiment]", f'name = "{name}"', "[real]", f'index = "{index}"',
              f"cases = {cases!r}".replace("'", '"'), f"modalities = {modalities!r}".replace("'", '"'),
              "[model]", f"name = {models!r}".replace("'", '"')]
-    lines += [f'{key} = "{value}"' for key, value in settings.items()]
+    lines += [f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"'
+              for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -206,8 +212,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-train", action="store_true",
                         help="use the fold networks already trained; folds without one are left out "
                              "of the network rows (the report names them)")
-    parser.add_argument("--network-studies", default="centred",
-                        help="the studies that get the network rows (default centred)")
+    parser.add_argument("--network-studies", default="centred,recrop",
+                        help="the studies that get the network rows and Potts K = 3 (default "
+                             "centred,recrop)")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
         print(f"bench_locate: {INDEX} not found; nothing to measure (the sarcomas are needed)")
@@ -298,6 +305,9 @@ def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], netw
     modalities = MODALITY_SETS[tag]
     records = run_config(folder / "reference", config_text(
         f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), jobs)
+    if networks is not None:  # the studies that compare every part also get Potts with K = 3
+        records += run_config(folder / "reference_k3", config_text(
+            f"locate_reference_k3_{study}", every, ["potts"], index, modalities, classes=3), jobs)
     for f, held_out in enumerate(folds["folds"]):
         cases = sorted(held_out)
         records += run_config(folder / f"fold{f}", config_text(
@@ -307,6 +317,7 @@ def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], netw
             continue
         for kind, models, settings in (
                 ("cnn", ["cnn"], dict(checkpoint=networks[f])),
+                ("deep", ["deep-potts"], dict(checkpoint=networks[f])),
                 ("net", ["locate-potts"], dict(locator="network", checkpoint=networks[f])),
                 ("both", ["locate-potts"], dict(locator="both", checkpoint=networks[f], prior=priors[f]))):
             records += run_config(folder / f"fold{f}_{kind}", config_text(
