@@ -5,9 +5,10 @@ alone and SUV >= 2.5 on the real sarcomas?
 Folds: the committed ``experiments/folds/sarcoma_5fold.json`` (5 folds by case, stratified by
 FDG avidity, seeded; :mod:`vbseg.experiment.folds`). Every learned part is retrained per fold on the other
 four folds' cases only: a population prior (``vbseg fit-prior``'s model: 2 tumour + 4 background
-classes, empirical Bayes) on each modality set, and the PET + CT + MR 3D U-Net of
-``experiments/train_pet_ct_mr.toml`` (synthetic patches, then fine-tuning mixed with the
-training cases' patches; the held-out cases are excluded and the checkpoint's list checked).
+classes, empirical Bayes) and the 3D U-Net of the packaged checkpoint's config
+(``experiments/train_<modalities>.toml``: synthetic patches, then fine-tuning mixed with the
+training cases' patches; the held-out cases are excluded and the checkpoint's list checked),
+each on each modality set.
 Methods:
 
 * ``suv2.5``: a fixed SUV >= 2.5 threshold (the reference);
@@ -18,15 +19,16 @@ Methods:
 * ``locate-potts (fold prior)``: the fold's prior locates, hidden Potts (PET decides, K = 2)
   delineates in a box 20 mm around the located regions with the prior's log-odds as the field,
   its weight learned (:mod:`vbseg.potts.locate`);
-* PET + CT + MR only: ``cnn (fold network)``, the fold's network alone; ``deep-potts (fold
+* ``cnn (fold network)``, the fold's network alone; ``deep-potts (fold
   network)``, hidden Potts on the whole crop with the network's logits as the field (the
   coarse-to-fine model as it was before locate-potts); ``locate-potts (fold network)``, the
   network as the locator; ``locate-potts (fold prior + network)``, both (the mean of their
   log-odds); and ``potts K = 3`` (three classes, the tumour the hottest; nothing learned).
 
-Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below), each with every
-row above; PET + CT and PET alone on the shared crops (the prior learned on those images only;
-no network rows: fold networks were trained for PET + CT + MR only).
+Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below); PET + CT and
+PET alone on the shared crops, the prior and the network learned on those images only (the
+network from the packaged checkpoint's config for those modalities, ``experiments/train_pet_ct.toml``
+and ``train_pet.toml``). Every study has every row above.
 
 Scored on the PET grid against ``<case>_pet_label`` (an empty contour scores Dice 0 and HD95 the
 VOI diagonal) by the experiment runner (vbseg.experiment.runner); FDG-avid and faint cases
@@ -52,7 +54,7 @@ whole; CT and MR are left whole and resampled onto the cut PET grid as usual), w
 fold priors. The re-cropped files are derived data, written under
 benchmarks/results/experiments/locate/recrops/ (not committed).
 
-Regenerate (about 2 hours on 2 cores, most of it the five networks; resumable, fold priors
+Regenerate (about 3 hours on 2 cores, most of it the fifteen networks; resumable, fold priors
 and networks cached under benchmarks/results/experiments/locate/):
     python -m benchmarks.bench_locate
 Without ../shared/data it says so and exits 0.
@@ -86,8 +88,9 @@ ROOT = Path(__file__).resolve().parent.parent
 INDEX = (ROOT / "../shared/data/cases.json").resolve()
 FOLDS = ROOT / "experiments" / "folds" / "sarcoma_5fold.json"
 MODALITIES = ["pet", "ct", "mr"]
-TRAIN_CONFIG = ROOT / "experiments" / "train_pet_ct_mr.toml"
 MODALITY_SETS = {"pet_ct_mr": MODALITIES, "pet_ct": ["pet", "ct"], "pet": ["pet"]}
+# each modality set's network: the packaged checkpoint's config, retrained per fold
+TRAIN_CONFIGS = {tag: ROOT / "experiments" / f"train_{tag}.toml" for tag in MODALITY_SETS}
 NAME = "bench_locate"
 
 
@@ -141,16 +144,22 @@ def recrop_index(index: Path, cases: list[str], folder: Path) -> Path:
     return target
 
 
-def fold_network(folder: Path, fold: int, held_out: list[str]) -> tuple[Path, float | None]:
-    """(checkpoint path, training seconds or None when reused): the PET + CT + MR network of
-    experiments/train_pet_ct_mr.toml trained on every shared sarcoma but the fold's
-    ``held_out`` cases (synthetic patches, then fine-tuning mixed with those cases' patches)."""
-    out = folder / f"fold{fold}.eqx"
+def network_path(folder: Path, fold: int, tag: str) -> Path:
+    """Where the fold network of modality set ``tag`` is cached (PET + CT + MR: foldF.eqx)."""
+    return folder / (f"fold{fold}.eqx" if tag == "pet_ct_mr" else f"{tag}_fold{fold}.eqx")
+
+
+def fold_network(folder: Path, fold: int, held_out: list[str], tag: str) -> tuple[Path, float | None]:
+    """(checkpoint path, training seconds or None when reused): the network of modality set
+    ``tag`` (``TRAIN_CONFIGS``, the packaged checkpoint's config) trained on every shared
+    sarcoma but the fold's ``held_out`` cases (synthetic patches, then fine-tuning mixed with
+    those cases' patches)."""
+    out = network_path(folder, fold, tag)
     if out.is_file():
         meta = load_checkpoint(out).meta
         if not set(meta.get("real_cases", [])) & set(held_out):
             return out, None
-    settings = load_settings(TRAIN_CONFIG)
+    settings = load_settings(TRAIN_CONFIGS[tag])
     settings = dataclasses.replace(settings, cases=str(INDEX), exclude_cases=tuple(held_out))
     started = time.perf_counter()
     checkpoint = train(settings)
@@ -212,9 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-train", action="store_true",
                         help="use the fold networks already trained; folds without one are left out "
                              "of the network rows (the report names them)")
-    parser.add_argument("--network-studies", default="centred,recrop",
-                        help="the studies that get the network rows and Potts K = 3 (default "
-                             "centred,recrop)")
+    parser.add_argument("--network-studies", default="centred,recrop,pet_ct,pet",
+                        help="the studies that get the network rows and Potts K = 3 (default all: "
+                             "centred,recrop,pet_ct,pet)")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
         print(f"bench_locate: {INDEX} not found; nothing to measure (the sarcomas are needed)")
@@ -227,39 +236,29 @@ def main(argv=None) -> int:
     priors = {tag: [fold_prior(work / "priors", f, modalities, folds, prior_s)
                     for f in range(len(folds["folds"]))] for tag, modalities in MODALITY_SETS.items()}
     selected = None if args.runs_only is None else args.runs_only.split(",")
-    networks, network_s = [], {}
-    for f, held_out in enumerate(folds["folds"]):
-        if args.no_networks or (selected is not None and not {"centred", "recrop"} & set(selected)):
-            break
-        if args.no_train and not (work / "networks" / f"fold{f}.eqx").is_file():
-            networks.append(None)
-            continue
-        path, seconds = fold_network(work / "networks", f, held_out)
-        networks.append(path)
-        if seconds is not None:
-            network_s[f] = seconds
-            print(f"fold {f}: network trained in {seconds / 60:.1f} min", flush=True)
-    if args.train_only:
-        return 0
     every = sorted(case for fold in folds["folds"] for case in fold)
     recropped = recrop_index(INDEX, every, work / "recrops")
-    # (title, index, folder, modalities' tag, with the fold networks)
-    studies = {"centred": ("PET + CT + MR, shared crops (centred on the GTV)", INDEX, work,
-                           "pet_ct_mr", True),
+    # (title, index, folder, modalities' tag)
+    studies = {"centred": ("PET + CT + MR, shared crops (centred on the GTV)", INDEX, work, "pet_ct_mr"),
                "recrop": ("PET + CT + MR, asymmetric re-crops (each margin 1-5 cm)", recropped,
-                          work / "recrop", "pet_ct_mr", True),
-               "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct", False),
-               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet", False)}
+                          work / "recrop", "pet_ct_mr"),
+               "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct"),
+               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet")}
+    network_studies = [] if args.no_networks else [
+        study for study in args.network_studies.split(",") if selected is None or study in selected]
+    networks, network_s = train_networks(work / "networks", folds,
+                                         sorted({studies[s][3] for s in network_studies}), args.no_train)
+    if args.train_only:
+        return 0
     record = {"machine": machine(), "avid_rule": f"mean SUV inside the PET GTV >= {AVID_MEAN_SUV:g}",
-              "folds": folds["folds"], "prior_fit_s": prior_s, "network_training_s": network_s}
+              "folds": folds["folds"], "prior_fit_s": prior_s, "network_training_min": network_s}
     sections, runs, run_s = [], 0, 0.0
     for study, spec in studies.items():
         if selected is not None and study not in selected:
             continue
-        with_networks = (spec[4] and not args.no_networks
-                         and study in args.network_studies.split(","))
         records = study_records(study, spec, folds, priors[spec[3]],
-                                networks if with_networks else None, every, args.jobs)
+                                networks[spec[3]] if study in network_studies else None, every,
+                                args.jobs)
         runs += len(records)
         run_s += sum(r.get("wall_s", 0.0) for r in records)
         entry, text = study_report(records)
@@ -283,17 +282,37 @@ def main(argv=None) -> int:
     if args.no_networks:
         note = ("The rows with the fold networks were not run for this report (--no-networks).\n\n"
                 + note)
-    record["network_studies"] = [] if args.no_networks else args.network_studies.split(",")
-    missing = [f for f, path in enumerate(networks) if path is None]
+    record["network_studies"] = network_studies
+    missing = {tag: [f for f, path in enumerate(paths) if path is None] for tag, paths in networks.items()}
     record["network_folds_left_out"] = missing
-    if missing and not args.no_networks:
-        left_out = sorted(c for f in missing for c in folds["folds"][f])
-        note = (f"The fold networks of folds {', '.join(map(str, missing))} were not trained for this "
-                f"report (--no-train): the network rows cover {len(every) - len(left_out)} cases, without "
-                f"{', '.join(left_out)}; their paired differences are over those cases only.\n\n" + note)
+    for tag, folds_out in missing.items():
+        if folds_out:
+            left_out = sorted(c for f in folds_out for c in folds["folds"][f])
+            note = (f"The {tag} fold networks of folds {', '.join(map(str, folds_out))} were not trained "
+                    f"for this report (--no-train): their network rows cover {len(every) - len(left_out)} "
+                    f"cases, without {', '.join(left_out)}; their paired differences are over those "
+                    "cases only.\n\n" + note)
     write_report(args.out, NAME, record, __doc__, "", note)
     print(f"wrote {Path(args.out) / (NAME + '.md')}")
     return 0
+
+
+def train_networks(folder: Path, folds: dict, tags: list[str], no_train: bool) -> tuple[dict, dict]:
+    """({modality set: [its fold network's path, or None when ``no_train`` and not trained, per
+    fold]}, {fold network: training minutes}) for the modality sets ``tags`` (cached)."""
+    networks, minutes = {}, {}
+    for tag in tags:
+        networks[tag] = []
+        for f, held_out in enumerate(folds["folds"]):
+            if no_train and not network_path(folder, f, tag).is_file():
+                networks[tag].append(None)
+                continue
+            path, seconds = fold_network(folder, f, held_out, tag)
+            networks[tag].append(path)
+            if seconds is not None:
+                minutes[path.stem] = seconds / 60
+                print(f"{tag} fold {f}: network trained in {seconds / 60:.1f} min", flush=True)
+    return networks, minutes
 
 
 def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], networks, every,
@@ -301,7 +320,7 @@ def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], netw
     """Every run of one study (cached): SUV >= 2.5 and potts on all cases, then per fold potts
     and locate-potts with the fold prior, and with ``networks`` (one checkpoint or None per
     fold; None for the whole study leaves them out) the network rows."""
-    _, index, folder, tag, _ = spec
+    _, index, folder, tag = spec
     modalities = MODALITY_SETS[tag]
     records = run_config(folder / "reference", config_text(
         f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), jobs)
