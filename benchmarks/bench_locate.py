@@ -25,8 +25,8 @@ Methods:
   network as the locator; ``locate-potts (fold prior + network)``, both (the mean of their
   log-odds); and ``potts K = 3`` (three classes, the tumour the hottest; nothing learned).
 
-Studies: PET + CT + MR on the shared crops and on asymmetric re-crops (below); PET + CT and
-PET alone on the shared crops, the prior and the network learned on those images only (the
+Studies: PET + CT + MR and PET alone on the shared crops and on asymmetric re-crops (below);
+PET + CT on the shared crops; the prior and the network learned on each study's images only (the
 network from the packaged checkpoint's config for those modalities, ``experiments/train_pet_ct.toml``
 and ``train_pet.toml``). Every study has every row above.
 
@@ -213,17 +213,18 @@ def main(argv=None) -> int:
     parser.add_argument("--train-only", action="store_true",
                         help="train the fold networks (cached) and stop")
     parser.add_argument("--runs-only", default=None, metavar="STUDIES",
-                        help="run these studies' fits (comma-separated: centred, recrop, pet_ct, pet; "
-                             "cached) and stop without a report, e.g. while the networks train")
+                        help="run these studies' fits (comma-separated: centred, recrop, pet_ct, pet, "
+                             "recrop_pet; cached) and stop without a report, e.g. while the networks "
+                             "train")
     parser.add_argument("--no-networks", action="store_true",
                         help="leave out the rows that need the fold networks (cnn, locate-potts with "
                              "the network), e.g. before they are trained; the report says so")
     parser.add_argument("--no-train", action="store_true",
                         help="use the fold networks already trained; folds without one are left out "
                              "of the network rows (the report names them)")
-    parser.add_argument("--network-studies", default="centred,recrop,pet_ct,pet",
+    parser.add_argument("--network-studies", default="centred,recrop,pet_ct,pet,recrop_pet",
                         help="the studies that get the network rows and Potts K = 3 (default all: "
-                             "centred,recrop,pet_ct,pet)")
+                             "centred,recrop,pet_ct,pet,recrop_pet)")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
         print(f"bench_locate: {INDEX} not found; nothing to measure (the sarcomas are needed)")
@@ -243,7 +244,9 @@ def main(argv=None) -> int:
                "recrop": ("PET + CT + MR, asymmetric re-crops (each margin 1-5 cm)", recropped,
                           work / "recrop", "pet_ct_mr"),
                "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct"),
-               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet")}
+               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet"),
+               "recrop_pet": ("PET alone, asymmetric re-crops (each margin 1-5 cm)", recropped,
+                              work / "recrop_pet", "pet")}
     network_studies = [] if args.no_networks else [
         study for study in args.network_studies.split(",") if selected is None or study in selected]
     networks, network_s = train_networks(work / "networks", folds,
