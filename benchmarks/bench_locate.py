@@ -217,8 +217,9 @@ def main(argv=None) -> int:
                              "recrop_pet; cached) and stop without a report, e.g. while the networks "
                              "train")
     parser.add_argument("--no-networks", action="store_true",
-                        help="leave out the rows that need the fold networks (cnn, locate-potts with "
-                             "the network), e.g. before they are trained; the report says so")
+                        help="leave out the rows that need the fold networks (cnn, deep-potts, "
+                             "locate-potts with the network) and Potts K = 3, e.g. before they are "
+                             "trained; the report says so")
     parser.add_argument("--no-train", action="store_true",
                         help="use the fold networks already trained; folds without one are left out "
                              "of the network rows (the report names them)")
@@ -322,7 +323,8 @@ def study_records(study: str, spec: tuple, folds: dict, priors: list[Path], netw
                   jobs: int) -> list[dict]:
     """Every run of one study (cached): SUV >= 2.5 and potts on all cases, then per fold potts
     and locate-potts with the fold prior, and with ``networks`` (one checkpoint or None per
-    fold; None for the whole study leaves them out) the network rows."""
+    fold; None for the whole study leaves them out) Potts K = 3 on all cases and the network
+    rows of the folds that have one."""
     _, index, folder, tag = spec
     modalities = MODALITY_SETS[tag]
     records = run_config(folder / "reference", config_text(
