@@ -190,7 +190,7 @@ def config_text(name: str, cases: list[str], models: list[str], index: Path = IN
     lines = ["[experiment]", f'name = "{name}"', "[real]", f'index = "{index}"',
              f"cases = {cases!r}".replace("'", '"'), f"modalities = {modalities!r}".replace("'", '"'),
              "[model]", f"name = {models!r}".replace("'", '"')]
-    lines += [f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"'
+    lines += [f"{key} = {value!r}" if isinstance(value, (int, float)) else f'{key} = "{value}"'
               for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
@@ -204,6 +204,19 @@ def run_config(folder: Path, text: str, jobs: int) -> list[dict]:
     experiment = load_experiment(path)
     run_experiment(experiment, folder, jobs=jobs)
     return load_records(experiment, folder)
+
+
+def locate_studies(work: Path, every: list[str]) -> dict:
+    """Each study's (title, index, folder, modalities' tag); the re-crops are made (cached) in
+    ``work``/recrops."""
+    recropped = recrop_index(INDEX, every, work / "recrops")
+    return {"centred": ("PET + CT + MR, shared crops (centred on the GTV)", INDEX, work, "pet_ct_mr"),
+            "recrop": ("PET + CT + MR, asymmetric re-crops (each margin 1-5 cm)", recropped,
+                       work / "recrop", "pet_ct_mr"),
+            "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct"),
+            "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet"),
+            "recrop_pet": ("PET alone, asymmetric re-crops (each margin 1-5 cm)", recropped,
+                           work / "recrop_pet", "pet")}
 
 
 def main(argv=None) -> int:
@@ -239,15 +252,7 @@ def main(argv=None) -> int:
                     for f in range(len(folds["folds"]))] for tag, modalities in MODALITY_SETS.items()}
     selected = None if args.runs_only is None else args.runs_only.split(",")
     every = sorted(case for fold in folds["folds"] for case in fold)
-    recropped = recrop_index(INDEX, every, work / "recrops")
-    # (title, index, folder, modalities' tag)
-    studies = {"centred": ("PET + CT + MR, shared crops (centred on the GTV)", INDEX, work, "pet_ct_mr"),
-               "recrop": ("PET + CT + MR, asymmetric re-crops (each margin 1-5 cm)", recropped,
-                          work / "recrop", "pet_ct_mr"),
-               "pet_ct": ("PET + CT, shared crops", INDEX, work / "pet_ct", "pet_ct"),
-               "pet": ("PET alone, shared crops", INDEX, work / "pet", "pet"),
-               "recrop_pet": ("PET alone, asymmetric re-crops (each margin 1-5 cm)", recropped,
-                              work / "recrop_pet", "pet")}
+    studies = locate_studies(work, every)
     network_studies = [] if args.no_networks else [
         study for study in args.network_studies.split(",") if selected is None or study in selected]
     networks, network_s = train_networks(work / "networks", folds,

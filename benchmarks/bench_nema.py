@@ -29,7 +29,9 @@ the sphere's label. Methods (all ``vbseg.segment`` on the saved VOI mask):
   its forward model (``--wall-mm``); run by ``benchmarks/bench_pv.py``'s NEMA part;
   ``pv_beta_auto`` (not run by default): pv-potts with ``--beta auto``, no wall, by
   ``python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_beta_auto --out
-  benchmarks/results/pv_nema_beta``.
+  benchmarks/results/pv_nema_beta``; ``pv_psf_sd`` (not run by default): pv-potts with the
+  fitted FWHM given a 1 mm sd (``--psf-sd 1``), no wall, by ``python -m benchmarks.bench_nema
+  --methods psf_vb,pv_wall0,pv_psf_sd --out benchmarks/results/pv_nema_psf_sd``.
 
 Regenerate (65 minutes on 2 busy cores, nearly all of it ``psf_gibbs``, ~10 minutes a sphere;
 the other methods take seconds):
@@ -98,6 +100,8 @@ METHODS = {
     "pv_wall1.5": dict(model="pv-potts", psf=True, wall_mm=1.5),
     # pv-potts with --beta auto (the beta grid weighted by exp(ELBO - log Z)), no wall
     "pv_beta_auto": dict(model="pv-potts", psf=True, beta="auto"),
+    # pv-potts with the fitted FWHM given a 1 mm sd (--psf-sd 1), no wall
+    "pv_psf_sd": dict(model="pv-potts", psf=True, psf_sd_mm=1.0),
 }
 # the conformal levels a calibration adds (vbseg segment --calibration's default levels)
 CONFORMAL_LEVELS = DEFAULT_CONFORMAL_LEVELS
@@ -195,7 +199,8 @@ def run_sphere(nema, sphere, methods, folder, psf_fwhm, calibration=None,
         posterior = vbseg.segment(
             [nema["pet_path"]], modalities=["pet"], roi=voi_path, model=spec.get("model", "potts"),
             psf_fwhm_mm=psf_fwhm if spec.get("psf") else None, sampler=spec.get("sampler", "vb"),
-            wall_mm=spec.get("wall_mm"), beta=spec.get("beta"), calibration=calibration)
+            wall_mm=spec.get("wall_mm"), beta=spec.get("beta"), psf_sd_mm=spec.get("psf_sd_mm"),
+            calibration=calibration)
         seconds = time.perf_counter() - start
         volume = posterior.volume_interval(LEVEL)
         draws = np.asarray(posterior.volume_draws_ml, np.float64)

@@ -56,7 +56,8 @@ CV = 0.10
 MARGIN_MM = 24.0
 # name: (model, further segment options); --methods picks them (default the first two)
 METHODS = {"psf_fixed": ("potts", {}), "pv_potts": ("pv-potts", {}),
-           "pv_beta_auto": ("pv-potts", {"beta": "auto"})}
+           "pv_beta_auto": ("pv-potts", {"beta": "auto"}),
+           "pv_psf_sd": ("pv-potts", {"psf_sd_mm": 1.0})}
 DEFAULT_METHODS = "psf_fixed,pv_potts"
 
 
@@ -94,6 +95,8 @@ def non_native_phantom(diameter_mm, contrast, seed):
 
 
 def run_draw(diameter, contrast, seed, folder, methods):
+    if not methods:
+        return []
     image, fraction, truth, volume_ml, noise = non_native_phantom(diameter, contrast, seed)
     fwhm_given = PSF_FWHM + (0.0, -1.0, 1.0)[seed % 3]
     affine = np.diag(list(SPACING) + [1.0])
@@ -161,7 +164,8 @@ def _chains(summary) -> str:
 
 def markdown(rows, cells, total_s, args) -> str:
     lines = [f"Design: diameters {args.diameters} mm x contrasts {args.contrasts} x "
-             f"{args.seeds} seeds; {len(rows) // len(args.method_names)} draws per method done. "
+             f"{args.seeds} seeds; draws done: " + ", ".join(
+                 f"{name} {sum(r['method'] == name for r in rows)}" for name in args.method_names) + ". "
              f"Total {total_s / 60:.1f} min.", "",
              "| cell | method | draws | mean vol. error (sd) | 95 % coverage (k/n) | CP 95 % CI | "
              "interval score / V | Dice50 | ECE | median run s (compile s) | median ESS (R-hat) |",
@@ -184,7 +188,9 @@ def markdown(rows, cells, total_s, args) -> str:
                      f"({s['covered']}/{s['draws']}) | {s['ci_low']:.2f}-{s['ci_high']:.2f} | "
                      f"{s['interval_score_rel']:.3f} | {s['dice50']:.3f} | {s['ece']:.4f} | "
                      f"{s['run_s_median']:.1f} |")
-    return "\n".join(lines + target_lines(rows, cells, args)) + "\n"
+    targets = [line for model in ("pv_potts", "pv_psf_sd", "pv_beta_auto")
+               for line in target_lines(rows, cells, args, model)]
+    return "\n".join(lines + targets) + "\n"
 
 
 def target_lines(rows, cells, args, model: str = "pv_potts", reference: str = "psf_fixed") -> list[str]:
@@ -193,7 +199,11 @@ def target_lines(rows, cells, args, model: str = "pv_potts", reference: str = "p
     interval score no worse; Dice and ECE no worse; median fit time within 3x."""
     if model not in args.method_names or reference not in args.method_names:
         return []
-    own = {name: cell_summary([r for r in rows if r["method"] == name]) for name in (model, reference)}
+    # paired: the reference on the model's own draws only (a method added later may have fewer)
+    drawn = {(r["diameter_mm"], r["contrast"], r["seed"]) for r in rows if r["method"] == model}
+    own = {name: cell_summary([r for r in rows if r["method"] == name
+                               and (r["diameter_mm"], r["contrast"], r["seed"]) in drawn])
+           for name in (model, reference)}
     errors = {key[:2]: s["volume_error_mean"] for key, s in cells.items() if key[2] == model}
     worst = max(errors.items(), key=lambda item: abs(item[1]))
     checks = [
@@ -226,6 +236,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from {', '.join(METHODS)} (default {DEFAULT_METHODS})")
     parser.add_argument("--name", default="bench_pv",
                         help="the report's name: writes NAME.json and NAME.md (default bench_pv)")
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the draws already in NAME.json and fit only the (draw, method) "
+                             "pairs it lacks (e.g. a method added to --methods)")
     parser.add_argument("--report", action="store_true",
                         help="rewrite NAME.md from the draws in NAME.json (same design options), no fits")
     args = parser.parse_args(argv)
@@ -243,15 +256,27 @@ def main(argv=None) -> int:
         report(record["rows"], diameters, contrasts, record["total_s"], args)
         return 0
     start = time.perf_counter()
-    rows = []
+    kept, earlier_s = stored_rows(args) if args.extend else ([], 0.0)
+    rows = list(kept)
+    done = {(r["diameter_mm"], r["contrast"], r["seed"], r["method"]) for r in rows}
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(args.seeds):  # seeds outermost: a stopped run has every cell
             for diameter in diameters:
                 for contrast in contrasts:
-                    rows += run_draw(diameter, contrast, seed, folder, args.method_names)
-                    report(rows, diameters, contrasts, time.perf_counter() - start, args)
+                    missing = [m for m in args.method_names if (diameter, contrast, seed, m) not in done]
+                    rows += run_draw(diameter, contrast, seed, folder, missing)
+                    report(rows, diameters, contrasts, earlier_s + time.perf_counter() - start, args)
     print(f"wrote {args.out / (args.name + '.md')}")
     return 0
+
+
+def stored_rows(args) -> tuple[list, float]:
+    """--extend: (every row of NAME.json, its total seconds); none when it is absent."""
+    stored = args.out / f"{args.name}.json"
+    if not stored.is_file():
+        return [], 0.0
+    record = json.loads(stored.read_text())
+    return list(record["rows"]), float(record["total_s"])
 
 
 def report(rows, diameters, contrasts, total, args) -> None:

@@ -159,6 +159,15 @@ def _segment_model(p):
     p.add_argument("--wall-mm", dest="wall_mm", type=float, metavar="W",
                    help="with --model pv-potts: a cold shell of W mm around the lesion in the PET "
                         "forward model (NEMA IEC sphere glass walls, about 1 mm; default none)")
+    p.add_argument("--envelope-mm", dest="envelope_mm", type=float, metavar="R",
+                   help="the lesion's envelope: close the probability map with a ball of R mm and "
+                        "fill its holes (grey levels, so every contour is the envelope of the "
+                        "model's at its level; the volume draws follow), for GTVs that take the "
+                        "whole mass, not only its hot part (default off; see README)")
+    p.add_argument("--psf-sd", dest="psf_sd_mm", type=float, metavar="MM",
+                   help="with --model pv-potts and --psf-fwhm: the given FWHM's uncertainty (sd, "
+                        "mm); fits at five FWHMs are mixed by their prior weights so the volume "
+                        "interval carries it (default: the FWHM as given)")
     p.add_argument("--pet-noise", dest="pet_noise",
                    help="with --psf-fwhm: PET noise variance 'poisson' (grows with uptake, "
                         "default) or 'constant'")

@@ -126,6 +126,14 @@ class ModelOptions:
         with pv-potts; :mod:`vbseg.pv_potts.model`).
     wall_mm: pv-potts: a cold shell of this thickness (mm) around the lesion in the PET forward
         model (NEMA IEC sphere walls; None: none).
+    psf_sd_mm: pv-potts with ``psf_fwhm_mm``: how uncertain the given FWHM is (the sd of a
+        normal prior, mm); the fits at five FWHM nodes are mixed by their prior weights, so the
+        volume interval carries the PSF's uncertainty (None or 0: the FWHM as given;
+        :func:`vbseg.pv_potts.method.psf_grid`).
+    envelope_mm: the lesion's envelope (any method): the probability map closed by a ball of
+        this radius (mm) and its holes filled, in grey levels, so each contour is the envelope of
+        the model's contour at its level; the volume draws follow (:mod:`vbseg.envelope`). None or
+        0: the model's map as it is.
     """
 
     name: str = dataclasses.field(default="potts", metadata={"keyword": "model"})
@@ -149,6 +157,8 @@ class ModelOptions:
     locate_margin_mm: float | None = None
     fraction_levels: int | None = None
     wall_mm: float | None = None
+    psf_sd_mm: float | None = None
+    envelope_mm: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +297,7 @@ def _check_model(model: ModelOptions, modalities) -> None:
     """The model options, alone and against the images."""
     _check_fusion(model, modalities)
     _check_partial_volume(model, modalities)
+    _check_envelope(model)
     _check_intensity(model, modalities)
     if model.name in ("gp", "deep-gp"):
         _check_gp(model, modalities)
@@ -397,6 +408,23 @@ def _check_fusion(model: ModelOptions, modalities):
                                          "only PET enters the likelihood (add --fusion joint)")
 
 
+MAX_ENVELOPE_MM = 100.0
+
+
+def _check_envelope(model: ModelOptions) -> None:
+    value = model.envelope_mm
+    if value is None:
+        return
+    if model.name == "pv-potts":
+        raise InputError("--envelope-mm", "closes a tumour region, and pv-potts's volume is a sum "
+                                          "of fractions (its E[f] map has no envelope); use it with "
+                                          "label models")
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value)
+            or not 0 <= value <= MAX_ENVELOPE_MM):
+        raise InputError("--envelope-mm", f"must be a number of mm from 0 to {MAX_ENVELOPE_MM:g}, "
+                                          f"got {value!r}")
+
+
 def _check_partial_volume(model: ModelOptions, modalities):
     """--fraction-levels and --wall-mm belong to pv-potts, a two-class Gaussian model that draws
     its own joint samples (:mod:`vbseg.pv_potts.method`)."""
@@ -418,6 +446,14 @@ def _check_partial_volume(model: ModelOptions, modalities):
             raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {model.wall_mm!r}")
         if "pet" not in modalities:
             raise InputError("--wall-mm", "is a cold shell in the PET forward model, and no image is PET")
+    if model.psf_sd_mm is not None:
+        if model.name != "pv-potts" or not model.psf_fwhm_mm:
+            raise InputError("--psf-sd", "goes with --model pv-potts and a --psf-fwhm above 0 (the "
+                                         "uncertainty of the given PSF FWHM)")
+        if (isinstance(model.psf_sd_mm, bool) or not isinstance(model.psf_sd_mm, (int, float, np.floating))
+                or not np.isfinite(model.psf_sd_mm) or not 0 <= model.psf_sd_mm <= model.psf_fwhm_mm):
+            raise InputError("--psf-sd", f"must be a number of mm from 0 to --psf-fwhm "
+                                         f"({model.psf_fwhm_mm:g}), got {model.psf_sd_mm!r}")
     if model.name != "pv-potts":
         return
     if model.num_classes != 2:

@@ -16,6 +16,7 @@ import os
 
 from vbseg.calibration.calibration_file import DEFAULT_CONFORMAL_LEVELS, ConformalPlan, plan_conformal
 from vbseg.cohort.method import check_prior_options
+from vbseg.envelope import apply_envelope
 from vbseg.errors import InputError
 from vbseg.interrupts import pause_point
 from vbseg.io.result_folder import result_folder
@@ -148,6 +149,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
         pause_point("fit")
         result = method.run(prepared, options)
+        if options.model.envelope_mm:
+            result = apply_envelope(result, prepared, float(options.model.envelope_mm))
         if plan.conformal is not None:
             result = plan.conformal.apply(result, prepared)
         posterior = result_posterior(result, prepared, staging, levels_percent, title,

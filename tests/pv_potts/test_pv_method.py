@@ -23,6 +23,7 @@ from vbseg.pv_potts.method import (
     PV_CHAINS,
     PV_KEPT_PER_CHAIN,
     mixed_draws,
+    psf_grid,
 )
 
 
@@ -83,6 +84,13 @@ BAD_OPTIONS = {
     "negative wall": (["--model", "pv-potts", "--wall-mm", "-1"], "--wall-mm", ">= 0"),
     "wall with potts": (["--wall-mm", "1.0"], "--wall-mm", "goes with --model pv-potts"),
     "levels with potts": (["--fraction-levels", "5"], "--fraction-levels", "goes with --model pv-potts"),
+    "psf sd without psf": (["--model", "pv-potts", "--psf-sd", "1"], "--psf-sd", "--psf-fwhm"),
+    "psf sd at psf 0": (["--model", "pv-potts", "--psf-fwhm", "0", "--psf-sd", "1"], "--psf-sd", "above 0"),
+    "psf sd too wide": (["--model", "pv-potts", "--psf-fwhm", "6", "--psf-sd", "7"], "--psf-sd", "from 0 to"),
+    "envelope with pv-potts": (["--model", "pv-potts", "--envelope-mm", "5"], "--envelope-mm", "fractions"),
+    "psf sd with potts": (["--psf-fwhm", "6", "--psf-sd", "1"], "--psf-sd", "goes with --model pv-potts"),
+    "negative psf sd": (["--model", "pv-potts", "--psf-fwhm", "6", "--psf-sd", "-1"], "--psf-sd",
+                        "from 0 to"),
 }
 
 
@@ -153,3 +161,50 @@ def test_mixed_draws_pick_each_pool_in_proportion_to_its_weight():
     assert abs(share - 0.25) <= 4 * np.sqrt(0.25 * 0.75 / n)
     single, _ = mixed_draws([(first, first)], [1.0], 0)
     np.testing.assert_array_equal(single, first.ravel())  # one fit: its draws as they came
+
+
+def test_psf_grid_weights_are_the_normal_masses_of_the_nodes_bins():
+    """Nodes at the given FWHM + (-2..2) sd; weights Phi(0.5) - Phi(-0.5) = 0.38292, Phi(1.5) -
+    Phi(0.5) = 0.24173 and 1 - Phi(1.5) = 0.06681 (tables); nodes below 0 mm are dropped, the
+    lowest bin cut at 0 mm (Phi(-0.5) - Phi(-1) = 0.30854 - 0.15866) and the rest renormalised;
+    no sd (or 0): the given FWHM alone."""
+    fwhms, weights = psf_grid(6.0, 1.0)
+    np.testing.assert_allclose(fwhms, [4.0, 5.0, 6.0, 7.0, 8.0])
+    np.testing.assert_allclose(weights, [0.06681, 0.24173, 0.38292, 0.24173, 0.06681], atol=1e-5)
+    fwhms, weights = psf_grid(1.5, 1.0)
+    np.testing.assert_allclose(fwhms, [0.5, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(weights, np.array([0.24173, 0.38292, 0.24173, 0.06681]) / 0.93319, atol=1e-5)
+    fwhms, weights = psf_grid(1.0, 1.0)  # the node at 0 mm takes its bin's mass above 0 only
+    np.testing.assert_allclose(fwhms, [0.0, 1.0, 2.0, 3.0])
+    mass = np.array([0.30854 - 0.15866, 0.38292, 0.24173, 0.06681])
+    np.testing.assert_allclose(weights, mass / mass.sum(), atol=1e-5)
+    for sd in (None, 0.0):
+        fwhms, weights = psf_grid(6.0, sd)
+        assert fwhms.tolist() == [6.0] and weights.tolist() == [1.0]
+
+
+def test_psf_sd_mixes_the_fits_at_the_psf_nodes_by_their_prior_weights(phantom_path):
+    """--psf-sd: one fit per PSF node, recorded with its prior weight and its mean-field volume;
+    the mixture's interval is wider than the given PSF's and holds the central nodes' volumes;
+    --psf-sd 0 is the fit at the given FWHM exactly."""
+    phantom, path = phantom_path
+    given = vbseg.segment([path], modalities=["pet"], model="pv-potts", psf_fwhm_mm=6.0,
+                          fraction_levels=5, seed=0)
+    zero = vbseg.segment([path], modalities=["pet"], model="pv-potts", psf_fwhm_mm=6.0,
+                         fraction_levels=5, seed=0, psf_sd_mm=0.0)
+    np.testing.assert_array_equal(zero.volume_draws_ml, given.volume_draws_ml)
+    mixed = vbseg.segment([path], modalities=["pet"], model="pv-potts", psf_fwhm_mm=6.0,
+                          fraction_levels=5, seed=0, psf_sd_mm=1.0)
+    components = mixed.summary["diagnostics"]["mixture"]["components"]
+    fwhms, weights = psf_grid(6.0, 1.0)
+    assert [c["psf_fwhm_mm"] for c in components] == fwhms.tolist()
+    np.testing.assert_allclose([c["weight"] for c in components], weights, rtol=1e-12)
+    assert all(c["sampled"] for c in components) and mixed.summary["options"]["psf_sd_mm"] == 1.0
+    assert all(c["mean_field_volume_ml"] > 0 for c in components)
+    assert mixed.volume_draws_ml.size == PV_CHAINS * PV_KEPT_PER_CHAIN
+    assert "--psf-sd" in mixed.volume_method
+    narrow, wide = given.volume_interval(), mixed.volume_interval()
+    assert wide["upper"] - wide["lower"] > 1.5 * (narrow["upper"] - narrow["lower"]), (narrow, wide)
+    central = [c["mean_field_volume_ml"] for c in components[1:4]]  # weights 0.24-0.38 each
+    assert wide["lower"] <= min(central) and max(central) <= wide["upper"], (central, wide)
+    assert abs(wide["mean"] / phantom.volume_ml - 1) <= 0.10

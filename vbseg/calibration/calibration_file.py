@@ -110,7 +110,7 @@ SPLIT, CROSS_FIT = "split", "cross-fit"
 # the scores as they were.
 MODEL_CODE = ("potts", "pv_potts", "gp", "cohort", "baselines", "inference", "methods", "deep/model.py",
               "deep/segment.py", "prepare.py", "io/image.py", "options.py", "records.py", "posterior.py",
-              "calibration/conformal.py")
+              "calibration/conformal.py", "envelope.py")
 
 
 def model_digest() -> str:

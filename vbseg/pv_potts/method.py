@@ -19,6 +19,14 @@ and the volume draws a weighted draw from the joint draws of every fit with weig
 ``MIN_DRAW_WEIGHT`` (each sampled from its own mean-field mode). The mean-field ELBO is a lower
 bound whose gap grows with the coupling, so the weights lean towards weaker coupling than the
 exact marginal likelihood would (Gelman & Meng 1998 for the path; the bias is the bound's).
+
+``--psf-sd S``: the given PSF FWHM is uncertain, with a normal prior of sd S around it. The
+fit and the sampler run at the nodes of :func:`psf_grid` (the given FWHM + ``PSF_GRID_Z`` x
+S) and are mixed as above, with each node's prior mass as its weight (times the beta weights
+within the node with ``--beta auto``). The PSF is not weighted by the ELBO: on phantoms whose
+noise is not the model's (Poisson, correlated) the bound peaked 0.5-1.5 mm above the true
+FWHM on every draw tried (docs/research/model.md), so data weights would replace an honest
+spread by one wrong FWHM. This is a cut of the PSF's likelihood, not its full posterior.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
 from vbseg.inference.chains import chain_diagnostics
 from vbseg.methods.inputs import likelihood_inputs
@@ -76,6 +85,13 @@ PV_DRAWS_METHOD = (
 BETA_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 PATH_STEP = 0.25
 MIN_DRAW_WEIGHT = 0.01
+# --psf-sd: the PSF FWHM's prior nodes, in sds from the given FWHM (module doc)
+PSF_GRID_Z = (-2.0, -1.0, 0.0, 1.0, 2.0)
+PSF_RULE = ("PSF nodes at the given FWHM + (-2, -1, 0, 1, 2) x --psf-sd, each weighted by the "
+            "N(given, sd^2) mass of its bin (outer bins open, nodes below 0 mm dropped); the PSF is "
+            "not weighted by the data (the ELBO reads correlated and Poisson noise as extra blur: "
+            "docs/research/model.md); with --beta auto, the beta grid weighted within each node")
+PSF_MIXTURE_NOTE = "; with --psf-sd, drawn at each PSF node and mixed in proportion to its prior weight"
 BETA_MIXTURE_NOTE = (f"; with --beta auto, drawn at each beta of the grid with weight >= "
                      f"{MIN_DRAW_WEIGHT:g} and mixed in proportion to the weights "
                      "exp(ELBO - log Z(beta))")
@@ -88,33 +104,40 @@ def _padded(likelihood, features, crop_voi, precision):
             jnp.asarray(pad_to_bucket(precision, 1.0)))
 
 
-class BetaWeighting(NamedTuple):
-    """--beta auto: the grid's weights (:class:`~vbseg.pv_potts.inference.BetaWeights`), the TI
-    path from 0 (betas, E[T | beta], log Z(beta) - log Z(0)) and the seconds it took."""
+class BetaPath(NamedTuple):
+    """--beta auto: log Z(beta) - log Z(0) and E[T | beta] of the level prior at ``BETA_GRID``,
+    the record of the whole TI path from 0, and the seconds it took."""
 
-    weights: np.ndarray
+    log_partition: np.ndarray
+    mean_statistic: np.ndarray
     record: dict
     seconds: float
 
 
-def weigh_betas(fits, num_levels: int, roi, weights, seed: int) -> BetaWeighting:
-    """Weights ∝ exp(ELBO - log Z(beta)) of the fits at ``BETA_GRID`` (module doc)."""
+def beta_path(num_levels: int, roi, weights, seed: int) -> BetaPath:
+    """The level prior's log partition function along ``PATH_STEP`` steps from 0 on the fit's
+    ROI (module doc); it does not depend on the image, so one path serves every PSF node."""
     start = time.perf_counter()
     path_betas = np.round(np.arange(0.0, BETA_GRID[-1] + PATH_STEP / 2, PATH_STEP), 6)
     log_z, path = level_log_partition(path_betas, level_interaction(num_levels),
                                       level_log_prior(num_levels), roi, weights, seed=seed)
     at = [int(np.flatnonzero(np.isclose(path_betas, b))[0]) for b in BETA_GRID]
+    record = {"betas": path_betas.tolist(), "mean_pair_statistic": path.tolist(),
+              "log_partition": log_z.tolist()}
+    return BetaPath(log_z[at], path[at], record, time.perf_counter() - start)
+
+
+def weigh_betas(fits, path: BetaPath) -> tuple[np.ndarray, dict]:
+    """(weights ∝ exp(ELBO - log Z(beta)) of the fits at ``BETA_GRID``, their record)."""
     elbos = [float(np.asarray(f.elbo_trace)[int(f.num_iterations) - 1]) for f in fits]
-    result = beta_weights(BETA_GRID, elbos, log_z[at], path[at])
+    result = beta_weights(BETA_GRID, elbos, path.log_partition, path.mean_statistic)
     record = {"betas": list(BETA_GRID), "elbo": result.elbo.tolist(),
               "log_partition": result.log_partition.tolist(), "weights": result.weights.tolist(),
-              "posterior_mean_beta": float(np.dot(result.weights, BETA_GRID)),
-              "path": {"betas": path_betas.tolist(), "mean_pair_statistic": path.tolist(),
-                       "log_partition": log_z.tolist()},
+              "posterior_mean_beta": float(np.dot(result.weights, BETA_GRID)), "path": path.record,
               "rule": "weights ∝ exp(ELBO(beta) - (log Z(beta) - log Z(0))), uniform prior on "
                       "the grid; log Z by thermodynamic integration (trapezoid) of the level "
                       "prior's pair statistic simulated by checkerboard Gibbs on the fit's ROI"}
-    return BetaWeighting(result.weights, record, time.perf_counter() - start)
+    return result.weights, record
 
 
 def mixed_draws(pools, weights, seed: int):
@@ -199,6 +222,103 @@ def level_problem(prepared, options, likelihood, features, psf, precision, start
     return problem, omega
 
 
+def psf_grid(fwhm_mm: float, sd_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(FWHMs, prior weights) of ``--psf-sd``: the given FWHM plus ``PSF_GRID_Z`` sds, each node
+    weighted by the N(given, sd^2) mass of its bin (half-way to its neighbours, the outer bins
+    open), the prior truncated at 0 mm: nodes below 0 are dropped, the lowest bin is cut at 0
+    and the masses renormalised. Without an sd: the given FWHM alone."""
+    if not sd_mm:
+        return np.array([float(fwhm_mm)]), np.ones(1)
+    z = np.asarray(PSF_GRID_Z, np.float64)
+    edges = np.maximum(np.concatenate([[-np.inf], (z[1:] + z[:-1]) / 2, [np.inf]]), -fwhm_mm / sd_mm)
+    mass = np.diff(special.ndtr(edges))
+    fwhms = fwhm_mm + sd_mm * z
+    keep = fwhms >= 0
+    return fwhms[keep], mass[keep] / mass[keep].sum()
+
+
+def at_fwhm(problem: LevelProblem, fwhm_mm: float) -> LevelProblem:
+    """``problem`` with the PET images' PSF FWHM (the images with one) set to ``fwhm_mm``."""
+    psf = tuple(float(fwhm_mm) if f > 0 else f for f in problem.statics["psf_fwhm_mm"])
+    return problem._replace(statics=dict(problem.statics, psf_fwhm_mm=psf))
+
+
+class Components(NamedTuple):
+    """The fits mixed for the outputs: ``fits`` (mean-field fit, compile s, run s) with their
+    ``betas`` and PET ``fwhms`` (one per fit), the mixture ``weights`` (prior weight of the PSF
+    node x the beta's weight within it), the beta weighting's ``record`` (None at a fixed beta)
+    and the seconds its log Z path took."""
+
+    fits: list
+    betas: list
+    fwhms: list
+    weights: np.ndarray
+    record: dict | None
+    seconds: float
+
+
+def fit_components(problem: LevelProblem, options, betas, seed: int) -> Components:
+    """The level fits at every (PSF node, beta) and their mixture weights (module doc): at a
+    fixed beta the PSF prior's weights; with --beta auto, within each PSF node the beta grid
+    weighted by exp(ELBO - log Z(beta)) (log Z is the prior's and is shared by the nodes)."""
+    given = max(problem.statics["psf_fwhm_mm"])
+    fwhms, psf_weights = psf_grid(given, options.model.psf_sd_mm if given > 0 else None)
+    path = None if options.model.beta != "auto" else beta_path(
+        problem.num_levels, np.asarray(problem.padded[2]), np.asarray(problem.weights), seed)
+    fits, grid_betas, grid_fwhms, weights, record = [], [], [], [], None
+    for fwhm, psf_weight in zip(fwhms, psf_weights):
+        node_fits = [level_fit(at_fwhm(problem, fwhm), b) for b in betas]
+        beta_weight = np.ones(1)
+        if path is not None:
+            beta_weight, node_record = weigh_betas([f for f, _, _ in node_fits], path)
+            if fwhm == given:
+                record = dict(node_record, psf_fwhm_mm=float(given))
+        fits += node_fits
+        grid_betas += list(betas)
+        grid_fwhms += [float(fwhm)] * len(betas)
+        weights += list(psf_weight * beta_weight)
+    return Components(fits, grid_betas, grid_fwhms, np.asarray(weights), record,
+                      0.0 if path is None else path.seconds)
+
+
+def component_draws(problem: LevelProblem, components: Components, seed: int):
+    """{index: (joint draws, compile s, run s)} of the level sampler for every component with
+    weight >= ``MIN_DRAW_WEIGHT``, each from its own mean-field mode."""
+    drawn = {}
+    for i, (fit, beta, fwhm) in enumerate(zip(components.fits, components.betas, components.fwhms)):
+        if components.weights[i] >= MIN_DRAW_WEIGHT:
+            drawn[i] = level_draws(at_fwhm(problem, fwhm), beta, fit[0], seed)
+    return drawn
+
+
+def _records(options, problem, components: Components, drawn, beta, volume_draws: int, component_ml):
+    """(run options, the beta/PSF mixture's diagnostics) for the summary; ``component_ml`` the
+    mean-field volume (voxel volume x sum of E[f] over the VOI) of each fit."""
+    auto = components.record is not None
+    mixed = len(components.fits) > 1
+    run_options = {
+        "fraction_levels": problem.num_levels, "beta": "auto" if auto else beta,
+        "neighbourhood": options.model.neighbourhood,
+        "psf_fwhm_mm": options.model.psf_fwhm_mm, "psf_sd_mm": options.model.psf_sd_mm,
+        "wall_mm": options.model.wall_mm,
+        "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
+        "mixed_weight": DEFAULT_MIXED_WEIGHT,
+        "prior": dict(NormalGammaPrior()._asdict(),
+                      units="standardised features: (y - median) / sd over the VOI"),
+        "inference": ("the two-class PSF hidden Potts fit (mean-field) as the start; the "
+                      "partial-volume model by mean-field VB (damped checkerboard level sweeps, "
+                      "conjugate regression update); joint draws by the level sampler"),
+        "volume_draws": volume_draws,
+    }
+    mixture = None if not mixed else {
+        "components": [{"beta": b, "psf_fwhm_mm": f, "weight": float(w), "sampled": i in drawn,
+                        "mean_field_volume_ml": ml}
+                       for i, (b, f, w, ml) in enumerate(zip(components.betas, components.fwhms,
+                                                             components.weights, component_ml))],
+        "rule": PSF_RULE if options.model.psf_sd_mm else "the beta grid's weights at the given PSF"}
+    return run_options, mixture
+
+
 def run_pv_potts(prepared, options) -> MethodResult:
     """The partial-volume fit and its joint draws on the prepared crop (module doc)."""
     likelihood = likelihood_inputs(prepared, options)
@@ -219,69 +339,57 @@ def run_pv_potts(prepared, options) -> MethodResult:
         tumour_class=options.model.tumour_class)
     problem, omega = level_problem(prepared, options, likelihood, features, psf, precision,
                                    first.marginals[..., int(order[position])])
-    betas = BETA_GRID if options.model.beta == "auto" else (beta,)
-    fits = [level_fit(problem, b) for b in betas]
-    weighting = None if options.model.beta != "auto" else weigh_betas(
-        [fit for fit, _, _ in fits], problem.num_levels, np.asarray(problem.padded[2]),
-        np.asarray(problem.weights), prepared.seed)
-    beta_weight = np.ones(1) if weighting is None else weighting.weights
-    drawn = {i: level_draws(problem, betas[i], fits[i][0], prepared.seed)
-             for i in range(len(betas)) if beta_weight[i] >= MIN_DRAW_WEIGHT}
+    components = fit_components(problem, options, BETA_GRID if options.model.beta == "auto" else (beta,),
+                                prepared.seed)
+    drawn = component_draws(problem, components, prepared.seed)
     counts, weighted = mixed_draws([(np.asarray(d.counts)[..., 1], np.asarray(d.weighted)[..., 1])
                                     for d, _, _ in drawn.values()],
-                                   beta_weight[list(drawn)], prepared.seed)
-    shape = crop_voi.shape
-    marginals = sum(w * np.asarray(f.marginals)[: shape[0], : shape[1], : shape[2]]
-                    for w, (f, _, _) in zip(beta_weight, fits))
-    top = int(np.argmax(beta_weight))
-    fit = fits[top][0]
+                                   components.weights[list(drawn)], prepared.seed)
+    shape, voxel_ml = crop_voi.shape, prepared.reference.voxel_volume_ml
+    each = [np.asarray(f.marginals)[: shape[0], : shape[1], : shape[2]] for f, _, _ in components.fits]
+    component_ml = [float(fraction_summaries(m)[1][crop_voi].sum() * voxel_ml) for m in each]
+    marginals = sum(w * m for w, m in zip(components.weights, each))
+    top = int(np.argmax(components.weights))
+    fit = components.fits[top][0]
     probability, fraction = fraction_summaries(marginals)
-    voxel_ml = prepared.reference.voxel_volume_ml
     levels = np.asarray(fit.emission.mean).T * scales + centres  # (2, M) image units
     noise_sd = np.sqrt(np.asarray(fit.emission.rate) / np.asarray(fit.emission.shape)) * scales
     iterations = int(fit.num_iterations)
-    fit_compile, fit_run = (sum(f[k] for f in fits) for k in (1, 2))
+    fit_compile, fit_run = (sum(f[k] for f in components.fits) for k in (1, 2))
     draw_compile, draw_run = (sum(d[k] for d in drawn.values()) for k in (1, 2))
     timings = {"compile": first.timings["compile"] + fit_compile + draw_compile,
-               "run": first.timings["run"] + fit_run + draw_run + (weighting.seconds if weighting else 0.0),
+               "run": first.timings["run"] + fit_run + draw_run + components.seconds,
                "pv_fit": fit_run, "pv_draws": draw_run}
-    if weighting is not None:
-        timings["beta_log_partition"] = weighting.seconds
-    run_options = {
-        "fraction_levels": problem.num_levels, "beta": "auto" if weighting else beta,
-        "neighbourhood": options.model.neighbourhood,
-        "psf_fwhm_mm": options.model.psf_fwhm_mm, "wall_mm": options.model.wall_mm,
-        "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
-        "mixed_weight": DEFAULT_MIXED_WEIGHT,
-        "prior": dict(NormalGammaPrior()._asdict(),
-                      units="standardised features: (y - median) / sd over the VOI"),
-        "inference": ("the two-class PSF hidden Potts fit (mean-field) as the start; the "
-                      "partial-volume model by mean-field VB (damped checkerboard level sweeps, "
-                      "conjugate regression update); joint draws by the level sampler"),
-        "tumour_rule": tumour_rule, "fusion": likelihood.record, "volume_draws": int(counts.size),
-    }
+    if components.record is not None:
+        timings["beta_log_partition"] = components.seconds
+    run_options, mixture = _records(options, problem, components, drawn, beta, int(counts.size),
+                                    component_ml)
+    run_options.update(tumour_rule=tumour_rule, fusion=likelihood.record)
     parameters = {
         "background_level": levels[0].tolist(), "tumour_level": levels[1].tolist(),
-        "noise_sd": noise_sd.tolist(), "beta": betas[top],
+        "noise_sd": noise_sd.tolist(), "beta": components.betas[top],
+        "psf_fwhm_mm": components.fwhms[top] if any(psf) else None,
         "neighbour_weights": np.asarray(problem.weights).tolist(),
         "units": "image units; columns follow options.fusion.images_in_likelihood",
-        "levels_note": ("the highest-weight beta's fit" if weighting else "the fit's"),
+        "levels_note": "the highest-weight fit's" if mixture else "the fit's",
     }
     diagnostics = {
         "initial_fit": first.diagnostics,
         "converged": bool(fit.converged), "iterations": iterations,
         "fraction_sum_chains": chain_diagnostics(np.asarray(drawn[top][0].counts)[..., 1]),
-        "beta_weighting": None if weighting is None else {
-            **weighting.record, "sampled_betas": [betas[i] for i in drawn]},
+        "beta_weighting": None if components.record is None else {
+            **components.record, "sampled_betas": sorted({components.betas[i] for i in drawn})},
+        "mixture": mixture,
         "fraction_sum_mean_field_voxels": float(fraction[crop_voi].sum()),
         "wall_voxels": None if omega is None else float(omega.sum()),
         "fit_grid_shape": [int(n) for n in problem.padded[0].shape[:3]],
         "elbo_note": "nats; lower bound on log p(y) + log Z(beta), comparable within one fit",
     }
+    note = (BETA_MIXTURE_NOTE if components.record is not None else "") + (
+        PSF_MIXTURE_NOTE if options.model.psf_sd_mm and any(psf) else "")
     return MethodResult(
         probability=prepared.on_grid(probability.astype(np.float32)),
-        volume_draws_ml=counts * voxel_ml,
-        volume_method=PV_DRAWS_METHOD + (BETA_MIXTURE_NOTE if weighting else ""),
+        volume_draws_ml=counts * voxel_ml, volume_method=PV_DRAWS_METHOD + note,
         tlg_draws=weighted * voxel_ml if prepared.pet_first else None,
         model=options.model.name, options=run_options, parameters=parameters, diagnostics=diagnostics,
         elbo=np.asarray(fit.elbo_trace)[:iterations].tolist(), timings_s=timings,
