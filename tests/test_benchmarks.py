@@ -13,6 +13,7 @@ from benchmarks import (
     bench_calibration,
     bench_cluster,
     bench_cohort,
+    bench_envelope,
     bench_gp,
     bench_locate_switch,
     bench_multiscale,
@@ -95,6 +96,16 @@ def test_bench_pv_smoke(tmp_path):
     assert rows[0]["noise"] == "poisson" and rows[0]["psf_given_mm"] == 6.0
     assert abs(rows[0]["fraction_ml"] / rows[0]["true_ml"] - 1) < 0.02  # supersampled truth
     assert "| 13 mm 4:1 | pv_potts | 1 |" in (tmp_path / "bench_pv.md").read_text()
+    # --extend keeps the stored draws and fits only what is missing: here nothing
+    assert bench_pv.main(["--diameters", "13", "--contrasts", "4", "--seeds", "1",
+                          "--out", str(tmp_path), "--extend"]) == 0
+    assert json.loads((tmp_path / "bench_pv.json").read_text())["rows"] == rows
+
+
+def test_bench_envelope_chooses_the_best_training_radius_the_smaller_on_ties():
+    radius, means = bench_envelope.choose_radius({"a": [0.5, 0.7, 0.7, 0.6, 0.7],
+                                                  "b": [0.3, 0.5, 0.5, 0.5, 0.4]})
+    assert radius == bench_envelope.RADII_MM[1] and means[1] == means[2] == pytest.approx(0.6)
 
 
 def test_bench_cohort_smoke(tmp_path):
