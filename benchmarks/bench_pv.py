@@ -18,6 +18,10 @@ seconds.
 
 Regenerate (the design committed; minutes depend on the machine's load):
     python -m benchmarks.bench_pv --diameters 13,17,22,28 --contrasts 4,8 --seeds 25
+then pv-potts with ``--psf-sd 1`` (the FWHM's prior sd, five fits mixed) on the same draws, kept
+beside them (about 95 minutes on 2 busy cores):
+    python -m benchmarks.bench_pv --diameters 13,17,22,28 --contrasts 4,8 --seeds 25 \\
+        --methods psf_fixed,pv_potts,pv_psf_sd --extend
 and the NEMA part (pv-potts with --wall-mm 0, 1.0, 1.5 beside the PSF Potts model on nema1;
 skips with a message when ../shared/data has no NEMA scan):
     python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_wall1.0,pv_wall1.5 \\
