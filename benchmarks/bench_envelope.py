@@ -50,6 +50,7 @@ from benchmarks.bench_locate import (
     config_text,
     fold_prior,
     locate_studies,
+    network_path,
     run_config,
 )
 from benchmarks.common import RESULTS, machine, write_report
@@ -95,6 +96,11 @@ def study_runs(study: str, spec: tuple, folds: dict, priors: list, work: Path, j
             f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
             prior=priors[f]), jobs)
         records += [r for r in fold_runs if r.get("model") == "locate-potts"]
+        network = network_path(locate_folder.parent / "networks" if study != "centred" else
+                               locate_folder / "networks", f, tag)
+        if network.is_file():  # bench_locate's fold network alone, cached (a part to beat)
+            records += run_config(locate_folder / f"fold{f}_cnn", config_text(
+                f"locate_fold{f}_cnn_{study}", cases, ["cnn"], index, modalities, checkpoint=network), jobs)
         train_folder = work / study / f"train_fold{f}"
         train_runs = run_config(train_folder, config_text(
             f"envelope_train_fold{f}_{study}", training, ["locate-potts"], index, modalities,
@@ -120,7 +126,8 @@ def study_runs(study: str, spec: tuple, folds: dict, priors: list, work: Path, j
 def name_of(record: dict) -> str:
     if "envelope_method" in record:
         return record["envelope_method"]
-    return {"locate-potts": "locate-potts (fold prior)"}.get(record.get("model"), record.get("model"))
+    return {"locate-potts": "locate-potts (fold prior)", "cnn": "cnn (fold network)"}.get(
+        record.get("model"), record.get("model"))
 
 
 def study_report(records: list, chosen: dict) -> tuple[dict, str]:
@@ -128,12 +135,15 @@ def study_report(records: list, chosen: dict) -> tuple[dict, str]:
     against_suv = summarise(records, avid, "suv2.5", name_of=name_of)
     text = markdown_table(against_suv, "suv2.5")
     paired = {}
-    for method, base in (("potts", "potts"), ("locate-potts", "locate-potts (fold prior)")):
+    comparisons = [("potts", "potts"), ("locate-potts", "locate-potts (fold prior)")]
+    if any(name_of(r) == "cnn (fold network)" for r in records):
+        comparisons.append(("locate-potts", "cnn (fold network)"))
+    for method, base in comparisons:
         label = f"{method} + envelope (fold-chosen R)"
         own = [r for r in records if name_of(r) in (label, base)]
-        paired[method] = summarise(own, avid, base, name_of=name_of)
-        text += f"\nPaired against {base} without the envelope:\n\n" + markdown_table(
-            {label: paired[method][label]}, base, base)
+        paired[f"{method} against {base}"] = summary = summarise(own, avid, base, name_of=name_of)
+        what = "the network alone" if base.startswith("cnn") else "without the envelope"
+        text += f"\nPaired against {base} ({what}):\n\n" + markdown_table({label: summary[label]}, base, base)
     lines = ["| method | fold | training cases (failed) | chosen R mm | training Dice at "
              + ", ".join(f"{r:g}" for r in RADII_MM) + " mm |", "|---|---|---|---|---|"]
     for method, folds in chosen.items():
