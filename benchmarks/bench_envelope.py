@@ -79,8 +79,9 @@ def choose_radius(scores: dict) -> tuple[float, list[float]]:
     return float(RADII_MM[int(np.flatnonzero(means >= means.max() - 1e-12)[0])]), means.tolist()
 
 
-def study_runs(study: str, spec: tuple, folds: dict, priors: list, work: Path, jobs: int):
-    """(records for the report, the chosen radii and training means per fold and method)."""
+def study_runs(study: str, spec: tuple, folds: dict, priors: list, networks: Path, work: Path, jobs: int):
+    """(records for the report, the chosen radii and training means per fold and method);
+    ``networks``: bench_locate's fold-network folder."""
     _, index, locate_folder, tag = spec
     modalities = MODALITY_SETS[tag]
     every = sorted(c for fold in folds["folds"] for c in fold)
@@ -88,7 +89,7 @@ def study_runs(study: str, spec: tuple, folds: dict, priors: list, work: Path, j
     reference = run_config(reference_folder, config_text(
         f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), jobs)
     potts_runs = {case_of(r): r for r in reference if r.get("model") == "potts" and r.get("status") == "ok"}
-    records = [r for r in reference]
+    records = list(reference)
     chosen = {}
     for f, held_out in enumerate(folds["folds"]):
         cases, training = sorted(held_out), sorted(set(every) - set(held_out))
@@ -96,8 +97,7 @@ def study_runs(study: str, spec: tuple, folds: dict, priors: list, work: Path, j
             f"locate_fold{f}_{study}", cases, ["potts", "locate-potts"], index, modalities,
             prior=priors[f]), jobs)
         records += [r for r in fold_runs if r.get("model") == "locate-potts"]
-        network = network_path(locate_folder.parent / "networks" if study != "centred" else
-                               locate_folder / "networks", f, tag)
+        network = network_path(networks, f, tag)
         if network.is_file():  # bench_locate's fold network alone, cached (a part to beat)
             records += run_config(locate_folder / f"fold{f}_cnn", config_text(
                 f"locate_fold{f}_cnn_{study}", cases, ["cnn"], index, modalities, checkpoint=network), jobs)
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
         spec = studies[study]
         modalities = MODALITY_SETS[spec[3]]
         priors = [fold_prior(locate / "priors", f, modalities, folds, {}) for f in range(len(folds["folds"]))]
-        records, chosen = study_runs(study, spec, folds, priors, out / "experiments" / "envelope", args.jobs)
+        records, chosen = study_runs(study, spec, folds, priors, locate / "networks",
+                                     out / "experiments" / "envelope", args.jobs)
         record[study], text = study_report(records, chosen)
         sections.append(f"## {spec[0]}\n\n" + text)
     record["wall_s"] = time.perf_counter() - started
