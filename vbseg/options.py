@@ -411,6 +411,12 @@ def _check_fusion(model: ModelOptions, modalities):
 MAX_ENVELOPE_MM = 100.0
 
 
+def _is_mm(value, low: float = 0.0, high: float = np.inf) -> bool:
+    """Whether ``value`` is a finite real number of mm (not a bool) with low <= value <= high."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.floating))
+            and bool(np.isfinite(value)) and low <= value <= high)
+
+
 def _check_envelope(model: ModelOptions) -> None:
     value = model.envelope_mm
     if value is None:
@@ -419,8 +425,7 @@ def _check_envelope(model: ModelOptions) -> None:
         raise InputError("--envelope-mm", "closes a tumour region, and pv-potts's volume is a sum "
                                           "of fractions (its E[f] map has no envelope); use it with "
                                           "label models")
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value)
-            or not 0 <= value <= MAX_ENVELOPE_MM):
+    if not _is_mm(value, high=MAX_ENVELOPE_MM):
         raise InputError("--envelope-mm", f"must be a number of mm from 0 to {MAX_ENVELOPE_MM:g}, "
                                           f"got {value!r}")
 
@@ -441,8 +446,7 @@ def _check_partial_volume(model: ModelOptions, modalities):
         if model.name != "pv-potts":
             raise InputError("--wall-mm", f"goes with --model pv-potts (a cold shell in its PET "
                                           f"forward model), not {model.name}")
-        if (isinstance(model.wall_mm, bool) or not isinstance(model.wall_mm, (int, float, np.floating))
-                or not np.isfinite(model.wall_mm) or model.wall_mm < 0):
+        if not _is_mm(model.wall_mm):
             raise InputError("--wall-mm", f"must be a finite number of mm >= 0, got {model.wall_mm!r}")
         if "pet" not in modalities:
             raise InputError("--wall-mm", "is a cold shell in the PET forward model, and no image is PET")
@@ -450,8 +454,7 @@ def _check_partial_volume(model: ModelOptions, modalities):
         if model.name != "pv-potts" or not model.psf_fwhm_mm:
             raise InputError("--psf-sd", "goes with --model pv-potts and a --psf-fwhm above 0 (the "
                                          "uncertainty of the given PSF FWHM)")
-        if (isinstance(model.psf_sd_mm, bool) or not isinstance(model.psf_sd_mm, (int, float, np.floating))
-                or not np.isfinite(model.psf_sd_mm) or not 0 <= model.psf_sd_mm <= model.psf_fwhm_mm):
+        if not _is_mm(model.psf_sd_mm, high=model.psf_fwhm_mm):
             raise InputError("--psf-sd", f"must be a number of mm from 0 to --psf-fwhm "
                                          f"({model.psf_fwhm_mm:g}), got {model.psf_sd_mm!r}")
     if model.name != "pv-potts":

@@ -88,7 +88,8 @@ MIN_DRAW_WEIGHT = 0.01
 # --psf-sd: the PSF FWHM's prior nodes, in sds from the given FWHM (module doc)
 PSF_GRID_Z = (-2.0, -1.0, 0.0, 1.0, 2.0)
 PSF_RULE = ("PSF nodes at the given FWHM + (-2, -1, 0, 1, 2) x --psf-sd, each weighted by the "
-            "N(given, sd^2) mass of its bin (outer bins open, nodes below 0 mm dropped); the PSF is "
+            "N(given, sd^2) mass of its bin (outer bins open; the prior truncated at 0 mm: nodes "
+            "below it dropped, the lowest bin cut there, the masses renormalised); the PSF is "
             "not weighted by the data (the ELBO reads correlated and Poisson noise as extra blur: "
             "docs/research/model.md); with --beta auto, the beta grid weighted within each node")
 PSF_MIXTURE_NOTE = "; with --psf-sd, drawn at each PSF node and mixed in proportion to its prior weight"
