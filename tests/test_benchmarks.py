@@ -468,10 +468,11 @@ def test_bench_locate_switch_chooses_inside_the_training_folds(tmp_path, capsys)
     """The nested selection on made-up cases: the switch helps fold 1's case c, so fold 0
     (trained on fold 1) switches, which costs its case a; it hurts a, so fold 1 (trained on
     fold 0) does not switch, which costs c. Each fold's choice sees only the other fold.
-    Without bench_locate's cached runs the script says so and writes nothing."""
+    Without the cached runs of bench_locate and bench_envelope the script says so and writes
+    nothing."""
     def case(stat, locate, prior):
         return {"stat": None if stat is None else {"mean": stat, "median": stat},
-                "dice": {bench_locate_switch.LOCATE_MODEL: locate, bench_locate_switch.PRIOR_MODEL: prior}}
+                "base": locate, "fallback": prior}
 
     cases = {"a": case(1.0, 0.7, 0.1), "b": case(5.0, 0.8, 0.5),   # fold 0
              "c": case(1.2, 0.0, 0.7), "d": case(None, 0.4, 0.0)}  # fold 1
