@@ -94,10 +94,13 @@ def summarise(records: list[dict], avid: dict, reference: str, name_of=method_na
                                                           num_resamples=RESAMPLES),
                 "hd95_mm": float(values["hd95_mm"].mean()),
                 "sdice_2mm": float(values["sdice_2mm"].mean()),
+                # NaN where a run finished before the 5 mm score was added and was not rescored
+                "sdice_5mm": float(np.mean([rows[c].get("sdice_5mm", np.nan) for c in cases])),
                 "volume_error_pct": float(np.mean(
                     100 * np.abs(values["vol_mean_ml"] - values["vol_true_ml"]) / values["vol_true_ml"])),
                 "covered": int(sum(bool(rows[c]["covered"]) for c in cases)),
                 "width_ml": float(np.mean(values["vol_upper_ml"] - values["vol_lower_ml"])),
+                "interval_score_ml": float(np.mean([rows[c]["interval_score"] for c in cases])),
                 "below_0_3_where_reference_0_5": [c for c in cases if rows[c]["dice50"] < 0.3
                                                   and reference_rows[c]["dice50"] >= 0.5],
                 "warnings": dict(Counter(code for c in cases
@@ -111,9 +114,9 @@ def markdown_table(summary: dict, reference: str, reference_label: str = "SUV >=
     """One row per method and case group; ``reference_label`` names ``reference`` in the
     headers of the paired columns."""
     lines = [f"| method | cases | Dice50 [95 % CI] | minus {reference_label} (paired) | HD95 mm | "
-             "surface Dice 2 mm | abs. volume error % | 95 % interval covers | width mL | "
-             f"Dice < 0.3 where {reference_label} reaches 0.5 | warnings (cases) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "surface Dice 2 / 5 mm | abs. volume error % | 95 % interval covers | width mL | "
+             f"interval score mL | Dice < 0.3 where {reference_label} reaches 0.5 | warnings (cases) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, entry in summary.items():
         for group in ("all", "avid", "faint"):
             if group not in entry:
@@ -122,9 +125,10 @@ def markdown_table(summary: dict, reference: str, reference_label: str = "SUV >=
             difference = "-" if method == reference else ci_text(row["dice_minus_reference"], signed=True)
             warnings = ", ".join(f"{k} {v}" for k, v in sorted(row["warnings"].items())) or "none"
             lines.append(f"| {method} | {group} ({len(row['cases'])}) | {ci_text(row['dice50'])} | "
-                         f"{difference} | {row['hd95_mm']:.1f} | {row['sdice_2mm']:.2f} | "
-                         f"{row['volume_error_pct']:.0f} | "
+                         f"{difference} | {row['hd95_mm']:.1f} | {row['sdice_2mm']:.2f} / "
+                         f"{row.get('sdice_5mm', float('nan')):.2f} | {row['volume_error_pct']:.0f} | "
                          f"{row['covered']}/{len(row['cases'])} | {row['width_ml']:.0f} | "
+                         f"{row.get('interval_score_ml', float('nan')):.0f} | "
                          f"{', '.join(row['below_0_3_where_reference_0_5']) or 'none'} | {warnings} |")
     return "\n".join(lines) + "\n"
 

@@ -222,8 +222,9 @@ def test_bench_fusion_default_summary_pairs_cases_and_splits_avid_from_faint():
         return {"status": "ok", "case": f"{case}_pet+ct", "settings": ({"name": name} if name != "potts"
                                                                       else {"fusion": "pet"}),
                 "case_spec": {"modalities": ["pet", "ct"]}, "dice50": dice, "hd95_mm": 10.0,
-                "sdice_2mm": 0.5, "vol_mean_ml": 110.0, "vol_true_ml": 100.0, "vol_lower_ml": 90.0,
-                "vol_upper_ml": 130.0, "covered": True, "warnings": list(warnings)}
+                "sdice_2mm": 0.5, "sdice_5mm": 0.75, "vol_mean_ml": 110.0, "vol_true_ml": 100.0,
+                "vol_lower_ml": 90.0, "vol_upper_ml": 130.0, "covered": True, "interval_score": 40.0,
+                "warnings": list(warnings)}
 
     records = [record("a", "suv2.5", 0.6), record("b", "suv2.5", 0.2), record("c", "suv2.5", 0.7),
                record("a", "potts", 0.8, ["no-contour"]), record("b", "potts", 0.4),
@@ -236,8 +237,10 @@ def test_bench_fusion_default_summary_pairs_cases_and_splits_avid_from_faint():
     assert potts["all"]["below_0_3_where_reference_0_5"] == ["c"]
     assert potts["all"]["warnings"] == {"no-contour": 2, "classes-overlap": 1}
     assert potts["all"]["volume_error_pct"] == pytest.approx(10.0) and potts["all"]["width_ml"] == 40.0
+    assert potts["all"]["sdice_5mm"] == 0.75 and potts["all"]["interval_score_ml"] == 40.0
     table = markdown_table(summary, "suv2.5")
-    assert "| potts K=2 PET+CT fusion=pet | faint (1) | 0.40 [0.40, 0.40] | +0.20 [+0.20, +0.20] |" in table
+    assert ("| potts K=2 PET+CT fusion=pet | faint (1) | 0.40 [0.40, 0.40] | +0.20 [+0.20, +0.20] | 10.0 | "
+            "0.50 / 0.75 | 10 | 1/1 | 40 | 40 |") in table
 
 
 def test_bench_psf_sarcoma_names_methods_by_fwhm_and_pairs_them_with_the_default():
@@ -249,7 +252,8 @@ def test_bench_psf_sarcoma_names_methods_by_fwhm_and_pairs_them_with_the_default
     def record(case, fwhm, dice):
         return {"status": "ok", "case": case, "settings": {"psf_fwhm_mm": fwhm}, "dice50": dice,
                 "hd95_mm": 10.0, "sdice_2mm": 0.5, "vol_mean_ml": 110.0, "vol_true_ml": 100.0,
-                "vol_lower_ml": 90.0, "vol_upper_ml": 130.0, "covered": False, "warnings": []}
+                "vol_lower_ml": 90.0, "vol_upper_ml": 130.0, "covered": False, "interval_score": 60.0,
+                "warnings": []}
 
     records = [record("a", 0, 0.7), record("b", 0, 0.5), record("a", 6.0, 0.4), record("b", 6.0, 0.6)]
     assert [method_name(r) for r in records[1:3]] == [REFERENCE, "--psf-fwhm 6"]
@@ -258,6 +262,8 @@ def test_bench_psf_sarcoma_names_methods_by_fwhm_and_pairs_them_with_the_default
     assert summary["--psf-fwhm 6"]["all"]["below_0_3_where_reference_0_5"] == []
     table = markdown_table(summary, REFERENCE, "default")
     assert "minus default (paired)" in table and "| --psf-fwhm 6 | faint (1) | 0.60" in table
+    # runs scored before surface Dice at 5 mm was added show it as nan, not as a number
+    assert "| 0.50 / nan | 10 | 0/1 | 40 | 60 |" in table
 
 
 def test_bench_conformal_split_study_on_exchangeable_scores():

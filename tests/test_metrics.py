@@ -59,6 +59,14 @@ def test_surface_metrics_on_shifted_spheres():
     assert shifted["sdice"] < 0.9
     assert surface_metrics(b, a, spacing, tolerance_mm=3.5)["sdice"] == pytest.approx(1.0)
     assert np.isnan(surface_metrics(np.zeros_like(a), a, spacing)["hd95_mm"])
+    # more tolerances in one call: each equals the single-tolerance value
+    both = surface_metrics(b, a, spacing, tolerance_mm=1.0, more_tolerances_mm=(3.5, 2.0))
+    assert both["sdice"] == shifted["sdice"]
+    assert both["sdice_3.5mm"] == surface_metrics(b, a, spacing, tolerance_mm=3.5)["sdice"]
+    assert both["sdice_2mm"] == surface_metrics(b, a, spacing, tolerance_mm=2.0)["sdice"]
+    assert shifted["sdice"] < both["sdice_2mm"] < both["sdice_3.5mm"]
+    empty = surface_metrics(np.zeros_like(a), a, spacing, more_tolerances_mm=(5.0,))
+    assert empty["sdice"] == 0 and empty["sdice_5mm"] == 0
 
 
 def test_interval_score_and_crps_closed_forms():

@@ -107,7 +107,7 @@ def voi_diagonal_mm(voi, spacing_mm) -> float:
     return float(np.linalg.norm(extent * np.asarray(spacing_mm, float)))
 
 
-def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
+def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0, more_tolerances_mm=()) -> dict:
     """Surface distances between two masks, with DeepMind's ``surface-distance`` library.
 
     Surfaces are made of surface elements (surfels) weighted by their area; distances are from
@@ -120,7 +120,8 @@ def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
     * ``asd_mm``: the average surface distance, the mean of the two directed surfel-weighted
       mean distances;
     * ``sdice``: surface Dice at ``tolerance_mm``: the fraction of both surfaces' area lying
-      within the tolerance of the other surface.
+      within the tolerance of the other surface; ``sdice_<t>mm`` the same at each tolerance t
+      of ``more_tolerances_mm`` (e.g. ``sdice_5mm``).
 
     Empty masks give NaN distances (and surface Dice 0 unless both are empty). The library
     (0.1, 2024) still calls ``scipy.ndimage.filters``, deprecated in SciPy; its warning is
@@ -128,8 +129,9 @@ def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
     """
     a, b = np.asarray(mask, bool), np.asarray(truth, bool)
     if not a.any() or not b.any():
-        both = not a.any() and not b.any()
-        return {"hd95_mm": float("nan"), "asd_mm": float("nan"), "sdice": 1.0 if both else 0.0}
+        both = 1.0 if not a.any() and not b.any() else 0.0
+        return {"hd95_mm": float("nan"), "asd_mm": float("nan"), "sdice": both,
+                **{f"sdice_{t:g}mm": both for t in more_tolerances_mm}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="surface_distance")
         distances = sd.compute_surface_distances(b, a, tuple(float(s) for s in spacing_mm))
@@ -138,6 +140,8 @@ def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0) -> dict:
         "hd95_mm": float(sd.compute_robust_hausdorff(distances, 95)),
         "asd_mm": float(0.5 * (to_truth + to_mask)),
         "sdice": float(sd.compute_surface_dice_at_tolerance(distances, tolerance_mm)),
+        **{f"sdice_{t:g}mm": float(sd.compute_surface_dice_at_tolerance(distances, t))
+           for t in more_tolerances_mm},
     }
 
 

@@ -233,6 +233,34 @@ def test_parallel_jobs_give_the_same_table(tmp_path):
         assert a["case"] == b["case"] and a["dice50"] == b["dice50"] and a["vol_mean_ml"] == b["vol_mean_ml"]
 
 
+def test_a_score_added_later_is_filled_in_from_the_saved_map(tmp_path):
+    """A finished run whose record lacks surface Dice at 5 mm (scored before it was added) gets
+    it, identical to a fresh scoring, when the sweep is run again; a run whose saved map no
+    longer reproduces its Dice50 is left without it (the map is not the one scored)."""
+    import nibabel as nib
+
+    from vbseg.experiment.runner import run_experiment
+
+    config = load_experiment(_write(tmp_path, TINY.format(seeds=1, beta="1.0", extra="")))
+    out = tmp_path / "out"
+    assert run_experiment(config, out, progress=False)["failed"] == 0
+    paths = sorted(out.glob("runs/*/result.json"))
+    fresh = {p: json.loads(p.read_text()) for p in paths}
+    assert all(0 <= r["sdice_2mm"] <= r["sdice_5mm"] <= 1 for r in fresh.values())
+    for path, record in fresh.items():
+        path.write_text(json.dumps({k: v for k, v in record.items() if k != "sdice_5mm"}))
+    tampered = paths[1].parent / "outputs" / "prob.nii.gz"
+    image = nib.load(tampered)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine), tampered)
+    summary = run_experiment(config, out, progress=False)
+    assert summary["skipped"] == 2 and summary["failed"] == 0
+    assert json.loads(paths[0].read_text()) == fresh[paths[0]]
+    assert "sdice_5mm" not in json.loads(paths[1].read_text())
+    rows = {r["case"]: r for r in _rows(out)}
+    assert float(rows[fresh[paths[0]]["case"]]["sdice_5mm"]) == pytest.approx(fresh[paths[0]]["sdice_5mm"])
+    assert rows[fresh[paths[1]]["case"]]["sdice_5mm"] == ""
+
+
 def test_file_settings_resolve_against_the_config_folder(tmp_path):
     """prior/checkpoint paths are relative to the config; "sarcoma" names the packaged prior."""
     packaged = load_experiment(_write(tmp_path, P + "[model]\nprior = \"sarcoma\""))

@@ -114,7 +114,7 @@ LEAVE_ONE_OUT = "leave-one-out"
 SWEEP_MODES = ("product", "zip")
 COLUMNS = ["case", "variant", "seed", "model", "status", "dice50", "hd95_mm", "asd_mm",
            "sdice_2mm", "vol_true_ml", "vol_mean_ml", "vol_lower_ml", "vol_upper_ml", "covered",
-           "interval_score", "crps_ml", "ece", "brier", "compile_s", "run_s", "error"]
+           "interval_score", "ece", "brier", "compile_s", "run_s", "crps_ml", "sdice_5mm", "error"]
 
 
 @dataclass(frozen=True)

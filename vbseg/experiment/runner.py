@@ -29,7 +29,7 @@ from vbseg.experiment.cluster import ClusterSpec, cluster_client, run_on_cluster
 from vbseg.experiment.config import Experiment, Run, input_files
 from vbseg.experiment.local_pool import run_in_processes, run_serially
 from vbseg.experiment.results import TABLES, write_tables
-from vbseg.experiment.task import is_finished, plan_tasks, tidy_staging
+from vbseg.experiment.task import is_finished, plan_tasks, rescore, tidy_staging
 from vbseg.io.result_folder import LOCK_NAME, check_outputs, locked_folder
 
 
@@ -74,6 +74,9 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: Clust
         check_outputs(out, TABLES, [experiment.path, *input_files(experiment.runs)], overwrite=True)
         todo = [run for run in runs if not is_finished(out, run)]
         skipped = len(runs) - len(todo)
+        for run in runs:  # finished before a score was added: scored from their saved maps
+            if run not in todo:
+                rescore(run, out)
         tasks = plan_tasks(todo, out)
         if cluster is not None:
             client = stack.enter_context(cluster_client(cluster, out, input_files(todo)))

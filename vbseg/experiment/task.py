@@ -13,6 +13,11 @@ run is written into a temporary folder (``<out>/.staging/<run id>.<pid>.<random>
 only source of truth: a folder with a ``result.json`` is complete, whoever wrote it; a failed
 run's folder is replaced by a later attempt, a finished one never is. Stages write their cached
 fits atomically (:class:`~vbseg.cohort.population.LeaveOneOutCohort`), so they are idempotent too.
+
+A score added after some runs had finished (``LATE_SCORES``: surface Dice at 5 mm) is computed
+for them from their saved ``prob.nii.gz`` and the truth as the run had it, when a sweep finds
+them finished (:func:`rescore`): the record is rewritten atomically with the score added, only
+when the saved map reproduces the stored Dice50 exactly (else it is not the map that was scored).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import nibabel as nib
 import numpy as np
 
 from vbseg.cohort.population import LeaveOneOutCohort
@@ -147,7 +153,7 @@ def _scores(fit: CaseFit) -> dict:
     posterior, truth = fit.posterior, fit.truth
     volume = posterior.volume_interval()
     contour = posterior.probability >= 0.5
-    surface = surface_metrics(contour, truth, fit.spacing, tolerance_mm=2.0)
+    surface = surface_metrics(contour, truth, fit.spacing, tolerance_mm=2.0, more_tolerances_mm=(5.0,))
     if truth.any() and not contour.any():  # nothing found: as far off as the VOI allows
         voi = posterior.voi if posterior.voi is not None else np.ones(contour.shape, bool)
         surface["hd95_mm"] = voi_diagonal_mm(voi, fit.spacing)
@@ -155,7 +161,8 @@ def _scores(fit: CaseFit) -> dict:
     scores = {
         "status": "ok", "model": posterior.summary["model"],
         "dice50": dice(contour, truth), "hd95_mm": surface["hd95_mm"],
-        "asd_mm": surface["asd_mm"], "sdice_2mm": surface["sdice"], "vol_true_ml": fit.true_ml,
+        "asd_mm": surface["asd_mm"], "sdice_2mm": surface["sdice"], "sdice_5mm": surface["sdice_5mm"],
+        "vol_true_ml": fit.true_ml,
         "vol_mean_ml": volume["mean"], "vol_lower_ml": volume["lower"],
         "vol_upper_ml": volume["upper"],
         "covered": bool(volume["lower"] <= fit.true_ml <= volume["upper"]),
@@ -173,6 +180,32 @@ def _scores(fit: CaseFit) -> dict:
         scores["reliability_fraction"] = reliability_sums(posterior.probability, fit.fraction,
                                                           posterior.voi)
     return scores
+
+
+# scores a finished run's record may lack (it was scored before they were added): rescore()
+LATE_SCORES = ("sdice_5mm",)
+
+
+def rescore(run: Run, out) -> bool:
+    """Add the ``LATE_SCORES`` a finished run's record lacks (module doc); returns whether the
+    record was rewritten (False: nothing missing, not finished, no saved map, or the map does not
+    reproduce the stored Dice50)."""
+    path = result_path(Path(out), run)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    saved = path.parent / "outputs" / "prob.nii.gz"
+    if record.get("status") != "ok" or all(k in record for k in LATE_SCORES) or not saved.is_file():
+        return False
+    _, _, truth, _, _, spacing, _ = _case_inputs(run, Path(out))
+    contour = np.asarray(nib.load(saved).dataobj, np.float32) >= np.float32(0.5)
+    if contour.shape != truth.shape or dice(contour, truth) != record["dice50"]:
+        return False
+    surface = surface_metrics(contour, truth, spacing, more_tolerances_mm=(5.0,))
+    record.update({key: surface[key] for key in LATE_SCORES})
+    write_text_atomic(path, json.dumps(record, indent=2, default=float) + "\n")
+    return True
 
 
 def _staging_folder(out: Path, run: Run) -> Path:
