@@ -34,8 +34,6 @@ Regenerate (seconds; after bench_locate and bench_envelope; skips with a message
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -44,7 +42,9 @@ import numpy as np
 from benchmarks.bench_fusion_default import fdg_avid
 from benchmarks.bench_locate import FOLDS, INDEX
 from benchmarks.common import RESULTS, machine, write_report
+from vbseg.experiment.config import load_experiment
 from vbseg.experiment.folds import load_folds
+from vbseg.experiment.results import load_records
 from vbseg.potts.locate import located_regions
 
 NAME = "bench_locate_switch"
@@ -65,28 +65,28 @@ def rule_name(rule) -> str:
 
 
 def cached_cases(work: Path, folds: dict, base: tuple, fallback: tuple) -> dict:
-    """{case: {"base", "fallback": Dice50, "stat": {"mean", "median"} or None}} from the cached
-    fold runs (the fallback's probability map gives the located region)."""
+    """{case: {"base", "fallback": Dice50, "stat": {"mean", "median"} or None}} from the finished
+    runs of the cached fold experiments (the fallback run's own saved map gives the located
+    region); a case without a finished run of both is left out."""
     cases = {}
     for fold in range(len(folds["folds"])):
         for key, (folder, model) in (("base", base), ("fallback", fallback)):
             folder = work / folder.format(f=fold)
-            for row in csv.DictReader((folder / "results.csv").open()):
-                if row["model"] == model:
-                    cases.setdefault(row["case"], {"stat": None})[key] = float(row["dice50"])
-        for summary_path in sorted((work / fallback[0].format(f=fold)).glob("runs/*/outputs/summary.json")):
-            summary = json.loads(summary_path.read_text())
-            if summary["model"] != fallback[1]:
-                continue
-            pet_path = summary["inputs"][0]["path"]
-            case = Path(pet_path).name.split("_")[0]
-            probability = np.asarray(nib.load(summary_path.with_name("prob.nii.gz")).dataobj, np.float32)
-            pet = np.asarray(nib.load(pet_path).dataobj, np.float32)
-            region, record = located_regions(probability, np.ones(probability.shape, bool))
-            if record["regions"]:
-                cases[case]["stat"] = {"mean": float(pet[region].mean()),
-                                       "median": float(np.median(pet[region]))}
-    return cases
+            for record in load_records(load_experiment(folder / "config.toml"), folder):
+                if record["model"] != model:
+                    continue
+                entry = cases.setdefault(record["case"], {"stat": None})
+                entry[key] = float(record["dice50"])
+                if key == "base":
+                    continue
+                saved = folder / "runs" / record["run_id"] / "outputs" / "prob.nii.gz"
+                probability = np.asarray(nib.load(saved).dataobj, np.float32)
+                pet = np.asarray(nib.load(record["case_spec"]["images"][0]).dataobj, np.float32)
+                region, found = located_regions(probability, np.ones(probability.shape, bool))
+                if found["regions"]:
+                    entry["stat"] = {"mean": float(pet[region].mean()),
+                                     "median": float(np.median(pet[region]))}
+    return {case: entry for case, entry in cases.items() if "base" in entry and "fallback" in entry}
 
 
 def outcome(case: dict, rule) -> float:
@@ -144,14 +144,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     work = Path(args.out) / "experiments"
-    needed = [work / "locate" / "fold0" / "results.csv",
-              work / "envelope" / "centred" / "fold0_locate-potts" / "results.csv"]
-    if not INDEX.is_file() or not all(path.is_file() for path in needed):
+    folds = load_folds(FOLDS) if FOLDS.is_file() else {"folds": []}
+    needed = [work / folder.format(f=f) / "config.toml" for _, *parts in SWITCHES.values()
+              for folder, _ in parts for f in range(len(folds["folds"]))]
+    if not INDEX.is_file() or not folds["folds"] or not all(path.is_file() for path in needed):
         print(f"{NAME}: {INDEX} or the cached runs of bench_locate and bench_envelope under {work} not "
               "found; run python -m benchmarks.bench_locate and bench_envelope first (the sarcomas are "
               "needed)")
         return 0
-    folds = load_folds(FOLDS)
     record, sections = {"machine": machine(), "rules": [rule_name(r) for r in RULES]}, []
     labels = {"prior": ("locate-potts", "prior alone"), "network": ("locate-potts + envelope", "cnn alone")}
     for switch, (title, base, fallback) in SWITCHES.items():

@@ -236,7 +236,8 @@ def test_parallel_jobs_give_the_same_table(tmp_path):
 def test_a_score_added_later_is_filled_in_from_the_saved_map(tmp_path):
     """A finished run whose record lacks surface Dice at 5 mm (scored before it was added) gets
     it, identical to a fresh scoring, when the sweep is run again; a run whose saved map no
-    longer reproduces its Dice50 is left without it (the map is not the one scored)."""
+    longer reproduces its Dice50 is left without it (the map is not the one scored), and so is
+    one whose map cannot be read."""
     import nibabel as nib
 
     from vbseg.experiment.runner import run_experiment
@@ -259,6 +260,10 @@ def test_a_score_added_later_is_filled_in_from_the_saved_map(tmp_path):
     rows = {r["case"]: r for r in _rows(out)}
     assert float(rows[fresh[paths[0]]["case"]]["sdice_5mm"]) == pytest.approx(fresh[paths[0]]["sdice_5mm"])
     assert rows[fresh[paths[1]]["case"]]["sdice_5mm"] == ""
+    # a damaged map (half written) leaves its run as it was and the sweep goes on
+    tampered.write_bytes(tampered.read_bytes()[:100])
+    assert run_experiment(config, out, progress=False)["skipped"] == 2
+    assert "sdice_5mm" not in json.loads(paths[1].read_text())
 
 
 def test_file_settings_resolve_against_the_config_folder(tmp_path):

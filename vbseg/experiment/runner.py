@@ -72,11 +72,13 @@ def run_experiment(experiment: Experiment, out, *, jobs: int = 1, cluster: Clust
     with contextlib.ExitStack() as stack:
         out, _ = stack.enter_context(locked_folder(out, lock_name(shard)))
         check_outputs(out, TABLES, [experiment.path, *input_files(experiment.runs)], overwrite=True)
-        todo = [run for run in runs if not is_finished(out, run)]
-        skipped = len(runs) - len(todo)
-        for run in runs:  # finished before a score was added: scored from their saved maps
-            if run not in todo:
+        todo = []
+        for run in runs:
+            if not is_finished(out, run):
+                todo.append(run)
+            else:  # finished before a score was added: scored from its saved map
                 rescore(run, out)
+        skipped = len(runs) - len(todo)
         tasks = plan_tasks(todo, out)
         if cluster is not None:
             client = stack.enter_context(cluster_client(cluster, out, input_files(todo)))

@@ -17,7 +17,8 @@ fits atomically (:class:`~vbseg.cohort.population.LeaveOneOutCohort`), so they a
 A score added after some runs had finished (``LATE_SCORES``: surface Dice at 5 mm) is computed
 for them from their saved ``prob.nii.gz`` and the truth as the run had it, when a sweep finds
 them finished (:func:`rescore`): the record is rewritten atomically with the score added, only
-when the saved map reproduces the stored Dice50 exactly (else it is not the map that was scored).
+when the saved map reproduces the stored Dice50 and surface Dice at 2 mm exactly (else it is
+not the map that was scored).
 """
 
 from __future__ import annotations
@@ -188,21 +189,24 @@ LATE_SCORES = ("sdice_5mm",)
 
 def rescore(run: Run, out) -> bool:
     """Add the ``LATE_SCORES`` a finished run's record lacks (module doc); returns whether the
-    record was rewritten (False: nothing missing, not finished, no saved map, or the map does not
-    reproduce the stored Dice50)."""
+    record was rewritten. False, and nothing written: nothing missing, not finished, no saved
+    map, a map or truth that cannot be read (the run stays as it was), or a map that does not
+    reproduce the stored Dice50 and surface Dice at 2 mm exactly."""
     path = result_path(Path(out), run)
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        saved = path.parent / "outputs" / "prob.nii.gz"
+        if record.get("status") != "ok" or all(k in record for k in LATE_SCORES) or not saved.is_file():
+            return False
+        _, _, truth, _, _, spacing, _ = _case_inputs(run, Path(out))
+        contour = np.asarray(nib.load(saved).dataobj, np.float32) >= np.float32(0.5)
+    except Exception:  # a damaged file keeps its run as it was; the sweep goes on
         return False
-    saved = path.parent / "outputs" / "prob.nii.gz"
-    if record.get("status") != "ok" or all(k in record for k in LATE_SCORES) or not saved.is_file():
-        return False
-    _, _, truth, _, _, spacing, _ = _case_inputs(run, Path(out))
-    contour = np.asarray(nib.load(saved).dataobj, np.float32) >= np.float32(0.5)
     if contour.shape != truth.shape or dice(contour, truth) != record["dice50"]:
         return False
     surface = surface_metrics(contour, truth, spacing, more_tolerances_mm=(5.0,))
+    if surface["sdice"] != record.get("sdice_2mm"):  # Dice alone does not pin the contour (e.g. 0)
+        return False
     record.update({key: surface[key] for key in LATE_SCORES})
     write_text_atomic(path, json.dumps(record, indent=2, default=float) + "\n")
     return True
