@@ -144,23 +144,27 @@ def recrop_index(index: Path, cases: list[str], folder: Path) -> Path:
     return target
 
 
-def network_path(folder: Path, fold: int, tag: str) -> Path:
-    """Where the fold network of modality set ``tag`` is cached (PET + CT + MR: foldF.eqx)."""
-    return folder / (f"fold{fold}.eqx" if tag == "pet_ct_mr" else f"{tag}_fold{fold}.eqx")
+def network_path(folder: Path, fold: int, tag: str, variant: str = "") -> Path:
+    """Where the fold network of modality set ``tag`` is cached (PET + CT + MR: foldF.eqx;
+    a training-data ``variant`` other than the packaged recipe prefixes its name)."""
+    name = f"fold{fold}.eqx" if tag == "pet_ct_mr" else f"{tag}_fold{fold}.eqx"
+    return folder / (f"{variant}_{name}" if variant else name)
 
 
-def fold_network(folder: Path, fold: int, held_out: list[str], tag: str) -> tuple[Path, float | None]:
+def fold_network(folder: Path, fold: int, held_out: list[str], tag: str, variant: str = "",
+                 **overrides) -> tuple[Path, float | None]:
     """(checkpoint path, training seconds or None when reused): the network of modality set
-    ``tag`` (``TRAIN_CONFIGS``, the packaged checkpoint's config) trained on every shared
-    sarcoma but the fold's ``held_out`` cases (synthetic patches, then fine-tuning mixed with
-    those cases' patches)."""
-    out = network_path(folder, fold, tag)
+    ``tag`` (``TRAIN_CONFIGS``, the packaged checkpoint's config, with the training-settings
+    ``overrides`` of a ``variant``) trained on every shared sarcoma but the fold's ``held_out``
+    cases (synthetic patches, then fine-tuning mixed with those cases' patches)."""
+    out = network_path(folder, fold, tag, variant)
     if out.is_file():
         meta = load_checkpoint(out).meta
         if not set(meta.get("real_cases", [])) & set(held_out):
             return out, None
     settings = load_settings(TRAIN_CONFIGS[tag])
-    settings = dataclasses.replace(settings, cases=str(INDEX), exclude_cases=tuple(held_out))
+    settings = dataclasses.replace(settings, **{"cases": str(INDEX), **overrides,
+                                                "exclude_cases": tuple(held_out)})
     started = time.perf_counter()
     checkpoint = train(settings)
     seconds = time.perf_counter() - started

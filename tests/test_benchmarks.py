@@ -4,6 +4,7 @@ test_examples does for its examples): it must produce its JSON and markdown outp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -593,3 +594,34 @@ def test_bench_conformal_sarcoma_risk_fold_study():
     assert threshold["summary"]["all"] == {"cases": 20, "mean_fnr": 0.0, "median_stretch": 50.0}
     for key in ("threshold/95", "margin/95"):
         assert not study[key]["rows"] and len(study[key]["refused"]) == 5
+
+
+def test_bench_training_data_variants_change_only_where_patches_come_from():
+    """Each ablation variant is the packaged PET recipe with only its data settings changed, and
+    valid: 'synthetic' reads no case, 'real' has no synthetic patch in any step, 'mixed' half
+    real in every step; the packaged recipe (no overrides) reuses bench_locate's networks."""
+    import dataclasses
+
+    from benchmarks.bench_locate import TRAIN_CONFIGS, network_path
+    from benchmarks.bench_training_data import TAG, VARIANTS
+    from vbseg.deep.training import load_settings, real_training_cases
+    from vbseg.deep.training_config import check_settings
+
+    recipe = load_settings(TRAIN_CONFIGS[TAG])
+    assert VARIANTS[""][1] == {}
+    for variant, (_, overrides) in VARIANTS.items():
+        settings = dataclasses.replace(recipe, **overrides)
+        check_settings(settings)
+        changed = {f.name for f in dataclasses.fields(settings)
+                   if getattr(settings, f.name) != getattr(recipe, f.name)}
+        assert changed <= {"cases", "finetune_steps", "real_fraction"}, variant
+        real_per_batch = round(settings.real_fraction * settings.batch_size)
+        if variant == "synthetic":
+            assert real_training_cases(settings) == []
+        elif variant == "real":
+            assert settings.finetune_steps == settings.steps and real_per_batch == settings.batch_size
+        elif variant == "mixed":
+            assert settings.finetune_steps == settings.steps and real_per_batch == settings.batch_size // 2
+    folder = Path("networks")
+    assert network_path(folder, 2, TAG) == folder / "pet_fold2.eqx"
+    assert network_path(folder, 2, TAG, "real") == folder / "real_pet_fold2.eqx"
