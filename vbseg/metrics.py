@@ -129,9 +129,9 @@ def surface_metrics(mask, truth, spacing_mm, tolerance_mm: float = 2.0, more_tol
     """
     a, b = np.asarray(mask, bool), np.asarray(truth, bool)
     if not a.any() or not b.any():
-        both = 1.0 if not a.any() and not b.any() else 0.0
-        return {"hd95_mm": float("nan"), "asd_mm": float("nan"), "sdice": both,
-                **{f"sdice_{t:g}mm": both for t in more_tolerances_mm}}
+        agree = 1.0 if not a.any() and not b.any() else 0.0  # both empty: the surfaces agree
+        return {"hd95_mm": float("nan"), "asd_mm": float("nan"), "sdice": agree,
+                **{f"sdice_{t:g}mm": agree for t in more_tolerances_mm}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="surface_distance")
         distances = sd.compute_surface_distances(b, a, tuple(float(s) for s in spacing_mm))

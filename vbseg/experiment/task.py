@@ -150,11 +150,16 @@ def _base_record(run: Run) -> dict:
             "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
 
 
+# surface Dice tolerances besides the 2 mm one (sdice_2mm): every run's sdice_<t>mm
+MORE_TOLERANCES_MM = (5.0,)
+
+
 def _scores(fit: CaseFit) -> dict:
     posterior, truth = fit.posterior, fit.truth
     volume = posterior.volume_interval()
     contour = posterior.probability >= 0.5
-    surface = surface_metrics(contour, truth, fit.spacing, tolerance_mm=2.0, more_tolerances_mm=(5.0,))
+    surface = surface_metrics(contour, truth, fit.spacing, tolerance_mm=2.0,
+                              more_tolerances_mm=MORE_TOLERANCES_MM)
     if truth.any() and not contour.any():  # nothing found: as far off as the VOI allows
         voi = posterior.voi if posterior.voi is not None else np.ones(contour.shape, bool)
         surface["hd95_mm"] = voi_diagonal_mm(voi, fit.spacing)
@@ -204,7 +209,8 @@ def rescore(run: Run, out) -> bool:
         return False
     if contour.shape != truth.shape or dice(contour, truth) != record["dice50"]:
         return False
-    surface = surface_metrics(contour, truth, spacing, more_tolerances_mm=(5.0,))
+    surface = surface_metrics(contour, truth, spacing, tolerance_mm=2.0,
+                              more_tolerances_mm=MORE_TOLERANCES_MM)
     if surface["sdice"] != record.get("sdice_2mm"):  # Dice alone does not pin the contour (e.g. 0)
         return False
     record.update({key: surface[key] for key in LATE_SCORES})
