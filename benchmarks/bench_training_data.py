@@ -26,11 +26,18 @@ no other shared PET is delineated); random flips of the real patches (kept in ev
 choice is made from this study: the packaged recipe was fixed before it ran, and the numbers do
 not change it.
 
-Regenerate (about 50 min on 2 cores, almost all of it 11 networks; resumable, networks cached
-under benchmarks/results/experiments/locate/networks/, runs under
-benchmarks/results/experiments/training_data/; run after bench_locate, whose PET fold networks
-and re-crops it reuses):
+The PET + CT + MR network (``experiments/train_pet_ct_mr.toml``, 11-32 min a network) is
+studied for the synthetic-only variant alone (one network; the others would be 15 more), against
+bench_locate's PET + CT + MR fold networks: ``--modalities pet_ct_mr --variants synthetic``,
+written to ``bench_training_data_pet_ct_mr.md``.
+
+Regenerate (about 50 min on 2 cores, almost all of it 11 networks, and about 15 min for the
+PET + CT + MR one; resumable, networks cached under
+benchmarks/results/experiments/locate/networks/, runs under
+benchmarks/results/experiments/training_data/; run after bench_locate, whose fold networks and
+re-crops it reuses):
     python -m benchmarks.bench_training_data
+    python -m benchmarks.bench_training_data --modalities pet_ct_mr --variants synthetic
 Without ../shared/data it says so and exits 0.
 """
 
@@ -67,16 +74,17 @@ VARIANTS = {
 REFERENCE = VARIANTS[""][0]
 
 
-def variant_networks(folder: Path, folds: dict, variants: list[str]) -> tuple[dict, dict]:
-    """({variant: [checkpoint per fold]}, {network: training minutes}) (cached)."""
+def variant_networks(folder: Path, folds: dict, variants: list[str], tag: str = TAG) -> tuple[dict, dict]:
+    """({variant: [checkpoint per fold]}, {network: training minutes}) of modality set ``tag``
+    (cached)."""
     networks, minutes = {}, {}
     for variant in variants:
         overrides = VARIANTS[variant][1]
         if variant == "synthetic":  # it sees no case: one network for every fold
-            path, seconds = fold_network(folder, 0, [], TAG, variant, **overrides)
+            path, seconds = fold_network(folder, 0, [], tag, variant, **overrides)
             networks[variant], trained = [path] * len(folds["folds"]), [(path, seconds)]
         else:
-            trained = [fold_network(folder, f, held_out, TAG, variant, **overrides)
+            trained = [fold_network(folder, f, held_out, tag, variant, **overrides)
                        for f, held_out in enumerate(folds["folds"])]
             networks[variant] = [path for path, _ in trained]
         for path, seconds in trained:
@@ -86,19 +94,28 @@ def variant_networks(folder: Path, folds: dict, variants: list[str]) -> tuple[di
     return networks, minutes
 
 
-def study_records(work: Path, study: str, index: Path, folds: dict, networks: dict, jobs: int) -> list:
-    """The cnn runs of every variant on every held-out fold of one study (cached); each record
-    gets its variant's label as ``variant_label``. The packaged recipe's runs are bench_locate's
-    own (same networks, same configs)."""
+# bench_locate's study of each (modality set, crops): its packaged-recipe cnn runs are reused
+LOCATE_STUDY = {("pet", "centred"): "pet", ("pet", "recrop"): "recrop_pet",
+                ("pet_ct_mr", "centred"): "centred", ("pet_ct_mr", "recrop"): "recrop"}
+
+
+def study_records(work: Path, study: str, folds: dict, networks: dict, jobs: int, tag: str = TAG) -> list:
+    """The cnn runs of every variant on every held-out fold of one study (``centred`` or
+    ``recrop``) on modality set ``tag`` (cached); each record gets its variant's label as
+    ``variant_label``. The packaged recipe's runs are bench_locate's own (same networks, same
+    configs)."""
+    every = sorted(case for fold in folds["folds"] for case in fold)
+    located = LOCATE_STUDY[tag, study]
+    _, index, locate_folder, _ = locate_studies(work / "locate", every)[located]
+    own = work / "training_data" / (study if tag == TAG else f"{tag}/{study}")
     records = []
     for variant, paths in networks.items():
         for f, held_out in enumerate(folds["folds"]):
-            folder = (work / "locate" / ("recrop_pet" if study == "recrop" else "pet") / f"fold{f}_cnn"
-                      if not variant else work / "training_data" / study / f"{variant}_fold{f}")
-            name = f"locate_fold{f}_cnn_{'recrop_pet' if study == 'recrop' else 'pet'}" if not variant \
-                else f"training_data_{variant}_fold{f}_{study}"
+            folder = own / f"{variant}_fold{f}" if variant else locate_folder / f"fold{f}_cnn"
+            name = (f"training_data_{variant}_fold{f}_{study}" + ("" if tag == TAG else f"_{tag}")
+                    if variant else f"locate_fold{f}_cnn_{located}")
             for record in run_config(folder, config_text(name, sorted(held_out), ["cnn"], index,
-                                                         MODALITY_SETS[TAG], checkpoint=paths[f]), jobs):
+                                                         MODALITY_SETS[tag], checkpoint=paths[f]), jobs):
                 records.append({**record, "variant_label": VARIANTS[variant][0]})
     return records
 
@@ -110,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="synthetic,real,mixed",
                         help="the variants besides the packaged recipe (comma-separated: synthetic, "
                              "real, mixed)")
+    parser.add_argument("--modalities", default=TAG, choices=("pet", "pet_ct_mr"),
+                        help="the network's images (default pet; pet_ct_mr writes "
+                             f"{NAME}_pet_ct_mr.md)")
     parser.add_argument("--train-only", action="store_true", help="train the networks (cached) and stop")
     args = parser.parse_args(argv)
     if not INDEX.is_file():
@@ -118,23 +138,22 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     work = Path(args.out) / "experiments"
     folds = load_folds(FOLDS)
-    every = sorted(case for fold in folds["folds"] for case in fold)
-    studies = locate_studies(work / "locate", every)
     variants = [""] + [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)} (synthetic, real, mixed)")
-    networks, minutes = variant_networks(work / "locate" / "networks", folds, variants)
+    tag = args.modalities
+    networks, minutes = variant_networks(work / "locate" / "networks", folds, variants, tag)
     if args.train_only:
         return 0
     record = {"machine": machine(), "avid_rule": f"mean SUV inside the PET GTV >= {AVID_MEAN_SUV:g}",
-              "folds": folds["folds"], "variants": {VARIANTS[v][0]: VARIANTS[v][1] for v in variants},
-              "network_training_min": minutes}
+              "folds": folds["folds"], "modalities": MODALITY_SETS[tag],
+              "variants": {VARIANTS[v][0]: VARIANTS[v][1] for v in variants}, "network_training_min": minutes}
+    images = "PET alone" if tag == TAG else "PET + CT + MR"
     sections = []
-    for study, (title, index) in {"centred": ("PET alone, shared crops (centred on the GTV)", INDEX),
-                                  "recrop": ("PET alone, asymmetric re-crops (each margin 1-5 cm)",
-                                             studies["recrop"][1])}.items():
-        records = study_records(work, study, index, folds, networks, args.jobs)
+    for study, title in (("centred", f"{images}, shared crops (centred on the GTV)"),
+                         ("recrop", f"{images}, asymmetric re-crops (each margin 1-5 cm)")):
+        records = study_records(work, study, folds, networks, args.jobs, tag)
         avid = {case: fdg_avid(INDEX, case) for case in sorted({case_of(r) for r in records})}
         summary = summarise(records, avid, REFERENCE, name_of=lambda r: r["variant_label"])
         record[study] = {"avid": avid, "summary": summary, "per_case": {
@@ -147,10 +166,10 @@ def main(argv=None) -> int:
                               for v, paths in networks.items()}
     note = "Training time per network (minutes, from each checkpoint's record; 2 shared cores): " + "; ".join(
         f"{label} {min(m):.1f}-{max(m):.1f}" for label, m in record["training_min"].items()) + ".\n\n"
-    write_report(args.out, NAME, record, __doc__, "\n".join(sections) + "\n", note)
-    print(f"wrote {Path(args.out) / (NAME + '.md')}")
+    name = NAME if tag == TAG else f"{NAME}_{tag}"
+    write_report(args.out, name, record, __doc__, "\n".join(sections) + "\n", note)
+    print(f"wrote {Path(args.out) / (name + '.md')}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
