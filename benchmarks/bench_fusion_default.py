@@ -96,6 +96,10 @@ def summarise(records: list[dict], avid: dict, reference: str, name_of=method_na
                 "sdice_2mm": float(values["sdice_2mm"].mean()),
                 # NaN where a run finished before the 5 mm score was added and was not rescored
                 "sdice_5mm": float(np.mean([rows[c].get("sdice_5mm", np.nan) for c in cases])),
+                "sdice_minus_reference": {key: bootstrap_mean_ci(
+                    np.array([rows[c].get(key, np.nan) for c in cases], np.float64),
+                    paired_with=np.array([reference_rows[c].get(key, np.nan) for c in cases], np.float64),
+                    num_resamples=RESAMPLES) for key in ("sdice_2mm", "sdice_5mm")},
                 "volume_error_pct": float(np.mean(
                     100 * np.abs(values["vol_mean_ml"] - values["vol_true_ml"]) / values["vol_true_ml"])),
                 "covered": int(sum(bool(rows[c]["covered"]) for c in cases)),

@@ -158,9 +158,11 @@ def fold_network(folder: Path, fold: int, held_out: list[str], tag: str, variant
     ``overrides`` of a ``variant``) trained on every shared sarcoma but the fold's ``held_out``
     cases (synthetic patches, then fine-tuning mixed with those cases' patches)."""
     out = network_path(folder, fold, tag, variant)
-    if out.is_file():
+    if out.is_file():  # reused when it saw no held-out case and was trained with the overrides
         meta = load_checkpoint(out).meta
-        if not set(meta.get("real_cases", [])) & set(held_out):
+        stored = meta.get("training", {}).get("settings", {})
+        if not set(meta.get("real_cases", [])) & set(held_out) and all(
+                stored.get(key, "(absent)") == value for key, value in overrides.items()):
             return out, None
     settings = load_settings(TRAIN_CONFIGS[tag])
     settings = dataclasses.replace(settings, **{"cases": str(INDEX), **overrides,

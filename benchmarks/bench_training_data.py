@@ -27,11 +27,11 @@ choice is made from this study: the packaged recipe was fixed before it ran, and
 not change it.
 
 The PET + CT + MR network (``experiments/train_pet_ct_mr.toml``, 11-32 min a network) is
-studied for the synthetic-only variant alone (one network; the others would be 15 more), against
+studied for the synthetic-only variant alone (one network; the others would be 10 more), against
 bench_locate's PET + CT + MR fold networks: ``--modalities pet_ct_mr --variants synthetic``,
 written to ``bench_training_data_pet_ct_mr.md``.
 
-Regenerate (about 50 min on 2 cores, almost all of it 11 networks, and about 15 min for the
+Regenerate (about 50 min on 2 cores, almost all of it 11 networks, and about 5 min for the
 PET + CT + MR one; resumable, networks cached under
 benchmarks/results/experiments/locate/networks/, runs under
 benchmarks/results/experiments/training_data/; run after bench_locate, whose fold networks and
@@ -80,8 +80,9 @@ def variant_networks(folder: Path, folds: dict, variants: list[str], tag: str = 
     networks, minutes = {}, {}
     for variant in variants:
         overrides = VARIANTS[variant][1]
-        if variant == "synthetic":  # it sees no case: one network for every fold
-            path, seconds = fold_network(folder, 0, [], tag, variant, **overrides)
+        if variant == "synthetic":  # it sees no case (checked: every case held out): one for every fold
+            every = [case for fold in folds["folds"] for case in fold]
+            path, seconds = fold_network(folder, 0, every, tag, variant, **overrides)
             networks[variant], trained = [path] * len(folds["folds"]), [(path, seconds)]
         else:
             trained = [fold_network(folder, f, held_out, tag, variant, **overrides)

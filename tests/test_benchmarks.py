@@ -239,6 +239,7 @@ def test_bench_fusion_default_summary_pairs_cases_and_splits_avid_from_faint():
     assert potts["all"]["warnings"] == {"no-contour": 2, "classes-overlap": 1}
     assert potts["all"]["volume_error_pct"] == pytest.approx(10.0) and potts["all"]["width_ml"] == 40.0
     assert potts["all"]["sdice_5mm"] == 0.75 and potts["all"]["interval_score_ml"] == 40.0
+    assert potts["all"]["sdice_minus_reference"]["sdice_5mm"]["mean"] == 0.0
     table = markdown_table(summary, "suv2.5")
     assert ("| potts K=2 PET+CT fusion=pet | faint (1) | 0.40 [0.40, 0.40] | +0.20 [+0.20, +0.20] | 10.0 | "
             "0.50 / 0.75 | 10 | 1/1 | 40 | 40 |") in table
