@@ -55,7 +55,7 @@ from benchmarks.bench_locate import (
 )
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.envelope import envelope_probability
-from vbseg.experiment.folds import AVID_MEAN_SUV, load_folds
+from vbseg.experiment.folds import AVID_MEAN_SUV, all_cases, load_folds
 from vbseg.metrics import dice
 
 NAME = "bench_envelope"
@@ -84,7 +84,7 @@ def study_runs(study: str, spec: tuple, folds: dict, priors: list, networks: Pat
     ``networks``: bench_locate's fold-network folder."""
     _, index, locate_folder, tag = spec
     modalities = MODALITY_SETS[tag]
-    every = sorted(c for fold in folds["folds"] for c in fold)
+    every = all_cases(folds)
     reference_folder = locate_folder / "reference"
     reference = run_config(reference_folder, config_text(
         f"locate_reference_{study}", every, ["suv2.5", "potts"], index, modalities), jobs)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     locate = out / "experiments" / "locate"
     folds = load_folds(FOLDS)
-    every = sorted(c for fold in folds["folds"] for c in fold)
+    every = all_cases(folds)
     studies = locate_studies(locate, every)
     record = {"machine": machine(), "avid_rule": f"mean SUV inside the PET GTV >= {AVID_MEAN_SUV:g}",
               "radii_mm": list(RADII_MM)}

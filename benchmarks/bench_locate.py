@@ -78,7 +78,7 @@ from benchmarks.common import RESULTS, machine, write_report
 from vbseg.deep.model import load_checkpoint, save_checkpoint
 from vbseg.deep.training import load_settings, train
 from vbseg.experiment.config import load_experiment
-from vbseg.experiment.folds import AVID_MEAN_SUV, load_folds
+from vbseg.experiment.folds import AVID_MEAN_SUV, all_cases, load_folds
 from vbseg.experiment.folds import fold_prior as learned_prior
 from vbseg.experiment.results import load_records
 from vbseg.experiment.runner import run_experiment
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     priors = {tag: [fold_prior(work / "priors", f, modalities, folds, prior_s)
                     for f in range(len(folds["folds"]))] for tag, modalities in MODALITY_SETS.items()}
     selected = None if args.runs_only is None else args.runs_only.split(",")
-    every = sorted(case for fold in folds["folds"] for case in fold)
+    every = all_cases(folds)
     studies = locate_studies(work, every)
     network_studies = [] if args.no_networks else [
         study for study in args.network_studies.split(",") if selected is None or study in selected]

@@ -60,7 +60,7 @@ from benchmarks.bench_locate import (
 )
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.deep.model import load_checkpoint
-from vbseg.experiment.folds import AVID_MEAN_SUV, load_folds
+from vbseg.experiment.folds import AVID_MEAN_SUV, all_cases, load_folds
 
 NAME = "bench_training_data"
 TAG = "pet"
@@ -81,7 +81,7 @@ def variant_networks(folder: Path, folds: dict, variants: list[str], tag: str = 
     for variant in variants:
         overrides = VARIANTS[variant][1]
         if variant == "synthetic":  # it sees no case (checked: every case held out): one for every fold
-            every = [case for fold in folds["folds"] for case in fold]
+            every = all_cases(folds)
             path, seconds = fold_network(folder, 0, every, tag, variant, **overrides)
             networks[variant], trained = [path] * len(folds["folds"]), [(path, seconds)]
         else:
@@ -105,7 +105,7 @@ def study_records(work: Path, study: str, folds: dict, networks: dict, jobs: int
     ``recrop``) on modality set ``tag`` (cached); each record gets its variant's label as
     ``variant_label``. The packaged recipe's runs are bench_locate's own (same networks, same
     configs)."""
-    every = sorted(case for fold in folds["folds"] for case in fold)
+    every = all_cases(folds)
     located = LOCATE_STUDY[tag, study]
     _, index, locate_folder, _ = locate_studies(work / "locate", every)[located]
     own = work / "training_data" / (study if tag == TAG else f"{tag}/{study}")

@@ -85,6 +85,11 @@ def load_folds(path) -> dict:
     return record
 
 
+def all_cases(record: dict) -> list[str]:
+    """Every case of the folds record, sorted."""
+    return sorted(name for names in record["folds"] for name in names)
+
+
 def training_cases(record: dict, fold: int) -> list[str]:
     """The cases a model for held-out fold ``fold`` may learn from: every other fold's."""
     return sorted(name for i, names in enumerate(record["folds"]) if i != fold for name in names)
