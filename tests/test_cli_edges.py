@@ -193,6 +193,24 @@ def test_overwrite_never_removes_an_input(tmp_path):
     assert (out / "summary.json").read_text() == "{}"
 
 
+def test_overwrite_removes_the_maps_another_method_wrote(tmp_path):
+    """A previous run's method maps (pv-potts's fraction, locate-potts's two answers) are part
+    of its result set: a run of another method over it with --overwrite removes them."""
+    from vbseg.io.result_files import DELINEATION_FILE, FRACTION_FILE, LOCATOR_FILE
+    from vbseg.io.result_folder import publish
+    from vbseg.posterior import result_set_names
+
+    out, staging = tmp_path / "out", tmp_path / "out" / ".vbseg-partial-y"
+    staging.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"levels_percent": [50.0]}))
+    for name in (FRACTION_FILE, LOCATOR_FILE, DELINEATION_FILE, "prob.nii.gz"):
+        (out / name).write_text("previous")
+    (staging / "summary.json").write_text("{}")
+    (staging / "prob.nii.gz").write_text("new")
+    publish(staging, out, inputs=[], overwrite=True, previous_set=result_set_names)
+    assert sorted(p.name for p in out.iterdir()) == [".vbseg-partial-y", "prob.nii.gz", "summary.json"]
+
+
 @pytest.mark.parametrize("command,option,problem", [
     ("phantom", "--out", "empty"), ("demo", "--out", "empty"),
     ("phantom", "--seed", "2**32"), ("demo", "--seed", "2**32")])

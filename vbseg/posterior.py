@@ -20,7 +20,7 @@ import numpy as np
 
 from vbseg.io.display_image import DisplayImage  # noqa: F401  (re-exported: the overview panels)
 from vbseg.io.image import Volume
-from vbseg.io.result_files import RTSTRUCT_NAME, SEG_NAME
+from vbseg.io.result_files import DELINEATION_FILE, FRACTION_FILE, LOCATOR_FILE, RTSTRUCT_NAME, SEG_NAME
 from vbseg.io.writing import save_nifti, sha256_file, write_text_atomic, write_with
 from vbseg.metrics import dice
 from vbseg.potts.intensity_field import INTENSITY_FILE
@@ -93,7 +93,8 @@ def output_names(levels_percent) -> list[str]:
 def result_set_names(folder: Path) -> set[str]:
     """The names of the files a previous run may have written into ``folder``: the fixed ones,
     the contours of the levels its summary.json records and the conformal contours it names."""
-    names = set(output_names([])) | {INTENSITY_FILE, RTSTRUCT_NAME, SEG_NAME}
+    names = set(output_names([])) | {INTENSITY_FILE, FRACTION_FILE, LOCATOR_FILE, DELINEATION_FILE,
+                                     RTSTRUCT_NAME, SEG_NAME}
     try:
         summary = json.loads((folder / "summary.json").read_text())
         names.update(output_names([float(level) for level in summary["levels_percent"]]))
@@ -123,6 +124,8 @@ class Posterior:
             reference_mask_path: its file; reference_mask_resampling: how it was put on the
             first grid (:func:`vbseg.io.volume.read_mask`), None when it was on it. The overview
             draws it and summary.json records the Dice of each contour with it.
+        maps: the method's further maps, file name -> (I, J, K) float32 on the first grid (written
+            beside prob.nii.gz; e.g. locate-potts's locator and delineation maps).
     """
 
     probability: np.ndarray
@@ -136,6 +139,7 @@ class Posterior:
     reference_mask: np.ndarray | None = None
     reference_mask_path: str | None = None
     reference_mask_resampling: dict | None = None
+    maps: dict = dataclasses.field(default_factory=dict)
 
     def contour(self, level: float) -> np.ndarray:
         """The region {P(tumour) >= level}, level in (0, 1); nested for increasing levels."""

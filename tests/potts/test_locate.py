@@ -90,13 +90,10 @@ def test_within_cuts_the_crop_and_maps_back(crop):
                                            for b, s in zip(prepared.bounds, box))].all()
 
 
-def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, monkeypatch):
-    """The locator names a region of muscle far from the lesion: the delineation (which sees
-    the hot lesion only if it is in the box) and the locator disagree, and the result carries
-    both: the equal mixture of the two maps, a volume interval spanning both answers."""
-    images, phantom = crop
-    shape = phantom.truth.shape
-    wrong = np.zeros(shape, bool)
+def wrong_locator(phantom):
+    """A locator that names a region of muscle far from the lesion: (its mask, the fake
+    :func:`vbseg.potts.locate.locator_logit` giving it log-odds 4, -4 elsewhere)."""
+    wrong = np.zeros(phantom.truth.shape, bool)
     centre = np.argwhere(phantom.tissue == 2)[0]  # a muscle voxel
     wrong[tuple(slice(max(0, c - 2), c + 3) for c in centre)] = True
     wrong &= phantom.tissue == 2
@@ -105,7 +102,21 @@ def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, mon
         logit = np.where(wrong[prepared.bounds], 4.0, -4.0).astype(np.float32)
         return logit, {"locator": "test"}, 0.0
 
+    return wrong, fake_locator
+
+
+@pytest.mark.parametrize("given_weight", [None, 0.8])
+def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, monkeypatch, given_weight):
+    """The locator names a region of muscle far from the lesion: the delineation (which sees
+    the hot lesion only if it is in the box) and the locator disagree, and the result carries
+    both: the mixture of the two maps with the locator's weight (the packaged prior's, or 0.8
+    given), a volume interval spanning both answers."""
+    images, phantom = crop
+    wrong, fake_locator = wrong_locator(phantom)
     monkeypatch.setattr(locate, "locator_logit", fake_locator)
+    if given_weight is not None:
+        monkeypatch.setattr(locate, "disagreement_weight", lambda prepared, options: (
+            given_weight, {"weight": given_weight, "learned": True, "training_disagreements": 3}))
     posterior = vbseg.segment([str(p) for p in images], modalities=list(MODALITIES),
                               model="locate-potts", volume_draws=1000)
     summary = posterior.summary
@@ -118,16 +129,24 @@ def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, mon
     assert outside >= locate.IMAGE_OUTSIDE_SHARE
     assert not phantom.truth[tuple(slice(*b) for b in summary["diagnostics"]["locate"]["box"])].any()
     assert summary["diagnostics"]["locate"]["agreement_dice"] < locate.AGREEMENT_DICE
+    weight = summary["diagnostics"]["locate"]["locator_weight"]["weight"]
+    assert weight == (given_weight or weight) and locate.MIN_WEIGHT <= weight <= 1 - locate.MIN_WEIGHT
     # the packaged prior's locate-potts volume error is applied to the mixture's draws
-    assert posterior.volume_method == locate.CALIBRATED_METHOD.format(draws=locate.MIXTURE_METHOD)
+    assert posterior.volume_method == locate.CALIBRATED_METHOD.format(
+        draws=locate.MIXTURE_METHOD.format(weight=weight))
+    # the map is the mixture of the two maps written beside it
+    located_map, delineation = posterior.maps[locate.LOCATOR_FILE], posterior.maps[locate.DELINEATION_FILE]
+    np.testing.assert_allclose(posterior.probability, weight * located_map + (1 - weight) * delineation,
+                               atol=1e-6)
     located = 1.0 / (1.0 + np.exp(-4.0))
-    # where only the locator says tumour, the probability is about half its value
-    assert posterior.probability[wrong].max() <= 0.5 * (1.0 + located) + 1e-6
-    assert posterior.probability[wrong].min() >= 0.5 * located - 1e-6
-    draws = np.sort(posterior.volume_draws_ml)
-    # two clusters: the located region's volume and the delineation's
+    np.testing.assert_allclose(located_map[wrong], located, rtol=1e-6)
+    # where the locator says tumour, the probability is at least w times its value
+    assert posterior.probability[wrong].min() >= weight * located - 1e-6
+    # two clusters, each with at least 10 % of the draws: the located region's volume and the
+    # delineation's, so the 5 % and 95 % quantiles fall in different ones
     wrong_ml = wrong.sum() * posterior.reference.voxel_volume_ml
-    assert abs(np.median(draws[:500]) - np.median(draws[500:])) > 0.25 * wrong_ml
+    low, high = np.quantile(posterior.volume_draws_ml, [0.05, 0.95])
+    assert high - low > 0.25 * wrong_ml
 
 
 @pytest.mark.parametrize("args, option, text", [

@@ -192,7 +192,7 @@ def result_posterior(result: MethodResult, prepared: Prepared, out=None, levels_
                                 summary=build_summary(result, prepared),
                                 images=display_images(prepared), reference_mask=reference_mask,
                                 reference_mask_path=reference_mask_path,
-                                reference_mask_resampling=reference_mask_resampling)
+                                reference_mask_resampling=reference_mask_resampling, maps=dict(result.maps))
     if out is not None:
         for name, values in result.maps.items():
             save_nifti(f"{out}/{name}", values, prepared.reference.affine)

@@ -20,11 +20,20 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
 3. **Disagreement.** When the locator found a region and the delineation's 50 % region and
    the locator's overlap with Dice below ``AGREEMENT_DICE`` (an image region the locator
    rejects, or a located region without image support), vbseg does not pick one: the result
-   is the equal-weight mixture of the two posteriors (probability map and volume draws, each
-   from its own model), so the probabilities fall where they disagree and the volume interval
-   spans both answers, and the ``locator-image-disagree`` warning is raised. This is model
-   averaging with equal weights: the locator's fit and the Potts fit share no marginal
-   likelihood that could weigh them against each other.
+   is a mixture of the two posteriors, w P_loc + (1 - w) P_delineation for the map and the
+   same shares of each model's volume draws, so the probabilities fall where they disagree and
+   the volume interval spans both answers, and the ``locator-image-disagree`` warning is raised.
+   The locator's fit and the Potts fit share no marginal likelihood that could weigh them, so
+   the weight w is learned from held-out predictions instead, by stacking (Yao, Vehtari,
+   Simpson and Gelman, Bayesian Analysis 2018): with the locating prior, the weight on a grid
+   in [``MIN_WEIGHT``, 1 - ``MIN_WEIGHT``] that maximises the mean voxel log score of the manual
+   GTV over the training cases whose leave-one-out segmentation disagreed
+   (:mod:`vbseg.cohort.method_error`, ``method_calibrations["locate-potts"]["disagreement"]``).
+   The grid stops short of 0 and 1 so that neither answer is dropped on a handful of cases.
+   Without a learned weight (the network as locator, a prior learned without
+   ``--calibrate-method locate-potts``, settings other than those it was learned with) the
+   weights are equal. Both maps are written beside prob.nii.gz (``LOCATOR_FILE``,
+   ``DELINEATION_FILE``) whether or not they disagree.
 4. **The image's own answer outside the box.** The locator confines the delineation to its box,
    so a hot region elsewhere (an FDG-avid lesion the locator missed, or a hot organ) would go
    unseen. The data-only model of ``--model potts`` is therefore also fitted on the whole VOI;
@@ -64,6 +73,7 @@ from vbseg.cohort.volume_error import calibrated_draws, describe
 from vbseg.deep import model as deep
 from vbseg.deep.segment import load_network
 from vbseg.errors import InputError
+from vbseg.io.result_files import DELINEATION_FILE, LOCATOR_FILE
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.metrics import dice
 from vbseg.options import SegmentOptions, default_beta, model_fusion
@@ -80,8 +90,11 @@ CALIBRATED_METHOD = ("{draws}, then the between-patient volume error of locate-p
                      "leave-one-out over the prior's training cases (vbseg.cohort.method_error: a "
                      "miss draws from the training cases' manual volumes, a located case from the "
                      "regression of log manual on log model volume)")
-MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
-                  "(they disagree; each from independent voxel labels of its own map)")
+MIXTURE_METHOD = ("mixture of the delineation's and the locator's volume draws, weight {weight:.2f} on "
+                  "the locator's (they disagree; each from independent voxel labels of its own map)")
+EQUAL_WEIGHT = 0.5
+MIN_WEIGHT = 0.1
+WEIGHT_GRID = tuple(round(w, 2) for w in np.arange(MIN_WEIGHT, 1 - MIN_WEIGHT + 1e-9, 0.05))
 
 
 def default_locator(options, modalities) -> str:
@@ -134,17 +147,47 @@ def learned_settings(options, modalities) -> tuple:
     return resolved.model, resolved.fit
 
 
+def learned_calibration(options, modalities):
+    """(the locating prior's ``method_calibrations["locate-potts"]`` or None, whether this run's
+    settings are those it was learned with: locate-potts's defaults, the prior as locator)."""
+    prior = locating_prior(options, modalities)
+    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
+    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"), modalities)
+    return calibration, learned_settings(options, modalities) == learned
+
+
+def disagreement_weight(prepared, options) -> tuple[float, dict]:
+    """(the locator's weight w in a disagreement, the record for summary.json): the weight the
+    locating prior learned (module doc, step 3) when it has one and this run's settings are
+    those it was learned with, else ``EQUAL_WEIGHT``."""
+    calibration, same = learned_calibration(options, prepared.modalities)
+    learned = None if calibration is None else calibration.get("disagreement")
+    if learned is None:
+        return EQUAL_WEIGHT, {"weight": EQUAL_WEIGHT, "learned": False,
+                              "why": "the locator carries no learned weight (vbseg fit-prior "
+                                     "--calibrate-method locate-potts learns one)"}
+    if not same:
+        return EQUAL_WEIGHT, {"weight": EQUAL_WEIGHT, "learned": False,
+                              "why": "the learned weight was learned with locate-potts's default "
+                                     "settings and the prior as locator; these differ"}
+    return float(learned["weight"]), {"weight": float(learned["weight"]), "learned": True,
+                                      "training_disagreements": int(learned["n"])}
+
+
+def mixture(located, delineation, weight: float) -> np.ndarray:
+    """w P_loc + (1 - w) P_delineation (module doc, step 3)."""
+    return (weight * np.asarray(located, np.float64)
+            + (1.0 - weight) * np.asarray(delineation, np.float64)).astype(np.float32)
+
+
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
     """(volume draws, TLG draws, the record or None) after the locating prior's locate-potts
     volume error, when it has one and this run's settings are those it was learned with (module
     doc, step 5); otherwise the draws as they were and, when it has one, a record saying why."""
-    prior = locating_prior(options, prepared.modalities)
-    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
+    calibration, same = learned_calibration(options, prepared.modalities)
     if calibration is None:
         return volume_draws, tlg_draws, None
-    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
-                               prepared.modalities)
-    if learned_settings(options, prepared.modalities) != learned:
+    if not same:
         return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
                                             contour_empty=not bool((probability >= 0.5).any()))
@@ -215,6 +258,21 @@ def image_outside_box(prepared, options, bounds) -> dict:
             "image_outside_share": float((region & ~inside).sum() / count) if count else 0.0}
 
 
+def mixed_answer(result, located, weight: float, prepared, options):
+    """(probability, volume draws, TLG draws) of the mixture with weight ``weight`` on the
+    locator's map ``located`` (module doc, step 3): the maps mixed, and round(w D) of the D
+    volume (and TLG) draws from independent voxel labels of the locator's map, the rest the
+    delineation's own."""
+    draws = options.outputs.volume_draws
+    from_locator = int(round(weight * draws))
+    loc_volumes, loc_tlg = independent_draws(located, prepared.reference, prepared.pet_first,
+                                             prepared.seed + 1, draws)
+    volumes = np.concatenate([result.volume_draws_ml[: draws - from_locator], loc_volumes[:from_locator]])
+    tlg = None if result.tlg_draws is None else np.concatenate(
+        [result.tlg_draws[: draws - from_locator], loc_tlg[:from_locator]])
+    return mixture(located, result.probability, weight), volumes.astype(result.volume_draws_ml.dtype), tlg
+
+
 def run_locate(prepared, options) -> MethodResult:
     """Locate, then delineate (module doc)."""
     logit, record, locate_s = locator_logit(prepared, options)
@@ -239,22 +297,16 @@ def run_locate(prepared, options) -> MethodResult:
     probability, volume_draws, tlg_draws = result.probability, result.volume_draws_ml, result.tlg_draws
     volume_method = result.volume_method
     mixed = field is not None and agreement < AGREEMENT_DICE  # a locator with no region abstains
+    weight, weight_record = disagreement_weight(prepared, options)
     if mixed:
+        probability, volume_draws, tlg_draws = mixed_answer(result, located_full, weight, prepared, options)
+        volume_method = MIXTURE_METHOD.format(weight=weight)
         warnings.append({"code": "locator-image-disagree",
                          "message": f"the delineation and the locator overlap with Dice "
                                     f"{agreement:.2f} (< {AGREEMENT_DICE:g}); the result is their "
-                                    "equal-weight mixture, so probabilities and the volume "
-                                    "interval carry both answers"})
-        probability = (0.5 * (result.probability + located_full)).astype(np.float32)
-        loc_volumes, loc_tlg = independent_draws(located_full, prepared.reference, prepared.pet_first,
-                                                 prepared.seed + 1, options.outputs.volume_draws)
-        half = options.outputs.volume_draws // 2
-        volume_draws = np.concatenate([result.volume_draws_ml[:half],
-                                       loc_volumes[: options.outputs.volume_draws - half]])
-        if tlg_draws is not None:
-            draws = options.outputs.volume_draws
-            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: draws - half]])
-        volume_method = MIXTURE_METHOD
+                                    f"mixture, weight {weight:.2f} on the locator "
+                                    f"({'learned' if weight_record['learned'] else 'equal weights'}), "
+                                    "so probabilities and the volume interval carry both answers"})
     volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
                                                                 volume_draws, tlg_draws)
     if volume_error is not None and volume_error["applied"]:
@@ -280,22 +332,25 @@ def run_locate(prepared, options) -> MethodResult:
                               "image_outside_share": IMAGE_OUTSIDE_SHARE,
                               "rule": "delineation VOI = bounding box of the locator's regions "
                                       "(P >= 1/2) grown by the margin; locator log-odds as the "
-                                      "external field, weight learned; equal mixture when the two "
+                                      "external field, weight learned; a mixture (the locator's "
+                                      "weight learned by stacking, else equal) when the two "
                                       "disagree; a warning when the data-only model's 50 % region "
                                       "lies mostly outside the box"}}
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": mixed, **outside},
+                              "mixed": mixed, "locator_weight": weight_record, **outside},
                    **({"volume_error": volume_error} if volume_error is not None else {})}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
                                tlg_draws=tlg_draws, volume_method=volume_method,
                                model="locate-potts", options=run_options, diagnostics=diagnostics,
-                               sections=sections)
+                               sections=sections, maps={**result.maps, LOCATOR_FILE: located_full,
+                                                        DELINEATION_FILE: result.probability})
 
 
 register(Method("locate-potts", run_locate,
                 "locate, then delineate: a population prior and/or network locates the lesion, "
                 "hidden Potts delineates it with their log-odds as the field", rank=3,
+                extra_outputs=lambda options: [LOCATOR_FILE, DELINEATION_FILE],
                 needs_pet=True, check_options=check_locate_options, takes_prior=True))

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import special
 
 from vbseg.inference.chains import chain_diagnostics
+from vbseg.io.result_files import FRACTION_FILE
 from vbseg.methods.inputs import likelihood_inputs
 from vbseg.methods.registry import Method, MethodResult, register
 from vbseg.options import default_beta, fixed_beta, levels_for
@@ -65,7 +66,6 @@ from vbseg.pv_potts.model import (
 )
 from vbseg.runtime import compile_and_run
 
-FRACTION_FILE = "fraction.nii.gz"
 # Joint draws: independent chains from the mean-field mode, vectorised, a short burn-in (the
 # start is the mode of a close approximation; split R-hat of the fraction sum 1.02-1.07 after
 # 40 sweeps on 13 and 22 mm phantom spheres) and a few kept sweeps each: 4 x 25 = 100 draws.
