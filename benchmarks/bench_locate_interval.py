@@ -19,26 +19,10 @@ look at bench_locate's out-of-fold volumes (not nested) had shown that a regress
 narrower intervals than a fixed ratio, so that choice is selection-affected (the report says
 so). The probability maps, and so Dice, are those of bench_locate's locate-potts runs.
 
-The same leave-one-out segmentations teach the fold prior locate-potts's other learned part:
-the locator's weight where locator and delineation disagree (:mod:`vbseg.potts.locate`, step 3;
-stacking on the training cases that disagreed, :mod:`vbseg.cohort.method_error`). Without it
-the two were mixed with equal weights, so a located region the image did not support came out
-at about half the locator's probability, below the 50 % contour. The held-out cases segmented
-with the calibrated fold prior are therefore locate-potts as a user gets it with a prior from
-``fit-prior --calibrate-method locate-potts``: both learned parts, nested out of sample.
-Selection: the stacking weight was added after bench_locate's per-case table had shown that
-the disagreeing cases' equal mixtures scored below the locator alone (sts026: prior 0.68,
-locate-potts 0.00), so the decision to learn the weight is selection-affected; the weight
-itself, its grid (0.10-0.90) and criterion (mean voxel log score) were fixed before this run
-and are learned inside each fold.
-
 Reported, FDG-avid and faint cases apart: coverage of the 95 % interval (count and exact
 Clopper-Pearson 95 % interval), mean and median width, interval score, against the plain
-locate-potts interval (the same fold priors without the learned parts; bench_locate's runs);
-and Dice50 with paired percentile-bootstrap differences (by case, 10,000 resamples, seed 0)
-against SUV >= 2.5, the default (potts), the plain locate-potts and the fold network alone
-(cnn). The SUV, default and network rows are bench_locate's runs on the same folds, read from
-its committed results.csv tables (the network checkpoints are not committed).
+locate-potts interval (the same fold priors without the volume error; bench_locate's runs) and
+SUV >= 2.5 for Dice; the voxel Brier score of each.
 
 Regenerate (about 15 minutes on 2 cores: 5 x 16-17 leave-one-out segmentations, cached per
 fold under benchmarks/results/experiments/locate_interval/priors/, and 21 held-out ones; the
@@ -51,7 +35,6 @@ and exits 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -59,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from benchmarks.bench_fusion_default import RESAMPLES, case_of, ci_text, fdg_avid
+from benchmarks.bench_fusion_default import case_of, fdg_avid
 from benchmarks.bench_locate import FOLDS, INDEX, MODALITIES, config_text, fold_prior, run_config
 from benchmarks.common import RESULTS, machine, write_report
 from vbseg.cohort.method_error import method_calibrations
@@ -67,7 +50,6 @@ from vbseg.cohort.model import load_prior
 from vbseg.cohort.volume_error import describe
 from vbseg.experiment.folds import fold_prior as calibrated_fold_prior
 from vbseg.experiment.folds import load_folds
-from vbseg.metrics import bootstrap_mean_ci
 
 NAME = "bench_locate_interval"
 LOCATE = RESULTS / "experiments" / "locate"
@@ -94,50 +76,6 @@ def calibrated_prior(folds: dict, fold: int, seconds: dict) -> Path:
 
 PLAIN = METHOD + " (fold prior)"
 CALIBRATED = METHOD + " (fold prior + its volume error)"
-# bench_locate's runs on the same folds: (label, folder under LOCATE or a per-fold pattern, model)
-COMMITTED = (("suv2.5", "reference", "suv2.5"), ("potts (default)", "reference", "potts"),
-             ("cnn (fold network)", "fold{f}_cnn", "cnn"))
-
-
-def committed_dice(folds: dict) -> dict:
-    """{label: {case: Dice50}} of bench_locate's committed results.csv tables (COMMITTED)."""
-    dice = {}
-    for label, pattern, model in COMMITTED:
-        folders = {pattern.format(f=f) for f in range(len(folds["folds"]))}
-        rows = {}
-        for folder in sorted(folders):
-            with open(LOCATE / folder / "results.csv", newline="") as handle:
-                rows.update({r["case"]: float(r["dice50"]) for r in csv.DictReader(handle)
-                             if r["model"] == model and r["status"] == "ok"})
-        dice[label] = rows
-    return dice
-
-
-def dice_table(dice: dict, groups: dict) -> dict:
-    """Per method and group: mean Dice50 with its CI and the paired differences (by case) to
-    each other method."""
-    table = {}
-    for method, rows in dice.items():
-        table[method] = {}
-        for group, cases in groups.items():
-            values = np.array([rows[c] for c in cases])
-            table[method][group] = {"dice50": bootstrap_mean_ci(values, num_resamples=RESAMPLES), "minus": {
-                other: bootstrap_mean_ci(values, paired_with=np.array([dice[other][c] for c in cases]),
-                                         num_resamples=RESAMPLES) for other in dice if other != method}}
-    return table
-
-
-def dice_report(table: dict, order: list[str]) -> list[str]:
-    lines = ["", f"Dice50, and each row's paired difference (by case) to each column's method; "
-             f"{CALIBRATED} has both learned parts:", "",
-             "| method | cases | Dice50 [95 % CI] | " + " | ".join(f"minus {m}" for m in order)
-             + " |", "|---|---|---|" + "---|" * len(order)]
-    for method in order:
-        for group, row in table[method].items():
-            cells = ["-" if m == method else ci_text(row["minus"][m], signed=True) for m in order]
-            lines.append(f"| {method} | {group} ({row['dice50']['n']}) | {ci_text(row['dice50'])} | "
-                         + " | ".join(cells) + " |")
-    return lines
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -195,19 +133,9 @@ def report(results: dict) -> str:
         manual = results["per_case"][PLAIN][case]["vol_true_ml"]
         lines.append(f"| {case} | {'yes' if results['avid'][case] else 'no'} | {manual:.0f} | "
                      + " | ".join(cells) + " |")
-    lines += dice_report(results["dice"], list(results["dice"]))
-    lines += ["", "Per case, Dice50:", "", "| case | avid | " + " | ".join(results["dice"]) + " |",
-              "|---|---|" + "---|" * len(results["dice"])]
-    for case in sorted(results["avid"]):
-        lines.append(f"| {case} | {'yes' if results['avid'][case] else 'no'} | "
-                     + " | ".join(f"{rows[case]:.2f}" for rows in results["dice_per_case"].values()) + " |")
-    lines += ["", "Learned per fold: the volume error (located: log V = a + b log V_model + s t) and the "
-              "locator's weight where locator and delineation disagree (stacking over the training "
-              "cases that disagreed):", ""]
+    lines += ["", "Learned volume errors per fold (located: log V = a + b log V_model + s t):", ""]
     for fold, text in results["fold_errors"].items():
-        weight = results["fold_weights"][fold]
-        lines.append(f"* fold {fold}: {text}; locator weight {weight['weight']:.2f} from {weight['n']} "
-                     f"disagreeing training cases ({', '.join(weight['cases']) or 'none'})")
+        lines.append(f"* fold {fold}: {text}")
     return "\n".join(lines) + "\n"
 
 
@@ -220,14 +148,12 @@ def main(argv=None) -> int:
         return 0
     folds = load_folds(FOLDS)
     seconds: dict = {}
-    plain, calibrated, fold_errors, fold_weights = [], [], {}, {}
+    plain, calibrated, fold_errors, plain_seconds = [], [], {}, {}
     for f, held_out in enumerate(folds["folds"]):
         path = calibrated_prior(folds, f, seconds)
-        learned = load_prior(path).method_calibrations[METHOD]
-        fold_errors[f] = describe(learned)
-        fold_weights[f] = {k: learned["disagreement"][k] for k in ("weight", "n", "cases")}
+        fold_errors[f] = describe(load_prior(path).method_calibrations[METHOD])
         cases = sorted(held_out)
-        plain_prior = fold_prior(LOCATE / "priors", f, MODALITIES, folds, seconds)
+        plain_prior = fold_prior(LOCATE / "priors", f, MODALITIES, folds, plain_seconds)
         plain += [r for r in run_config(LOCATE / f"fold{f}", config_text(
             f"locate_fold{f}_centred", cases, ["potts", METHOD], prior=plain_prior),
             args.jobs) if r.get("settings", {}).get("name") == METHOD]
@@ -239,13 +165,10 @@ def main(argv=None) -> int:
               "faint": sorted(c for c in avid if not avid[c])}
     summary = {method: {g: group_summary(rows, cases) for g, cases in groups.items()}
                for method, rows in per_case.items()}
-    dice = {CALIBRATED: {c: row["dice50"] for c, row in per_case[CALIBRATED].items()},
-            PLAIN: {c: row["dice50"] for c, row in per_case[PLAIN].items()}, **committed_dice(folds)}
     results = {"machine": machine(), "level": LEVEL, "folds": folds["folds"], "avid": avid,
-               "prior_fit_s": seconds, "fold_errors": {str(k): v for k, v in fold_errors.items()},
-               "fold_weights": {str(k): v for k, v in fold_weights.items()},
-               "summary": summary, "per_case": per_case, "dice": dice_table(dice, groups),
-               "dice_per_case": dice}
+               "prior_fit_s": seconds, "plain_prior_fit_s": plain_seconds,
+               "fold_errors": {str(k): v for k, v in fold_errors.items()},
+               "summary": summary, "per_case": per_case}
     write_report(RESULTS, NAME, results, __doc__, report(results))
     print(report(results))
     return 0

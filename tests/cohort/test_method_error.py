@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from vbseg.cli import main
-from vbseg.cohort.method_error import disagreement_scores, entry_at_weight, learned_weight, method_entry
+from vbseg.cohort.method_error import method_entry
 from vbseg.cohort.model import load_prior
 from vbseg.cohort.population import fit_population_prior, load_training_case
 from vbseg.cohort.volume_error import _located_factor, calibrated_draws, calibration_from_entries
@@ -20,7 +20,6 @@ from vbseg.errors import InputError
 from vbseg.experiment.folds import fold_prior
 from vbseg.io.cases import read_cases
 from vbseg.phantoms import make_cohort
-from vbseg.potts import locate
 
 MODALITIES = ["pet", "ct", "mr"]
 
@@ -78,67 +77,6 @@ def cohort(tmp_path_factory):
     return index, cases, [load_training_case(c) for c in cases]
 
 
-def scored_entry(name, truth, located, delineation, voxel_ml=1.0):
-    truth = np.asarray(truth, bool)
-    voi = np.ones(truth.shape, bool)
-    scores = disagreement_scores(np.asarray(located, np.float32), np.asarray(delineation, np.float32),
-                                 truth, voi, voxel_ml)
-    return {"case": name, "manual_ml": float(truth.sum()) * voxel_ml, "model_ml": 0.0, "dice50": 0.0,
-            "located": False, "contour_empty": True, "disagreement": scores}
-
-
-def test_the_stacking_weight_maximises_the_held_out_log_score():
-    """Three voxels, the GTV the first two, the locator saying all three, the delineation none:
-    the mixture gives each voxel w, so the mean log score is (2 log w + log(1 - w)) / 3, whose
-    maximum is at w = 2/3; on the grid the better neighbour, 0.65."""
-    entry = scored_entry("a", [[[1, 1, 0]]], [[[1, 1, 1]]], [[[0, 0, 0]]])
-    grid = np.asarray(locate.WEIGHT_GRID)
-    expected = (2 * np.log(grid) + np.log1p(-grid)) / 3
-    np.testing.assert_allclose(entry["disagreement"]["log_score"], expected, atol=1e-5)
-    weight = learned_weight([entry, {"case": "b", "manual_ml": 1.0, "model_ml": 1.0, "dice50": 1.0,
-                                     "located": True, "contour_empty": False}])
-    assert weight["weight"] == 0.65 and weight["n"] == 1 and weight["cases"] == ["a"]
-    assert abs(weight["weight"] - 2 / 3) <= 0.025
-    # the entry as the chosen weight makes it: all three voxels at 0.65, Dice 2 x 2 / (3 + 2)
-    at = entry_at_weight(entry, 0.65)
-    assert at["model_ml"] == pytest.approx(1.95, rel=1e-6) and at["dice50"] == pytest.approx(0.8)
-    assert at["located"] and not at["contour_empty"]
-    # a case the locator has right and one the delineation has right, a voxel each: their
-    # scores sum to log w + log(1 - w), best at 1/2; one case alone hits the grid's bound
-    locator_right = scored_entry("l", [[[1, 0]]], [[[1, 0]]], [[[0, 1]]])
-    image_right = scored_entry("d", [[[1, 0]]], [[[0, 1]]], [[[1, 0]]])
-    assert learned_weight([locator_right, image_right])["weight"] == 0.5
-    assert learned_weight([locator_right])["weight"] == 1 - locate.MIN_WEIGHT
-    assert learned_weight([image_right])["weight"] == locate.MIN_WEIGHT
-    # no disagreement among the training cases: equal weights, the entries as they were
-    assert learned_weight([])["weight"] == locate.EQUAL_WEIGHT and learned_weight([])["n"] == 0
-
-
-def test_a_disagreeing_entry_carries_its_scores_and_reproduces_itself_at_equal_weights(cohort, monkeypatch):
-    """A locator that points away from the GTV: the held-out entry (equal weights, the held-out
-    prior learned nothing) records the mixture's scores, and at w = 1/2 they give the entry's
-    own volume and Dice."""
-    _, cases, training = cohort
-    prior = fit_population_prior(training[1:], MODALITIES, num_tumour=2, num_background=2, calibrate=False)
-    tumour = training[0].tumour
-
-    def fake_locator(prepared, options):
-        wrong = np.zeros(tumour.shape, bool)
-        wrong[:4, :4, :4] = True
-        assert not (wrong & tumour).any()
-        return np.where(wrong[prepared.bounds], 4.0, -4.0).astype(np.float32), {"locator": "test"}, 0.0
-
-    monkeypatch.setattr(locate, "locator_logit", fake_locator)
-    entry = method_entry("locate-potts", cases[0], training[0], prior)
-    scores = entry["disagreement"]
-    assert set(scores) == {"log_score", "model_ml", "dice50", "contour_empty"}
-    assert all(len(v) == len(locate.WEIGHT_GRID) for v in scores.values())
-    half = locate.WEIGHT_GRID.index(0.5)
-    assert scores["model_ml"][half] == pytest.approx(entry["model_ml"], rel=1e-5)
-    assert scores["dice50"][half] == pytest.approx(entry["dice50"], abs=1e-9)
-    assert entry_at_weight(entry, 0.5)["located"] == entry["located"]
-
-
 def test_an_entry_refuses_a_prior_that_saw_its_case(cohort):
     _, cases, training = cohort
     prior = fit_population_prior(training, MODALITIES, num_tumour=2, num_background=2, calibrate=False)
@@ -163,10 +101,6 @@ def test_fit_prior_learns_the_locate_potts_error_and_locate_potts_applies_it(tmp
     error = prior.method_calibrations["locate-potts"]
     assert error["n"] == 5 and [e["case"] for e in error["entries"]] == [c.name for c in cases[:5]]
     assert error["located"] is None or error["located"]["model"] == "regression"
-    # the locator's weight in a disagreement, learned from the entries that disagreed
-    weight = error["disagreement"]
-    assert weight["cases"] == [e["case"] for e in error["entries"] if "disagreement" in e]
-    assert weight["n"] == len(weight["cases"]) and weight["weight"] in locate.WEIGHT_GRID
     # a case none of the priors saw, segmented with each prior
     images = [str(index.parent / f"{cases[5].name}_{m}.nii.gz") for m in MODALITIES]
     summaries = {}
@@ -176,10 +110,7 @@ def test_fit_prior_learns_the_locate_potts_error_and_locate_potts_applies_it(tmp
                      "--prior", str(path), "--out", str(out)]) == 0
         summaries[label] = json.loads((out / "summary.json").read_text())
         summaries[label]["prob"] = (out / "prob.nii.gz").read_bytes()
-    # the map is not changed, unless locator and image disagree and the weight learned is not 1/2
-    mixed = summaries["calibrated"]["diagnostics"]["locate"]["mixed"]
-    same = summaries["plain"]["prob"] == summaries["calibrated"]["prob"]
-    assert same or (mixed and weight["weight"] != 0.5)
+    assert summaries["plain"]["prob"] == summaries["calibrated"]["prob"]  # the map is not changed
     assert "volume_error" not in summaries["plain"]["diagnostics"]
     record = summaries["calibrated"]["diagnostics"]["volume_error"]
     assert record["n"] == 5 and "locate-potts" in summaries["calibrated"]["volume_ml"]["method"]

@@ -13,18 +13,6 @@ log model volume (``located_model="regression"``). The result is stored in the p
 ``method_calibrations[method]`` and applied by that method to its volume draws, so its own 95 %
 interval carries the error it makes on delineated cases, not only its within-scan spread.
 
-For locate-potts the same leave-one-out segmentations also give the locator's weight in a
-disagreement (:mod:`vbseg.potts.locate`, step 3), by stacking (Yao, Vehtari, Simpson and Gelman,
-Bayesian Analysis 2018): for each training case whose locator and delineation disagreed, the
-mean log score of its manual GTV's voxel labels under w P_loc + (1 - w) P_delineation over its
-VOI, at every w of ``WEIGHT_GRID``; the weight maximising their sum is stored in
-``method_calibrations["locate-potts"]["disagreement"]`` (no disagreement: equal weights), and
-the volume error is then learned from the entries as that weight would have made them (each
-disagreeing entry's model volume, Dice and located flag taken at the chosen weight), so the
-two learned parts describe the same method. The weight is chosen with every training case's
-entry, its own included: a small leak into the volume error, none into a held-out evaluation
-fold, whose cases enter neither.
-
 Case j's entry uses a prior that never saw case j; the mixture for a new scan uses every
 training case's entry (none of them saw the new scan). Nested inside an evaluation fold (the
 benchmark), nothing of the held-out fold enters either.
@@ -32,16 +20,12 @@ benchmark), nothing of the held-out fold enters either.
 
 from __future__ import annotations
 
-import numpy as np
-
 from vbseg.cohort.population import TrainingCase, held_out_entry, prior_from_statistics
-from vbseg.cohort.volume_error import LOCATED_DICE, calibration_from_entries
+from vbseg.cohort.volume_error import calibration_from_entries
 from vbseg.errors import InputError
 from vbseg.io.cases import DelineatedCase
 from vbseg.methods.registry import get_method
-from vbseg.metrics import dice
 from vbseg.pipeline import segment
-from vbseg.potts.locate import DELINEATION_FILE, EQUAL_WEIGHT, LOCATOR_FILE, WEIGHT_GRID, mixture
 
 # Methods whose volume error fit-prior can learn: they take a prior and use it as it is
 CALIBRATED_METHODS = ("locate-potts",)
@@ -70,55 +54,8 @@ def method_entry(method: str, case: DelineatedCase, training: TrainingCase, prio
         raise ValueError(f"case {case.name} is in the prior's training cases: its entry would be in sample")
     posterior = segment(list(case.images), modalities=list(case.modalities), model=method, prior=prior,
                         volume_draws=200)
-    entry = held_out_entry(training, posterior.probability, list(case.modalities), progress,
-                           f"{method} calibration")
-    if posterior.summary["diagnostics"].get("locate", {}).get("mixed"):
-        entry["disagreement"] = disagreement_scores(posterior.maps[LOCATOR_FILE],
-                                                    posterior.maps[DELINEATION_FILE], training.tumour,
-                                                    posterior.voi, training.voxel_ml)
-    return entry
-
-
-def disagreement_scores(located, delineation, tumour, voi, voxel_ml: float) -> dict:
-    """At every weight w of ``WEIGHT_GRID``, what the mixture w ``located`` + (1 - w)
-    ``delineation`` gives a case with manual GTV ``tumour``: the mean log score of the GTV's
-    voxel labels over ``voi`` (probabilities kept within [1e-6, 1 - 1e-6]), and the entry's
-    model volume, Dice of the 50 % contour and whether that contour is empty."""
-    tumour, voi = np.asarray(tumour, bool), np.asarray(voi, bool)
-    scores = {"log_score": [], "model_ml": [], "dice50": [], "contour_empty": []}
-    for weight in WEIGHT_GRID:
-        probability = mixture(located, delineation, weight)
-        p = np.clip(probability[voi].astype(np.float64), 1e-6, 1 - 1e-6)
-        label = tumour[voi]
-        scores["log_score"].append(float(np.mean(np.where(label, np.log(p), np.log1p(-p)))))
-        scores["model_ml"].append(float(probability.sum(dtype=np.float64)) * voxel_ml)
-        scores["dice50"].append(float(dice(probability >= 0.5, tumour)))
-        scores["contour_empty"].append(not bool((probability >= 0.5).any()))
-    return scores
-
-
-def learned_weight(entries) -> dict:
-    """The stacking weight (module doc) from the entries that carry disagreement scores."""
-    scored = [e for e in entries if "disagreement" in e]
-    record = {"grid": list(WEIGHT_GRID), "n": len(scored), "cases": [e["case"] for e in scored],
-              "criterion": "the weight on the locator maximising the summed mean voxel log score of "
-                           "the manual GTV over the training cases whose leave-one-out "
-                           "segmentation disagreed"}
-    if not scored:
-        return {**record, "weight": EQUAL_WEIGHT, "summed_log_score": None}
-    total = np.sum([e["disagreement"]["log_score"] for e in scored], axis=0)
-    return {**record, "weight": WEIGHT_GRID[int(np.argmax(total))], "summed_log_score": total.tolist()}
-
-
-def entry_at_weight(entry: dict, weight: float) -> dict:
-    """``entry`` as the mixture with ``weight`` on the locator would have made it."""
-    scores = entry.get("disagreement")
-    if scores is None:
-        return entry
-    index = WEIGHT_GRID.index(weight)
-    overlap = scores["dice50"][index]
-    return {**entry, "model_ml": scores["model_ml"][index], "dice50": overlap,
-            "located": bool(overlap >= LOCATED_DICE), "contour_empty": scores["contour_empty"][index]}
+    return held_out_entry(training, posterior.probability, list(case.modalities), progress,
+                          f"{method} calibration")
 
 
 def method_calibrations(methods, cases: list[DelineatedCase], training: list[TrainingCase], stats,
@@ -136,10 +73,5 @@ def method_calibrations(methods, cases: list[DelineatedCase], training: list[Tra
                                              modalities, num_tumour=num_tumour, neighbourhood=neighbourhood,
                                              interaction=interaction)
             entries.append(method_entry(method, case, train, held_out, progress=progress))
-        weight = learned_weight(entries) if method == "locate-potts" else None
-        if weight is not None:
-            entries = [entry_at_weight(e, weight["weight"]) for e in entries]
         calibrations[method] = calibration_from_entries(entries, located_model=LOCATED_MODEL)
-        if weight is not None and calibrations[method] is not None:
-            calibrations[method]["disagreement"] = weight
     return {m: c for m, c in calibrations.items() if c is not None}

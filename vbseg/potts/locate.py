@@ -20,20 +20,14 @@ is, the hidden Potts model says where its boundary lies and how sure it is.
 3. **Disagreement.** When the locator found a region and the delineation's 50 % region and
    the locator's overlap with Dice below ``AGREEMENT_DICE`` (an image region the locator
    rejects, or a located region without image support), vbseg does not pick one: the result
-   is a mixture of the two posteriors, w P_loc + (1 - w) P_delineation for the map and the
-   same shares of each model's volume draws, so the probabilities fall where they disagree and
-   the volume interval spans both answers, and the ``locator-image-disagree`` warning is raised.
-   The locator's fit and the Potts fit share no marginal likelihood that could weigh them, so
-   the weight w is learned from held-out predictions instead, by stacking (Yao, Vehtari,
-   Simpson and Gelman, Bayesian Analysis 2018): with the locating prior, the weight on a grid
-   in [``MIN_WEIGHT``, 1 - ``MIN_WEIGHT``] that maximises the mean voxel log score of the manual
-   GTV over the training cases whose leave-one-out segmentation disagreed
-   (:mod:`vbseg.cohort.method_error`, ``method_calibrations["locate-potts"]["disagreement"]``).
-   The grid stops short of 0 and 1 so that neither answer is dropped on a handful of cases.
-   Without a learned weight (the network as locator, a prior learned without
-   ``--calibrate-method locate-potts``, settings other than those it was learned with) the
-   weights are equal. Both maps are written beside prob.nii.gz (``LOCATOR_FILE``,
-   ``DELINEATION_FILE``) whether or not they disagree.
+   is the equal-weight mixture of the two posteriors (probability map and volume draws, each
+   from its own model), so the probabilities fall where they disagree and the volume interval
+   spans both answers, and the ``locator-image-disagree`` warning is raised. This is model
+   averaging with equal weights: the locator's fit and the Potts fit share no marginal
+   likelihood that could weigh them against each other (a weight learned by stacking on the
+   prior's leave-one-out segmentations was tried and did no better out of sample:
+   docs/research/locate.md). Both answers are written beside prob.nii.gz, whether or not they
+   disagree (``LOCATOR_FILE``, ``DELINEATION_FILE``).
 4. **The image's own answer outside the box.** The locator confines the delineation to its box,
    so a hot region elsewhere (an FDG-avid lesion the locator missed, or a hot organ) would go
    unseen. The data-only model of ``--model potts`` is therefore also fitted on the whole VOI;
@@ -90,11 +84,8 @@ CALIBRATED_METHOD = ("{draws}, then the between-patient volume error of locate-p
                      "leave-one-out over the prior's training cases (vbseg.cohort.method_error: a "
                      "miss draws from the training cases' manual volumes, a located case from the "
                      "regression of log manual on log model volume)")
-MIXTURE_METHOD = ("mixture of the delineation's and the locator's volume draws, weight {weight:.2f} on "
-                  "the locator's (they disagree; each from independent voxel labels of its own map)")
-EQUAL_WEIGHT = 0.5
-MIN_WEIGHT = 0.1
-WEIGHT_GRID = tuple(round(w, 2) for w in np.arange(MIN_WEIGHT, 1 - MIN_WEIGHT + 1e-9, 0.05))
+MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's volume draws "
+                  "(they disagree; each from independent voxel labels of its own map)")
 
 
 def default_locator(options, modalities) -> str:
@@ -147,47 +138,17 @@ def learned_settings(options, modalities) -> tuple:
     return resolved.model, resolved.fit
 
 
-def learned_calibration(options, modalities):
-    """(the locating prior's ``method_calibrations["locate-potts"]`` or None, whether this run's
-    settings are those it was learned with: locate-potts's defaults, the prior as locator)."""
-    prior = locating_prior(options, modalities)
-    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
-    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"), modalities)
-    return calibration, learned_settings(options, modalities) == learned
-
-
-def disagreement_weight(prepared, options) -> tuple[float, dict]:
-    """(the locator's weight w in a disagreement, the record for summary.json): the weight the
-    locating prior learned (module doc, step 3) when it has one and this run's settings are
-    those it was learned with, else ``EQUAL_WEIGHT``."""
-    calibration, same = learned_calibration(options, prepared.modalities)
-    learned = None if calibration is None else calibration.get("disagreement")
-    if learned is None:
-        return EQUAL_WEIGHT, {"weight": EQUAL_WEIGHT, "learned": False,
-                              "why": "the locator carries no learned weight (vbseg fit-prior "
-                                     "--calibrate-method locate-potts learns one)"}
-    if not same:
-        return EQUAL_WEIGHT, {"weight": EQUAL_WEIGHT, "learned": False,
-                              "why": "the learned weight was learned with locate-potts's default "
-                                     "settings and the prior as locator; these differ"}
-    return float(learned["weight"]), {"weight": float(learned["weight"]), "learned": True,
-                                      "training_disagreements": int(learned["n"])}
-
-
-def mixture(located, delineation, weight: float) -> np.ndarray:
-    """w P_loc + (1 - w) P_delineation (module doc, step 3)."""
-    return (weight * np.asarray(located, np.float64)
-            + (1.0 - weight) * np.asarray(delineation, np.float64)).astype(np.float32)
-
-
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
     """(volume draws, TLG draws, the record or None) after the locating prior's locate-potts
     volume error, when it has one and this run's settings are those it was learned with (module
     doc, step 5); otherwise the draws as they were and, when it has one, a record saying why."""
-    calibration, same = learned_calibration(options, prepared.modalities)
+    prior = locating_prior(options, prepared.modalities)
+    calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
     if calibration is None:
         return volume_draws, tlg_draws, None
-    if not same:
+    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
+                               prepared.modalities)
+    if learned_settings(options, prepared.modalities) != learned:
         return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
                                             contour_empty=not bool((probability >= 0.5).any()))
@@ -258,21 +219,6 @@ def image_outside_box(prepared, options, bounds) -> dict:
             "image_outside_share": float((region & ~inside).sum() / count) if count else 0.0}
 
 
-def mixed_answer(result, located, weight: float, prepared, options):
-    """(probability, volume draws, TLG draws) of the mixture with weight ``weight`` on the
-    locator's map ``located`` (module doc, step 3): the maps mixed, and round(w D) of the D
-    volume (and TLG) draws from independent voxel labels of the locator's map, the rest the
-    delineation's own."""
-    draws = options.outputs.volume_draws
-    from_locator = int(round(weight * draws))
-    loc_volumes, loc_tlg = independent_draws(located, prepared.reference, prepared.pet_first,
-                                             prepared.seed + 1, draws)
-    volumes = np.concatenate([result.volume_draws_ml[: draws - from_locator], loc_volumes[:from_locator]])
-    tlg = None if result.tlg_draws is None else np.concatenate(
-        [result.tlg_draws[: draws - from_locator], loc_tlg[:from_locator]])
-    return mixture(located, result.probability, weight), volumes.astype(result.volume_draws_ml.dtype), tlg
-
-
 def run_locate(prepared, options) -> MethodResult:
     """Locate, then delineate (module doc)."""
     logit, record, locate_s = locator_logit(prepared, options)
@@ -297,16 +243,22 @@ def run_locate(prepared, options) -> MethodResult:
     probability, volume_draws, tlg_draws = result.probability, result.volume_draws_ml, result.tlg_draws
     volume_method = result.volume_method
     mixed = field is not None and agreement < AGREEMENT_DICE  # a locator with no region abstains
-    weight, weight_record = disagreement_weight(prepared, options)
     if mixed:
-        probability, volume_draws, tlg_draws = mixed_answer(result, located_full, weight, prepared, options)
-        volume_method = MIXTURE_METHOD.format(weight=weight)
         warnings.append({"code": "locator-image-disagree",
                          "message": f"the delineation and the locator overlap with Dice "
                                     f"{agreement:.2f} (< {AGREEMENT_DICE:g}); the result is their "
-                                    f"mixture, weight {weight:.2f} on the locator "
-                                    f"({'learned' if weight_record['learned'] else 'equal weights'}), "
-                                    "so probabilities and the volume interval carry both answers"})
+                                    "equal-weight mixture, so probabilities and the volume "
+                                    "interval carry both answers"})
+        probability = (0.5 * (result.probability + located_full)).astype(np.float32)
+        loc_volumes, loc_tlg = independent_draws(located_full, prepared.reference, prepared.pet_first,
+                                                 prepared.seed + 1, options.outputs.volume_draws)
+        half = options.outputs.volume_draws // 2
+        volume_draws = np.concatenate([result.volume_draws_ml[:half],
+                                       loc_volumes[: options.outputs.volume_draws - half]])
+        if tlg_draws is not None:
+            draws = options.outputs.volume_draws
+            tlg_draws = np.concatenate([result.tlg_draws[:half], loc_tlg[: draws - half]])
+        volume_method = MIXTURE_METHOD
     volume_draws, tlg_draws, volume_error = method_volume_error(prepared, options, probability,
                                                                 volume_draws, tlg_draws)
     if volume_error is not None and volume_error["applied"]:
@@ -332,14 +284,13 @@ def run_locate(prepared, options) -> MethodResult:
                               "image_outside_share": IMAGE_OUTSIDE_SHARE,
                               "rule": "delineation VOI = bounding box of the locator's regions "
                                       "(P >= 1/2) grown by the margin; locator log-odds as the "
-                                      "external field, weight learned; a mixture (the locator's "
-                                      "weight learned by stacking, else equal) when the two "
+                                      "external field, weight learned; equal mixture when the two "
                                       "disagree; a warning when the data-only model's 50 % region "
                                       "lies mostly outside the box"}}
     diagnostics = {**result.diagnostics,
                    "locate": {**regions, "box": [[int(s.start), int(s.stop)] for s in bounds],
                               "agreement_dice": float(agreement),
-                              "mixed": mixed, "locator_weight": weight_record, **outside},
+                              "mixed": mixed, **outside},
                    **({"volume_error": volume_error} if volume_error is not None else {})}
     sections = {**result.sections, "warnings": [*result.sections.get("warnings", []), *warnings]}
     return dataclasses.replace(result, probability=probability, volume_draws_ml=volume_draws,
