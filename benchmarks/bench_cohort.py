@@ -117,7 +117,7 @@ def run_case(case, prior, modalities, widen, baselines, progress, unsupervised=T
         # (--fusion joint), the model this row has always measured.
         middle = (dict(tumour_class=1) if "pet" not in modalities
                   else dict(fusion="joint") if len(modalities) > 1 else {})
-        methods.append((f"unsupervised potts {tag} K=3", dict(num_classes=3, **middle)))
+        methods.append((f"unsupervised potts {tag} K=3", dict(model="potts", num_classes=3, **middle)))
     # vbseg segment refuses CT or MR alone without a VOI; these rows measure why, so they name
     # the whole crop as the VOI
     whole = ",".join(f"0:{n}" for n in nib.load(images[0]).shape[:3])

@@ -12,7 +12,8 @@ each on each modality set.
 Methods:
 
 * ``suv2.5``: a fixed SUV >= 2.5 threshold (the reference);
-* ``potts``: the default (PET decides, K = 2; nothing learned);
+* ``potts``: the default for PET and PET + CT, and for PET + CT + MR before this study made
+  locate-potts the default there (PET decides, K = 2; nothing learned);
 * ``prior (fold)``: the fold's population prior alone (``--prior``); its volume interval comes
   from independent voxel draws here (the fold priors carry no leave-one-out volume calibration,
   which would cost 17 more fits per fold);

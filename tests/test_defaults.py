@@ -13,7 +13,9 @@ import pytest
 
 from tests.test_cli import main_cli
 from vbseg.body_phantom import BodyPhantomSpec, make_body_phantom, tissue_map
+from vbseg.experiment.config import segment_kwargs
 from vbseg.metrics import dice
+from vbseg.potts.locate import DEFAULT_MODEL_RULE, default_model
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,54 @@ def test_default_contours_the_lesion_for_every_modality_combination(crop, tmp_pa
         assert fusion["images_in_likelihood"] == [str(images[0])]
     else:
         assert fusion["mode"] == "joint"
+    # PET + CT + MR: locate, then delineate, with the packaged sarcoma prior; else hidden Potts
+    assert summary["model"] == ("locate-potts" if modalities == "pet,ct,mr" else "potts")
+    assert summary["options"]["model_choice"] == {"chosen": "default", "rule": DEFAULT_MODEL_RULE}
+    if modalities == "pet,ct,mr":
+        assert summary["options"]["locate"]["locator"] == "prior"
+        assert "locate-potts" in summary["volume_ml"]["method"]  # its learned volume error
+
+
+def test_a_given_model_is_kept_and_said(crop, tmp_path):
+    """--model potts on PET + CT + MR: the given method, recorded as given."""
+    folder, phantom = crop
+    images = [folder / f"{m}.nii.gz" for m in ("pet", "ct", "mr")]
+    out = tmp_path / "given"
+    result = main_cli("segment", *images, "--modality", "pet,ct,mr", "--model", "potts", "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "potts" and summary["options"]["model_choice"]["chosen"] == "given"
+    assert contour_dice(out, phantom.truth) > 0.9
+
+
+@pytest.mark.parametrize("modalities, options, expected", [
+    (["pet", "ct", "mr"], {}, "locate-potts"),
+    (["pet", "ct", "mr"], {"prior": "sarcoma"}, "potts"),
+    (["pet", "ct", "mr"], {"external_field": "field.nii.gz"}, "potts"),
+    (["pet", "ct", "mr"], {"intensity_field": "all"}, "potts"),
+    (["pet", "ct", "mr"], {"checkpoint": "net.eqx"}, "potts"),
+    (["pet", "ct", "mr"], {"num_classes": 3}, "potts"),
+    (["pet", "ct", "mr"], {"restarts": "coarse"}, "potts"),
+    (["pet", "ct", "mr"], {"envelope_mm": 10.0}, "potts"),
+    (["pet", "ct", "mr"], {"fusion": "joint"}, "potts"),
+    (["pet", "ct", "mr"], {"psf_fwhm_mm": 6.0}, "potts"),
+    (["pet", "ct", "mr"], {"locator": "network"}, "potts"),
+    # what does not change the model: outputs, and options given at their defaults
+    (["pet", "ct", "mr"], {"volume_draws": 500, "num_classes": None}, "locate-potts"),
+    (["pet", "ct", "mr"], {"num_classes": 2, "fusion": "pet", "locator": "prior"}, "locate-potts"),
+    (["pet", "mr", "ct"], {}, "potts"),
+    (["pet", "ct"], {}, "potts"),
+    (["pet"], {}, "potts"),
+])
+def test_the_default_model_rule(modalities, options, expected):
+    assert default_model(modalities, options) == expected
+
+
+def test_an_experiment_variant_without_a_model_is_potts():
+    """Experiments sweep named variants: an unnamed one is potts, not segment's default rule
+    (which would use the packaged prior, in sample on the shared sarcomas)."""
+    assert segment_kwargs({})["model"] == "potts"
+    assert segment_kwargs({"name": "locate-potts"})["model"] == "locate-potts"
 
 
 def test_joint_two_class_split_finds_the_body_and_warns(crop, tmp_path):

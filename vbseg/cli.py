@@ -127,7 +127,8 @@ def _segment_model(p):
     p.add_argument("--model", dest="model",
                    help="the method (vbseg/methods/): " + ", ".join(
                        name for name in method_names() if name != "prior")
-                   + " (default potts; --prior selects the population prior)")
+                   + " (default: locate-potts for PET, CT and MR in that order, else potts; --prior "
+                     "selects the population prior)")
     p.add_argument("--classes", dest="num_classes", type=int, help="number of classes K (default 2)")
     p.add_argument("--fusion", dest="fusion",
                    help="which images enter the label model's likelihood: 'pet' (PET alone decides "

@@ -24,6 +24,7 @@ from vbseg.io.volume import read_mask
 from vbseg.methods import Method, get_method, result_posterior
 from vbseg.options import DEFAULT_LEVELS, SegmentOptions, check_psf_fits, check_seed
 from vbseg.posterior import Posterior, output_names, result_set_names
+from vbseg.potts.locate import DEFAULT_MODEL_RULE, default_model
 from vbseg.prepare import prepare
 from vbseg.trust import input_warnings
 
@@ -47,7 +48,8 @@ NOT_PLANNED = ("out", "overwrite", "title", "also_write", "series_uid")
 class SegmentPlan:
     """What :func:`segment` settles before reading a voxel: the method, its options, one
     modality per image, the conformal plan (or None), the contour levels, the file names of the
-    result set and the files it reads (which it never writes)."""
+    result set and the files it reads (which it never writes); ``model_choice``: whether the
+    method was given or chosen by the default rule (summary.json's ``options.model_choice``)."""
 
     method: Method
     options: SegmentOptions
@@ -56,6 +58,7 @@ class SegmentPlan:
     levels_percent: tuple
     outputs: list
     inputs: list
+    model_choice: dict
 
 
 def plan_segment(images, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
@@ -69,6 +72,11 @@ def plan_segment(images, *, modalities=None, roi=None, box=None, levels_percent=
         raise InputError("segment", "needs at least one image")
     check_distinct(images)
     check_seed(seed)
+    given = options.get("model") is not None
+    if not given:
+        provisional = list(modalities) if modalities else ["pet"] + ["other"] * (len(images) - 1)
+        options = {**options, "model": default_model(provisional, options)}
+    model_choice = {"chosen": "given" if given else "default", "rule": DEFAULT_MODEL_RULE}
     options = SegmentOptions.from_values(**options)
     levels_percent = tuple(float(level) for level in levels_percent)
     method = get_method(options.model.name)
@@ -91,7 +99,7 @@ def plan_segment(images, *, modalities=None, roi=None, box=None, levels_percent=
     outputs = output_names(levels_percent) + method.extra_outputs(options) + (
         plan.output_names() if plan else [])
     inputs = images + [os.fspath(p) for p in (roi, reference_mask) if p is not None]
-    return SegmentPlan(method, options, modalities, plan, levels_percent, outputs, inputs)
+    return SegmentPlan(method, options, modalities, plan, levels_percent, outputs, inputs, model_choice)
 
 
 def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_percent=DEFAULT_LEVELS,
@@ -149,6 +157,7 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             prepared, warnings=tuple(input_warnings(levels_percent, prepared.volumes)))
         pause_point("fit")
         result = method.run(prepared, options)
+        result = dataclasses.replace(result, options={**result.options, "model_choice": plan.model_choice})
         if options.model.envelope_mm:
             result = apply_envelope(result, prepared, float(options.model.envelope_mm))
         if plan.conformal is not None:

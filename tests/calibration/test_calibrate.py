@@ -575,9 +575,9 @@ def test_psf_phantom_setting_fits_each_case_with_its_own_fwhm(tmp_path):
         [(5.0, 3), (5.0, 4), (7.0, 3), (7.0, 4)]
     for run in experiment.runs:
         assert run.variant == {"psf_fwhm_mm": "phantom", "volume_draws": 200}
-        assert segment_kwargs(run.variant, run.case) == {"psf_fwhm_mm": run.case["spec"]["psf_fwhm_mm"],
-                                                         "volume_draws": 200}
-    assert segment_kwargs({"psf_fwhm_mm": 0}) == {"psf_fwhm_mm": None}
+        assert segment_kwargs(run.variant, run.case) == {
+            "model": "potts", "psf_fwhm_mm": run.case["spec"]["psf_fwhm_mm"], "volume_draws": 200}
+    assert segment_kwargs({"psf_fwhm_mm": 0}) == {"model": "potts", "psf_fwhm_mm": None}
     # without [phantoms] psf_fwhm_mm a phantom has the PhantomSpec default
     plain = load_experiment(write_config(tmp_path, "plain.toml", 'psf_fwhm_mm = "phantom"'))
     assert {segment_kwargs(run.variant, run.case)["psf_fwhm_mm"] for run in plain.runs} == {6.0}

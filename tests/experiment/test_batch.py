@@ -74,6 +74,8 @@ def test_batch_one_folder_per_case_failures_recorded_resume_and_overwrite(cases,
         assert rows[name]["volume_ml"]["mean"] == pytest.approx(summary["volume_ml"]["mean"])
         assert rows[name]["volume_ml"]["lower"] <= rows[name]["volume_ml"]["upper"]
         assert summary["model"] == json.loads((out / "alpha" / "summary.json").read_text())["model"]
+        assert rows[name]["model"] == summary["model"]  # each case's method (the default may differ)
+    assert rows["nan"]["model"] is None
     alpha = json.loads((out / "alpha" / "summary.json").read_text())
     beta = json.loads((out / "beta" / "summary.json").read_text())
     assert alpha["modality"] == ["pet", "ct"] and "dice_50" in alpha["reference_mask"]
@@ -88,6 +90,7 @@ def test_batch_one_folder_per_case_failures_recorded_resume_and_overwrite(cases,
     rows = record(out)
     assert [rows[n]["status"] for n in ("alpha", "beta")] == ["skipped (finished before)"] * 2
     assert rows["alpha"]["volume_ml"]["mean"] == pytest.approx(alpha["volume_ml"]["mean"])
+    assert rows["alpha"]["model"] == alpha["model"]
     assert {name: digest(out / name) for name in ("alpha", "beta")} == finished
 
     kept = digest(out)

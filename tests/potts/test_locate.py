@@ -142,7 +142,7 @@ def test_a_locator_that_points_elsewhere_gives_a_mixture_and_a_warning(crop, mon
 
 
 @pytest.mark.parametrize("args, option, text", [
-    (["--locator", "prior"], "--locator", "goes with --model locate-potts"),
+    (["--model", "potts", "--locator", "prior"], "--locator", "goes with --model locate-potts"),
     (["--model", "locate-potts", "--locator", "atlas"], "--locator", "must be one of"),
     (["--model", "locate-potts", "--locate-margin", "-3"], "--locate-margin", "from 0 to 200"),
     (["--model", "locate-potts", "--prior", "sarcoma", "--locator", "network"], "--prior",

@@ -140,12 +140,21 @@ def check_cases(cases: list[BatchCase], out: Path, overwrite: bool, segment_opti
                        for name, error in problems])
 
 
-def finished_volume(folder: Path) -> dict | None:
-    """The volume interval a finished case's summary.json records, or None."""
+def finished_row(folder: Path) -> dict:
+    """The model and volume interval a finished case's summary.json records (None each where
+    it cannot be read)."""
     try:
-        volume = json.loads((folder / "summary.json").read_text())["volume_ml"]
-        return {key: volume[key] for key in ("mean", "lower", "upper", "level")}
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"model": None, "volume_ml": None}
+    return {"model": summary.get("model") if isinstance(summary, dict) else None,
+            "volume_ml": volume_row(summary)}
+
+
+def volume_row(summary) -> dict | None:
+    try:
+        return {key: summary["volume_ml"][key] for key in ("mean", "lower", "upper", "level")}
+    except (KeyError, TypeError):
         return None
 
 
@@ -176,8 +185,8 @@ def run_batch(index, out, *, modalities=None, overwrite: bool = False, command: 
     cases = read_batch(index, modalities)
     out = check_output_folder(out)
     check_cases(cases, out, overwrite, segment_options)
-    rows = [{"case": case.name, "status": NOT_RUN, "out": str(out / case.name), "volume_ml": None,
-             "error": None} for case in cases]
+    rows = [{"case": case.name, "status": NOT_RUN, "out": str(out / case.name), "model": None,
+             "volume_ml": None, "error": None} for case in cases]
     with locked_folder(out) as (out, created):
         try:
             for case, row in zip(cases, rows):
@@ -200,7 +209,7 @@ def run_case(case: BatchCase, row: dict, folder: Path, overwrite: bool, segment_
     is raised (it would fail every case), any other error is the case's (an unexpected one with
     its traceback)."""
     if not overwrite and is_finished(folder):
-        row.update(status=SKIPPED, volume_ml=finished_volume(folder))
+        row.update(status=SKIPPED, **finished_row(folder))
         return
     started = time.perf_counter()
     try:
@@ -216,6 +225,5 @@ def run_case(case: BatchCase, row: dict, folder: Path, overwrite: bool, segment_
         row.update(status=FAILED, error=f"internal error ({type(error).__name__}: {error})",
                    traceback=traceback.format_exc())
         return
-    volume = posterior.volume_interval()
-    row.update(status=DONE, seconds=round(time.perf_counter() - started, 2),
-               volume_ml={key: volume[key] for key in ("mean", "lower", "upper", "level")})
+    row.update(status=DONE, seconds=round(time.perf_counter() - started, 2), model=posterior.summary["model"],
+               volume_ml=volume_row({"volume_ml": posterior.volume_interval()}))

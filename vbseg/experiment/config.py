@@ -417,8 +417,11 @@ def phantom_psf_mm(case: dict) -> float:
 
 def segment_kwargs(variant: dict, case: dict | None = None) -> dict:
     """A variant's settings as ``vbseg.segment`` keywords (psf_fwhm_mm = 0 means no PSF term;
-    ``psf_fwhm_mm = "phantom"`` becomes ``case``'s own PSF, or stays as it is without a case)."""
-    kwargs = {MODEL_KEYS[k][0]: v for k, v in variant.items()}
+    ``psf_fwhm_mm = "phantom"`` becomes ``case``'s own PSF, or stays as it is without a case).
+    A variant without a model name is ``potts``: not ``segment``'s default rule, which picks
+    locate-potts with the packaged sarcoma prior for PET + CT + MR, in sample on the shared
+    sarcomas (:data:`vbseg.potts.locate.DEFAULT_MODEL_RULE`)."""
+    kwargs = {"model": "potts", **{MODEL_KEYS[k][0]: v for k, v in variant.items()}}
     if kwargs.get("psf_fwhm_mm") == PHANTOM_PSF and case is not None:
         kwargs["psf_fwhm_mm"] = phantom_psf_mm(case)
     if kwargs.get("psf_fwhm_mm") == 0:

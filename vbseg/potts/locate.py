@@ -88,6 +88,32 @@ MIXTURE_METHOD = ("equal-weight mixture of the delineation's and the locator's v
                   "(they disagree; each from independent voxel labels of its own map)")
 
 
+DEFAULT_MODEL_RULE = (
+    "without --model: locate-potts with the packaged sarcoma prior when the images are PET, CT and "
+    "MR in that order (the prior's modalities) and every model and fit option is at locate-potts's "
+    "defaults (those its out-of-sample numbers and its learned volume error hold for: no --prior, "
+    "--checkpoint, --external-field, --classes, --fusion, --psf-fwhm, --beta, --restarts, "
+    "--sampler, --envelope-mm, ...); potts otherwise, and for other tumours (the prior was learned "
+    "from soft-tissue sarcomas of the extremities; docs/research/locate.md)")
+
+
+def default_model(modalities, options: dict) -> str:
+    """The method ``vbseg segment`` uses without ``--model`` (DEFAULT_MODEL_RULE), from the
+    images' modalities and the flat option keywords given (None: not given)."""
+    if list(modalities) != list(resolve_prior("sarcoma").modalities):
+        return "potts"
+    given = {k: v for k, v in options.items() if v is not None and k != "model"}
+    if any(k in given for k in ("prior", "checkpoint", "external_field")):
+        return "potts"
+    try:
+        candidate = SegmentOptions.from_values(**given, model="locate-potts")
+    except TypeError:
+        return "potts"  # an unknown keyword: plan_segment says so
+    defaults = SegmentOptions.from_values(model="locate-potts")
+    same = learned_settings(candidate, modalities) == learned_settings(defaults, modalities)
+    return "locate-potts" if same else "potts"
+
+
 def default_locator(options, modalities) -> str:
     """``--locator`` when not given: the prior when one is given or the packaged one is for
     these modalities, else the network."""

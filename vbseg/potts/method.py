@@ -1,4 +1,5 @@
-"""The hidden Potts model as a method: ``potts`` (the default) and ``deep-potts`` (a network's
+"""The hidden Potts model as a method: ``potts`` (the default, but for PET + CT + MR:
+:data:`vbseg.potts.locate.DEFAULT_MODEL_RULE`) and ``deep-potts`` (a network's
 logits as the external field, its weight learned).
 
 From the prepared crop: the images ``--fusion`` puts in the likelihood, log-PET where asked,
@@ -289,7 +290,8 @@ def _intensity_output(options) -> list[str]:
     return [INTENSITY_FILE] if options.model.intensity_field is not None else []
 
 
-register(Method("potts", run_potts, "hidden Potts MRF fitted by mean-field VB (the default)",
+register(Method("potts", run_potts, "hidden Potts MRF fitted by mean-field VB (the default but "
+                                          "for PET + CT + MR)",
                 extra_outputs=_intensity_output, rank=0))
 register(Method("deep-potts", run_potts, "hidden Potts with a 3D CNN's logits as the external "
                                           "field, its weight learned", extra_outputs=_intensity_output,
