@@ -57,6 +57,8 @@ def test_default_contours_the_lesion_for_every_modality_combination(crop, tmp_pa
     # PET + CT + MR: locate, then delineate, with the packaged sarcoma prior; else hidden Potts
     assert summary["model"] == ("locate-potts" if modalities == "pet,ct,mr" else "potts")
     assert summary["options"]["model_choice"] == {"chosen": "default", "rule": DEFAULT_MODEL_RULE}
+    # the command line says when the default is not plain Potts, and why
+    assert ("model locate-potts (the default" in result.stdout) == (modalities == "pet,ct,mr")
     if modalities == "pet,ct,mr":
         assert summary["options"]["locate"]["locator"] == "prior"
         assert "locate-potts" in summary["volume_ml"]["method"]  # its learned volume error

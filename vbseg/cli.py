@@ -531,6 +531,11 @@ def _run_segment(args) -> int | None:
         print(f"DICOM: {', '.join(p.name for p in dicom_written.values())}")
     for warning in posterior.summary.get("warnings", []):
         print(f"vbseg: warning: {warning['code']}: {warning['message']}", file=sys.stderr)
+    if posterior.summary["options"].get("model_choice", {}).get("chosen") == "default" \
+            and posterior.summary["model"] != "potts":
+        print(f"model {posterior.summary['model']} (the default for these images: "
+              "summary.json options.model_choice; the packaged prior was learned from soft-tissue "
+              "sarcomas, --model potts for other tumours)")
     volume = posterior.volume_interval()
     timings = posterior.summary["timings_s"]
     print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
