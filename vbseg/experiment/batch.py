@@ -146,14 +146,16 @@ def finished_row(folder: Path) -> dict:
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
         return {"model": None, "volume_ml": None}
-    return {"model": summary.get("model") if isinstance(summary, dict) else None,
-            "volume_ml": volume_row(summary)}
+    return {"model": summary.get("model"), "volume_ml": volume_row(summary.get("volume_ml"))}
 
 
-def volume_row(summary) -> dict | None:
+def volume_row(volume) -> dict | None:
+    """The mean, bounds and level of a volume interval, or None when it lacks them."""
     try:
-        return {key: summary["volume_ml"][key] for key in ("mean", "lower", "upper", "level")}
+        return {key: volume[key] for key in ("mean", "lower", "upper", "level")}
     except (KeyError, TypeError):
         return None
 
@@ -226,4 +228,4 @@ def run_case(case: BatchCase, row: dict, folder: Path, overwrite: bool, segment_
                    traceback=traceback.format_exc())
         return
     row.update(status=DONE, seconds=round(time.perf_counter() - started, 2), model=posterior.summary["model"],
-               volume_ml=volume_row({"volume_ml": posterior.volume_interval()}))
+               volume_ml=volume_row(posterior.volume_interval()))
