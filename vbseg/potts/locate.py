@@ -109,9 +109,7 @@ def default_model(modalities, options: dict) -> str:
         candidate = SegmentOptions.from_values(**given, model="locate-potts")
     except TypeError:
         return "potts"  # an unknown keyword: plan_segment says so
-    defaults = SegmentOptions.from_values(model="locate-potts")
-    same = learned_settings(candidate, modalities) == learned_settings(defaults, modalities)
-    return "locate-potts" if same else "potts"
+    return "locate-potts" if at_learned_settings(candidate, modalities) else "potts"
 
 
 def default_locator(options, modalities) -> str:
@@ -164,6 +162,13 @@ def learned_settings(options, modalities) -> tuple:
     return resolved.model, resolved.fit
 
 
+def at_learned_settings(options, modalities) -> bool:
+    """Whether ``options`` are those locate-potts's learned parts were learned with: its
+    defaults, the prior as locator (:func:`learned_settings` of both agree)."""
+    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"), modalities)
+    return learned_settings(options, modalities) == learned
+
+
 def method_volume_error(prepared, options, probability, volume_draws, tlg_draws):
     """(volume draws, TLG draws, the record or None) after the locating prior's locate-potts
     volume error, when it has one and this run's settings are those it was learned with (module
@@ -172,9 +177,7 @@ def method_volume_error(prepared, options, probability, volume_draws, tlg_draws)
     calibration = None if prior is None else prior.method_calibrations.get("locate-potts")
     if calibration is None:
         return volume_draws, tlg_draws, None
-    learned = learned_settings(SegmentOptions.from_values(model="locate-potts", locator="prior"),
-                               prepared.modalities)
-    if learned_settings(options, prepared.modalities) != learned:
+    if not at_learned_settings(options, prepared.modalities):
         return volume_draws, tlg_draws, {"applied": False}
     volumes, tlg, missed = calibrated_draws(volume_draws, tlg_draws, calibration, prepared.seed,
                                             contour_empty=not bool((probability >= 0.5).any()))
