@@ -21,6 +21,7 @@ from benchmarks import (
     bench_nema,
     bench_potts,
     bench_pv,
+    bench_pv_psf_elbo,
     gtv_contrast,
 )
 from vbseg.calibration.conformal import split_coverage_band, volume_scores
@@ -101,6 +102,29 @@ def test_bench_pv_smoke(tmp_path):
     assert bench_pv.main(["--diameters", "13", "--contrasts", "4", "--seeds", "1",
                           "--out", str(tmp_path), "--extend"]) == 0
     assert json.loads((tmp_path / "bench_pv.json").read_text())["rows"] == rows
+
+
+def test_bench_pv_psf_elbo_peak_is_the_parabola_vertex():
+    """The vertex of a parabola sampled on the grid is found exactly between grid points; at an
+    end of the grid the grid's argmax is kept; two tied maxima give the point half-way."""
+    grid = np.arange(4.0, 8.01, 0.5)
+    assert bench_pv_psf_elbo.parabola_peak(grid, -3.0 * (grid - 6.2) ** 2) == pytest.approx(6.2)
+    assert bench_pv_psf_elbo.parabola_peak(grid, grid) == 8.0
+    tied = np.isin(grid, (4.5, 5.0)).astype(float)
+    assert bench_pv_psf_elbo.parabola_peak(grid, tied) == pytest.approx(4.75)
+
+
+def test_bench_pv_psf_elbo_smoke(tmp_path, monkeypatch):
+    """One draw, three FWHMs: the level problem is captured from pv-potts itself (so the study
+    follows the method) and each rho gets one ELBO per FWHM."""
+    monkeypatch.setattr(bench_pv_psf_elbo, "GRID", (5.5, 6.0, 6.5))
+    assert bench_pv_psf_elbo.main(["--diameters", "13", "--seeds", "1", "--givens", "6",
+                                   "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_pv_psf_elbo.json").read_text())["rows"]
+    assert [r["rho"] for r in rows] == list(bench_pv_psf_elbo.RHOS)
+    assert all(len(r["elbo"]) == 3 and np.all(np.isfinite(r["elbo"])) for r in rows)
+    assert all(5.5 <= r["peak_mm"] <= 6.5 for r in rows)
+    assert "| 1 | 6 | 1 |" in (tmp_path / "bench_pv_psf_elbo.md").read_text()
 
 
 def test_bench_envelope_chooses_the_best_training_radius_the_smaller_on_ties():
