@@ -40,6 +40,7 @@ try:
         default_modalities,
         write_posterior_dicom,
     )
+    from vbseg.io.dicom.series import series_held
     from vbseg.io.result_folder import check_output_folder, check_outputs
     from vbseg.methods import method_names
     from vbseg.metrics import dice, expected_calibration_error
@@ -518,6 +519,8 @@ def _run_segment(args) -> int | None:
                             dicom_seg=args.dicom_seg, series_uid=args.series,
                             overwrite=args.overwrite)
     kwargs = _segment_kwargs(args)
+    if args.series and args.rtstruct is not None:  # UIDs may name the reference series alone
+        kwargs["series_uid"] = sorted(series_held(args.images, args.series)) or None
     dicom_written = {}
 
     def write_dicom(posterior, folder):

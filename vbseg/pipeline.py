@@ -19,6 +19,7 @@ from vbseg.cohort.method import check_prior_options
 from vbseg.envelope import apply_envelope
 from vbseg.errors import InputError
 from vbseg.interrupts import pause_point
+from vbseg.io.dicom.series import check_series_requested
 from vbseg.io.result_folder import result_folder
 from vbseg.io.volume import read_mask
 from vbseg.methods import Method, get_method, result_posterior
@@ -119,7 +120,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
             ``options.voi_resampled``); box: "i0:i1,j0:j1,k0:k1" (half-open).
         levels_percent: contour levels in percent.
         seed: seeds the volume draws (the fits themselves are deterministic).
-        series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several.
+        series_uid: Series Instance UID(s) choosing the series in DICOM folders that hold several;
+            each must name a series of one of the image folders (InputError otherwise).
         overwrite: replace the existing result set in ``out`` (its files this run does not
             write are removed: :mod:`vbseg.io.result_folder`); title: the overview figure's title.
         also_write: ``also_write(posterior, folder)`` writes further files of the result set
@@ -140,6 +142,8 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
                         seed=seed, reference_mask=reference_mask, calibration=calibration,
                         conformal_levels_percent=conformal_levels_percent, **options)
     images = [os.fspath(p) for p in images]
+    if series_uid:
+        check_series_requested(images, series_uid)
     roi = os.fspath(roi) if roi is not None else None
     reference_mask = os.fspath(reference_mask) if reference_mask is not None else None
     method, options, modalities, levels_percent = (plan.method, plan.options, plan.modalities,

@@ -11,6 +11,7 @@ checked against the NIfTI files of the same cases; those tests skip when the fol
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -32,7 +33,15 @@ from vbseg.io.dicom import (
     write_probability_seg,
     write_rtstruct,
 )
+from vbseg.io.dicom.outputs import (
+    check_dicom_outputs,
+    export_record,
+    outside_series,
+    probability_on_series,
+)
 from vbseg.io.dicom.rtstruct import ContourPlacementWarning
+from vbseg.io.dicom.series import check_series_requested, series_held
+from vbseg.io.image import Volume
 from vbseg.io.volume import load_volume
 from vbseg.metrics import dice
 
@@ -279,6 +288,82 @@ def test_two_series_in_one_folder_are_listed_and_series_uid_picks_one(tmp_path):
     assert len(list_series(tmp_path / "both")) == 2
     picked = load_volume(tmp_path / "both", "ct", series_uid=second["series_uid"])
     assert picked.shape == (SHAPE[0], SHAPE[1], 6) and picked.data.max() == 10
+
+
+def test_a_series_uid_no_input_holds_is_refused_before_any_work(tmp_path, capsys):
+    """A folder with one series is read whatever --series says (the UIDs may be for other
+    folders), so a UID that no DICOM input holds is refused: one line naming --series, the
+    UID and what the folders hold, exit 2, nothing written. A UID for the --rtstruct reference
+    alone is accepted there."""
+    values = np.ones(SHAPE)
+    values[1, 2, 3] = 5
+    tags = write_series(tmp_path / "ct", values, description="CT soft tissue")
+    with pytest.raises(InputError) as error:
+        check_series_requested([tmp_path / "ct"], ["1.2.3.4", tags["series_uid"]])
+    message = str(error.value)
+    assert message.startswith("--series: 1.2.3.4: no such series") and tags["series_uid"] in message
+    check_series_requested([tmp_path / "ct"], tags["series_uid"])  # held: no error
+    reference = write_series(tmp_path / "reference", values, number=7, frame_uid=tags["frame_uid"])
+    assert series_held([tmp_path / "ct"], reference["series_uid"]) == set()
+    check_dicom_outputs([str(tmp_path / "ct")], tmp_path / "out",
+                        rtstruct_reference=str(tmp_path / "reference"), series_uid=reference["series_uid"])
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "ct"), "--series", "1.2.3.4", "--box", "2:20,2:15,2:8",
+                 "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vbseg: error: --series: 1.2.3.4: no such series") and error.count("\n") == 1
+    assert not out.exists()
+    assert main(["convert", str(tmp_path / "x.dcm"), str(tmp_path / "ct"), "--series-uid", "9.9",
+                 "--out", str(out)]) == 2
+    assert "--series: 9.9: no such series" in capsys.readouterr().err and not out.exists()
+
+
+def _grid_posterior(probability, affine):
+    """What the DICOM export reads of a posterior: its probability and its grid."""
+    grid = Volume(np.asarray(probability, np.float32), affine, "pet", "pet.nii.gz")
+    return SimpleNamespace(probability=grid.data, reference=grid, summary={"model": "potts"})
+
+
+def test_export_onto_a_finer_grid_keeps_each_contours_volume_and_records_what_is_outside():
+    """A 4 mm map of three nested blocks (P = 0.95 / 0.5 / 0.2) exported onto a 1 mm grid that
+    covers only part of it: each voxel takes the probability of the 4 mm voxel holding its
+    centre, so every level's volume on the fine grid equals the part of that level inside the
+    fine grid's field of view (exactly: the grids are aligned), which outside_series gives; a
+    coarser target is interpolated; the warning fires above OUTSIDE_REFERENCE_LIMIT."""
+    probability = np.zeros((10, 10, 10))
+    probability[2:8, 2:8, 2:8] = 0.2
+    probability[3:7, 3:7, 3:7] = 0.5
+    probability[4:6, 4:6, 4:6] = 0.95
+    coarse = np.diag([4.0, 4.0, 4.0, 1.0])
+    posterior = _grid_posterior(probability, coarse)
+    fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine_affine[:3, 3] = [-1.5, -1.5, 14.5]  # covers coarse voxels 0-9 in x, y and 4-9 in z
+    fine = SimpleNamespace(shape=(40, 40, 24), affine=fine_affine, path="ct", frame_of_reference_uid=None,
+                           first={"SeriesInstanceUID": "1.2"})
+    on_fine, resampling = probability_on_series(posterior, fine)
+    assert resampling == "nearest"
+    rows = outside_series(posterior, fine, (10, 50, 90))
+    inside_z = np.zeros(10, bool)
+    inside_z[4:] = True
+    for row, level in zip(rows, (0.1, 0.5, 0.9)):
+        contour = probability >= level
+        assert row["contour_ml"] == pytest.approx(contour.sum() * 0.064)
+        assert row["outside_ml"] == pytest.approx(contour[:, :, ~inside_z].sum() * 0.064)
+        assert (on_fine >= level).sum() * 0.001 == pytest.approx(row["contour_ml"] - row["outside_ml"])
+    record, warnings = export_record(posterior, fine, resampling, (10, 50, 90), "contours_rtstruct.dcm")
+    assert record["resampling"] == "nearest" and record["contours"] == rows
+    assert [w["code"] for w in warnings] == ["contour-outside-reference"]
+    assert "33% of the 10 % contour" in warnings[0]["message"]  # 2 of the 6 slabs of the 0.2 block
+    coarser = SimpleNamespace(shape=(5, 5, 5), affine=np.diag([8.0, 8.0, 8.0, 1.0]), path="x",
+                              frame_of_reference_uid=None, first={})
+    assert probability_on_series(posterior, coarser)[1] == "trilinear"
+    same, resampling = probability_on_series(posterior, SimpleNamespace(
+        shape=(10, 10, 10), affine=coarse, path="pet", frame_of_reference_uid=None, first={}))
+    assert resampling is None and np.array_equal(same, posterior.probability)
+    whole = SimpleNamespace(shape=(40, 40, 40), affine=np.diag([1.0, 1.0, 1.0, 1.0]), path="ct",
+                            frame_of_reference_uid=None, first={})
+    whole.affine[:3, 3] = -1.5
+    assert export_record(posterior, whole, "nearest", (50,), "x.dcm")[1] == []
 
 
 # --- RTSTRUCT and SEG ----------------------------------------------------------------------

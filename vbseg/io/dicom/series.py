@@ -202,6 +202,34 @@ def _wanted(series_uid) -> set[str]:
     return {str(uid).strip() for uid in series_uid}
 
 
+@quietly
+def series_held(folders, series_uid) -> set[str]:
+    """The requested Series Instance UIDs that some DICOM folder among ``folders`` holds."""
+    wanted = _wanted(series_uid)
+    if not wanted:
+        return set()
+    held = {s.series_instance_uid for f in folders if os.path.isdir(f) for s in _scan(f)}
+    return wanted & held
+
+
+@quietly
+def check_series_requested(folders, series_uid) -> None:
+    """Refuse a requested UID (``--series``) that no DICOM folder among ``folders`` holds.
+
+    :func:`_choose` reads a folder with one series whatever the UIDs say (they may be meant for
+    other folders), so without this a mistyped UID would silently give whatever series the
+    folder holds. Raises InputError("--series", ...) naming the UIDs not found and listing the
+    series each folder holds.
+    """
+    missing = _wanted(series_uid) - series_held(folders, series_uid)
+    if not missing:
+        return
+    folders = [os.fspath(f) for f in folders if os.path.isdir(f)]
+    listing = "; ".join(f"{f} holds " + ", ".join(s.line() for s in _scan(f)) for f in folders)
+    raise InputError("--series", f"{', '.join(sorted(missing))}: no such series in the DICOM "
+                                 f"inputs ({listing or 'no input is a DICOM folder'})")
+
+
 def _choose(path, series: list[SeriesInfo], series_uid) -> SeriesInfo:
     """The series named by ``series_uid`` (one UID or several, one per input folder).
 
