@@ -62,6 +62,29 @@ def test_default_contours_the_lesion_for_every_modality_combination(crop, tmp_pa
     if modalities == "pet,ct,mr":
         assert summary["options"]["locate"]["locator"] == "prior"
         assert "locate-potts" in summary["volume_ml"]["method"]  # its learned volume error
+        # the printed volume is the predicted manual volume: the line after it says so, with the
+        # model's own volume and the 50 % contour's
+        own = summary["diagnostics"]["volume_error"]["uncalibrated_volume_ml"]["mean"]
+        contour = nib.load(out / "contour_50.nii.gz")
+        voxel_ml = abs(np.linalg.det(contour.affine[:3, :3])) / 1000
+        contour_ml = float(np.asarray(contour.dataobj).sum() * voxel_ml)
+        assert f"from the model's {own:.2f} mL" in result.stdout
+        assert f"the 50 % contour holds {contour_ml:.2f} mL" in result.stdout
+    else:
+        assert "from the model's" not in result.stdout and "50 % contour holds" not in result.stdout
+
+
+def test_images_out_of_order_keep_potts_and_say_why(crop, tmp_path):
+    """CT, PET, MR (the modalities from the files' order): the sarcoma default needs pet, ct, mr,
+    so the default is potts, and the command line says what order would have chosen it."""
+    folder, _ = crop
+    images = [folder / f"{m}.nii.gz" for m in ("ct", "pet", "mr")]
+    out = tmp_path / "order"
+    result = main_cli("segment", *images, "--modality", "ct,pet,mr", "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "potts" and summary["options"]["model_choice"]["chosen"] == "default"
+    assert "needs the images in the order pet, ct, mr (these came as ct,pet,mr)" in result.stdout
 
 
 def test_a_given_model_is_kept_and_said(crop, tmp_path):

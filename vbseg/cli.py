@@ -508,6 +508,30 @@ def _run_batch(args) -> int:
     return 1 if counts[FAILED] else 0
 
 
+def _print_model_and_volume(posterior) -> None:
+    """The model line when the default rule chose it (or missed locate-potts only because of the
+    images' order) and the volume line, with what the volume is when locate-potts's learned
+    between-patient error moved it."""
+    summary = posterior.summary
+    by_default = summary["options"].get("model_choice", {}).get("chosen") == "default"
+    if by_default and summary["model"] != "potts":
+        print(f"model {summary['model']} (the default for these images: "
+              "summary.json options.model_choice; the packaged prior was learned from soft-tissue "
+              "sarcomas, --model potts for other tumours)")
+    if by_default and summary["model"] == "potts" and sorted(summary["modality"]) == ["ct", "mr", "pet"]:
+        print("model potts: the PET + CT + MR default (locate-potts) needs the images in the order "
+              f"pet, ct, mr (these came as {','.join(summary['modality'])})")
+    volume = posterior.volume_interval()
+    print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
+          f"[{volume['lower']:.2f}, {volume['upper']:.2f}] mL")
+    own = summary.get("diagnostics", {}).get("volume_error", {})
+    if own.get("applied"):
+        contour_ml = float(posterior.contour(0.5).sum()) * posterior.reference.voxel_volume_ml
+        print(f"  (the manual GTV's volume predicted from the model's "
+              f"{own['uncalibrated_volume_ml']['mean']:.2f} mL by the between-patient error its prior "
+              f"learned; the 50 % contour holds {contour_ml:.2f} mL: summary.json diagnostics.volume_error)")
+
+
 def _run_segment(args) -> int | None:
     if args.batch is not None:
         return _run_batch(args)
@@ -534,15 +558,8 @@ def _run_segment(args) -> int | None:
         print(f"DICOM: {', '.join(p.name for p in dicom_written.values())}")
     for warning in posterior.summary.get("warnings", []):
         print(f"vbseg: warning: {warning['code']}: {warning['message']}", file=sys.stderr)
-    if posterior.summary["options"].get("model_choice", {}).get("chosen") == "default" \
-            and posterior.summary["model"] != "potts":
-        print(f"model {posterior.summary['model']} (the default for these images: "
-              "summary.json options.model_choice; the packaged prior was learned from soft-tissue "
-              "sarcomas, --model potts for other tumours)")
-    volume = posterior.volume_interval()
+    _print_model_and_volume(posterior)
     timings = posterior.summary["timings_s"]
-    print(f"tumour volume {volume['mean']:.2f} mL, 95% interval "
-          f"[{volume['lower']:.2f}, {volume['upper']:.2f}] mL")
     for entry in posterior.summary.get("volume_ml_conformal", []):
         print(f"conformal {entry['level']:.0%} interval [{entry['lower']:.2f}, {entry['upper']:.2f}] mL "
               f"(n = {entry['n']} calibration cases, stratum {entry['stratum']})")

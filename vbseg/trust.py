@@ -105,6 +105,9 @@ def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> lis
     border_share = float(contour[border].mean()) if border.any() else 0.0
     contour_surface = surface(contour)
     cut_share = float(border[contour_surface].mean()) if contour_surface.any() else 0.0
+    whole_image = summary.get("options", {}).get("voi") == "whole image"
+    cut_by = ("the image's field of view cuts the lesion (its volume is truncated)" if whole_image else
+              "the VOI cuts the lesion (enlarge --roi/--box)")
     checks = [
         (share > VOI_SHARE_LIMIT, "tumour-fills-voi",
          f"the expected tumour volume is {share:.0%} of the volume of interest (limit "
@@ -115,8 +118,8 @@ def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> lis
          f"{BORDER_SHARE_LIMIT:.0%}): the contour surrounds the volume of interest"),
         (cut_share > CUT_SHARE_LIMIT and border_share <= BORDER_SHARE_LIMIT, "contour-cut-by-voi",
          f"{cut_share:.0%} of the 50 % contour's surface lies on the border of the volume of "
-         f"interest (limit {CUT_SHARE_LIMIT:.0%}): the region runs out of it, so either the VOI "
-         "cuts the lesion (enlarge --roi/--box) or the contour holds another structure"),
+         f"interest (limit {CUT_SHARE_LIMIT:.0%}): the region runs out of it, so either {cut_by} "
+         "or the contour holds another structure"),
         (not contour.any(), "no-contour",
          "no voxel reaches P(tumour) = 0.5: the model found no lesion in the volume of interest"),
     ]

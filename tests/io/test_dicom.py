@@ -272,6 +272,9 @@ def test_bad_folders_are_one_line_input_errors(tmp_path):
         load_volume(tmp_path / "ct", "pet")
     with pytest.raises(InputError, match="is not a folder"):
         load_dicom_volume(tmp_path / "text" / "notes.dcm")
+    one_slice = sorted((tmp_path / "ct").iterdir())[0]
+    with pytest.raises(InputError, match=f"{one_slice}: is a single DICOM file; give the folder"):
+        load_volume(one_slice, "ct")
 
 
 def test_two_series_in_one_folder_are_listed_and_series_uid_picks_one(tmp_path):

@@ -67,6 +67,15 @@ def nibabel_format(path) -> str | None:
     return next((fmt for suffix, fmt in NIBABEL_FORMATS.items() if name.endswith(suffix)), None)
 
 
+def _has_dicom_preamble(path) -> bool:
+    """Whether ``path`` starts with the DICOM Part 10 preamble (128 bytes, then "DICM")."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def check_real_type(path, dtype: np.dtype) -> None:
     """InputError unless ``dtype`` is a real number type (integer, floating or boolean)."""
     dtype = np.dtype(dtype)
@@ -96,6 +105,9 @@ def _open_image(path: str):
         return shape, affine, read_voxels
     format_name = nibabel_format(path)
     if format_name is None:
+        if _has_dicom_preamble(path):
+            raise InputError(path, "is a single DICOM file; give the folder holding the image "
+                                   "series' slice files (an RTSTRUCT file is read by vbseg convert)")
         raise InputError(path, f"unknown image file type; expected {IMAGE_FILE_TYPES}")
     article = "an" if format_name[0] in "AM" else "a"  # "an MGH", "an Analyze", "a NIfTI"
 
