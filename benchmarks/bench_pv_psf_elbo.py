@@ -11,7 +11,7 @@ G = 5, 6 and 7 mm on each, so the table shows both what the prior does (G = 6) a
 the start at G pulls the peak. Nothing here changes pv-potts: this is the evidence behind
 its PSF rule (docs/research/model.md, "The PSF weighted by the ELBO").
 
-Regenerate (about 20 minutes on 2 cores):
+Regenerate (about 7 minutes on 2 cores):
     python -m benchmarks.bench_pv_psf_elbo
 Writes benchmarks/results/bench_pv_psf_elbo.{json,md}.
 """

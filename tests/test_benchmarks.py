@@ -123,7 +123,10 @@ def test_bench_pv_psf_elbo_smoke(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "bench_pv_psf_elbo.json").read_text())["rows"]
     assert [r["rho"] for r in rows] == list(bench_pv_psf_elbo.RHOS)
     assert all(len(r["elbo"]) == 3 and np.all(np.isfinite(r["elbo"])) for r in rows)
-    assert all(5.5 <= r["peak_mm"] <= 6.5 for r in rows)
+    grid = bench_pv_psf_elbo.GRID
+    for r in rows:  # the peak is the parabola's through the best grid point and its neighbours
+        assert r["argmax_mm"] == grid[int(np.argmax(r["elbo"]))]
+        assert r["peak_mm"] == pytest.approx(bench_pv_psf_elbo.parabola_peak(grid, r["elbo"]))
     assert "| 1 | 6 | 1 |" in (tmp_path / "bench_pv_psf_elbo.md").read_text()
 
 

@@ -47,6 +47,7 @@ try:
     from vbseg.options import OPTION_KEYWORDS, check_seed
     from vbseg.phantoms import NEMA_DIAMETERS_MM, PhantomSpec, make_phantom
     from vbseg.pipeline import segment
+    from vbseg.potts.locate import default_model
     from vbseg.runtime import enable_compilation_cache
     pause_point("import")
 except KeyboardInterrupt:
@@ -508,17 +509,20 @@ def _run_batch(args) -> int:
     return 1 if counts[FAILED] else 0
 
 
-def _print_model_and_volume(posterior) -> None:
+def _print_model_and_volume(posterior, options: dict) -> None:
     """The model line when the default rule chose it (or missed locate-potts only because of the
-    images' order) and the volume line, with what the volume is when locate-potts's learned
-    between-patient error moved it."""
+    images' order, with these flat ``options``) and the volume line, with what the volume is
+    when locate-potts's learned between-patient error moved it."""
     summary = posterior.summary
     by_default = summary["options"].get("model_choice", {}).get("chosen") == "default"
     if by_default and summary["model"] != "potts":
         print(f"model {summary['model']} (the default for these images: "
               "summary.json options.model_choice; the packaged prior was learned from soft-tissue "
               "sarcomas, --model potts for other tumours)")
-    if by_default and summary["model"] == "potts" and sorted(summary["modality"]) == ["ct", "mr", "pet"]:
+    in_order = ["pet", "ct", "mr"]
+    if (by_default and summary["model"] == "potts" and summary["modality"] != in_order
+            and sorted(summary["modality"]) == sorted(in_order)
+            and default_model(in_order, options) == "locate-potts"):
         print("model potts: the PET + CT + MR default (locate-potts) needs the images in the order "
               f"pet, ct, mr (these came as {','.join(summary['modality'])})")
     volume = posterior.volume_interval()
@@ -558,7 +562,7 @@ def _run_segment(args) -> int | None:
         print(f"DICOM: {', '.join(p.name for p in dicom_written.values())}")
     for warning in posterior.summary.get("warnings", []):
         print(f"vbseg: warning: {warning['code']}: {warning['message']}", file=sys.stderr)
-    _print_model_and_volume(posterior)
+    _print_model_and_volume(posterior, option_values(args))
     timings = posterior.summary["timings_s"]
     for entry in posterior.summary.get("volume_ml_conformal", []):
         print(f"conformal {entry['level']:.0%} interval [{entry['lower']:.2f}, {entry['upper']:.2f}] mL "

@@ -142,8 +142,6 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
                         seed=seed, reference_mask=reference_mask, calibration=calibration,
                         conformal_levels_percent=conformal_levels_percent, **options)
     images = [os.fspath(p) for p in images]
-    if series_uid:
-        check_series_requested(images, series_uid)
     roi = os.fspath(roi) if roi is not None else None
     reference_mask = os.fspath(reference_mask) if reference_mask is not None else None
     method, options, modalities, levels_percent = (plan.method, plan.options, plan.modalities,
@@ -154,6 +152,7 @@ def segment(images, out=None, *, modalities=None, roi=None, box=None, levels_per
         folder = result_folder(out, plan.outputs, plan.inputs, overwrite, previous_set=result_set_names)
     with folder as staging:
         prepared = prepare(images, modalities, roi, box, series_uid, seed)
+        check_series_requested(images, series_uid)  # after the loader's own errors
         check_psf_fits(options.model.psf_fwhm_mm, prepared.reference)
         mask, mask_resampling = (None, None) if reference_mask is None else read_mask(
             reference_mask, prepared.reference, "reference mask")

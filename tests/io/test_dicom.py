@@ -10,6 +10,7 @@ checked against the NIfTI files of the same cases; those tests skip when the fol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,8 @@ from matplotlib.path import Path as PolygonPath
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+import vbseg
+from tests.test_cli import main_cli
 from vbseg.cli import main
 from vbseg.errors import InputError
 from vbseg.io.dicom import (
@@ -35,8 +38,9 @@ from vbseg.io.dicom import (
 )
 from vbseg.io.dicom.outputs import (
     check_dicom_outputs,
-    export_record,
-    outside_series,
+    contour_record,
+    contours_on_series,
+    outside_warning,
     probability_on_series,
 )
 from vbseg.io.dicom.rtstruct import ContourPlacementWarning
@@ -316,9 +320,19 @@ def test_a_series_uid_no_input_holds_is_refused_before_any_work(tmp_path, capsys
     error = capsys.readouterr().err
     assert error.startswith("vbseg: error: --series: 1.2.3.4: no such series") and error.count("\n") == 1
     assert not out.exists()
+    # convert: a missing RTSTRUCT is named first; with one, the unknown UID (its own option name)
     assert main(["convert", str(tmp_path / "x.dcm"), str(tmp_path / "ct"), "--series-uid", "9.9",
                  "--out", str(out)]) == 2
-    assert "--series: 9.9: no such series" in capsys.readouterr().err and not out.exists()
+    assert f"{tmp_path / 'x.dcm'}" in capsys.readouterr().err and not out.exists()
+    mask = np.zeros(SHAPE, bool)
+    mask[3:9, 3:9, 2:6] = True
+    write_rtstruct(tmp_path / "rs.dcm", open_series(tmp_path / "ct"), [("lesion", mask)])
+    assert main(["convert", str(tmp_path / "rs.dcm"), str(tmp_path / "ct"), "--series-uid", "9.9",
+                 "--out", str(out)]) == 2
+    assert "--series-uid: 9.9: no such series" in capsys.readouterr().err and not out.exists()
+    # a mistyped folder is named as such, not as a series the inputs lack
+    assert main(["segment", str(tmp_path / "cct"), "--series", "1.2.3.4", "--out", str(out)]) == 2
+    assert f"{tmp_path / 'cct'}: file not found" in capsys.readouterr().err and not out.exists()
 
 
 def _grid_posterior(probability, affine):
@@ -327,46 +341,52 @@ def _grid_posterior(probability, affine):
     return SimpleNamespace(probability=grid.data, reference=grid, summary={"model": "potts"})
 
 
-def test_export_onto_a_finer_grid_keeps_each_contours_volume_and_records_what_is_outside():
-    """A 4 mm map of three nested blocks (P = 0.95 / 0.5 / 0.2) exported onto a 1 mm grid that
-    covers only part of it: each voxel takes the probability of the 4 mm voxel holding its
-    centre, so every level's volume on the fine grid equals the part of that level inside the
-    fine grid's field of view (exactly: the grids are aligned), which outside_series gives; a
-    coarser target is interpolated; the warning fires above OUTSIDE_REFERENCE_LIMIT."""
+def _grid(shape, spacing, origin, path="ct"):
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = origin
+    return SimpleNamespace(shape=shape, affine=affine, path=path, frame_of_reference_uid=None,
+                           first={"SeriesInstanceUID": "1.2"})
+
+
+def test_contours_exported_onto_other_grids_keep_their_volumes_and_what_is_outside_is_recorded():
+    """A 4 mm map of three nested blocks (P = 0.95 / 0.5 / 0.2). Onto an aligned 1 mm grid
+    that covers only part of it (nearest), each contour is exactly the part of it inside that
+    grid's field of view, which contour_record gives; onto a grid finer in plane and coarser
+    across slices (1 x 1 x 6 mm; one mask at a time) the blocks that span several slices keep
+    their volumes within 10 % and the contours stay nested; the warning fires above
+    OUTSIDE_REFERENCE_LIMIT and names the worst level."""
     probability = np.zeros((10, 10, 10))
     probability[2:8, 2:8, 2:8] = 0.2
     probability[3:7, 3:7, 3:7] = 0.5
     probability[4:6, 4:6, 4:6] = 0.95
-    coarse = np.diag([4.0, 4.0, 4.0, 1.0])
-    posterior = _grid_posterior(probability, coarse)
-    fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    fine_affine[:3, 3] = [-1.5, -1.5, 14.5]  # covers coarse voxels 0-9 in x, y and 4-9 in z
-    fine = SimpleNamespace(shape=(40, 40, 24), affine=fine_affine, path="ct", frame_of_reference_uid=None,
-                           first={"SeriesInstanceUID": "1.2"})
-    on_fine, resampling = probability_on_series(posterior, fine)
-    assert resampling == "nearest"
-    rows = outside_series(posterior, fine, (10, 50, 90))
-    inside_z = np.zeros(10, bool)
-    inside_z[4:] = True
+    posterior = _grid_posterior(probability, np.diag([4.0, 4.0, 4.0, 1.0]))
+    fine = _grid((40, 40, 24), (1.0, 1.0, 1.0), (-1.5, -1.5, 14.5))  # coarse z 4-9 only
+    masks, resampled = contours_on_series(posterior, fine, (10, 50, 90))
+    assert resampled and list(masks) == [10.0, 50.0, 90.0]
+    rows = contour_record(posterior, fine, masks)
     for row, level in zip(rows, (0.1, 0.5, 0.9)):
         contour = probability >= level
         assert row["contour_ml"] == pytest.approx(contour.sum() * 0.064)
-        assert row["outside_ml"] == pytest.approx(contour[:, :, ~inside_z].sum() * 0.064)
-        assert (on_fine >= level).sum() * 0.001 == pytest.approx(row["contour_ml"] - row["outside_ml"])
-    record, warnings = export_record(posterior, fine, resampling, (10, 50, 90), "contours_rtstruct.dcm")
-    assert record["resampling"] == "nearest" and record["contours"] == rows
+        assert row["outside_ml"] == pytest.approx(contour[:, :, :4].sum() * 0.064)
+        # trilinear rounds the blocks' corners: within 3 % (1.8 % at 10 %)
+        assert row["drawn_ml"] == pytest.approx(row["contour_ml"] - row["outside_ml"], rel=0.03)
+    warnings = outside_warning(rows, fine, "contours_rtstruct.dcm")
     assert [w["code"] for w in warnings] == ["contour-outside-reference"]
     assert "33% of the 10 % contour" in warnings[0]["message"]  # 2 of the 6 slabs of the 0.2 block
-    coarser = SimpleNamespace(shape=(5, 5, 5), affine=np.diag([8.0, 8.0, 8.0, 1.0]), path="x",
-                              frame_of_reference_uid=None, first={})
-    assert probability_on_series(posterior, coarser)[1] == "trilinear"
-    same, resampling = probability_on_series(posterior, SimpleNamespace(
-        shape=(10, 10, 10), affine=coarse, path="pet", frame_of_reference_uid=None, first={}))
-    assert resampling is None and np.array_equal(same, posterior.probability)
-    whole = SimpleNamespace(shape=(40, 40, 40), affine=np.diag([1.0, 1.0, 1.0, 1.0]), path="ct",
-                            frame_of_reference_uid=None, first={})
-    whole.affine[:3, 3] = -1.5
-    assert export_record(posterior, whole, "nearest", (50,), "x.dcm")[1] == []
+    mixed = _grid((40, 40, 8), (1.0, 1.0, 6.0), (-1.5, -1.5, -1.0))  # covers it all
+    masks, how = contours_on_series(posterior, mixed, (10, 50, 90))
+    assert how.startswith("each contour's mask")
+    rows = contour_record(posterior, mixed, masks)
+    assert all(row["outside_ml"] == 0 for row in rows)
+    for row in rows[:2]:  # 24 and 16 mm blocks; the 8 mm one spans one or two 6 mm slices
+        assert row["drawn_ml"] == pytest.approx(row["contour_ml"], rel=0.10)
+    assert np.all(masks[90.0] <= masks[50.0]) and np.all(masks[50.0] <= masks[10.0]) and masks[90.0].any()
+    assert outside_warning(rows, mixed, "x.dcm") == []
+    same = _grid((10, 10, 10), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), "pet")
+    masks, resampled = contours_on_series(posterior, same, (50,))
+    assert not resampled and np.array_equal(masks[50.0], probability >= 0.5)
+    on_same, resampled = probability_on_series(posterior, same)
+    assert not resampled and np.array_equal(on_same, posterior.probability)
 
 
 # --- RTSTRUCT and SEG ----------------------------------------------------------------------
@@ -541,6 +561,37 @@ def test_cli_segment_writes_rtstruct_and_seg_and_convert_writes_the_label(dicom_
     image = np.asarray(nib.load(converted / "image.nii.gz").dataobj)
     np.testing.assert_allclose(image, np.asarray(nib.load(dicom_data.parent / "sts001_pet.nii.gz")
                                                  .dataobj), atol=1e-4)
+
+
+def test_pet_contours_exported_onto_the_planning_ct_are_recorded_and_keep_their_volumes(dicom_data, tmp_path):
+    """sts003's PET segmented and exported onto its CT, whose crop does not hold all of the
+    PET's: --series naming the CT (the --rtstruct reference) alone is accepted; summary.json's
+    dicom_exports says how the contours were resampled and, per level, what the RTSTRUCT holds,
+    which is what reading it back gives and within 5 % of the contour's part inside the CT;
+    contour-outside-reference is in summary.json and on stderr. Through the API, a UID that no
+    image holds is refused after loading and leaves no output folder."""
+    pet, ct = dicom_data / "sts003" / "pet", dicom_data / "sts003" / "ct"
+    ct_uid = list_series(ct)[0].series_instance_uid
+    out = tmp_path / "on_ct"
+    result = main_cli("segment", pet, "--rtstruct", ct, "--series", ct_uid, "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    record = summary["dicom_exports"][0]
+    assert record["file"] == "contours_rtstruct.dcm" and record["resampling"].startswith("nearest")
+    assert record["series_instance_uid"] == ct_uid
+    assert "contour-outside-reference" in [w["code"] for w in summary["warnings"]]
+    assert "contour-outside-reference" in result.stderr
+    series = open_series(ct)
+    series_voxel_ml = abs(np.linalg.det(series.affine[:3, :3])) / 1000
+    read_back = read_rtstruct_masks(out / "contours_rtstruct.dcm", series)
+    for row in record["contours"]:
+        drawn = read_back[f"vbseg p>={row['level_percent'] / 100:g}"].sum() * series_voxel_ml
+        assert drawn == pytest.approx(row["drawn_ml"], rel=0.02)
+        assert row["outside_ml"] > 0.01 * row["contour_ml"]
+        assert row["drawn_ml"] == pytest.approx(row["contour_ml"] - row["outside_ml"], rel=0.05)
+    with pytest.raises(InputError, match="--series: 1.2.3.4: no such series"):
+        vbseg.segment([pet], tmp_path / "api", series_uid="1.2.3.4")
+    assert not (tmp_path / "api").exists()
 
 
 def test_cli_dicom_errors_are_one_line(tmp_path, capsys):

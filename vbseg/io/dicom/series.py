@@ -213,21 +213,24 @@ def series_held(folders, series_uid) -> set[str]:
 
 
 @quietly
-def check_series_requested(folders, series_uid) -> None:
+def check_series_requested(folders, series_uid, option: str = "--series") -> None:
     """Refuse a requested UID (``--series``) that no DICOM folder among ``folders`` holds.
 
     :func:`_choose` reads a folder with one series whatever the UIDs say (they may be meant for
     other folders), so without this a mistyped UID would silently give whatever series the
-    folder holds. Raises InputError("--series", ...) naming the UIDs not found and listing the
-    series each folder holds.
+    folder holds. Raises InputError(option, ...) naming the UIDs not found and listing the
+    series each folder holds. Paths that do not exist are left to the loader, which names them.
     """
-    missing = _wanted(series_uid) - series_held(folders, series_uid)
+    paths = list(dict.fromkeys(os.fspath(f) for f in folders))
+    if not _wanted(series_uid) or not all(os.path.exists(p) for p in paths):
+        return
+    missing = _wanted(series_uid) - series_held(paths, series_uid)
     if not missing:
         return
-    folders = [os.fspath(f) for f in folders if os.path.isdir(f)]
-    listing = "; ".join(f"{f} holds " + ", ".join(s.line() for s in _scan(f)) for f in folders)
-    raise InputError("--series", f"{', '.join(sorted(missing))}: no such series in the DICOM "
-                                 f"inputs ({listing or 'no input is a DICOM folder'})")
+    listing = "; ".join(f"{f} holds " + ", ".join(info.line() for info in _scan(f))
+                        for f in paths if os.path.isdir(f))
+    raise InputError(option, f"{', '.join(sorted(missing))}: no such series in the DICOM "
+                             f"inputs ({listing or 'no input is a DICOM folder'})")
 
 
 def _choose(path, series: list[SeriesInfo], series_uid) -> SeriesInfo:
