@@ -14,6 +14,7 @@ from benchmarks import (
     bench_calibration,
     bench_cluster,
     bench_cohort,
+    bench_dicom_export,
     bench_envelope,
     bench_gp,
     bench_locate_switch,
@@ -128,6 +129,19 @@ def test_bench_pv_psf_elbo_smoke(tmp_path, monkeypatch):
         assert r["argmax_mm"] == grid[int(np.argmax(r["elbo"]))]
         assert r["peak_mm"] == pytest.approx(bench_pv_psf_elbo.parabola_peak(grid, r["elbo"]))
     assert "| 1 | 6 | 1 |" in (tmp_path / "bench_pv_psf_elbo.md").read_text()
+
+
+def test_bench_dicom_export_on_sts001(tmp_path, shared_data):
+    """The export study end to end: every grid, offset and level; onto CT-like grids the
+    exported contours keep the PET contours' volumes within 1 %."""
+    assert bench_dicom_export.main(["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_dicom_export.json").read_text())["rows"]
+    grids, offsets, levels = (len(bench_dicom_export.GRIDS), len(bench_dicom_export.OFFSETS_MM),
+                              len(bench_dicom_export.LEVELS))
+    assert len(rows) == grids * offsets * levels
+    for row in rows:
+        if row["grid"].startswith("CT 0.98 x 0.98 x 3.27"):
+            assert row["exported_ml"] == pytest.approx(row["contour_ml"], rel=0.01)
 
 
 def test_bench_envelope_chooses_the_best_training_radius_the_smaller_on_ties():

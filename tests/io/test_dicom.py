@@ -349,42 +349,43 @@ def _grid(shape, spacing, origin, path="ct"):
 
 
 def test_contours_exported_onto_other_grids_keep_their_volumes_and_what_is_outside_is_recorded():
-    """A 4 mm map of three nested blocks (P = 0.95 / 0.5 / 0.2). Onto an aligned 1 mm grid
-    that covers only part of it (nearest), each contour is exactly the part of it inside that
-    grid's field of view, which contour_record gives; onto a grid finer in plane and coarser
-    across slices (1 x 1 x 6 mm; one mask at a time) the blocks that span several slices keep
-    their volumes within 10 % and the contours stay nested; the warning fires above
-    OUTSIDE_REFERENCE_LIMIT and names the worst level."""
+    """A 4 mm map of three nested blocks (P = 0.95 / 0.5 / 0.2; 8, 16 and 24 mm). Onto an
+    aligned 1 mm grid that covers only part of it (nearest), each contour is exactly the part
+    of it inside that grid's field of view, which contour_record gives. Onto a grid finer in
+    plane and with 6 mm slices (each voxel in when at least half of it is, 1 x 1 x 3 samples)
+    a block's volume is off by at most one slice's worth (a 16 mm block spans 2 2/3 slices) and
+    the contours stay nested. The warning fires above OUTSIDE_REFERENCE_LIMIT and names the
+    worst level; the same grid leaves the contours as they are."""
     probability = np.zeros((10, 10, 10))
     probability[2:8, 2:8, 2:8] = 0.2
     probability[3:7, 3:7, 3:7] = 0.5
     probability[4:6, 4:6, 4:6] = 0.95
     posterior = _grid_posterior(probability, np.diag([4.0, 4.0, 4.0, 1.0]))
     fine = _grid((40, 40, 24), (1.0, 1.0, 1.0), (-1.5, -1.5, 14.5))  # coarse z 4-9 only
-    masks, resampled = contours_on_series(posterior, fine, (10, 50, 90))
-    assert resampled and list(masks) == [10.0, 50.0, 90.0]
+    masks, how = contours_on_series(posterior, fine, (10, 50, 90))
+    assert how.startswith("nearest") and list(masks) == [10.0, 50.0, 90.0]
     rows = contour_record(posterior, fine, masks)
     for row, level in zip(rows, (0.1, 0.5, 0.9)):
         contour = probability >= level
         assert row["contour_ml"] == pytest.approx(contour.sum() * 0.064)
         assert row["outside_ml"] == pytest.approx(contour[:, :, :4].sum() * 0.064)
-        # trilinear rounds the blocks' corners: within 3 % (1.8 % at 10 %)
-        assert row["drawn_ml"] == pytest.approx(row["contour_ml"] - row["outside_ml"], rel=0.03)
+        assert row["drawn_ml"] == pytest.approx(row["contour_ml"] - row["outside_ml"])
     warnings = outside_warning(rows, fine, "contours_rtstruct.dcm")
     assert [w["code"] for w in warnings] == ["contour-outside-reference"]
     assert "33% of the 10 % contour" in warnings[0]["message"]  # 2 of the 6 slabs of the 0.2 block
     mixed = _grid((40, 40, 8), (1.0, 1.0, 6.0), (-1.5, -1.5, -1.0))  # covers it all
     masks, how = contours_on_series(posterior, mixed, (10, 50, 90))
-    assert how.startswith("each contour's mask")
+    assert how.startswith("each voxel in a contour when at least half of it is") and "1x1x3 samples" in how
     rows = contour_record(posterior, mixed, masks)
-    assert all(row["outside_ml"] == 0 for row in rows)
-    for row in rows[:2]:  # 24 and 16 mm blocks; the 8 mm one spans one or two 6 mm slices
-        assert row["drawn_ml"] == pytest.approx(row["contour_ml"], rel=0.10)
+    for row, side_mm in zip(rows, (24.0, 16.0, 8.0)):
+        assert row["outside_ml"] == 0
+        assert abs(row["drawn_ml"] - row["contour_ml"]) <= side_mm**2 * 6.0 / 1000 + 1e-9
+    assert rows[0]["drawn_ml"] == pytest.approx(rows[0]["contour_ml"])  # 24 mm: whole slices
     assert np.all(masks[90.0] <= masks[50.0]) and np.all(masks[50.0] <= masks[10.0]) and masks[90.0].any()
     assert outside_warning(rows, mixed, "x.dcm") == []
     same = _grid((10, 10, 10), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), "pet")
-    masks, resampled = contours_on_series(posterior, same, (50,))
-    assert not resampled and np.array_equal(masks[50.0], probability >= 0.5)
+    masks, how = contours_on_series(posterior, same, (50,))
+    assert how is None and np.array_equal(masks[50.0], probability >= 0.5)
     on_same, resampled = probability_on_series(posterior, same)
     assert not resampled and np.array_equal(on_same, posterior.probability)
 
