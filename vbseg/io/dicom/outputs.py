@@ -172,22 +172,23 @@ def contours_on_series(posterior, series, levels_percent) -> tuple[dict[float, n
             + to_series[:3, 3:]).T
     low = np.clip(np.floor(ends.min(axis=0)).astype(int), 0, np.asarray(series.shape) - 1)
     high = np.clip(np.ceil(ends.max(axis=0)).astype(int) + 1, 1, np.asarray(series.shape))
-    box = tuple(slice(a, b) for a, b in zip(low, high))
     offsets = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in counts], indexing="ij"),
                        axis=-1).reshape(-1, 3)
-    voxels = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)], indexing="ij"),
-                      axis=-1).reshape(-1, 3).astype(np.float64)
     to_reference = np.linalg.inv(to_series)
-    share = np.zeros((len(levels), len(voxels)))
-    for offset in offsets:
-        where = to_reference[:3, :3] @ (voxels + offset).T + to_reference[:3, 3:]
-        inside = np.all((where >= -0.5) & (where <= np.asarray(reference.shape)[:, None] - 0.5), axis=0)
-        values = ndimage.map_coordinates(probability, where, order=0, mode="nearest") * inside
-        share += values[None, :] >= np.asarray([level / 100 for level in levels], np.float32)[:, None]
-    share /= len(offsets)
-    shape = tuple(b - a for a, b in zip(low, high))
-    for index, level in enumerate(levels):
-        masks[level][box] = (share[index] >= 0.5).reshape(shape)
+    cuts = np.asarray([level / 100 for level in levels], np.float32)[:, None]
+    plane = np.stack(np.meshgrid(np.arange(low[0], high[0]), np.arange(low[1], high[1]), indexing="ij"),
+                     axis=-1).reshape(-1, 2).astype(np.float64)
+    for k in range(low[2], high[2]):  # one slice of the box at a time keeps the arrays small
+        voxels = np.column_stack([plane, np.full(len(plane), float(k))])
+        share = np.zeros((len(levels), len(voxels)))
+        for offset in offsets:
+            where = to_reference[:3, :3] @ (voxels + offset).T + to_reference[:3, 3:]
+            inside = np.all((where >= -0.5) & (where <= np.asarray(reference.shape)[:, None] - 0.5), axis=0)
+            values = ndimage.map_coordinates(probability, where, order=0, mode="nearest") * inside
+            share += values[None, :] >= cuts
+        for index, level in enumerate(levels):
+            masks[level][low[0]:high[0], low[1]:high[1], k] = (
+                share[index] >= 0.5 * len(offsets)).reshape(high[0] - low[0], high[1] - low[1])
     return masks, how
 
 
