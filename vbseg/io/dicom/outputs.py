@@ -114,31 +114,30 @@ def _on_segmented_grid(posterior, series) -> bool:
                                                           atol=AFFINE_ATOL_MM)
 
 
-def _onto_series(posterior, values, series) -> tuple[np.ndarray, np.ndarray]:
-    """(``values`` on the posterior's grid resampled onto ``series``' grid, trilinear and
-    anti-aliased, clipped to [0, 1]; where ``series``' voxel centres lie inside the posterior's
-    field of view)."""
-    reference = posterior.reference
-    source = Volume(np.asarray(values, np.float32), reference.affine, "other", reference.path)
-    target = Volume(np.zeros(series.shape, np.float32), series.affine, "other", series.path)
-    on_grid, covered = resample_onto(source, target)
-    return np.clip(on_grid.data, 0.0, 1.0), covered
-
-
 def probability_on_series(posterior, series) -> tuple[np.ndarray, bool]:
     """P(tumour) on ``series``' grid (0 outside the segmented image) and whether it had to be
     resampled (module docstring)."""
     probability = np.asarray(posterior.probability, np.float32)
     if _on_segmented_grid(posterior, series):
         return probability, False
-    on_grid, covered = _onto_series(posterior, probability, series)
-    return np.where(covered, on_grid, 0.0).astype(np.float32), True
+    reference = posterior.reference
+    source = Volume(probability, reference.affine, "other", reference.path)
+    target = Volume(np.zeros(series.shape, np.float32), series.affine, "other", series.path)
+    on_grid, covered = resample_onto(source, target)
+    return np.where(covered, np.clip(on_grid.data, 0.0, 1.0), 0.0).astype(np.float32), True
 
 
-def _samples_per_axis(posterior, series) -> np.ndarray:
-    """Samples along each of ``series``' axes for a voxel's share of a contour: 1 where a step
-    spans at most one voxel of the posterior's grid, else enough for two per posterior voxel."""
-    steps = np.linalg.norm((np.linalg.inv(posterior.reference.affine) @ series.affine)[:3, :3], axis=0)
+def _within(positions, shape) -> np.ndarray:
+    """Which of the (3, N) continuous voxel ``positions`` lie in the field of view of a grid of
+    ``shape``: within half a voxel of its outermost centres (resample_onto's coverage rule)."""
+    return np.all((positions >= -0.5) & (positions <= np.asarray(shape, np.float64)[:, None] - 0.5), axis=0)
+
+
+def _samples_per_axis(to_reference) -> np.ndarray:
+    """Samples along each axis of a grid (``to_reference``: its voxel index -> the posterior's)
+    for a voxel's share of a contour: 1 where a step spans at most one voxel of the
+    posterior's grid, else enough for two per posterior voxel."""
+    steps = np.linalg.norm(to_reference[:3, :3], axis=0)
     even_or_odd = np.ceil(2.0 * steps - 1e-9).astype(int)
     return np.where(steps <= 1.0 + 1e-6, 1, even_or_odd + 1 - even_or_odd % 2)  # odd: no ties at 1/2
 
@@ -160,10 +159,11 @@ def contours_on_series(posterior, series, levels_percent) -> tuple[dict[float, n
     if _on_segmented_grid(posterior, series):
         return {level: probability >= np.float32(level / 100) for level in levels}, None
     reference = posterior.reference
-    to_series = np.linalg.inv(series.affine) @ reference.affine
+    to_reference = np.linalg.inv(reference.affine) @ series.affine
+    to_series = np.linalg.inv(to_reference)
     lowest = np.argwhere(probability >= np.float32(levels[0] / 100))
     masks = {level: np.zeros(series.shape, bool) for level in levels}
-    counts = _samples_per_axis(posterior, series)
+    counts = _samples_per_axis(to_reference)
     how = NEAREST if np.all(counts == 1) else f"{SHARE_RULE} ({'x'.join(map(str, counts))} samples a voxel)"
     if lowest.size == 0:
         return masks, how
@@ -174,7 +174,6 @@ def contours_on_series(posterior, series, levels_percent) -> tuple[dict[float, n
     high = np.clip(np.ceil(ends.max(axis=0)).astype(int) + 1, 1, np.asarray(series.shape))
     offsets = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in counts], indexing="ij"),
                        axis=-1).reshape(-1, 3)
-    to_reference = np.linalg.inv(to_series)
     cuts = np.asarray([level / 100 for level in levels], np.float32)[:, None]
     plane = np.stack(np.meshgrid(np.arange(low[0], high[0]), np.arange(low[1], high[1]), indexing="ij"),
                      axis=-1).reshape(-1, 2).astype(np.float64)
@@ -183,8 +182,8 @@ def contours_on_series(posterior, series, levels_percent) -> tuple[dict[float, n
         share = np.zeros((len(levels), len(voxels)))
         for offset in offsets:
             where = to_reference[:3, :3] @ (voxels + offset).T + to_reference[:3, 3:]
-            inside = np.all((where >= -0.5) & (where <= np.asarray(reference.shape)[:, None] - 0.5), axis=0)
-            values = ndimage.map_coordinates(probability, where, order=0, mode="nearest") * inside
+            values = ndimage.map_coordinates(probability, where, order=0, mode="nearest") * _within(
+                where, reference.shape)
             share += values[None, :] >= cuts
         for index, level in enumerate(levels):
             masks[level][low[0]:high[0], low[1]:high[1], k] = (
@@ -203,9 +202,8 @@ def contour_record(posterior, series, masks: dict[float, np.ndarray]) -> list[di
     where = np.nonzero(lowest)
     to_series = np.linalg.inv(series.affine) @ reference.affine
     position = to_series[:3, :3] @ np.stack(where).astype(np.float64) + to_series[:3, 3:]
-    limits = np.asarray(series.shape, np.float64)[:, None] - 0.5
     outside = np.zeros(reference.shape, bool)
-    outside[where] = np.any((position < -0.5) | (position > limits), axis=0)
+    outside[where] = ~_within(position, series.shape)
     voxel_ml = reference.voxel_volume_ml
     series_voxel_ml = float(abs(np.linalg.det(series.affine[:3, :3])) / 1000)
     rows = []
