@@ -101,6 +101,13 @@ def parse_box(text: str, shape: tuple[int, int, int]) -> tuple[slice, slice, sli
     return tuple(slices)
 
 
+def within_field_of_view(positions, shape) -> np.ndarray:
+    """Which of the (3, N) continuous voxel ``positions`` lie in the field of view of a grid of
+    ``shape``: within half a voxel of its outermost centres (what a resampled voxel counts as
+    covered by)."""
+    return np.all((positions >= -0.5) & (positions <= np.asarray(shape, np.float64)[:, None] - 0.5), axis=0)
+
+
 def resample_onto(source: Volume, reference: Volume, *, nearest: bool = False
                   ) -> tuple[Volume, np.ndarray]:
     """Resample ``source`` onto ``reference``'s grid through world coordinates.
@@ -133,12 +140,10 @@ def resample_onto(source: Volume, reference: Volume, *, nearest: bool = False
     coverage = np.empty(reference.shape, bool)
     ni, nj, nk = reference.shape
     ii, jj = np.meshgrid(np.arange(ni), np.arange(nj), indexing="ij")
-    src_shape = np.asarray(source.shape)[:, None]
     for k in range(nk):  # one slab at a time keeps the coordinate arrays small
         ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)]).astype(np.float64)
         coords = to_source[:3, :3] @ ijk + to_source[:3, 3:4]
-        inside = np.all((coords >= -0.5) & (coords <= src_shape - 0.5), axis=0)
-        coverage[:, :, k] = inside.reshape(ni, nj)
+        coverage[:, :, k] = within_field_of_view(coords, source.shape).reshape(ni, nj)
         out[:, :, k] = ndimage.map_coordinates(data, coords, order=0 if nearest else 1,
                                                mode="nearest").reshape(
             ni, nj

@@ -40,7 +40,7 @@ from vbseg.io.dicom._deps import quietly
 from vbseg.io.dicom.rtstruct import read_rtstruct_masks, rtstruct_roi_names, write_rtstruct
 from vbseg.io.dicom.seg import write_probability_seg
 from vbseg.io.dicom.series import VBSEG_MODALITY, check_series_requested, open_series, volume_from_series
-from vbseg.io.image import AFFINE_ATOL_MM, Volume, resample_onto
+from vbseg.io.image import AFFINE_ATOL_MM, Volume, resample_onto, within_field_of_view
 from vbseg.io.result_files import RTSTRUCT_NAME, SEG_NAME
 from vbseg.io.result_folder import check_outputs
 from vbseg.io.writing import save_nifti, save_volume, write_text_atomic
@@ -127,12 +127,6 @@ def probability_on_series(posterior, series) -> tuple[np.ndarray, bool]:
     return np.where(covered, np.clip(on_grid.data, 0.0, 1.0), 0.0).astype(np.float32), True
 
 
-def _within(positions, shape) -> np.ndarray:
-    """Which of the (3, N) continuous voxel ``positions`` lie in the field of view of a grid of
-    ``shape``: within half a voxel of its outermost centres (resample_onto's coverage rule)."""
-    return np.all((positions >= -0.5) & (positions <= np.asarray(shape, np.float64)[:, None] - 0.5), axis=0)
-
-
 def _samples_per_axis(to_reference) -> np.ndarray:
     """Samples along each axis of a grid (``to_reference``: its voxel index -> the posterior's)
     for a voxel's share of a contour: 1 where a step spans at most one voxel of the
@@ -182,8 +176,8 @@ def contours_on_series(posterior, series, levels_percent) -> tuple[dict[float, n
         share = np.zeros((len(levels), len(voxels)))
         for offset in offsets:
             where = to_reference[:3, :3] @ (voxels + offset).T + to_reference[:3, 3:]
-            values = ndimage.map_coordinates(probability, where, order=0, mode="nearest") * _within(
-                where, reference.shape)
+            values = (ndimage.map_coordinates(probability, where, order=0, mode="nearest")
+                      * within_field_of_view(where, reference.shape))
             share += values[None, :] >= cuts
         for index, level in enumerate(levels):
             masks[level][low[0]:high[0], low[1]:high[1], k] = (
@@ -203,7 +197,7 @@ def contour_record(posterior, series, masks: dict[float, np.ndarray]) -> list[di
     to_series = np.linalg.inv(series.affine) @ reference.affine
     position = to_series[:3, :3] @ np.stack(where).astype(np.float64) + to_series[:3, 3:]
     outside = np.zeros(reference.shape, bool)
-    outside[where] = ~_within(position, series.shape)
+    outside[where] = ~within_field_of_view(position, series.shape)
     voxel_ml = reference.voxel_volume_ml
     series_voxel_ml = float(abs(np.linalg.det(series.affine[:3, :3])) / 1000)
     rows = []
