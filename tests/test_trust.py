@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vbseg.potts.fitting import restart_agreement
 from vbseg.trust import (
     CUT_SHARE_LIMIT,
+    RESTART_ODDS_NATS,
     SEPARATION_LIMIT,
     VOI_SHARE_LIMIT,
     class_separation,
@@ -109,3 +111,25 @@ def test_a_rejected_learned_beta_is_reported():
         "learned-beta-rejected"]
     kept = dict(rejected, used="learned", reason=None)
     assert codes(probability, summary={"diagnostics": {"learned_beta": kept}}) == []
+
+
+def test_restarts_that_disagree_are_reported():
+    """restart_agreement: the gap from the best restart to the best one that found another
+    solution (a class size off by more than 5 %), not to the runner-up overall; the warning
+    fires when that gap is under log 20 nats (also from a first fit's diagnostics) and not when
+    every restart found the same solution or the other one is far below."""
+    elbos = np.array([-100.0, -100.5, -101.0])
+    voxels = np.array([[900.0, 100.0], [902.0, 98.0], [800.0, 200.0]])  # restart 1 = restart 0's
+    record = restart_agreement(elbos, voxels, best=0)
+    assert record["restarts_agreeing_with_best"] == 2
+    assert record["elbo_gap_to_runner_up"] == pytest.approx(0.5)
+    assert record["elbo_gap_to_other_solution"] == pytest.approx(1.0)
+    assert restart_agreement(elbos[:2], voxels[:2], best=0)["elbo_gap_to_other_solution"] is None
+    probability = np.where(ball((10, 10, 10), 4), 0.97, 0.01).astype(np.float32)
+    close = {"diagnostics": {"elbo_gap_to_other_solution": 1.0}}
+    assert codes(probability, summary=close) == ["restarts-disagree"]
+    nested = {"diagnostics": {"initial_fit": {"elbo_gap_to_other_solution": 1.0}}}
+    assert codes(probability, summary=nested) == ["restarts-disagree"]
+    for gap in (None, RESTART_ODDS_NATS + 0.01, 40.0):
+        assert codes(probability, summary={"diagnostics": {"elbo_gap_to_other_solution": gap}}) == []
+    assert RESTART_ODDS_NATS == pytest.approx(2.9957, abs=1e-4)

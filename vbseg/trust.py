@@ -22,6 +22,13 @@ The checks read only the posterior and its record, so every model gets them:
 * ``beta-at-bound``, ``field-weight-at-bound``: a learned parameter stopped at its prior's
   bound, so the data did not determine it (read from the fit's diagnostics, or from those of
   the first fit when a PSF fit or a sampler followed it).
+* ``restarts-disagree``: the fit's k-means restarts ended in different solutions (some class
+  size differs by more than 5 %, :func:`vbseg.potts.fitting.restart_agreement`) and the best
+  other solution's ELBO is within ``RESTART_ODDS_NATS`` = log 20 of the chosen one's: by the
+  bound, the data favour the chosen segmentation by less than 20 to 1 over another, so the
+  posterior has competing modes and the result shows one of them (its probabilities and
+  interval do not carry the other). On the 21 sarcomas (PET + CT + MR, K = 2 and 3, three
+  restarts) every fit's restarts found one solution, so it did not fire.
 * ``learned-beta-rejected``: ``--beta auto`` was checked against the fit at the fixed default
   beta and failed (``diagnostics.learned_beta``, :func:`vbseg.potts.fitting.learned_or_fixed`), so
   the result is the fixed-beta fit's.
@@ -51,6 +58,7 @@ VOI_SHARE_LIMIT = 0.5
 BORDER_SHARE_LIMIT = 0.5
 CUT_SHARE_LIMIT = 0.1
 SEPARATION_LIMIT = 2.0
+RESTART_ODDS_NATS = float(np.log(20.0))
 
 
 def _warning(code: str, message: str) -> dict:
@@ -141,6 +149,13 @@ def fit_warnings(probability: np.ndarray, voi: np.ndarray, summary: dict) -> lis
         if diagnostics.get(key):
             warnings.append(_warning(code, f"the learned {name} stopped at its prior's bound: the data "
                                            "did not determine it; fix it with an option instead"))
+    gap = diagnostics.get("elbo_gap_to_other_solution")
+    if gap is not None and gap < RESTART_ODDS_NATS:
+        warnings.append(_warning(
+            "restarts-disagree", f"the fit's restarts found different solutions, the best other one "
+                                 f"{gap:.2f} nats of ELBO below the chosen one (limit log 20 = "
+                                 f"{RESTART_ODDS_NATS:.2f}): the data hardly prefer this segmentation; "
+                                 "see diagnostics.restart_class_voxels, or give a tighter --roi/--box"))
     learned_beta = diagnostics.get("learned_beta") or {}
     if learned_beta.get("used") == "fixed":
         warnings.append(_warning("learned-beta-rejected",

@@ -166,15 +166,20 @@ def restart_agreement(elbos, voxels, best) -> dict:
     """How the k-means restarts ended: class sizes (voxels, classes ordered by mean) per
     restart, and how many found the chosen solution (every class size within 5 %). Distinct
     solutions mean a multimodal posterior; the chosen one has the highest ELBO (restarts share
-    beta, so their ELBOs are comparable). The caller passes the restarts that ran a fit of
+    beta, so their ELBOs are comparable), and ``elbo_gap_to_other_solution`` is how far above
+    the best other solution it is (None when every restart found it; the restarts-disagree
+    warning of :mod:`vbseg.trust` reads it). The caller passes the restarts that ran a fit of
     their own (with coarse restarts, the distinct full-grid fits)."""
     reference = voxels[best]
-    same = [bool(np.all(np.abs(v - reference) <= SAME_SOLUTION_TOLERANCE * np.maximum(reference, 1.0)))
-            for v in voxels]
+    tolerance = SAME_SOLUTION_TOLERANCE * np.maximum(reference, 1.0)
+    same = np.array([bool(np.all(np.abs(v - reference) <= tolerance)) for v in voxels])
+    elbos = np.asarray(elbos, np.float64)
     return {"restart_class_voxels": np.round(voxels, 1).tolist(),
-            "restarts_agreeing_with_best": int(sum(same)),
+            "restarts_agreeing_with_best": int(same.sum()),
             "elbo_gap_to_runner_up": float(np.sort(elbos)[-1] - np.sort(elbos)[-2])
-            if len(elbos) > 1 else None}
+            if len(elbos) > 1 else None,
+            # the best's ELBO over the best of the restarts that found another solution
+            "elbo_gap_to_other_solution": float(elbos[best] - elbos[~same].max()) if (~same).any() else None}
 
 
 def _class_scales(post) -> np.ndarray:
