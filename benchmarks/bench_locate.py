@@ -162,8 +162,10 @@ def fold_network(folder: Path, fold: int, held_out: list[str], tag: str, variant
     if out.is_file():  # reused when it saw no held-out case and was trained with the overrides
         meta = load_checkpoint(out).meta
         stored = meta.get("training", {}).get("settings", {})
+        # settings as the JSON holds them (tuples come back as lists)
         if not set(meta.get("real_cases", [])) & set(held_out) and all(
-                stored.get(key, "(absent)") == value for key, value in overrides.items()):
+                stored.get(key, "(absent)") == json.loads(json.dumps(value))
+                for key, value in overrides.items()):
             return out, None
     settings = load_settings(TRAIN_CONFIGS[tag])
     settings = dataclasses.replace(settings, **{"cases": str(INDEX), **overrides,

@@ -17,6 +17,7 @@ from benchmarks import (
     bench_dicom_export,
     bench_envelope,
     bench_gp,
+    bench_locate,
     bench_locate_switch,
     bench_multiscale,
     bench_nema,
@@ -182,9 +183,12 @@ def test_bench_nema_smoke(tmp_path, shared_data):
     if bench_nema.load_nema(shared_data) is None:
         pytest.skip(f"the NEMA scan nema1 is not in {shared_data}")
     assert bench_nema.main(["--shared", str(shared_data), "--spheres", "17",
-                            "--methods", "nopsf_vb,threshold40", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench_nema.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["nopsf_vb", "threshold40"]
+                            "--methods", "nopsf_vb,threshold40,psf_noise", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench_nema.json").read_text())
+    rows = record["rows"]
+    assert [r["method"] for r in rows] == ["nopsf_vb", "threshold40", "psf_noise"]
+    # the background's neighbour correlations (0.09-0.18 on 2.1-2.8 mm voxels): a 2.0-2.6 mm kernel
+    assert 1.8 < record["noise_fwhm_mm"] < 2.8 and rows[2]["dice50"] > 0.8
     # the truth-fraction volume of the 17 mm sphere is its physical volume (2.572 mL) within 1 %
     assert rows[0]["true_ml"] == pytest.approx(rows[0]["physical_ml"], rel=0.01)
     assert rows[0]["lower_ml"] <= rows[0]["mean_ml"] <= rows[0]["upper_ml"] and rows[0]["z"] is not None
@@ -667,3 +671,23 @@ def test_bench_training_data_variants_change_only_where_patches_come_from():
     folder = Path("networks")
     assert network_path(folder, 2, TAG) == folder / "pet_fold2.eqx"
     assert network_path(folder, 2, TAG, "real") == folder / "real_pet_fold2.eqx"
+
+
+def test_a_fold_network_never_sees_its_held_out_cases(tmp_path, shared_data):
+    """bench_locate's fold networks are trained through fold_network, which drops the fold's
+    held-out cases and records the cases it did see: here with two cases of fold 0 and two of
+    other folds offered (two steps, a tiny network), the checkpoint's recorded list holds the
+    other folds' two only, and a cached checkpoint that saw a held-out case is not reused."""
+    folds = bench_locate.load_folds(bench_locate.FOLDS)["folds"]
+    held_out = folds[0]
+    offered = (held_out[0], held_out[1], folds[1][0], folds[2][0])
+    tiny = dict(train_cases=offered, steps=2, finetune_steps=1, batch_size=2, patch_shape=(16, 16, 16),
+                channels=(4, 4, 4), scan_steps=1, log_every=1)
+    path, seconds = bench_locate.fold_network(tmp_path, 0, held_out, "pet", **tiny)
+    seen = bench_locate.load_checkpoint(path).meta["real_cases"]
+    assert seconds is not None and sorted(seen) == sorted([folds[1][0], folds[2][0]])
+    assert not set(seen) & set(held_out)
+    # the cached network is reused for its own fold, and retrained for a fold it saw a case of
+    assert bench_locate.fold_network(tmp_path, 0, held_out, "pet", **tiny)[1] is None
+    _, again = bench_locate.fold_network(tmp_path, 0, [folds[1][0]], "pet", **tiny)
+    assert again is not None
