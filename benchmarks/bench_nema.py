@@ -31,7 +31,11 @@ the sphere's label. Methods (all ``vbseg.segment`` on the saved VOI mask):
   ``python -m benchmarks.bench_nema --methods psf_vb,pv_wall0,pv_beta_auto --out
   benchmarks/results/pv_nema_beta``; ``pv_psf_sd`` (not run by default): pv-potts with the
   fitted FWHM given a 1 mm sd (``--psf-sd 1``), no wall, by ``python -m benchmarks.bench_nema
-  --methods psf_vb,pv_wall0,pv_psf_sd --out benchmarks/results/pv_nema_psf_sd``.
+  --methods psf_vb,pv_wall0,pv_psf_sd --out benchmarks/results/pv_nema_psf_sd``;
+  ``psf_noise`` and ``pv_noise`` (not run by default): the PSF Potts model and pv-potts with
+  ``--noise-fwhm`` measured from the background's neighbour correlations
+  (:func:`noise_kernel_fwhm`), no wall, by ``python -m benchmarks.bench_nema --methods
+  psf_vb,psf_noise,pv_wall0,pv_noise --out benchmarks/results/pv_nema_noise``.
 
 Regenerate (65 minutes on 2 busy cores, nearly all of it ``psf_gibbs``, ~10 minutes a sphere;
 the other methods take seconds):
@@ -81,6 +85,7 @@ from vbseg.calibration.conformal import conformal_quantile
 from vbseg.io.volume import save_nifti
 from vbseg.metrics import dice, interval_score
 from vbseg.phantoms import world_coordinates
+from vbseg.potts.psf import noise_fwhm_from_correlation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEVEL = 0.95
@@ -102,6 +107,10 @@ METHODS = {
     "pv_beta_auto": dict(model="pv-potts", psf=True, beta="auto"),
     # pv-potts with the fitted FWHM given a 1 mm sd (--psf-sd 1), no wall
     "pv_psf_sd": dict(model="pv-potts", psf=True, psf_sd_mm=1.0),
+    # the PSF Potts model and pv-potts with --noise-fwhm measured from the background's
+    # neighbour correlations (noise_kernel_fwhm), no wall
+    "psf_noise": dict(psf=True, noise=True),
+    "pv_noise": dict(model="pv-potts", psf=True, noise=True),
 }
 # the conformal levels a calibration adds (vbseg segment --calibration's default levels)
 CONFORMAL_LEVELS = DEFAULT_CONFORMAL_LEVELS
@@ -169,6 +178,15 @@ def image_noise(nema) -> dict:
             "core_sd_over_background_sd": float(core.std() / values.std())}
 
 
+def noise_kernel_fwhm(nema) -> float:
+    """The --noise-fwhm of the scan: the mean over the axes of the kernel FWHM whose neighbour
+    correlation is the background's at lag 1 (:func:`image_noise`,
+    :func:`vbseg.potts.psf.noise_fwhm_from_correlation`)."""
+    correlation = image_noise(nema)["correlation"]
+    return float(np.mean([noise_fwhm_from_correlation(correlation[f"axis{axis}_lag1"], spacing)
+                          for axis, spacing in enumerate(nema["spacing"])]))
+
+
 def conformal_columns(posterior, true_ml: float) -> dict:
     """The conformal volume intervals of a fit made with a calibration, by level: bounds,
     whether each covers ``true_ml``, width / true volume, and the stratum and its n."""
@@ -183,7 +201,7 @@ def conformal_columns(posterior, true_ml: float) -> dict:
 
 
 def run_sphere(nema, sphere, methods, folder, psf_fwhm, calibration=None,
-               voi_margin_mm=VOI_MARGIN_MM) -> list[dict]:
+               voi_margin_mm=VOI_MARGIN_MM, noise_fwhm=None) -> list[dict]:
     radius = sphere["inner_diameter_mm"] / 2
     distance = np.linalg.norm(nema["world"] - np.asarray(sphere["centre_ras_mm"]), axis=-1)
     voi = distance <= radius + voi_margin_mm
@@ -200,7 +218,7 @@ def run_sphere(nema, sphere, methods, folder, psf_fwhm, calibration=None,
             [nema["pet_path"]], modalities=["pet"], roi=voi_path, model=spec.get("model", "potts"),
             psf_fwhm_mm=psf_fwhm if spec.get("psf") else None, sampler=spec.get("sampler", "vb"),
             wall_mm=spec.get("wall_mm"), beta=spec.get("beta"), psf_sd_mm=spec.get("psf_sd_mm"),
-            calibration=calibration)
+            noise_fwhm_mm=noise_fwhm if spec.get("noise") else None, calibration=calibration)
         seconds = time.perf_counter() - start
         volume = posterior.volume_interval(LEVEL)
         draws = np.asarray(posterior.volume_draws_ml, np.float64)
@@ -233,10 +251,12 @@ def _cell(row) -> str:
             f"({error}, z {row['z']:+.1f})")
 
 
-def markdown(rows, methods, psf_fwhm, total_s) -> str:
+def markdown(rows, methods, psf_fwhm, total_s, noise_fwhm=None) -> str:
     spheres = sorted({r["sphere"] for r in rows})
     by = {(r["sphere"], r["method"]): r for r in rows}
-    lines = [f"PSF FWHM for the PSF model: {psf_fwhm:g} mm (cases.json fitted value). "
+    noise = ("" if noise_fwhm is None else f" --noise-fwhm of the *_noise methods: {noise_fwhm:.2f} mm "
+             "(from the background's neighbour correlations, noise_kernel_fwhm).")
+    lines = [f"PSF FWHM for the PSF model: {psf_fwhm:g} mm (cases.json fitted value).{noise} "
              f"Total {total_s / 60:.1f} min on this machine.", "",
              "Posterior mean volume mL [95 % interval] (relative error of the mean, z-score of the "
              "truth in the posterior):", "",
@@ -377,16 +397,19 @@ def main(argv=None) -> int:
         parser.error(f"--spheres: none of {sorted(wanted)} mm is a NEMA sphere")
     nema["world"] = world_coordinates(nema["affine"], nema["shape"])
     psf_fwhm = float(nema["case"]["fitted"]["psf_fwhm_mm"])
+    noise_fwhm = noise_kernel_fwhm(nema) if any(METHODS[m].get("noise") for m in methods) else None
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for sphere in spheres:
-            rows += run_sphere(nema, sphere, methods, folder, psf_fwhm, args.calibration, args.voi_margin)
+            rows += run_sphere(nema, sphere, methods, folder, psf_fwhm, args.calibration, args.voi_margin,
+                               noise_fwhm)
     total = time.perf_counter() - start
-    record = {"machine": machine(), "psf_fwhm_mm": psf_fwhm, "voi_margin_mm": args.voi_margin,
+    record = {"machine": machine(), "psf_fwhm_mm": psf_fwhm, "noise_fwhm_mm": noise_fwhm,
+              "voi_margin_mm": args.voi_margin,
               "truth_margin_mm": TRUTH_MARGIN_MM, "level": LEVEL, "total_s": total, "rows": rows}
     if args.calibration is None:
-        name, table = "bench_nema", markdown(rows, methods, psf_fwhm, total)
+        name, table = "bench_nema", markdown(rows, methods, psf_fwhm, total, noise_fwhm)
     else:
         name = "bench_nema_conformal"
         record["calibration"] = calibration_summary(args.calibration)

@@ -25,6 +25,7 @@ from benchmarks import (
     bench_pv,
     bench_pv_psf_elbo,
     gtv_contrast,
+    restart_agreement,
 )
 from vbseg.calibration.conformal import split_coverage_band, volume_scores
 
@@ -691,3 +692,12 @@ def test_a_fold_network_never_sees_its_held_out_cases(tmp_path, shared_data):
     assert bench_locate.fold_network(tmp_path, 0, held_out, "pet", **tiny)[1] is None
     _, again = bench_locate.fold_network(tmp_path, 0, [folds[1][0]], "pet", **tiny)
     assert again is not None
+
+
+def test_restart_agreement_smoke(tmp_path, shared_data):
+    assert restart_agreement.main(["--index", str(shared_data / "cases.json"), "--cases", "sts002",
+                                   "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "restart_agreement.json").read_text())["rows"]
+    assert [(r["case"], r["classes"]) for r in rows] == [("sts002", 2), ("sts002", 3)]
+    assert all(1 <= r["agreeing"] <= r["restarts"] for r in rows)
+    assert "| sts002 | 2 |" in (tmp_path / "restart_agreement.md").read_text()

@@ -171,6 +171,11 @@ def _segment_model(p):
                    help="with --model pv-potts and --psf-fwhm: the given FWHM's uncertainty (sd, "
                         "mm); fits at five FWHMs are mixed by their prior weights so the volume "
                         "interval carries it (default: the FWHM as given)")
+    p.add_argument("--noise-fwhm", dest="noise_fwhm_mm", type=float, metavar="MM",
+                   help="with --psf-fwhm (potts, deep-potts, pv-potts): FWHM of the PET noise's "
+                        "spatial correlation (part of the PSF, e.g. the reconstruction's "
+                        "post-filter); the PET is whitened by it and fitted with the rest of the "
+                        "PSF (default: noise taken as white)")
     p.add_argument("--pet-noise", dest="pet_noise",
                    help="with --psf-fwhm: PET noise variance 'poisson' (grows with uptake, "
                         "default) or 'constant'")

@@ -52,6 +52,8 @@ SEED_LIMIT = 2**32
 FUSIONS = ("pet", "joint")
 # locate, then delineate (vbseg.potts.locate): a locator's map as the Potts model's field
 LOCATE_MODEL = "locate-potts"
+# the models whose PSF likelihood --noise-fwhm whitens (vbseg.potts.method.noise_model)
+NOISE_KERNEL_MODELS = ("potts", "deep-potts", "pv-potts")
 FUSION_MODELS = ("potts", "pv-potts", "gp", LOCATE_MODEL) + FIELD_MODELS + BASELINES
 FUSION_PET_TEXT = (
     "PET alone decides tumour and background (the other images are loaded, checked and resampled, "
@@ -130,6 +132,11 @@ class ModelOptions:
         normal prior, mm); the fits at five FWHM nodes are mixed by their prior weights, so the
         volume interval carries the PSF's uncertainty (None or 0: the FWHM as given;
         :func:`vbseg.pv_potts.method.psf_grid`).
+    noise_fwhm_mm: with ``psf_fwhm_mm`` (potts, deep-potts, pv-potts): the FWHM of the PET
+        noise's spatial correlation (a Gaussian kernel, part of the PSF: the reconstruction's
+        post-filter, say). The PET image is whitened by it and fitted with the rest of the PSF,
+        sqrt(F^2 - N^2) (:func:`vbseg.potts.psf.whiten`); below F, PET first. None or 0: noise
+        taken as white.
     envelope_mm: the lesion's envelope (any method): the probability map closed by a ball of
         this radius (mm) and its holes filled, in grey levels, so each contour is the envelope of
         the model's contour at its level; the volume draws follow (:mod:`vbseg.envelope`). None or
@@ -158,6 +165,7 @@ class ModelOptions:
     fraction_levels: int | None = None
     wall_mm: float | None = None
     psf_sd_mm: float | None = None
+    noise_fwhm_mm: float | None = None
     envelope_mm: float | None = None
 
 
@@ -317,6 +325,7 @@ def _check_model(model: ModelOptions, modalities) -> None:
             raise InputError("--psf-fwhm", f"must be a finite number of mm >= 0, got {model.psf_fwhm_mm!r}")
         if "pet" not in modalities:
             raise InputError("--psf-fwhm", "applies to PET images, and no image is PET")
+    _check_noise_kernel(model, modalities)
     if model.pet_noise not in PET_NOISE_MODELS:
         raise InputError("--pet-noise", f"must be one of {', '.join(PET_NOISE_MODELS)}, "
                                         f"got {model.pet_noise!r}")
@@ -538,6 +547,23 @@ def _check_gp(model: ModelOptions, modalities):
         if given:
             raise InputError(flag, "applies to --model potts; gp has Gaussian diagonal emissions, "
                                    "no PSF term and its own variational fit")
+
+
+def _check_noise_kernel(model: ModelOptions, modalities) -> None:
+    """--noise-fwhm: a part of the PSF, so it needs one (on a model with the PSF likelihood), is
+    narrower than it, and whitens PET on its own grid (the first image's). 0: white noise."""
+    noise = model.noise_fwhm_mm
+    if noise is None or (_is_mm(noise) and noise == 0):
+        return
+    if model.name not in NOISE_KERNEL_MODELS or not model.psf_fwhm_mm:
+        raise InputError("--noise-fwhm", f"goes with --model {' or '.join(NOISE_KERNEL_MODELS)} and a "
+                                         "--psf-fwhm above 0 (the noise kernel is part of the PSF)")
+    if not _is_mm(noise, high=model.psf_fwhm_mm) or noise == model.psf_fwhm_mm:
+        raise InputError("--noise-fwhm", f"must be a number of mm from 0 to below --psf-fwhm "
+                                         f"({model.psf_fwhm_mm:g}), got {noise!r}")
+    if not modalities or modalities[0] != "pet":
+        raise InputError("--noise-fwhm", "needs PET as the first image: its noise is whitened on its "
+                                         "own grid, not after resampling onto another image's")
 
 
 def _check_emission(model: ModelOptions, modalities):

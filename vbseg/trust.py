@@ -28,7 +28,8 @@ The checks read only the posterior and its record, so every model gets them:
   bound, the data favour the chosen segmentation by less than 20 to 1 over another, so the
   posterior has competing modes and the result shows one of them (its probabilities and
   interval do not carry the other). On the 21 sarcomas (PET + CT + MR, K = 2 and 3, three
-  restarts) every fit's restarts found one solution, so it did not fire.
+  restarts; ``python -m benchmarks.restart_agreement``) every fit's restarts found one
+  solution, so it did not fire.
 * ``learned-beta-rejected``: ``--beta auto`` was checked against the fit at the fixed default
   beta and failed (``diagnostics.learned_beta``, :func:`vbseg.potts.fitting.learned_or_fixed`), so
   the result is the fixed-beta fit's.

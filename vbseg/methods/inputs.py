@@ -1,5 +1,6 @@
 """What the label models (hidden Potts and GP, with or without a network) share before their
-fit: which images enter the likelihood (``--fusion``), and the prior log-odds map from a
+fit: which images enter the likelihood (``--fusion``), the PET whitened by ``--noise-fwhm``,
+and the prior log-odds map from a
 network (deep-potts, deep-gp) or a file (``--external-field``)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 
 from vbseg.deep.segment import FIELD_MODELS, map_prior_logit, network_prior_logit
 from vbseg.options import FUSION_JOINT_TEXT, FUSION_PET_TEXT, fusion_columns, model_fusion
+from vbseg.potts.psf import noise_sd_gain, whiten
 from vbseg.prepare import Prepared
 
 
@@ -17,7 +19,10 @@ from vbseg.prepare import Prepared
 class LikelihoodInputs:
     """The images the label model's likelihood sees. stack/observed (x, y, z, M') and volumes,
     modalities: those images' columns of the prepared crop; columns: their indices among the
-    inputs; record: summary.json's ``options.fusion``."""
+    inputs; record: summary.json's ``options.fusion``. With ``--noise-fwhm`` the PET columns
+    of ``stack`` are whitened (:func:`vbseg.potts.psf.whiten`), ``measured`` keeps the images
+    as measured (what TLG sums and the PET noise model reads) and ``noise_gain`` (M',) turns a
+    noise sd fitted to ``stack`` into the measured image's (1 where nothing was whitened)."""
 
     stack: np.ndarray
     observed: np.ndarray
@@ -25,6 +30,14 @@ class LikelihoodInputs:
     modalities: tuple[str, ...]
     columns: tuple[int, ...]
     record: dict
+    measured: np.ndarray | None = None
+    noise_gain: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.measured is None:
+            object.__setattr__(self, "measured", self.stack)
+        if self.noise_gain is None:
+            object.__setattr__(self, "noise_gain", np.ones(self.stack.shape[-1]))
 
 
 def likelihood_inputs(prepared: Prepared, options) -> LikelihoodInputs:
@@ -36,11 +49,19 @@ def likelihood_inputs(prepared: Prepared, options) -> LikelihoodInputs:
     record = {"mode": fusion, "chosen": "given" if given else "default",
               "images_in_likelihood": [prepared.images[m] for m in columns],
               "rule": FUSION_PET_TEXT if fusion == "pet" else FUSION_JOINT_TEXT}
-    return LikelihoodInputs(stack=prepared.stack[..., list(columns)],
-                            observed=prepared.observed[..., list(columns)],
+    measured, observed = prepared.stack[..., list(columns)], prepared.observed[..., list(columns)]
+    modalities = tuple(prepared.modalities[m] for m in columns)
+    noise_fwhm = options.model.noise_fwhm_mm
+    stack, whitened = measured, [bool(noise_fwhm) and modality == "pet" for modality in modalities]
+    spacing = prepared.reference.spacing
+    if any(whitened):
+        stack = np.stack([whiten(measured[..., m], observed[..., m], spacing, noise_fwhm) if white
+                          else measured[..., m] for m, white in enumerate(whitened)], axis=-1)
+    gain = np.array([noise_sd_gain(noise_fwhm, spacing) if white else 1.0 for white in whitened])
+    return LikelihoodInputs(stack=stack, observed=observed,
                             volumes=tuple(prepared.volumes[m] for m in columns),
-                            modalities=tuple(prepared.modalities[m] for m in columns),
-                            columns=columns, record=record)
+                            modalities=modalities, columns=columns, record=record, measured=measured,
+                            noise_gain=gain)
 
 
 def prior_log_odds(prepared: Prepared, options):

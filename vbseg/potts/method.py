@@ -39,6 +39,7 @@ from vbseg.potts.fitting import (
 from vbseg.potts.intensity_field import DEFAULT_LENGTHSCALE_MM, INTENSITY_FILE, IntensityFieldSpec
 from vbseg.potts.model import DEFAULT_CONCENTRATION, NormalGammaPrior, neighbour_weights
 from vbseg.potts.multiscale import RESTARTS
+from vbseg.potts.psf import signal_fwhm, whitening_text
 from vbseg.prepare import standardise
 from vbseg.records import independent_draws
 
@@ -55,15 +56,17 @@ GIBBS_DRAWS_METHOD = (
 
 
 def noise_model(likelihood, crop_voi, options):
-    """(PSF FWHM per image or None, relative precision (x, y, z, M') or None)."""
+    """(PSF FWHM per image or None, relative precision (x, y, z, M') or None); the PET's FWHM
+    is what is left of the PSF once ``--noise-fwhm`` has whitened it (:func:`signal_fwhm`)."""
     if options.model.psf_fwhm_mm is None:
         return None, None
-    psf = tuple(options.model.psf_fwhm_mm if m == "pet" else 0.0 for m in likelihood.modalities)
+    pet_fwhm = signal_fwhm(options.model.psf_fwhm_mm, options.model.noise_fwhm_mm)
+    psf = tuple(pet_fwhm if m == "pet" else 0.0 for m in likelihood.modalities)
     precision = np.ones(likelihood.stack.shape, np.float32)
     if options.model.pet_noise == "poisson":
         for m, modality in enumerate(likelihood.modalities):
             if modality == "pet":
-                precision[..., m] = pet_relative_precision(likelihood.stack[..., m], crop_voi)
+                precision[..., m] = pet_relative_precision(likelihood.measured[..., m], crop_voi)
     return psf, precision
 
 
@@ -120,7 +123,7 @@ def _fit(prepared, options, likelihood, features, prior_logit):
         fit, learned_beta_record = learned_or_fixed(fit, fixed, *volumes, fixed_beta(options.model))
     vb_beta = fit.beta
     if options.fit.sampler == "gibbs":
-        count_weights = (likelihood.stack[..., 0] if prepared.pet_first
+        count_weights = (likelihood.measured[..., 0] if prepared.pet_first
                          else np.ones(prepared.crop_voi.shape, np.float32))
         fit = sample_potts(fit, features, likelihood.observed, prepared.crop_voi, reference.spacing,
                            count_weights, num_classes=num_classes, beta=vb_beta, seed=prepared.seed,
@@ -187,7 +190,8 @@ def _emission_text(options) -> str:
     if options.model.psf_fwhm_mm is not None:
         variance = "proportional to the local mean" if options.model.pet_noise == "poisson" else "constant"
         text += (f"; PET mean blurred by a Gaussian PSF of FWHM {options.model.psf_fwhm_mm:g} mm, PET "
-                 f"noise variance {variance}, class proportions uniform")
+                 f"noise variance {variance}, class proportions uniform"
+                 + whitening_text(options.model.psf_fwhm_mm, options.model.noise_fwhm_mm))
     return text
 
 
@@ -217,7 +221,7 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     shape = crop_voi.shape
     marginals = fit.marginals[: shape[0], : shape[1], : shape[2]]
     means = fit.means * scales + centres  # (K, M) in image units (log units where log-normal)
-    sds = fit.sds * scales
+    sds = fit.sds * scales * likelihood.noise_gain  # the measured image's noise (--noise-fwhm)
     log_columns = np.flatnonzero(log_flags)
     means[:, log_columns] = np.exp(means[:, log_columns])  # log-normal: the class median
     order, chosen, tumour_rule = tumour_choice(fit.means, **rules)
@@ -238,6 +242,7 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
         "classes": options.model.num_classes, "beta": beta if beta == "auto" else float(beta),
         "neighbourhood": options.model.neighbourhood, "restarts": options.fit.restarts,
         "emission": _emission_text(options), "psf_fwhm_mm": options.model.psf_fwhm_mm,
+        "noise_fwhm_mm": options.model.noise_fwhm_mm,
         "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
         "prior": dict(NormalGammaPrior()._asdict(), proportions_concentration=DEFAULT_CONCENTRATION,
                       units="standardised features: (y - median) / sd over the VOI"),
@@ -250,7 +255,7 @@ def potts_result(prepared, options, prior_logit, field_record, network_s) -> Met
     parameters = {
         "class_means": means.tolist(), "class_sds": sds.tolist(),
         "class_proportions": fit.proportions[order].tolist(), "tumour_class": chosen,
-        "contrast_to_noise": contrast_to_noise(fit.means[order], fit.sds[order],
+        "contrast_to_noise": contrast_to_noise(fit.means[order], fit.sds[order] * likelihood.noise_gain,
                                                fit.proportions[order], chosen),
         "beta": vb_beta, "field_weight": fit.field_weight if has_field else None,
         "neighbour_weights": neighbour_weights(prepared.reference.spacing,

@@ -49,6 +49,7 @@ from vbseg.potts.gibbs_psf import gibbs_hidden_potts_psf
 from vbseg.potts.meanfield_psf import fit_hidden_potts_vb_psf
 from vbseg.potts.method import noise_model, tumour_choice
 from vbseg.potts.model import NormalGammaPrior, neighbour_weights
+from vbseg.potts.psf import signal_fwhm, whitening_text
 from vbseg.prepare import pad_to_bucket, standardise
 from vbseg.pv_potts.inference import (
     beta_weights,
@@ -159,8 +160,10 @@ class LevelProblem(NamedTuple):
     """What the level fits and the level sampler share, on the bucket-padded crop: ``padded``
     (features, observed, ROI, relative precision), the neighbour ``weights``, the level prior
     ``unary``, the level ``design``, the Normal-Gamma ``prior``, the cold wall's ``offset`` (or
-    None), the TLG ``count_weights``, the ``start`` level marginals, ``num_levels`` and the
-    static PSF arguments ``statics``."""
+    None), the TLG ``count_weights``, the ``start`` level marginals, ``num_levels``, the
+    static PSF arguments ``statics`` (the PET's FWHM there is what is left of the PSF after
+    whitening), ``noise_fwhm_mm``, the ``--noise-fwhm`` the PET was whitened by (0: none), and
+    ``blurred``, which images have a PSF (the PET with ``--psf-fwhm`` above 0)."""
 
     padded: tuple
     weights: jax.Array
@@ -172,6 +175,8 @@ class LevelProblem(NamedTuple):
     start: np.ndarray
     num_levels: int
     statics: dict
+    noise_fwhm_mm: float
+    blurred: tuple
 
 
 def level_fit(problem: LevelProblem, beta: float):
@@ -210,7 +215,7 @@ def level_problem(prepared, options, likelihood, features, psf, precision, start
         shell = wall_fraction(lesion, spacing, float(options.model.wall_mm))
         omega = np.stack([shell if m == "pet" else np.zeros_like(shell)
                           for m in likelihood.modalities], axis=-1)
-    counted = likelihood.stack[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)
+    counted = likelihood.measured[..., 0] if prepared.pet_first else np.ones(crop_voi.shape)
     problem = LevelProblem(
         padded=padded, weights=jnp.asarray(neighbour_weights(reference.spacing, options.model.neighbourhood)),
         unary=jnp.broadcast_to(jnp.asarray(level_log_prior(num_levels)), grid + (num_levels,)),
@@ -219,28 +224,34 @@ def level_problem(prepared, options, likelihood, features, psf, precision, start
         offset=None if omega is None else jnp.asarray(wall_offset(omega, num_modalities)),
         count_weights=jnp.asarray(pad_to_bucket(counted.astype(np.float32), 0.0)),
         start=levels_from_classes(start_marginals, num_levels), num_levels=num_levels,
-        statics=dict(psf_fwhm_mm=tuple(float(f) for f in psf), spacing_mm=spacing))
+        statics=dict(psf_fwhm_mm=tuple(float(f) for f in psf), spacing_mm=spacing),
+        noise_fwhm_mm=float(options.model.noise_fwhm_mm or 0.0),
+        blurred=tuple(bool(options.model.psf_fwhm_mm) and m == "pet" for m in likelihood.modalities))
     return problem, omega
 
 
-def psf_grid(fwhm_mm: float, sd_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+def psf_grid(fwhm_mm: float, sd_mm: float | None, low_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(FWHMs, prior weights) of ``--psf-sd``: the given FWHM plus ``PSF_GRID_Z`` sds, each node
     weighted by the N(given, sd^2) mass of its bin (half-way to its neighbours, the outer bins
-    open), the prior truncated at 0 mm: nodes below 0 are dropped, the lowest bin is cut at 0
-    and the masses renormalised. Without an sd: the given FWHM alone."""
+    open), the prior truncated at ``low_mm`` (0, or the ``--noise-fwhm`` the PSF includes):
+    nodes below it are dropped, the lowest bin is cut there and the masses renormalised.
+    Without an sd: the given FWHM alone."""
     if not sd_mm:
         return np.array([float(fwhm_mm)]), np.ones(1)
     z = np.asarray(PSF_GRID_Z, np.float64)
-    edges = np.maximum(np.concatenate([[-np.inf], (z[1:] + z[:-1]) / 2, [np.inf]]), -fwhm_mm / sd_mm)
+    edges = np.maximum(np.concatenate([[-np.inf], (z[1:] + z[:-1]) / 2, [np.inf]]),
+                       (low_mm - fwhm_mm) / sd_mm)
     mass = np.diff(special.ndtr(edges))
     fwhms = fwhm_mm + sd_mm * z
-    keep = fwhms >= 0
+    keep = fwhms >= low_mm
     return fwhms[keep], mass[keep] / mass[keep].sum()
 
 
 def at_fwhm(problem: LevelProblem, fwhm_mm: float) -> LevelProblem:
-    """``problem`` with the PET images' PSF FWHM (the images with one) set to ``fwhm_mm``."""
-    psf = tuple(float(fwhm_mm) if f > 0 else f for f in problem.statics["psf_fwhm_mm"])
+    """``problem`` with the PET images' PSF FWHM (the images with one) set to ``fwhm_mm``, less
+    the noise kernel the PET was whitened by (:func:`~vbseg.potts.psf.signal_fwhm`)."""
+    signal = signal_fwhm(fwhm_mm, problem.noise_fwhm_mm)
+    psf = tuple(signal if blurred else 0.0 for blurred in problem.blurred)
     return problem._replace(statics=dict(problem.statics, psf_fwhm_mm=psf))
 
 
@@ -262,8 +273,9 @@ def fit_components(problem: LevelProblem, options, betas, seed: int) -> Componen
     """The level fits at every (PSF node, beta) and their mixture weights (module doc): at a
     fixed beta the PSF prior's weights; with --beta auto, within each PSF node the beta grid
     weighted by exp(ELBO - log Z(beta)) (log Z is the prior's and is shared by the nodes)."""
-    given = max(problem.statics["psf_fwhm_mm"])
-    fwhms, psf_weights = psf_grid(given, options.model.psf_sd_mm if given > 0 else None)
+    given = float(options.model.psf_fwhm_mm or 0.0)
+    fwhms, psf_weights = psf_grid(given, options.model.psf_sd_mm if given > 0 else None,
+                                  problem.noise_fwhm_mm)
     path = None if options.model.beta != "auto" else beta_path(
         problem.num_levels, np.asarray(problem.padded[2]), np.asarray(problem.weights), seed)
     fits, grid_betas, grid_fwhms, weights, record = [], [], [], [], None
@@ -301,6 +313,7 @@ def _records(options, problem, components: Components, drawn, beta, volume_draws
         "fraction_levels": problem.num_levels, "beta": "auto" if auto else beta,
         "neighbourhood": options.model.neighbourhood,
         "psf_fwhm_mm": options.model.psf_fwhm_mm, "psf_sd_mm": options.model.psf_sd_mm,
+        "noise_fwhm_mm": options.model.noise_fwhm_mm,
         "wall_mm": options.model.wall_mm,
         "pet_noise": options.model.pet_noise if options.model.psf_fwhm_mm is not None else None,
         "mixed_weight": DEFAULT_MIXED_WEIGHT,
@@ -308,7 +321,8 @@ def _records(options, problem, components: Components, drawn, beta, volume_draws
                       units="standardised features: (y - median) / sd over the VOI"),
         "inference": ("the two-class PSF hidden Potts fit (mean-field) as the start; the "
                       "partial-volume model by mean-field VB (damped checkerboard level sweeps, "
-                      "conjugate regression update); joint draws by the level sampler"),
+                      "conjugate regression update); joint draws by the level sampler"
+                      + whitening_text(options.model.psf_fwhm_mm, options.model.noise_fwhm_mm)),
         "volume_draws": volume_draws,
     }
     mixture = None if not mixed else {
@@ -354,7 +368,8 @@ def run_pv_potts(prepared, options) -> MethodResult:
     fit = components.fits[top][0]
     probability, fraction = fraction_summaries(marginals)
     levels = np.asarray(fit.emission.mean).T * scales + centres  # (2, M) image units
-    noise_sd = np.sqrt(np.asarray(fit.emission.rate) / np.asarray(fit.emission.shape)) * scales
+    noise_sd = (np.sqrt(np.asarray(fit.emission.rate) / np.asarray(fit.emission.shape)) * scales
+                * likelihood.noise_gain)  # the measured image's noise (--noise-fwhm)
     iterations = int(fit.num_iterations)
     fit_compile, fit_run = (sum(f[k] for f in components.fits) for k in (1, 2))
     draw_compile, draw_run = (sum(d[k] for d in drawn.values()) for k in (1, 2))
