@@ -27,7 +27,9 @@ user who knows the reconstruction's post-filter would give it; none on the Poiss
     python -m benchmarks.bench_pv --diameters 13,17,22,28 --contrasts 4,8 --seeds 25 \\
         --methods psf_fixed,pv_potts,pv_psf_sd,psf_noise,pv_noise --extend
 then pv-potts with both (``--psf-sd 1 --noise-fwhm 4``) at 13 mm only (the worst cells; about
-20 minutes), and the report of every method over the whole design:
+20 minutes), and the report of every method over the whole design. On the Poisson draws a
+``--noise-fwhm`` method is its plain twin's fit (no kernel given, same seed), so ``--extend``
+copies the twin's row when it is stored (``copied_from``) rather than fitting it again:
     python -m benchmarks.bench_pv --diameters 13 --contrasts 4,8 --seeds 25 \\
         --methods psf_fixed,pv_potts,pv_psf_sd,psf_noise,pv_noise,pv_psf_sd_noise --extend
     python -m benchmarks.bench_pv --diameters 13,17,22,28 --contrasts 4,8 --seeds 25 \\
@@ -82,6 +84,8 @@ METHODS = {"psf_fixed": ("potts", {}), "pv_potts": ("pv-potts", {}),
 DEFAULT_METHODS = "psf_fixed,pv_potts"
 KNOWN_NOISE_METHODS = [name for name, (_, extra) in METHODS.items()
                        if extra.get("noise_fwhm_mm") == KNOWN_NOISE]
+# each KNOWN_NOISE method and the method it equals on white-noise draws
+NOISE_TWINS = {"psf_noise": "psf_fixed", "pv_noise": "pv_potts", "pv_psf_sd_noise": "pv_psf_sd"}
 
 
 def non_native_phantom(diameter_mm, contrast, seed):
@@ -115,6 +119,22 @@ def non_native_phantom(diameter_mm, contrast, seed):
         image, noise = mean * (1 + CV * correlated / correlated.std()), "correlated gaussian"
     volume_ml = np.pi * diameter_mm**3 / 6 / 1000
     return image.astype(np.float32), fraction, truth, volume_ml, noise
+
+
+def twin_rows(rows, diameter, contrast, seed, methods) -> list[dict]:
+    """On a white-noise (Poisson, even seed) draw a KNOWN_NOISE method is its twin (the same
+    options without --noise-fwhm, the same seed: the same fit), so the twin's row is copied
+    under its name (``copied_from`` says so) instead of fitted again."""
+    if seed % 2 == 1:
+        return []
+    copies = []
+    for name in methods:
+        twin = NOISE_TWINS.get(name)
+        found = [r for r in rows if r["method"] == twin and r["diameter_mm"] == diameter
+                 and r["contrast"] == contrast and r["seed"] == seed]
+        if found:
+            copies.append(dict(found[0], method=name, copied_from=twin))
+    return copies
 
 
 def run_draw(diameter, contrast, seed, folder, methods):
@@ -311,7 +331,9 @@ def main(argv=None) -> int:
             for diameter in diameters:
                 for contrast in contrasts:
                     missing = [m for m in args.method_names if (diameter, contrast, seed, m) not in done]
-                    rows += run_draw(diameter, contrast, seed, folder, missing)
+                    copies = twin_rows(rows, diameter, contrast, seed, missing)
+                    rows += copies + run_draw(diameter, contrast, seed, folder,
+                                              [m for m in missing if m not in {c["method"] for c in copies}])
                     report(rows, diameters, contrasts, earlier_s + time.perf_counter() - start, args)
     print(f"wrote {args.out / (args.name + '.md')}")
     return 0

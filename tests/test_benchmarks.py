@@ -701,3 +701,14 @@ def test_restart_agreement_smoke(tmp_path, shared_data):
     assert [(r["case"], r["classes"]) for r in rows] == [("sts002", 2), ("sts002", 3)]
     assert all(1 <= r["agreeing"] <= r["restarts"] for r in rows)
     assert "| sts002 | 2 |" in (tmp_path / "restart_agreement.md").read_text()
+
+
+def test_bench_pv_copies_a_noise_methods_twin_on_white_noise_draws_only():
+    """On a Poisson (even-seed) draw a --noise-fwhm method is its twin's fit: the stored row is
+    copied under its name; on a correlated (odd-seed) draw, or without a stored twin, nothing."""
+    stored = [{"method": "pv_potts", "diameter_mm": 13.0, "contrast": 4.0, "seed": seed, "mean_ml": 1.2}
+              for seed in (0, 1)]
+    (copy,) = bench_pv.twin_rows(stored, 13.0, 4.0, 0, ["pv_noise", "pv_psf_sd_noise"])
+    assert copy == dict(stored[0], method="pv_noise", copied_from="pv_potts")
+    assert bench_pv.twin_rows(stored, 13.0, 4.0, 1, ["pv_noise"]) == []
+    assert bench_pv.twin_rows(stored, 17.0, 4.0, 0, ["pv_noise"]) == []

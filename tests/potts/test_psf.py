@@ -209,8 +209,9 @@ def test_learned_beta_is_the_pseudo_likelihood_maximiser_under_the_psf_models_ow
 
 def test_whitening_undoes_the_noise_kernel_and_the_psf_splits_into_noise_and_signal_kernels(monkeypatch):
     """White noise blurred by the noise kernel (mirrored at the faces, as the whitening assumes)
-    has the sd noise_sd_gain says (3 %) and comes back exactly (1e-4) without the gain cap, and with it (the highest frequencies of a
-    5 mm kernel on 3-4 mm voxels are capped) to within 3 % of its sd, its neighbours
+    has the sd noise_sd_gain says (3 %) and comes back exactly (1e-4) without the gain cap, and
+    with it (the highest frequencies of a 5 mm kernel on 3-4 mm voxels are capped) to within
+    3 % of its sd, its neighbours
     uncorrelated; a zero FWHM changes nothing; unobserved voxels are returned as they were.
     Blurring by the noise kernel and then by signal_fwhm's is blurring by the PSF (Gaussians
     add variances; to 0.5 % of the peak: sampled kernels cut at 3 sigma)."""

@@ -199,8 +199,8 @@ def test_psf_grid_weights_are_the_normal_masses_of_the_nodes_bins():
 
 def test_noise_kernel_whitens_the_pet_and_leaves_the_rest_of_the_psf(tmp_path):
     """--noise-fwhm N with --psf-fwhm F: the fit sees the whitened PET with the PSF sqrt(F^2 - N^2)
-    (recorded in summary.json beside N) and reports the noise sd as measured; the volume stays within 10 % of a 22 mm sphere whose
-    noise is correlated by that kernel."""
+    (recorded in summary.json beside N) and reports the noise sd as measured; the volume stays
+    within 10 % of a 22 mm sphere whose noise is correlated by that kernel."""
     spec = vbseg.PhantomSpec(diameters_mm=(22.0,), spacing_mm=(4.0, 4.0, 4.0), psf_fwhm_mm=6.0,
                              noise_fwhm_mm=4.0, cv=0.1, shape=(14, 14, 14))
     phantom = vbseg.make_phantom(spec, seed=0)
