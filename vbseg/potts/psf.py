@@ -198,6 +198,6 @@ def whiten(image, observed, spacing_mm, noise_fwhm_mm: float) -> np.ndarray:
         line = _transfer(kernel.astype(np.float64), mirrored.shape[axis], half=axis == 2)
         transfer = transfer * line.reshape([-1 if a == axis else 1 for a in range(3)])
     transfer = np.maximum(transfer, 1.0 / MAX_WHITENING_GAIN)
-    white = np.fft.irfftn(spectrum / transfer, s=mirrored.shape)[
+    white = np.fft.irfftn(spectrum / transfer, s=mirrored.shape, axes=(0, 1, 2))[
         : image.shape[0], : image.shape[1], : image.shape[2]]
     return np.where(observed, white, image).astype(np.float32)
